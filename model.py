@@ -1,0 +1,465 @@
+"""The transformer: a Llama/DeepSeek-family decoder, its KV-cache sampler, and Hugging Face checkpoint I/O.
+
+DeepSeekMath-Base 7B is a plain Llama (paper §2; ../shared/PAPER.md §2): pre-norm RMSNorm, rotary position
+embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
+input and output embeddings, no biases. This file is the whole model; it imports torch and safetensors only and
+knows nothing of tokenizers, data or process groups (FSDP is applied by the training scripts).
+
+Module and parameter names follow Hugging Face's `LlamaForCausalLM` minus its `model.` prefix, so reading and
+writing a checkpoint is a rename of one prefix, not a translation table.
+
+    python model.py                      # parameter counts of every preset
+    python -c "from model import *; m = Transformer.from_pretrained('path/to/hf_dir')"
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 102400
+    dim: int = 4096  # residual stream width, C
+    n_layers: int = 30
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: as many as n_heads (multi-head attention, as DeepSeekMath)
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 11008  # SwiGLU hidden width
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Hugging Face's rope_scaling: None, {"rope_type": "linear" | "llama3", ...}
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+
+# Model sizes by name. "deepseek-math-7b" is the exact shape of DeepSeekMath-Base 7B (6.91B parameters);
+# "toy" is the laptop model the toy pipeline trains (its vocab_size is set by the toy tokenizer).
+PRESETS = {
+    "toy": dict(vocab_size=2048, dim=256, n_layers=6, n_heads=4, ffn_dim=704, max_seq_len=512),
+    "100m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=2048),
+    "1b": dict(vocab_size=102400, dim=2048, n_layers=16, n_heads=16, ffn_dim=5504, max_seq_len=4096),
+    "deepseek-math-7b": dict(vocab_size=102400, dim=4096, n_layers=30, n_heads=32, ffn_dim=11008,
+                             max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-6),
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 as Llama does, then cast back: bf16 mean-of-squares loses too many bits
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies theta^(-2i/d) of rotary embeddings, with Hugging Face's linear or llama3 scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":  # Llama 3.1: slow frequencies divided by `factor`, fast ones kept, a smooth ramp between
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = torch.where(wavelen > old / lo, inv_freq / factor,
+                               torch.where(wavelen < old / hi, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    elif kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos, sin: (B or 1, 1, T, D). Hugging Face's "rotate half" layout: the pairs rotated
+    # together are (i, i + D/2), not (2i, 2i+1), so Llama checkpoints load without permuting q and k.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys and values, attend over everything written so far
+            k_buf, v_buf = cache
+            k_buf[:, :, start:start + T] = k
+            v_buf[:, :, start:start + T] = v
+            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Generation:
+    tokens: list  # per row, the new token ids, ending with the EOS or stop token if the row stopped
+    finished: list  # per row, True if it stopped on EOS or a stop string, False if cut at max_new_tokens
+    logprobs: list | None = field(default=None)  # per row, log pi(token) under the untempered model, if asked
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # cos/sin tables for every position, (max_seq_len, head_dim); not saved, rebuilt by reset_rope()
+        self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self):
+        """Fill the rotary tables; call after moving a meta-built model to a real device."""
+        if self.rope_cos.is_meta:
+            return
+        t = torch.arange(self.config.max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, rope_frequencies(self.config))  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.rope_cos.device)  # (T, D), rotate-half layout
+        self.rope_cos.copy_(emb.cos())
+        self.rope_sin.copy_(emb.sin())
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """Random init for training from scratch: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)
+        (GPT-2) so the residual stream's variance does not grow with depth."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        self.reset_rope()
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def hidden(self, tokens, positions=None, cache=None, start=0, valid=None):
+        """Final normalised hidden states (B, T, C): everything but the LM head, so that log-probs can be computed
+        chunk by chunk without materialising (B, T, vocab) logits (see kernels/).
+
+        Training passes tokens only (causal attention). Generation also passes per-row `positions` (B, T) and
+        a `valid` mask (B, start + T) of real (non-padding) keys, and a KV `cache` written at [start, start + T).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T][None, None], self.rope_sin[start:start + T][None, None]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
+        x = self.embed_tokens(tokens)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask = None
+        if valid is not None:
+            # query i (absolute position start + i) sees key j if j <= start + i and j is a real token. A padding
+            # query also sees itself, so that no row is fully masked (SDPA would return NaN there).
+            S = start + T
+            q_pos = torch.arange(start, S, device=tokens.device)[:, None]
+            k_pos = torch.arange(S, device=tokens.device)[None, :]
+            mask = (k_pos <= q_pos) & (valid[:, None, None, :S] | (k_pos == q_pos))  # (B, 1, T, S)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], start, mask)
+        return self.norm(x)
+
+    def forward(self, tokens):
+        return self.lm_head(self.hidden(tokens))  # (B, T, V)
+
+    # -------------------------------------------------------------------------
+    # Generation: a real decode loop, one token per step, keys and values kept in a preallocated cache
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
+                 stop=(), decode=None, logprobs=False, pad_id=0, generator=None):
+        """Sample continuations of a batch of prompts of different lengths.
+
+        prompts: list of token-id lists. temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters.
+        A row stops at any id in `eos_ids`, or once its decoded text contains a string in `stop` (this needs
+        `decode`, a function from token ids to text). Returns a Generation.
+        """
+        if stop and decode is None:
+            raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
+        cfg, dev = self.config, self.lm_head.weight.device
+        B, lens = len(prompts), [len(p) for p in prompts]
+        P = max(lens)
+        if min(lens) == 0:
+            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        max_new_tokens = min(max_new_tokens, cfg.max_seq_len - P)
+        if max_new_tokens <= 0:
+            raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
+        S = P + max_new_tokens
+        # Left-pad so that every row's next token lands at the same cache slot; per-row positions start at 0.
+        tokens = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, P - len(p):] = True  # generated slots count as valid from the start; they are filled in order
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
+        dtype = self.lm_head.weight.dtype
+        cache = [(torch.empty(B, cfg.n_kv_heads, S, cfg.head_dim, dtype=dtype, device=dev),
+                  torch.empty(B, cfg.n_kv_heads, S, cfg.head_dim, dtype=dtype, device=dev))
+                 for _ in range(cfg.n_layers)]
+
+        eos = torch.tensor(list(eos_ids) or [-1], device=dev)
+        max_stop = max((len(s.encode()) for s in stop), default=0)
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(B, max_new_tokens, device=dev) if logprobs else None
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # tokens kept per row
+        h = self.hidden(tokens, positions[:, :P], cache, 0, valid[:, :P])[:, -1]  # prefill, (B, C)
+        for t in range(max_new_tokens):
+            logits = self.lm_head(h).float()  # (B, V)
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, pad_id, nxt)
+            out[:, t] = nxt
+            if logprobs:
+                out_lp[:, t] = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+            stopped = ~done & torch.isin(nxt, eos)
+            if max_stop:  # stop strings: decode the last few tokens of each live row (a token is >= 1 byte)
+                tail = out[:, max(0, t + 1 - max_stop):t + 1].tolist()
+                for i in (~done & ~stopped).nonzero()[:, 0].tolist():
+                    text = decode(tail[i])
+                    stopped[i] = any(s in text for s in stop)
+            length = torch.where(stopped, t + 1, length)
+            done |= stopped
+            if done.all() or t + 1 == max_new_tokens:
+                break
+            h = self.hidden(nxt[:, None], positions[:, P + t:P + t + 1], cache, P + t, valid[:, :P + t + 1])[:, -1]
+
+        n, fin = length.tolist(), done.tolist()
+        rows = out.tolist()
+        return Generation(tokens=[rows[i][:n[i]] for i in range(B)], finished=fin,
+                          logprobs=[out_lp[i, :n[i]].tolist() for i in range(B)] if logprobs else None)
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Load a Hugging Face directory (config.json + model.safetensors, or sharded with
+        model.safetensors.index.json) of model_type llama, qwen2 or mistral. The model is built on the meta device
+        and each tensor is assigned as it is read, so a 7B model needs its own size in memory, not twice that.
+        dtype None keeps the checkpoint's dtype."""
+        from safetensors import safe_open
+
+        config = config_from_hf(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if config.tie_embeddings:
+            expected.pop("lm_head.weight")
+        state = {}
+        for file in _safetensors_files(path):
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    if name not in expected:
+                        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+                            continue  # recomputed / shared with the embedding
+                        raise ValueError(f"{file}: unexpected tensor {key!r}: this is not a plain "
+                                         f"{'/'.join(HF_ARCHITECTURES)} checkpoint, or its config.json is wrong")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[name]:
+                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
+                                         f"{tuple(expected[name])}: the config and the weights do not match")
+                    state[name] = t.to(dtype) if dtype is not None else t
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                             f"({len(missing)} in all); the checkpoint is incomplete or for another architecture")
+        if dtype is None:  # one dtype for the whole model: that of the embedding
+            dtype = state["embed_tokens.weight"].dtype
+            state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope_cos = torch.empty(config.max_seq_len, config.head_dim, device=device)
+        model.rope_sin = torch.empty(config.max_seq_len, config.head_dim, device=device)
+        model.reset_rope()
+        return model
+
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 << 30):
+        """Write config.json and model.safetensors (sharded with an index above max_shard_bytes) that
+        transformers, vLLM and lm-evaluation-harness load as they are. Pass `state_dict` to save a gathered
+        copy (e.g. the full state of an FSDP-sharded model)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu() for k, v in state.items()
+                 if not (k == "lm_head.weight" and self.config.tie_embeddings)}
+        dtype = next(iter(state.values())).dtype
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+        shards, size = [{}], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to
+    the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def config_from_hf(path) -> ModelConfig:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: expected a Hugging Face model directory")
+    with open(file) as f:
+        c = json.load(f)
+    kind = c.get("model_type")
+    if kind not in HF_ARCHITECTURES:
+        raise ValueError(f"{file}: model_type {kind!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError(f"{file}: Llama attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
+    # transformers >= 5 nests rope_theta and the scaling under rope_parameters; older files keep them at the top
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    max_len = c.get("max_position_embeddings", 4096)
+    if kind == "mistral" and c.get("sliding_window"):
+        max_len = min(max_len, c["sliding_window"])  # within the window, sliding attention is plain attention
+    return ModelConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
+        ffn_dim=c["intermediate_size"], max_seq_len=max_len, rope_theta=theta, rope_scaling=rope,
+        norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2",
+        tie_embeddings=c.get("tie_word_embeddings", False))
+
+
+def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
+    kind = "qwen2" if cfg.qkv_bias else "llama"  # a Llama with attention_bias would also bias o_proj
+    c = dict(architectures=[HF_ARCHITECTURES[kind]], model_type=kind, vocab_size=cfg.vocab_size,
+             hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+             num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim,
+             max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+             torch_dtype=str(dtype).removeprefix("torch."))
+    if kind == "llama":
+        c.update(attention_bias=False, mlp_bias=False)
+    return c
+
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(PyTorch .bin checkpoints are not read: convert them with safetensors first)")
+
+
+if __name__ == "__main__":
+    for name, kw in PRESETS.items():
+        with torch.device("meta"):
+            m = Transformer(ModelConfig(**kw))
+        print(f"{name:>18}: {m.num_params() / 1e6:9.1f}M parameters  {asdict(m.config)}")

@@ -1,0 +1,197 @@
+"""model.py: shapes of the presets, logits parity with transformers both ways, and the KV-cache sampler."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import PRESETS, ModelConfig, Transformer, sample
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**cfg))
+    m.init_weights()
+    return m.eval()
+
+
+def test_deepseek_math_7b_shape_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        m = Transformer(ModelConfig(**PRESETS["deepseek-math-7b"]))
+    # 30 x (4 x 4096^2 attention + 3 x 4096 x 11008 SwiGLU + 2 x 4096 norms) + 2 x 102400 x 4096 + 4096
+    assert m.num_params() == 6_910_365_696
+
+
+HF_CONFIGS = {
+    "llama-gqa-rope-scaling": (transformers.LlamaConfig, dict(
+        num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    "qwen2-bias-tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                       rope_theta=1000000.0)),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=1, sliding_window=None)),
+}
+
+
+def hf_model(name):
+    cls, extra = HF_CONFIGS[name]
+    cfg = cls(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, rms_norm_eps=1e-6, **extra)
+    torch.manual_seed(1)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # HF zero-inits biases; make them matter
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("name", HF_CONFIGS)
+def test_loads_transformers_checkpoints_with_identical_logits(name, tmp_path):
+    ref = hf_model(name)
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = ours(tokens)
+    assert got.shape == (3, 40, 101)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_loads_sharded_checkpoints(tmp_path):
+    ref = hf_model("llama-gqa-rope-scaling")
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True)])
+def test_saved_checkpoints_load_in_transformers(kw, tmp_path):
+    ours = tiny(**kw)
+    if kw:
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    ours.save_pretrained(tmp_path, max_shard_bytes=100_000)  # forces shards + index
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    tokens = torch.randint(0, 97, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
+    again = Transformer.from_pretrained(tmp_path)  # and our own round trip is exact
+    with torch.no_grad():
+        assert torch.equal(again(tokens), ours(tokens))
+
+
+def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.\w+_proj.weight' has shape \(\d+, \d+\) but config.json implies"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="missing tensors.*layers.2"):
+        Transformer.from_pretrained(tmp_path)
+
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_build_on_meta_then_load_does_not_allocate_twice(tmp_path):
+    """from_pretrained assigns the loaded tensors: the model's parameters are the very tensors read."""
+    tiny().save_pretrained(tmp_path)
+    m = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in m.parameters())
+    assert not any(b.is_meta for b in m.buffers())
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def greedy_by_reforward(m, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_batched_greedy_with_cache_equals_full_reforward_for_ragged_prompts():
+    m = tiny()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    gen = m.generate(prompts, 12, temperature=0)
+    for p, got in zip(prompts, gen.tokens):
+        assert got == greedy_by_reforward(m, p, 12)
+    assert gen.finished == [False] * 3
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    ref = hf_model("llama-gqa-rope-scaling")
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    prompt = [[1, 2, 3, 4, 5]]
+    expected = ref.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, 5:].tolist()
+    assert ours.generate(prompt, 20, temperature=0).tokens[0] == expected
+
+
+def test_rows_stop_independently_on_eos_and_stop_strings():
+    m = tiny()
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    free = m.generate(prompts, 10, temperature=0).tokens
+    eos = free[0][3]  # the 4th greedy token of row 0 becomes the EOS id
+    gen = m.generate(prompts, 10, temperature=0, eos_ids=[eos])
+    assert gen.tokens[0] == free[0][:free[0].index(eos) + 1] and gen.finished[0]
+    for row, full in zip(gen.tokens[1:], free[1:]):
+        assert row == (full[:full.index(eos) + 1] if eos in full else full)
+
+    decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731  a stand-in tokenizer
+    stop = f"<{free[1][1]}> <{free[1][2]}>"  # two tokens of row 1
+    gen = m.generate(prompts, 10, temperature=0, stop=[stop], decode=decode)
+    assert gen.tokens[1] == free[1][:3] and gen.finished[1]
+
+
+def test_logprobs_are_those_of_the_model_and_sampling_is_seeded():
+    m = tiny()
+    prompts = [[5, 6, 7], [9]]
+    g = torch.Generator().manual_seed(3)
+    a = m.generate(prompts, 8, temperature=1.0, top_p=0.9, logprobs=True, generator=g)
+    b = m.generate(prompts, 8, temperature=1.0, top_p=0.9, logprobs=True, generator=torch.Generator().manual_seed(3))
+    assert a.tokens == b.tokens
+    for p, toks, lps in zip(prompts, a.tokens, a.logprobs):
+        with torch.no_grad():
+            logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
+        expected = logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    assert set(sample(logits, 1.0, top_k=2).tolist()) == {2, 3}
+    # p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3; 0.8 keeps 3 and 2
+    assert set(sample(logits, 1.0, top_p=0.5).tolist()) == {3}
+    assert set(sample(logits, 1.0, top_p=0.8).tolist()) == {2, 3}
+    assert sample(logits[:1], 0).item() == 3
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    m = tiny()
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        m.generate([[1] * 64], 5)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
