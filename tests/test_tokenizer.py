@@ -1,0 +1,183 @@
+"""tokenizer.py: our BPE vs the `tokenizers` library, both directions, on text that breaks tokenizers."""
+import inspect
+import json
+import random
+
+import pytest
+
+from tokenizer import BOS, EOS, Tokenizer, train_bpe
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+# Text that trips tokenizers: LaTeX, code, long digit runs, accents, CJK, emoji, whitespace runs, CRLF.
+HARD = [
+    r"Let $f(x) = \frac{x^2 + 3x}{\sqrt{2}}$. Then \boxed{\dfrac{1}{2}} and 10{,}000.",
+    "def f(x):\n    return x ** 2  # square\n\n\n\tprint(f(3))\r\n",
+    "1234567890 3.14159 -0.5e-10 $1,234.56 100%",
+    "naïve café Zürich — “quoted” ‘single’ … ½ ⅓ √2 ∑ ∫ ≤ ≥ ≠ ∞ π θ",
+    "数学是科学的皇后。 これは日本語です。 수학 🙂🚀 👨‍👩‍👧",
+    "   leading spaces, trailing spaces    \n\n\n    \t\t  mixed\u00a0nbsp",
+    "I'm sure it's OK; they'll say we've done it, DON'T they'd?",
+    "",
+    "x",
+    "<|eos|> <|bos|> are just text here",
+    "```python\nimport sympy\nprint(sympy.Rational(3, 4))\n```\n```output\n3/4\n```",
+]
+
+
+def corpus():
+    """Varied real text from the standard library (code and English docstrings) plus the hard cases."""
+    import argparse
+    import collections
+    import email.message
+    import json as json_mod
+    texts = [inspect.getsource(m) for m in (argparse, collections, email.message, json_mod.decoder)]
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b = rng.randint(0, 10**6), rng.randint(1, 999)
+        texts.append(f"We have {a} + {b} = {a + b}, so $x = \\frac{{{a}}}{{{b}}}$ and the answer is \\boxed{{{a + b}}}.")
+    return texts + HARD * 5
+
+
+def varied_samples():
+    rng = random.Random(1)
+    samples = list(HARD)
+    source = "".join(corpus()[:2])
+    for _ in range(200):  # random slices of real text, cut anywhere (mid-word, mid-line)
+        i = rng.randrange(len(source) - 300)
+        samples.append(source[i:i + rng.randint(1, 300)])
+    return samples
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    tok = Tokenizer.train(corpus(), 800)
+    path = tmp_path_factory.mktemp("ours")
+    tok.save(path)
+    return tok, path
+
+
+def test_trained_tokenizer_matches_tokenizers_on_varied_text(ours):
+    tok, path = ours
+    ref = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    ref.encode_special_tokens = True  # special-token strings in text are text, as in ours
+    assert tok.vocab_size == ref.get_vocab_size() == 800
+    for text in varied_samples():
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_trained_tokenizer_splits_digits_and_learns_merges(ours):
+    tok, _ = ours
+    assert len(tok.encode("1234567")) == 7  # one token per digit, as the paper
+    assert len(tok.encode(" self")) == 1  # frequent in the corpus: a single token
+    assert tok.decode([tok.eos_id]) == EOS
+
+
+def test_saved_tokenizer_opens_in_transformers_with_the_chat_template(ours):
+    transformers = pytest.importorskip("transformers")
+    tok, path = ours
+    hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    q = "What is 2 + 3?"
+    messages = [{"role": "user", "content": q}]
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == tok.chat(q)
+    assert tok.decode(tok.chat(q)) == f"{BOS}User: {q}\n\nAssistant:"
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_special_token_strings_in_text_stay_text(ours):
+    tok, _ = ours
+    ids = tok.encode("<|eos|>")
+    assert tok.eos_id not in ids and tok.decode(ids) == "<|eos|>"
+    assert tok.encode("hi", bos=True, eos=True) == [tok.bos_id, *tok.encode("hi"), tok.eos_id]
+
+
+def hf_trained(path, pre_tokenizer, normalizer=None, shuffle_ids=False):
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizer
+    if normalizer:
+        t.normalizer = normalizer
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(corpus(), trainer)
+    file = path / "tokenizer.json"
+    t.save(str(file))
+    if shuffle_ids:  # ids unrelated to merge order: merge priority must come from the merges list
+        data = json.loads(file.read_text())
+        vocab = data["model"]["vocab"]
+        tokens = [t for t in vocab if t not in ("<s>", "</s>")]  # specials keep their ids
+        ids = [vocab[t] for t in tokens]
+        random.Random(0).shuffle(ids)
+        vocab.update(zip(tokens, ids))
+        file.write_text(json.dumps(data))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    ref = tokenizers.Tokenizer.from_file(str(file))
+    ref.encode_special_tokens = True
+    return ref
+
+
+DEEPSEEK_STYLE = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(tokenizers.Regex(r"[\r\n]"), "isolated"),
+    pre_tokenizers.Split(tokenizers.Regex(r"\s?[A-Za-zµÀ-ÖØ-öø-ƺ]+"), "isolated"),
+    pre_tokenizers.Split(tokenizers.Regex(r"\s?[!-/:-~！-／：-～‘-‟　-。]+"), "isolated"),
+    pre_tokenizers.Split(tokenizers.Regex(r"\s+$"), "isolated"),
+    pre_tokenizers.Split(tokenizers.Regex(r"[一-龥ࠀ-一가-퟿]+"), "isolated"),
+    pre_tokenizers.Digits(individual_digits=True),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+])
+LLAMA3_STYLE = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(tokenizers.Regex(
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"), "isolated"),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-prefix-space", "deepseek", "llama3", "qwen2-nfc", "shuffled-ids"])
+def test_reads_tokenizers_files_and_encodes_identically(kind, tmp_path):
+    pre, norm = {
+        "gpt2": (pre_tokenizers.ByteLevel(add_prefix_space=False), None),
+        "gpt2-prefix-space": (pre_tokenizers.ByteLevel(add_prefix_space=True), None),
+        "deepseek": (DEEPSEEK_STYLE, None),
+        "llama3": (LLAMA3_STYLE, None),
+        "qwen2-nfc": (LLAMA3_STYLE, normalizers.NFC()),
+        "shuffled-ids": (pre_tokenizers.ByteLevel(add_prefix_space=False), None),
+    }[kind]
+    ref = hf_trained(tmp_path, pre, norm, shuffle_ids=kind == "shuffled-ids")
+    tok = Tokenizer.from_hf(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (ref.token_to_id("<s>"), ref.token_to_id("</s>"))
+    for text in varied_samples() + ["Cafe\u0301 vs Café"]:
+        expected = ref.encode(text, add_special_tokens=False)
+        assert tok.encode(text) == expected.ids, text
+        if kind != "qwen2-nfc" and kind != "gpt2-prefix-space":  # those two change the text itself
+            assert tok.decode(tok.encode(text)) == text
+
+
+def test_unsupported_tokenizer_files_fail_clearly(tmp_path):
+    t = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.train_from_iterator(["a b c"] * 10, trainers.BpeTrainer(vocab_size=50, special_tokens=["<unk>"],
+                                                               show_progress=False))
+    t.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="only byte-level BPE is supported"):
+        Tokenizer.from_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        Tokenizer.from_hf(tmp_path / "nowhere")
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(ours):
+    tok, _ = ours
+    with pytest.raises(ValueError, match=r"ids \[800\]"):
+        tok.decode([1, 800])
+
+
+def test_bpe_training_is_deterministic_and_counts_merges():
+    texts = ["low lower lowest newer wider " * 20, "the then there " * 30]
+    m1, v1 = train_bpe(texts, 20)
+    m2, v2 = train_bpe(list(reversed(texts)), 20)
+    assert m1 == m2 and v1 == v2 and len(v1) == 256 + 20
+    assert b" the" in v1 and b"low" in v1
+    # the first merge is the most frequent pair
+    assert (v1[m1[0][0]] + v1[m1[0][1]]) in (b"th", b" t", b"he", b"lo", b"ow", b"er")

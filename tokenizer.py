@@ -1,0 +1,399 @@
+"""The tokenizer: byte-level BPE, trained here or read from a Hugging Face tokenizer.json, served by tiktoken.
+
+DeepSeekMath uses byte-level BPE with digits split one by one (paper §2; ../shared/PAPER.md §2). This file
+trains such a tokenizer on our own corpus (the toy world uses it), and reads the tokenizer.json of real models
+(DeepSeek, Qwen2, Llama-3, GPT-2 style) so that ids match the `tokenizers` library exactly. Either way the
+encoding itself is done by tiktoken's Rust BPE; this file only prepares its tables.
+
+Our save format *is* Hugging Face's: `save(dir)` writes tokenizer.json + tokenizer_config.json, so transformers,
+vLLM and lm-evaluation-harness open what we train, and `load(dir)` is `from_hf(dir)`.
+
+    python tokenizer.py --train corpus.txt --vocab-size 4096 --out tok/   # train on a text or jsonl file
+    python tokenizer.py --load path/to/hf_model --text "1 + 1 = 2"       # show how a model splits text
+"""
+
+import argparse
+import heapq
+import json
+import os
+import unicodedata
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# Constants
+
+# Pre-tokenizer of our trained tokenizers: GPT-4's split with single digits (the paper splits digits individually,
+# so "1234" is four tokens and arithmetic is learned digit by digit).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+# What a Hugging Face ByteLevel pre-tokenizer with use_regex=true splits on (GPT-2's pattern).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"  # the specials of tokenizers we train, ids after the merges
+# The chat format of DeepSeekMath-Instruct/RL (paper §2): BOS first, the answer follows with a space, then EOS.
+CHAT_FORMAT = "User: {question}\n\nAssistant:"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + "
+                 "'\\n\\n' }}{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
+                 "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters, which tokenizer.json uses to spell tokens:
+    printable Latin-1 bytes stand for themselves, the others for chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    out, n = {}, 0
+    for b in range(256):
+        out[b] = chr(b) if b in printable else chr(256 + n)
+        n += b not in printable
+    return out
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+# -----------------------------------------------------------------------------
+# Training byte-level BPE
+
+
+def train_bpe(texts, n_merges, pattern=SPLIT_PATTERN):
+    """Learn up to n_merges byte-pair merges. Returns (merges, vocab): merges as (id_a, id_b, new_id), vocab as
+    a list of bytes indexed by id, the 256 single bytes first.
+
+    Words (pre-tokenizer pieces) are counted once; pair counts are kept incrementally, with a max-heap of
+    (count, pair) whose stale entries are skipped on pop, so each merge only touches the words that hold its pair.
+    Ties go to the smallest pair of ids, so training is deterministic.
+    """
+    rx = regex.compile(pattern)
+    counts = Counter()
+    for text in texts:
+        counts.update(rx.findall(text))
+    words = [list(w.encode("utf-8")) for w in counts]
+    freqs = list(counts.values())
+    pair_count, where = defaultdict(int), defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pair_count[p] += freqs[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([b]) for b in range(256)]
+    index = {b: i for i, b in enumerate(vocab)}
+    merges = []
+    while heap and len(vocab) < 256 + n_merges:
+        neg, pair = heapq.heappop(heap)
+        count = pair_count.get(pair, 0)
+        if count != -neg:
+            continue  # a stale heap entry: the pair's count changed since it was pushed
+        if count < 2:
+            break  # the most frequent pair occurs once: nothing worth learning is left
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new = index.get(merged)  # two different pairs can spell the same bytes: then they share one id
+        if new is None:
+            new = index[merged] = len(vocab)
+            vocab.append(merged)
+        merges.append((pair[0], pair[1], new))
+        touched = set()
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == pair[0] and w[j + 1] == pair[1]:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            if len(out) == len(w):
+                continue  # a stale entry of `where`: the pair left this word in an earlier merge
+            for p in zip(w, w[1:]):
+                pair_count[p] -= f
+                touched.add(p)
+            for p in zip(out, out[1:]):
+                pair_count[p] += f
+                where[p].add(i)
+                touched.add(p)
+            words[i] = out
+        pair_count.pop(pair, None)
+        for p in touched - {pair}:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return merges, vocab
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer
+
+
+class Tokenizer:
+    """Byte-level BPE served by tiktoken.
+
+    `ranks` maps token bytes to merge priority (tiktoken merges the adjacent pair whose concatenation has the lowest
+    rank); `rank_to_id` maps tiktoken's output to the model's ids where the two differ (Hugging Face files whose
+    ids are not in merge order). `splits` is a list of regexes applied in turn (Hugging Face's Sequence of Split
+    pre-tokenizers); one regex is handed to tiktoken directly. `prefix_space_at`, if not None, is the index of the
+    split before which every piece gets a leading space (Hugging Face's ByteLevel add_prefix_space).
+    """
+
+    def __init__(self, ranks, id_to_bytes, specials, splits, rank_to_id=None, normalizer=None,
+                 prefix_space_at=None, bos=None, eos=None, pad=None, merges=None):
+        self.ranks, self.id_to_bytes, self.specials = ranks, id_to_bytes, specials
+        self.splits, self.rank_to_id, self.normalizer, self.prefix_space_at = splits, rank_to_id, normalizer, prefix_space_at
+        self.merges = merges  # (bytes_a, bytes_b) in priority order, for save()
+        self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
+        self.pad_id = specials.get(pad, self.eos_id)
+        self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        if not all(bytes([b]) in ranks for b in range(256)):
+            raise ValueError("a byte-level BPE vocabulary must contain all 256 single bytes")
+        # One regex: tiktoken splits and merges in Rust. Several: we split in Python, tiktoken merges each piece.
+        # A split's gaps (text between matches) are pieces too, as in Hugging Face's "Isolated" behaviour.
+        one = len(splits) == 1 and prefix_space_at is None
+        pat = f"(?:{splits[0]})|(?:(?!{splits[0]})[\\s\\S])+" if one else r"[\s\S]+"
+        self._enc = tiktoken.Encoding("bpe", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+        self._splits = None if one else [regex.compile(s) for s in splits]
+
+    @property
+    def vocab_size(self):
+        return len(self.id_to_bytes)
+
+    # ---- encode / decode
+
+    def encode(self, text, bos=False, eos=False):
+        """Token ids of `text`. No special tokens are added unless asked, and special-token strings inside the
+        text are encoded as plain text: model output cannot smuggle in an EOS or a chat marker."""
+        return self.encode_batch([text], bos=bos, eos=eos)[0]
+
+    def encode_batch(self, texts, bos=False, eos=False, num_threads=8):
+        if self.normalizer:
+            texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
+        if self._splits is None:
+            out = self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        else:
+            out = []
+            for t in texts:
+                pieces = self._enc.encode_ordinary_batch(self.pretokenize(t), num_threads=1)
+                out.append([r for p in pieces for r in p])
+        if self.rank_to_id is not None:
+            out = [[self.rank_to_id[r] for r in ids] for ids in out]
+        if bos or eos:
+            out = [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
+        return out
+
+    def pretokenize(self, text):
+        pieces = [text] if text else []
+        for k, rx in enumerate(self._splits + [None]):
+            if k == self.prefix_space_at:
+                pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+            if rx is not None:
+                pieces = [q for p in pieces for q in _split_isolated(rx, p)]
+        return pieces
+
+    def decode(self, ids):
+        try:
+            data = b"".join([self.id_to_bytes[i] for i in ids])
+        except (IndexError, TypeError):
+            bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < len(self.id_to_bytes))][:3]
+            raise ValueError(f"decode: ids {bad} are not in this {len(self.id_to_bytes)}-token vocabulary") from None
+        return data.decode("utf-8", errors="replace")
+
+    def chat(self, question):
+        """The paper's prompt, `User: {question}\\n\\nAssistant:`, with BOS first. The answer that follows is
+        encoded as `encode(" " + answer, eos=True)`."""
+        return [self.bos_id] + self.encode(CHAT_FORMAT.format(question=question))
+
+    # ---- training, saving, loading
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN):
+        """Train byte-level BPE on an iterable of strings: 256 bytes + merges + 3 specials = vocab_size ids."""
+        n_merges = vocab_size - 256 - 3
+        if n_merges < 0:
+            raise ValueError(f"vocab_size={vocab_size} is below the 259 ids of the bytes and the specials")
+        merges, vocab = train_bpe(texts, n_merges, pattern)
+        ranks = {b: i for i, b in enumerate(vocab)}
+        specials = {s: len(vocab) + k for k, s in enumerate((BOS, EOS, PAD))}
+        id_to_bytes = vocab + [s.encode() for s in specials]
+        return cls(ranks, id_to_bytes, specials, [pattern], bos=BOS, eos=EOS, pad=PAD,
+                   merges=[(vocab[a], vocab[b]) for a, b, _ in merges])
+
+    def save(self, path):
+        """Write tokenizer.json and tokenizer_config.json as Hugging Face's fast tokenizers expect them."""
+        if self.merges is None or self.rank_to_id is not None or self.normalizer or self.prefix_space_at is not None:
+            raise ValueError("save() writes tokenizers trained here; copy a loaded tokenizer.json instead")
+        os.makedirs(path, exist_ok=True)
+        spell = lambda b: "".join(BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+        special_ids = set(self.specials.values())
+        vocab = {spell(b): i for i, b in enumerate(self.id_to_bytes) if i not in special_ids}
+        added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+                 for s, i in self.specials.items()]
+        pre = [dict(type="Split", pattern=dict(Regex=s), behavior="Isolated", invert=False) for s in self.splits]
+        pre.append(dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=False))
+        tok = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
+                   pre_tokenizer=dict(type="Sequence", pretokenizers=pre), post_processor=None,
+                   decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
+                   # ignore_merges: a piece that is itself a token stays whole, which is what tiktoken does
+                   model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
+                              end_of_word_suffix=None, fuse_unk=False, byte_fallback=False, ignore_merges=True,
+                              vocab=vocab, merges=[[spell(a), spell(b)] for a, b in self.merges]))
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=self.bos_token, eos_token=self.eos_token,
+                   pad_token=self.pad_token, clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, ensure_ascii=False, indent=2)
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_hf(path)
+
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face byte-level BPE tokenizer.json (and tokenizer_config.json for BOS/EOS/pad)."""
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} not found (sentencepiece tokenizer.model files are not supported)")
+        with open(file, encoding="utf-8") as f:
+            tok = json.load(f)
+        m = tok["model"]
+        if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
+            raise ValueError(f"{file}: only byte-level BPE is supported (got model type {m.get('type')!r}"
+                             f"{', byte_fallback' if m.get('byte_fallback') else ''}); sentencepiece-style "
+                             "tokenizers (Llama 2, Mistral) are not")
+        splits, prefix_space_at = _hf_pre_tokenizer(tok.get("pre_tokenizer"), file)
+        normalizer = _hf_normalizer(tok.get("normalizer"), file)
+
+        def unspell(s):
+            try:
+                return bytes(CHAR_TO_BYTE[c] for c in s)
+            except KeyError:
+                raise ValueError(f"{file}: token {s!r} is not spelled in byte-level characters") from None
+
+        vocab = {unspell(s): i for s, i in m["vocab"].items()}
+        specials = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
+        n = max(list(vocab.values()) + list(specials.values())) + 1
+        id_to_bytes = [b""] * n
+        for b, i in vocab.items():
+            id_to_bytes[i] = b
+        for s, i in specials.items():
+            id_to_bytes[i] = s.encode()
+        # tiktoken ranks: single bytes first, then each merge's result in merge order (the merge priority),
+        # whatever ids the vocabulary gives them; rank_to_id translates back.
+        ranks, merges = {bytes([b]): b for b in range(256)}, []
+        for pair in m["merges"]:
+            a, b = pair.split(" ") if isinstance(pair, str) else pair
+            a, b = unspell(a), unspell(b)
+            merges.append((a, b))
+            if a + b not in vocab:
+                raise ValueError(f"{file}: merge {pair!r} makes a token that is not in the vocabulary")
+            ranks.setdefault(a + b, len(ranks))
+        missing = [b for b in ranks if b not in vocab]
+        if missing:
+            raise ValueError(f"{file}: byte-level vocabulary lacks single bytes {missing[:5]}")
+        rank_to_id = [0] * len(ranks)
+        for b, r in ranks.items():
+            rank_to_id[r] = vocab[b]
+        identity = all(r == i for r, i in enumerate(rank_to_id))
+        cfg = {}
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(cfg_file):
+            with open(cfg_file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        name = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+        return cls(ranks, id_to_bytes, specials, splits, None if identity else rank_to_id, normalizer,
+                   prefix_space_at, bos=name(cfg.get("bos_token")), eos=name(cfg.get("eos_token")),
+                   pad=name(cfg.get("pad_token")), merges=merges if identity else None)
+
+
+def _split_isolated(rx, text):
+    """Hugging Face's Split with behaviour "Isolated": every match is a piece, and so is every gap between."""
+    pieces, end = [], 0
+    for mt in rx.finditer(text):
+        if mt.start() > end:
+            pieces.append(text[end:mt.start()])
+        if mt.end() > mt.start():
+            pieces.append(mt.group())
+        end = max(end, mt.end())
+    if end < len(text):
+        pieces.append(text[end:])
+    return pieces
+
+
+def _hf_pre_tokenizer(pre, file):
+    """tokenizer.json's pre_tokenizer as (list of split regexes, prefix_space_at)."""
+    parts = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    splits, prefix_space_at, byte_level = [], None, False
+    for p in parts:
+        kind = p.get("type")
+        if kind == "Split":
+            if p.get("behavior") != "Isolated" or p.get("invert"):
+                raise ValueError(f"{file}: Split behaviour {p.get('behavior')!r} (invert={p.get('invert')}) is not "
+                                 "supported; only 'Isolated' is")
+            pat = p["pattern"]
+            splits.append(pat["Regex"] if "Regex" in pat else regex.escape(pat["String"]))
+        elif kind == "Digits":
+            splits.append(r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel":
+            byte_level = True
+            if p.get("add_prefix_space"):  # each piece entering ByteLevel, before its own regex split
+                prefix_space_at = len(splits)
+            if p.get("use_regex", True):
+                splits.append(GPT2_PATTERN)
+        else:
+            raise ValueError(f"{file}: pre-tokenizer {kind!r} is not supported (Split, Digits, ByteLevel are)")
+    if not byte_level:
+        raise ValueError(f"{file}: no ByteLevel pre-tokenizer: this is not a byte-level BPE tokenizer")
+    return splits or [r"[\s\S]+"], prefix_space_at
+
+
+def _hf_normalizer(norm, file):
+    if norm is None:
+        return None
+    kinds = [n.get("type") for n in norm.get("normalizers", [norm])] if norm.get("type") == "Sequence" else [norm.get("type")]
+    kinds = [k for k in kinds if k]
+    if len(kinds) > 1 or (kinds and kinds[0] not in ("NFC", "NFD", "NFKC", "NFKD")):
+        raise ValueError(f"{file}: normalizer {kinds} is not supported (one of NFC, NFD, NFKC, NFKD is)")
+    return kinds[0] if kinds else None
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _read_texts(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise SystemExit(f"{path}:{n}: expected a JSON object with a 'text' field ({e})")
+        else:
+            yield f.read()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", help="a .txt file, or a .jsonl file of {'text': ...} lines, to train on")
+    ap.add_argument("--vocab-size", type=int, default=4096, help="ids in all: 256 bytes + merges + 3 specials")
+    ap.add_argument("--out", help="directory to save the trained tokenizer to")
+    ap.add_argument("--load", help="a directory with a Hugging Face tokenizer.json")
+    ap.add_argument("--text", default="The answer is \\boxed{1234}.", help="text to show the split of")
+    args = ap.parse_args()
+    if args.train:
+        import time
+        t0 = time.time()
+        tok = Tokenizer.train(_read_texts(args.train), args.vocab_size)
+        print(f"trained {tok.vocab_size} ids in {time.time() - t0:.1f}s")
+        if args.out:
+            tok.save(args.out)
+            print(f"saved to {args.out}")
+    elif args.load:
+        tok = Tokenizer.from_hf(args.load)
+    else:
+        ap.error("give --train FILE or --load DIR")
+    ids = tok.encode(args.text)
+    print(ids)
+    print([tok.decode([i]) for i in ids])
