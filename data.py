@@ -1,0 +1,764 @@
+"""From raw pages to token shards: the DeepSeekMath corpus pipeline (paper §2.1; ../shared/PAPER.md §1).
+
+    crawl.jsonl ─► URL dedup ─► MinHash near-dedup ─► quality filters ─► fastText classifier with iterative
+    domain expansion ─► 10-gram decontamination ─► tokenizer ─► packed shards per source (math, code, general)
+
+Every stage reads and writes jsonl in a directory, reports what it kept and dropped (and, on the toy world,
+precision and recall against ground truth), and is skipped when its output exists. The same stages run on real
+dumps: OpenWebMath / Common Crawl jsonl with {"text", "url"} lines.
+
+    python data.py                                   # the toy world, end to end, into out/toy/data
+    python data.py --crawl cc.jsonl --seed-pos owm.jsonl --benchmarks gsm8k_test.jsonl --out out/real
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from collections import Counter, defaultdict
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
+
+# -----------------------------------------------------------------------------
+# jsonl: streamed in, written atomically
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and line."""
+
+
+def read_jsonl(path, fields=(), skip_bad=False, counts=None):
+    """Yield the JSON objects of a .jsonl file one by one (memory stays flat). A malformed line or a missing
+    field raises DataError naming file:line, or with skip_bad=True is skipped and counted in counts["bad_lines"]."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in fields if k not in row]
+                if missing:
+                    raise ValueError(f"missing field(s) {missing}")
+            except ValueError as e:
+                if not skip_bad:
+                    raise DataError(f"{path}:{n}: {e} (pass --skip-bad to skip and count such lines)") from None
+                if counts is not None:
+                    counts["bad_lines"] += 1
+                continue
+            yield row
+
+
+def write_jsonl(path, rows):
+    """Write rows to path through a temporary file, so an interrupted stage never leaves a half-written output."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp, n = path + ".tmp", 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def progress(iterable, desc, total=None):
+    """A progress bar on a terminal, nothing in logs."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# -----------------------------------------------------------------------------
+# URLs
+
+TRACKING = re.compile(r"^(utm_\w+|fbclid|gclid|mc_cid|mc_eid|ref|ref_src)$")
+
+
+def normalize_url(url):
+    """One spelling per page: lowercase scheme and host, no www., no default port, no fragment, no tracking
+    parameters, sorted query, no trailing slash; http and https are the same page."""
+    try:
+        s = urlsplit(url.strip())
+    except ValueError:
+        return url.strip()
+    host = (s.hostname or "").removeprefix("www.")
+    if s.port and s.port not in (80, 443):
+        host += f":{s.port}"
+    query = urlencode(sorted((k, v) for k, v in parse_qsl(s.query, keep_blank_values=True) if not TRACKING.match(k)))
+    return urlunsplit(("https", host, s.path.rstrip("/") or "", query, ""))
+
+
+def domain(url):
+    """The paper's domain: pages with the same base URL."""
+    return urlsplit(normalize_url(url)).hostname or ""
+
+
+def url_dedup(urls):
+    """Keep mask: the first page of each normalised URL."""
+    seen, keep = set(), []
+    for u in urls:
+        key = normalize_url(u)
+        keep.append(key not in seen)
+        seen.add(key)
+    return keep
+
+
+# -----------------------------------------------------------------------------
+# Words and n-grams, hashed with numpy
+
+WORD = re.compile(r"\w+")
+
+
+def words(text):
+    """Normalised words: lowercase runs of letters and digits (LaTeX commands and punctuation drop out)."""
+    return WORD.findall(text.lower())
+
+
+def _word_hashes(ws):
+    return np.fromiter((zlib.crc32(w.encode()) for w in ws), dtype=np.uint64, count=len(ws))
+
+
+def ngram_hashes(ws, n):
+    """64-bit hashes of every n-gram of a word list, as a polynomial in the words' 32-bit hashes."""
+    if len(ws) < n:
+        return np.zeros(0, dtype=np.uint64)
+    h = _word_hashes(ws)
+    out = np.zeros(len(ws) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+        for j in range(n):
+            out = out * np.uint64(1000003) + h[j:len(ws) - n + 1 + j]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# MinHash + LSH near-duplicate removal
+
+def lsh_params(threshold, num_perm):
+    """Bands b and rows r (b * r <= num_perm) minimising the false-positive plus false-negative area of the
+    S-curve 1 - (1 - s^r)^b around the threshold, as datasketch chooses them."""
+    s = np.linspace(0, 1, 201)
+    best = None
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1 - (1 - s ** r) ** b
+            err = np.trapezoid(np.where(s < threshold, p, 0), s) + np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+            if best is None or err < best[0]:
+                best = (err, b, r)
+    return best[1], best[2]
+
+
+def minhash_signatures(texts, num_perm=128, shingle=5, seed=1):
+    """(N, num_perm) uint32 MinHash signatures of word 5-gram shingles. One batch of documents is hashed in a
+    single numpy pass (shingles of all documents stacked, minima per document by np.minimum.reduceat), which
+    is where the speed over per-document hashing comes from.
+
+    The permutations are multiply-shift hashes: the top 32 bits of (a x + b) mod 2^64 with random odd 64-bit a
+    (Dietzfelbinger et al.), in uint64 arithmetic that wraps by design. A hash that is nearly monotonic in x,
+    such as (a x + b) mod (2^61 - 1) with a, x < 2^32, would make every permutation pick about the same
+    minimum, and pages sharing their smallest shingle would look like duplicates."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
+    hashes, starts = [], []
+    n = 0
+    for t in texts:
+        ws = words(t)
+        h = ngram_hashes(ws, shingle) if len(ws) >= shingle else ngram_hashes(ws, len(ws)) if ws else np.zeros(1, np.uint64)
+        h = np.unique(h & np.uint64(0xFFFFFFFF))  # 32-bit shingle ids
+        starts.append(n)
+        hashes.append(h)
+        n += len(h)
+    x = np.concatenate(hashes)[:, None]  # (S, 1)
+    sig = np.empty((len(starts), num_perm), dtype=np.uint32)
+    for i in range(0, num_perm, 32):  # 32 permutations at a time bounds the (S, 32) temporary
+        with np.errstate(over="ignore"):
+            ph = (x * a[i:i + 32] + b[i:i + 32]) >> np.uint64(32)
+        sig[:, i:i + 32] = np.minimum.reduceat(ph, starts, axis=0).astype(np.uint32)
+    return sig
+
+
+def minhash_dedup(texts, threshold=0.8, num_perm=128, batch=2000):
+    """Keep mask over texts: a text is dropped when an earlier kept text shares an LSH band with it and their
+    MinHash estimate of Jaccard similarity (word 5-gram shingles) is at least `threshold`. Candidates are checked
+    against the estimate, so a band collision alone never drops a page. Memory: one signature per kept page."""
+    texts = list(texts)
+    b, r = lsh_params(threshold, num_perm)
+    buckets = [dict() for _ in range(b)]
+    kept_sigs, keep = [], []
+    for start in range(0, len(texts), batch):
+        sigs = minhash_signatures(texts[start:start + batch], num_perm)
+        for sig in sigs:
+            keys = [sig[i * r:(i + 1) * r].tobytes() for i in range(b)]
+            cands = {buckets[i][k] for i, k in enumerate(keys) if k in buckets[i]}
+            dup = any(np.mean(kept_sigs[c] == sig) >= threshold for c in cands)
+            keep.append(not dup)
+            if not dup:
+                for i, k in enumerate(keys):
+                    buckets[i].setdefault(k, len(kept_sigs))
+                kept_sigs.append(sig)
+    return keep
+
+
+# -----------------------------------------------------------------------------
+# Decontamination
+
+
+def decontaminate(texts, benchmark_texts, n=10):
+    """Keep mask: drop a text that contains any n-gram (n = 10, of normalised words) of a benchmark question or
+    answer; a benchmark text of 3 to n-1 words is matched whole (paper §2.1). Texts under 3 words are ignored."""
+    by_len = defaultdict(list)  # gram length -> hashes
+    for t in benchmark_texts:
+        ws = words(t)
+        if len(ws) >= n:
+            by_len[n].append(ngram_hashes(ws, n))
+        elif len(ws) >= 3:
+            by_len[len(ws)].append(ngram_hashes(ws, len(ws)))
+    tables = {k: np.unique(np.concatenate(v)) for k, v in by_len.items()}  # sorted
+
+    def hit(h, table):  # binary search in the sorted table: O(len(h) log len(table)), nothing re-sorted
+        i = np.searchsorted(table, h).clip(max=len(table) - 1)
+        return bool((table[i] == h).any())
+    keep = []
+    for t in texts:
+        ws = words(t)
+        keep.append(not any(len(ws) >= k and hit(ngram_hashes(ws, k), table) for k, table in tables.items()))
+    return keep
+
+
+# -----------------------------------------------------------------------------
+# Quality filters: each one justified, each one counted
+
+
+def quality_issue(text, min_words=20, max_symbol_ratio=0.3, max_dup_line_ratio=0.3):
+    """The reason a page is dropped, or None. Thresholds are ours (the paper gives none):
+    too_short: fewer than 20 words is a stub, an error page or a menu; symbols: more than 30% of non-space
+    characters outside letters, digits and common math punctuation is markup debris or encoding junk;
+    repetition: more than 30% of the characters in lines that repeat an earlier line is spam or boilerplate
+    (Gopher's rule, weighted by characters so that short repeated lines such as code fences do not count much)."""
+    ws = text.split()
+    if len(ws) < min_words:
+        return "too_short"
+    chars = [c for c in text if not c.isspace()]
+    odd = sum(not (c.isalnum() or c in "+-*/=()[]{}.,:;?'\"\\^_$<>!%") for c in chars)
+    if odd > max_symbol_ratio * len(chars):
+        return "symbols"
+    seen, repeated, total = set(), 0, 0
+    for ln in (ln.strip() for ln in text.splitlines()):
+        total += len(ln)
+        repeated += len(ln) if ln in seen else 0
+        seen.add(ln)
+    if repeated > max_dup_line_ratio * total:
+        return "repetition"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# The fastText math classifier (paper §2.1)
+
+
+def _one_line(text, max_chars):
+    """fastText reads one example per line: newlines become spaces, invalid unicode is replaced, and huge
+    pages are cut to their first max_chars characters (the score of a page is decided by its beginning)."""
+    return " ".join(text[:max_chars].encode("utf-8", "replace").decode("utf-8").split()) or "<empty>"
+
+
+class MathClassifier:
+    """fastText binary classifier, math vs not, with the paper's settings as defaults:
+    vector dim 256, lr 0.1, word n-grams up to 3, minCount 3, 3 epochs."""
+
+    def __init__(self, model=None, max_chars=100_000):
+        self.model, self.max_chars = model, max_chars
+
+    def train(self, pos_texts, neg_texts, dim=256, lr=0.1, word_ngrams=3, min_count=3, epoch=3, seed=0, threads=2,
+              bucket=None):
+        """bucket: size of the hashed n-gram table. fastText's default, 2M rows of `dim` floats, is 2 GB at dim 256;
+        None scales it to the data (50 rows per training page, between 100K and 2M)."""
+        import random
+        import tempfile
+
+        import fasttext
+        lines = [f"__label__math {_one_line(t, self.max_chars)}" for t in pos_texts]
+        lines += [f"__label__other {_one_line(t, self.max_chars)}" for t in neg_texts]
+        if not any(ln.startswith("__label__math") for ln in lines) or not any(ln.startswith("__label__other") for ln in lines):
+            raise ValueError("MathClassifier.train needs at least one positive and one negative text")
+        random.Random(seed).shuffle(lines)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            self.model = fasttext.train_supervised(input=f.name, dim=dim, lr=lr, wordNgrams=word_ngrams,
+                                                   minCount=min_count, epoch=epoch, seed=seed, thread=threads,
+                                                   bucket=bucket or min(2_000_000, max(100_000, 50 * len(lines))), verbose=0)
+        finally:
+            os.unlink(f.name)
+        return self
+
+    def predict_proba(self, texts):
+        """P(math) for each text, as a float32 array."""
+        texts = [_one_line(t, self.max_chars) for t in texts]
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        labels, probs = self.model.predict(texts, k=2)
+        return np.array([dict(zip(ls, ps)).get("__label__math", 0.0) for ls, ps in zip(labels, probs)],
+                        dtype=np.float32).clip(0, 1)
+
+    def save(self, path):
+        self.model.save_model(path)
+
+    @classmethod
+    def load(cls, path):
+        import fasttext
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no fastText model here")
+        return cls(fasttext.load_model(path))
+
+
+def math_paths(collected_urls, all_urls, min_domain_share=0.1, min_path_share=0.1):
+    """The paper's domain discovery with a rule in place of its human annotators. A domain (base URL) with more
+    than 10% of its pages collected is math-related (paper); within it, a first path segment (e.g.
+    talkboard.com/math) with more than 10% of its pages collected is a math path (ours, the same share one level
+    down: the paper's annotators marked such paths by hand). Returns the set of (domain, first segment).
+
+    Where a rule differs from a person: a weak first classifier whose false positives push a non-math domain past
+    10% makes the whole of its path positive, and the next round collects all of it. On the toy this happens
+    below about 5,000 pages (a classifier trained on a few hundred seeds); a person would look at the pages."""
+    pages = defaultdict(Counter)  # domain -> first segment -> pages
+    got = defaultdict(Counter)
+    collected = set(map(normalize_url, collected_urls))
+    for u in all_urls:
+        nu = normalize_url(u)
+        d, seg = domain(nu), urlsplit(nu).path.strip("/").split("/")[0]
+        pages[d][seg] += 1
+        got[d][seg] += nu in collected
+    out = set()
+    for d in pages:
+        if sum(got[d].values()) > min_domain_share * sum(pages[d].values()):
+            out |= {(d, s) for s in pages[d] if got[d][s] > min_path_share * pages[d][s]}
+    return out
+
+
+def classify_with_expansion(pages, seed_texts, iterations=4, budget_tokens=None, threshold=0.5, n_neg=None,
+                            epochs=3, labels=None, seed=0, log=print):
+    """Paper §2.1: train on seed positives vs random pages, score the pool, collect the top pages within a token
+    budget (whitespace words stand in for tokens: the tokenizer is trained on the result), find math domains
+    and their math paths, add the uncollected pages under those paths to the positives, retrain; `iterations`
+    times. Pages scoring under `threshold` are never collected (ours; the paper gives no threshold).
+    Returns (keep mask over pages, per-iteration report rows)."""
+    rng = np.random.default_rng(seed)
+    texts, urls = [p["text"] for p in pages], [p["url"] for p in pages]
+    sizes = np.array([len(t.split()) for t in texts])
+    budget = budget_tokens if budget_tokens is not None else int(sizes.sum())
+    n_neg = n_neg or max(len(seed_texts), 1)
+    positives, prev, report = list(seed_texts), set(), []
+    for it in range(1, iterations + 1):
+        neg = [texts[i] for i in rng.choice(len(texts), min(n_neg, len(texts)), replace=False)]
+        clf = MathClassifier().train(positives, neg, epoch=epochs, seed=seed)
+        scores = clf.predict_proba(texts)
+        order = np.argsort(-scores, kind="stable")
+        within = np.cumsum(sizes[order]) <= budget
+        chosen = order[within & (scores[order] >= threshold)]
+        collected = set(chosen.tolist())
+        paths = math_paths([urls[i] for i in collected], urls)
+        new_pos = [i for i in range(len(pages)) if i not in collected
+                   and (domain(urls[i]), urlsplit(normalize_url(urls[i])).path.strip("/").split("/")[0]) in paths]
+        positives += [texts[i] for i in new_pos]
+        row = dict(iteration=it, collected=len(collected), already_collected=len(collected & prev),
+                   math_domains=len({d for d, _ in paths}), new_positives=len(new_pos))
+        if labels is not None:
+            truth = np.array([labels[u]["math"] for u in urls])
+            tp = sum(truth[i] for i in collected)
+            row.update(precision=round(tp / max(len(collected), 1), 4), recall=round(tp / max(truth.sum(), 1), 4))
+        report.append(row)
+        log("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+        prev = collected
+    keep = [i in prev for i in range(len(pages))]
+    return keep, report, clf
+
+
+# -----------------------------------------------------------------------------
+# Tokenize and pack into shards
+
+_worker_tok = None
+
+
+def _init_worker(tokenizer_dir):
+    global _worker_tok
+    _worker_tok = Tokenizer.load(tokenizer_dir)
+
+
+def _encode_docs(texts):
+    """BOS + tokens + EOS for each document, concatenated: documents are packed back to back."""
+    tok = _worker_tok
+    ids = tok.encode_batch(texts, bos=True, eos=True, num_threads=1)
+    return np.fromiter((i for doc in ids for i in doc), dtype=np.int64)
+
+
+def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000, workers=None, chunk=256):
+    """Tokenize texts in parallel worker processes into {source}_NNNN.bin files of uint16 tokens (uint32 when
+    the vocabulary exceeds 65,536), and an index {source}.json with the token count of each shard."""
+    import multiprocessing as mp
+    tok = Tokenizer.load(tokenizer_dir)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    chunks = ([t for t in texts[i:i + chunk]] for i in range(0, len(texts), chunk))
+    workers = workers or min(os.cpu_count() or 1, 8)
+    shards, buf, n_buf, docs = [], [], 0, len(texts)
+
+    def flush():
+        nonlocal buf, n_buf
+        if not n_buf:
+            return
+        name = f"{source}_{len(shards):04d}.bin"
+        arr = np.concatenate(buf).astype(dtype)
+        arr.tofile(os.path.join(out_dir, name + ".tmp"))
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        shards.append(dict(file=name, tokens=int(len(arr))))
+        buf, n_buf = [], 0
+
+    if workers > 1:
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+        results = pool.imap(_encode_docs, chunks)
+    else:
+        _init_worker(tokenizer_dir)
+        pool, results = None, map(_encode_docs, chunks)
+    try:
+        for arr in progress(results, f"tokenize {source}", total=(len(texts) + chunk - 1) // chunk):
+            buf.append(arr)
+            n_buf += len(arr)
+            if n_buf >= shard_tokens:
+                flush()
+        flush()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    index = dict(source=source, dtype=np.dtype(dtype).name, vocab_size=tok.vocab_size, documents=docs,
+                 tokens=sum(s["tokens"] for s in shards), shards=shards)
+    with open(os.path.join(out_dir, f"{source}.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return index
+
+
+class TokenSource:
+    """The shards of one source, memory-mapped; draws windows of consecutive tokens."""
+
+    def __init__(self, index_path):
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"{index_path}: no shard index (build the data first: python data.py)")
+        with open(index_path) as f:
+            self.index = json.load(f)
+        base = os.path.dirname(index_path)
+        self.shards = [np.memmap(os.path.join(base, s["file"]), dtype=self.index["dtype"], mode="r")
+                       for s in self.index["shards"]]
+        self.sizes = np.array([len(s) for s in self.shards])
+
+    def window(self, rng, length):
+        ok = self.sizes >= length
+        if not ok.any():
+            raise ValueError(f"source {self.index['source']!r} has no shard of {length} tokens")
+        k = rng.choice(len(self.shards), p=np.where(ok, self.sizes, 0) / np.where(ok, self.sizes, 0).sum())
+        start = rng.integers(0, self.sizes[k] - length + 1)
+        return np.asarray(self.shards[k][start:start + length], dtype=np.int64)
+
+
+class Mixture:
+    """Draws training sequences from several sources by weight (paper §2.3: 56% math, 20% code, ...).
+
+    Deterministic in (seed, step, rank): batch(step) is the same batch on every run, so resuming a run is
+    resuming its step count, and ranks draw disjoint streams."""
+
+    def __init__(self, sources, seq_len, seed=0):
+        self.names = list(sources)
+        w = np.array([sources[n][1] for n in self.names], dtype=float)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture weights must be non-negative with a positive sum, got {w.tolist()}")
+        self.sources = [TokenSource(sources[n][0]) for n in self.names]
+        self.weights, self.seq_len, self.seed = w / w.sum(), seq_len, seed
+
+    def batch(self, step, batch_size, rank=0):
+        """(x, y) int64 arrays of shape (batch_size, seq_len): y is x shifted by one token."""
+        rng = np.random.default_rng([self.seed, step, rank])
+        picks = rng.choice(len(self.sources), size=batch_size, p=self.weights)
+        rows = np.stack([self.sources[k].window(rng, self.seq_len + 1) for k in picks])
+        return rows[:, :-1], rows[:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# Problem sets: GSM8K, MATH and generic jsonl into one schema {question, answer, cot?, pot?, level?, type?}
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (braces matched), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+def _gsm8k(row):
+    reasoning, _, final = row["answer"].rpartition("####")
+    answer = final.strip().replace(",", "")
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()  # calculator annotations
+    return dict(question=row["question"], answer=answer, cot=f"{reasoning}\nThe answer is \\boxed{{{answer}}}.")
+
+
+def _math(row):
+    answer = last_boxed(row["solution"])
+    if answer is None:
+        raise ValueError("solution has no \\boxed{...} answer")
+    out = dict(question=row["problem"], answer=answer, cot=row["solution"])
+    out.update({k: row[k] for k in ("level", "type") if k in row})
+    return out
+
+
+def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
+    """Read a problem set: GSM8K jsonl ({question, answer: '... #### 42'}), MATH json/jsonl ({problem, solution,
+    level, type}), our own ({question, answer, cot, pot}), or any jsonl with named question/answer fields.
+    The format is recognised from each row's fields."""
+    counts = Counter()
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        rows = data if isinstance(data, list) else [data]
+    else:
+        rows = read_jsonl(path, skip_bad=skip_bad, counts=counts)
+    out = []
+    for n, row in enumerate(rows, 1):
+        try:
+            if question_field:
+                out.append(dict(question=row[question_field], answer=str(row[answer_field])))
+            elif "problem" in row and "solution" in row:
+                out.append(_math(row))
+            elif "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
+                out.append(_gsm8k(row))
+            elif "question" in row and "answer" in row:
+                out.append({**row, "answer": str(row["answer"])})
+            else:
+                raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
+                                 "MATH (problem, solution) or --question-field/--answer-field")
+        except (KeyError, ValueError) as e:
+            if not skip_bad:
+                raise DataError(f"{path}: problem {n}: {e}") from None
+            counts["bad_lines"] += 1
+    if not out:
+        raise DataError(f"{path}: no problems read" + (f" ({counts['bad_lines']} bad lines skipped)" if counts else ""))
+    return out
+
+
+def benchmark_texts(problems):
+    """What decontamination matches against: each problem's question and its reference solution."""
+    return [t for p in problems for t in (p["question"], p.get("cot", ""), p["answer"]) if t]
+
+
+# -----------------------------------------------------------------------------
+# The pipeline, stage by stage
+
+
+def run_stage(report, name, outputs, fn):
+    """Run fn unless all its outputs exist; record what it did (or that it was skipped) in the report."""
+    if all(os.path.exists(o) for o in outputs):
+        report.append(dict(stage=name, skipped=True))
+        return
+    t0 = time.time()
+    print(f"[{name}]", flush=True)
+    row = fn() or {}
+    report.append(dict(stage=name, seconds=round(time.time() - t0, 1), **row))
+
+
+def build(args):
+    out = args.out
+    labels_path = os.path.join(out, "labels.json")
+    crawl = args.crawl or os.path.join(out, "crawl.jsonl")
+    seed_pos = args.seed_pos or os.path.join(out, "seed.jsonl")
+    code = args.code or os.path.join(out, "code.jsonl")
+    train_p, test_p = os.path.join(out, "problems", "train.jsonl"), os.path.join(out, "problems", "test.jsonl")
+    report = []
+    counts = Counter()
+    read = lambda path, fields=("text",): read_jsonl(path, fields, args.skip_bad, counts)  # noqa: E731
+    os.makedirs(out, exist_ok=True)
+
+    if not args.crawl:  # the toy world stands in for Common Crawl, OpenWebMath, GitHub and the benchmarks
+        import toyworld
+
+        def world():
+            test = toyworld.make_problems(args.test_problems, seed=args.seed + 100)
+            train = toyworld.make_problems(args.train_problems, seed=args.seed + 200,
+                                           exclude={p["question"] for p in test})
+            pages, labels = toyworld.make_crawl(args.pages, test, seed=args.seed)
+            write_jsonl(test_p, test)
+            write_jsonl(train_p, train)
+            write_jsonl(seed_pos, toyworld.make_seed(args.pages // 10, seed=args.seed))
+            code_pool = toyworld.make_problems(args.pages // 5, seed=args.seed + 300)
+            rng = __import__("random").Random(args.seed)
+            write_jsonl(code, (dict(url=f"https://github.example/{i}", text=toyworld.code_page(rng, code_pool[i:i + 3]))
+                               for i in range(0, len(code_pool), 3)))
+            with open(labels_path + ".tmp", "w") as f:
+                json.dump(labels, f)
+            os.replace(labels_path + ".tmp", labels_path)
+            write_jsonl(crawl, pages)
+            return dict(pages=len(pages), train_problems=len(train), test_problems=len(test))
+        run_stage(report, "toy world", [crawl, seed_pos, code, train_p, test_p, labels_path], world)
+    labels = json.load(open(labels_path)) if os.path.exists(labels_path) and not args.crawl else None
+
+    def truth(urls, key):
+        return None if labels is None else [labels[u][key] for u in urls]
+
+    # 1. exact URL dedup, then MinHash near-dedup ---------------------------------
+    dedup_path = os.path.join(out, "pages_dedup.jsonl")
+
+    def dedup():
+        pages = list(progress(read(crawl, ("text", "url")), "read crawl"))
+        if not pages:
+            raise DataError(f"{crawl}: no pages")
+        keep_url = url_dedup([p["url"] for p in pages])
+        pages_u = [p for p, k in zip(pages, keep_url) if k]
+        keep_near = minhash_dedup([p["text"] for p in pages_u], threshold=args.dedup_threshold)
+        kept = [p for p, k in zip(pages_u, keep_near) if k]
+        write_jsonl(dedup_path, kept)
+        row = dict(pages=len(pages), url_dups=len(pages) - len(pages_u), near_dups=len(pages_u) - len(kept), kept=len(kept))
+        if labels is not None:  # of each planted cluster (a page and its copies) of n pages, n - 1 should go
+            cluster = {p["url"]: labels[p["url"]]["dup_of"] or p["url"] for p in pages}
+            size, gone = Counter(cluster.values()), Counter()
+            kept_urls = {p["url"] for p in kept}
+            for u, c in cluster.items():
+                gone[c] += u not in kept_urls
+            found = sum(min(gone[c], size[c] - 1) for c in size)
+            # what else was dropped is a page whose text another kept page nearly repeats (stubs, spam, templates)
+            row.update(planted_found=f"{found}/{sum(n - 1 for n in size.values())}",
+                       other_dropped=sum(gone.values()) - found)
+        return row
+    run_stage(report, "dedup", [dedup_path], dedup)
+
+    # 2. quality filters -------------------------------------------------------------
+    quality_path = os.path.join(out, "pages_quality.jsonl")
+
+    def quality():
+        reasons, kept = Counter(), []
+        for p in read(dedup_path):
+            why = quality_issue(p["text"])
+            reasons[why or "kept"] += 1
+            if why is None:
+                kept.append(p)
+        write_jsonl(quality_path, kept)
+        return dict(reasons)
+    run_stage(report, "quality", [quality_path], quality)
+
+    # 3. classifier with iterative domain expansion ---------------------------------
+    math_path, other_path = os.path.join(out, "math_pages.jsonl"), os.path.join(out, "other_pages.jsonl")
+
+    def classify():
+        pages = list(read(quality_path, ("text", "url")))
+        seeds = [p["text"] for p in read(seed_pos)]
+        keep, rows, clf = classify_with_expansion(pages, seeds, iterations=args.iterations,
+                                                  budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
+                                                  labels=labels, seed=args.seed)
+        clf.save(os.path.join(out, "classifier.bin"))
+        write_jsonl(other_path, (p for p, k in zip(pages, keep) if not k))
+        write_jsonl(math_path, (p for p, k in zip(pages, keep) if k))
+        return rows[-1]
+    run_stage(report, "classify", [math_path, other_path], classify)
+
+    # 4. decontamination against the benchmarks ------------------------------------
+    bench = args.benchmarks or [test_p]
+    clean = {s: os.path.join(out, f"{s}_clean.jsonl") for s in ("math", "code", "general")}
+    source_files = {"math": math_path, "code": code, "general": other_path}
+
+    def decontam():
+        bench_texts = [t for b in bench for t in benchmark_texts(load_problems(b))]
+        row = {}
+        for s, path in source_files.items():
+            pages = list(read(path))
+            keep = decontaminate([p["text"] for p in pages], bench_texts)
+            write_jsonl(clean[s], (p for p, k in zip(pages, keep) if k))
+            row[f"{s}_dropped"] = keep.count(False)
+            if labels is not None and s == "math":
+                dropped = [p["url"] for p, k in zip(pages, keep) if not k]
+                leaks = [p["url"] for p in pages if labels.get(p["url"], {}).get("contaminated")]
+                row.update(leak_recall=round(len(set(dropped) & set(leaks)) / max(len(leaks), 1), 4),
+                           false_drops=len(set(dropped) - set(leaks)))
+        return row
+    run_stage(report, "decontaminate", list(clean.values()), decontam)
+
+    # 5. tokenizer, 6. shards ----------------------------------------------------
+    tok_dir = args.tokenizer or os.path.join(out, "tokenizer")
+
+    def tokenizer():
+        texts = [p["text"] for s in clean for p in read(clean[s])]
+        if os.path.exists(train_p):  # the chat format and the solutions' words matter downstream
+            texts += [f"{p['question']} {p['cot']} {p.get('pot', '')}" for p in load_problems(train_p)]
+        tok = Tokenizer.train(texts, args.vocab_size)
+        tok.save(tok_dir)
+        return dict(vocab_size=tok.vocab_size, texts=len(texts))
+    run_stage(report, "tokenizer", [os.path.join(tok_dir, "tokenizer.json")], tokenizer)
+
+    shard_dir = os.path.join(out, "shards")
+
+    def shards():
+        row = {}
+        for s in clean:
+            idx = write_shards([p["text"] for p in read(clean[s])], tok_dir, shard_dir, s, workers=args.workers)
+            row[f"{s}_tokens"] = idx["tokens"]
+        return row
+    run_stage(report, "shards", [os.path.join(shard_dir, f"{s}.json") for s in clean], shards)
+
+    if counts:
+        report.append(dict(stage="input", **counts))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print_report(report)
+    return report
+
+
+def print_report(report):
+    print(f"\n{'stage':<14} {'time':>6}  result")
+    for row in report:
+        row = dict(row)
+        name = row.pop("stage")
+        if row.pop("skipped", False):
+            print(f"{name:<14} {'':>6}  done before, skipped")
+            continue
+        secs = row.pop("seconds", "")
+        print(f"{name:<14} {secs:>6}  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/toy/data", help="directory for every stage's output")
+    ap.add_argument("--crawl", help="jsonl of {text, url} pages to mine (default: the toy world's crawl)")
+    ap.add_argument("--seed-pos", help="jsonl of {text} seed math pages, the paper's OpenWebMath (default: toy)")
+    ap.add_argument("--code", help="jsonl of {text} code pages, a source of the mixture (default: toy)")
+    ap.add_argument("--benchmarks", nargs="*", help="problem files to decontaminate against (default: toy test set)")
+    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of training one")
+    ap.add_argument("--pages", type=int, default=20000, help="toy crawl size")
+    ap.add_argument("--train-problems", type=int, default=5000, help="toy training problems")
+    ap.add_argument("--test-problems", type=int, default=500, help="toy held-out problems")
+    ap.add_argument("--iterations", type=int, default=4, help="classifier / domain expansion rounds (paper: 4)")
+    ap.add_argument("--budget-tokens", type=int, help="keep the top pages up to this many words (default: all)")
+    ap.add_argument("--classifier-epochs", type=int, default=3, help="fastText epochs (paper: 3, for ~1M pages)")
+    ap.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+    ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size, if one is trained")
+    ap.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count, at most 8)")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed jsonl lines")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    try:
+        build(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
