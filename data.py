@@ -12,6 +12,7 @@ dumps: OpenWebMath / Common Crawl jsonl with {"text", "url"} lines.
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -70,6 +71,13 @@ def write_jsonl(path, rows):
     return n
 
 
+def batched(iterable, n):
+    """Lists of n items (the last may be shorter), pulled lazily from any iterable."""
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
 def progress(iterable, desc, total=None):
     """A progress bar on a terminal, nothing in logs."""
     if not sys.stderr.isatty():
@@ -103,9 +111,10 @@ def domain(url):
     return urlsplit(normalize_url(url)).hostname or ""
 
 
-def url_dedup(urls):
-    """Keep mask: the first page of each normalised URL."""
-    seen, keep = set(), []
+def url_dedup(urls, seen=None):
+    """Keep mask: the first page of each normalised URL. Pass the same `seen` set to successive calls to
+    deduplicate a stream batch by batch."""
+    seen, keep = set() if seen is None else seen, []
     for u in urls:
         key = normalize_url(u)
         keep.append(key not in seen)
@@ -187,26 +196,37 @@ def minhash_signatures(texts, num_perm=128, shingle=5, seed=1):
     return sig
 
 
-def minhash_dedup(texts, threshold=0.8, num_perm=128, batch=2000):
-    """Keep mask over texts: a text is dropped when an earlier kept text shares an LSH band with it and their
-    MinHash estimate of Jaccard similarity (word 5-gram shingles) is at least `threshold`. Candidates are checked
-    against the estimate, so a band collision alone never drops a page. Memory: one signature per kept page."""
-    texts = list(texts)
-    b, r = lsh_params(threshold, num_perm)
-    buckets = [dict() for _ in range(b)]
-    kept_sigs, keep = [], []
-    for start in range(0, len(texts), batch):
-        sigs = minhash_signatures(texts[start:start + batch], num_perm)
-        for sig in sigs:
-            keys = [sig[i * r:(i + 1) * r].tobytes() for i in range(b)]
-            cands = {buckets[i][k] for i, k in enumerate(keys) if k in buckets[i]}
-            dup = any(np.mean(kept_sigs[c] == sig) >= threshold for c in cands)
+class NearDupIndex:
+    """MinHash signatures of the pages kept so far, with their LSH band keys. A page is a near duplicate when an
+    earlier kept page shares an LSH band with it and their MinHash estimate of Jaccard similarity (word 5-gram
+    shingles) is at least `threshold`: candidates are checked against the estimate, so a band collision alone
+    never drops a page. Memory: one 512-byte signature and b band keys per kept page, not its text."""
+
+    def __init__(self, threshold=0.8, num_perm=128):
+        self.threshold, self.num_perm = threshold, num_perm
+        self.b, self.r = lsh_params(threshold, num_perm)
+        self.buckets = [dict() for _ in range(self.b)]
+        self.sigs = []
+
+    def add(self, texts):
+        """Keep flags for a batch of texts, in order; kept ones join the index (so a batch dedups itself too)."""
+        keep = []
+        for sig in minhash_signatures(texts, self.num_perm):
+            keys = [sig[i * self.r:(i + 1) * self.r].tobytes() for i in range(self.b)]
+            cands = {self.buckets[i][k] for i, k in enumerate(keys) if k in self.buckets[i]}
+            dup = any(np.mean(self.sigs[c] == sig) >= self.threshold for c in cands)
             keep.append(not dup)
             if not dup:
                 for i, k in enumerate(keys):
-                    buckets[i].setdefault(k, len(kept_sigs))
-                kept_sigs.append(sig)
-    return keep
+                    self.buckets[i].setdefault(k, len(self.sigs))
+                self.sigs.append(sig)
+        return keep
+
+
+def minhash_dedup(texts, threshold=0.8, num_perm=128, batch=2000):
+    """Keep mask over texts (any iterable): the first page of each near-duplicate cluster (see NearDupIndex)."""
+    index = NearDupIndex(threshold, num_perm)
+    return [k for chunk in batched(texts, batch) for k in index.add(chunk)]
 
 
 # -----------------------------------------------------------------------------
@@ -336,7 +356,7 @@ def math_paths(collected_urls, all_urls, min_domain_share=0.1, min_path_share=0.
     collected = set(map(normalize_url, collected_urls))
     for u in all_urls:
         nu = normalize_url(u)
-        d, seg = domain(nu), urlsplit(nu).path.strip("/").split("/")[0]
+        d, seg = _path_key(nu)
         pages[d][seg] += 1
         got[d][seg] += nu in collected
     out = set()
@@ -346,42 +366,51 @@ def math_paths(collected_urls, all_urls, min_domain_share=0.1, min_path_share=0.
     return out
 
 
-def classify_with_expansion(pages, seed_texts, iterations=4, budget_tokens=None, threshold=0.5, n_neg=None,
-                            epochs=3, labels=None, seed=0, log=print):
+def _path_key(url):
+    nu = normalize_url(url)
+    return domain(nu), urlsplit(nu).path.strip("/").split("/")[0]
+
+
+def classify_with_expansion(read_pages, seed_texts, iterations=4, budget_tokens=None, threshold=0.5, n_neg=None,
+                            epochs=3, labels=None, seed=0, log=print, batch=5000):
     """Paper §2.1: train on seed positives vs random pages, score the pool, collect the top pages within a token
     budget (whitespace words stand in for tokens: the tokenizer is trained on the result), find math domains
     and their math paths, add the uncollected pages under those paths to the positives, retrain; `iterations`
     times. Pages scoring under `threshold` are never collected (ours; the paper gives no threshold).
-    Returns (keep mask over pages, per-iteration report rows)."""
+
+    `read_pages()` returns a fresh iterator over the pool's {"url", "text"} pages: the pool is streamed a few
+    times per round, and only its URLs, sizes and scores stay in memory (the training set does too).
+    Returns (keep mask over pages, per-round report rows, the last classifier)."""
     rng = np.random.default_rng(seed)
-    texts, urls = [p["text"] for p in pages], [p["url"] for p in pages]
-    sizes = np.array([len(t.split()) for t in texts])
+    urls, sizes = [], []
+    for p in read_pages():
+        urls.append(p["url"])
+        sizes.append(len(p["text"].split()))
+    sizes = np.array(sizes)
     budget = budget_tokens if budget_tokens is not None else int(sizes.sum())
-    n_neg = n_neg or max(len(seed_texts), 1)
+    n_neg = min(n_neg or max(len(seed_texts), 1), len(urls))
+    truth = None if labels is None else np.array([labels[u]["math"] for u in urls])
     positives, prev, report = list(seed_texts), set(), []
     for it in range(1, iterations + 1):
-        neg = [texts[i] for i in rng.choice(len(texts), min(n_neg, len(texts)), replace=False)]
+        neg_ids = set(rng.choice(len(urls), n_neg, replace=False).tolist())
+        neg = [p["text"] for i, p in enumerate(read_pages()) if i in neg_ids]
         clf = MathClassifier().train(positives, neg, epoch=epochs, seed=seed)
-        scores = clf.predict_proba(texts)
+        scores = np.concatenate([clf.predict_proba([p["text"] for p in chunk]) for chunk in batched(read_pages(), batch)])
         order = np.argsort(-scores, kind="stable")
         within = np.cumsum(sizes[order]) <= budget
-        chosen = order[within & (scores[order] >= threshold)]
-        collected = set(chosen.tolist())
+        collected = set(order[within & (scores[order] >= threshold)].tolist())
         paths = math_paths([urls[i] for i in collected], urls)
-        new_pos = [i for i in range(len(pages)) if i not in collected
-                   and (domain(urls[i]), urlsplit(normalize_url(urls[i])).path.strip("/").split("/")[0]) in paths]
-        positives += [texts[i] for i in new_pos]
+        new_pos = [p["text"] for i, p in enumerate(read_pages()) if i not in collected and _path_key(p["url"]) in paths]
+        positives += new_pos
         row = dict(iteration=it, collected=len(collected), already_collected=len(collected & prev),
                    math_domains=len({d for d, _ in paths}), new_positives=len(new_pos))
-        if labels is not None:
-            truth = np.array([labels[u]["math"] for u in urls])
-            tp = sum(truth[i] for i in collected)
+        if truth is not None:
+            tp = int(truth[list(collected)].sum()) if collected else 0
             row.update(precision=round(tp / max(len(collected), 1), 4), recall=round(tp / max(truth.sum(), 1), 4))
         report.append(row)
         log("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
         prev = collected
-    keep = [i in prev for i in range(len(pages))]
-    return keep, report, clf
+    return [i in prev for i in range(len(urls))], report, clf
 
 
 # -----------------------------------------------------------------------------
@@ -403,15 +432,22 @@ def _encode_docs(texts):
 
 
 def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000, workers=None, chunk=256):
-    """Tokenize texts in parallel worker processes into {source}_NNNN.bin files of uint16 tokens (uint32 when
-    the vocabulary exceeds 65,536), and an index {source}.json with the token count of each shard."""
+    """Tokenize texts (any iterable, streamed) in parallel worker processes into {source}_NNNN.bin files of
+    uint16 tokens (uint32 when the vocabulary exceeds 65,536), and an index {source}.json with the token count
+    of each shard."""
     import multiprocessing as mp
     tok = Tokenizer.load(tokenizer_dir)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
-    chunks = ([t for t in texts[i:i + chunk]] for i in range(0, len(texts), chunk))
+    docs = 0
+
+    def chunks():
+        nonlocal docs
+        for c in batched(texts, chunk):
+            docs += len(c)
+            yield c
     workers = workers or min(os.cpu_count() or 1, 8)
-    shards, buf, n_buf, docs = [], [], 0, len(texts)
+    shards, buf, n_buf = [], [], 0
 
     def flush():
         nonlocal buf, n_buf
@@ -426,12 +462,12 @@ def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000
 
     if workers > 1:
         pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
-        results = pool.imap(_encode_docs, chunks)
+        results = pool.imap(_encode_docs, chunks())
     else:
         _init_worker(tokenizer_dir)
-        pool, results = None, map(_encode_docs, chunks)
+        pool, results = None, map(_encode_docs, chunks())
     try:
-        for arr in progress(results, f"tokenize {source}", total=(len(texts) + chunk - 1) // chunk):
+        for arr in progress(results, f"tokenize {source}"):
             buf.append(arr)
             n_buf += len(arr)
             if n_buf >= shard_tokens:
@@ -617,26 +653,32 @@ def build(args):
         run_stage(report, "toy world", [crawl, seed_pos, code, train_p, test_p, labels_path], world)
     labels = json.load(open(labels_path)) if os.path.exists(labels_path) and not args.crawl else None
 
-    def truth(urls, key):
-        return None if labels is None else [labels[u][key] for u in urls]
-
     # 1. exact URL dedup, then MinHash near-dedup ---------------------------------
     dedup_path = os.path.join(out, "pages_dedup.jsonl")
 
     def dedup():
-        pages = list(progress(read(crawl, ("text", "url")), "read crawl"))
-        if not pages:
+        seen, index, stats, all_urls, kept_urls = set(), NearDupIndex(args.dedup_threshold), Counter(), [], set()
+        # (all_urls and kept_urls only serve the toy's report against its labels)
+
+        def kept():  # streamed in batches: memory holds URLs and signatures, not pages
+            for chunk in progress(batched(read(crawl, ("text", "url")), 2000), "dedup"):
+                fresh = [p for p, k in zip(chunk, url_dedup([p["url"] for p in chunk], seen)) if k]
+                stats["pages"] += len(chunk)
+                stats["url_dups"] += len(chunk) - len(fresh)
+                if labels is not None:
+                    all_urls.extend(p["url"] for p in chunk)
+                for p, k in zip(fresh, index.add([p["text"] for p in fresh])):
+                    stats["near_dups"] += not k
+                    if k:
+                        kept_urls.add(p["url"])
+                        yield p
+        stats["kept"] = write_jsonl(dedup_path, kept())
+        if not stats["pages"]:
             raise DataError(f"{crawl}: no pages")
-        keep_url = url_dedup([p["url"] for p in pages])
-        pages_u = [p for p, k in zip(pages, keep_url) if k]
-        keep_near = minhash_dedup([p["text"] for p in pages_u], threshold=args.dedup_threshold)
-        kept = [p for p, k in zip(pages_u, keep_near) if k]
-        write_jsonl(dedup_path, kept)
-        row = dict(pages=len(pages), url_dups=len(pages) - len(pages_u), near_dups=len(pages_u) - len(kept), kept=len(kept))
+        row = dict(stats)
         if labels is not None:  # of each planted cluster (a page and its copies) of n pages, n - 1 should go
-            cluster = {p["url"]: labels[p["url"]]["dup_of"] or p["url"] for p in pages}
+            cluster = {u: labels[u]["dup_of"] or u for u in all_urls}
             size, gone = Counter(cluster.values()), Counter()
-            kept_urls = {p["url"] for p in kept}
             for u, c in cluster.items():
                 gone[c] += u not in kept_urls
             found = sum(min(gone[c], size[c] - 1) for c in size)
@@ -650,13 +692,15 @@ def build(args):
     quality_path = os.path.join(out, "pages_quality.jsonl")
 
     def quality():
-        reasons, kept = Counter(), []
-        for p in read(dedup_path):
-            why = quality_issue(p["text"])
-            reasons[why or "kept"] += 1
-            if why is None:
-                kept.append(p)
-        write_jsonl(quality_path, kept)
+        reasons = Counter()
+
+        def kept():
+            for p in read(dedup_path):
+                why = quality_issue(p["text"])
+                reasons[why or "kept"] += 1
+                if why is None:
+                    yield p
+        write_jsonl(quality_path, kept())
         return dict(reasons)
     run_stage(report, "quality", [quality_path], quality)
 
@@ -664,14 +708,14 @@ def build(args):
     math_path, other_path = os.path.join(out, "math_pages.jsonl"), os.path.join(out, "other_pages.jsonl")
 
     def classify():
-        pages = list(read(quality_path, ("text", "url")))
+        pool = lambda: read(quality_path, ("text", "url"))  # noqa: E731  streamed again in each round
         seeds = [p["text"] for p in read(seed_pos)]
-        keep, rows, clf = classify_with_expansion(pages, seeds, iterations=args.iterations,
+        keep, rows, clf = classify_with_expansion(pool, seeds, iterations=args.iterations,
                                                   budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
                                                   labels=labels, seed=args.seed)
         clf.save(os.path.join(out, "classifier.bin"))
-        write_jsonl(other_path, (p for p, k in zip(pages, keep) if not k))
-        write_jsonl(math_path, (p for p, k in zip(pages, keep) if k))
+        write_jsonl(other_path, (p for p, k in zip(pool(), keep) if not k))
+        write_jsonl(math_path, (p for p, k in zip(pool(), keep) if k))
         return rows[-1]
     run_stage(report, "classify", [math_path, other_path], classify)
 
@@ -684,28 +728,41 @@ def build(args):
         bench_texts = [t for b in bench for t in benchmark_texts(load_problems(b))]
         row = {}
         for s, path in source_files.items():
-            pages = list(read(path))
-            keep = decontaminate([p["text"] for p in pages], bench_texts)
-            write_jsonl(clean[s], (p for p, k in zip(pages, keep) if k))
-            row[f"{s}_dropped"] = keep.count(False)
+            dropped = []
+
+            def kept():
+                for chunk in batched(read(path), 2000):
+                    for p, k in zip(chunk, decontaminate([p["text"] for p in chunk], bench_texts)):
+                        if k:
+                            yield p
+                        else:
+                            dropped.append(p.get("url", ""))
+            write_jsonl(clean[s], kept())
+            row[f"{s}_dropped"] = len(dropped)
             if labels is not None and s == "math":
-                dropped = [p["url"] for p, k in zip(pages, keep) if not k]
-                leaks = [p["url"] for p in pages if labels.get(p["url"], {}).get("contaminated")]
-                row.update(leak_recall=round(len(set(dropped) & set(leaks)) / max(len(leaks), 1), 4),
-                           false_drops=len(set(dropped) - set(leaks)))
+                leaks = {u for u, lab in labels.items() if lab["contaminated"]}
+                row.update(leak_recall=round(len(set(dropped) & leaks) / max(len(leaks), 1), 4),
+                           false_drops=len(set(dropped) - leaks))
         return row
     run_stage(report, "decontaminate", list(clean.values()), decontam)
 
     # 5. tokenizer, 6. shards ----------------------------------------------------
     tok_dir = args.tokenizer or os.path.join(out, "tokenizer")
 
-    def tokenizer():
-        texts = [p["text"] for s in clean for p in read(clean[s])]
-        if os.path.exists(train_p):  # the chat format and the solutions' words matter downstream
-            texts += [f"{p['question']} {p['cot']} {p.get('pot', '')}" for p in load_problems(train_p)]
-        tok = Tokenizer.train(texts, args.vocab_size)
+    def tokenizer():  # trained on the first --tokenizer-mb of text of each source, and the training problems
+        def sample():
+            for s in clean:
+                budget = args.tokenizer_mb * 1e6
+                for p in read(clean[s]):
+                    yield p["text"]
+                    budget -= len(p["text"])
+                    if budget <= 0:
+                        break
+            if os.path.exists(train_p):  # the chat format and the solutions' words matter downstream
+                yield from (f"{p['question']} {p['cot']} {p.get('pot', '')}" for p in load_problems(train_p))
+        tok = Tokenizer.train(sample(), args.vocab_size)
         tok.save(tok_dir)
-        return dict(vocab_size=tok.vocab_size, texts=len(texts))
+        return dict(vocab_size=tok.vocab_size)
     run_stage(report, "tokenizer", [os.path.join(tok_dir, "tokenizer.json")], tokenizer)
 
     shard_dir = os.path.join(out, "shards")
@@ -713,7 +770,7 @@ def build(args):
     def shards():
         row = {}
         for s in clean:
-            idx = write_shards([p["text"] for p in read(clean[s])], tok_dir, shard_dir, s, workers=args.workers)
+            idx = write_shards((p["text"] for p in read(clean[s])), tok_dir, shard_dir, s, workers=args.workers)
             row[f"{s}_tokens"] = idx["tokens"]
         return row
     run_stage(report, "shards", [os.path.join(shard_dir, f"{s}.json") for s in clean], shards)
@@ -754,6 +811,7 @@ if __name__ == "__main__":
     ap.add_argument("--classifier-epochs", type=int, default=3, help="fastText epochs (paper: 3, for ~1M pages)")
     ap.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
     ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size, if one is trained")
+    ap.add_argument("--tokenizer-mb", type=float, default=100, help="text of each source to train a tokenizer on")
     ap.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count, at most 8)")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed jsonl lines")
     ap.add_argument("--seed", type=int, default=0)

@@ -265,7 +265,8 @@ def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
     import argparse
     args = argparse.Namespace(out=str(tmp_path), crawl=None, seed_pos=None, code=None, benchmarks=None,
                               tokenizer=None, pages=5000, train_problems=100, test_problems=60, iterations=2,
-                              budget_tokens=None, dedup_threshold=0.8, vocab_size=600, workers=1, skip_bad=False,
+                              budget_tokens=None, dedup_threshold=0.8, vocab_size=600, tokenizer_mb=100, workers=1,
+                              skip_bad=False,
                               seed=0, classifier_epochs=10)
     # 500 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
     # domain expansion then spreads its mistakes (see data.math_paths).
