@@ -485,9 +485,10 @@ def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000
 
 
 class TokenSource:
-    """The shards of one source, memory-mapped; draws windows of consecutive tokens."""
+    """The shards of one source, memory-mapped; draws windows of consecutive tokens. The last 1% of the last
+    shard (at least 8 windows) is held out: split="val" draws only there, split="train" never does."""
 
-    def __init__(self, index_path):
+    def __init__(self, index_path, split="train", window=1024):
         if not os.path.isfile(index_path):
             raise FileNotFoundError(f"{index_path}: no shard index (build the data first: python data.py)")
         with open(index_path) as f:
@@ -495,37 +496,51 @@ class TokenSource:
         base = os.path.dirname(index_path)
         self.shards = [np.memmap(os.path.join(base, s["file"]), dtype=self.index["dtype"], mode="r")
                        for s in self.index["shards"]]
-        self.sizes = np.array([len(s) for s in self.shards])
+        if not self.shards:
+            raise ValueError(f"{index_path}: the source has no tokens")
+        n_last = len(self.shards[-1])
+        held = min(max(self.index["tokens"] // 100, 8 * window), n_last // 2)
+        # usable [lo, hi) token range of each shard for this split
+        self.ranges = [(0, len(s)) for s in self.shards[:-1]] + [(0, n_last - held)] if split == "train" else \
+            [(0, 0)] * (len(self.shards) - 1) + [(n_last - held, n_last)]
 
     def window(self, rng, length):
-        ok = self.sizes >= length
-        if not ok.any():
-            raise ValueError(f"source {self.index['source']!r} has no shard of {length} tokens")
-        k = rng.choice(len(self.shards), p=np.where(ok, self.sizes, 0) / np.where(ok, self.sizes, 0).sum())
-        start = rng.integers(0, self.sizes[k] - length + 1)
+        room = np.array([max(hi - lo - length + 1, 0) for lo, hi in self.ranges])
+        if not room.any():
+            raise ValueError(f"source {self.index['source']!r} has no room for a window of {length} tokens")
+        k = rng.choice(len(room), p=room / room.sum())
+        start = self.ranges[k][0] + rng.integers(0, room[k])
         return np.asarray(self.shards[k][start:start + length], dtype=np.int64)
 
 
 class Mixture:
     """Draws training sequences from several sources by weight (paper §2.3: 56% math, 20% code, ...).
 
-    Deterministic in (seed, step, rank): batch(step) is the same batch on every run, so resuming a run is
-    resuming its step count, and ranks draw disjoint streams."""
+    Row j of step s is a function of (seed, s, j) alone: the global batch is the same whatever the number of
+    ranks and micro-batches it is split into, and resuming a run is resuming its step count.
+    split="val" draws from the held-out tails."""
 
-    def __init__(self, sources, seq_len, seed=0):
+    def __init__(self, sources, seq_len, seed=0, split="train"):
         self.names = list(sources)
         w = np.array([sources[n][1] for n in self.names], dtype=float)
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"mixture weights must be non-negative with a positive sum, got {w.tolist()}")
-        self.sources = [TokenSource(sources[n][0]) for n in self.names]
-        self.weights, self.seq_len, self.seed = w / w.sum(), seq_len, seed
+        self.sources = [TokenSource(sources[n][0], split, seq_len + 1) for n in self.names]
+        vocab = {s.index["vocab_size"] for s in self.sources}
+        if len(vocab) != 1:
+            raise ValueError(f"the sources were tokenized with different vocabularies: {sorted(vocab)}")
+        self.vocab_size = vocab.pop()
+        self.weights, self.seq_len, self.seed, self.split = w / w.sum(), seq_len, seed, split
 
-    def batch(self, step, batch_size, rank=0):
-        """(x, y) int64 arrays of shape (batch_size, seq_len): y is x shifted by one token."""
-        rng = np.random.default_rng([self.seed, step, rank])
-        picks = rng.choice(len(self.sources), size=batch_size, p=self.weights)
-        rows = np.stack([self.sources[k].window(rng, self.seq_len + 1) for k in picks])
-        return rows[:, :-1], rows[:, 1:]
+    def batch(self, step, rows):
+        """Rows `rows` (a range of row indices) of step `step`'s global batch: (x, y) int64 arrays of shape
+        (len(rows), seq_len), y being x shifted by one token."""
+        out = []
+        for j in rows:
+            rng = np.random.default_rng([self.seed, step, j, self.split == "val"])
+            out.append(self.sources[rng.choice(len(self.sources), p=self.weights)].window(rng, self.seq_len + 1))
+        out = np.stack(out)
+        return out[:, :-1], out[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -795,7 +810,8 @@ def print_report(report):
         print(f"{name:<14} {secs:>6}  " + "  ".join(f"{k}={v}" for k, v in row.items()))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line; parse_args([]) gives every default (pretrain.py builds missing toy data with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/toy/data", help="directory for every stage's output")
     ap.add_argument("--crawl", help="jsonl of {text, url} pages to mine (default: the toy world's crawl)")
@@ -815,8 +831,11 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count, at most 8)")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed jsonl lines")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
     try:
-        build(args)
+        build(parse_args())
     except DataError as e:
         sys.exit(f"error: {e}")

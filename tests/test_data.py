@@ -9,8 +9,8 @@ import pytest
 
 import toyworld
 from data import (DataError, MathClassifier, Mixture, build, decontaminate, load_problems, math_paths,
-                  minhash_dedup, minhash_signatures, normalize_url, quality_issue, read_jsonl, url_dedup,
-                  write_shards)
+                  minhash_dedup, minhash_signatures, normalize_url, parse_args, quality_issue, read_jsonl,
+                  url_dedup, write_shards)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -230,9 +230,10 @@ def test_mixture_is_deterministic_by_step_and_follows_weights(tmp_path, tok_dir)
     write_shards(["aaaa " * 400], tok_dir, str(tmp_path), "a", workers=1)
     write_shards(["1234 " * 400], tok_dir, str(tmp_path), "b", workers=1)
     mix = Mixture({"a": (str(tmp_path / "a.json"), 3.0), "b": (str(tmp_path / "b.json"), 1.0)}, seq_len=16, seed=0)
-    x, y = mix.batch(step=5, batch_size=400)
+    x, y = mix.batch(step=5, rows=range(400))
     assert x.shape == (400, 16) and (x[:, 1:] == y[:, :-1]).all()
-    assert (mix.batch(5, 400)[0] == x).all() and not (mix.batch(6, 400)[0] == x).all()
+    assert (mix.batch(5, range(400))[0] == x).all() and not (mix.batch(6, range(400))[0] == x).all()
+    assert (np.concatenate([mix.batch(5, range(0, 150))[0], mix.batch(5, range(150, 400))[0]]) == x).all()
     a_id = Tokenizer.load(tok_dir).encode("aaaa")[0]
     share_a = np.mean([(row == a_id).any() for row in x])
     assert 0.68 < share_a < 0.82  # weight 3:1
@@ -262,12 +263,8 @@ def test_toy_problems_are_correct_and_splits_are_disjoint():
 
 
 def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
-    import argparse
-    args = argparse.Namespace(out=str(tmp_path), crawl=None, seed_pos=None, code=None, benchmarks=None,
-                              tokenizer=None, pages=5000, train_problems=100, test_problems=60, iterations=2,
-                              budget_tokens=None, dedup_threshold=0.8, vocab_size=600, tokenizer_mb=100, workers=1,
-                              skip_bad=False,
-                              seed=0, classifier_epochs=10)
+    args = parse_args(["--out", str(tmp_path), "--pages", "5000", "--train-problems", "100", "--test-problems", "60",
+                       "--iterations", "2", "--vocab-size", "600", "--workers", "1", "--classifier-epochs", "10"])
     # 500 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
     # domain expansion then spreads its mistakes (see data.math_paths).
     report = {r["stage"]: r for r in build(args)}
