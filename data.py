@@ -547,6 +547,16 @@ class Mixture:
 # Problem sets: GSM8K, MATH and generic jsonl into one schema {question, answer, cot?, pot?, level?, type?}
 
 
+# The paper's evaluation prompts (§6 of ../shared/PAPER.md); the program-of-thought one is ours (the paper's
+# PoT prompt is not given there): the answer is what the program prints.
+PROMPTS = {
+    "cot": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "tool": "{question}\nPlease integrate natural language reasoning with programs to solve the problem above, "
+            "and put your final answer within \\boxed{{}}.",
+    "pot": "{question}\nPlease write a Python program that prints the answer.",
+}
+
+
 def last_boxed(text):
     """Content of the last \\boxed{...} (braces matched), or None."""
     i = text.rfind("\\boxed")

@@ -1,0 +1,192 @@
+"""Supervised fine-tuning on chain-of-thought and program-of-thought solutions (paper §3; ../shared/PAPER.md §4).
+
+Each problem gives one example per solution format (CoT, PoT), in the chat format of DeepSeekMath-Instruct,
+`<bos>User: {prompt}\\n\\nAssistant: {solution}<eos>`, with the loss on the solution tokens only (the paper is
+silent on prompt masking; we mask). Examples are right-padded to the longest one of their micro-batch, never
+packed: each example then attends only to itself under plain causal attention, which packing would need a
+block-diagonal mask for; sorting examples by length within a step keeps the padding small.
+
+The paper: 776K examples, 500 steps of 256, constant LR 5e-5. The distributed setup, optimizer, checkpoints and
+export are pretrain.py's.
+
+    python sft.py                              # the toy: builds the base model first if missing
+    torchrun --nproc_per_node 8 sft.py --init deepseek-math-7b-base/ --data problems.jsonl --batch 256 \\
+        --micro-batch 4 --lr 5e-5 --max-steps 500 --out out/sft --activation-checkpointing
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import pretrain
+from model import Transformer, config_from_hf
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Examples
+
+
+def make_examples(problems, tok, formats):
+    """(ids, mask) per (problem, format): mask is 1 on the solution and its EOS, the tokens that carry loss."""
+    out = []
+    for p in problems:
+        for f in formats:
+            if not p.get(f):
+                continue
+            prompt = tok.chat(data.PROMPTS[f].format(question=p["question"]))
+            answer = tok.encode(" " + p[f], eos=True)
+            out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return out
+
+
+def collate(examples, pad_id):
+    """Right-pad to the longest: (x, y, mask) with y the next token and mask on the tokens predicted from them."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    m = torch.zeros((len(examples), T), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n], y[i, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        m[i, :n] = torch.tensor(mask[1:], dtype=torch.bool)
+    return x, y, m
+
+
+def step_examples(examples, step, batch, seed):
+    """The global batch of `step`: consecutive slices of a fresh permutation each epoch, fixed by (seed, step)."""
+    per_epoch = len(examples) // batch
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    return [examples[i] for i in order[k * batch:(k + 1) * batch]]
+
+
+# -----------------------------------------------------------------------------
+# Greedy accuracy on held-out problems
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, problems, fmt="cot", batch=64, max_new_tokens=256):
+    """Share of problems whose greedy CoT answer (the last \\boxed{}) equals the reference answer exactly.
+    Exact match is right for the toy's integer answers; reward.py's equivalence grading is for real data."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        prompts = [tok.chat(data.PROMPTS[fmt].format(question=p["question"])) for p in chunk]
+        gen = model.generate(prompts, max_new_tokens, temperature=0, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
+        for p, ids in zip(chunk, gen.tokens):
+            got = data.last_boxed(tok.decode([t for t in ids if t != tok.eos_id]))
+            correct += got is not None and got.strip() == p["answer"].strip()
+    return correct / max(len(problems), 1)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--init", default="out/toy/base", help="the model to fine-tune (a Hugging Face directory)")
+    ap.add_argument("--data", default="out/toy/data/problems/train.jsonl", help="problems with solutions")
+    ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
+    ap.add_argument("--formats", default="cot,pot", help="solution fields to train on, one example each")
+    ap.add_argument("--out", default="out/toy/sft")
+    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks (paper: 256)")
+    ap.add_argument("--micro-batch", type=int, default=16, help="examples per forward/backward per rank")
+    ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"])
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(args):
+    d = pretrain.init_dist()
+    torch.manual_seed(args.seed)
+    if not os.path.isfile(os.path.join(args.init, "config.json")):
+        if args.init != parse_args([]).init:
+            raise SystemExit(f"{args.init}: no config.json; --init takes a Hugging Face model directory")
+        if d.world > 1:
+            raise SystemExit("the toy base model is missing: run `python pretrain.py` once first")
+        pretrain.main(pretrain.parse_args([]))  # the toy base model, with its defaults
+    tok = Tokenizer.load(args.init)
+    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    examples = make_examples(problems, tok, args.formats.split(","))
+    if len(examples) < args.batch:
+        raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
+    if args.batch % (args.micro_batch * d.world):
+        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
+    model = pretrain.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
+    opt = pretrain.make_optimizer(model, args)
+    os.makedirs(args.out, exist_ok=True)
+    step = 0
+    if args.resume:
+        pretrain.check_resumable(args.out, args, ("init", "data", "formats", "batch", "seed"))
+        ckpt = pretrain.latest_checkpoint(args.out)
+        if ckpt is None:
+            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
+        step = pretrain.load_checkpoint(ckpt, model, opt)
+    if d.main:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    pretrain.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
+                       f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
+    log, stop = pretrain.Log(args.out, d, args.max_steps, step), pretrain.StopFlag()
+    model.train()
+    per_rank = args.batch // d.world
+    while step < args.max_steps:
+        t0 = time.time()
+        mine = step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        mine.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: little padding
+        micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
+        loss, norm, n = pretrain.train_step(model, opt, micro, d, args, step)
+        step += 1
+        log(dict(step=step, loss=loss, lr=args.lr * pretrain.lr_factor(step - 1, args), grad_norm=norm,
+                 tokens_per_s=n / (time.time() - t0)))
+        if stop(d):
+            pretrain.save_checkpoint(args.out, model, opt, step, d)
+            pretrain.print0(d, f"stopped by signal at step {step}; continue with --resume")
+            sys.exit(130)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            pretrain.save_checkpoint(args.out, model, opt, step, d)
+    log.close()
+    pretrain.export_hf(model, args.out, args.init, d)
+    del model, opt
+
+    # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.
+    if d.world > 1:
+        dist.barrier()
+    held_out = data.load_problems(args.eval_data)[:args.eval_problems] if os.path.isfile(args.eval_data) else []
+    if held_out:
+        final = Transformer.from_pretrained(args.out, device=d.device)
+        mine = held_out[d.rank::d.world]
+        correct = pretrain.all_sum(d, greedy_accuracy(final, tok, mine) * len(mine))
+        acc = correct / len(held_out)
+        if d.main:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(step=step, eval_greedy_accuracy=acc, eval_problems=len(held_out))) + "\n")
+        pretrain.print0(d, f"held-out greedy accuracy (CoT): {acc:.3f} on {len(held_out)} problems")
+    pretrain.print0(d, f"saved {args.out}")
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

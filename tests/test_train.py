@@ -1,0 +1,164 @@
+"""pretrain.py and sft.py: schedules, 1 process vs 2 FSDP2 ranks, exact resume, failures that name their cause."""
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import pretrain
+import sft
+import toyworld
+from model import PRESETS, ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+TINY = ["--seq-len", "32", "--micro-batch", "4", "--batch-tokens", "256", "--eval-every", "0", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny data.py output: tokenizer, three shard sources, problems."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    probs = toyworld.make_problems(80, seed=0)
+    texts = {"math": [toyworld.lesson_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
+             "code": [toyworld.code_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
+             "general": [toyworld.general_page(rng, "news") for _ in range(30)]}
+    Tokenizer.train([t for ts in texts.values() for t in ts], 400).save(d / "tokenizer")
+    for name, ts in texts.items():
+        data.write_shards(ts, str(d / "tokenizer"), str(d / "shards"), name, workers=1)
+    data.write_jsonl(str(d / "train.jsonl"), probs[:64])
+    data.write_jsonl(str(d / "test.jsonl"), probs[64:])
+    return d
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+
+def test_lr_schedules():
+    a = argparse.Namespace(warmup=10, max_steps=100, schedule="multistep")
+    assert pretrain.lr_factor(0, a) == pytest.approx(0.1) and pretrain.lr_factor(9, a) == 1.0
+    assert [pretrain.lr_factor(s, a) for s in (79, 80, 89, 90, 99)] == [1.0, 0.316, 0.316, 0.1, 0.1]  # paper §2.3
+    a.schedule = "cosine"
+    assert pretrain.lr_factor(10, a) == pytest.approx(1.0) and pretrain.lr_factor(100, a) == pytest.approx(0.1)
+    a.schedule = "constant"
+    assert pretrain.lr_factor(50, a) == 1.0
+
+
+def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
+    common = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY]
+    one = run([*common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
+               "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 rank(s)" in two.stdout
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-5)
+    # the exported models agree too
+    a, b = Transformer.from_pretrained(tmp_path / "one"), Transformer.from_pretrained(tmp_path / "two")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    common = ["pretrain.py", "--data", str(data_dir), "--max-steps", "8", "--ckpt-every", "100", *TINY]
+    ref = run([*common, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(out)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.joinpath("metrics.jsonl").exists() and len(losses(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    cut = len(losses(out))
+    assert cut < 8 and pretrain.latest_checkpoint(str(out)).endswith(f"step_{cut:06d}")
+    again = run([*common, "--out", str(out), "--resume"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from" in again.stdout
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "ref")), rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_other_settings(data_dir, tmp_path):
+    r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "1", *TINY, "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path), "--resume",
+             "--seed", "5"])
+    assert r.returncode != 0 and "seed was 0, now 5" in r.stderr
+
+
+def test_bad_batch_and_missing_data_are_clear_errors(data_dir, tmp_path):
+    r = run(["pretrain.py", "--data", str(data_dir), "--batch-tokens", "300", "--seq-len", "32", "--micro-batch", "4",
+             "--out", str(tmp_path)])
+    assert r.returncode != 0 and "--batch-tokens 300 is not a multiple" in r.stderr
+    r = run(["pretrain.py", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert r.returncode != 0 and "python data.py --out" in r.stderr
+
+
+def test_nan_loss_stops_before_the_optimizer_step():
+    d = pretrain.Dist(0, 1, torch.device("cpu"))
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16))
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    before = model.embed_tokens.weight.clone()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, 50, (2, 8))
+    args = argparse.Namespace(dtype="float32", grad_clip=1.0, lr=1e-3, warmup=1, max_steps=10, schedule="constant")
+    with pytest.raises(FloatingPointError, match="step 7: loss is nan"):
+        pretrain.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, args, 7)
+    assert torch.equal(model.embed_tokens.weight, before)
+
+
+def test_dry_run_memory_plan_for_7b_on_8_gpus():
+    config = ModelConfig(**PRESETS["deepseek-math-7b"])
+    off = pretrain.memory_plan(config, 8, 1, 4096, ac=False)
+    on = pretrain.memory_plan(config, 8, 1, 4096, ac=True)
+    assert off["parameters"] == 6_910_365_696
+    assert off["adamw_fp32"] == pytest.approx(8 * 6_910_365_696 / 8)
+    # checkpointing keeps one (1, 4096, 4096) bf16 input per block, 32 MiB, plus one block's activations
+    assert on["activations"] == 30 * 4096 * 4096 * 2 + off["activations"] / 30
+    assert on["activations"] < off["activations"] / 5
+    r = run(["pretrain.py", "--dry-run", "--preset", "deepseek-math-7b", "--world-size", "8"])
+    assert r.returncode == 0 and "6.91B parameters" in r.stdout and "GiB per GPU" in r.stdout
+
+
+def test_sft_loss_mask_covers_the_solution_only(data_dir):
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    prob = data.load_problems(str(data_dir / "train.jsonl"))[0]
+    (ids, mask), (pot_ids, _) = sft.make_examples([prob], tok, ["cot", "pot"])
+    prompt = tok.chat(data.PROMPTS["cot"].format(question=prob["question"]))
+    answer = tok.encode(" " + prob["cot"], eos=True)
+    assert ids == prompt + answer and mask == [0] * len(prompt) + [1] * len(answer)
+    assert tok.decode(pot_ids).count("```python") == 1
+    x, y, m = sft.collate([(ids, mask), (pot_ids, [1] * len(pot_ids))], tok.pad_id)
+    assert y[0][m[0]].tolist() == answer  # the supervised targets are exactly the solution and its EOS
+    assert not m[0, len(ids) - 1:].any()  # padding carries no loss
+
+
+def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
+    r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path / "base")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["sft.py", "--init", str(tmp_path / "base"), "--data", str(data_dir / "train.jsonl"),
+             "--eval-data", str(data_dir / "test.jsonl"), "--max-steps", "2", "--batch", "8", "--micro-batch", "4",
+             "--out", str(tmp_path / "sft")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert rows[-1]["eval_problems"] == 16 and 0.0 <= rows[-1]["eval_greedy_accuracy"] <= 1.0
+    assert Transformer.from_pretrained(tmp_path / "sft").config.vocab_size == Tokenizer.load(tmp_path / "sft").vocab_size
