@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,7 +188,10 @@ def save_checkpoint(out, model, opt, step, d):
     final = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = final + ".tmp"
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # in one process DCP warns that it saves without a process group: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()},
+                 checkpoint_id=tmp)
     if d.world > 1:
         dist.barrier()
     if d.main:
@@ -212,7 +216,9 @@ def load_checkpoint(path, model, opt):
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
     try:
-        dcp.load(state, checkpoint_id=path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
     except Exception as e:  # DCP's own errors name tensors but not the likely cause
         raise RuntimeError(f"{path}: cannot load this checkpoint into the model being built ({type(e).__name__}: "
                            f"{str(e)[:300]}). Was it written with another --preset or config?") from None
@@ -295,7 +301,11 @@ class Log:
 
 def memory_plan(config, world, micro_batch, seq_len, ac):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
-    `world`; activations counted by running one block on the meta device and summing what autograd saves."""
+    `world`; activations counted by running one block on the meta device and summing what autograd saves.
+    On meta, attention takes SDPA's math path, which saves (T, T) score matrices; flash attention on a GPU saves
+    its output and a (B, H, T) fp32 log-sum-exp instead, so the count swaps one for the other."""
+    def size(t):
+        return 0 if t.dim() >= 2 and t.shape[-1] == t.shape[-2] == seq_len else t.numel() * t.element_size()
     with torch.device("meta"):
         model = Transformer(config)
         n = model.num_params()
@@ -303,10 +313,9 @@ def memory_plan(config, world, micro_batch, seq_len, ac):
         x = torch.empty(micro_batch, seq_len, config.dim, dtype=torch.bfloat16, requires_grad=True)
         cos = torch.empty(1, 1, seq_len, config.head_dim, dtype=torch.bfloat16)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(size(t)) or t, lambda t: t):
             block(x, cos, cos)
-    per_block = sum(saved)
+    per_block = sum(saved) + micro_batch * config.n_heads * seq_len * 4
     block_in = micro_batch * seq_len * config.dim * 2
     acts = (config.n_layers * block_in + per_block) if ac else config.n_layers * per_block
     logits = micro_batch * seq_len * config.vocab_size * (2 + 4 + 4)  # bf16 logits, fp32 copy, fp32 gradient

@@ -1,0 +1,138 @@
+"""reward.py: a broad table of answer pairs (both verdicts, every kind of answer), extraction, hostile input."""
+import time
+
+import pytest
+
+from reward import batch_rewards, extract_answer, is_equiv, math_reward, to_sympy
+
+# (prediction, gold, equivalent?)
+EQUIV = [
+    # integers, signs, decimals, separators
+    ("42", "42", True), ("42", "43", False), ("-7", "-7", True), ("-7", "7", False), ("+5", "5", True),
+    ("3.0", "3", True), ("3.50", "3.5", True), ("0.1", "0.10", True), (".5", "0.5", True), ("3.01", "3", False),
+    ("1,000", "1000", True), ("10{,}000", "10000", True), ("1,234,567", "1234567", True), ("1,000", "100", False),
+    ("12345", "12,345", True), ("1\\,000", "1000", True), ("007", "7", True),
+    # fractions
+    ("\\frac{1}{2}", "0.5", True), ("\\dfrac{1}{2}", "\\frac12", True), ("\\tfrac{3}{4}", "0.75", True),
+    ("1/2", "\\frac{1}{2}", True), ("\\frac{2}{4}", "\\frac{1}{2}", True), ("\\frac{1}{3}", "0.333", False),
+    ("\\frac{1}{3}", "0.3333333333", True), ("-\\frac{3}{4}", "-0.75", True), ("\\frac{-3}{4}", "-\\frac{3}{4}", True),
+    ("\\frac{3}{4}", "\\frac{4}{3}", False), ("\\frac{10}{4}", "2.5", True), ("\\frac{7}{2}", "3\\frac{1}{2}", True),
+    ("2\\frac{1}{2}", "2.5", True), ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("2\\frac{1}{2}", "1", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{2}}{2}", False),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True), ("\\frac{a}{b}", "a/b", True), ("\\frac{a}{b}", "b/a", False),
+    # percent
+    ("50\\%", "50", True), ("50\\%", "0.5", True), ("50%", "50", True), ("12.5\\%", "0.125", True), ("50\\%", "5", False),
+    ("25\\%", "25\\%", True), ("25", "25\\%", True),
+    # units, text, degrees, money
+    ("5 \\text{ cm}", "5", True), ("5\\text{cm}", "5", True), ("5 cm", "5", True), ("12 \\text{ inches}", "12", True),
+    ("6\\text{ square units}", "6", True), ("30^\\circ", "30", True), ("30^{\\circ}", "30", True), ("30°", "30", True),
+    ("45^\\circ", "30", False), ("\\$5.00", "5", True), ("\\$12", "12", True), ("5 dollars", "5", True),
+    ("\\text{5 apples}", "5", True), ("\\mbox{ 7 }", "7", True), ("3 \\text{ hours}", "3", True),
+    ("\\textbf{42}", "42", True), ("4 \\text{ m}^2", "4", True),
+    # scientific notation
+    ("1.5\\times10^{3}", "1500", True), ("1.5 \\times 10^3", "1500", True), ("2e3", "2000", True),
+    ("3\\cdot10^{-2}", "0.03", True), ("1.5\\times10^{3}", "150", False), ("6.02 \\times 10^{23}", "6.02e23", True),
+    # equations
+    ("x=3", "3", True), ("x = 3", "3", True), ("3", "x=3", True), ("y = 2x + 1", "2x+1", True), ("x=3", "4", False),
+    ("y=2x+1", "y=1+2x", True), ("y=2x+1", "y=2x-1", False), ("2x+4y=8", "x+2y=4", True), ("x+y=1", "x-y=1", False),
+    ("k = \\frac{1}{2}", "0.5", True),
+    # tuples (ordered), sets (unordered), lists of roots, intervals
+    ("(1,2)", "(1,2)", True), ("(1,2)", "(2,1)", False), ("(1, 2)", "(1,2)", True), ("(1,2,3)", "(1,2)", False),
+    ("(\\frac{1}{2}, 3)", "(0.5, 3)", True), ("(-1, \\sqrt{2})", "(-1, \\sqrt 2)", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True), ("\\{1,2,3\\}", "\\{1,2\\}", False), ("1, 2", "2, 1", True), ("1,2", "1,3", False),
+    ("2, -2", "-2,2", True), ("x=2, x=-2", "2,-2", True),
+    ("[1,2)", "[1,2)", True), ("[1,2)", "[1,2]", False), ("(1,2]", "[1,2]", False), ("(-\\infty, 3]", "(-\\infty,3]", True),
+    ("(-\\infty, 3)", "(-\\infty, 3]", False), ("[0, \\infty)", "[0,\\infty)", True),
+    ("(-\\infty,1)\\cup(2,\\infty)", "(2,\\infty)\\cup(-\\infty,1)", True), ("(-\\infty,1)\\cup(2,\\infty)", "(-\\infty,1)", False),
+    # plus-minus
+    ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True), ("\\pm 3", "3, -3", True), ("1\\pm\\sqrt2", "1\\pm\\sqrt{2}", True),
+    ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}", False), ("2 \\pm i", "2+i, 2-i", True),
+    # matrices
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}", False),
+    ("\\begin{pmatrix} \\frac12 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 2 \\end{pmatrix}", True),
+    ("\\begin{pmatrix}1&2\\end{pmatrix}", "\\begin{pmatrix}1&2&3\\end{pmatrix}", False),
+    # radicals, pi, symbolic expressions
+    ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\sqrt{8}", "2\\sqrt2", True), ("\\sqrt{2}", "1.414", False),
+    ("\\sqrt[3]{27}", "3", True), ("3\\sqrt{3}", "\\sqrt{27}", True), ("\\sqrt{12}", "3\\sqrt{2}", False),
+    ("2\\pi", "\\pi \\cdot 2", True), ("\\pi", "3.14", False), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", True),
+    ("x^2+2x+1", "(x+1)^2", True), ("x^2+2x", "(x+1)^2", False), ("(x-1)(x+1)", "x^2-1", True),
+    ("\\frac{x^2-1}{x-1}", "x+1", True), ("2(x+3)", "2x+6", True), ("2(x+3)", "2x+3", False),
+    ("a^2-b^2", "(a-b)(a+b)", True), ("\\sin^2 x + \\cos^2 x", "1", True), ("\\sin(2x)", "2\\sin x\\cos x", True),
+    ("e^{i\\pi}", "-1", True), ("\\ln(e^2)", "2", True), ("\\log(8)", "3\\log(2)", True), ("\\frac{1}{x}", "x^{-1}", True),
+    ("x^{1/2}", "\\sqrt{x}", True), ("2^{10}", "1024", True), ("2^{10}", "1000", False), ("5!", "120", True),
+    ("|{-3}|", "3", True), ("\\alpha + \\beta", "\\beta+\\alpha", True), ("\\theta", "\\phi", False),
+    ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("3x", "x3", True), ("xy", "yx", True),
+    # complex numbers
+    ("3+4i", "4i+3", True), ("3+4i", "3-4i", False), ("i", "\\sqrt{-1}", True), ("2i", "i \\cdot 2", True),
+    ("\\frac{1+i}{2}", "0.5+0.5i", True), ("1+i", "1", False),
+    # text answers and multiple choice
+    ("\\text{yes}", "Yes", True), ("\\text{no}", "yes", False), ("(A)", "A", True), ("\\text{(B)}", "B", True),
+    ("C", "(C)", True), ("(A)", "(B)", False), ("\\textbf{(E)}", "E", True), ("\\text{even}", "even", True),
+    ("\\text{odd}", "even", False), ("Monday", "monday", True),
+    # never equal: empty or missing
+    ("", "0", False), (None, "1", False), ("1", None, False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,verdict", EQUIV)
+def test_equivalence_table(pred, gold, verdict):
+    assert is_equiv(pred, gold) is verdict
+    if pred and gold:
+        assert is_equiv(gold, pred) is verdict  # the relation is symmetric
+
+
+# (completion, extracted answer)
+EXTRACT = [
+    ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{a{b}c} and later \\fbox{9}", "9"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\boxed 5 is it", "5"),
+    ("The final answer is $42$. I hope it is correct.", "42"),
+    ("The final answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("Adding up, the answer is 7.\n", "7"),
+    ("The answer is: 12", "12"),
+    ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
+    ("#### 1,234", "1,234"),
+    ("```python\nprint(3 * 4)\n```\n```output\n12\n```", "12"),
+    ("```output\nfirst\n```\nthen\n```output\n3\n5\n```", "5"),
+    ("I believe it is 42", None),  # no last-number fallback
+    ("", None),
+    ("\\boxed{unclosed", None),
+    ("The answer is \\boxed{7}.", "7"),  # boxed wins over the phrase
+    ("$\\boxed{-3}$", "-3"),
+]
+
+
+@pytest.mark.parametrize("text,answer", EXTRACT)
+def test_extraction_table(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_math_reward_and_batch_form():
+    comps = ["... \\boxed{6}", "... \\boxed{7}", "no answer here", "The answer is 0.5."] * 5
+    golds = ["6", "6", "6", "\\frac{1}{2}"] * 5
+    assert [math_reward(c, g) for c, g in zip(comps[:4], golds[:4])] == [1.0, 0.0, 0.0, 1.0]
+    assert math_reward("no answer", "1", format_weight=0.1) == -0.1
+    assert batch_rewards(comps, golds, workers=2) == [1.0, 0.0, 0.0, 1.0] * 5
+
+
+@pytest.mark.parametrize("hostile", [
+    "10^{10^{10}}", "9^{9^{9^{9}}}", "2^{100000}", "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 300 + "1",
+    "1" * 100_000, "x" * 100_000, "__import__('os').system('touch /tmp/pwned')", "().__class__.__base__",
+    "\\sqrt{" * 2000, "10!" * 50, "99999999!", "\\frac{1}{0}", "0^{-1}", "\\begin{pmatrix}" + "1&" * 10000,
+])
+def test_hostile_answers_are_refused_quickly(hostile):
+    t0 = time.time()
+    assert is_equiv(hostile, "1") is False
+    assert is_equiv(hostile, hostile[:50] + "2") is False or True  # must not raise either way
+    assert math_reward("\\boxed{" + hostile + "}", "1") == 0.0
+    assert time.time() - t0 < 5
+
+
+def test_parser_builds_sympy_without_eval():
+    import os
+    assert to_sympy("__import__('os').system('touch /tmp/pwned')") is None
+    assert not os.path.exists("/tmp/pwned")
+    assert to_sympy("\\frac{2}{4}") == to_sympy("1/2")
