@@ -227,6 +227,26 @@ def load_checkpoint(path, model, opt):
     return int(state["step"])
 
 
+def claim(out, d):
+    """Refuse to start while another live run writes to `out` (two runs in one directory corrupt each other's
+    checkpoints and metrics): rank 0 keeps its pid in out/RUNNING until it exits."""
+    if not d.main:
+        return
+    import atexit
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "RUNNING")
+    try:
+        pid = int(open(path).read())
+        os.kill(pid, 0)  # raises if no such process
+        if pid != os.getpid():
+            raise SystemExit(f"{out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+
+
 def check_resumable(out, args, keys):
     """A checkpoint continues only the run that wrote it: the settings in `keys` must match args.json."""
     path = os.path.join(out, "args.json")
@@ -404,9 +424,9 @@ def main(args):
     if args.init:
         from model import config_from_hf
         config = config_from_hf(args.init)
+    claim(args.out, d)
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
-    os.makedirs(args.out, exist_ok=True)
     step = 0
     if args.resume:
         check_resumable(args.out, args, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))

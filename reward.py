@@ -8,6 +8,7 @@ directly, with caps on nesting, digits and exponents), and every sympy call runs
     is_equiv(pred, gold) -> bool             the same mathematical answer?
     math_reward(completion, gold) -> float   1.0 if right, else 0.0
     batch_rewards(completions, golds)        the same over worker processes, with a per-item timeout
+    run_python(code, timeout)                model-written code in the sandbox (sandbox.py)
 
 Conventions where graders disagree (ours): a tuple is ordered and a set (\\{...\\}) is not; an interval's
 brackets matter; "x = 3" equals "3"; 50% equals 50 and 0.5; units and \\text{} around a number are ignored;
@@ -27,6 +28,8 @@ from contextlib import contextmanager
 from fractions import Fraction
 
 import sympy
+
+from sandbox import run_python  # noqa: F401  public here: reward.run_python runs model-written code
 
 MAX_TEXT = 20_000  # characters of a completion looked at (its end: that is where answers are)
 MAX_ANSWER = 400  # characters of an extracted answer

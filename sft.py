@@ -133,9 +133,9 @@ def main(args):
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
+    pretrain.claim(args.out, d)
     model = pretrain.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
     opt = pretrain.make_optimizer(model, args)
-    os.makedirs(args.out, exist_ok=True)
     step = 0
     if args.resume:
         pretrain.check_resumable(args.out, args, ("init", "data", "formats", "batch", "seed"))
