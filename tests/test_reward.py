@@ -70,6 +70,20 @@ EQUIV = [
     ("\\text{yes}", "Yes", True), ("\\text{no}", "yes", False), ("(A)", "A", True), ("\\text{(B)}", "B", True),
     ("C", "(C)", True), ("(A)", "(B)", False), ("\\textbf{(E)}", "E", True), ("\\text{even}", "even", True),
     ("\\text{odd}", "even", False), ("Monday", "monday", True),
+    # near misses: each looks like its gold and is not the same answer
+    ("12", "21", False), ("0.5", "0.05", False), ("1/2", "2", False), ("\\frac{1}{2}", "\\frac{1}{20}", False),
+    ("-0.5", "0.5", False), ("1000", "1,000.5", False), ("10{,}001", "10000", False), ("5\\%", "0.5", False),
+    ("2\\sqrt{3}", "3\\sqrt{2}", False), ("\\sqrt{3}", "3", False), ("\\pi^2", "2\\pi", False), ("e^2", "2e", False),
+    ("x^2", "2x", False), ("(x+1)^2", "x^2+1", False), ("\\frac{x}{2}", "\\frac{2}{x}", False), ("x+y", "xy", False),
+    ("\\sin x", "\\cos x", False), ("\\ln 2", "\\log_{10} 2", False), ("3+4i", "4+3i", False), ("i", "-i", False),
+    ("(1,2)", "[1,2]", False), ("(0,1)", "\\{0,1\\}", False), ("\\{1,2\\}", "\\{1,2,2,3\\}", False),
+    ("[2,5]", "[2,6]", False), ("(-\\infty, 0)", "(0, \\infty)", False), ("1 \\pm 2", "1+2, 1-3", False),
+    ("x=1", "y=1, x=2", False), ("y=x", "y=-x", False), ("2x+3y=6", "3x+2y=6", False),
+    ("\\begin{pmatrix}1\\2\\end{pmatrix}", "\\begin{pmatrix}2\\1\\end{pmatrix}", False),
+    ("(A)", "A, B", False), ("B", "(D)", False), ("\\text{yes}", "\\text{yes, twice}", False),
+    ("4 \\text{ m}^2", "40", False), ("30^\\circ", "60^\\circ", False), ("\\$5", "\\$50", False),
+    ("1.5\\times10^{3}", "1.5\\times10^{4}", False), ("2^{10}", "10^2", False), ("6!", "6", False),
+    ("\\frac{1}{3}", "0.33", False), ("0.666", "\\frac{2}{3}", False), ("\\sqrt{2}/2", "\\sqrt{2}", False),
     # never equal: empty or missing
     ("", "0", False), (None, "1", False), ("1", None, False),
 ]
