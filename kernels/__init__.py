@@ -1,0 +1,62 @@
+"""Fused kernels for GRPO's two memory- and launch-bound steps, each beside its PyTorch reference.
+
+    token_logprobs(logits, targets) -> float32 log-probs, shape of targets   (differentiable in logits)
+    hidden_logprobs(hidden, weight, targets) -> the same from final hidden states, never holding all logits
+    grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps, beta) -> (loss, kl) per token
+
+Triton runs on CUDA tensors; elsewhere the PyTorch paths run. KERNELS_BACKEND=triton|torch forces one
+(tests run the Triton kernels on the CPU with TRITON_INTERPRET=1). Derivations are in each module's docstring.
+
+    python -m kernels.bench          # time and peak memory, ours vs naive PyTorch (and torch.compile on GPU)
+"""
+
+import os
+
+from .grpo_loss import TritonGRPOLoss, grpo_loss_torch
+from .grpo_loss import triton as _triton
+from .logprobs import ChunkedLogprobs, HiddenLogprobs, TritonLogprobs, naive_logprobs
+
+__all__ = ["token_logprobs", "hidden_logprobs", "grpo_token_loss", "naive_logprobs", "grpo_loss_torch"]
+
+
+def backend(x):
+    """'triton' for CUDA tensors when triton is installed, else 'torch'; KERNELS_BACKEND overrides."""
+    forced = os.environ.get("KERNELS_BACKEND")
+    if forced not in (None, "", "triton", "torch"):
+        raise ValueError(f"KERNELS_BACKEND={forced!r}: expected 'triton' or 'torch'")
+    if forced == "triton" and _triton is None:
+        raise RuntimeError("KERNELS_BACKEND=triton but triton is not installed (pip install triton)")
+    if forced:
+        return forced
+    return "triton" if _triton is not None and x.is_cuda else "torch"
+
+
+def token_logprobs(logits, targets, chunk=4096):
+    """log softmax(logits)[target] over the last dimension, in float32 (logits may be bf16/fp16/fp32; any vocab
+    size). logits (..., V), targets (...) of ids in [0, V): mask padded positions after, not with a sentinel."""
+    V = logits.shape[-1]
+    flat, t = logits.reshape(-1, V), targets.reshape(-1)
+    out = TritonLogprobs.apply(flat, t) if backend(logits) == "triton" else ChunkedLogprobs.apply(flat, t, chunk)
+    return out.view(targets.shape)
+
+
+def _rows(logits, targets):
+    return token_logprobs(logits, targets)
+
+
+def hidden_logprobs(hidden, weight, targets, chunk=1024):
+    """token_logprobs(hidden @ weight.T, targets) with at most `chunk` rows of logits alive at once: memory
+    independent of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...)."""
+    C = hidden.shape[-1]
+    out = HiddenLogprobs.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), chunk, _rows)
+    return out.view(targets.shape)
+
+
+def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04):
+    """Per-token GRPO loss and k3 KL (paper Eq. 3-4): -min(r A, clip(r, 1-eps, 1+eps) A) + beta * kl.
+    clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. All inputs have one shape; the
+    gradient flows to logp only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
+    low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
+    if backend(logp) == "triton":
+        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta)
+    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta)

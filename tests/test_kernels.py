@@ -1,0 +1,119 @@
+"""kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and gradient."""
+import pytest
+import torch
+
+import kernels
+from kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, token_logprobs
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", request.param)
+    return request.param
+
+
+def reference(x, t, g):
+    """float64 log-probs of x (as given, upcast exactly) and their gradient for upstream g."""
+    x64 = x.detach().double().requires_grad_()
+    lp = x64.log_softmax(-1).gather(-1, t[:, None])[:, 0]
+    lp.backward(g.double())
+    return lp.detach(), x64.grad
+
+
+@pytest.mark.parametrize("V", [1000, 32003, 50257, 131072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_match_float64(backend, V, dtype):
+    torch.manual_seed(V)
+    x = (torch.randn(3, V) * 4).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (3,))
+    g = torch.randn(3) * torch.tensor([1.0, 0.0, 1.0])  # the middle token is masked: no gradient at all
+    lp = token_logprobs(x, t)
+    lp.backward(g)
+    ref, ref_grad = reference(x, t, g)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref, rtol=0, atol=2e-5)
+    assert x.grad.dtype == dtype and not x.grad[1].any()
+    # the gradient is written in the logits' dtype: equal to the reference rounded to it, within one rounding
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_grad.to(dtype).double(), **tol)
+
+
+@pytest.mark.parametrize("rows", ["extreme", "equal"])
+def test_token_logprobs_on_extreme_and_flat_rows(backend, rows):
+    V = 5003
+    x = torch.full((2, V), 3.0) if rows == "equal" else torch.randn(2, V).clamp(-1, 1) * 1e4
+    x.requires_grad_()
+    t = torch.tensor([0, V - 1])
+    g = torch.tensor([1.0, -2.0])
+    lp = token_logprobs(x, t)
+    lp.backward(g)
+    ref, ref_grad = reference(x, t, g)
+    assert torch.isfinite(lp).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logprobs_keep_the_leading_shape(backend):
+    x, t = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
+    assert token_logprobs(x, t).shape == (2, 3)
+
+
+def test_hidden_logprobs_equal_logits_then_logprobs(backend):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(1001, 16, requires_grad=True)
+    t = torch.randint(0, 1001, (37,))
+    g = torch.randn(37)
+    hidden_logprobs(h, w, t, chunk=8).backward(g)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (h64 @ w64.T).log_softmax(-1).gather(-1, t[:, None])[:, 0].backward(g.double())
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_grpo_loss_on_hand_computed_tokens(backend):
+    # r = 1 (on-policy, as the paper's mu = 1): loss = -A + beta * 0; gradient -A
+    # r = 1.5, A > 0: the clip binds at 1.2 -> loss -1.2 A, gradient 0
+    # r = 0.5, A < 0: the clip binds at 0.8 -> loss -0.8 A, gradient 0
+    # r = 0.5, A > 0: min picks r A -> loss -0.5 A, gradient -0.5 A
+    lp = torch.log(torch.tensor([1.0, 1.5, 0.5, 0.5])).requires_grad_()
+    old = torch.zeros(4)
+    ref = lp.detach().clone()  # kl = 0
+    a = torch.tensor([2.0, 1.0, -1.0, 3.0])
+    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=0.2, beta=0.04)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, torch.tensor([-2.0, -1.2, 0.8, -1.5]))
+    torch.testing.assert_close(kl, torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp.grad, torch.tensor([-2.0, 0.0, 0.0, -1.5]))
+    # k3 KL: ref - logp = log 2 -> kl = 2 - log 2 - 1; its gradient 1 - 2 = -1, times beta
+    lp = torch.zeros(1, requires_grad=True)
+    loss, kl = grpo_token_loss(lp, torch.zeros(1), torch.log(torch.tensor([2.0])), torch.zeros(1), 0.2, 0.5)
+    loss.backward()
+    torch.testing.assert_close(kl, torch.tensor([1 - torch.log(torch.tensor(2.0)).item()]))
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.5]))
+
+
+def test_grpo_loss_matches_reference_with_asymmetric_clip(backend):
+    torch.manual_seed(1)
+    n = 3001
+    lp = torch.randn(n, requires_grad=True)
+    old, ref, a = lp.detach() + 0.4 * torch.randn(n), lp.detach() + 0.4 * torch.randn(n), torch.randn(n)
+    gl, gk = torch.randn(n), torch.randn(n)
+    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04)
+    torch.autograd.backward([loss, kl], [gl, gk])
+    lp64 = lp.detach().double().requires_grad_()
+    loss64, kl64 = grpo_loss_torch(lp64, old.double(), ref.double(), a.double(), 0.2, 0.28, 0.04)
+    torch.autograd.backward([loss64, kl64], [gl.double(), gk.double()])
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), kl64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="KERNELS_BACKEND"):
+        token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+    monkeypatch.delenv("KERNELS_BACKEND")
+    assert kernels.backend(torch.zeros(1)) == "torch"  # CPU tensors default to PyTorch
