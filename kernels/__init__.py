@@ -31,10 +31,12 @@ def backend(x):
     return "triton" if _triton is not None and x.is_cuda else "torch"
 
 
-def token_logprobs(logits, targets, chunk=4096):
+def token_logprobs(logits, targets, chunk=None):
     """log softmax(logits)[target] over the last dimension, in float32 (logits may be bf16/fp16/fp32; any vocab
-    size). logits (..., V), targets (...) of ids in [0, V): mask padded positions after, not with a sentinel."""
+    size). logits (..., V), targets (...) of ids in [0, V): mask padded positions after, not with a sentinel.
+    chunk: rows per fp32 working block of the PyTorch path (default: 16M elements, 64 MB)."""
     V = logits.shape[-1]
+    chunk = chunk or max(1, (1 << 24) // V)
     flat, t = logits.reshape(-1, V), targets.reshape(-1)
     out = TritonLogprobs.apply(flat, t) if backend(logits) == "triton" else ChunkedLogprobs.apply(flat, t, chunk)
     return out.view(targets.shape)

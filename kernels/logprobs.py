@@ -38,7 +38,7 @@ def _onehot_minus_softmax(x, lse, targets, g):
 
 class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, chunk=4096):
+    def forward(ctx, logits, targets, chunk):
         N = logits.shape[0]
         out = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
