@@ -9,8 +9,8 @@ import pytest
 
 import toyworld
 from data import (DataError, MathClassifier, Mixture, build, decontaminate, load_problems, math_paths,
-                  minhash_dedup, minhash_signatures, normalize_url, parse_args, quality_issue, read_jsonl,
-                  url_dedup, write_shards)
+                  minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl, url_dedup, write_shards)
+from dedup import minhash_signatures
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

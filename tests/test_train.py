@@ -91,7 +91,7 @@ def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_pa
     assert cut < 8 and pretrain.latest_checkpoint(str(out)).endswith(f"step_{cut:06d}")
     again = run([*common, "--out", str(out), "--resume"])
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from" in again.stdout
+    assert "resumed from" in again.stdout
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "ref")), rtol=0, atol=1e-6)
 
 
