@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -114,7 +115,28 @@ def build_model(config, d, args, init_dir=None):
     state = initial_state(config, init_dir, args.seed) if d.main else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
     model.reset_rope()  # buffers are not part of the state dict
+    if d.world > 1:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
+        with torch.no_grad():  # before generation calls blocks directly through model.hidden()
+            model(torch.zeros(1, 1, dtype=torch.long, device=d.device))
+        model.reshard()  # the root stays unsharded after a forward; the optimizer must see the sharded parameters
     return model
+
+
+@contextmanager
+def gathered(model):
+    """Hold FSDP2's full parameters for a whole generation phase: each rank then decodes on its own, with no
+    all-gather per token and no collective at all, so ranks may stop at different steps. No-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 # -----------------------------------------------------------------------------

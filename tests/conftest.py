@@ -5,3 +5,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors (read when kernels are defined)
+
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny data.py output: tokenizer, three shard sources, problems."""
+    import data
+    import toyworld
+    from tokenizer import Tokenizer
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    probs = toyworld.make_problems(80, seed=0)
+    texts = {"math": [toyworld.lesson_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
+             "code": [toyworld.code_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
+             "general": [toyworld.general_page(rng, "news") for _ in range(30)]}
+    Tokenizer.train([t for ts in texts.values() for t in ts], 400).save(d / "tokenizer")
+    for name, ts in texts.items():
+        data.write_shards(ts, str(d / "tokenizer"), str(d / "shards"), name, workers=1)
+    data.write_jsonl(str(d / "train.jsonl"), probs[:64])
+    data.write_jsonl(str(d / "test.jsonl"), probs[64:])
+    return d

@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,30 +13,12 @@ import torch
 import data
 import pretrain
 import sft
-import toyworld
 from model import PRESETS, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 TINY = ["--seq-len", "32", "--micro-batch", "4", "--batch-tokens", "256", "--eval-every", "0", "--warmup", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A tiny data.py output: tokenizer, three shard sources, problems."""
-    d = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    probs = toyworld.make_problems(80, seed=0)
-    texts = {"math": [toyworld.lesson_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
-             "code": [toyworld.code_page(rng, probs[i:i + 2]) for i in range(0, 60, 2)],
-             "general": [toyworld.general_page(rng, "news") for _ in range(30)]}
-    Tokenizer.train([t for ts in texts.values() for t in ts], 400).save(d / "tokenizer")
-    for name, ts in texts.items():
-        data.write_shards(ts, str(d / "tokenizer"), str(d / "shards"), name, workers=1)
-    data.write_jsonl(str(d / "train.jsonl"), probs[:64])
-    data.write_jsonl(str(d / "test.jsonl"), probs[64:])
-    return d
 
 
 def run(args, **kw):
