@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from dedup import NearDupIndex, batched, decontaminate, minhash_dedup  # noqa: F401  (public: data.minhash_dedup)
+from reward import last_boxed  # a leaf (stdlib + sympy): reads MATH's reference answers as the grader does
 from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
 # -----------------------------------------------------------------------------
@@ -416,22 +417,6 @@ PROMPTS = {
 }
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} (braces matched), or None."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    j = text.find("{", i)
-    if j < 0:
-        return None
-    depth = 0
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j + 1:k]
-    return None
-
-
 def _gsm8k(row):
     reasoning, _, final = row["answer"].rpartition("####")
     answer = final.strip().replace(",", "")
@@ -508,7 +493,7 @@ def build(args):
     crawl = args.crawl or os.path.join(out, "crawl.jsonl")
     seed_pos = args.seed_pos or os.path.join(out, "seed.jsonl")
     code = args.code or os.path.join(out, "code.jsonl")
-    train_p, test_p = os.path.join(out, "problems", "train.jsonl"), os.path.join(out, "problems", "test.jsonl")
+    train_p, test_p, rl_p = (os.path.join(out, "problems", f"{name}.jsonl") for name in ("train", "test", "rl"))
     report = []
     counts = Counter()
     read = lambda path, fields=("text",): read_jsonl(path, fields, args.skip_bad, counts)  # noqa: E731
@@ -521,11 +506,15 @@ def build(args):
             test = toyworld.make_problems(args.test_problems, seed=args.seed + 100)
             train = toyworld.make_problems(args.train_problems, seed=args.seed + 200,
                                            exclude={p["question"] for p in test})
+            rl = toyworld.make_problems(args.rl_problems, seed=args.seed + 400,
+                                        exclude={p["question"] for p in test + train})
             pages, labels = toyworld.make_crawl(args.pages, test, seed=args.seed)
             write_jsonl(test_p, test)
             write_jsonl(train_p, train)
+            write_jsonl(rl_p, rl)
             write_jsonl(seed_pos, toyworld.make_seed(args.pages // 10, seed=args.seed))
-            code_pool = toyworld.make_problems(args.pages // 5, seed=args.seed + 300)
+            code_pool = toyworld.make_problems(args.pages // 5, seed=args.seed + 300, steps=toyworld.PAGE_STEPS,
+                                               max_value=toyworld.PAGE_MAX_VALUE)
             rng = __import__("random").Random(args.seed)
             write_jsonl(code, (dict(url=f"https://github.example/{i}", text=toyworld.code_page(rng, code_pool[i:i + 3]))
                                for i in range(0, len(code_pool), 3)))
@@ -534,7 +523,7 @@ def build(args):
             os.replace(labels_path + ".tmp", labels_path)
             write_jsonl(crawl, pages)
             return dict(pages=len(pages), train_problems=len(train), test_problems=len(test))
-        run_stage(report, "toy world", [crawl, seed_pos, code, train_p, test_p, labels_path], world)
+        run_stage(report, "toy world", [crawl, seed_pos, code, train_p, test_p, rl_p, labels_path], world)
     labels = json.load(open(labels_path)) if os.path.exists(labels_path) and not args.crawl else None
 
     # 1. exact URL dedup, then MinHash near-dedup ---------------------------------
@@ -691,6 +680,8 @@ def parse_args(argv=None):
     ap.add_argument("--pages", type=int, default=20000, help="toy crawl size")
     ap.add_argument("--train-problems", type=int, default=5000, help="toy training problems")
     ap.add_argument("--test-problems", type=int, default=500, help="toy held-out problems")
+    ap.add_argument("--rl-problems", type=int, default=2000, help="toy questions for GRPO, unseen in SFT (as the "
+                    "paper's RL set is its own subset of the SFT questions, a toy model would recite memorised ones)")
     ap.add_argument("--iterations", type=int, default=4, help="classifier / domain expansion rounds (paper: 4)")
     ap.add_argument("--budget-tokens", type=int, help="keep the top pages up to this many words (default: all)")
     ap.add_argument("--classifier-epochs", type=int, default=3, help="fastText epochs (paper: 3, for ~1M pages)")

@@ -201,19 +201,21 @@ def train_step(model, opt, micro_batches, d, args, step):
 # Checkpoints: sharded with torch.distributed.checkpoint; resume continues exactly
 
 
-def save_checkpoint(out, model, opt, step, d):
+def save_checkpoint(out, model, opt, step, d, extra=None):
     """checkpoints/step_NNNNNN: model and optimizer shards of every rank, the step (the data position: batches
-    are a function of the step) and the RNG state. Written to a temporary name, then renamed: a run killed while
-    saving keeps its previous checkpoint."""
+    are a function of the step), the RNG state, and the weights of any `extra` models (name -> module, e.g.
+    GRPO's reference). Written to a temporary name, then renamed: a run killed while saving keeps its previous
+    checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     final = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = final + ".tmp"
     msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()}
+    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
     with warnings.catch_warnings():  # in one process DCP warns that it saves without a process group: intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()},
-                 checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp)
     if d.world > 1:
         dist.barrier()
     if d.main:
@@ -231,12 +233,14 @@ def latest_checkpoint(out):
     return os.path.join(ckpts, names[-1]) if names else None
 
 
-def load_checkpoint(path, model, opt):
-    """Restore model, optimizer and RNG from a checkpoint; returns the step to continue from."""
+def load_checkpoint(path, model, opt, extra=None):
+    """Restore model, optimizer, RNG and `extra` models from a checkpoint; returns the step to continue from."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
+    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -245,13 +249,16 @@ def load_checkpoint(path, model, opt):
         raise RuntimeError(f"{path}: cannot load this checkpoint into the model being built ({type(e).__name__}: "
                            f"{str(e)[:300]}). Was it written with another --preset or config?") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, m in (extra or {}).items():
+        set_model_state_dict(m, state[name])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
-def claim(out, d):
+def claim(out, d, resume=False):
     """Refuse to start while another live run writes to `out` (two runs in one directory corrupt each other's
-    checkpoints and metrics): rank 0 keeps its pid in out/RUNNING until it exits."""
+    checkpoints and metrics): rank 0 keeps its pid in out/RUNNING until it exits. A fresh (not resumed) run
+    then clears an earlier run's checkpoints and metrics, so that --resume can never pick up a stale step."""
     if not d.main:
         return
     import atexit
@@ -267,6 +274,9 @@ def claim(out, d):
     with open(path, "w") as f:
         f.write(str(os.getpid()))
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    if not resume:
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
 
 
 def check_resumable(out, args, keys):
@@ -392,7 +402,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data", help="data.py output directory (shards/ and tokenizer/)")
     ap.add_argument("--mixture", default="math=0.6,code=0.2,general=0.2", help="source=weight,... (paper §2.3)")
     ap.add_argument("--out", default="out/toy/base", help="output directory")
-    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step, all ranks")
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -446,7 +456,7 @@ def main(args):
     if args.init:
         from model import config_from_hf
         config = config_from_hf(args.init)
-    claim(args.out, d)
+    claim(args.out, d, args.resume)
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
     step = 0

@@ -536,6 +536,24 @@ def math_reward(completion, gold, format_weight=0.0):
     return 1.0 if is_equiv(pred, gold) else 0.0
 
 
+STEP_LINE = re.compile(r"^[ \t]*(-?\d{1,12})[ \t]*([-+*/])[ \t]*(-?\d{1,12})[ \t]*=[ \t]*(-?\d{1,12})[ \t]*$", re.M)
+
+
+def process_rewards(completion, gold):
+    """Per-step rewards for process supervision (paper §4.1.3), from a rule-based checker standing in for the
+    paper's process reward model on the toy's arithmetic: each `a op b = c` line is a step, 1.0 if c is right
+    (integer division for /, as the toy's problems), else 0.0; the final answer is the last step, with the
+    outcome reward. Returns [(character offset where the step ends, reward)] in order."""
+    text = completion[-MAX_TEXT:]
+    shift = len(completion) - len(text)
+    steps = []
+    for m in STEP_LINE.finditer(text):
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        right = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op]
+        steps.append((shift + m.end(), float(right == c)))
+    return steps + [(len(completion), math_reward(completion, gold))]
+
+
 def _reward_item(args):
     completion, gold, format_weight = args
     return math_reward(completion, gold, format_weight)

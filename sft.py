@@ -1,10 +1,12 @@
-"""Supervised fine-tuning on chain-of-thought and program-of-thought solutions (paper §3; ../shared/PAPER.md §4).
+"""Supervised fine-tuning on chain-of-thought, program-of-thought and tool-integrated solutions (paper §3;
+../shared/PAPER.md §4).
 
-Each problem gives one example per solution format (CoT, PoT), in the chat format of DeepSeekMath-Instruct,
-`<bos>User: {prompt}\\n\\nAssistant: {solution}<eos>`, with the loss on the solution tokens only (the paper is
-silent on prompt masking; we mask). Examples are right-padded to the longest one of their micro-batch, never
-packed: each example then attends only to itself under plain causal attention, which packing would need a
-block-diagonal mask for; sorting examples by length within a step keeps the padding small.
+Each problem gives one example per solution format (--formats: cot, pot, tool), in the chat format of
+DeepSeekMath-Instruct, `<bos>User: {prompt}\\n\\nAssistant: {solution}<eos>`, with the loss on the solution tokens
+only (the paper is silent on prompt masking; we mask), and none on the sandbox's ```output contents in tool
+solutions. Examples are right-padded to the longest one of their micro-batch, never packed: each example then
+attends only to itself under plain causal attention, which packing would need a block-diagonal mask for;
+sorting examples by length within a step keeps the padding small.
 
 The paper: 776K examples, 500 steps of 256, constant LR 5e-5. The distributed setup, optimizer, checkpoints and
 export are pretrain.py's.
@@ -17,6 +19,7 @@ export are pretrain.py's.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 import pretrain
 from model import Transformer, config_from_hf
 from tokenizer import Tokenizer
@@ -34,15 +38,22 @@ from tokenizer import Tokenizer
 
 
 def make_examples(problems, tok, formats):
-    """(ids, mask) per (problem, format): mask is 1 on the solution and its EOS, the tokens that carry loss."""
+    """(ids, mask) per (problem, format): mask is 1 on the solution and its EOS, the tokens that carry loss.
+    In tool-integrated solutions the contents of ```output blocks are the sandbox's, not the model's: no loss on
+    them (as ToRA), and they are encoded apart, exactly as evaluate.complete splices them in at run time."""
     out = []
     for p in problems:
         for f in formats:
             if not p.get(f):
                 continue
             prompt = tok.chat(data.PROMPTS[f].format(question=p["question"]))
-            answer = tok.encode(" " + p[f], eos=True)
-            out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+            ids, mask = list(prompt), [0] * len(prompt)
+            parts = re.split(r"(?<=```output)(\n.*?\n```\n)", " " + p[f], flags=re.S) if f == "tool" else [" " + p[f]]
+            for k, part in enumerate(parts):
+                piece = tok.encode(part, eos=k == len(parts) - 1)
+                ids += piece
+                mask += [k % 2 == 0] * len(piece)
+            out.append((ids, [int(m) for m in mask]))
     return out
 
 
@@ -68,26 +79,6 @@ def step_examples(examples, step, batch, seed):
 
 
 # -----------------------------------------------------------------------------
-# Greedy accuracy on held-out problems
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tok, problems, fmt="cot", batch=64, max_new_tokens=256):
-    """Share of problems whose greedy CoT answer (the last \\boxed{}) equals the reference answer exactly.
-    Exact match is right for the toy's integer answers; reward.py's equivalence grading is for real data."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(problems), batch):
-        chunk = problems[i:i + batch]
-        prompts = [tok.chat(data.PROMPTS[fmt].format(question=p["question"])) for p in chunk]
-        gen = model.generate(prompts, max_new_tokens, temperature=0, eos_ids=[tok.eos_id], pad_id=tok.pad_id)
-        for p, ids in zip(chunk, gen.tokens):
-            got = data.last_boxed(tok.decode([t for t in ids if t != tok.eos_id]))
-            correct += got is not None and got.strip() == p["answer"].strip()
-    return correct / max(len(problems), 1)
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 
@@ -96,9 +87,10 @@ def parse_args(argv=None):
     ap.add_argument("--init", default="out/toy/base", help="the model to fine-tune (a Hugging Face directory)")
     ap.add_argument("--data", default="out/toy/data/problems/train.jsonl", help="problems with solutions")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
-    ap.add_argument("--formats", default="cot,pot", help="solution fields to train on, one example each")
+    ap.add_argument("--formats", default="cot", help="solution fields to train on, one example each: any of "
+                    "cot,pot,tool (the toy default trains CoT only, to fit its time budget)")
     ap.add_argument("--out", default="out/toy/sft")
-    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--max-steps", type=int, default=240)
     ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks (paper: 256)")
     ap.add_argument("--micro-batch", type=int, default=16, help="examples per forward/backward per rank")
     ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
@@ -133,7 +125,7 @@ def main(args):
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
-    pretrain.claim(args.out, d)
+    pretrain.claim(args.out, d, args.resume)
     model = pretrain.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
     opt = pretrain.make_optimizer(model, args)
     step = 0
@@ -177,7 +169,8 @@ def main(args):
     if held_out:
         final = Transformer.from_pretrained(args.out, device=d.device)
         mine = held_out[d.rank::d.world]
-        correct = pretrain.all_sum(d, greedy_accuracy(final, tok, mine) * len(mine))
+        metrics, _ = evaluate.evaluate(final, tok, mine, "cot")  # greedy, graded by reward.py
+        correct = pretrain.all_sum(d, metrics["accuracy"] * len(mine))
         acc = correct / len(held_out)
         if d.main:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:

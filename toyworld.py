@@ -14,8 +14,9 @@ and recall:
   pages leaking test problems, and junk (stubs, symbol soup, spam repetition).
 
 The problems are GSM8K-like word problems: a start value and 1-4 operations, each solution written as
-chain-of-thought (one `a op b = c` line per step, then `\\boxed{}`) and as program-of-thought (Python that prints
-the answer). `steps` and `max_value` set the difficulty.
+chain-of-thought (one `a op b = c` line per step, then `\\boxed{}`), as program-of-thought (Python that prints
+the answer) and tool-integrated (the program, its ```output block, then `\\boxed{}`). STEPS and MAX_VALUE set
+the difficulty.
 
     python data.py          # builds the toy world and the whole pipeline into out/toy/data
 """
@@ -39,13 +40,15 @@ OPS = {  # op: story templates; {n} is the operand, {p} the pronoun, {o} its obj
     "/": ["{p} keeps one share in {n}.", "{p} divides them by {n}."],
 }
 SYMBOL = {"+": "+", "-": "-", "*": "*", "/": "/"}
+STEPS, MAX_VALUE = (1, 3), 30  # the difficulty: operations per problem, and the largest value any step reaches
+PAGE_STEPS, PAGE_MAX_VALUE = (2, 4), 60  # the web's worked examples are longer than the problem set's
 
 
 def apply_op(a, op, b):
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
 
 
-def make_problem(rng, steps=(2, 4), max_value=60):
+def make_problem(rng, steps=STEPS, max_value=MAX_VALUE):
     """One word problem with its answer, chain-of-thought and program-of-thought solutions.
 
     Every intermediate value stays in [0, max_value]; multiplication uses factors 2-5 and division only divides
@@ -75,10 +78,11 @@ def make_problem(rng, steps=(2, 4), max_value=60):
     question = " ".join(story) + f" How many {item} does {name} have?"
     cot = "\n".join(lines) + f"\nThe answer is \\boxed{{{value}}}."
     pot = "```python\n" + "\n".join(code) + f"\nprint({item})\n```"
-    return dict(question=question, answer=str(value), cot=cot, pot=pot)
+    tool = f"Let me count with Python.\n{pot}\n```output\n{value}\n```\nThe answer is \\boxed{{{value}}}."
+    return dict(question=question, answer=str(value), cot=cot, pot=pot, tool=tool)
 
 
-def make_problems(n, seed=0, steps=(2, 4), max_value=60, exclude=()):
+def make_problems(n, seed=0, steps=STEPS, max_value=MAX_VALUE, exclude=()):
     """n distinct problems; none has a question in `exclude` (so train and test splits share no problem)."""
     rng, seen, out = random.Random(seed), set(exclude), []
     while len(out) < n:
@@ -223,7 +227,8 @@ def make_crawl(n_pages, test_problems, seed=0):
     # with a test problem by chance. The crawl uses none of those: only the planted leaks carry test text, and
     # the `contaminated` label means exactly what 10-gram decontamination (data.py) looks for.
     test_grams = set().union(*(_ngrams(p["question"]) | _ngrams(p["cot"]) for p in test_problems))
-    pool = [p for p in make_problems(max(200, n_pages // 2), seed=seed + 1, exclude={p["question"] for p in test_problems})
+    pool = [p for p in make_problems(max(200, n_pages // 2), seed=seed + 1, steps=PAGE_STEPS, max_value=PAGE_MAX_VALUE,
+                                     exclude={p["question"] for p in test_problems})
             if not (_ngrams(p["question"]) | _ngrams(p["cot"])) & test_grams]
     pages, labels = [], {}
 
@@ -283,6 +288,6 @@ def _ngrams(text, n=10):
 def make_seed(n_pages, seed=0):
     """The seed positives (the paper's OpenWebMath): lesson-style pages on their own domains."""
     rng = random.Random(seed + 7)
-    pool = make_problems(n_pages * 2, seed=seed + 8)
+    pool = make_problems(n_pages * 2, seed=seed + 8, steps=PAGE_STEPS, max_value=PAGE_MAX_VALUE)
     return [dict(url=f"https://{rng.choice(SEED_DOMAINS)}/page/{i}", text=lesson_page(rng, rng.sample(pool, 2)))
             for i in range(n_pages)]

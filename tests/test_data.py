@@ -260,11 +260,13 @@ def test_toy_problems_are_correct_and_splits_are_disjoint():
         code = p["pot"].removeprefix("```python\n").removesuffix("\n```").replace("print(", "result = (")
         exec(code, {}, out)  # our own generated program, not model output
         assert str(out["result"]) == p["answer"]
+        assert p["pot"] in p["tool"] and p["tool"].endswith(f"```output\n{p['answer']}\n```\nThe answer is "
+                                                             f"\\boxed{{{p['answer']}}}.")
 
 
 def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
     args = parse_args(["--out", str(tmp_path), "--pages", "5000", "--train-problems", "100", "--test-problems", "60",
-                       "--iterations", "2", "--vocab-size", "600", "--workers", "1", "--classifier-epochs", "10"])
+                       "--rl-problems", "50", "--iterations", "2", "--vocab-size", "600", "--workers", "1", "--classifier-epochs", "10"])
     # 500 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
     # domain expansion then spreads its mistakes (see data.math_paths).
     report = {r["stage"]: r for r in build(args)}
@@ -274,5 +276,9 @@ def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
     assert found >= 0.9 * planted
     for s in ("math", "code", "general"):
         assert json.loads((tmp_path / "shards" / f"{s}.json").read_text())["tokens"] > 1000
+    splits = {n: {p["question"] for p in load_problems(str(tmp_path / "problems" / f"{n}.jsonl"))}
+              for n in ("train", "test", "rl")}
+    assert [len(q) for q in splits.values()] == [100, 60, 50]
+    assert not (splits["rl"] & splits["train"]) and not (splits["rl"] & splits["test"])  # GRPO asks new questions
     again = build(args)
     assert all(r.get("skipped") for r in again)

@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_objective_sums, sequence_logprobs
+import reward
+from grpo import group_advantages, grpo_objective_sums, process_advantages, sequence_logprobs, token_index
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 
 def opts(**kw):
@@ -28,6 +30,31 @@ def test_group_advantages_normalise_within_each_group():
     torch.testing.assert_close(adv[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]))
 
 
+def test_process_advantages_are_future_sums_of_normalised_step_rewards():
+    """Paper §4.1.3: normalise all step rewards of a group together; token t sums the steps ending at or after t."""
+    steps = [[(1, 1.0), (4, 0.0)], [(2, 1.0), (3, 1.0)]]  # (token index where the step ends, reward)
+    adv, flat = process_advantages(steps, [5, 4], group_size=2)
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    z = (r - r.mean()) / r.std()
+    torch.testing.assert_close(adv[0], torch.tensor([z[0] + z[1], z[0] + z[1], z[1], z[1], z[1]]))
+    torch.testing.assert_close(adv[1], torch.tensor([z[2] + z[3]] * 3 + [z[3]]))
+    assert flat == 0
+    adv, flat = process_advantages([[(0, 1.0)], [(1, 1.0)]], [2, 2], group_size=2)  # all equal: no signal
+    assert flat == 1 and not torch.cat(adv).any()
+
+
+def test_step_checker_and_token_positions():
+    text = "Ava starts with 12.\n12 + 5 = 17\n17 * 2 = 35\nThe answer is \\boxed{35}."
+    steps = reward.process_rewards(text, "34")
+    assert [r for _, r in steps] == [1.0, 0.0, 0.0]  # right line, wrong line, wrong final answer
+    assert text[:steps[0][0]].endswith("12 + 5 = 17") and steps[-1][0] == len(text)
+    tok = Tokenizer.train([text * 3], 300)
+    ids = tok.encode(text)
+    idx = token_index(tok, ids, [e for e, _ in steps], len(text))
+    for (end, _), i in zip(steps, idx):  # the token holding a step's last character
+        assert len(tok.decode(ids[:i])) < end <= len(tok.decode(ids[:i + 1]))
+
+
 def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     """Two outputs with advantage 1 and ratio 1: per token loss -1. The paper averages each output over its own
     length, so each contributes -1 whatever its length; per-token (DAPO) weights tokens; constant (Dr. GRPO)
@@ -43,6 +70,26 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     assert not logp.grad[0, 2:].any()  # padding carries no gradient
     tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, opts(loss_norm="token"))
     assert tok_total.item() == pytest.approx(-8.0)  # divided later by the 8 tokens
+
+
+@pytest.mark.parametrize("norm", ["sequence", "token", "constant"])
+def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
+    """main() divides each micro-batch's sum by one global normaliser: any split of the batch (ranks,
+    micro-batches) then gives the same loss and gradient as the whole batch in one piece."""
+    torch.manual_seed(0)
+    logp = torch.randn(6, 7, requires_grad=True)
+    old, ref, adv = logp.detach() + 0.3 * torch.randn(6, 7), logp.detach() + 0.1 * torch.randn(6, 7), torch.randn(6, 7)
+    mask = torch.rand(6, 7) > 0.3
+    args = opts(loss_norm=norm, beta=0.04)
+    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, mask, args)
+    whole.backward()
+    g = logp.grad.clone()
+    logp.grad = None
+    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], mask[s], args)[0]
+                for s in (slice(0, 1), slice(1, 4), slice(4, 6)))
+    parts.backward()
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(logp.grad, g)
 
 
 def test_zero_std_groups_give_zero_gradient():
@@ -92,22 +139,60 @@ def test_grpo_loop_learns_a_trivial_task():
     assert before < 0.2 and p5() > 0.8
 
 
-def test_two_fsdp_ranks_run_grpo_with_gathered_rollouts(data_dir, tmp_path):
-    """Each rank generates for its own questions with full weights (no collective per token, ranks may stop
-    at different lengths), then trains with FSDP2; the run ends with an exported policy."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    run = lambda args: subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True,  # noqa: E731
-                                      timeout=300)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "base"
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", "--seq-len", "32", "--micro-batch", "4",
-             "--batch-tokens", "256", "--eval-every", "0", "--out", str(tmp_path / "base")])
+             "--batch-tokens", "256", "--eval-every", "0", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py",
-             "--init", str(tmp_path / "base"), "--data", str(data_dir / "train.jsonl"),
-             "--eval-data", str(data_dir / "test.jsonl"), "--eval-problems", "4", "--eval-every", "2",
-             "--max-steps", "2", "--questions", "4", "--group-size", "3", "--max-new-tokens", "12",
-             "--out", str(tmp_path / "grpo")])
+    return out
+
+
+def grpo_args(base, data_dir, out, *extra):
+    return ["grpo.py", "--init", str(base), "--data", str(data_dir / "train.jsonl"), "--eval-data",
+            str(data_dir / "test.jsonl"), "--eval-problems", "4", "--report-problems", "4", "--report-samples", "2",
+            "--questions", "4", "--group-size", "3", "--max-new-tokens", "12", "--temperature", "1.5",
+            "--out", str(out), *extra]
+
+
+def test_two_fsdp_ranks_run_grpo_with_gathered_rollouts(base, data_dir, tmp_path):
+    """Each rank generates for its own questions with full weights (no collective per token, ranks may stop
+    at different lengths), then trains with FSDP2; the run ends with the before/after table, curves and an
+    exported policy."""
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             *grpo_args(base, data_dir, tmp_path, "--max-steps", "2", "--eval-every", "1")])
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [row["step"] for row in rows if "reward" in row] == [1, 2]
-    assert os.path.isfile(tmp_path / "grpo" / "model.safetensors")
+    assert [row["step"] for row in rows if "eval_greedy_accuracy" in row] == [0, 1, 2]
+    assert set(json.load(open(tmp_path / "after.json"))) == {"greedy", "maj@2", "pass@2"}
+    for name in ("model.safetensors", "curves.png", "before.json"):
+        assert os.path.isfile(tmp_path / name), name
+
+
+def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_path):
+    """Rollouts are seeded by the step, the checkpoint holds policy, optimizer and the reset reference. A tiny
+    model earns no reward, so weight decay moves the policy off the reference: the KL is then what must match."""
+    common = ("--eval-every", "0", "--report-problems", "0", "--ref-reset", "2", "--supervision", "process",
+              "--weight-decay", "0.5", "--lr", "0.02")
+    r = run(grpo_args(base, data_dir, tmp_path / "a", "--max-steps", "4", *common))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(grpo_args(base, data_dir, tmp_path / "b", "--max-steps", "2", "--ckpt-every", "1", *common))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(grpo_args(base, data_dir, tmp_path / "b", "--max-steps", "4", "--resume", *common))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {k: [json.loads(line) for line in open(tmp_path / k / "metrics.jsonl")] for k in "ab"}
+    train = {k: [(row["step"], row["loss"], row["kl"], row["reward"]) for row in v if "loss" in row] for k, v in rows.items()}
+    assert [s for s, *_ in train["b"]] == [1, 2, 3, 4]
+    kl = [k for _, _, k, _ in train["a"]]
+    assert kl[1] > 0 and kl[2] == 0 and kl[3] > 0  # the policy moved; the reference was reset after step 2
+    for x, y in zip(train["a"], train["b"]):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-6)

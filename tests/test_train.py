@@ -13,6 +13,7 @@ import torch
 import data
 import pretrain
 import sft
+import toyworld
 from model import PRESETS, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -49,10 +50,11 @@ def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
     assert "2 rank(s)" in two.stdout
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
                                rtol=1e-5, atol=1e-5)
-    # the exported models agree too
+    # the exported models agree too, to float rounding: a rarely seen token's embedding row gets gradients near
+    # AdamW's eps, where m / sqrt(v) magnifies the different summation order of a 2-rank reduction (seen: 5e-5)
     a, b = Transformer.from_pretrained(tmp_path / "one"), Transformer.from_pretrained(tmp_path / "two")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=2e-4, msg=k)
 
 
 def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
@@ -131,6 +133,19 @@ def test_sft_loss_mask_covers_the_solution_only(data_dir):
     x, y, m = sft.collate([(ids, mask), (pot_ids, [1] * len(pot_ids))], tok.pad_id)
     assert y[0][m[0]].tolist() == answer  # the supervised targets are exactly the solution and its EOS
     assert not m[0, len(ids) - 1:].any()  # padding carries no loss
+
+
+def test_sft_tool_examples_leave_the_sandbox_output_unsupervised(data_dir):
+    """The ```output contents are the sandbox's: no loss, and tokenised apart, as evaluate.complete splices them."""
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    prob = toyworld.make_problems(1, seed=3)[0]
+    [(ids, mask)] = sft.make_examples([prob], tok, ["tool"])
+    prompt = tok.chat(data.PROMPTS["tool"].format(question=prob["question"]))
+    unsupervised = tok.decode([t for t, m in zip(ids[len(prompt):], mask[len(prompt):]) if not m])
+    assert ids[:len(prompt)] == prompt and unsupervised == f"\n{prob['answer']}\n```\n"
+    head, _, _ = (" " + prob["tool"]).partition("```output")
+    assert ids[len(prompt):len(prompt) + len(tok.encode(head + "```output"))] == tok.encode(head + "```output")
+    assert ids[-1] == tok.eos_id and mask[-1] == 1
 
 
 def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):

@@ -1,0 +1,246 @@
+"""Evaluate a model on math problems: greedy accuracy, maj@k and pass@k (paper §5; ../shared/PAPER.md §6).
+
+Three answer formats, as the paper evaluates them, each with its prompt from data.PROMPTS:
+- cot: chain-of-thought; the answer is the last \\boxed{} (reward.extract_answer).
+- pot: program-of-thought; the last ```python block is run in the sandbox and its printed output is the answer.
+- tool: tool-integrated; whenever the model opens a ```output block the sandbox runs the program above it, its
+  output is appended and generation continues, at most TOOL_ROUNDS times (the paper's evaluation allows 2).
+Grading is reward.py's (extraction, then sympy-backed equivalence). With K samples per problem:
+- accuracy: the share of correct answers (with --temperature 0 and one sample: greedy accuracy);
+- pass@k: the unbiased estimate 1 - C(n-c, k) / C(n, k) from n samples with c correct (Chen et al., 2021);
+- maj@k: the most frequent answer among the first k samples is correct (self-consistency; ties: the earliest).
+`complete` is also what grpo.py rolls out with, so rollouts and evaluation see the same tools and prompts.
+
+    python evaluate.py                                               # the toy SFT model, greedy CoT
+    python evaluate.py --model out/toy/grpo --samples 16 --temperature 0.7
+    python evaluate.py --model deepseek-math-7b-rl/ --data gsm8k_test.jsonl --prompt tool --device cuda
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+import data
+import reward
+from model import Transformer
+from tokenizer import Tokenizer
+
+TOOL_ROUNDS = 2  # sandbox executions per tool-integrated solution (paper §6)
+OUTPUT_MARK = "```output"
+OUTPUT_SHOWN = 512  # characters of a program's output shown to the model (ToRA shows a short tail as well)
+
+# -----------------------------------------------------------------------------
+# Completions, with the sandbox in the loop
+
+
+@dataclass
+class Completion:
+    prompt: list  # the prompt's token ids
+    ids: list  # the completion's token ids: the model's, tool outputs spliced in; ends with EOS if it stopped
+    sampled: list  # per id, True where the model wrote it, False where the sandbox did (no loss on those)
+    finished: bool  # False if cut at the token budget
+    text: str  # what is graded: the decoded completion, for PoT followed by its program's output block
+
+
+def last_program(text):
+    """The last ```python block of a text, or None."""
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return blocks[-1] if blocks else None
+
+
+def program_output(code, timeout):
+    """What the model is shown of running `code` in the sandbox: stdout, or the error line if it failed."""
+    if code is None:
+        return "no program found"
+    r = reward.run_python(code, timeout=timeout)
+    out = r.stdout if r.ok else (r.stdout + (r.error or "error")).strip()
+    return out.strip()[-OUTPUT_SHOWN:]
+
+
+@torch.no_grad()
+def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, generator=None,
+             batch=64, code_timeout=5.0, progress=None):
+    """One completion per question (repeat a question for several samples), in batches of `batch`, each batch a
+    single KV-cache generate call per tool round. Returns [Completion] in the order of `questions`."""
+    template = data.PROMPTS[prompt]
+    prompts = [tok.chat(template.format(question=q)) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little left-padding
+    out = [None] * len(prompts)
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        ids, sampled = {i: [] for i in rows}, {i: [] for i in rows}
+        finished, live = {i: False for i in rows}, list(rows)
+        for round_ in range(TOOL_ROUNDS + 1 if prompt == "tool" else 1):
+            budget = {i: max_new_tokens - len(ids[i]) for i in live}
+            live = [i for i in live if budget[i] > 0]
+            if not live:
+                break
+            stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
+            gen = model.generate([prompts[i] + ids[i] for i in live], max(budget[i] for i in live),
+                                 temperature=temperature, top_p=top_p, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
+                                 stop=stop, decode=tok.decode, generator=generator)
+            again = []
+            for i, new, fin in zip(live, gen.tokens, gen.finished):
+                if len(new) > budget[i]:
+                    new, fin = new[:budget[i]], False
+                ids[i] += new
+                sampled[i] += [True] * len(new)
+                finished[i] = fin
+                if fin and new and new[-1] != tok.eos_id:  # stopped at ```output: run the program above it
+                    shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
+                    spliced = tok.encode("\n" + shown + "\n```\n")
+                    ids[i] += spliced
+                    sampled[i] += [False] * len(spliced)
+                    finished[i] = False
+                    again.append(i)
+            live = again
+        for i in rows:
+            text = tok.decode([t for t in ids[i] if t != tok.eos_id])
+            if prompt == "pot":
+                text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
+            out[i] = Completion(prompts[i], ids[i], sampled[i], finished[i], text)
+        if progress is not None:
+            progress.update(len(rows))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - j) / (n - j) for j in range(k))
+
+
+def majority_correct(answers, verdicts):
+    """Self-consistency: is the most frequent extracted answer correct? Answers are compared after
+    reward.normalize; samples without an answer do not vote; ties go to the answer seen first."""
+    votes = Counter()
+    first = {}
+    for a, v in zip(answers, verdicts):
+        if a is None:
+            continue
+        key = reward.normalize(a)
+        votes[key] += 1
+        first.setdefault(key, v)
+    if not votes:
+        return False
+    best = max(votes.values())
+    return next(first[k] for k in first if votes[k] == best)
+
+
+def summarize(records, ks):
+    """Mean accuracy, pass@k and maj@k over records (one per problem, each with n samples' verdicts)."""
+    n = len(records)
+    m = dict(problems=n, accuracy=sum(sum(r["correct"]) / len(r["correct"]) for r in records) / max(n, 1))
+    for k in ks:
+        m[f"pass@{k}"] = sum(pass_at_k(len(r["correct"]), sum(r["correct"]), k) for r in records) / max(n, 1)
+        m[f"maj@{k}"] = sum(majority_correct(r["answers"][:k], r["correct"][:k]) for r in records) / max(n, 1)
+    return m
+
+
+def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
+             batch=64, seed=0, progress=False, workers=1):
+    """Generate `samples` completions per problem and grade them. Returns (metrics, records): metrics as
+    `summarize` (k = 1 and the powers of 2 up to `samples`), per MATH type and level as well when the problems
+    carry them; one record per problem with its completions, extracted answers and verdicts. workers > 1 grades
+    in that many forked processes (sympy on hard answers); keep 1 inside torchrun, where forking is unsafe."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    questions = [p["question"] for p in problems for _ in range(samples)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(questions), desc=f"evaluate {prompt}", unit="sample", disable=not sys.stderr.isatty())
+    comps = complete(model, tok, questions, prompt, max_new_tokens, temperature, top_p, generator, batch,
+                     progress=bar)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    texts = [c.text for c in comps]
+    golds = [p["answer"] for p in problems for _ in range(samples)]
+    verdicts = [v == 1.0 for v in reward.batch_rewards(texts, golds, workers=workers)]
+    records = []
+    for j, p in enumerate(problems):
+        s = slice(j * samples, (j + 1) * samples)
+        records.append(dict(question=p["question"], gold=p["answer"], completions=texts[s],
+                            answers=[reward.extract_answer(t) for t in texts[s]], correct=verdicts[s],
+                            **{k: p[k] for k in ("type", "level") if k in p}))
+    ks = sorted({1} | {2 ** i for i in range(1, samples.bit_length()) if 2 ** i <= samples})
+    metrics = summarize(records, ks)
+    for field in ("type", "level"):
+        groups = defaultdict(list)
+        for r in records:
+            if field in r:
+                groups[str(r[field])].append(r)
+        if groups:
+            metrics[f"by_{field}"] = {g: summarize(rs, ks) for g, rs in sorted(groups.items())}
+    return metrics, records
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="out/toy/sft", help="a Hugging Face model directory (ours or any llama/qwen2)")
+    ap.add_argument("--data", default="out/toy/data/problems/test.jsonl", help="GSM8K / MATH / our jsonl")
+    ap.add_argument("--prompt", default="cot", choices=sorted(data.PROMPTS), help="answer format")
+    ap.add_argument("--samples", type=int, default=1, help="completions per problem (K of maj@K, pass@K)")
+    ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
+    ap.add_argument("--batch", type=int, default=64, help="sequences per generate call")
+    ap.add_argument("--question-field", default=None, help="for jsonl with other field names")
+    ap.add_argument("--answer-field", default=None)
+    ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(args):
+    for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: not found ({what}); the toy files are built by `python grpo.py`")
+    problems = data.load_problems(args.data, args.question_field, args.answer_field)
+    problems = problems[:args.limit] if args.limit else problems
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)
+    tok = Tokenizer.load(args.model)
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.7)
+    metrics, records = evaluate(model, tok, problems, args.prompt, args.samples, temperature, args.top_p,
+                                args.max_new_tokens, args.batch, args.seed, progress=True, workers=args.workers)
+    name = os.path.splitext(os.path.basename(args.data))[0]
+    out = args.out or os.path.join(args.model, f"eval-{name}-{args.prompt}.jsonl")
+    data.write_jsonl(out, records)
+    print(f"{args.model} on {args.data} ({len(problems)} problems, {args.prompt}, {args.samples} sample(s) "
+          f"at T={temperature}):")
+    for k, v in metrics.items():
+        if not k.startswith("by_"):
+            print(f"  {k:10s} {v:.4f}" if isinstance(v, float) else f"  {k:10s} {v}")
+    for field in ("by_type", "by_level"):
+        for g, m in metrics.get(field, {}).items():
+            print(f"  {field[3:]} {g}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "problems")
+                  + f"  ({m['problems']} problems)")
+    print(f"predictions: {out}")
+    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("by_")}))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,121 @@
+"""evaluate.py: pass@k and maj@k against brute force, the sandbox in the loop for PoT and tool-integrated
+answers (with a scripted model), and a real model end to end."""
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+from model import Generation, ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "User: Assistant: The answer is \\boxed{42}. ```python\nprint(6 * 7)\n```\n```output\n42\n```\n" * 20
+    return Tokenizer.train([text, "0123456789 abcdefghijklmnopqrstuvwxyz"], 300)
+
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    """pass@k = the chance that k samples drawn without replacement from the n contain a correct one."""
+    for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 4), (8, 7, 2), (5, 5, 5), (10, 1, 8)]:
+        draws = list(itertools.combinations([True] * c + [False] * (n - c), k))
+        assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
+    assert evaluate.pass_at_k(8, 3, 1) == pytest.approx(3 / 8)
+
+
+def test_majority_vote_groups_equal_answers_and_skips_missing_ones():
+    assert evaluate.majority_correct(["41", "42", "42", None, None, None], [False, True, True, False, False, False])
+    assert not evaluate.majority_correct(["41", "42"], [False, True])  # a tie goes to the answer seen first
+    assert evaluate.majority_correct(["$42$", "41", "42"], [True, False, True])  # normalised before voting
+    assert not evaluate.majority_correct([None, None], [False, False])
+    records = [dict(correct=[True, False, False, False], answers=["1", "2", "2", "3"])]
+    m = evaluate.summarize(records, [1, 2, 4])
+    assert m["accuracy"] == 0.25 and m["maj@1"] == 1.0 and m["maj@4"] == 0.0
+    assert m["pass@4"] == 1.0 and m["pass@2"] == pytest.approx(0.5)
+
+
+class Scripted:
+    """A stand-in model whose generate() plays back fixed texts, one per call, for every row."""
+
+    def __init__(self, tok, turns):
+        self.tok, self.turns, self.calls, self.training = tok, list(turns), [], False
+        self.lm_head = torch.nn.Linear(1, 1)
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def generate(self, prompts, max_new_tokens, stop=(), eos_ids=(), **kw):
+        self.calls.append(dict(prompts=prompts, stop=stop))
+        text, eos = self.turns.pop(0)
+        ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
+        return Generation(tokens=[ids[:max_new_tokens]] * len(prompts), finished=[eos or bool(stop)] * len(prompts))
+
+
+def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
+    model = Scripted(tok, [("Compute.\n```python\nprint(6 * 7)\n```\n```output", False),
+                           ("\nThe answer is \\boxed{42}.", True)])
+    [c] = evaluate.complete(model, tok, ["What is 6 times 7?"], prompt="tool")
+    assert model.calls[0]["stop"] == (evaluate.OUTPUT_MARK,)
+    spliced = tok.decode([t for t, s in zip(c.ids, c.sampled) if not s])
+    assert spliced == "\n42\n```\n"  # the sandbox's output, which carries no loss in GRPO
+    second = tok.encode("\nThe answer is \\boxed{42}.") + [tok.eos_id]
+    assert model.calls[1]["prompts"][0] == c.prompt + c.ids[:-len(second)]  # generation continues after the output
+    assert c.finished and c.ids[-1] == tok.eos_id and "```output\n42\n```" in c.text
+    assert evaluate.reward.math_reward(c.text, "42") == 1.0
+
+
+def test_tool_rounds_are_capped(tok):
+    turn = ("```python\nprint(1)\n```\n```output", False)
+    model = Scripted(tok, [turn] * evaluate.TOOL_ROUNDS + [("done", True)])
+    [c] = evaluate.complete(model, tok, ["q"], prompt="tool")
+    assert len(model.calls) == evaluate.TOOL_ROUNDS + 1 and model.calls[-1]["stop"] == ()
+    assert c.text.count("```output\n1\n```") == evaluate.TOOL_ROUNDS
+
+
+def test_pot_answers_are_the_programs_output_and_errors_are_shown(tok):
+    model = Scripted(tok, [("```python\nx = 6\nprint(x * 7)\n```", True)])
+    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    assert c.text.endswith("```output\n42\n```") and evaluate.reward.extract_answer(c.text) == "42"
+    model = Scripted(tok, [("```python\nprint(1 / 0)\n```", True)])
+    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    assert "ZeroDivisionError" in c.text and evaluate.reward.math_reward(c.text, "42") == 0.0
+    model = Scripted(tok, [("no program here", True)])
+    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    assert evaluate.reward.math_reward(c.text, "42") == 0.0
+
+
+def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1), type="Algebra" if i % 2 else "Geometry")
+                for i in range(6)]
+    m, records = evaluate.evaluate(model, tok, problems, samples=4, temperature=1.0, max_new_tokens=8)
+    assert m["problems"] == 6 and set(m) >= {"accuracy", "pass@4", "maj@4", "by_type"}
+    assert [len(r["completions"]) for r in records] == [4] * 6
+    m2, records2 = evaluate.evaluate(model, tok, problems, samples=4, temperature=1.0, max_new_tokens=8)
+    assert [r["completions"] for r in records] == [r["completions"] for r in records2]  # seeded
+    # the CLI on a saved model: predictions jsonl with one record per problem
+    model.save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    evaluate.data.write_jsonl(str(tmp_path / "p.jsonl"), problems)
+    out = tmp_path / "pred.jsonl"
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "p.jsonl"),
+                        "--max-new-tokens", "8", "--out", str(out)], capture_output=True, text=True,
+                       cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metrics["problems"] == 6 and 0 <= metrics["accuracy"] <= 1 and not math.isnan(metrics["accuracy"])
+    assert len(out.read_text().splitlines()) == 6
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "nope")], capture_output=True,
+                       text=True, cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
+    assert r.returncode != 0 and "nope/config.json: not found" in r.stderr
