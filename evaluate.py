@@ -78,7 +78,8 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         ids, sampled = {i: [] for i in rows}, {i: [] for i in rows}
         finished, live = {i: False for i in rows}, list(rows)
         for round_ in range(TOOL_ROUNDS + 1 if prompt == "tool" else 1):
-            budget = {i: max_new_tokens - len(ids[i]) for i in live}
+            budget = {i: min(max_new_tokens - len(ids[i]), model.config.max_seq_len - len(prompts[i]) - len(ids[i]))
+                      for i in live}  # a row with no room left (budget or context) is done
             live = [i for i in live if budget[i] > 0]
             if not live:
                 break

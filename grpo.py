@@ -142,10 +142,11 @@ def rollout(model, tok, problems, args, generator):
                  for c, s in zip(comps, map(reward.process_rewards, texts, golds))]
         per_token, flat = process_advantages(steps, [len(c.ids) for c in comps], args.group_size,
                                              not args.no_std_scale)
-    elif args.online_rft:  # the unified view (paper §5.2.1): gradient coefficient 1 on right outputs, 0 on wrong
-        adv, flat = (rewards > 0).float(), 0
     else:
-        adv, flat = group_advantages(rewards.view(len(problems), args.group_size), not args.no_std_scale)
+        if args.online_rft:  # the unified view (paper §5.2.1): gradient coefficient 1 on right outputs, 0 on wrong
+            adv, flat = (rewards > 0).float(), 0
+        else:
+            adv, flat = group_advantages(rewards.view(len(problems), args.group_size), not args.no_std_scale)
         per_token = [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)]
     T = max(len(c.prompt) + len(c.ids) for c in comps)
     tokens = torch.full((len(comps), T), tok.pad_id, dtype=torch.long)

@@ -45,6 +45,7 @@ class Scripted:
     def __init__(self, tok, turns):
         self.tok, self.turns, self.calls, self.training = tok, list(turns), [], False
         self.lm_head = torch.nn.Linear(1, 1)
+        self.config = ModelConfig(max_seq_len=4096)
 
     def eval(self):
         return self
@@ -100,6 +101,10 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1), type="Algebra" if i % 2 else "Geometry")
                 for i in range(6)]
     m, records = evaluate.evaluate(model, tok, problems, samples=4, temperature=1.0, max_new_tokens=8)
+    [c] = evaluate.complete(model, tok, ["x " * 200], prompt="tool", temperature=1.0)  # longer than the context
+    assert c.ids == [] and not c.finished
+    [c] = evaluate.complete(model, tok, ["What is 1 + 1?"], prompt="tool", temperature=1.0)  # fills the context
+    assert len(c.prompt) + len(c.ids) <= 128
     assert m["problems"] == 6 and set(m) >= {"accuracy", "pass@4", "maj@4", "by_type"}
     assert [len(r["completions"]) for r in records] == [4] * 6
     m2, records2 = evaluate.evaluate(model, tok, problems, samples=4, temperature=1.0, max_new_tokens=8)

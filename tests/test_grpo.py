@@ -1,6 +1,7 @@
 """grpo.py: the paper's advantages and loss on hand-computed groups, and a loop that learns a trivial task."""
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -196,3 +197,15 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
     assert kl[1] > 0 and kl[2] == 0 and kl[3] > 0  # the policy moved; the reference was reset after step 2
     for x, y in zip(train["a"], train["b"]):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--online-rft", "--beta", "0", "--mu", "2", "--loss-norm", "token", "--mask-truncated"),
+    ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1"),
+])
+def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
+    r = run(grpo_args(base, data_dir, tmp_path, "--max-steps", "1", "--eval-every", "0", "--report-problems", "0",
+                      *flags))
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "grad_norm", "reward"))
