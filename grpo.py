@@ -250,12 +250,8 @@ def parse_args(argv=None):
 def main(args):
     d = pretrain.init_dist()
     torch.manual_seed(args.seed)
-    if not os.path.isfile(os.path.join(args.init, "config.json")):
-        if args.init != parse_args([]).init:
-            raise SystemExit(f"{args.init}: no config.json; --init takes a Hugging Face model directory")
-        if d.world > 1:
-            raise SystemExit("the toy SFT model is missing: run `python grpo.py` once in one process first")
-        sft.main(sft.parse_args([]))  # builds the toy data and base model first if they are missing
+    # the toy SFT model, built with the data and base model first if missing
+    pretrain.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
     tok = Tokenizer.load(args.init)

@@ -279,6 +279,18 @@ def claim(out, d, resume=False):
         open(os.path.join(out, "metrics.jsonl"), "w").close()
 
 
+def require_model(path, toy_default, d, build):
+    """`path` must be a Hugging Face model directory; the toy's default one is built by `build()` when missing
+    (one process: a toy stage is built before any torchrun). Shared by sft.py and grpo.py."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if path != toy_default:
+        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
+    if d.world > 1:
+        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
+    build()
+
+
 def check_resumable(out, args, keys):
     """A checkpoint continues only the run that wrote it: the settings in `keys` must match args.json."""
     path = os.path.join(out, "args.json")

@@ -112,12 +112,7 @@ def parse_args(argv=None):
 def main(args):
     d = pretrain.init_dist()
     torch.manual_seed(args.seed)
-    if not os.path.isfile(os.path.join(args.init, "config.json")):
-        if args.init != parse_args([]).init:
-            raise SystemExit(f"{args.init}: no config.json; --init takes a Hugging Face model directory")
-        if d.world > 1:
-            raise SystemExit("the toy base model is missing: run `python pretrain.py` once first")
-        pretrain.main(pretrain.parse_args([]))  # the toy base model, with its defaults
+    pretrain.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data, skip_bad=args.skip_bad)
     examples = make_examples(problems, tok, args.formats.split(","))

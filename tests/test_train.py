@@ -92,6 +92,9 @@ def test_bad_batch_and_missing_data_are_clear_errors(data_dir, tmp_path):
     assert r.returncode != 0 and "--batch-tokens 300 is not a multiple" in r.stderr
     r = run(["pretrain.py", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path)])
     assert r.returncode != 0 and "python data.py --out" in r.stderr
+    for script in ("sft.py", "grpo.py"):  # a model that is not there is not built: only the toy's default is
+        r = run([script, "--init", str(tmp_path / "nope"), "--out", str(tmp_path / script)])
+        assert r.returncode != 0 and "nope: no config.json; --init takes a Hugging Face model" in r.stderr
 
 
 def test_nan_loss_stops_before_the_optimizer_step():
