@@ -263,27 +263,13 @@ def main(args):
     if ref is not None:
         ref.requires_grad_(False)
     opt = pretrain.make_optimizer(policy, args)
-    pretrain.claim(args.out, d, args.resume)
     extra = {"ref": ref} if ref is not None and args.ref_reset else None  # a reset reference is state to keep
-    step = 0
-    if args.resume:
-        pretrain.check_resumable(args.out, args, ("init", "data", "questions", "group_size", "prompt", "seed"))
-        ckpt = pretrain.latest_checkpoint(args.out)
-        if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
-        step = pretrain.load_checkpoint(ckpt, policy, opt, extra)
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    step = pretrain.start_run(args, d, policy, opt, ("init", "data", "questions", "group_size", "prompt", "seed"), extra)
 
-    def held_out_metrics(n, samples, temperature):
-        """evaluate.evaluate on the first n held-out problems, each rank its share, averaged over all ranks."""
-        every = held_out[:n]
-        mine = every[d.rank::d.world]
+    def held_out_metrics(n, samples, temperature):  # on the first n held-out problems, the policy unsharded
         with pretrain.gathered(policy):
-            m, _ = evaluate.evaluate(policy, tok, mine, args.prompt, samples, temperature,
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
-        return {k: pretrain.all_sum(d, v * len(mine)) / len(every) for k, v in m.items() if isinstance(v, float)}
+            return sft.held_out_metrics(policy, tok, held_out[:n], d, prompt=args.prompt, samples=samples,
+                                        temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
     def report(name):  # greedy accuracy, and maj@k / pass@k at the report temperature: the before/after table
         row = dict(greedy=held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"])
@@ -336,8 +322,7 @@ def main(args):
                 (total * d.world / norm).backward()  # FSDP averages gradients over ranks: undo it, norm is global
                 loss_sum, kl_sum, clip_n = loss_sum + total.item(), kl_sum + kl.item(), clip_n + clipped
                 neg_logp -= (lp.detach() * mask[s].to(d.device)).sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            grad_norm = grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+            grad_norm = pretrain.clip_grad_norm(policy, args.grad_clip)
             if not np.isfinite(grad_norm):
                 raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is in "
                                  f"{args.out}/checkpoints (lower --lr, then --resume)")

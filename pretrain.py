@@ -169,6 +169,13 @@ def lr_factor(step, args):
 # One optimizer step: the loss is a mean over the valid tokens of the whole batch, across micro-batches and ranks
 
 
+def clip_grad_norm(model, max_norm):
+    """Clip the gradients to max_norm; returns their total norm before clipping, as a float (under FSDP2 the
+    norm is a DTensor: its full value is the norm over every rank's shard)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+
+
 def train_step(model, opt, micro_batches, d, args, step):
     """micro_batches: list of (x, y, mask) int64/bool tensors (B, T). Each token's loss is divided by the global
     count of valid tokens, so a batch's gradient does not depend on how it is split across micro-batches or ranks.
@@ -188,8 +195,7 @@ def train_step(model, opt, micro_batches, d, args, step):
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping before the optimizer step, so the last "
                                  "checkpoint stays good (lower --lr, or check the data)")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+    norm = clip_grad_norm(model, args.grad_clip)
     for g in opt.param_groups:
         g["lr"] = args.lr * lr_factor(step, args)
     opt.step()
@@ -301,6 +307,24 @@ def check_resumable(out, args, keys):
         if diff:
             raise SystemExit(f"{out}: --resume with other settings than the run being resumed: "
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+def start_run(args, d, model, opt, keys, extra=None):
+    """Claim args.out for this run and write its args.json; with --resume, first restore the last checkpoint of
+    the run that wrote it (the settings in `keys` must match). Returns the step to start from."""
+    claim(args.out, d, args.resume)
+    step = 0
+    if args.resume:
+        check_resumable(args.out, args, keys)
+        ckpt = latest_checkpoint(args.out)
+        if ckpt is None:
+            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
+        step = load_checkpoint(ckpt, model, opt, extra)
+        print0(d, f"resumed from {ckpt} at step {step}")
+    if d.main:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return step
 
 
 def export_hf(model, out, tokenizer_dir, d):
@@ -468,20 +492,9 @@ def main(args):
     if args.init:
         from model import config_from_hf
         config = config_from_hf(args.init)
-    claim(args.out, d, args.resume)
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
-    step = 0
-    if args.resume:
-        check_resumable(args.out, args, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
-        ckpt = latest_checkpoint(args.out)
-        if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
-        step = load_checkpoint(ckpt, model, opt)
-        print0(d, f"resumed from {ckpt} at step {step}")
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
     n_params = sum(p.numel() for p in model.parameters()) if d.world == 1 else config_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
               f"{args.micro_batch}x{args.seq_len} per rank per step, {args.max_steps} steps")

@@ -79,6 +79,18 @@ def step_examples(examples, step, batch, seed):
 
 
 # -----------------------------------------------------------------------------
+# Held-out evaluation, shared by the ranks
+
+
+def held_out_metrics(model, tok, problems, d, **kw):
+    """evaluate.evaluate (kw: its options) with each rank on its share of `problems` and a full model; returns
+    the metrics as means over all of them."""
+    mine = problems[d.rank::d.world]
+    m, _ = evaluate.evaluate(model, tok, mine, **kw)
+    return {k: pretrain.all_sum(d, v * len(mine)) / len(problems) for k, v in m.items() if isinstance(v, float)}
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -120,19 +132,9 @@ def main(args):
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
-    pretrain.claim(args.out, d, args.resume)
     model = pretrain.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
     opt = pretrain.make_optimizer(model, args)
-    step = 0
-    if args.resume:
-        pretrain.check_resumable(args.out, args, ("init", "data", "formats", "batch", "seed"))
-        ckpt = pretrain.latest_checkpoint(args.out)
-        if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
-        step = pretrain.load_checkpoint(ckpt, model, opt)
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    step = pretrain.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     pretrain.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
                        f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
     log, stop = pretrain.Log(args.out, d, args.max_steps, step), pretrain.StopFlag()
@@ -163,10 +165,7 @@ def main(args):
     held_out = data.load_problems(args.eval_data)[:args.eval_problems] if os.path.isfile(args.eval_data) else []
     if held_out:
         final = Transformer.from_pretrained(args.out, device=d.device)
-        mine = held_out[d.rank::d.world]
-        metrics, _ = evaluate.evaluate(final, tok, mine, "cot")  # greedy, graded by reward.py
-        correct = pretrain.all_sum(d, metrics["accuracy"] * len(mine))
-        acc = correct / len(held_out)
+        acc = held_out_metrics(final, tok, held_out, d, prompt="cot")["accuracy"]  # greedy, graded by reward.py
         if d.main:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(dict(step=step, eval_greedy_accuracy=acc, eval_problems=len(held_out))) + "\n")
