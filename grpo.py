@@ -47,16 +47,19 @@ from tokenizer import Tokenizer
 # The pieces, named as in the paper
 
 
+def flat_groups(rewards):
+    """(questions, G) rewards -> (questions,) bool: the groups whose rewards all agree, which carry no signal."""
+    return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
+
+
 def group_advantages(rewards, scale_std=True):
     """Outcome supervision (paper §4.1.2): A_i = (r_i - mean(r)) / std(r) within each group, the same for every
-    token of o_i. rewards: (questions, G). A group whose rewards are all equal carries no signal: its advantages
-    are 0 (not 0/0). Returns (advantages, number of such groups)."""
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
-    flat = std < 1e-6
-    adv = rewards - mean
+    token of o_i. rewards: (questions, G). A group whose rewards are all equal gets advantages 0 (not 0/0).
+    Returns (advantages, number of such groups)."""
+    flat = flat_groups(rewards)[:, None]
+    adv = rewards - rewards.mean(1, keepdim=True)
     if scale_std:
-        adv = torch.where(flat, 0.0, adv / std.clamp(min=1e-6))
+        adv = adv / rewards.std(1, keepdim=True).clamp(min=1e-6) if rewards.shape[1] > 1 else adv
     return torch.where(flat, 0.0, adv), int(flat.sum())
 
 
@@ -141,17 +144,16 @@ def rollout(model, tok, problems, args, generator, keep=None):
     t1 = time.time()
     texts = [c.text for c in comps]
     rewards = torch.tensor(reward.batch_rewards(texts, golds, workers=1), dtype=torch.float32)
-    flat_groups = (rewards.view(-1, G).std(1) < 1e-6) if G > 1 else torch.ones(len(problems), dtype=torch.bool)
-    generated = dict(generated_zero_std_groups=int(flat_groups.sum()), generated_reward=rewards.sum().item(),
+    agree = flat_groups(rewards.view(-1, G))
+    generated = dict(generated_zero_std_groups=int(agree.sum()), generated_reward=rewards.sum().item(),
                      generated=len(comps), generated_tokens=sum(len(c.ids) for c in comps))
     if keep is not None and keep < len(problems):
-        order = sorted(range(len(problems)), key=lambda q: bool(flat_groups[q]))[:keep]
+        order = sorted(range(len(problems)), key=lambda q: bool(agree[q]))[:keep]
         pick = [q * G + i for q in order for i in range(G)]
-        comps, texts, golds, rewards = [comps[i] for i in pick], [texts[i] for i in pick], \
-            [golds[i] for i in pick], rewards[pick]
+        comps, texts, rewards = [comps[i] for i in pick], [texts[i] for i in pick], rewards[pick]
     if args.supervision == "process":
         steps = [[(i, r) for i, (_, r) in zip(token_index(tok, c.ids, [e for e, _ in s], len(c.text)), s)]
-                 for c, s in zip(comps, map(reward.process_rewards, texts, golds))]
+                 for c, s in zip(comps, map(reward.process_rewards, texts, rewards.tolist()))]
         per_token, flat = process_advantages(steps, [len(c.ids) for c in comps], G, not args.no_std_scale)
     else:
         if args.online_rft:  # the unified view (paper §5.2.1): gradient coefficient 1 on right outputs, 0 on wrong

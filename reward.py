@@ -15,9 +15,10 @@ Conventions where graders disagree (ours): a tuple is ordered; a set (\\{...\\} 
 of reals it describes ("x \\ge 5" = "[5, \\infty)"); a name on the left is dropped ("x = 3", "(p, q) = (3, 2)",
 "f(x) = 1" equal 3, (3, 2), 1) but "7 = 11a + c" stays an equation; a chain "x = 2 + 3 = 5" is its last value;
 50% equals 50 and 0.5; units and \\text{} after a number are ignored; a letter A-E equals "(A)" and "A. because";
-a comma is a list or thousands separator, never a decimal point; numbers agree within a relative 1e-6 or an
-absolute 1e-9 (no rounding leeway: "3.14" is not pi). Adjacent boxes ("\\boxed{1} and \\boxed{2}") are one
-answer; a text that never marks its answer has none.
+a comma is a list or thousands separator (1,000), a decimal comma only against a decimal (1,22 = 1.22, 0,111 =
+0.111: a list is never one number); a bare list in a tuple's order is that tuple ("1, 3" and {1, 3} = (1, 3), but
+not \\{1, 3\\}); numbers agree within a relative 1e-6 or an absolute 1e-9 (no rounding leeway: "3.14" is not
+pi). Adjacent boxes ("\\boxed{1} and \\boxed{2}") are one answer; a text that never marks its answer has none.
 
 Accuracy: `python bench.py reward` scores this grader and math-verify on tests/data/grader_heldout.jsonl.
 
@@ -221,7 +222,8 @@ def normalize(s):
     s = re.sub(r"^(-?[\d.,/]+)\s*\\text\s*\{[^{}]*\}$", r"\1", s)  # 17\text{ apples}: a number and its unit
     s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"^\(?([A-E])\)?[.:]\s.*$", r"\1", s, flags=re.S)  # C. x = 42: a choice and why
-    s = re.sub(r"(\d),(?=\d{3}(?!\d))", r"\1", s) if re.fullmatch(r"[\d,.\s]+", s) else s  # 1,234,567
+    if re.fullmatch(r"[\d,.\s-]+", s):  # 1,234,567 (but not 0,111 or 1000,99: those are decimal commas)
+        s = re.sub(r"\b[1-9]\d{0,2}(?:,\d{3})+(?!\d)", lambda m: m[0].replace(",", ""), s)
     s = s.replace(";", ",")
     s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [1, 2] -> [1, 2]
     s = re.sub(r"(?<!\\)\\$", "", s).rstrip(".").strip()  # a stray trailing backslash
@@ -642,6 +644,14 @@ def _equal(a, b, depth=0):
         return _is_name(sa[1]) and _equal(sa[2], b, depth + 1)
     if sb[0] == "eq" and sa[0] != "eq":
         return _is_name(sb[1]) and _equal(a, sb[2], depth + 1)
+    if {sa[0], sb[0]} == {"set", "atom"}:  # 1,22 = 1.22: a decimal comma, as a list is never one number
+        digits, number = (sa[1], b) if sa[0] == "set" else (sb[1], a)
+        return len(digits) == 2 and all(re.fullmatch(r"\d+", x) for x in digits) and "." in number and \
+            _atom_equal(".".join(digits), number)
+    if {sa[0], sb[0]} == {"set", "tuple"}:  # "1, 3" or {1, 3} (not \{1, 3\}) answer (1, 3) in its order
+        (lst, raw), tup = (sa, a) if sa[0] == "set" else (sb, b), sb if sa[0] == "set" else sa
+        return not raw.startswith("\\{") and len(lst[1]) == len(tup[1]) and \
+            all(_equal(x, y, depth + 1) for x, y in zip(lst[1], tup[1]))
     if sa[0] != sb[0]:
         return False
     kind = sa[0]
@@ -711,11 +721,12 @@ def math_reward(completion, gold, format_weight=0.0):
 STEP_LINE = re.compile(r"^[ \t]*(-?\d{1,12})[ \t]*([-+*/])[ \t]*(-?\d{1,12})[ \t]*=[ \t]*(-?\d{1,12})[ \t]*$", re.M)
 
 
-def process_rewards(completion, gold):
+def process_rewards(completion, outcome):
     """Per-step rewards for process supervision (paper §4.1.3), from a rule-based checker standing in for the
     paper's process reward model on the toy's arithmetic: each `a op b = c` line is a step, 1.0 if c is right
     (integer division for /, as the toy's problems), else 0.0; the final answer is the last step, with the
-    outcome reward. Returns [(character offset where the step ends, reward)] in order."""
+    outcome reward (math_reward's, computed by the caller). Returns [(character offset where the step ends,
+    reward)] in order."""
     text = completion[-MAX_TEXT:]
     shift = len(completion) - len(text)
     steps = []
@@ -723,7 +734,7 @@ def process_rewards(completion, gold):
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
         right = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op]
         steps.append((shift + m.end(), float(right == c)))
-    return steps + [(len(completion), math_reward(completion, gold))]
+    return steps + [(len(completion), float(outcome))]
 
 
 def _reward_item(args):

@@ -46,7 +46,7 @@ def test_process_advantages_are_future_sums_of_normalised_step_rewards():
 
 def test_step_checker_and_token_positions():
     text = "Ava starts with 12.\n12 + 5 = 17\n17 * 2 = 35\nThe answer is \\boxed{35}."
-    steps = reward.process_rewards(text, "34")
+    steps = reward.process_rewards(text, reward.math_reward(text, "34"))
     assert [r for _, r in steps] == [1.0, 0.0, 0.0]  # right line, wrong line, wrong final answer
     assert text[:steps[0][0]].endswith("12 + 5 = 17") and steps[-1][0] == len(text)
     tok = Tokenizer.train([text * 3], 300)
