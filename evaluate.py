@@ -150,6 +150,25 @@ def summarize(records, ks):
     return m
 
 
+def arithmetic_report(records):
+    """For answers written as `a op b = c` lines (the toy's chain of thought; reward.arithmetic_steps): the share
+    of lines whose arithmetic is right, and, per distinct fact a op b met in at least 4 lines, how often it is
+    right. RL can only reinforce a fact that its samples sometimes get right. None if no answer has such lines."""
+    facts = defaultdict(list)
+    for r in records:
+        for text in r["completions"]:
+            for _, fact, right in reward.arithmetic_steps(text):
+                facts[fact].append(right)
+    if not facts:
+        return None
+    lines = [x for v in facts.values() for x in v]
+    rates = [sum(v) / len(v) for v in facts.values() if len(v) >= 4]
+    bins = dict(never=lambda p: p == 0, below_half=lambda p: 0 < p < 0.5, half_or_more=lambda p: 0.5 <= p < 1,
+                always=lambda p: p == 1)
+    return dict(lines=len(lines), lines_right=sum(lines) / len(lines), facts=len(rates),
+                **{f"facts_{k}": sum(map(f, rates)) for k, f in bins.items()})
+
+
 def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
              batch=64, seed=0, progress=False, workers=1):
     """Generate `samples` completions per problem and grade them. Returns (metrics, records): metrics as
@@ -239,6 +258,12 @@ def main(args):
         for g, m in metrics.get(field, {}).items():
             print(f"  {field[3:]} {g}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "problems")
                   + f"  ({m['problems']} problems)")
+    steps = arithmetic_report(records)
+    if steps:
+        print(f"  arithmetic lines: {steps['lines']}, {100 * steps['lines_right']:.1f}% right; of the "
+              f"{steps['facts']} facts (a op b) met 4+ times: {steps['facts_never']} never right, "
+              f"{steps['facts_below_half']} right under half the time, {steps['facts_half_or_more']} half or more, "
+              f"{steps['facts_always']} always")
     print(f"predictions: {out}")
     print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("by_")}))
 

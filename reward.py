@@ -721,19 +721,25 @@ def math_reward(completion, gold, format_weight=0.0):
 STEP_LINE = re.compile(r"^[ \t]*(-?\d{1,12})[ \t]*([-+*/])[ \t]*(-?\d{1,12})[ \t]*=[ \t]*(-?\d{1,12})[ \t]*$", re.M)
 
 
-def process_rewards(completion, outcome):
-    """Per-step rewards for process supervision (paper §4.1.3), from a rule-based checker standing in for the
-    paper's process reward model on the toy's arithmetic: each `a op b = c` line is a step, 1.0 if c is right
-    (integer division for /, as the toy's problems), else 0.0; the final answer is the last step, with the
-    outcome reward (math_reward's, computed by the caller). Returns [(character offset where the step ends,
-    reward)] in order."""
+def arithmetic_steps(completion):
+    """The toy's chain-of-thought steps, checked: each `a op b = c` line as (character offset where it ends,
+    (a, op, b), whether c is right), integer division for / as the toy's problems."""
     text = completion[-MAX_TEXT:]
     shift = len(completion) - len(text)
     steps = []
     for m in STEP_LINE.finditer(text):
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
         right = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op]
-        steps.append((shift + m.end(), float(right == c)))
+        steps.append((shift + m.end(), (a, op, b), right == c))
+    return steps
+
+
+def process_rewards(completion, outcome):
+    """Per-step rewards for process supervision (paper §4.1.3), from a rule-based checker standing in for the
+    paper's process reward model on the toy's arithmetic: each `a op b = c` line is a step, 1.0 if c is right,
+    else 0.0 (arithmetic_steps); the final answer is the last step, with the outcome reward (math_reward's,
+    computed by the caller). Returns [(character offset where the step ends, reward)] in order."""
+    steps = [(end, float(right)) for end, _, right in arithmetic_steps(completion)]
     return steps + [(len(completion), float(outcome))]
 
 
