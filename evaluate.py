@@ -153,19 +153,24 @@ def summarize(records, ks):
 def arithmetic_report(records):
     """For answers written as `a op b = c` lines (the toy's chain of thought; reward.arithmetic_steps): the share
     of lines whose arithmetic is right, and, per distinct fact a op b met in at least 4 lines, how often it is
-    right. RL can only reinforce a fact that its samples sometimes get right. None if no answer has such lines."""
-    facts = defaultdict(list)
+    right; and how many wrong answers hold a wrong line. RL can only reinforce a fact that its samples sometimes
+    get right. None if no answer has such lines."""
+    facts, wrong, wrong_with_bad_line = defaultdict(list), 0, 0
     for r in records:
-        for text in r["completions"]:
-            for _, fact, right in reward.arithmetic_steps(text):
+        for text, correct in zip(r["completions"], r["correct"]):
+            steps = reward.arithmetic_steps(text)
+            for _, fact, right in steps:
                 facts[fact].append(right)
+            wrong += not correct
+            wrong_with_bad_line += not correct and not all(right for _, _, right in steps)
     if not facts:
         return None
     lines = [x for v in facts.values() for x in v]
     rates = [sum(v) / len(v) for v in facts.values() if len(v) >= 4]
     bins = dict(never=lambda p: p == 0, below_half=lambda p: 0 < p < 0.5, half_or_more=lambda p: 0.5 <= p < 1,
                 always=lambda p: p == 1)
-    return dict(lines=len(lines), lines_right=sum(lines) / len(lines), facts=len(rates),
+    return dict(lines=len(lines), lines_right=sum(lines) / len(lines), wrong_answers=wrong,
+                wrong_with_bad_line=wrong_with_bad_line, facts=len(rates),
                 **{f"facts_{k}": sum(map(f, rates)) for k, f in bins.items()})
 
 
@@ -260,7 +265,8 @@ def main(args):
                   + f"  ({m['problems']} problems)")
     steps = arithmetic_report(records)
     if steps:
-        print(f"  arithmetic lines: {steps['lines']}, {100 * steps['lines_right']:.1f}% right; of the "
+        print(f"  arithmetic: {steps['wrong_with_bad_line']} of the {steps['wrong_answers']} wrong answers hold a "
+              f"wrong `a op b = c` line; {steps['lines']} lines, {100 * steps['lines_right']:.1f}% right; of the "
               f"{steps['facts']} facts (a op b) met 4+ times: {steps['facts_never']} never right, "
               f"{steps['facts_below_half']} right under half the time, {steps['facts_half_or_more']} half or more, "
               f"{steps['facts_always']} always")

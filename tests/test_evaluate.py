@@ -41,13 +41,15 @@ def test_majority_vote_groups_equal_answers_and_skips_missing_ones():
 
 def test_arithmetic_report_counts_lines_and_how_often_each_fact_is_right():
     right, wrong = "12 + 5 = 17\n17 * 2 = 34", "12 + 5 = 18\n18 / 3 = 6"
-    records = [dict(completions=[right] * 3 + [wrong]), dict(completions=["9 - 9 = 1"] * 4 + ["no steps"])]
+    records = [dict(completions=[right] * 3 + [wrong], correct=[True] * 3 + [False]),
+               dict(completions=["9 - 9 = 1"] * 4 + ["no steps"], correct=[False] * 5)]
     r = evaluate.arithmetic_report(records)
     assert r["lines"] == 12 and r["lines_right"] == pytest.approx(7 / 12)
+    assert r["wrong_answers"] == 6 and r["wrong_with_bad_line"] == 5
     # 12 + 5: right 3 of 4; 9 - 9: never; 17 * 2 and 18 / 3 were met fewer than 4 times
     assert (r["facts"], r["facts_never"], r["facts_below_half"], r["facts_half_or_more"], r["facts_always"]) == \
         (2, 1, 0, 1, 0)
-    assert evaluate.arithmetic_report([dict(completions=["The answer is 4."])]) is None
+    assert evaluate.arithmetic_report([dict(completions=["The answer is 4."], correct=[False])]) is None
 
 
 class Scripted:
