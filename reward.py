@@ -202,7 +202,8 @@ ESCAPED = r"(?<!\\)\\\\(?=(?:frac|dfrac|tfrac|left|right|le|leq|ge|geq|lt|gt|sqr
 def normalize(s):
     """Strip what does not change an answer: $, \\(\\), \\left/\\right, spacing commands, \\displaystyle, \\text around
     units, a trailing period, degree signs, dfrac/tfrac/cfrac, thousands separators (1,000 10{,}000 1,\\!000);
-    spell percent as %, "and"/"or" between answers as commas, ";" as ",", and read a doubly escaped command
+    spell percent as %, "and"/"or" between answers as commas, ";" as "," (but "p=5, q=2; p=7, q=2" as the pairs
+    (5, 2), (7, 2)), and read a doubly escaped command
     (\\\\frac, common in JSON-escaped golds) as one."""
     s = re.sub(ESCAPED, r"\\", _unwrap(s))
     s = re.sub(r"(\d),\\!\s*(?=\d{3})", r"\1", s)  # 12,\!000
@@ -224,6 +225,10 @@ def normalize(s):
     s = re.sub(r"^\(?([A-E])\)?[.:]\s.*$", r"\1", s, flags=re.S)  # C. x = 42: a choice and why
     if re.fullmatch(r"[\d,.\s-]+", s):  # 1,234,567 (but not 0,111 or 1000,99: those are decimal commas)
         s = re.sub(r"\b[1-9]\d{0,2}(?:,\d{3})+(?!\d)", lambda m: m[0].replace(",", ""), s)
+    solutions = [_split_top(g) for g in s.split(";")]  # p=5, q=2; p=7, q=2: the solutions (5, 2), (7, 2)
+    if len(solutions) > 1 and all(len(g) > 1 and all(re.fullmatch(r"\s*[a-zA-Z]\w*\s*=[^=]+", x) for x in g)
+                                  for g in solutions):
+        s = ", ".join("(" + ", ".join(x.split("=", 1)[1].strip() for x in g) + ")" for g in solutions)
     s = s.replace(";", ",")
     s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [1, 2] -> [1, 2]
     s = re.sub(r"(?<!\\)\\$", "", s).rstrip(".").strip()  # a stray trailing backslash
@@ -270,7 +275,7 @@ def _close(a, b):
 # A small LaTeX -> sympy parser (the subset that answers use). It builds sympy objects directly: nothing is ever
 # evaluated as Python. Numbers are capped in digits and powers in size, so 10^{10^{10}} is refused, not computed.
 
-TOKEN = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|[a-zA-Z]|\*\*|[-+*/^(){}\[\],!|_])")
+TOKEN = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|[a-zA-Z]|\*\*|[-+*/^(){}\[\],!|_=])")
 FUNCS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc, "cot": sympy.cot,
          "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "ln": sympy.log, "log": sympy.log,
          "exp": sympy.exp, "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh}
@@ -389,6 +394,16 @@ class Parser:
             name = t[1:]
             if name == "frac":
                 return self.group() / self.group()
+            if name in ("sum", "prod"):  # \sum_{k=0}^{n} term: unevaluated, so that equal sums compare equal
+                self.take("_")
+                self.take("{")
+                var = self.subscripted(self.take())
+                self.take("=")
+                lo = self.expr()
+                self.take("}")
+                self.take("^")
+                hi = self.atom_or_group()
+                return (sympy.Sum if name == "sum" else sympy.Product)(self.term(), (var, lo, hi))
             if name == "sqrt":
                 if self.peek() == "[":
                     n = self.group("[", "]")

@@ -98,6 +98,10 @@ EQUIV = [
     ("7 = 11a + c", "11a + c", False), ("6 \\text{ and } 8", "6, 8", True), ("(11,7) or (7,11)", "(7, 11), (11, 7)", True),
     ("-12; -11; -10", "\\{-10, -11, -12\\}", True), ("k = 45, n = 2", "n = 2, k = 45", True),
     ("k = 2, n = 45", "k = 45, n = 2", False), ("\\pm 2021", "{-2021, 2021}", True), ("1, 1, 2", "1, 2", True),
+    ("F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "F_n = \\sum_{k=0}^{n-1} F_{n-k-1} F_k", True),
+    ("\\sum_{k=1}^{10} k", "55", True), ("\\sum_{k=1}^{n} k^2", "\\sum_{k=1}^{n} k", False),
+    ("\\prod_{k=1}^{5} k", "120", True),
+    ("p=5, q=2; p=7, q=2", "(5, 2), (7, 2)", True), ("p=5, q=2; p=7, q=2", "(2, 5), (2, 7)", False),
     ("28 percent", "28\\%", True), ("11,\\! 111", "11111", True), ("a_3 = 2", "2", True), ("a_3 = 2", "a_4 = 2", False),
     # never equal: empty or missing
     ("", "0", False), (None, "1", False), ("1", None, False),
@@ -162,6 +166,7 @@ def test_math_reward_and_batch_form():
     "1" * 100_000, "x" * 100_000, "__import__('os').system('touch /tmp/pwned')", "().__class__.__base__",
     "\\sqrt{" * 2000, "10!" * 50, "99999999!", "\\frac{1}{0}", "0^{-1}", "\\begin{pmatrix}" + "1&" * 10000,
     "x^{299} - 3x^{17} + x^{5} - 7 > 0", "0 < x^{97} + x < x^{98}", "\\boxed{1}, " * 3000, "1, " * 5000,
+    "\\sum_{k=1}^{10^{10}} 2^{2^{k}}", "\\prod_{k=1}^{10^{10}} k",
 ])
 def test_hostile_answers_are_refused_quickly(hostile):
     t0 = time.time()
