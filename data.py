@@ -209,8 +209,8 @@ def math_paths(collected_urls, all_urls, min_domain_share=0.1, min_path_share=0.
     down: the paper's annotators marked such paths by hand). Returns the set of (domain, first segment).
 
     Where a rule differs from a person: a weak first classifier whose false positives push a non-math domain past
-    10% makes the whole of its path positive, and the next round collects all of it. On the toy this happens
-    below about 5,000 pages (a classifier trained on a few hundred seeds); a person would look at the pages."""
+    10% makes the whole of its path positive, and the next round collects all of it. On the toy this happens at
+    about 5,000 pages and below (a classifier trained on a few hundred seeds); a person would look at the pages."""
     pages = defaultdict(Counter)  # domain -> first segment -> pages
     got = defaultdict(Counter)
     collected = set(map(normalize_url, collected_urls))

@@ -13,7 +13,7 @@ and recall:
 - the same page under several URLs (http/https, www., tracking parameters), near-duplicate copies,
   pages leaking test problems, and junk (stubs, symbol soup, spam repetition).
 
-The problems are GSM8K-like word problems: a start value and 1-4 operations, each solution written as
+The problems are GSM8K-like word problems: a start value and 1-3 operations, each solution written as
 chain-of-thought (one `a op b = c` line per step, then `\\boxed{}`), as program-of-thought (Python that prints
 the answer) and tool-integrated (the program, its ```output block, then `\\boxed{}`). STEPS and MAX_VALUE set
 the difficulty.
@@ -40,8 +40,11 @@ OPS = {  # op: story templates; {n} is the operand, {p} the pronoun, {o} its obj
     "/": ["{p} keeps one share in {n}.", "{p} divides them by {n}."],
 }
 SYMBOL = {"+": "+", "-": "-", "*": "*", "/": "/"}
-STEPS, MAX_VALUE = (1, 3), 30  # the difficulty: operations per problem, and the largest value any step reaches
-PAGE_STEPS, PAGE_MAX_VALUE = (2, 4), 60  # the web's worked examples are longer than the problem set's
+# The difficulty: operations per problem, and the largest value any step reaches. With values up to 30 the SFT
+# model never got a third of the arithmetic facts right in 16 samples, and GRPO gained +3 points; up to 20 it
+# gets most facts right some of the time, which is what RL sharpens (README, Results).
+STEPS, MAX_VALUE = (1, 3), 20
+PAGE_STEPS, PAGE_MAX_VALUE = (2, 4), 40  # the web's worked examples are longer than the problem set's
 
 
 def apply_op(a, op, b):

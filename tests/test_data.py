@@ -265,9 +265,9 @@ def test_toy_problems_are_correct_and_splits_are_disjoint():
 
 
 def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
-    args = parse_args(["--out", str(tmp_path), "--pages", "5000", "--train-problems", "100", "--test-problems", "60",
+    args = parse_args(["--out", str(tmp_path), "--pages", "6000", "--train-problems", "100", "--test-problems", "60",
                        "--rl-problems", "50", "--iterations", "2", "--vocab-size", "600", "--workers", "1", "--classifier-epochs", "10"])
-    # 500 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
+    # 600 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
     # domain expansion then spreads its mistakes (see data.math_paths).
     report = {r["stage"]: r for r in build(args)}
     assert report["decontaminate"]["leak_recall"] == 1.0 and report["decontaminate"]["false_drops"] == 0
