@@ -203,8 +203,7 @@ def normalize(s):
     """Strip what does not change an answer: $, \\(\\), \\left/\\right, spacing commands, \\displaystyle, \\text around
     units, a trailing period, degree signs, dfrac/tfrac/cfrac, thousands separators (1,000 10{,}000 1,\\!000);
     spell percent as %, "and"/"or" between answers as commas, ";" as "," (but "p=5, q=2; p=7, q=2" as the pairs
-    (5, 2), (7, 2)), and read a doubly escaped command
-    (\\\\frac, common in JSON-escaped golds) as one."""
+    (5, 2), (7, 2)), and read a doubly escaped command (\\\\frac, common in JSON-escaped golds) as one."""
     s = re.sub(ESCAPED, r"\\", _unwrap(s))
     s = re.sub(r"(\d),\\!\s*(?=\d{3})", r"\1", s)  # 12,\!000
     s = re.sub(r"\s*\{\s*,\s*\}\s*", "", s)  # 10{,}000
