@@ -224,7 +224,7 @@ def normalize(s):
     s = re.sub(r"^\(?([A-E])\)?[.:]\s.*$", r"\1", s, flags=re.S)  # C. x = 42: a choice and why
     if re.fullmatch(r"[\d,.\s-]+", s):  # 1,234,567 (but not 0,111 or 1000,99: those are decimal commas)
         s = re.sub(r"\b[1-9]\d{0,2}(?:,\d{3})+(?!\d)", lambda m: m[0].replace(",", ""), s)
-    solutions = [_split_top(g) for g in s.split(";")]  # p=5, q=2; p=7, q=2: the solutions (5, 2), (7, 2)
+    solutions = [_split_top(g) for g in s.split(";")] if ";" in s else []  # p=5, q=2; p=7, q=2: (5, 2), (7, 2)
     if len(solutions) > 1 and all(len(g) > 1 and all(re.fullmatch(r"\s*[a-zA-Z]\w*\s*=[^=]+", x) for x in g)
                                   for g in solutions):
         s = ", ".join("(" + ", ".join(x.split("=", 1)[1].strip() for x in g) + ")" for g in solutions)
@@ -663,7 +663,7 @@ def _equal(a, b, depth=0):
         return len(digits) == 2 and all(re.fullmatch(r"\d+", x) for x in digits) and "." in number and \
             _atom_equal(".".join(digits), number)
     if {sa[0], sb[0]} == {"set", "tuple"}:  # "1, 3" or {1, 3} (not \{1, 3\}) answer (1, 3) in its order
-        (lst, raw), tup = (sa, a) if sa[0] == "set" else (sb, b), sb if sa[0] == "set" else sa
+        lst, raw, tup = (sa, a, sb) if sa[0] == "set" else (sb, b, sa)
         return not raw.startswith("\\{") and len(lst[1]) == len(tup[1]) and \
             all(_equal(x, y, depth + 1) for x, y in zip(lst[1], tup[1]))
     if sa[0] != sb[0]:
