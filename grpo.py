@@ -13,7 +13,8 @@ loss (not in the reward). Advantages, two ways (paper §4.1.2-4.1.3):
 One step: rollout -> reward -> advantages -> loss -> backward -> AdamW step, in `main` below.
 
 Choices the paper leaves open, made here: eps = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
-whose rewards are all equal gets zero advantage (counted in zero_std_groups), rollouts at temperature 1.
+whose rewards are all equal gets zero advantage (counted in zero_std_groups), rollouts at temperature 1, a
+constant LR.
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO), --clip-high
 (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ref-reset K (iterative GRPO, Algorithm 1:
 the reference becomes the current policy every K steps), --oversample K (DAPO's dynamic sampling: groups whose
@@ -252,7 +253,8 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"])
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"],
+                    help="LR after --warmup (paper: not given); as pretrain.py's")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true")
@@ -326,6 +328,9 @@ def main(args):
         n_seq = pretrain.all_sum(d, len(tokens))
         n_tok = pretrain.all_sum(d, int(mask.sum()))
         norm = {"sequence": n_seq, "token": max(n_tok, 1), "constant": n_seq * args.max_new_tokens}[args.loss_norm]
+        lr = args.lr * pretrain.lr_factor(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
         for _ in range(args.mu):
             loss_sum = kl_sum = clip_n = neg_logp = 0.0
             for i in range(0, len(tokens), args.micro_batch):
@@ -355,7 +360,7 @@ def main(args):
         mean = sums["reward"] / n_seq
         selection = dict(generated_zero_std_groups=sums["generated_zero_std_groups"],  # before dynamic sampling
                          generated_reward=sums["generated_reward"] / sums["generated"]) if args.oversample > 1 else {}
-        row = dict(step=step, reward=mean, reward_std=max(sums["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
+        row = dict(step=step, lr=lr, reward=mean, reward_std=max(sums["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
                    loss=sums["loss"] / norm, kl=sums["kl"] / max(n_tok, 1), clip_frac=sums["clipped"] / max(n_tok, 1),
                    entropy=sums["neg_logp"] / max(n_tok, 1),  # -log pi of the sampled tokens: an estimate at T = 1
                    grad_norm=grad_norm, length=sums["tokens"] / n_seq, zero_std_groups=sums["zero_std_groups"],

@@ -208,9 +208,10 @@ def test_two_fsdp_ranks_run_grpo_with_gathered_rollouts(base, data_dir, tmp_path
 
 def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_path):
     """Rollouts are seeded by the step, the checkpoint holds policy, optimizer and the reset reference. A tiny
-    model earns no reward, so weight decay moves the policy off the reference: the KL is then what must match."""
+    model earns no reward, so weight decay moves the policy off the reference: the KL is then what must match.
+    The LR follows --warmup and --schedule across the restart."""
     common = ("--eval-every", "0", "--report-problems", "0", "--ref-reset", "2", "--supervision", "process",
-              "--weight-decay", "0.5", "--lr", "0.02")
+              "--weight-decay", "0.5", "--lr", "0.02", "--warmup", "2", "--schedule", "cosine")
     r = run(grpo_args(base, data_dir, tmp_path / "a", "--max-steps", "4", *common))
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(grpo_args(base, data_dir, tmp_path / "b", "--max-steps", "2", "--ckpt-every", "1", *common))
@@ -218,9 +219,11 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
     r = run(grpo_args(base, data_dir, tmp_path / "b", "--max-steps", "4", "--resume", *common))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {k: [json.loads(line) for line in open(tmp_path / k / "metrics.jsonl")] for k in "ab"}
-    train = {k: [(row["step"], row["loss"], row["kl"], row["reward"]) for row in v if "loss" in row] for k, v in rows.items()}
+    train = {k: [(row["step"], row["lr"], row["loss"], row["kl"], row["reward"]) for row in v if "loss" in row]
+             for k, v in rows.items()}
     assert [s for s, *_ in train["b"]] == [1, 2, 3, 4]
-    kl = [k for _, _, k, _ in train["a"]]
+    assert [lr for _, lr, *_ in train["a"]] == pytest.approx([0.01, 0.02, 0.02, 0.011])  # warmup, then cosine to 0.1x
+    kl = [k for _, _, _, k, _ in train["a"]]
     assert kl[1] > 0 and kl[2] == 0 and kl[3] > 0  # the policy moved; the reference was reset after step 2
     for x, y in zip(train["a"], train["b"]):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
