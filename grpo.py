@@ -24,7 +24,7 @@ no loss on it).
 
     python grpo.py                                    # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
-        --lr 1e-6 --max-new-tokens 1024 --micro-batch 4 --gen-batch 32 --activation-checkpointing
+        --lr 1e-6 --max-new-tokens 1024 --micro-batch 4 --gen-batch 32 --max-steps 9000 --activation-checkpointing
 """
 
 import argparse
@@ -221,7 +221,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
     ap.add_argument("--out", default="out/toy/grpo")
-    ap.add_argument("--max-steps", type=int, default=30)
+    ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
     ap.add_argument("--oversample", type=int, default=1, help="draw K x --questions, train on the --questions whose "
                     "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
