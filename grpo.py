@@ -328,9 +328,7 @@ def main(args):
         n_seq = pretrain.all_sum(d, len(tokens))
         n_tok = pretrain.all_sum(d, int(mask.sum()))
         norm = {"sequence": n_seq, "token": max(n_tok, 1), "constant": n_seq * args.max_new_tokens}[args.loss_norm]
-        lr = args.lr * pretrain.lr_factor(step, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = pretrain.set_lr(opt, step, args)
         for _ in range(args.mu):
             loss_sum = kl_sum = clip_n = neg_logp = 0.0
             for i in range(0, len(tokens), args.micro_batch):

@@ -165,6 +165,14 @@ def lr_factor(step, args):
     return 1.0
 
 
+def set_lr(opt, step, args):
+    """Give every parameter group the scheduled LR of `step` (0-based), and return it."""
+    lr = args.lr * lr_factor(step, args)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 # -----------------------------------------------------------------------------
 # One optimizer step: the loss is a mean over the valid tokens of the whole batch, across micro-batches and ranks
 
@@ -196,8 +204,7 @@ def train_step(model, opt, micro_batches, d, args, step):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping before the optimizer step, so the last "
                                  "checkpoint stays good (lower --lr, or check the data)")
     norm = clip_grad_norm(model, args.grad_clip)
-    for g in opt.param_groups:
-        g["lr"] = args.lr * lr_factor(step, args)
+    set_lr(opt, step, args)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, norm, n_tokens
@@ -509,7 +516,7 @@ def main(args):
             batches.append((torch.from_numpy(x), torch.from_numpy(y), torch.ones(x.shape, dtype=torch.bool)))
         loss, norm, n = train_step(model, opt, batches, d, args, step)
         step += 1
-        row = dict(step=step, loss=loss, lr=args.lr * lr_factor(step - 1, args), grad_norm=norm,
+        row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                    tokens_per_s=n / (time.time() - t0))
         if d.device.type == "cuda":  # model FLOPs utilisation: 6N per token + attention, against bf16 dense peak
             flops = (6 * n_params + 12 * config.n_layers * config.dim * args.seq_len) * n / (time.time() - t0) / d.world

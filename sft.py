@@ -147,7 +147,7 @@ def main(args):
         micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
         loss, norm, n = pretrain.train_step(model, opt, micro, d, args, step)
         step += 1
-        log(dict(step=step, loss=loss, lr=args.lr * pretrain.lr_factor(step - 1, args), grad_norm=norm,
+        log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                  tokens_per_s=n / (time.time() - t0)))
         if stop(d):
             pretrain.save_checkpoint(args.out, model, opt, step, d)
