@@ -3,8 +3,9 @@
 model: model.py vs transformers on the same weights. Training: tokens/s of forward + cross-entropy + backward,
   ours vs `LlamaForCausalLM`. Generation: new tokens/s of batched sampling from prompts of different lengths
   (left-padded for transformers), ours (preallocated KV cache) vs `generate` (its dynamic cache), greedy.
-data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold), with recall of
-  true near-duplicate pairs and false drops judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
+data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
+  14 x 8 banding): the share of near copies dropped by true-Jaccard bucket on real prose (docstrings), then recall
+  and false drops on the toy crawl judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
 reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grader_heldout.jsonl, pairs drawn from
   other graders' test suites (the parametrize tables of math-verify 0.9.0's sdist tests, most written from model
   outputs; NeMo-Skills' test_math_equal both ways; MATH's is_equiv tests; Qwen2.5-Math's grader examples),
@@ -131,30 +132,112 @@ def judge(keep, pairs, n):
     return recall, false / n
 
 
-def bench_data(args):
+def prose():
+    """Real English prose offline: the docstrings of the standard library's and sympy's source files (read with
+    ast, nothing imported), deduplicated, as one word list."""
+    import ast
+    import sysconfig
+
+    import sympy
+    roots = [sysconfig.get_paths()["stdlib"], os.path.dirname(sympy.__file__)]
+    files = sorted(os.path.join(d, f) for r in roots for d, _, fs in os.walk(r) if "test" not in d
+                   for f in fs if f.endswith(".py"))
+    docs = {}
+    for path in files:
+        try:
+            tree = ast.parse(open(path, encoding="utf-8").read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and (d := ast.get_docstring(node)):
+                docs[d] = None
+    return " ".join(docs).split()
+
+
+def near_copies(windows, rate, rng, vocab):
+    """Each window with `rate` of its words replaced by random words of the vocabulary."""
+    out = []
+    for w in windows:
+        ws = w.split()
+        for i in rng.sample(range(len(ws)), max(1, round(rate * len(ws)))):
+            ws[i] = rng.choice(vocab)
+        out.append(" ".join(ws))
+    return out
+
+
+def datasketch_dedup(sets, threshold, num_perm, params=None):
+    """datasketch's MinHashLSH as a streaming dedup: a page is dropped when the index returns any candidate."""
     from datasketch import MinHash, MinHashLSH
+    lsh, keep = MinHashLSH(threshold=threshold, num_perm=num_perm, params=params), []
+    for i, s in enumerate(sets):
+        m = MinHash(num_perm=num_perm)
+        m.update_batch([sh.encode() for sh in s])
+        dup = bool(lsh.query(m))
+        keep.append(not dup)
+        if not dup:
+            lsh.insert(str(i), m)
+    return keep
+
+
+def recall_curve(args):
+    """Drop rate by true Jaccard of 200-word windows of real prose against near copies of themselves (1%, 2% and
+    5% of the words replaced, one copy per window per rate, each rate a separate stream: originals, then
+    copies). Shingling for datasketch is timed with it; ours shingles inside minhash_dedup."""
+    import random
+
+    import numpy as np
 
     import data
+    words = prose()
+    windows = [" ".join(words[i:i + 200]) for i in range(0, len(words) - 200, 200)][:args.windows]
+    rng, vocab = random.Random(0), sorted(set(words))
+    arms = {"ours": lambda texts: data.minhash_dedup(texts, args.threshold, args.num_perm),
+            "datasketch": lambda texts: datasketch_dedup(shingle_sets(texts), args.threshold, args.num_perm),
+            "datasketch 14x8": lambda texts: datasketch_dedup(  # FineWeb's banding
+                shingle_sets(texts), args.threshold, args.num_perm, params=(14, 8))}
+    jaccard, dropped, seconds = [], defaultdict(list), Counter()
+    for rate in (0.01, 0.02, 0.05):
+        copies = near_copies(windows, rate, rng, vocab)
+        stream = windows + copies
+        sets = shingle_sets(stream)
+        jaccard += [len(a & b) / len(a | b) for a, b in zip(sets[:len(windows)], sets[len(windows):])]
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            keep = fn(stream)
+            seconds[name] += time.perf_counter() - t0
+            dropped[name] += [not k for k in keep[len(windows):]]
+    jaccard = np.array(jaccard)
+    edges = [0.0, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01]
+    buckets = [(lo, hi) for lo, hi in zip(edges, edges[1:])]
+    print(f"{len(windows)} windows of 200 words x 3 copy rates; share of copies dropped by true Jaccard of word "
+          f"5-grams to their original (threshold {args.threshold}, {args.num_perm} permutations):")
+    print(f"{'':<18}" + "".join(f"{f'{lo:.2f}-{min(hi, 1):.2f}':>11}" for lo, hi in buckets) + f"{'pages/s':>9}")
+    print(f"{'pairs':<18}" + "".join(f"{((jaccard >= lo) & (jaccard < hi)).sum():>11}" for lo, hi in buckets))
+    for name in arms:
+        d = np.array(dropped[name])
+        cells = [d[(jaccard >= lo) & (jaccard < hi)] for lo, hi in buckets]
+        print(f"{name:<18}" + "".join(f"{c.mean():>11.3f}" if len(c) else f"{'-':>11}" for c in cells)
+              + f"{2 * len(jaccard) / seconds[name]:>9.0f}")
+    print(f"recall at Jaccard >= 0.85: " + ", ".join(
+        f"{name} {np.array(dropped[name])[jaccard >= 0.85].mean():.4f}" for name in arms))
+    print(f"dedup throughput ratio ours/datasketch: {seconds['datasketch'] / seconds['ours']:.2f}x")
+
+
+def bench_data(args):
+    import data
     from tokenizer import Tokenizer
+    recall_curve(args)
     d = args.data
     pages = [p["text"] for p in data.read_jsonl(os.path.join(d, "crawl.jsonl"))][:args.pages]
     sets = shingle_sets(pages)
     pairs = true_pairs(sets, args.threshold)
-    print(f"{len(pages)} toy crawl pages, {len(pairs)} pairs with exact Jaccard >= {args.threshold}")
+    print(f"\n{len(pages)} toy crawl pages, {len(pairs)} pairs with exact Jaccard >= {args.threshold}")
 
     t0 = time.perf_counter()
     ours = data.minhash_dedup(pages, threshold=args.threshold, num_perm=args.num_perm)
     t_ours = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    lsh, theirs = MinHashLSH(threshold=args.threshold, num_perm=args.num_perm), []
-    for i, s in enumerate(sets):
-        m = MinHash(num_perm=args.num_perm)
-        m.update_batch([sh.encode() for sh in s])
-        dup = bool(lsh.query(m))
-        theirs.append(not dup)
-        if not dup:
-            lsh.insert(str(i), m)
+    theirs = datasketch_dedup(shingle_sets(pages), args.threshold, args.num_perm)
     t_theirs = time.perf_counter() - t0
 
     print(f"{'dedup':<12} {'pages/s':>9} {'recall':>7} {'false drops':>12}")
@@ -244,6 +327,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=6, help="timed runs of each train step (generation: a third)")
     ap.add_argument("--data", default="out/toy/data", help="data: the toy pipeline's directory")
     ap.add_argument("--pages", type=int, default=10000, help="data: crawl pages to deduplicate")
+    ap.add_argument("--windows", type=int, default=3000, help="data: 200-word prose windows for the recall curve")
     ap.add_argument("--threshold", type=float, default=0.8, help="data: Jaccard threshold")
     ap.add_argument("--num-perm", type=int, default=128, help="data: MinHash permutations")
     ap.add_argument("--show", action="store_true", help="reward: list the pairs either grader gets wrong")

@@ -105,6 +105,30 @@ def test_minhash_dedup_drops_near_copies_and_keeps_merely_similar_pages():
     assert sum(not k for k in keep[70:]) <= len(truly_dup) + 1
 
 
+def test_near_copies_are_missed_only_by_the_estimates_noise():
+    """Copies at true Jaccard 0.85-0.95 (word 5-grams): the LSH bands must never be what misses one (datasketch's
+    balanced 9 x 13 bands at 0.8 miss 9% of them); what is left is the MinHash estimate's own noise, whose standard
+    deviation is 0.03 here (bench.py data: recall 0.997 at Jaccard >= 0.85 on real prose)."""
+    rng = random.Random(2)
+    vocab = [f"w{i}" for i in range(5000)]
+    originals, copies, jaccards = [], [], []
+    while len(copies) < 400:
+        a = [rng.choice(vocab) for _ in range(200)]
+        b = list(a)
+        for i in rng.sample(range(200), rng.choice([1, 2, 3])):
+            b[i] = rng.choice(vocab)
+        j = len(shingles(" ".join(a)) & shingles(" ".join(b))) / len(shingles(" ".join(a)) | shingles(" ".join(b)))
+        if 0.85 <= j < 0.95:
+            originals.append(" ".join(a))
+            copies.append(" ".join(b))
+    keep = minhash_dedup(originals + copies, threshold=0.8)
+    sigs = minhash_signatures(originals + copies)
+    estimate = (sigs[:400] == sigs[400:]).mean(axis=1)
+    assert all(keep[:400])
+    assert not any(kept and e >= 0.8 for kept, e in zip(keep[400:], estimate))  # the bands found every candidate
+    assert sum(keep[400:]) <= 12  # recall >= 0.97 even with most copies near 0.86
+
+
 def test_decontamination_matches_10_grams_and_short_texts_exactly():
     bench = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
              "What is the value of x?", "42"]
