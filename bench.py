@@ -132,14 +132,10 @@ def judge(keep, pairs, n):
     return recall, false / n
 
 
-def prose():
-    """Real English prose offline: the docstrings of the standard library's and sympy's source files (read with
-    ast, nothing imported), deduplicated, as one word list."""
+def docstrings(roots):
+    """Real English prose offline: the docstrings of the Python source files under `roots` (read with ast,
+    nothing imported), deduplicated."""
     import ast
-    import sysconfig
-
-    import sympy
-    roots = [sysconfig.get_paths()["stdlib"], os.path.dirname(sympy.__file__)]
     files = sorted(os.path.join(d, f) for r in roots for d, _, fs in os.walk(r) if "test" not in d
                    for f in fs if f.endswith(".py"))
     docs = {}
@@ -151,7 +147,39 @@ def prose():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and (d := ast.get_docstring(node)):
                 docs[d] = None
-    return " ".join(docs).split()
+    return list(docs)
+
+
+def prose():
+    """The standard library's and sympy's docstrings as one word list."""
+    import sysconfig
+
+    import sympy
+    return " ".join(docstrings([sysconfig.get_paths()["stdlib"], os.path.dirname(sympy.__file__)])).split()
+
+
+# Final answers in MATH's style (written here; the shapes that recur in its test set)
+MATH_STYLE_ANSWERS = ["\\frac{1}{2}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "\\frac{\\pi}{4}", "x^2 + 1", "\\frac{1}{3}",
+                      "3\\sqrt{2}", "\\frac{2}{3}", "-\\frac{1}{2}", "1 + \\sqrt{2}", "(-\\infty, 0)", "[-1, 1]",
+                      "\\dfrac{1}{4}", "2^{10}", "\\frac{x}{2}", "x + 1", "(1, 2)", "e^{x} + 1", "\\sin x \\cos x",
+                      "\\frac{n(n+1)}{2}"]
+
+
+def decontamination_drops():
+    """Pages of real math text (sympy's docstrings) dropped by decontamination against 200 MATH-style problems
+    whose questions and solutions are not on any page: with the bare final answers among the benchmark texts
+    (before) and without them (data.benchmark_texts)."""
+    import sympy
+
+    import data
+    pages = docstrings([os.path.dirname(sympy.__file__)])
+    problems = [dict(question=f"Contest problem {i}: find the exact value asked for in part ({i % 7}) below.",
+                     answer=a, cot=f"Working through problem {i} step by step, the value is $\\boxed{{{a}}}$.")
+                for i, a in enumerate(MATH_STYLE_ANSWERS * 10)]
+    before = data.decontaminate(pages, data.benchmark_texts(problems) + [p["answer"] for p in problems])
+    after = data.decontaminate(pages, data.benchmark_texts(problems))
+    print(f"\ndecontamination of {len(pages)} sympy docstrings against 200 MATH-style problems: pages dropped "
+          f"with bare answers matched {before.count(False)}, questions and solutions only {after.count(False)}")
 
 
 def near_copies(windows, rate, rng, vocab):
@@ -227,6 +255,7 @@ def bench_data(args):
     import data
     from tokenizer import Tokenizer
     recall_curve(args)
+    decontamination_drops()
     d = args.data
     pages = [p["text"] for p in data.read_jsonl(os.path.join(d, "crawl.jsonl"))][:args.pages]
     sets = shingle_sets(pages)

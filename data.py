@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from dedup import NearDupIndex, batched, decontaminate, minhash_dedup  # noqa: F401  (public: data.minhash_dedup)
+from dedup import NearDupIndex, batched, decontaminate, drop_test_questions, minhash_dedup  # noqa: F401  (public)
 from reward import last_boxed  # a leaf (stdlib + sympy): reads MATH's reference answers as the grader does
 from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
@@ -468,8 +468,9 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
 
 
 def benchmark_texts(problems):
-    """What decontamination matches against: each problem's question and its reference solution."""
-    return [t for p in problems for t in (p["question"], p.get("cot", ""), p["answer"]) if t]
+    """What decontamination matches against: each problem's question and its worked solution, never the bare
+    final answer (see dedup.decontaminate)."""
+    return [t for p in problems for t in (p["question"], p.get("cot", "")) if t]
 
 
 # -----------------------------------------------------------------------------

@@ -164,18 +164,20 @@ def minhash_dedup(texts, threshold=0.8, num_perm=128, batch=2000):
 # Decontamination
 
 
-def decontaminate(texts, benchmark_texts, n=10):
-    """Keep mask: drop a text that contains any n-gram (n = 10, of normalised words) of a benchmark question or
-    answer; a benchmark text of 3 to n-1 words is matched whole (paper §2.1). Texts under 3 words are ignored."""
-    by_len = defaultdict(list)  # gram length -> hashes
-    for t in benchmark_texts:
+def _gram_tables(needles, n):
+    """Sorted hash tables by gram length: the n-grams of each needle of n words or more, and each shorter needle
+    of at least 3 words whole."""
+    by_len = defaultdict(list)
+    for t in needles:
         ws = words(t)
-        if len(ws) >= n:
-            by_len[n].append(ngram_hashes(ws, n))
-        elif len(ws) >= 3:
-            by_len[len(ws)].append(ngram_hashes(ws, len(ws)))
-    tables = {k: np.unique(np.concatenate(v)) for k, v in by_len.items()}  # sorted
+        if len(ws) >= 3:
+            k = min(len(ws), n)
+            by_len[k].append(ngram_hashes(ws, k))
+    return {k: np.unique(np.concatenate(v)) for k, v in by_len.items()}
 
+
+def _contains(texts, tables):
+    """Keep mask: False for a text that contains any gram of the tables."""
     def hit(h, table):  # binary search in the sorted table: O(len(h) log len(table)), nothing re-sorted
         i = np.searchsorted(table, h).clip(max=len(table) - 1)
         return bool((table[i] == h).any())
@@ -184,3 +186,26 @@ def decontaminate(texts, benchmark_texts, n=10):
         ws = words(t)
         keep.append(not any(len(ws) >= k and hit(ngram_hashes(ws, k), table) for k, table in tables.items()))
     return keep
+
+
+def decontaminate(texts, benchmark_texts, n=10):
+    """Keep mask: drop a text that contains any n-gram (n = 10, of normalised words) of a benchmark text; a
+    benchmark text of 3 to n-1 words is matched whole. Texts under 3 words are ignored.
+
+    The paper (§2.1) removes "any text segment containing a 10-gram string that matches exactly with any
+    sub-string from the evaluation benchmarks", and matches benchmark texts shorter than 10 grams but of at least
+    3 exactly; its benchmark texts are "questions or answers". We read "answers" as the worked solutions (for
+    GSM8K and MATH the answer field is the solution) and pass questions and solutions, never bare final answers
+    (data.benchmark_texts): a final answer such as \\frac{1}{2} (words: frac 1 2) matched anywhere would drop
+    every page that contains that expression. We drop whole pages; "exact" matching of a short text we read as
+    containment of its whole word sequence."""
+    return _contains(texts, _gram_tables(benchmark_texts, n))
+
+
+def drop_test_questions(train, test):
+    """Training problems whose question contains a test question's whole word sequence (numbers included), and
+    the rest: (kept, removed). For SFT and RL sets, which the corpus decontamination never sees. Whole questions,
+    not 10-grams: word problems written from templates share 10-grams without being the same problem."""
+    tables = _gram_tables([p["question"] for p in test], n=10 ** 9)  # each question whole, however long
+    keep = _contains([p["question"] for p in train], tables)
+    return [p for p, k in zip(train, keep) if k], [p for p, k in zip(train, keep) if not k]

@@ -274,6 +274,8 @@ def main(args):
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data)
     held_out = data.load_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
+    problems, leaked = data.drop_test_questions(problems, held_out)
+    pretrain.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
     policy = pretrain.build_model(config, d, args, init_dir=args.init)
     ref = pretrain.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None

@@ -127,6 +127,9 @@ def main(args):
     pretrain.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    held_out = data.load_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
+    problems, leaked = data.drop_test_questions(problems, held_out)
+    pretrain.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     examples = make_examples(problems, tok, args.formats.split(","))
     if len(examples) < args.batch:
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
@@ -162,7 +165,7 @@ def main(args):
     # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.
     if d.world > 1:
         dist.barrier()
-    held_out = data.load_problems(args.eval_data)[:args.eval_problems] if os.path.isfile(args.eval_data) else []
+    held_out = held_out[:args.eval_problems]
     if held_out:
         final = Transformer.from_pretrained(args.out, device=d.device)
         acc = held_out_metrics(final, tok, held_out, d, prompt="cot")["accuracy"]  # greedy, graded by reward.py

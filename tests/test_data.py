@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import toyworld
-from data import (DataError, MathClassifier, Mixture, build, decontaminate, load_problems, math_paths,
-                  minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl, url_dedup, write_shards)
+from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, decontaminate, drop_test_questions,
+                  load_problems, math_paths, minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl,
+                  url_dedup, write_shards)
 from dedup import minhash_signatures
 from tokenizer import Tokenizer
 
@@ -140,6 +141,32 @@ def test_decontamination_matches_10_grams_and_short_texts_exactly():
         "The answer was 42 apples.",  # a 1-word benchmark text is ignored
     ]
     assert decontaminate(pages, bench) == [False, True, False, True, True]
+
+
+def test_decontamination_matches_questions_and_solutions_not_bare_answers():
+    """MATH's short answers (frac 1 2, 2 sqrt 3: three words each) occur on countless honest pages; matching them
+    anywhere would throw away much of a real math corpus. Questions and worked solutions still catch leaks."""
+    problems = [
+        dict(question="A fair coin is tossed once. What is the probability that it lands heads?", answer="\\frac{1}{2}",
+             cot="There are two equally likely outcomes and one of them is heads, so the answer is $\\boxed{\\frac{1}{2}}$."),
+        dict(question="An equilateral triangle has side 4. How long is its altitude?", answer="2\\sqrt{3}",
+             cot="The altitude splits it into two 30-60-90 triangles with hypotenuse 4, so it is $\\boxed{2\\sqrt{3}}$."),
+    ]
+    pages = ["Substituting u = x^2 the integral evaluates to \\frac{1}{2} and the proof is complete.",
+             "The distance between the two foci is 2\\sqrt{3}, which we now use in the second part.",
+             "Homework help: a fair coin is tossed once. What is the probability that it lands heads? Thanks!",
+             "Solution: there are two equally likely outcomes and one of them is heads, so the answer is 1/2."]
+    assert decontaminate(pages, benchmark_texts(problems)) == [True, True, False, False]
+
+
+def test_training_problems_that_contain_a_test_question_are_dropped():
+    test = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7")]
+    train = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7"),
+             dict(question="Warm-up. Tom has 12 apples and gives away 5. How many apples does tom have LEFT?", answer="7"),
+             dict(question="Tom has 13 apples and gives away 5. How many apples does Tom have left?", answer="8"),
+             dict(question="Ann has 12 apples and gives away 5. How many apples does Ann have left?", answer="7")]
+    kept, removed = drop_test_questions(train, test)
+    assert [p["answer"] for p in kept] == ["8", "7"] and len(removed) == 2  # same template, other problem: kept
 
 
 @pytest.mark.parametrize("text,why", [
