@@ -106,16 +106,21 @@ def last_boxed(text):
     return boxes[-1][2] if boxes else None
 
 
+CLAUSE_WORDS = {"but", "then", "so", "however", "instead", "actually", "wait", "thus", "hence", "therefore"}
+
+
 def final_boxes(text):
-    """The last box of a completion, with the boxes just before it when punctuation or a short phrase with
-    "and"/"or" joins them ("\\boxed{1}, \\boxed{2}", "\\boxed{3} cm and \\boxed{4} cm": one per part or root),
-    joined by commas; None if there is no box."""
+    """The last box of a completion, with the boxes just before it when they are one answer in parts: nothing
+    but punctuation between them, or a short phrase with "and"/"or" ("\\boxed{1}, \\boxed{2}", "\\boxed{3} cm
+    and \\boxed{4} cm", "\\boxed{(3, 3)} for part (a) and \\boxed{(1, 1)}"), joined by commas; None if there is no
+    box. Boxes in different sentences or clauses ("we first found \\boxed{3}, but the question asks for
+    y = \\boxed{6}", "\\boxed{3}. Then \\boxed{6}", "\\boxed{3} and then \\boxed{6}") are not one answer: the last is."""
     run, end = [], -1
     for start, stop, content in _boxes(text):
         gap = text[end:start] if end >= 0 else None
         words = re.findall(r"[a-zA-Z]+", re.sub(r"\\[a-zA-Z]+", "", gap or ""))
-        near = gap is not None and len(gap) <= 40 and "\n\n" not in gap and \
-            (not words or "and" in words or "or" in words)
+        near = gap is not None and len(gap) <= 40 and "\n\n" not in gap and not re.search(r"[.!?]\s", gap) and \
+            (not words or ("and" in words or "or" in words) and len(words) <= 4 and not CLAUSE_WORDS & set(words))
         run = run + [content] if near else [content]
         end = stop
     return ", ".join(run) if run else None
@@ -196,6 +201,15 @@ UNITS = (r"(?:square\s+)?(?:cm|m|km|mm|in|inch(?:es)?|ft|feet|foot|yards?|miles?
          r"mph|sq|students?|people|apples|marbles|coins|books|cookies|points?)")
 
 
+SCALE_WORDS = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+
+
+def _scaled(number, word):
+    """'1.5', 'billion' -> '1500000000': a number word spelled as digits, exactly."""
+    v = Fraction(number) * SCALE_WORDS[word]
+    return str(v.numerator) if v.denominator == 1 else str(float(v))
+
+
 ESCAPED = r"(?<!\\)\\\\(?=(?:frac|dfrac|tfrac|left|right|le|leq|ge|geq|lt|gt|sqrt|pi|text|in|cup|infty|cdot|pm)\b)"
 
 
@@ -203,8 +217,12 @@ def normalize(s):
     """Strip what does not change an answer: $, \\(\\), \\left/\\right, spacing commands, \\displaystyle, \\text around
     units, a trailing period, degree signs, dfrac/tfrac/cfrac, thousands separators (1,000 10{,}000 1,\\!000);
     spell percent as %, "and"/"or" between answers as commas, ";" as "," (but "p=5, q=2; p=7, q=2" as the pairs
-    (5, 2), (7, 2)), and read a doubly escaped command (\\\\frac, common in JSON-escaped golds) as one."""
+    (5, 2), (7, 2)), and read a doubly escaped command (\\\\frac, common in JSON-escaped golds) as one. One
+    spelling each for: number words (1.5 billion), the empty set, the real line (\\mathbb{R}, "all real
+    numbers", (-\\infty, +\\infty)), a base subscript (1011_{2}) and a mixed number with a space (2 1/2)."""
     s = re.sub(ESCAPED, r"\\", _unwrap(s))
+    s = re.sub(r"(\d+(?:\.\d+)?)\s*(?:\\text\s*\{\s*)?(" + "|".join(SCALE_WORDS) + r")s?\b\s*\}?",
+               lambda m: _scaled(m[1], m[2]), s)  # 1.5 billion
     s = re.sub(r"(\d),\\!\s*(?=\d{3})", r"\1", s)  # 12,\!000
     s = re.sub(r"\s*\{\s*,\s*\}\s*", "", s)  # 10{,}000
     s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:|quad|qquad)(?![a-zA-Z])", " ", s)
@@ -215,12 +233,18 @@ def normalize(s):
     s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = re.sub(r"(?<=\d)\s*(?:\\?%)?\s*(?:\\text\{\s*)?(?:percent(?:age)?|pct)\b\}?", "%", s)
+    s = re.sub(r"\\text\s*\{\s*(?:all\s+)?real\s+numbers\s*\}|^(?:all\s+)?real\s+numbers$", r"\\mathbb{R}", s)
+    s = re.sub(r"\\(?:mathbb|mathbf)\s*\{?\s*R\s*\}?|ℝ|\\R(?:eals)?(?![a-zA-Z])", r"(-\\infty, \\infty)", s)  # the reals
     s = re.sub(r"\\(?:mbox|mathrm|textbf|textit|mathbf|textnormal|textrm)\s*\{", r"\\text{", s)
     s = re.sub(r"\\text\s*\{\s*" + UNITS + r"(?:\^?\d)?\s*\}(?:\^\{?\d\}?)?", "", s)  # \text{ cm}, \text{ m}^2
-    s = re.sub(r"(?<=\d)\s+" + UNITS + r"(?:\^?\d)?\b", "", s)  # 5 cm
+    s = re.sub(r"(?<=[\d}])\s+" + UNITS + r"(?:\^?\d)?\b", "", s)  # 5 cm, \frac{5}{2} cm
+    s = re.sub(r",\s*(?:\\text\s*\{\s*)?(?:and|or)\b\s*\}?\s*", ", ", s)  # 1, 2, and 3
     s = re.sub(r"\s*\\text\s*\{\s*(?:and|or)\s*\}\s*|\s+(?:and|or)\s+|(?<=\))\s*(?:and|or)\s*(?=\()", ",", s)
     s = re.sub(r"^(-?[\d.,/]+)\s*\\text\s*\{[^{}]*\}$", r"\1", s)  # 17\text{ apples}: a number and its unit
     s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<![\w)}])\+\s*\\infty", r"\\infty", s)  # +\infty: a signed infinity is the same end
+    s = re.sub(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|∅|^\\\{\s*\\\}$|^\{\s*\}$", r"\\emptyset", s)
+    s = re.sub(r"\b([0-9A-F]+)_\{(\d+)\}", r"\1_\2", s)  # 1011_{2}: a base written with or without braces
     s = re.sub(r"^\(?([A-E])\)?[.:]\s.*$", r"\1", s, flags=re.S)  # C. x = 42: a choice and why
     if re.fullmatch(r"[\d,.\s-]+", s):  # 1,234,567 (but not 0,111 or 1000,99: those are decimal commas)
         s = re.sub(r"\b[1-9]\d{0,2}(?:,\d{3})+(?!\d)", lambda m: m[0].replace(",", ""), s)
@@ -231,6 +255,9 @@ def normalize(s):
     s = s.replace(";", ",")
     s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [1, 2] -> [1, 2]
     s = re.sub(r"(?<!\\)\\$", "", s).rstrip(".").strip()  # a stray trailing backslash
+    m = re.fullmatch(r"(-?\d+)\s+(\d+)/(\d+)", s)  # 2 1/2: a mixed number, when the fraction is proper
+    if m and int(m[2]) < int(m[3]):
+        s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
     s = re.sub(r"\s+", " ", s)
     s = re.sub(r"\s*,\s*", ", ", s).strip(", ")
     return re.sub(r"(?<=[(\[{])\s+|\s+(?=[)\]}])", "", s)
@@ -253,7 +280,7 @@ def _number(s):
             v = Fraction(m.group(1)) / Fraction(m.group(2))
         elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)/(\d+(?:\.\d*)?)", s)):
             v = Fraction(m.group(1)) / Fraction(m.group(2))
-        elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:(?:e|\\times10\^|\\cdot10\^|\*10\^)\{?(-?\d{1,3})\}?)?", s)):
+        elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:(?:[eE]|\\times10\^|\\cdot10\^|\*10\^)\{?(-?\d{1,3})\}?)?", s)):
             v = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2) or 0)
         else:
             return None
@@ -700,11 +727,21 @@ def _equal(a, b, depth=0):
 
 
 def _same_set(xs, ys, depth):
-    """Every element of each list equals some element of the other (sets: order and repeats do not matter)."""
+    """Every element of each list equals some element of the other (sets: order and repeats do not matter); an
+    element a \\pm b stands for its two values."""
     if max(len(xs), len(ys)) > 64:
         return sorted(xs) == sorted(ys)
+    xs, ys = _expand_pm(xs), _expand_pm(ys)
     return all(any(_equal(x, y, depth + 1) for y in ys) for x in xs) and \
         all(any(_equal(x, y, depth + 1) for x in xs) for y in ys)
+
+
+def _expand_pm(xs):
+    out = []
+    for x in xs:
+        shape = _structure(normalize(x))
+        out += [f"{shape[1]}+{shape[2]}", f"{shape[1]}-{shape[2]}"] if shape[0] == "pm" else [x]
+    return out
 
 
 def is_equiv(pred, gold):

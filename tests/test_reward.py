@@ -103,6 +103,31 @@ EQUIV = [
     ("\\prod_{k=1}^{5} k", "120", True),
     ("p=5, q=2; p=7, q=2", "(5, 2), (7, 2)", True), ("p=5, q=2; p=7, q=2", "(2, 5), (2, 7)", False),
     ("28 percent", "28\\%", True), ("11,\\! 111", "11111", True), ("a_3 = 2", "2", True), ("a_3 = 2", "a_4 = 2", False),
+    # powers of ten, scientific notation, number words
+    ("3 \\times 10^{4}", "30000", True), ("10^{-3}", "0.001", True), ("1e-3", "0.001", True), ("1E-3", "0.001", True),
+    ("10^{6}", "1 million", True), ("3 thousand", "3000", True), ("1.5 billion", "1500000000", True),
+    ("2.5 \\text{ million}", "2,500,000", True), ("3 thousand", "3", False), ("10^{-3}", "0.01", False),
+    ("1.5 million", "1.5", False),
+    # one object, several spellings: the empty set, the real line, signed infinity
+    ("\\emptyset", "\\varnothing", True), ("\\{\\}", "\\emptyset", True), ("\\{ \\}", "\\varnothing", True),
+    ("\\emptyset", "0", False), ("\\emptyset", "\\{0\\}", False),
+    ("(-\\infty, \\infty)", "\\mathbb{R}", True), ("(-\\infty, +\\infty)", "\\mathbb R", True),
+    ("\\text{all real numbers}", "\\mathbb{R}", True), ("x \\in \\mathbb{R}", "(-\\infty,\\infty)", True),
+    ("\\mathbf{R}", "\\mathbb{R}", True), ("[2, +\\infty)", "[2, \\infty)", True), ("(0, \\infty)", "\\mathbb{R}", False),
+    ("[2, +\\infty)", "(2, \\infty)", False),
+    # bases, mixed numbers with a space
+    ("1011_{2}", "1011_2", True), ("123_{8}", "123_8", True), ("1011_2", "1011_3", False), ("1011_2", "11", False),
+    ("2 1/2", "5/2", True), ("2 1/2", "2.5", True), ("-3 1/4", "-\\frac{13}{4}", True), ("21/2", "5/2", False),
+    ("2 3/2", "3.5", False),
+    # \\pm against its values; lists with a final "and"
+    ("\\{1 \\pm \\sqrt{2}\\}", "1-\\sqrt2, 1+\\sqrt2", True), ("\\{\\pm 2, 5\\}", "\\{-2, 2, 5\\}", True),
+    ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True), ("\\pm 2", "2", False),
+    ("1, 2, and 3", "1, 2, 3", True), ("1, 2, and 3", "\\{3, 2, 1\\}", True), ("1, 2, or 3", "1, 2, 3", True),
+    ("1, 2, and 3", "1, 2", False),
+    # units after decimals and fractions; products of powers
+    ("2.5 cm", "\\frac52 cm", True), ("\\frac{5}{2} \\text{ cm}", "2.5", True), ("\\frac{7}{2} inches", "3.5", True),
+    ("\\frac{5}{2} cm", "2", False), ("3 \\cdot 3^{5}", "3^6", True), ("2^3 \\cdot 2^4", "128", True),
+    ("3 \\cdot 3^{5}", "3^5", False),
     # never equal: empty or missing
     ("", "0", False), (None, "1", False), ("1", None, False),
 ]
@@ -138,6 +163,11 @@ EXTRACT = [
     ("\\boxed{unclosed", None),
     ("The answer is \\boxed{7}.", "7"),  # boxed wins over the phrase
     ("$\\boxed{-3}$", "-3"),
+    # boxes in different sentences or clauses are not one answer; parts joined by "and" are
+    ("we first found $\\boxed{3}$, but the question asks for $y = 2x = \\boxed{6}$", "6"),
+    ("we first found \\boxed{3} and then the question asks for \\boxed{6}", "6"),
+    ("So $x = \\boxed{3}$. Then $y = \\boxed{6}$.", "6"), ("\\boxed{3} and then \\boxed{6}", "6"),
+    ("\\boxed{3} cm and \\boxed{4} cm", "3, 4"), ("$\\boxed{(3, 3)}$ for part (a) and $\\boxed{(1, 1)}$", "(3, 3), (1, 1)"),
 ]
 
 
@@ -187,7 +217,7 @@ def test_parser_builds_sympy_without_eval():
 def test_held_out_pairs_from_other_graders():
     """tests/data/grader_heldout.jsonl: pairs from other graders' test suites, labelled with the mathematical truth
     (`python bench.py reward` scores math-verify on them too). The misses left are conventions we chose and
-    document in reward.py: a comma is never a decimal point, no rounding leeway, lists of roots are unordered."""
+    document in reward.py: no rounding leeway, lists of roots are unordered, a function's argument is its name."""
     import json
 
     from bench import HELDOUT, our_verdict
