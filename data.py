@@ -1,4 +1,4 @@
-"""From raw pages to token shards: the DeepSeekMath corpus pipeline (paper §2.1; ../shared/PAPER.md §1).
+"""From raw pages to token shards: the DeepSeekMath corpus pipeline (paper §2.1; docs/paper.md §1).
 
     crawl.jsonl ─► URL dedup ─► MinHash near-dedup ─► quality filters ─► fastText classifier with iterative
     domain expansion ─► 10-gram decontamination ─► tokenizer ─► packed shards per source (math, code, general)
@@ -159,10 +159,11 @@ class MathClassifier:
     def __init__(self, model=None, max_chars=100_000):
         self.model, self.max_chars = model, max_chars
 
-    def train(self, pos_texts, neg_texts, dim=256, lr=0.1, word_ngrams=3, min_count=3, epoch=3, seed=0, threads=2,
+    def train(self, pos_texts, neg_texts, dim=256, lr=0.1, word_ngrams=3, min_count=3, epoch=3, seed=0, threads=1,
               bucket=None):
         """bucket: size of the hashed n-gram table. fastText's default, 2M rows of `dim` floats, is 2 GB at dim 256;
-        None scales it to the data (50 rows per training page, between 100K and 2M)."""
+        None scales it to the data (50 rows per training page, between 100K and 2M). threads: one gives the same
+        model on every run (fastText's threads update shared weights without locks); use more on a real crawl."""
         import random
         import tempfile
 
@@ -232,7 +233,7 @@ def _path_key(url):
 
 
 def classify_with_expansion(read_pages, seed_texts, iterations=4, budget_tokens=None, threshold=0.5, n_neg=None,
-                            epochs=3, labels=None, seed=0, log=print, batch=5000):
+                            epochs=3, labels=None, seed=0, log=print, batch=5000, threads=1):
     """Paper §2.1: train on seed positives vs random pages, score the pool, collect the top pages within a token
     budget (whitespace words stand in for tokens: the tokenizer is trained on the result), find math domains
     and their math paths, add the uncollected pages under those paths to the positives, retrain; `iterations`
@@ -254,7 +255,7 @@ def classify_with_expansion(read_pages, seed_texts, iterations=4, budget_tokens=
     for it in range(1, iterations + 1):
         neg_ids = set(rng.choice(len(urls), n_neg, replace=False).tolist())
         neg = [p["text"] for i, p in enumerate(read_pages()) if i in neg_ids]
-        clf = MathClassifier().train(positives, neg, epoch=epochs, seed=seed)
+        clf = MathClassifier().train(positives, neg, epoch=epochs, seed=seed, threads=threads)
         scores = np.concatenate([clf.predict_proba([p["text"] for p in chunk]) for chunk in batched(read_pages(), batch)])
         order = np.argsort(-scores, kind="stable")
         within = np.cumsum(sizes[order]) <= budget
@@ -407,7 +408,7 @@ class Mixture:
 # Problem sets: GSM8K, MATH and generic jsonl into one schema {question, answer, cot?, pot?, level?, type?}
 
 
-# The paper's evaluation prompts (§6 of ../shared/PAPER.md); the program-of-thought one is ours (the paper's
+# The paper's evaluation prompts (§6 of docs/paper.md); the program-of-thought one is ours (the paper's
 # PoT prompt is not given there): the answer is what the program prints.
 PROMPTS = {
     "cot": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
@@ -415,6 +416,13 @@ PROMPTS = {
             "and put your final answer within \\boxed{{}}.",
     "pot": "{question}\nPlease write a Python program that prints the answer.",
 }
+
+
+def _answer(value):
+    """A reference answer as text: numbers are spelled out; null, empty or structured values are errors."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise ValueError(f"the answer is {value!r:.60}: expected text or a number")
+    return str(value)
 
 
 def _gsm8k(row):
@@ -439,31 +447,43 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
     The format is recognised from each row's fields."""
     counts = Counter()
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
         rows = data if isinstance(data, list) else [data]
     else:
         rows = read_jsonl(path, skip_bad=skip_bad, counts=counts)
     out = []
     for n, row in enumerate(rows, 1):
         try:
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             if question_field:
-                out.append(dict(question=row[question_field], answer=str(row[answer_field])))
+                p = dict(question=row[question_field], answer=_answer(row[answer_field]))
             elif "problem" in row and "solution" in row:
-                out.append(_math(row))
+                p = _math(row)
             elif "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
-                out.append(_gsm8k(row))
+                p = _gsm8k(row)
             elif "question" in row and "answer" in row:
-                out.append({**row, "answer": str(row["answer"])})
+                p = {**row, "answer": _answer(row["answer"])}
             else:
                 raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
                                  "MATH (problem, solution) or --question-field/--answer-field")
-        except (KeyError, ValueError) as e:
+            if not isinstance(p["question"], str) or not p["question"].strip():
+                raise ValueError(f"the question is {p['question']!r:.60}, not text")
+            out.append(p)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             if not skip_bad:
-                raise DataError(f"{path}: problem {n}: {e}") from None
+                raise DataError(f"{path}: problem {n}: {e} (pass --skip-bad to skip and count such problems)") from None
             counts["bad_lines"] += 1
     if not out:
         raise DataError(f"{path}: no problems read" + (f" ({counts['bad_lines']} bad lines skipped)" if counts else ""))
+    if counts:
+        print(f"{path}: {counts['bad_lines']} bad lines or problems skipped (--skip-bad)", file=sys.stderr)
     return out
 
 
@@ -586,7 +606,7 @@ def build(args):
         seeds = [p["text"] for p in read(seed_pos)]
         keep, rows, clf = classify_with_expansion(pool, seeds, iterations=args.iterations,
                                                   budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
-                                                  labels=labels, seed=args.seed)
+                                                  labels=labels, seed=args.seed, threads=args.classifier_threads)
         clf.save(os.path.join(out, "classifier.bin"))
         write_jsonl(other_path, (p for p, k in zip(pool(), keep) if not k))
         write_jsonl(math_path, (p for p, k in zip(pool(), keep) if k))
@@ -702,6 +722,8 @@ def parse_args(argv=None):
     ap.add_argument("--iterations", type=int, default=4, help="classifier / domain expansion rounds (paper: 4)")
     ap.add_argument("--budget-tokens", type=int, help="keep the top pages up to this many words (default: all)")
     ap.add_argument("--classifier-epochs", type=int, default=3, help="fastText epochs (paper: 3, for ~1M pages)")
+    ap.add_argument("--classifier-threads", type=int, default=1, help="fastText threads (1: the same classifier on "
+                    "every run; raise it for a real crawl)")
     ap.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
     ap.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size, if one is trained")
     ap.add_argument("--tokenizer-mb", type=float, default=100, help="text of each source to train a tokenizer on")

@@ -1,4 +1,4 @@
-"""Evaluate a model on math problems: greedy accuracy, maj@k and pass@k (paper §5; ../shared/PAPER.md §6).
+"""Evaluate a model on math problems: greedy accuracy, maj@k and pass@k (paper §5; docs/paper.md §6).
 
 Three answer formats, as the paper evaluates them, each with its prompt from data.PROMPTS:
 - cot: chain-of-thought; the answer is the last \\boxed{} (reward.extract_answer).
@@ -231,6 +231,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=64, help="sequences per generate call")
     ap.add_argument("--question-field", default=None, help="for jsonl with other field names")
     ap.add_argument("--answer-field", default=None)
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines and problems")
     ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -243,7 +244,7 @@ def main(args):
     for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
         if not os.path.isfile(path):
             raise SystemExit(f"{path}: not found ({what}); the toy files are built by `python grpo.py`")
-    problems = data.load_problems(args.data, args.question_field, args.answer_field)
+    problems = data.load_problems(args.data, args.question_field, args.answer_field, skip_bad=args.skip_bad)
     problems = problems[:args.limit] if args.limit else problems
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)
@@ -275,4 +276,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from pretrain import one_line_errors
+    with one_line_errors():
+        main(parse_args())

@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization, as DeepSeekMath writes it (paper §4; ../shared/PAPER.md §5).
+"""Group Relative Policy Optimization, as DeepSeekMath writes it (paper §4; docs/paper.md §5).
 
 For each question q, sample G outputs o_1..o_G from the old policy and maximise
 
@@ -220,6 +220,7 @@ def parse_args(argv=None):
     ap.add_argument("--init", default="out/toy/sft", help="the policy to start from (a Hugging Face directory)")
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
     ap.add_argument("--out", default="out/toy/grpo")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
@@ -272,8 +273,8 @@ def main(args):
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
     tok = Tokenizer.load(args.init)
-    problems = data.load_problems(args.data)
-    held_out = data.load_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
+    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     pretrain.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
@@ -398,4 +399,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with pretrain.one_line_errors():
+        main(parse_args())

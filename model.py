@@ -1,6 +1,6 @@
 """The transformer: a Llama/DeepSeek-family decoder, its KV-cache sampler, and Hugging Face checkpoint I/O.
 
-DeepSeekMath-Base 7B is a plain Llama (paper §2; ../shared/PAPER.md §2): pre-norm RMSNorm, rotary position
+DeepSeekMath-Base 7B is a plain Llama (paper §2; docs/paper.md §2): pre-norm RMSNorm, rotary position
 embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
 input and output embeddings, no biases. This file is the whole model; it imports torch and safetensors only and
 knows nothing of tokenizers, data or process groups (FSDP is applied by the training scripts).
@@ -320,23 +320,29 @@ class Transformer(nn.Module):
             expected.pop("lm_head.weight")
         state = {}
         for file in _safetensors_files(path):
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")
-                    if name not in expected:
-                        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
-                            continue  # recomputed / shared with the embedding
-                        raise ValueError(f"{file}: unexpected tensor {key!r}: this is not a plain "
-                                         f"{'/'.join(HF_ARCHITECTURES)} checkpoint, or its config.json is wrong")
-                    t = f.get_tensor(key)
-                    if t.shape != expected[name]:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
-                                         f"{tuple(expected[name])}: the config and the weights do not match")
-                    state[name] = t.to(dtype) if dtype is not None else t
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        name = key.removeprefix("model.")
+                        if name not in expected:
+                            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+                                continue  # recomputed / shared with the embedding
+                            raise CheckpointError(f"{file}: unexpected tensor {key!r}: this is not a plain "
+                                                  f"{'/'.join(HF_ARCHITECTURES)} checkpoint, or its config.json is wrong")
+                        t = f.get_tensor(key)
+                        if t.shape != expected[name]:
+                            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} but config.json "
+                                                  f"implies {tuple(expected[name])}: the config and the weights differ")
+                        state[name] = t.to(dtype) if dtype is not None else t
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors' own errors (a truncated file, a bad header) have no common base
+                raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}); the file is truncated or "
+                                      f"damaged: copy or export it again") from None
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"({len(missing)} in all); the checkpoint is incomplete or for another architecture")
+            raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                                  f"({len(missing)} in all); the checkpoint is incomplete or for another architecture")
         if dtype is None:  # one dtype for the whole model: that of the embedding
             dtype = state["embed_tokens.weight"].dtype
             state = {k: v.to(dtype) for k, v in state.items()}
@@ -405,17 +411,30 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
+class CheckpointError(ValueError):
+    """A model directory that cannot be read: the message names the file, what is wrong, and the fix."""
+
+
 def config_from_hf(path) -> ModelConfig:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: expected a Hugging Face model directory")
-    with open(file) as f:
-        c = json.load(f)
+        raise CheckpointError(f"{file} not found: expected a Hugging Face model directory")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the file is damaged: copy or export it again") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(c).__name__}")
     kind = c.get("model_type")
     if kind not in HF_ARCHITECTURES:
-        raise ValueError(f"{file}: model_type {kind!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
+        raise CheckpointError(f"{file}: model_type {kind!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
     if c.get("attention_bias") or c.get("mlp_bias"):
-        raise ValueError(f"{file}: Llama attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
+        raise CheckpointError(f"{file}: Llama attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in c]
+    if missing:
+        raise CheckpointError(f"{file}: missing {', '.join(missing)}; this is not a complete model config")
     # transformers >= 5 nests rope_theta and the scaling under rope_parameters; older files keep them at the top
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
@@ -448,14 +467,20 @@ def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        for n in names:
+            if not os.path.isfile(os.path.join(path, n)):
+                raise CheckpointError(f"{index} lists {n}, which is not in {path}: the download is incomplete")
         return [os.path.join(path, n) for n in names]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                            "(PyTorch .bin checkpoints are not read: convert them with safetensors first)")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                          "(PyTorch .bin checkpoints are not read: convert them with safetensors first)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ is no code path only one of them takes. A run writes to --out: metrics.jsonl (on
 sharded checkpoints (torch.distributed.checkpoint) under checkpoints/, and at the end the model as a Hugging Face
 directory (config.json, model.safetensors, tokenizer files) in --out itself.
 
-Paper settings (../shared/PAPER.md §3): AdamW β 0.9/0.95, weight decay 0.1, peak LR 4.2e-4 with 2,000 warmup steps,
+Paper settings (docs/paper.md §3): AdamW β 0.9/0.95, weight decay 0.1, peak LR 4.2e-4 with 2,000 warmup steps,
 then the multi-step schedule (×0.316 at 80% of training, ×0.1 of peak at 90%), 10M-token batches of 4K context.
 
     python pretrain.py                                         # the toy: builds its data first if missing
@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import PRESETS, ModelConfig, Transformer
+from model import PRESETS, CheckpointError, ModelConfig, Transformer
+from tokenizer import TokenizerError
 
 # -----------------------------------------------------------------------------
 # Processes and devices
@@ -59,6 +60,17 @@ def init_dist():
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+@contextmanager
+def one_line_errors():
+    """Input a user can fix (a malformed jsonl line, a truncated checkpoint, a damaged tokenizer.json) ends a script
+    with one line that names the file and the fix, and exit status 1: never a traceback from deep inside."""
+    try:
+        yield
+    except (data.DataError, CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def print0(d, *a, **kw):
@@ -564,4 +576,5 @@ def peak_flops(device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors():
+        main(parse_args())

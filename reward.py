@@ -1,4 +1,4 @@
-"""Judging answers: extraction, equivalence, and the reward GRPO optimises (paper §4, §6; ../shared/PAPER.md §5-6).
+"""Judging answers: extraction, equivalence, and the reward GRPO optimises (paper §4, §6; docs/paper.md §5-6).
 
 A grader that is wrong or exploitable teaches the model the wrong thing, so every input is treated as hostile:
 answers are length-capped, never passed to eval or sympify (a small LaTeX parser of our own builds sympy objects

@@ -1,5 +1,5 @@
 """Supervised fine-tuning on chain-of-thought, program-of-thought and tool-integrated solutions (paper §3;
-../shared/PAPER.md §4).
+docs/paper.md §4).
 
 Each problem gives one example per solution format (--formats: cot, pot, tool), in the chat format of
 DeepSeekMath-Instruct, `<bos>User: {prompt}\\n\\nAssistant: {solution}<eos>`, with the loss on the solution tokens
@@ -127,7 +127,7 @@ def main(args):
     pretrain.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data, skip_bad=args.skip_bad)
-    held_out = data.load_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
+    held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     pretrain.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     examples = make_examples(problems, tok, args.formats.split(","))
@@ -179,4 +179,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with pretrain.one_line_errors():
+        main(parse_args())

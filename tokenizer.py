@@ -1,6 +1,6 @@
 """The tokenizer: byte-level BPE, trained here or read from a Hugging Face tokenizer.json, served by tiktoken.
 
-DeepSeekMath uses byte-level BPE with digits split one by one (paper §2; ../shared/PAPER.md §2). This file
+DeepSeekMath uses byte-level BPE with digits split one by one (paper §2; docs/paper.md §2). This file
 trains such a tokenizer on our own corpus (the toy world uses it), and reads the tokenizer.json of real models
 (DeepSeek, Qwen2, Llama-3, GPT-2 style) so that ids match the `tokenizers` library exactly. Either way the
 encoding itself is done by tiktoken's Rust BPE; this file only prepares its tables.
@@ -125,6 +125,10 @@ def train_bpe(texts, n_merges, pattern=SPLIT_PATTERN):
 
 # -----------------------------------------------------------------------------
 # The tokenizer
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read: the message names the file and what is wrong."""
 
 
 class Tokenizer:
@@ -253,12 +257,17 @@ class Tokenizer:
         """Read a Hugging Face byte-level BPE tokenizer.json (and tokenizer_config.json for BOS/EOS/pad)."""
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} not found (sentencepiece tokenizer.model files are not supported)")
-        with open(file, encoding="utf-8") as f:
-            tok = json.load(f)
-        m = tok["model"]
+            raise TokenizerError(f"{file} not found (sentencepiece tokenizer.model files are not supported)")
+        try:
+            with open(file, encoding="utf-8") as f:
+                tok = json.load(f)
+            m = tok["model"]
+            m["vocab"], m["merges"]  # noqa: B018  (present, or the KeyError below)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e}); the file is "
+                                 f"damaged or of another kind: copy it again from the model") from None
         if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
-            raise ValueError(f"{file}: only byte-level BPE is supported (got model type {m.get('type')!r}"
+            raise TokenizerError(f"{file}: only byte-level BPE is supported (got model type {m.get('type')!r}"
                              f"{', byte_fallback' if m.get('byte_fallback') else ''}); sentencepiece-style "
                              "tokenizers (Llama 2, Mistral) are not")
         splits, prefix_space_at = _hf_pre_tokenizer(tok.get("pre_tokenizer"), file)
@@ -268,7 +277,7 @@ class Tokenizer:
             try:
                 return bytes(CHAR_TO_BYTE[c] for c in s)
             except KeyError:
-                raise ValueError(f"{file}: token {s!r} is not spelled in byte-level characters") from None
+                raise TokenizerError(f"{file}: token {s!r} is not spelled in byte-level characters") from None
 
         vocab = {unspell(s): i for s, i in m["vocab"].items()}
         specials = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
@@ -286,11 +295,11 @@ class Tokenizer:
             a, b = unspell(a), unspell(b)
             merges.append((a, b))
             if a + b not in vocab:
-                raise ValueError(f"{file}: merge {pair!r} makes a token that is not in the vocabulary")
+                raise TokenizerError(f"{file}: merge {pair!r} makes a token that is not in the vocabulary")
             ranks.setdefault(a + b, len(ranks))
         missing = [b for b in ranks if b not in vocab]
         if missing:
-            raise ValueError(f"{file}: byte-level vocabulary lacks single bytes {missing[:5]}")
+            raise TokenizerError(f"{file}: byte-level vocabulary lacks single bytes {missing[:5]}")
         rank_to_id = [0] * len(ranks)
         for b, r in ranks.items():
             rank_to_id[r] = vocab[b]
@@ -328,7 +337,7 @@ def _hf_pre_tokenizer(pre, file):
         kind = p.get("type")
         if kind == "Split":
             if p.get("behavior") != "Isolated" or p.get("invert"):
-                raise ValueError(f"{file}: Split behaviour {p.get('behavior')!r} (invert={p.get('invert')}) is not "
+                raise TokenizerError(f"{file}: Split behaviour {p.get('behavior')!r} (invert={p.get('invert')}) is not "
                                  "supported; only 'Isolated' is")
             pat = p["pattern"]
             splits.append(pat["Regex"] if "Regex" in pat else regex.escape(pat["String"]))
@@ -341,9 +350,9 @@ def _hf_pre_tokenizer(pre, file):
             if p.get("use_regex", True):
                 splits.append(GPT2_PATTERN)
         else:
-            raise ValueError(f"{file}: pre-tokenizer {kind!r} is not supported (Split, Digits, ByteLevel are)")
+            raise TokenizerError(f"{file}: pre-tokenizer {kind!r} is not supported (Split, Digits, ByteLevel are)")
     if not byte_level:
-        raise ValueError(f"{file}: no ByteLevel pre-tokenizer: this is not a byte-level BPE tokenizer")
+        raise TokenizerError(f"{file}: no ByteLevel pre-tokenizer: this is not a byte-level BPE tokenizer")
     return splits or [r"[\s\S]+"], prefix_space_at
 
 
@@ -353,7 +362,7 @@ def _hf_normalizer(norm, file):
     kinds = [n.get("type") for n in norm.get("normalizers", [norm])] if norm.get("type") == "Sequence" else [norm.get("type")]
     kinds = [k for k in kinds if k]
     if len(kinds) > 1 or (kinds and kinds[0] not in ("NFC", "NFD", "NFKC", "NFKD")):
-        raise ValueError(f"{file}: normalizer {kinds} is not supported (one of NFC, NFD, NFKC, NFKD is)")
+        raise TokenizerError(f"{file}: normalizer {kinds} is not supported (one of NFC, NFD, NFKC, NFKD is)")
     return kinds[0] if kinds else None
 
 

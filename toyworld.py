@@ -1,6 +1,6 @@
 """The toy world: a synthetic web crawl and a synthetic problem set, so that every stage runs offline.
 
-The paper mines 35.5M math pages from Common Crawl (§2.1; ../shared/PAPER.md §1). The toy crawl is a small
+The paper mines 35.5M math pages from Common Crawl (§2.1; docs/paper.md §1). The toy crawl is a small
 world with the same difficulties, each recorded in ground-truth labels so that data.py can report precision
 and recall:
 

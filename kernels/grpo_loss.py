@@ -1,4 +1,4 @@
-"""The GRPO per-token loss of paper Eq. 3-4 (../shared/PAPER.md §5), forward and gradient in one pass.
+"""The GRPO per-token loss of paper Eq. 3-4 (docs/paper.md §5), forward and gradient in one pass.
 
 With r = exp(logp - old_logp), advantage A, clip bounds (1 - eps_low, 1 + eps_high) and d = ref_logp - logp:
 

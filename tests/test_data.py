@@ -237,7 +237,7 @@ def test_classifier_separates_real_math_documentation_from_other_documentation()
 
 
 def test_classifier_takes_any_page_and_round_trips(tmp_path):
-    clf = MathClassifier().train(["x + 1 = 2 so x = 1"] * 20, ["the cat sat on the mat"] * 20, epoch=20)
+    clf = MathClassifier().train(["x + 1 = 2 so x = 1"] * 20, ["the cat sat on the mat"] * 20, epoch=20, threads=1)
     odd = ["", "   \n\n  ", "line one\nline two\r\nline three", "a\ud800b" * 10, "math " * 300_000]
     p = clf.predict_proba(odd + ["x + 1 = 2"])
     assert p.shape == (6,) and ((p >= 0) & (p <= 1)).all() and p[-1] > 0.5

@@ -3,6 +3,7 @@ answers (with a scripted model), and a real model end to end."""
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+import sft
 from model import Generation, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -73,6 +75,38 @@ class Scripted:
         return Generation(tokens=[ids[:max_new_tokens]] * len(prompts), finished=[eos or bool(stop)] * len(prompts))
 
 
+class Oracle(Scripted):
+    """Answers "What is i + 1?" right when i is even; on odd i, right only in the first of every 4 samples it
+    is asked for (per question), so every score below is known in advance."""
+
+    def __init__(self, tok):
+        super().__init__(tok, [])
+        self.asked = {}
+
+    def generate(self, prompts, max_new_tokens, stop=(), eos_ids=(), **kw):
+        out = []
+        for p in prompts:
+            i = int(re.search(r"What is (\d+)", self.tok.decode(p))[1])
+            n = self.asked[i] = self.asked.get(i, -1) + 1
+            answer = i + 1 if i % 2 == 0 or n % 4 == 0 else i + 2
+            out.append(self.tok.encode(f"So the answer is \\boxed{{{answer}}}.") + [self.tok.eos_id])
+        return Generation(tokens=out, finished=[True] * len(out))
+
+
+def test_scores_of_a_model_whose_accuracy_is_known(tok):
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(8)]
+    m, records = evaluate.evaluate(Oracle(tok), tok, problems, samples=4, temperature=1.0, max_new_tokens=16)
+    # even questions: 4 of 4 right; odd ones: the first sample of 4 only
+    assert m["accuracy"] == pytest.approx((4 * 4 + 4 * 1) / 32)
+    assert m["pass@1"] == pytest.approx(20 / 32) and m["pass@4"] == 1.0
+    assert m["maj@1"] == 1.0 and m["maj@4"] == 0.5  # odd questions: 3 wrong votes beat 1 right one
+    assert [r["correct"] for r in records][1] == [True, False, False, False]
+    m, _ = evaluate.evaluate(Oracle(tok), tok, problems)  # greedy: one sample each, the first: all right
+    assert m["accuracy"] == 1.0
+    d = sft.pretrain.Dist(0, 1, torch.device("cpu"))
+    assert sft.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
+
+
 def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     model = Scripted(tok, [("Compute.\n```python\nprint(6 * 7)\n```\n```output", False),
                            ("\nThe answer is \\boxed{42}.", True)])
@@ -132,8 +166,9 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
                        cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    assert metrics["problems"] == 6 and 0 <= metrics["accuracy"] <= 1 and not math.isnan(metrics["accuracy"])
-    assert len(out.read_text().splitlines()) == 6
+    predictions = [json.loads(line) for line in out.read_text().splitlines()]
+    assert metrics["problems"] == len(predictions) == 6  # the printed score is the mean of the written verdicts
+    assert metrics["accuracy"] == pytest.approx(sum(p["correct"][0] for p in predictions) / 6)
     r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "nope")], capture_output=True,
                        text=True, cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
     assert r.returncode != 0 and "nope/config.json: not found" in r.stderr

@@ -95,6 +95,25 @@ def test_grpo_loss_on_hand_computed_tokens(backend):
     torch.testing.assert_close(lp.grad, torch.tensor([-0.5]))
 
 
+def test_grpo_loss_with_asymmetric_clip_on_hand_computed_tokens(backend):
+    # clip (0.2, 0.28): the ratio may rise to 1.28 before the clip binds, and fall to 0.8
+    # r = 1.25, A = 2: inside 1.28, not clipped -> loss -2.5, gradient -r A = -2.5 (with eps 0.2 it would bind)
+    # r = 1.30, A = 1: above 1.28 -> loss -1.28, gradient 0
+    # r = 0.78, A = -1: below 0.8 -> loss -min(-0.78, -0.8) = 0.8, gradient 0
+    # r = 0.78, A = 1: min picks r A -> loss -0.78, gradient -0.78
+    lp = torch.log(torch.tensor([1.25, 1.30, 0.78, 0.78])).requires_grad_()
+    a = torch.tensor([2.0, 1.0, -1.0, 1.0])
+    loss, kl = grpo_token_loss(lp, torch.zeros(4), lp.detach().clone(), a, clip_eps=(0.2, 0.28), beta=0.04)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, torch.tensor([-2.5, -1.28, 0.8, -0.78]))
+    torch.testing.assert_close(lp.grad, torch.tensor([-2.5, 0.0, 0.0, -0.78]))
+    lp.grad = None
+    loss, _ = grpo_token_loss(lp, torch.zeros(4), lp.detach().clone(), a, clip_eps=0.2, beta=0.04)
+    loss.sum().backward()
+    torch.testing.assert_close(loss[:2], torch.tensor([-2.4, -1.2]))  # symmetric: both bind at 1.2
+    torch.testing.assert_close(lp.grad[:2], torch.zeros(2))
+
+
 def test_grpo_loss_matches_reference_with_asymmetric_clip(backend):
     torch.manual_seed(1)
     n = 3001

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, ModelConfig, Transformer, sample
+from model import PRESETS, CheckpointError, ModelConfig, Transformer, sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,7 +96,7 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported"):
         Transformer.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
@@ -107,8 +107,19 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
     with pytest.raises(ValueError, match="missing tensors.*layers.2"):
         Transformer.from_pretrained(tmp_path)
 
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(CheckpointError, match="config.json not found"):
         Transformer.from_pretrained(tmp_path / "nowhere")
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg)[:-20])
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    for damaged in (weights[:len(weights) // 2], b"\xff" * 8 + weights[8:], b""):
+        (tmp_path / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="model.safetensors: unreadable .* truncated or damaged"):
+            Transformer.from_pretrained(tmp_path)
 
 
 def test_build_on_meta_then_load_does_not_allocate_twice(tmp_path):

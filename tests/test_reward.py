@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from reward import batch_rewards, extract_answer, is_equiv, math_reward, to_sympy
+from reward import SYMPY_SECONDS, batch_rewards, extract_answer, is_equiv, math_reward, to_sympy
 
 # (prediction, gold, equivalent?)
 EQUIV = [
@@ -193,24 +193,29 @@ def test_math_reward_and_batch_form():
 
 @pytest.mark.parametrize("hostile", [
     "10^{10^{10}}", "9^{9^{9^{9}}}", "2^{100000}", "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 300 + "1",
-    "1" * 100_000, "x" * 100_000, "__import__('os').system('touch /tmp/pwned')", "().__class__.__base__",
+    "1" * 100_000, "x" * 100_000, "__import__('os').system('true')", "().__class__.__base__",
     "\\sqrt{" * 2000, "10!" * 50, "99999999!", "\\frac{1}{0}", "0^{-1}", "\\begin{pmatrix}" + "1&" * 10000,
     "x^{299} - 3x^{17} + x^{5} - 7 > 0", "0 < x^{97} + x < x^{98}", "\\boxed{1}, " * 3000, "1, " * 5000,
     "\\sum_{k=1}^{10^{10}} 2^{2^{k}}", "\\prod_{k=1}^{10^{10}} k",
 ])
 def test_hostile_answers_are_refused_quickly(hostile):
-    t0 = time.time()
-    assert is_equiv(hostile, "1") is False
-    is_equiv(hostile, hostile[:50] + "2")  # either verdict, but no exception
-    is_equiv(hostile, "(1, \\infty)")
-    assert math_reward("\\boxed{" + hostile + "}", "1") == 0.0
-    assert time.time() - t0 < 8
+    """Each call is bounded by is_equiv's own wall-clock timer (a signal, so a busy machine cannot stretch it);
+    the margin covers the work before and after the timer runs."""
+    bound = 4 * SYMPY_SECONDS + 3
+    for call in (lambda: is_equiv(hostile, "1") is False,
+                 lambda: is_equiv(hostile, hostile[:50] + "2") in (True, False),  # either verdict, no exception
+                 lambda: is_equiv(hostile, "(1, \\infty)") in (True, False),
+                 lambda: math_reward("\\boxed{" + hostile + "}", "1") == 0.0):
+        t0 = time.monotonic()
+        assert call()
+        assert time.monotonic() - t0 < bound
 
 
-def test_parser_builds_sympy_without_eval():
-    import os
-    assert to_sympy("__import__('os').system('touch /tmp/pwned')") is None
-    assert not os.path.exists("/tmp/pwned")
+def test_parser_builds_sympy_without_eval(tmp_path):
+    marker = tmp_path / "pwned"
+    for attack in (f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')"):
+        assert to_sympy(attack) is None and is_equiv(attack, "1") is False
+    assert not marker.exists()
     assert to_sympy("\\frac{2}{4}") == to_sympy("1/2")
 
 

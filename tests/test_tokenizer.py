@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tokenizer import BOS, EOS, Tokenizer, train_bpe
+from tokenizer import BOS, EOS, Tokenizer, TokenizerError, train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -163,7 +163,7 @@ def test_unsupported_tokenizer_files_fail_clearly(tmp_path):
     t.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="only byte-level BPE is supported"):
         Tokenizer.from_hf(tmp_path)
-    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+    with pytest.raises(TokenizerError, match="tokenizer.json not found"):
         Tokenizer.from_hf(tmp_path / "nowhere")
 
 

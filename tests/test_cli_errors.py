@@ -1,0 +1,86 @@
+"""Bad input through the command line, as a user meets it: one line on stderr naming the file, a non-zero exit,
+never a Python traceback. Each case runs the real script in a subprocess."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    tok = Tokenizer.train(["User: what is 1 + 1?\n\nAssistant: 2 \\boxed{2}"] * 5, 300)
+    Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=64)).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "good.jsonl"
+    p.write_text("".join(json.dumps(dict(question=f"What is {i} + 1?", answer=str(i + 1))) + "\n" for i in range(3)))
+    return p
+
+
+def run(*argv):
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stderr.strip()
+
+
+def assert_one_clear_line(code, err, *words):
+    assert code != 0 and "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, err)
+
+
+def evaluate_cli(model_dir, data, *extra):
+    return run("evaluate.py", "--model", str(model_dir), "--data", str(data), "--max-new-tokens", "4",
+               "--workers", "1", "--out", str(data) + ".out.jsonl", *extra)
+
+
+def test_a_truncated_jsonl_line(model_dir, problems, tmp_path):
+    bad = tmp_path / "truncated.jsonl"
+    bad.write_text(problems.read_text() + '{"question": "What is 9 + 1?", "answ')
+    assert_one_clear_line(*evaluate_cli(model_dir, bad), "truncated.jsonl:4", "--skip-bad")
+    assert_one_clear_line(*run("grpo.py", "--init", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "g")),
+                          "truncated.jsonl:4")
+
+
+@pytest.mark.parametrize("row,why", [({"question": 42, "answer": "1"}, "not text"),
+                                     ({"question": "What is 1 + 1?", "answer": None}, "the answer is None"),
+                                     ({"question": ["a", "list"], "answer": "1"}, "not text"),
+                                     ({"question": "What?", "answer": {"a": 1}}, "expected text or a number")])
+def test_a_problem_that_is_not_a_problem(model_dir, problems, tmp_path, row, why):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(problems.read_text() + json.dumps(row) + "\n")
+    assert_one_clear_line(*evaluate_cli(model_dir, bad), "bad.jsonl: problem 4", why)
+    code, err = evaluate_cli(model_dir, bad, "--skip-bad", "--limit", "1")  # or a counted skip
+    assert code == 0 and "1 bad lines or problems skipped" in err, err
+
+
+def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
+    import shutil
+    for damage, words in [("truncate", ("model.safetensors", "truncated or damaged")),
+                          ("config", ("config.json", "not valid JSON")),
+                          ("tensor", ("missing tensors",)),
+                          ("tokenizer", ("tokenizer.json", "damaged"))]:
+        d = tmp_path / damage
+        shutil.copytree(model_dir, d)
+        if damage == "truncate":
+            w = (d / "model.safetensors").read_bytes()
+            (d / "model.safetensors").write_bytes(w[:len(w) // 3])
+        elif damage == "config":
+            (d / "config.json").write_text((d / "config.json").read_text()[:-30])
+        elif damage == "tensor":
+            from safetensors.torch import load_file, save_file
+            state = load_file(d / "model.safetensors")
+            save_file({k: v for k, v in state.items() if "layers.0.mlp.up_proj" not in k}, d / "model.safetensors")
+        else:
+            (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text()[:100])
+        assert_one_clear_line(*evaluate_cli(d, problems), *words)
