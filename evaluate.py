@@ -1,15 +1,16 @@
 """Evaluate a model on math problems: greedy accuracy, maj@k and pass@k (paper §5; docs/paper.md §6).
 
-Three answer formats, as the paper evaluates them, each with its prompt from data.PROMPTS:
+Three answer formats, as the paper evaluates them, each with its prompt from data.PROMPTS (the chain-of-thought
+and tool prompts are the paper's; the program-of-thought one is ours, the paper does not give it):
 - cot: chain-of-thought; the answer is the last \\boxed{} (reward.extract_answer).
 - pot: program-of-thought; the last ```python block is run in the sandbox and its printed output is the answer.
-- tool: tool-integrated; whenever the model opens a ```output block the sandbox runs the program above it, its
-  output is appended and generation continues, at most TOOL_ROUNDS times (the paper's evaluation allows 2).
-Grading is reward.py's (extraction, then sympy-backed equivalence). With K samples per problem:
+- tool: tool-integrated; the sandbox runs the model's programs as it writes them (engine.complete).
+Generation is engine.py's, grading reward.py's (extraction, then sympy-backed equivalence). With K samples per
+problem:
 - accuracy: the share of correct answers (with --temperature 0 and one sample: greedy accuracy);
 - pass@k: the unbiased estimate 1 - C(n-c, k) / C(n, k) from n samples with c correct (Chen et al., 2021);
 - maj@k: the most frequent answer among the first k samples is correct (self-consistency; ties: the earliest).
-`complete` is also what grpo.py rolls out with, so rollouts and evaluation see the same tools and prompts.
+`held_out_metrics` is the same on torchrun ranks, each with its share: sft.py and grpo.py report with it.
 
     python evaluate.py                                               # the toy SFT model, greedy CoT
     python evaluate.py --model out/toy/grpo --samples 16 --temperature 0.7
@@ -20,97 +21,17 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 
 import torch
 
+import common
 import data
 import reward
+from engine import complete
 from model import Transformer
 from tokenizer import Tokenizer
-
-TOOL_ROUNDS = 2  # sandbox executions per tool-integrated solution (paper §6)
-OUTPUT_MARK = "```output"
-OUTPUT_SHOWN = 512  # characters of a program's output shown to the model (ToRA shows a short tail as well)
-
-# -----------------------------------------------------------------------------
-# Completions, with the sandbox in the loop
-
-
-@dataclass
-class Completion:
-    prompt: list  # the prompt's token ids
-    ids: list  # the completion's token ids: the model's, tool outputs spliced in; ends with EOS if it stopped
-    sampled: list  # per id, True where the model wrote it, False where the sandbox did (no loss on those)
-    finished: bool  # False if cut at the token budget
-    text: str  # what is graded: the decoded completion, for PoT followed by its program's output block
-
-
-def last_program(text):
-    """The last ```python block of a text, or None."""
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    return blocks[-1] if blocks else None
-
-
-def program_output(code, timeout):
-    """What the model is shown of running `code` in the sandbox: stdout, or the error line if it failed."""
-    if code is None:
-        return "no program found"
-    r = reward.run_python(code, timeout=timeout)
-    out = r.stdout if r.ok else (r.stdout + (r.error or "error")).strip()
-    return out.strip()[-OUTPUT_SHOWN:]
-
-
-@torch.no_grad()
-def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, generator=None,
-             batch=64, code_timeout=5.0, progress=None):
-    """One completion per question (repeat a question for several samples), in batches of `batch`, each batch a
-    single KV-cache generate call per tool round. Returns [Completion] in the order of `questions`."""
-    template = data.PROMPTS[prompt]
-    prompts = [tok.chat(template.format(question=q)) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little left-padding
-    out = [None] * len(prompts)
-    for s in range(0, len(order), batch):
-        rows = order[s:s + batch]
-        ids, sampled = {i: [] for i in rows}, {i: [] for i in rows}
-        finished, live = {i: False for i in rows}, list(rows)
-        for round_ in range(TOOL_ROUNDS + 1 if prompt == "tool" else 1):
-            budget = {i: min(max_new_tokens - len(ids[i]), model.config.max_seq_len - len(prompts[i]) - len(ids[i]))
-                      for i in live}  # a row with no room left (budget or context) is done
-            live = [i for i in live if budget[i] > 0]
-            if not live:
-                break
-            stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
-            gen = model.generate([prompts[i] + ids[i] for i in live], max(budget[i] for i in live),
-                                 temperature=temperature, top_p=top_p, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
-                                 stop=stop, decode=tok.decode, generator=generator)
-            again = []
-            for i, new, fin in zip(live, gen.tokens, gen.finished):
-                if len(new) > budget[i]:
-                    new, fin = new[:budget[i]], False
-                ids[i] += new
-                sampled[i] += [True] * len(new)
-                finished[i] = fin
-                if fin and new and new[-1] != tok.eos_id:  # stopped at ```output: run the program above it
-                    shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
-                    spliced = tok.encode("\n" + shown + "\n```\n")
-                    ids[i] += spliced
-                    sampled[i] += [False] * len(spliced)
-                    finished[i] = False
-                    again.append(i)
-            live = again
-        for i in rows:
-            text = tok.decode([t for t in ids[i] if t != tok.eos_id])
-            if prompt == "pot":
-                text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
-            out[i] = Completion(prompts[i], ids[i], sampled[i], finished[i], text)
-        if progress is not None:
-            progress.update(len(rows))
-    return out
-
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -214,6 +135,14 @@ def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top
     return metrics, records
 
 
+def held_out_metrics(model, tok, problems, d, **kw):
+    """`evaluate` (kw: its options) with each rank on its share of `problems` and a full model (common.gathered
+    under FSDP); returns the metrics as means over all of them."""
+    mine = problems[d.rank::d.world]
+    m, _ = evaluate(model, tok, mine, **kw)
+    return {k: common.all_sum(d, v * len(mine)) / len(problems) for k, v in m.items() if isinstance(v, float)}
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -276,6 +205,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from pretrain import one_line_errors
-    with one_line_errors():
+    with common.one_line_errors():
         main(parse_args())

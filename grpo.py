@@ -1,30 +1,42 @@
 """Group Relative Policy Optimization, as DeepSeekMath writes it (paper §4; docs/paper.md §5).
 
-For each question q, sample G outputs o_1..o_G from the old policy and maximise
+For each question q, sample G outputs o_1..o_G from the old policy π_old and maximise
 
-    J = mean_q (1/G) sum_i (1/|o_i|) sum_t [ min(r_it A_it, clip(r_it, 1-eps, 1+eps) A_it) - beta KL_it ]
+    J = mean_q (1/G) Σ_i (1/|o_i|) Σ_t [ min(ρ_it Â_it, clip(ρ_it, 1-ε, 1+ε) Â_it) - β KL_it ]
 
-with r_it = pi(o_it | q, o_i<t) / pi_old(...), and the k3 estimate KL_it = pi_ref/pi - log(pi_ref/pi) - 1 in the
-loss (not in the reward). Advantages, two ways (paper §4.1.2-4.1.3):
-- outcome supervision: A_it = (r_i - mean(r)) / std(r) over the group, the same for every token of o_i;
-- process supervision (--supervision process): every step j of o_i gets a reward, normalised over all steps
-  of the group, and A_it is the sum of the normalised rewards of the steps that end at or after token t. On the
-  toy a rule-based checker (reward.process_rewards) stands in for the paper's process reward model.
-One step: rollout -> reward -> advantages -> loss -> backward -> AdamW step, in `main` below.
+with the ratio ρ_it = π_θ(o_it | q, o_i<t) / π_old(o_it | q, o_i<t), and the k3 estimate
+KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1 in the loss (not in the reward). The advantages Â, two ways:
+- outcome supervision (§4.1.2): Â_it = (r_i - mean(r)) / std(r) over the group, for every token of o_i;
+- process supervision (§4.1.3, --supervision process): each step j of o_i has a reward, normalised over all
+  steps of the group, and Â_it is the sum of the normalised rewards of the steps that end at or after token t.
+  On the toy a rule-based checker (reward.process_rewards) stands in for the paper's process reward model.
 
-Choices the paper leaves open, made here: eps = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
-whose rewards are all equal gets zero advantage (counted in zero_std_groups), rollouts at temperature 1, a
-constant LR.
-Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO), --clip-high
-(DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ref-reset K (iterative GRPO, Algorithm 1:
-the reference becomes the current policy every K steps), --oversample K (DAPO's dynamic sampling: groups whose
-rewards all agree are replaced by ones that carry signal), --online-rft (the paper's §5.2.1 baseline), --prompt
-tool (tool-integrated rollouts: the sandbox runs the model's programs, and their output joins the context with
-no loss on it).
+Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
+     1  policy π_θ ← π_init
+     2  for iteration = 1, ..., I:                  (I x M = --max-steps; a new one every --ref-reset M)
+     3      reference π_ref ← π_θ
+     4      for step = 1, ..., M:
+     5          sample a batch D_b of questions
+     6          π_old ← π_θ
+     7          sample G outputs o_i ~ π_old(· | q) for each question q of D_b
+     8          rewards r_i of the outputs              (ours: rule-graded, reward.py; paper: a reward model)
+     9          advantages Â_it by group-relative estimation
+    10          for GRPO iteration = 1, ..., μ:
+    11              update π_θ to maximise J
+    12      update the reward model with a replay of old data   (no reward model here: see the README)
 
-    python grpo.py                                    # the toy: builds data, base and SFT models first if missing
+Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
+whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, a
+constant LR. Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO),
+--clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --oversample K (DAPO's dynamic
+sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
+§5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
+it). Generation is engine.py's, the per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's.
+
+    python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
-        --lr 1e-6 --max-new-tokens 1024 --micro-batch 4 --gen-batch 32 --max-steps 9000 --activation-checkpointing
+        --lr 1e-6 --max-new-tokens 1024 --micro-batch 4 --gen-batch 32 --max-steps 9000 \\
+        --activation-checkpointing
 """
 
 import argparse
@@ -35,9 +47,10 @@ import time
 import numpy as np
 import torch
 
+import common
 import data
+import engine
 import evaluate
-import pretrain
 import reward
 import sft
 from kernels import grpo_token_loss, token_logprobs
@@ -48,75 +61,87 @@ from tokenizer import Tokenizer
 # The pieces, named as in the paper
 
 
-def flat_groups(rewards):
-    """(questions, G) rewards -> (questions,) bool: the groups whose rewards all agree, which carry no signal."""
+def zero_std_groups(rewards):
+    """(questions, G) rewards -> (questions,) bool: groups whose rewards all agree, which carry no signal."""
     return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
 
 
 def group_advantages(rewards, scale_std=True):
-    """Outcome supervision (paper §4.1.2): A_i = (r_i - mean(r)) / std(r) within each group, the same for every
-    token of o_i. rewards: (questions, G). A group whose rewards are all equal gets advantages 0 (not 0/0).
-    Returns (advantages, number of such groups)."""
-    flat = flat_groups(rewards)[:, None]
-    adv = rewards - rewards.mean(1, keepdim=True)
-    if scale_std:
-        adv = adv / rewards.std(1, keepdim=True).clamp(min=1e-6) if rewards.shape[1] > 1 else adv
-    return torch.where(flat, 0.0, adv), int(flat.sum())
+    """Outcome supervision (paper §4.1.2): Â_i = (r_i - mean(r)) / std(r) within each group, the same for
+    every token of o_i. rewards: (questions, G). A group whose rewards are all equal gets advantages 0 (not 0/0).
+    Returns (advantages (questions, G), number of such groups)."""
+    zero_std = zero_std_groups(rewards)[:, None]  # (Q, 1)
+    adv = rewards - rewards.mean(1, keepdim=True)  # (Q, G)
+    if scale_std and rewards.shape[1] > 1:
+        adv = adv / rewards.std(1, keepdim=True).clamp(min=1e-6)
+    return torch.where(zero_std, 0.0, adv), int(zero_std.sum())
 
 
 def process_advantages(steps, lengths, group_size, scale_std=True):
-    """Process supervision (paper §4.1.3): steps[i] lists (index of the token that ends step j, reward r_ij) of
-    output i; each reward is normalised by the mean and std of all step rewards of its group, and token t of o_i
-    gets A_it = sum of the normalised rewards of the steps ending at or after t. Returns (per output a (length,)
-    tensor of advantages, number of groups whose step rewards are all equal: zero advantage)."""
-    out, flat = [], 0
+    """Process supervision (paper §4.1.3): steps[i] lists (index of the token that ends step j, reward r_ij)
+    of output i; each reward is normalised by the mean and std of all step rewards of its group, and token t of
+    o_i gets Â_it = the sum of the normalised rewards of the steps ending at or after t. Returns (per output a
+    (length,) tensor of advantages, number of groups whose step rewards are all equal: zero advantage)."""
+    out, n_zero_std = [], 0
     for g in range(0, len(steps), group_size):
-        r = torch.tensor([x for s in steps[g:g + group_size] for _, x in s])
+        group = steps[g:g + group_size]
+        r = torch.tensor([x for s in group for _, x in s])  # every step reward of the group
         std = r.std() if len(r) > 1 else torch.tensor(0.0)
-        is_flat = bool(std < 1e-6)
-        flat += is_flat
-        for s, n in zip(steps[g:g + group_size], lengths[g:g + group_size]):
+        zero_std = bool(std < 1e-6)
+        n_zero_std += zero_std
+        for s, n in zip(group, lengths[g:g + group_size]):
             a = torch.zeros(n)
-            for end, x in ([] if is_flat else s):
-                a[:end + 1] += (x - r.mean()) / (std if scale_std else 1.0)
+            for end, x in ([] if zero_std else s):
+                a[:end + 1] += (x - r.mean()) / (std if scale_std else 1.0)  # every token up to its end
             out.append(a)
-    return out, flat
+    return out, n_zero_std
 
 
-def grpo_objective_sums(logp, old_logp, ref_logp, adv, mask, args):
-    """Per-token GRPO loss (kernels.grpo_token_loss) summed the way --loss-norm says, *before* the division
-    by the global normaliser (so micro-batches and ranks add up exactly):
-      sequence (paper): sum_i (1/|o_i|) sum_t loss_it        then / number of sequences
-      token (DAPO):     sum_i sum_t loss_it                   then / number of completion tokens
-      constant (Dr. GRPO): sum_i sum_t loss_it                then / (sequences x max new tokens)
-    Shapes: logp, old_logp, ref_logp, mask (B, T); adv (B, T), or (B,) for one advantage per output.
-    Returns (loss sum, kl sum over tokens, clipped token count)."""
-    adv = adv if adv.dim() == 2 else adv[:, None].expand_as(logp)
-    high = args.clip_high or args.clip_eps
-    loss, kl = grpo_token_loss(logp, old_logp, ref_logp, adv, clip_eps=(args.clip_eps, high), beta=args.beta)
-    m = mask.float()
-    if args.loss_norm == "sequence":
-        total = ((loss * m).sum(1) / m.sum(1).clamp(min=1)).sum()
+def grpo_objective_sums(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, loss_norm):
+    """The GRPO loss (−J) of a micro-batch, summed the way `loss_norm` says *before* the division by the
+    global normaliser, so that micro-batches and ranks add up exactly to the whole batch:
+      sequence (paper): Σ_i (1/|o_i|) Σ_t loss_it        later / number of sequences
+      token (DAPO):     Σ_i Σ_t loss_it                   later / number of completion tokens
+      constant (Dr. GRPO): Σ_i Σ_t loss_it                later / (sequences x max new tokens)
+    logp, old_logp, ref_logp, mask: (B, T); advantages (B, T), or (B,) for one advantage per output.
+    Returns (loss sum, KL sum over tokens, number of tokens whose ratio is outside the clip)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)  # (B, T): outcome supervision, one Â per output
+    # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (kernels/grpo_loss.py)
+    loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
+    m = mask.float()  # (B, T): 1 on the tokens the model wrote; prompt, padding and tool output carry nothing
+    if loss_norm == "sequence":
+        total = ((loss * m).sum(1) / m.sum(1).clamp(min=1)).sum()  # each output's mean over its own length
     else:
         total = (loss * m).sum()
-    r = torch.exp(logp - old_logp).detach()
-    clipped = ((r < 1 - args.clip_eps) | (r > 1 + high)) & mask
+    ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1
+    clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask  # (B, T): where the clip binds
     return total, (kl.detach() * m).sum(), int(clipped.sum())
 
 
 def sequence_logprobs(model, tokens):
-    """log pi(token_t | tokens_<t) for every position (B, T-1) of right-padded sequences."""
+    """log π(token_t | tokens_<t) for every position (B, T-1) of right-padded sequences."""
     return token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
 
 
 @torch.no_grad()
 def frozen_logprobs(model, tokens, micro_batch):
-    """sequence_logprobs without a graph, a micro-batch at a time (pi_old, pi_ref)."""
-    return torch.cat([sequence_logprobs(model, tokens[i:i + micro_batch]) for i in range(0, len(tokens), micro_batch)])
+    """sequence_logprobs without a graph, a micro-batch at a time (π_old, π_ref)."""
+    parts = [sequence_logprobs(model, tokens[i:i + micro_batch]) for i in range(0, len(tokens), micro_batch)]
+    return torch.cat(parts)
 
 
 # -----------------------------------------------------------------------------
-# Rollouts
+# From completions to training tensors
+
+
+def keep_groups_with_signal(comps, rewards, group_size, keep):
+    """DAPO's dynamic sampling (--oversample): of the drawn groups, the first `keep`, those whose rewards
+    disagree ahead of those that agree (padding, so that every rank trains on as many sequences)."""
+    zero_std = zero_std_groups(rewards.view(-1, group_size))
+    order = sorted(range(len(zero_std)), key=lambda q: bool(zero_std[q]))[:keep]
+    pick = [q * group_size + i for q in order for i in range(group_size)]
+    return [comps[i] for i in pick], rewards[pick]
 
 
 def token_index(tok, ids, char_offsets, text_len):
@@ -126,60 +151,62 @@ def token_index(tok, ids, char_offsets, text_len):
     return [min(int(np.searchsorted(ends, len(text[:c].encode()))), len(ids) - 1) for c in char_offsets]
 
 
-@torch.no_grad()
-def rollout(model, tok, problems, args, generator, keep=None):
-    """G completions per problem from the current policy (evaluate.complete: the same prompts and tools as
-    evaluation). Returns tokens (B, T) right-padded prompt+completion, mask (B, T-1) over the predicted positions
-    that carry loss (the model's own tokens, not the sandbox's), advantages (B, T-1), rewards (n, G), and stats.
-    With `keep` < len(problems), only `keep` groups go on: those whose rewards disagree first (DAPO's dynamic
-    sampling), then others, so every rank trains on the same number of sequences."""
-    G = args.group_size
-    questions = [p["question"] for p in problems for _ in range(G)]
-    golds = [p["answer"] for p in problems for _ in range(G)]
-    t0 = time.time()
-    with pretrain.gathered(model):  # FSDP: full weights for the whole rollout, no collective per token
-        model.eval()
-        comps = evaluate.complete(model, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
-                                  args.top_p, generator, batch=args.gen_batch)
-        model.train()
-    t1 = time.time()
-    texts = [c.text for c in comps]
-    rewards = torch.tensor(reward.batch_rewards(texts, golds, workers=1), dtype=torch.float32)
-    agree = flat_groups(rewards.view(-1, G))
-    generated = dict(generated_zero_std_groups=int(agree.sum()), generated_reward=rewards.sum().item(),
-                     generated=len(comps), generated_tokens=sum(len(c.ids) for c in comps))
-    if keep is not None and keep < len(problems):
-        order = sorted(range(len(problems)), key=lambda q: bool(agree[q]))[:keep]
-        pick = [q * G + i for q in order for i in range(G)]
-        comps, texts, rewards = [comps[i] for i in pick], [texts[i] for i in pick], rewards[pick]
+def token_advantages(comps, rewards, tok, args):
+    """Â_it for every token of every output (line 9 of Algorithm 1), as --supervision and --online-rft say.
+    Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
+    G, scale_std = args.group_size, not args.no_std_scale
     if args.supervision == "process":
-        steps = [[(i, r) for i, (_, r) in zip(token_index(tok, c.ids, [e for e, _ in s], len(c.text)), s)]
-                 for c, s in zip(comps, map(reward.process_rewards, texts, rewards.tolist()))]
-        per_token, flat = process_advantages(steps, [len(c.ids) for c in comps], G, not args.no_std_scale)
+        steps = []
+        for c, r in zip(comps, rewards.tolist()):
+            checked = reward.process_rewards(c.text, r)  # (character where step j ends, its reward)
+            ends = token_index(tok, c.ids, [end for end, _ in checked], len(c.text))
+            steps.append([(e, x) for e, (_, x) in zip(ends, checked)])
+        return process_advantages(steps, [len(c.ids) for c in comps], G, scale_std)
+    if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones
+        adv, n_zero_std = (rewards > 0).float(), 0
     else:
-        if args.online_rft:  # the unified view (paper §5.2.1): gradient coefficient 1 on right outputs, 0 on wrong
-            adv, flat = (rewards > 0).float(), 0
-        else:
-            adv, flat = group_advantages(rewards.view(-1, G), not args.no_std_scale)
-        per_token = [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)]
+        adv, n_zero_std = group_advantages(rewards.view(-1, G), scale_std)
+    return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
+
+
+def pad_batch(comps, per_token, pad_id, mask_truncated):
+    """Right-padded prompt + completion tokens (B, T), and over the predicted positions (B, T-1) the loss mask
+    (the model's own tokens: not the prompt, not the sandbox's output, not padding) and the advantages."""
     T = max(len(c.prompt) + len(c.ids) for c in comps)
-    tokens = torch.full((len(comps), T), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(comps), T - 1, dtype=torch.bool)
-    advantages = torch.zeros(len(comps), T - 1)
+    tokens = torch.full((len(comps), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(len(comps), T - 1, dtype=torch.bool)  # (B, T-1): position t predicts token t + 1
+    advantages = torch.zeros(len(comps), T - 1)  # (B, T-1)
     for i, c in enumerate(comps):
         P, n = len(c.prompt), len(c.ids)
         tokens[i, :P + n] = torch.tensor(c.prompt + c.ids)
-        live = c.finished or not args.mask_truncated  # a cut-off completion may teach nothing (DAPO)
+        live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
         mask[i, P - 1:P - 1 + n] = torch.tensor(c.sampled) & live
         advantages[i, P - 1:P - 1 + n] = per_token[i]
-    stats = dict(zero_std_groups=flat, truncated=sum(not c.finished for c in comps), **generated,
-                 tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
-                 time_generate=t1 - t0, time_reward=time.time() - t1)
-    return tokens, mask, advantages, rewards, stats
+    return tokens, mask, advantages
 
 
 # -----------------------------------------------------------------------------
-# Curves
+# Metrics and curves
+
+
+def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
+    """One row of metrics.jsonl: `sums` are this rank's sums (summed over ranks here), `times` its seconds."""
+    s = {k: common.all_sum(d, v) for k, v in sums.items()}
+    mean = s["reward"] / n_seq
+    row = dict(step=step, lr=lr, reward=mean, reward_std=max(s["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
+               loss=s["loss"] / normaliser, kl=s["kl"] / max(n_tok, 1),
+               clip_frac=s["clipped"] / max(n_tok, 1),
+               entropy=s["neg_logp"] / max(n_tok, 1),  # -log π of the sampled tokens: an estimate at T = 1
+               grad_norm=sums["grad_norm"], length=s["tokens"] / n_seq, zero_std_groups=s["zero_std_groups"])
+    if args.oversample > 1:  # before dynamic sampling chose the groups
+        row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
+                   generated_reward=s["generated_reward"] / s["generated"])
+    row.update(truncated=s["truncated"], tool_calls=s["tool_calls"],
+               rollout_tokens_per_s=s["generated_tokens"] * d.world / s["time_generate"],
+               train_tokens_per_s=s["train_tokens"] / times["train"],
+               time_generate=s["time_generate"] / d.world, time_reward=s["time_reward"] / d.world,
+               time_ref=times["ref"], time_train=times["train"], seconds=times["step"])
+    return row
 
 
 def plot_curves(metrics_path, png):
@@ -227,7 +254,7 @@ def parse_args(argv=None):
     ap.add_argument("--oversample", type=int, default=1, help="draw K x --questions, train on the --questions whose "
                     "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
     ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
-    ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (evaluate.py)")
+    ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
     ap.add_argument("--supervision", default="outcome", choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3")
     ap.add_argument("--online-rft", action="store_true", help="advantage 1 for right, 0 for wrong outputs: online "
                     "rejection-sampling fine-tuning, GRPO's baseline in paper §5.2.1 (use with --beta 0)")
@@ -236,7 +263,7 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL weight (paper: 0.04); 0 turns the KL off")
-    ap.add_argument("--clip-eps", type=float, default=0.2, help="eps, the lower clip (paper: not given; PPO's 0.2)")
+    ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
     ap.add_argument("--no-std-scale", action="store_true", help="advantage r - mean(r) (Dr. GRPO)")
@@ -266,31 +293,35 @@ def parse_args(argv=None):
 
 
 def main(args):
-    d = pretrain.init_dist()
+    d = common.init_dist()
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
-    pretrain.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
+    sft.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data, skip_bad=args.skip_bad)
-    held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
+    held_out = []
+    if os.path.isfile(args.eval_data):
+        held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad)
     problems, leaked = data.drop_test_questions(problems, held_out)
-    pretrain.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
+    common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
+    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
     config = config_from_hf(args.init)
-    policy = pretrain.build_model(config, d, args, init_dir=args.init)
-    ref = pretrain.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
+    policy = common.build_model(config, d, args, init_dir=args.init)
+    ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
     if ref is not None:
         ref.requires_grad_(False)
-    opt = pretrain.make_optimizer(policy, args)
+    opt = common.make_optimizer(policy, args)
     extra = {"ref": ref} if ref is not None and args.ref_reset else None  # a reset reference is state to keep
-    step = pretrain.start_run(args, d, policy, opt,
-                              ("init", "data", "questions", "oversample", "group_size", "prompt", "seed"), extra)
+    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "seed")
+    step = common.start_run(args, d, policy, opt, resumable, extra)
 
     def held_out_metrics(n, samples, temperature):  # on the first n held-out problems, the policy unsharded
-        with pretrain.gathered(policy):
-            return sft.held_out_metrics(policy, tok, held_out[:n], d, prompt=args.prompt, samples=samples,
-                                        temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        with common.gathered(policy):
+            return evaluate.held_out_metrics(policy, tok, held_out[:n], d, prompt=args.prompt,
+                                             samples=samples, temperature=temperature,
+                                             max_new_tokens=args.max_new_tokens, seed=args.seed)
 
     def report(name):  # greedy accuracy, and maj@k / pass@k at the report temperature: the before/after table
         row = dict(greedy=held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"])
@@ -303,101 +334,115 @@ def main(args):
                 json.dump(row, f)
         return row
 
-    log, stop = pretrain.Log(args.out, d, args.max_steps, step, every=1), pretrain.StopFlag()
+    log, stop = common.Log(args.out, d, args.max_steps, step, every=1), common.StopFlag()
     before = None
     if held_out:
         path = os.path.join(args.out, "before.json")
         before = json.load(open(path)) if args.resume and os.path.isfile(path) else report("before")
         if step == 0:
             log(dict(step=0, eval_greedy_accuracy=before["greedy"]))
-    per_rank = args.questions // d.world
+    per_rank, G = args.questions // d.world, args.group_size
     gen = torch.Generator(device=d.device)
-    while step < args.max_steps:
+    while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
         t0 = time.time()
-        # 1. rollout: this rank's questions, G outputs each, from the current (= old) policy
+        # 5. a batch of questions, this rank's share: a function of (seed, step), so that resume is exact
         rng = np.random.default_rng([args.seed, step])
         drawn = per_rank * args.oversample
         batch = [problems[i] for i in rng.choice(len(problems), drawn * d.world, replace=False)]
         batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
-        gen.manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)  # a function of the step: resume is exact
-        tokens, mask, adv, rewards, stats = rollout(policy, tok, batch, args, gen, keep=per_rank)
-        # 2. frozen log-probs: pi_ref for the KL; pi_old only if the batch is reused (mu > 1), else pi_old = pi
+        # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
+        # weights gathered once (no collective per token)
+        gen.manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
+        questions = [p["question"] for p in batch for _ in range(G)]
+        with common.gathered(policy):
+            policy.eval()
+            comps = engine.complete(policy, tok, questions, args.prompt, args.max_new_tokens,
+                                    args.temperature, args.top_p, gen, batch=args.gen_batch)
+            policy.train()
         t1 = time.time()
-        tokens = tokens.to(d.device)
-        ref_lp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
-        old_lp = frozen_logprobs(policy, tokens, args.micro_batch) if args.mu > 1 else None
+        # 8. rewards: 1 for a right final answer, else 0
+        golds = [p["answer"] for p in batch for _ in range(G)]
+        rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
+        generated = dict(generated_zero_std_groups=int(zero_std_groups(rewards.view(-1, G)).sum()),
+                         generated_reward=rewards.sum().item(), generated=len(comps),
+                         generated_tokens=sum(len(c.ids) for c in comps))
+        if args.oversample > 1:
+            comps, rewards = keep_groups_with_signal(comps, rewards, G, per_rank)
         t2 = time.time()
-        # 3. mu policy updates on this rollout batch, the loss normalised over all ranks
-        n_seq = pretrain.all_sum(d, len(tokens))
-        n_tok = pretrain.all_sum(d, int(mask.sum()))
-        norm = {"sequence": n_seq, "token": max(n_tok, 1), "constant": n_seq * args.max_new_tokens}[args.loss_norm]
-        lr = pretrain.set_lr(opt, step, args)
+        # 9. advantages, per token; then the batch as right-padded tensors
+        per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
+        tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, args.mask_truncated)
+        tokens, mask, adv = tokens.to(d.device), mask.to(d.device), adv.to(d.device)
+        # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
+        ref_logp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
+        old_logp = frozen_logprobs(policy, tokens, args.micro_batch) if args.mu > 1 else None
+        t3 = time.time()
+        # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
+        n_seq = common.all_sum(d, len(tokens))
+        n_tok = common.all_sum(d, int(mask.sum()))
+        normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
+                          constant=n_seq * args.max_new_tokens)[args.loss_norm]
+        lr = common.set_lr(opt, step, args)
         for _ in range(args.mu):
-            loss_sum = kl_sum = clip_n = neg_logp = 0.0
+            loss_sum = kl_sum = n_clipped = neg_logp = 0.0
             for i in range(0, len(tokens), args.micro_batch):
                 s = slice(i, i + args.micro_batch)
                 with torch.autocast(d.device.type, dtype=torch.bfloat16,
                                     enabled=d.device.type == "cuda" and args.dtype == "bfloat16"):
-                    lp = sequence_logprobs(policy, tokens[s])
-                old = old_lp[s] if old_lp is not None else lp.detach()  # mu = 1: pi_old is pi, ratio 1 (paper)
-                rf = ref_lp[s] if ref_lp is not None else lp.detach()
-                total, kl, clipped = grpo_objective_sums(lp, old, rf, adv[s].to(d.device), mask[s].to(d.device), args)
-                (total * d.world / norm).backward()  # FSDP averages gradients over ranks: undo it, norm is global
-                loss_sum, kl_sum, clip_n = loss_sum + total.item(), kl_sum + kl.item(), clip_n + clipped
-                neg_logp -= (lp.detach() * mask[s].to(d.device)).sum().item()
-            grad_norm = pretrain.clip_grad_norm(policy, args.grad_clip)
+                    logp = sequence_logprobs(policy, tokens[s])  # (b, T-1)
+                old = old_logp[s] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
+                ref_s = ref_logp[s] if ref_logp is not None else logp.detach()  # β = 0: no KL
+                total, kl, clipped = grpo_objective_sums(logp, old, ref_s, adv[s], mask[s], args.clip_eps,
+                                                         args.clip_high or args.clip_eps, args.beta,
+                                                         args.loss_norm)
+                (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
+                loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
+                neg_logp -= (logp.detach() * mask[s]).sum().item()
+            grad_norm = common.clip_grad_norm(policy, args.grad_clip)
             if not np.isfinite(grad_norm):
-                raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is in "
-                                 f"{args.out}/checkpoints (lower --lr, then --resume)")
+                raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
+                                 f"in {args.out}/checkpoints (lower --lr, then --resume)")
             opt.step()
             opt.zero_grad(set_to_none=True)
         step += 1
-        if args.ref_reset and step % args.ref_reset == 0 and ref is not None:  # iterative GRPO (Algorithm 1)
+        # 3. iterative GRPO: a new iteration every --ref-reset steps begins with π_ref ← π_θ
+        if args.ref_reset and step % args.ref_reset == 0 and ref is not None:
             ref.load_state_dict(policy.state_dict())
-        t3 = time.time()
-        sums = {k: pretrain.all_sum(d, v) for k, v in dict(
-            reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum, kl=kl_sum,
-            neg_logp=neg_logp, clipped=clip_n, train_tokens=tokens.numel() * args.mu, **stats).items()}
-        mean = sums["reward"] / n_seq
-        selection = dict(generated_zero_std_groups=sums["generated_zero_std_groups"],  # before dynamic sampling
-                         generated_reward=sums["generated_reward"] / sums["generated"]) if args.oversample > 1 else {}
-        row = dict(step=step, lr=lr, reward=mean, reward_std=max(sums["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
-                   loss=sums["loss"] / norm, kl=sums["kl"] / max(n_tok, 1), clip_frac=sums["clipped"] / max(n_tok, 1),
-                   entropy=sums["neg_logp"] / max(n_tok, 1),  # -log pi of the sampled tokens: an estimate at T = 1
-                   grad_norm=grad_norm, length=sums["tokens"] / n_seq, zero_std_groups=sums["zero_std_groups"],
-                   **selection,
-                   truncated=sums["truncated"], tool_calls=sums["tool_calls"],
-                   rollout_tokens_per_s=sums["generated_tokens"] * d.world / sums["time_generate"],
-                   train_tokens_per_s=sums["train_tokens"] / (t3 - t2),
-                   time_generate=sums["time_generate"] / d.world, time_reward=sums["time_reward"] / d.world,
-                   time_ref=t2 - t1, time_train=t3 - t2, seconds=t3 - t0)
+        t4 = time.time()
+        sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum,
+                    kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=tokens.numel() * args.mu,
+                    zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
+                    tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
+                    time_generate=t1 - t0, time_reward=t2 - t1, **generated)
+        row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
+                           dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
         if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
         log(row)
         stopping = stop(d)
         if stopping or step % args.ckpt_every == 0 or step == args.max_steps:
-            pretrain.save_checkpoint(args.out, policy, opt, step, d, extra)
+            common.save_checkpoint(args.out, policy, opt, step, d, extra)
         if stopping:
-            pretrain.print0(d, f"stopped by signal at step {step}; continue with --resume")
+            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
             raise SystemExit(130)
     if held_out:
         after = report("after")
         log(dict(step=step, eval_greedy_accuracy=after["greedy"]))
     log.close()
-    pretrain.export_hf(policy, args.out, args.init, d)
+    common.export_hf(policy, args.out, args.init, d)
     if held_out:
-        pretrain.print0(d, f"\nheld-out ({args.eval_problems} problems greedy; {args.report_problems} sampled "
-                           f"{args.report_samples}x at T={args.report_temperature}):")
-        pretrain.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
+        common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy; {args.report_problems} sampled "
+                         f"{args.report_samples}x at T={args.report_temperature}):")
+        common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
         for name, r in (("before", before), ("after", after)):
-            pretrain.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
+            common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
         if d.main:
             plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"))
-    pretrain.print0(d, f"saved {args.out}")
+    common.print0(d, f"saved {args.out}")
     if d.world > 1:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    with pretrain.one_line_errors():
+    with common.one_line_errors():
         main(parse_args())

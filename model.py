@@ -3,7 +3,7 @@
 DeepSeekMath-Base 7B is a plain Llama (paper §2; docs/paper.md §2): pre-norm RMSNorm, rotary position
 embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
 input and output embeddings, no biases. This file is the whole model; it imports torch and safetensors only and
-knows nothing of tokenizers, data or process groups (FSDP is applied by the training scripts).
+knows nothing of tokenizers, data or process groups (FSDP2 is applied by common.py).
 
 Module and parameter names follow Hugging Face's `LlamaForCausalLM` minus its `model.` prefix, so reading and
 writing a checkpoint is a rename of one prefix, not a translation table.

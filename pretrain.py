@@ -1,406 +1,36 @@
-"""Next-token pretraining, and the training machinery that sft.py and grpo.py share (paper §2.2-2.3).
+"""Next-token pretraining (paper §2.2-2.3; docs/paper.md §3), from one CPU process to torchrun with FSDP2.
 
-The same script runs in one CPU process and under torchrun with FSDP2; beyond creating the process group there
-is no code path only one of them takes. A run writes to --out: metrics.jsonl (one line per step), args.json,
-sharded checkpoints (torch.distributed.checkpoint) under checkpoints/, and at the end the model as a Hugging Face
-directory (config.json, model.safetensors, tokenizer files) in --out itself.
+The loop is below in `main`: draw the step's batch from the source mixture, `common.train_step` (forward, masked
+cross-entropy over the global count of tokens, backward, clip, AdamW), log, checkpoint. The machinery it shares
+with sft.py and grpo.py (processes, FSDP2, optimizer and schedule, checkpoints, export) is in common.py; the data
+(shards and their mixture) come from data.py. A run writes to --out: metrics.jsonl (one line per step), args.json,
+sharded checkpoints under checkpoints/, and at the end the model as a Hugging Face directory (config.json,
+model.safetensors, tokenizer files) in --out itself.
 
-Paper settings (docs/paper.md §3): AdamW β 0.9/0.95, weight decay 0.1, peak LR 4.2e-4 with 2,000 warmup steps,
-then the multi-step schedule (×0.316 at 80% of training, ×0.1 of peak at 90%), 10M-token batches of 4K context.
+Paper settings: AdamW β 0.9/0.95, weight decay 0.1, peak LR 4.2e-4 with 2,000 warmup steps, then the multi-step
+schedule (×0.316 at 80% of training, ×0.1 of peak at 90%), 10M-token batches of 4K context.
 
     python pretrain.py                                         # the toy: builds its data first if missing
     python pretrain.py --preset toy --max-steps 50 --out out/try
-    torchrun --nproc_per_node 8 pretrain.py --preset deepseek-math-7b --data out/real --batch-tokens 10000000 \\
+    torchrun --nproc_per_node 8 pretrain.py --preset deepseek-math-7b --data out/real --batch-tokens 10027008 \\
         --seq-len 4096 --micro-batch 1 --lr 4.2e-4 --warmup 2000 --activation-checkpointing
+        # 10,027,008 = 306 x (8 ranks x 4096): the paper's 10M tokens, a whole number of micro-batches per rank
     python pretrain.py --dry-run --preset deepseek-math-7b --world-size 8    # memory plan, no training
 """
 
 import argparse
-import json
-import math
 import os
-import shutil
-import signal
 import sys
 import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import PRESETS, CheckpointError, ModelConfig, Transformer
-from tokenizer import TokenizerError
-
-# -----------------------------------------------------------------------------
-# Processes and devices
-
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def init_dist():
-    """One process, or one of torchrun's: NCCL on GPUs, gloo on CPUs, chosen from what the machine has."""
-    if "RANK" not in os.environ:
-        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
-
-
-@contextmanager
-def one_line_errors():
-    """Input a user can fix (a malformed jsonl line, a truncated checkpoint, a damaged tokenizer.json) ends a script
-    with one line that names the file and the fix, and exit status 1: never a traceback from deep inside."""
-    try:
-        yield
-    except (data.DataError, CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def print0(d, *a, **kw):
-    if d.main:
-        print(*a, **kw, flush=True)
-
-
-def all_sum(d, x):
-    """Sum of a float across ranks."""
-    if d.world == 1:
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-# -----------------------------------------------------------------------------
-# Building the model: meta device, FSDP2, then the initial weights broadcast from rank 0
-
-
-def initial_state(config, init_dir, seed):
-    """The starting weights as a full CPU state dict: a Hugging Face checkpoint (the paper starts from a code
-    model) or a seeded random init. Built on rank 0 only, so every world size starts from the same weights."""
-    if init_dir:
-        return Transformer.from_pretrained(init_dir, dtype=torch.float32).state_dict()
-    torch.manual_seed(seed)
-    m = Transformer(config)
-    m.init_weights()
-    return m.state_dict()
-
-
-def build_model(config, d, args, init_dir=None):
-    """Build on the meta device (no memory), wrap each block for activation checkpointing and FSDP2 as asked,
-    materialise only this rank's shard, then load the initial weights broadcast from rank 0."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    for i, block in enumerate(model.layers):
-        if args.activation_checkpointing:  # keep each block's input, recompute the rest in backward
-            block = model.layers[i] = checkpoint_wrapper(block)
-        if args.compile:
-            block.compile()
-    bf16 = d.device.type == "cuda" and args.dtype == "bfloat16"
-    if d.world > 1:
-        # bf16 compute copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    model.to_empty(device=d.device)
-    state = initial_state(config, init_dir, args.seed) if d.main else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
-    model.reset_rope()  # buffers are not part of the state dict
-    if d.world > 1:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
-        with torch.no_grad():  # before generation calls blocks directly through model.hidden()
-            model(torch.zeros(1, 1, dtype=torch.long, device=d.device))
-        model.reshard()  # the root stays unsharded after a forward; the optimizer must see the sharded parameters
-    return model
-
-
-@contextmanager
-def gathered(model):
-    """Hold FSDP2's full parameters for a whole generation phase: each rank then decodes on its own, with no
-    all-gather per token and no collective at all, so ranks may stop at different steps. No-op without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-
-
-# -----------------------------------------------------------------------------
-# Optimizer and learning-rate schedule
-
-
-def make_optimizer(model, args):
-    """AdamW with weight decay on matrices only (not on norms and biases), as the paper's β and decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
-
-
-def lr_factor(step, args):
-    """Multiplier on the peak LR at `step` (0-based): linear warmup, then the paper's multi-step schedule
-    (1 until 80% of training, 0.316 until 90%, then 0.1), cosine down to 0.1, or constant (SFT)."""
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    frac = step / max(args.max_steps, 1)
-    if args.schedule == "multistep":
-        return 1.0 if frac < 0.8 else 0.316 if frac < 0.9 else 0.1
-    if args.schedule == "cosine":
-        t = (step - args.warmup) / max(args.max_steps - args.warmup, 1)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return 1.0
-
-
-def set_lr(opt, step, args):
-    """Give every parameter group the scheduled LR of `step` (0-based), and return it."""
-    lr = args.lr * lr_factor(step, args)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    return lr
-
-
-# -----------------------------------------------------------------------------
-# One optimizer step: the loss is a mean over the valid tokens of the whole batch, across micro-batches and ranks
-
-
-def clip_grad_norm(model, max_norm):
-    """Clip the gradients to max_norm; returns their total norm before clipping, as a float (under FSDP2 the
-    norm is a DTensor: its full value is the norm over every rank's shard)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
-
-
-def train_step(model, opt, micro_batches, d, args, step):
-    """micro_batches: list of (x, y, mask) int64/bool tensors (B, T). Each token's loss is divided by the global
-    count of valid tokens, so a batch's gradient does not depend on how it is split across micro-batches or ranks.
-    FSDP averages gradients over ranks, hence the factor `world`. Returns (mean loss, grad norm, valid tokens)."""
-    n_tokens = all_sum(d, sum(int(m.sum()) for _, _, m in micro_batches))
-    if n_tokens == 0:
-        raise ValueError(f"step {step}: no token carries a loss in this batch (is every answer masked?)")
-    loss_sum = 0.0
-    for x, y, mask in micro_batches:
-        x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda" and args.dtype == "bfloat16"):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()
-        (losses.sum() * d.world / n_tokens).backward()
-        loss_sum += losses.sum().item()
-    loss = all_sum(d, loss_sum) / n_tokens
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"step {step}: loss is {loss}; stopping before the optimizer step, so the last "
-                                 "checkpoint stays good (lower --lr, or check the data)")
-    norm = clip_grad_norm(model, args.grad_clip)
-    set_lr(opt, step, args)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, norm, n_tokens
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: sharded with torch.distributed.checkpoint; resume continues exactly
-
-
-def save_checkpoint(out, model, opt, step, d, extra=None):
-    """checkpoints/step_NNNNNN: model and optimizer shards of every rank, the step (the data position: batches
-    are a function of the step), the RNG state, and the weights of any `extra` models (name -> module, e.g.
-    GRPO's reference). Written to a temporary name, then renamed: a run killed while saving keeps its previous
-    checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    final = os.path.join(out, "checkpoints", f"step_{step:06d}")
-    tmp = final + ".tmp"
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()}
-    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
-    with warnings.catch_warnings():  # in one process DCP warns that it saves without a process group: intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
-    if d.world > 1:
-        dist.barrier()
-    if d.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(os.listdir(os.path.dirname(final)))[:-2]:  # keep the last two
-            shutil.rmtree(os.path.join(os.path.dirname(final), old), ignore_errors=True)
-    if d.world > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(out):
-    ckpts = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(ckpts) if not n.endswith(".tmp")) if os.path.isdir(ckpts) else []
-    return os.path.join(ckpts, names[-1]) if names else None
-
-
-def load_checkpoint(path, model, opt, extra=None):
-    """Restore model, optimizer, RNG and `extra` models from a checkpoint; returns the step to continue from."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
-    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP's own errors name tensors but not the likely cause
-        raise RuntimeError(f"{path}: cannot load this checkpoint into the model being built ({type(e).__name__}: "
-                           f"{str(e)[:300]}). Was it written with another --preset or config?") from None
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    for name, m in (extra or {}).items():
-        set_model_state_dict(m, state[name])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-def claim(out, d, resume=False):
-    """Refuse to start while another live run writes to `out` (two runs in one directory corrupt each other's
-    checkpoints and metrics): rank 0 keeps its pid in out/RUNNING until it exits. A fresh (not resumed) run
-    then clears an earlier run's checkpoints and metrics, so that --resume can never pick up a stale step."""
-    if not d.main:
-        return
-    import atexit
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "RUNNING")
-    try:
-        pid = int(open(path).read())
-        os.kill(pid, 0)  # raises if no such process
-        if pid != os.getpid():
-            raise SystemExit(f"{out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
-    with open(path, "w") as f:
-        f.write(str(os.getpid()))
-    atexit.register(lambda: os.path.exists(path) and os.remove(path))
-    if not resume:
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-        open(os.path.join(out, "metrics.jsonl"), "w").close()
-
-
-def require_model(path, toy_default, d, build):
-    """`path` must be a Hugging Face model directory; the toy's default one is built by `build()` when missing
-    (one process: a toy stage is built before any torchrun). Shared by sft.py and grpo.py."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    if path != toy_default:
-        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
-    if d.world > 1:
-        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
-    build()
-
-
-def check_resumable(out, args, keys):
-    """A checkpoint continues only the run that wrote it: the settings in `keys` must match args.json."""
-    path = os.path.join(out, "args.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        diff = {k: (saved.get(k), getattr(args, k)) for k in keys if saved.get(k) != getattr(args, k)}
-        if diff:
-            raise SystemExit(f"{out}: --resume with other settings than the run being resumed: "
-                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-
-
-def start_run(args, d, model, opt, keys, extra=None):
-    """Claim args.out for this run and write its args.json; with --resume, first restore the last checkpoint of
-    the run that wrote it (the settings in `keys` must match). Returns the step to start from."""
-    claim(args.out, d, args.resume)
-    step = 0
-    if args.resume:
-        check_resumable(args.out, args, keys)
-        ckpt = latest_checkpoint(args.out)
-        if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
-        step = load_checkpoint(ckpt, model, opt, extra)
-        print0(d, f"resumed from {ckpt} at step {step}")
-    if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    return step
-
-
-def export_hf(model, out, tokenizer_dir, d):
-    """Gather the full weights on rank 0 and write them, with the tokenizer, as a Hugging Face directory."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.main:
-        Transformer.save_pretrained(model, out, state_dict=state)
-        if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out):
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
-
-
-class StopFlag:
-    """SIGTERM / SIGINT set a flag that the loop checks after each step: the run saves, then exits."""
-
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, frame):
-        self.raised = True
-
-    def __call__(self, d):
-        return all_sum(d, self.raised) > 0  # every rank stops together
-
-
-class Log:
-    """metrics.jsonl on rank 0; a progress bar on a terminal, a plain line per `every` steps elsewhere."""
-
-    def __init__(self, out, d, total, start, every=10):
-        self.d, self.every = d, every
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if d.main else None
-        self.bar = None
-        if d.main and sys.stderr.isatty() and "RANK" not in os.environ:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True)
-
-    def __call__(self, row):
-        if not self.d.main:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-        if self.bar is not None:
-            self.bar.update(1) if "loss" in row else None
-            self.bar.set_description(text)
-        elif row.get("step", 0) % self.every == 0 or "eval_loss" in row:
-            print(text, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.file is not None:
-            self.file.close()
-
+from common import (Log, StopFlag, all_sum, build_model, export_hf, init_dist, make_optimizer, one_line_errors,
+                    print0, save_checkpoint, start_run, train_step)
+from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
 # Memory plan (--dry-run)
@@ -498,7 +128,7 @@ def main(args):
         if d.main:  # the toy data: built once by rank 0
             data.build(data.parse_args(["--out", args.data]))
         if d.world > 1:
-            dist.barrier()
+            torch.distributed.barrier()
     tok_dir = os.path.join(args.data, "tokenizer")
     per_step = args.micro_batch * args.seq_len * d.world
     if args.batch_tokens % per_step:
@@ -509,7 +139,6 @@ def main(args):
     config = ModelConfig(**{**PRESETS[args.preset], "vocab_size": train.vocab_size, "max_seq_len": max(args.seq_len, PRESETS[args.preset]["max_seq_len"])}) \
         if not args.init else None
     if args.init:
-        from model import config_from_hf
         config = config_from_hf(args.init)
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
@@ -546,7 +175,7 @@ def main(args):
     export_hf(model, args.out, tok_dir, d)
     print0(d, f"saved {args.out}")
     if d.world > 1:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()

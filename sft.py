@@ -8,8 +8,9 @@ solutions. Examples are right-padded to the longest one of their micro-batch, ne
 attends only to itself under plain causal attention, which packing would need a block-diagonal mask for;
 sorting examples by length within a step keeps the padding small.
 
-The paper: 776K examples, 500 steps of 256, constant LR 5e-5. The distributed setup, optimizer, checkpoints and
-export are pretrain.py's.
+The paper: 776K examples, 500 steps of 256, constant LR 5e-5. The loop is `main` below; the distributed setup,
+optimizer, the optimizer step (masked cross-entropy, as pretraining), checkpoints and export are common.py's,
+the held-out accuracy evaluate.py's.
 
     python sft.py                              # the toy: builds the base model first if missing
     torchrun --nproc_per_node 8 sft.py --init deepseek-math-7b-base/ --data problems.jsonl --batch 256 \\
@@ -25,8 +26,8 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+import common
 import data
 import evaluate
 import pretrain
@@ -37,10 +38,22 @@ from tokenizer import Tokenizer
 # Examples
 
 
+def solution_pieces(solution, fmt):
+    """A solution as (text, written by the model?) pieces: in a tool-integrated solution the contents of each
+    ```output block are the sandbox's, the rest the model's."""
+    if fmt != "tool":
+        return [(solution, True)]
+    pieces, pos = [], 0
+    for m in re.finditer(r"(?<=```output)\n.*?\n```\n", solution, re.S):
+        pieces += [(solution[pos:m.start()], True), (m.group(0), False)]
+        pos = m.end()
+    return pieces + [(solution[pos:], True)]
+
+
 def make_examples(problems, tok, formats):
     """(ids, mask) per (problem, format): mask is 1 on the solution and its EOS, the tokens that carry loss.
-    In tool-integrated solutions the contents of ```output blocks are the sandbox's, not the model's: no loss on
-    them (as ToRA), and they are encoded apart, exactly as evaluate.complete splices them in at run time."""
+    The sandbox's output in tool-integrated solutions carries none (as ToRA), and each piece is encoded apart,
+    exactly as engine.complete splices outputs in at run time."""
     out = []
     for p in problems:
         for f in formats:
@@ -48,12 +61,12 @@ def make_examples(problems, tok, formats):
                 continue
             prompt = tok.chat(data.PROMPTS[f].format(question=p["question"]))
             ids, mask = list(prompt), [0] * len(prompt)
-            parts = re.split(r"(?<=```output)(\n.*?\n```\n)", " " + p[f], flags=re.S) if f == "tool" else [" " + p[f]]
-            for k, part in enumerate(parts):
-                piece = tok.encode(part, eos=k == len(parts) - 1)
+            pieces = solution_pieces(" " + p[f], f)
+            for k, (text, by_model) in enumerate(pieces):
+                piece = tok.encode(text, eos=k == len(pieces) - 1)
                 ids += piece
-                mask += [k % 2 == 0] * len(piece)
-            out.append((ids, [int(m) for m in mask]))
+                mask += [int(by_model)] * len(piece)
+            out.append((ids, mask))
     return out
 
 
@@ -79,19 +92,19 @@ def step_examples(examples, step, batch, seed):
 
 
 # -----------------------------------------------------------------------------
-# Held-out evaluation, shared by the ranks
-
-
-def held_out_metrics(model, tok, problems, d, **kw):
-    """evaluate.evaluate (kw: its options) with each rank on its share of `problems` and a full model; returns
-    the metrics as means over all of them."""
-    mine = problems[d.rank::d.world]
-    m, _ = evaluate.evaluate(model, tok, mine, **kw)
-    return {k: pretrain.all_sum(d, v * len(mine)) / len(problems) for k, v in m.items() if isinstance(v, float)}
-
-
-# -----------------------------------------------------------------------------
 # Training
+
+
+def require_model(path, toy_default, d, build):
+    """`path` must be a Hugging Face model directory; the toy's default one is built by `build()` when missing
+    (one process: a toy stage is built before any torchrun). grpo.py uses it too."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if path != toy_default:
+        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
+    if d.world > 1:
+        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
+    build()
 
 
 def parse_args(argv=None):
@@ -122,25 +135,25 @@ def parse_args(argv=None):
 
 
 def main(args):
-    d = pretrain.init_dist()
+    d = common.init_dist()
     torch.manual_seed(args.seed)
-    pretrain.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
+    require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.data, skip_bad=args.skip_bad)
     held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
-    pretrain.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
+    common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     examples = make_examples(problems, tok, args.formats.split(","))
     if len(examples) < args.batch:
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
-    model = pretrain.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
-    opt = pretrain.make_optimizer(model, args)
-    step = pretrain.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
-    pretrain.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
+    model = common.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
+    opt = common.make_optimizer(model, args)
+    step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
+    common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
                        f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
-    log, stop = pretrain.Log(args.out, d, args.max_steps, step), pretrain.StopFlag()
+    log, stop = common.Log(args.out, d, args.max_steps, step), common.StopFlag()
     model.train()
     per_rank = args.batch // d.world
     while step < args.max_steps:
@@ -148,36 +161,36 @@ def main(args):
         mine = step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
         mine.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: little padding
         micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
-        loss, norm, n = pretrain.train_step(model, opt, micro, d, args, step)
+        loss, norm, n = common.train_step(model, opt, micro, d, args, step)
         step += 1
         log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                  tokens_per_s=n / (time.time() - t0)))
         if stop(d):
-            pretrain.save_checkpoint(args.out, model, opt, step, d)
-            pretrain.print0(d, f"stopped by signal at step {step}; continue with --resume")
+            common.save_checkpoint(args.out, model, opt, step, d)
+            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
             sys.exit(130)
         if step % args.ckpt_every == 0 or step == args.max_steps:
-            pretrain.save_checkpoint(args.out, model, opt, step, d)
+            common.save_checkpoint(args.out, model, opt, step, d)
     log.close()
-    pretrain.export_hf(model, args.out, args.init, d)
+    common.export_hf(model, args.out, args.init, d)
     del model, opt
 
     # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.
     if d.world > 1:
-        dist.barrier()
+        torch.distributed.barrier()
     held_out = held_out[:args.eval_problems]
     if held_out:
         final = Transformer.from_pretrained(args.out, device=d.device)
-        acc = held_out_metrics(final, tok, held_out, d, prompt="cot")["accuracy"]  # greedy, graded by reward.py
+        acc = evaluate.held_out_metrics(final, tok, held_out, d, prompt="cot")["accuracy"]  # greedy, graded by reward.py
         if d.main:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(dict(step=step, eval_greedy_accuracy=acc, eval_problems=len(held_out))) + "\n")
-        pretrain.print0(d, f"held-out greedy accuracy (CoT): {acc:.3f} on {len(held_out)} problems")
-    pretrain.print0(d, f"saved {args.out}")
+        common.print0(d, f"held-out greedy accuracy (CoT): {acc:.3f} on {len(held_out)} problems")
+    common.print0(d, f"saved {args.out}")
     if d.world > 1:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    with pretrain.one_line_errors():
+    with common.one_line_errors():
         main(parse_args())

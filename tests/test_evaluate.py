@@ -2,7 +2,6 @@
 answers (with a scripted model), and a real model end to end."""
 import itertools
 import json
-import math
 import re
 import subprocess
 import sys
@@ -10,8 +9,9 @@ import sys
 import pytest
 import torch
 
+import common
+import engine
 import evaluate
-import sft
 from model import Generation, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -103,15 +103,15 @@ def test_scores_of_a_model_whose_accuracy_is_known(tok):
     assert [r["correct"] for r in records][1] == [True, False, False, False]
     m, _ = evaluate.evaluate(Oracle(tok), tok, problems)  # greedy: one sample each, the first: all right
     assert m["accuracy"] == 1.0
-    d = sft.pretrain.Dist(0, 1, torch.device("cpu"))
-    assert sft.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
+    d = common.Dist(0, 1, torch.device("cpu"))
+    assert evaluate.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
 
 
 def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     model = Scripted(tok, [("Compute.\n```python\nprint(6 * 7)\n```\n```output", False),
                            ("\nThe answer is \\boxed{42}.", True)])
-    [c] = evaluate.complete(model, tok, ["What is 6 times 7?"], prompt="tool")
-    assert model.calls[0]["stop"] == (evaluate.OUTPUT_MARK,)
+    [c] = engine.complete(model, tok, ["What is 6 times 7?"], prompt="tool")
+    assert model.calls[0]["stop"] == (engine.OUTPUT_MARK,)
     spliced = tok.decode([t for t, s in zip(c.ids, c.sampled) if not s])
     assert spliced == "\n42\n```\n"  # the sandbox's output, which carries no loss in GRPO
     second = tok.encode("\nThe answer is \\boxed{42}.") + [tok.eos_id]
@@ -122,21 +122,21 @@ def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
 
 def test_tool_rounds_are_capped(tok):
     turn = ("```python\nprint(1)\n```\n```output", False)
-    model = Scripted(tok, [turn] * evaluate.TOOL_ROUNDS + [("done", True)])
-    [c] = evaluate.complete(model, tok, ["q"], prompt="tool")
-    assert len(model.calls) == evaluate.TOOL_ROUNDS + 1 and model.calls[-1]["stop"] == ()
-    assert c.text.count("```output\n1\n```") == evaluate.TOOL_ROUNDS
+    model = Scripted(tok, [turn] * engine.TOOL_ROUNDS + [("done", True)])
+    [c] = engine.complete(model, tok, ["q"], prompt="tool")
+    assert len(model.calls) == engine.TOOL_ROUNDS + 1 and model.calls[-1]["stop"] == ()
+    assert c.text.count("```output\n1\n```") == engine.TOOL_ROUNDS
 
 
 def test_pot_answers_are_the_programs_output_and_errors_are_shown(tok):
     model = Scripted(tok, [("```python\nx = 6\nprint(x * 7)\n```", True)])
-    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    [c] = engine.complete(model, tok, ["q"], prompt="pot")
     assert c.text.endswith("```output\n42\n```") and evaluate.reward.extract_answer(c.text) == "42"
     model = Scripted(tok, [("```python\nprint(1 / 0)\n```", True)])
-    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    [c] = engine.complete(model, tok, ["q"], prompt="pot")
     assert "ZeroDivisionError" in c.text and evaluate.reward.math_reward(c.text, "42") == 0.0
     model = Scripted(tok, [("no program here", True)])
-    [c] = evaluate.complete(model, tok, ["q"], prompt="pot")
+    [c] = engine.complete(model, tok, ["q"], prompt="pot")
     assert evaluate.reward.math_reward(c.text, "42") == 0.0
 
 
@@ -148,9 +148,9 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1), type="Algebra" if i % 2 else "Geometry")
                 for i in range(6)]
     m, records = evaluate.evaluate(model, tok, problems, samples=4, temperature=1.0, max_new_tokens=8)
-    [c] = evaluate.complete(model, tok, ["x " * 200], prompt="tool", temperature=1.0)  # longer than the context
+    [c] = engine.complete(model, tok, ["x " * 200], prompt="tool", temperature=1.0)  # longer than the context
     assert c.ids == [] and not c.finished
-    [c] = evaluate.complete(model, tok, ["What is 1 + 1?"], prompt="tool", temperature=1.0)  # fills the context
+    [c] = engine.complete(model, tok, ["What is 1 + 1?"], prompt="tool", temperature=1.0)  # fills the context
     assert len(c.prompt) + len(c.ids) <= 128
     assert m["problems"] == 6 and set(m) >= {"accuracy", "pass@4", "maj@4", "by_type"}
     assert [len(r["completions"]) for r in records] == [4] * 6

@@ -9,15 +9,17 @@ import sys
 import pytest
 import torch
 
+import engine
 import reward
-from grpo import group_advantages, grpo_objective_sums, process_advantages, sequence_logprobs, token_index
+from grpo import (group_advantages, grpo_objective_sums, keep_groups_with_signal, pad_batch, process_advantages,
+                  sequence_logprobs, token_advantages, token_index)
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 
-def opts(**kw):
-    base = dict(clip_eps=0.2, clip_high=None, beta=0.0, loss_norm="sequence")
-    return argparse.Namespace(**{**base, **kw})
+def opts(clip_low=0.2, clip_high=0.2, beta=0.0, loss_norm="sequence"):
+    """grpo_objective_sums' settings after its five tensors."""
+    return clip_low, clip_high, beta, loss_norm
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -63,13 +65,13 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     logp = torch.zeros(2, 6, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     adv = torch.tensor([1.0, 1.0])
-    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, opts())
+    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, *opts())
     assert total.item() == pytest.approx(-2.0) and clipped == 0 and kl.item() == 0
     total.backward()
     torch.testing.assert_close(logp.grad[0, :2], torch.full((2,), -0.5))  # a short output's tokens weigh more
     torch.testing.assert_close(logp.grad[1], torch.full((6,), -1 / 6))
     assert not logp.grad[0, 2:].any()  # padding carries no gradient
-    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, opts(loss_norm="token"))
+    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, *opts(loss_norm="token"))
     assert tok_total.item() == pytest.approx(-8.0)  # divided later by the 8 tokens
 
 
@@ -82,49 +84,48 @@ def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
     old, ref, adv = logp.detach() + 0.3 * torch.randn(6, 7), logp.detach() + 0.1 * torch.randn(6, 7), torch.randn(6, 7)
     mask = torch.rand(6, 7) > 0.3
     args = opts(loss_norm=norm, beta=0.04)
-    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, mask, args)
+    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, mask, *args)
     whole.backward()
     g = logp.grad.clone()
     logp.grad = None
-    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], mask[s], args)[0]
+    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], mask[s], *args)[0]
                 for s in (slice(0, 1), slice(1, 4), slice(4, 6)))
     parts.backward()
     torch.testing.assert_close(parts, whole)
     torch.testing.assert_close(logp.grad, g)
 
 
-def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree(monkeypatch):
-    import evaluate
-    import grpo
-    tok = argparse.Namespace(pad_id=0)
-    right = {"q1": [1, 0], "q2": [1, 1], "q3": [0, 1], "q4": [0, 0]}  # q2 and q4 carry no signal
+def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree():
+    comps = [engine.Completion([5], [7, 8], [True, True], True, q) for q in ("q2", "q1", "q4", "q3") for _ in "ab"]
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # q2 and q4 agree: they carry no signal
+    kept, r = keep_groups_with_signal(comps, rewards, group_size=2, keep=2)
+    assert [c.text for c in kept] == ["q1", "q1", "q3", "q3"] and r.tolist() == [1.0, 0.0, 0.0, 1.0]
+    kept, r = keep_groups_with_signal(comps[:6], rewards[:6], group_size=2, keep=2)  # short of signal: padded
+    assert [c.text for c in kept] == ["q1", "q1", "q2", "q2"] and r.tolist() == [1.0, 0.0, 1.0, 1.0]
 
-    def complete(model, tok, questions, *a, **k):
-        seen = {}
-        out = []
-        for q in questions:
-            i = seen[q] = seen.get(q, -1) + 1
-            out.append(evaluate.Completion([5], [7, 8], [True, True], True, "\\boxed{1}" if right[q][i] else "x"))
-        return out
-    monkeypatch.setattr(evaluate, "complete", complete)
-    args = argparse.Namespace(group_size=2, prompt="cot", max_new_tokens=4, temperature=1.0, top_p=1.0,
-                              gen_batch=8, supervision="outcome", online_rft=False, no_std_scale=False,
-                              mask_truncated=False)
-    problems = [dict(question=q, answer="1") for q in ("q2", "q1", "q4", "q3")]
-    model = torch.nn.Linear(1, 1)
-    _, _, adv, rewards, stats = grpo.rollout(model, tok, problems, args, None, keep=2)
-    assert rewards.tolist() == [1.0, 0.0, 0.0, 1.0]  # q1 and q3, in their drawn order
-    assert stats["zero_std_groups"] == 0 and stats["generated_zero_std_groups"] == 2
-    assert stats["generated_reward"] == 4.0 and stats["generated"] == 8
-    _, _, _, rewards, stats = grpo.rollout(model, tok, problems[:3], args, None, keep=2)
-    assert rewards.tolist() == [1.0, 0.0, 1.0, 1.0] and stats["zero_std_groups"] == 1  # short of signal: padded
+
+def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
+    """A completion with a tool splice: the prompt, the sandbox's tokens and the padding carry no loss and no
+    advantage; a truncated completion carries none with --mask-truncated."""
+    spliced = engine.Completion([1, 2, 3], [10, 11, 12, 13], [True, False, False, True], True, "x")
+    short = engine.Completion([1], [20, 21], [True, True], False, "y")
+    args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, no_std_scale=False)
+    per_token, n_zero_std = token_advantages([spliced, short], torch.tensor([1.0, 0.0]), None, args)
+    assert n_zero_std == 0 and per_token[0].tolist() == [per_token[0][0].item()] * 4 and per_token[0][0] > 0
+    tokens, mask, adv = pad_batch([spliced, short], per_token, pad_id=0, mask_truncated=False)
+    assert tokens.tolist() == [[1, 2, 3, 10, 11, 12, 13], [1, 20, 21, 0, 0, 0, 0]]
+    # position t predicts token t + 1: the completion starts at position len(prompt) - 1
+    assert mask.tolist() == [[False, False, True, False, False, True], [True, True, False, False, False, False]]
+    assert (adv[0, 2:6] > 0).all() and (adv[1, :2] < 0).all() and not adv[0, :2].any() and not adv[1, 2:].any()
+    _, mask, _ = pad_batch([spliced, short], per_token, pad_id=0, mask_truncated=True)
+    assert not mask[1].any() and mask[0].sum() == 2
 
 
 def test_zero_std_groups_give_zero_gradient():
     logp = torch.randn(4, 5, requires_grad=True)
     adv, flat = group_advantages(torch.ones(1, 4))
     total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten(), torch.ones(4, 5, dtype=torch.bool),
-                                      opts())
+                                      *opts())
     total.backward()
     assert flat == 1 and not logp.grad.any()
 
@@ -133,7 +134,7 @@ def test_kl_term_pulls_toward_the_reference():
     logp = torch.zeros(1, 3, requires_grad=True)
     ref = torch.full((1, 3), 0.5)  # the reference gives these tokens more probability
     total, kl, _ = grpo_objective_sums(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 3, dtype=torch.bool),
-                                       opts(beta=0.1))
+                                       *opts(beta=0.1))
     total.backward()
     assert kl.item() > 0 and (logp.grad < 0).all()  # descending the loss raises logp toward the reference
 
@@ -160,7 +161,7 @@ def test_grpo_loop_learns_a_trivial_task():
         mask = torch.zeros(G, tokens.shape[1] - 1, dtype=torch.bool)
         mask[:, len(prompt) - 1:] = True
         lp = sequence_logprobs(policy, tokens)
-        total, _, _ = grpo_objective_sums(lp, lp.detach(), lp.detach(), adv.flatten(), mask, opts())
+        total, _, _ = grpo_objective_sums(lp, lp.detach(), lp.detach(), adv.flatten(), mask, *opts())
         (total / G).backward()
         opt.step()
         opt.zero_grad()

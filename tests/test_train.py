@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import common
 import data
 import pretrain
 import sft
@@ -32,19 +33,19 @@ def losses(out):
 
 def test_lr_schedules():
     a = argparse.Namespace(warmup=10, max_steps=100, schedule="multistep")
-    assert pretrain.lr_factor(0, a) == pytest.approx(0.1) and pretrain.lr_factor(9, a) == 1.0
-    assert [pretrain.lr_factor(s, a) for s in (79, 80, 89, 90, 99)] == [1.0, 0.316, 0.316, 0.1, 0.1]  # paper §2.3
+    assert common.lr_factor(0, a) == pytest.approx(0.1) and common.lr_factor(9, a) == 1.0
+    assert [common.lr_factor(s, a) for s in (79, 80, 89, 90, 99)] == [1.0, 0.316, 0.316, 0.1, 0.1]  # paper §2.3
     a.schedule = "cosine"
-    assert pretrain.lr_factor(10, a) == pytest.approx(1.0) and pretrain.lr_factor(100, a) == pytest.approx(0.1)
+    assert common.lr_factor(10, a) == pytest.approx(1.0) and common.lr_factor(100, a) == pytest.approx(0.1)
     a.schedule = "constant"
-    assert pretrain.lr_factor(50, a) == 1.0
+    assert common.lr_factor(50, a) == 1.0
 
 
 def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
-    common = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY]
-    one = run([*common, "--out", str(tmp_path / "one")])
+    argv = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY]
+    one = run([*argv, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
                "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 rank(s)" in two.stdout
@@ -58,11 +59,11 @@ def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
 
 
 def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
-    common = ["pretrain.py", "--data", str(data_dir), "--max-steps", "30", "--ckpt-every", "100", *TINY]
-    ref = run([*common, "--out", str(tmp_path / "ref")])
+    argv = ["pretrain.py", "--data", str(data_dir), "--max-steps", "30", "--ckpt-every", "100", *TINY]
+    ref = run([*argv, "--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, *common, "--out", str(out)], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, *argv, "--out", str(out)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out.joinpath("metrics.jsonl").exists() and len(losses(out)) >= 2):
@@ -74,8 +75,8 @@ def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     cut = len(losses(out))
-    assert cut < 30 and pretrain.latest_checkpoint(str(out)).endswith(f"step_{cut:06d}")
-    again = run([*common, "--out", str(out), "--resume"])
+    assert cut < 30 and common.latest_checkpoint(str(out)).endswith(f"step_{cut:06d}")
+    again = run([*argv, "--out", str(out), "--resume"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "ref")), rtol=0, atol=1e-6)
@@ -101,7 +102,7 @@ def test_bad_batch_and_missing_data_are_clear_errors(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_before_the_optimizer_step():
-    d = pretrain.Dist(0, 1, torch.device("cpu"))
+    d = common.Dist(0, 1, torch.device("cpu"))
     model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16))
     model.init_weights()
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_nan_loss_stops_before_the_optimizer_step():
     x = torch.randint(0, 50, (2, 8))
     args = argparse.Namespace(dtype="float32", grad_clip=1.0, lr=1e-3, warmup=1, max_steps=10, schedule="constant")
     with pytest.raises(FloatingPointError, match="step 7: loss is nan"):
-        pretrain.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, args, 7)
+        common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, args, 7)
     assert torch.equal(model.embed_tokens.weight, before)
 
 
@@ -142,7 +143,7 @@ def test_sft_loss_mask_covers_the_solution_only(data_dir):
 
 
 def test_sft_tool_examples_leave_the_sandbox_output_unsupervised(data_dir):
-    """The ```output contents are the sandbox's: no loss, and tokenised apart, as evaluate.complete splices them."""
+    """The ```output contents are the sandbox's: no loss, and tokenised apart, as engine.complete splices them."""
     tok = Tokenizer.load(data_dir / "tokenizer")
     prob = toyworld.make_problems(1, seed=3)[0]
     [(ids, mask)] = sft.make_examples([prob], tok, ["tool"])
