@@ -6,7 +6,7 @@ model: model.py vs transformers on the same weights. Training: tokens/s of forwa
 data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
   14 x 8 banding): the share of near copies dropped by true-Jaccard bucket on real prose (docstrings), then recall
   and false drops on the toy crawl judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
-reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grader_heldout.jsonl, pairs drawn from
+reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grader_dev.jsonl, pairs drawn from
   other graders' test suites (the parametrize tables of math-verify 0.9.0's sdist tests, most written from model
   outputs; NeMo-Skills' test_math_equal both ways; MATH's is_equiv tests; Qwen2.5-Math's grader examples),
   labelled with the mathematical truth (`relabelled` says where that differs from the source). Kinds: "answer"
@@ -246,7 +246,7 @@ def recall_curve(args):
         cells = [d[(jaccard >= lo) & (jaccard < hi)] for lo, hi in buckets]
         print(f"{name:<18}" + "".join(f"{c.mean():>11.3f}" if len(c) else f"{'-':>11}" for c in cells)
               + f"{2 * len(jaccard) / seconds[name]:>9.0f}")
-    print(f"recall at Jaccard >= 0.85: " + ", ".join(
+    print("recall at Jaccard >= 0.85: " + ", ".join(
         f"{name} {np.array(dropped[name])[jaccard >= 0.85].mean():.4f}" for name in arms))
     print(f"dedup throughput ratio ours/datasketch: {seconds['datasketch'] / seconds['ours']:.2f}x")
 
@@ -290,7 +290,7 @@ def bench_data(args):
           f"write_shards (tokenize + pack + write) {mb / t_pipe:.1f} MB/s, ratio {t_tik / t_pipe:.2f}x")
 
 
-HELDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "grader_heldout.jsonl")
+DEV_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "grader_dev.jsonl")
 
 
 def our_verdict(row):
@@ -307,7 +307,7 @@ def bench_reward(args):
         from math_verify import parse, verify
     except ImportError:
         raise SystemExit("bench.py reward compares with math-verify: pip install math-verify") from None
-    rows = [json.loads(line) for line in open(HELDOUT)]
+    rows = [json.loads(line) for line in open(DEV_PAIRS)]
 
     def read(s):  # as its README calls it; a bare answer that yields nothing is retried inside $...$
         return parse(s) or parse(f"${s}$")

@@ -1,8 +1,8 @@
 """Judging answers: extraction, equivalence, and the reward GRPO optimises (paper §4, §6; docs/paper.md §5-6).
 
 A grader that is wrong or exploitable teaches the model the wrong thing, so every input is treated as hostile:
-answers are length-capped, never passed to eval or sympify (a small LaTeX parser of our own builds sympy objects
-directly, with caps on nesting, digits and exponents), and every sympy call runs under a timer.
+answers are length-capped, never passed to eval or sympify (latex.py, a small parser of our own, builds sympy
+objects directly, with caps on nesting, digits and exponents), and every sympy call runs under a timer.
 
     extract_answer(text) -> str | None       the final answer of a solution
     is_equiv(pred, gold) -> bool             the same mathematical answer?
@@ -20,7 +20,8 @@ a comma is a list or thousands separator (1,000), a decimal comma only against a
 not \\{1, 3\\}); numbers agree within a relative 1e-6 or an absolute 1e-9 (no rounding leeway: "3.14" is not
 pi). Adjacent boxes ("\\boxed{1} and \\boxed{2}") are one answer; a text that never marks its answer has none.
 
-Accuracy: `python bench.py reward` scores this grader and math-verify on tests/data/grader_heldout.jsonl.
+Accuracy: `python bench.py reward` scores this grader and math-verify on tests/data/grader_dev.jsonl, pairs
+from other graders' test suites that became our development set (docs/grader.md).
 
     python reward.py "The answer is \\boxed{\\frac{1}{2}}" "0.5"       # extract and compare from the shell
 """
@@ -33,15 +34,15 @@ import threading
 import time
 from contextlib import contextmanager
 from fractions import Fraction
+from typing import NamedTuple
 
 import sympy
 
+from latex import MAX_DIGITS, to_sympy
 from sandbox import run_python  # noqa: F401  public here: reward.run_python runs model-written code
 
 MAX_TEXT = 20_000  # characters of a completion looked at (its end: that is where answers are)
 MAX_ANSWER = 400  # characters of an extracted answer
-MAX_DEPTH = 40  # parser nesting
-MAX_DIGITS = 60  # digits of one number literal
 SYMPY_SECONDS = 2.0  # per sympy comparison
 
 # -----------------------------------------------------------------------------
@@ -297,185 +298,6 @@ def _close(a, b):
     return abs(a - b) <= max(1e-9, 1e-6 * max(abs(a), abs(b)))
 
 
-# -----------------------------------------------------------------------------
-# A small LaTeX -> sympy parser (the subset that answers use). It builds sympy objects directly: nothing is ever
-# evaluated as Python. Numbers are capped in digits and powers in size, so 10^{10^{10}} is refused, not computed.
-
-TOKEN = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|[a-zA-Z]|\*\*|[-+*/^(){}\[\],!|_=])")
-FUNCS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc, "cot": sympy.cot,
-         "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "ln": sympy.log, "log": sympy.log,
-         "exp": sympy.exp, "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh}
-CONSTS = {"pi": sympy.pi, "infty": sympy.oo, "e": sympy.E}
-
-
-class ParseError(ValueError):
-    pass
-
-
-class Parser:
-    def __init__(self, s):
-        s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
-        pos, self.toks = 0, []
-        while pos < len(s):
-            m = TOKEN.match(s, pos)
-            if not m:
-                if s[pos:].strip() == "":
-                    break
-                raise ParseError(f"unexpected {s[pos:pos + 10]!r}")
-            self.toks.append(m.group(1))
-            pos = m.end()
-        self.i, self.depth = 0, 0
-
-    def peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
-    def take(self, want=None):
-        t = self.peek()
-        if t is None or (want is not None and t != want):
-            raise ParseError(f"expected {want!r}, got {t!r}")
-        self.i += 1
-        return t
-
-    def parse(self):
-        e = self.expr()
-        if self.peek() is not None:
-            raise ParseError(f"trailing {self.peek()!r}")
-        return e
-
-    def expr(self):
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise ParseError("nested too deeply")
-        e = self.term()
-        while self.peek() in ("+", "-"):
-            e = e + self.term() if self.take() == "+" else e - self.term()
-        self.depth -= 1
-        return e
-
-    def term(self):
-        e = self.unary()
-        while True:
-            t = self.peek()
-            if t in ("*", "/"):
-                self.take()
-                rhs = self.unary()
-                e = e * rhs if t == "*" else e / rhs
-            elif t is not None and t not in ("+", "-", ")", "}", "]", ",", "|", "^", "!"):
-                e = e * self.unary()  # implicit multiplication: 2x, 2\pi, x(y+1)
-            else:
-                return e
-
-    def unary(self):
-        if self.peek() == "-":
-            self.take()
-            return -self.unary()
-        if self.peek() == "+":
-            self.take()
-            return self.unary()
-        return self.power()
-
-    def power(self):
-        base = self.atom()
-        while self.peek() == "!":
-            self.take()
-            if not (base.is_Integer and 0 <= base <= 100):
-                raise ParseError("factorial of a large or non-integer value")
-            base = sympy.factorial(base)
-        if self.peek() in ("^", "**"):
-            self.take()
-            exp = self.unary() if self.peek() != "{" else self.group()
-            if exp.is_Number and base.is_Number and (abs(exp) > 300 or (abs(base) > 10**6 and abs(exp) > 20)):
-                raise ParseError("power too large to compute")
-            if not exp.is_Number and exp.has(sympy.Pow) and any(a.is_Number and abs(a) > 300 for a in exp.atoms()):
-                raise ParseError("power tower")
-            return sympy.Pow(base, exp)
-        return base
-
-    def group(self, open_="{", close="}"):
-        self.take(open_)
-        e = self.expr()
-        self.take(close)
-        return e
-
-    def atom(self):
-        t = self.peek()
-        if t is None:
-            raise ParseError("unexpected end")
-        if t[0].isdigit() or t[0] == ".":
-            self.take()
-            if len(t) > MAX_DIGITS:
-                raise ParseError("number too long")
-            return sympy.Rational(t) if "." in t else sympy.Integer(t)
-        if t in ("(", "["):
-            return self.group(t, ")" if t == "(" else "]")
-        if t == "{":
-            return self.group()
-        if t == "|":
-            self.take()
-            e = self.expr()
-            self.take("|")
-            return sympy.Abs(e)
-        if t.startswith("\\"):
-            self.take()
-            name = t[1:]
-            if name == "frac":
-                return self.group() / self.group()
-            if name in ("sum", "prod"):  # \sum_{k=0}^{n} term: unevaluated, so that equal sums compare equal
-                self.take("_")
-                self.take("{")
-                var = self.subscripted(self.take())
-                self.take("=")
-                lo = self.expr()
-                self.take("}")
-                self.take("^")
-                hi = self.atom_or_group()
-                return (sympy.Sum if name == "sum" else sympy.Product)(self.term(), (var, lo, hi))
-            if name == "sqrt":
-                if self.peek() == "[":
-                    n = self.group("[", "]")
-                    return sympy.root(self.atom_or_group(), n)
-                return sympy.sqrt(self.atom_or_group())
-            if name in CONSTS:
-                return CONSTS[name]
-            if name in FUNCS:
-                if self.peek() == "^":  # \sin^2 x
-                    self.take()
-                    p = self.atom_or_group()
-                    return FUNCS[name](self.atom_or_group()) ** p
-                return FUNCS[name](self.atom_or_group())
-            if len(name) > 1 and name.isalpha():  # Greek letters and other named symbols
-                return self.subscripted(name)
-            raise ParseError(f"unknown command \\{name}")
-        if t.isalpha():
-            self.take()
-            if t == "i":
-                return sympy.I
-            if t == "e":
-                return sympy.E
-            return self.subscripted(t)
-        raise ParseError(f"unexpected {t!r}")
-
-    def subscripted(self, name):
-        """A symbol, with its subscript if one follows: x_1, x_{n+1}, a_{ij}."""
-        if self.peek() == "_":
-            self.take()
-            name += "_" + str(self.atom_or_group())
-        return sympy.Symbol(name)
-
-    def atom_or_group(self):
-        return self.group() if self.peek() == "{" else self.power()
-
-
-def to_sympy(s):
-    """A sympy expression for a LaTeX answer, or None if it is not in the parsed subset."""
-    if len(s) > MAX_ANSWER:
-        return None
-    try:
-        return Parser(s).parse()
-    except (ParseError, TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError):
-        return None
-
-
 def _sympy_equal(a, b):
     try:
         with time_limit(SYMPY_SECONDS):
@@ -533,36 +355,44 @@ def _top_equals(s):
     return [p.strip() for p in _split_top(s, "=")]
 
 
+class Shape(NamedTuple):
+    """An answer's shape. kind and parts: "interval" [a, b] with its brackets in left/right; "tuple" [...] with
+    its brackets; "set" [...] (also a bare list "1, 2": roots, unordered); "union" [...]; "matrix" [rows];
+    "pm" [a, b] for a ± b; "eq" [lhs, rhs]; "rel" [s] for inequalities; "atom" [s]."""
+    kind: str
+    parts: list
+    left: str = ""
+    right: str = ""
+
+
 def _structure(s):
-    """An answer's shape: ("interval", open_l, [a, b], open_r), ("tuple", [..]), ("set", [..]), ("matrix", rows),
-    ("pm", a, b) for a ± b, ("eq", lhs, rhs), ("rel", s) for inequalities, or ("atom", s)."""
+    """The Shape of a normalised answer."""
     s = s.strip()
     m = re.fullmatch(r"[(\[]?\\begin\{([pbvB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}[)\]]?", s, re.S)
     if m:
-        return ("matrix", [[c.strip() for c in row.split("&")] for row in m.group(2).split("\\\\") if row.strip()])
+        return Shape("matrix", [[c.strip() for c in row.split("&")] for row in m.group(2).split("\\\\") if row.strip()])
     if s.startswith("\\{") and s.endswith("\\}"):
-        return ("set", [p.strip() for p in _split_top(s[2:-2])])
+        return Shape("set", [p.strip() for p in _split_top(s[2:-2])])
     if s.startswith("{") and _braced(s, 0) == s[1:-1]:  # {1, 2, 3}: LaTeX grouping, read as the set it lists
         inner = _split_top(s[1:-1])
-        return ("set", [p.strip() for p in inner]) if len(inner) > 1 else _structure(s[1:-1])
+        return Shape("set", [p.strip() for p in inner]) if len(inner) > 1 else _structure(s[1:-1])
     if "\\cup" in s:
-        return ("union", sorted(p.strip() for p in s.split("\\cup")))
+        return Shape("union", sorted(p.strip() for p in s.split("\\cup")))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and len(_split_top(s[1:-1])) >= 2 and _balanced(s[1:-1]):
         parts = [p.strip() for p in _split_top(s[1:-1])]
-        if len(parts) == 2 and (s[0] == "[" or s[-1] == "]" or "\\infty" in s):
-            return ("interval", s[0], parts, s[-1])
-        return ("tuple", parts, s[0], s[-1])
+        kind = "interval" if len(parts) == 2 and (s[0] == "[" or s[-1] == "]" or "\\infty" in s) else "tuple"
+        return Shape(kind, parts, s[0], s[-1])
     if len(_split_top(s)) >= 2:
-        return ("set", [p.strip() for p in _split_top(s)])  # "1, 2" lists roots: order does not matter
+        return Shape("set", [p.strip() for p in _split_top(s)])  # "1, 2" lists roots: order does not matter
     if RELATION.search(s):
-        return ("rel", s)
+        return Shape("rel", [s])
     if "\\pm" in s:
         a, _, b = s.partition("\\pm")
-        return ("pm", a.strip() or "0", b.strip())
+        return Shape("pm", [a.strip() or "0", b.strip()])
     parts = _top_equals(s)
     if len(parts) == 2:
-        return ("eq", parts[0], parts[1])
-    return ("atom", s)
+        return Shape("eq", parts)
+    return Shape("atom", [s])
 
 
 def _balanced(s):
@@ -596,20 +426,17 @@ def _constant(s):
 def _real_set(shape):
     """The set of reals an interval, a union of them, an open pair (a, b) or an inequality in one variable
     describes, as a sympy Set; None if it is none of these."""
-    kind = shape[0]
-    if kind in ("interval", "tuple") and len(shape[1 if kind == "tuple" else 2]) == 2:
-        ends = shape[1] if kind == "tuple" else shape[2]
-        lo, hi = to_sympy(ends[0]), to_sympy(ends[1])
-        left, right = (shape[2], shape[3]) if kind == "tuple" else (shape[1], shape[3])
+    if shape.kind in ("interval", "tuple") and len(shape.parts) == 2:
+        lo, hi = to_sympy(shape.parts[0]), to_sympy(shape.parts[1])
         if lo is None or hi is None or lo.free_symbols or hi.free_symbols:
             return None
-        return sympy.Interval(lo, hi, left_open=left == "(", right_open=right == ")")
-    if kind == "union":
-        sets = [_real_set(_structure(p)) for p in shape[1]]
+        return sympy.Interval(lo, hi, left_open=shape.left == "(", right_open=shape.right == ")")
+    if shape.kind == "union":
+        sets = [_real_set(_structure(p)) for p in shape.parts]
         return None if any(x is None for x in sets) else sympy.Union(*sets)
-    if kind != "rel":
+    if shape.kind != "rel":
         return None
-    pieces = RELATION.split(shape[1])
+    pieces = RELATION.split(shape.parts[0])
     sides, ops = [p.strip() for p in pieces[0::2]], [REL_SPELLING.get(o, o) for o in pieces[1::2]]
     exprs = [to_sympy(x) for x in sides]
     if any(e is None for e in exprs) or len({str(v) for e in exprs for v in e.free_symbols}) != 1:
@@ -676,45 +503,48 @@ def _equal(a, b, depth=0):
     if a == b:
         return True
     sa, sb = _structure(a), _structure(b)
-    if "rel" in (sa[0], sb[0]) or {sa[0], sb[0]} <= {"interval", "union"} and sa[0] != sb[0]:
+    kinds = {sa.kind, sb.kind}
+    if "rel" in kinds or kinds <= {"interval", "union"} and sa.kind != sb.kind:
         return _same_real_set(sa, sb)
-    if sa[0] == "pm" and sb[0] in ("set", "tuple") or sb[0] == "pm" and sa[0] in ("set", "tuple"):
-        pm, other = (sa, sb) if sa[0] == "pm" else (sb, sa)
-        return _same_set([f"{pm[1]}+{pm[2]}", f"{pm[1]}-{pm[2]}"], other[1], depth)
-    if sa[0] == "eq" and sb[0] != "eq":
-        return _is_name(sa[1]) and _equal(sa[2], b, depth + 1)
-    if sb[0] == "eq" and sa[0] != "eq":
-        return _is_name(sb[1]) and _equal(a, sb[2], depth + 1)
-    if {sa[0], sb[0]} == {"set", "atom"}:  # 1,22 = 1.22: a decimal comma, as a list is never one number
-        digits, number = (sa[1], b) if sa[0] == "set" else (sb[1], a)
+    if "pm" in kinds and kinds & {"set", "tuple"}:
+        pm, other = (sa, sb) if sa.kind == "pm" else (sb, sa)
+        return _same_set([a if pm is sa else b], other.parts, depth)  # it expands a ± b
+    if sa.kind == "eq" and sb.kind != "eq":
+        return _is_name(sa.parts[0]) and _equal(sa.parts[1], b, depth + 1)
+    if sb.kind == "eq" and sa.kind != "eq":
+        return _is_name(sb.parts[0]) and _equal(a, sb.parts[1], depth + 1)
+    if kinds == {"set", "atom"}:  # 1,22 = 1.22: a decimal comma, as a list is never one number
+        digits, number = (sa.parts, b) if sa.kind == "set" else (sb.parts, a)
         return len(digits) == 2 and all(re.fullmatch(r"\d+", x) for x in digits) and "." in number and \
             _atom_equal(".".join(digits), number)
-    if {sa[0], sb[0]} == {"set", "tuple"}:  # "1, 3" or {1, 3} (not \{1, 3\}) answer (1, 3) in its order
-        lst, raw, tup = (sa, a, sb) if sa[0] == "set" else (sb, b, sa)
-        return not raw.startswith("\\{") and len(lst[1]) == len(tup[1]) and \
-            all(_equal(x, y, depth + 1) for x, y in zip(lst[1], tup[1]))
-    if sa[0] != sb[0]:
+    if kinds == {"set", "tuple"}:  # "1, 3" or {1, 3} (not \{1, 3\}) answer (1, 3) in its order
+        listed, raw, tup = (sa, a, sb) if sa.kind == "set" else (sb, b, sa)
+        return not raw.startswith("\\{") and len(listed.parts) == len(tup.parts) and \
+            all(_equal(x, y, depth + 1) for x, y in zip(listed.parts, tup.parts))
+    if sa.kind != sb.kind:
         return False
-    kind = sa[0]
-    if kind == "atom":
+    pairs = list(zip(sa.parts, sb.parts))
+    same_len = len(sa.parts) == len(sb.parts)
+    if sa.kind == "atom":
         return _atom_equal(a, b)
-    if kind == "interval":
-        return sa[1] == sb[1] and sa[3] == sb[3] and all(_equal(x, y, depth + 1) for x, y in zip(sa[2], sb[2]))
-    if kind == "tuple":
-        return len(sa[1]) == len(sb[1]) and all(_equal(x, y, depth + 1) for x, y in zip(sa[1], sb[1]))
-    if kind == "set":
-        return _same_set(sa[1], sb[1], depth)
-    if kind == "union":
-        return _same_set(sa[1], sb[1], depth) or _same_real_set(sa, sb)
-    if kind == "matrix":
-        return len(sa[1]) == len(sb[1]) and all(len(r) == len(q) and all(_equal(x, y, depth + 1) for x, y in zip(r, q))
-                                                for r, q in zip(sa[1], sb[1]))
-    if kind == "pm":
-        return _equal(sa[1], sb[1], depth + 1) and _equal(sa[2], sb[2], depth + 1)
-    if kind == "eq":  # two equations: same sides, or the same relation up to a constant factor
-        if _equal(sa[1], sb[1], depth + 1) and _equal(sa[2], sb[2], depth + 1):
+    if sa.kind == "interval":
+        return (sa.left, sa.right) == (sb.left, sb.right) and all(_equal(x, y, depth + 1) for x, y in pairs)
+    if sa.kind == "tuple":
+        return same_len and all(_equal(x, y, depth + 1) for x, y in pairs)
+    if sa.kind == "set":
+        return _same_set(sa.parts, sb.parts, depth)
+    if sa.kind == "union":
+        return _same_set(sa.parts, sb.parts, depth) or _same_real_set(sa, sb)
+    if sa.kind == "matrix":
+        return same_len and all(len(r) == len(q) and all(_equal(x, y, depth + 1) for x, y in zip(r, q))
+                                for r, q in pairs)
+    if sa.kind == "pm":
+        return all(_equal(x, y, depth + 1) for x, y in pairs)
+    if sa.kind == "eq":  # two equations: same sides, or the same relation up to a constant factor
+        if all(_equal(x, y, depth + 1) for x, y in pairs):
             return True
-        ea, eb = to_sympy(f"({sa[1]})-({sa[2]})"), to_sympy(f"({sb[1]})-({sb[2]})")
+        (la, ra), (lb, rb) = sa.parts, sb.parts
+        ea, eb = to_sympy(f"({la})-({ra})"), to_sympy(f"({lb})-({rb})")
         if ea is None or eb is None or eb == 0:
             return False
         try:
@@ -740,7 +570,11 @@ def _expand_pm(xs):
     out = []
     for x in xs:
         shape = _structure(normalize(x))
-        out += [f"{shape[1]}+{shape[2]}", f"{shape[1]}-{shape[2]}"] if shape[0] == "pm" else [x]
+        if shape.kind == "pm":
+            a, b = shape.parts
+            out += [f"{a}+{b}", f"{a}-{b}"]
+        else:
+            out.append(x)
     return out
 
 
