@@ -3,9 +3,11 @@
     crawl.jsonl ─► URL dedup ─► MinHash near-dedup ─► quality filters ─► fastText classifier with iterative
     domain expansion ─► 10-gram decontamination ─► tokenizer ─► packed shards per source (math, code, general)
 
-Every stage reads and writes jsonl in a directory, reports what it kept and dropped (and, on the toy world,
-precision and recall against ground truth), and is skipped when its output exists. The same stages run on real
-dumps: OpenWebMath / Common Crawl jsonl with {"text", "url"} lines.
+Every stage is one function below, called in order by `build`; each reads and writes jsonl in a directory, reports
+what it kept and dropped (and, on the toy world, precision and recall against ground truth), and is skipped when
+its output exists. The same stages run on real dumps: OpenWebMath / Common Crawl jsonl with {"text", "url"}
+lines. MinHash and the n-gram matching are dedup.py's, the tokenizer tokenizer.py's, the toy world toyworld.py's;
+this file also reads problem sets (GSM8K, MATH, ours) for the trainers, and writes the token shards they read.
 
     python data.py                                   # the toy world, end to end, into out/toy/data
     python data.py --crawl cc.jsonl --seed-pos owm.jsonl --benchmarks gsm8k_test.jsonl --out out/real
@@ -18,6 +20,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -508,186 +511,216 @@ def run_stage(report, name, outputs, fn):
     report.append(dict(stage=name, seconds=round(time.time() - t0, 1), **row))
 
 
-def build(args):
-    out = args.out
-    labels_path = os.path.join(out, "labels.json")
-    crawl = args.crawl or os.path.join(out, "crawl.jsonl")
-    seed_pos = args.seed_pos or os.path.join(out, "seed.jsonl")
-    code = args.code or os.path.join(out, "code.jsonl")
-    train_p, test_p, rl_p = (os.path.join(out, "problems", f"{name}.jsonl") for name in ("train", "test", "rl"))
-    report = []
-    counts = Counter()
-    read = lambda path, fields=("text",): read_jsonl(path, fields, args.skip_bad, counts)  # noqa: E731
-    os.makedirs(out, exist_ok=True)
+@dataclass
+class Paths:
+    """Every file the pipeline reads or writes, from the command line's --out and input files."""
+    out: str
+    crawl: str
+    seed_pos: str
+    code: str
+    labels: str  # the toy world's ground truth: which pages are math, copies, leaks
+    train: str  # problems: SFT (train), held-out (test), GRPO questions (rl)
+    test: str
+    rl: str
+    dedup: str
+    quality: str
+    math: str
+    other: str
+    clean: dict  # source -> decontaminated pages
+    tokenizer: str
+    shards: str
 
-    if not args.crawl:  # the toy world stands in for Common Crawl, OpenWebMath, GitHub and the benchmarks
-        import toyworld
+    @classmethod
+    def of(cls, args):
+        out = args.out
+        j = lambda *parts: os.path.join(out, *parts)  # noqa: E731
+        return cls(out=out, crawl=args.crawl or j("crawl.jsonl"), seed_pos=args.seed_pos or j("seed.jsonl"),
+                   code=args.code or j("code.jsonl"), labels=j("labels.json"),
+                   train=j("problems", "train.jsonl"), test=j("problems", "test.jsonl"), rl=j("problems", "rl.jsonl"),
+                   dedup=j("pages_dedup.jsonl"), quality=j("pages_quality.jsonl"), math=j("math_pages.jsonl"),
+                   other=j("other_pages.jsonl"), clean={s: j(f"{s}_clean.jsonl") for s in ("math", "code", "general")},
+                   tokenizer=args.tokenizer or j("tokenizer"), shards=j("shards"))
 
-        def world():
-            test = toyworld.make_problems(args.test_problems, seed=args.seed + 100)
-            train = toyworld.make_problems(args.train_problems, seed=args.seed + 200,
-                                           exclude={p["question"] for p in test})
-            rl = toyworld.make_problems(args.rl_problems, seed=args.seed + 400,
-                                        exclude={p["question"] for p in test + train})
-            pages, labels = toyworld.make_crawl(args.pages, test, seed=args.seed)
-            write_jsonl(test_p, test)
-            write_jsonl(train_p, train)
-            write_jsonl(rl_p, rl)
-            write_jsonl(seed_pos, toyworld.make_seed(args.pages // 10, seed=args.seed))
-            code_pool = toyworld.make_problems(args.pages // 5, seed=args.seed + 300, steps=toyworld.PAGE_STEPS,
-                                               max_value=toyworld.PAGE_MAX_VALUE)
-            rng = __import__("random").Random(args.seed)
-            write_jsonl(code, (dict(url=f"https://github.example/{i}", text=toyworld.code_page(rng, code_pool[i:i + 3]))
-                               for i in range(0, len(code_pool), 3)))
-            with open(labels_path + ".tmp", "w") as f:
-                json.dump(labels, f)
-            os.replace(labels_path + ".tmp", labels_path)
-            write_jsonl(crawl, pages)
-            return dict(pages=len(pages), train_problems=len(train), test_problems=len(test))
-        run_stage(report, "toy world", [crawl, seed_pos, code, train_p, test_p, rl_p, labels_path], world)
-    labels = json.load(open(labels_path)) if os.path.exists(labels_path) and not args.crawl else None
 
-    # 1. exact URL dedup, then MinHash near-dedup ---------------------------------
-    dedup_path = os.path.join(out, "pages_dedup.jsonl")
+def toy_world(args, paths):
+    """Stage 0 (the toy only): the synthetic crawl, seed math pages, code pages, problem sets and the truth."""
+    import random
 
-    def dedup():
-        seen, index, stats, all_urls, kept_urls = set(), NearDupIndex(args.dedup_threshold), Counter(), [], set()
-        # (all_urls and kept_urls only serve the toy's report against its labels)
+    import toyworld
+    test = toyworld.make_problems(args.test_problems, seed=args.seed + 100)
+    train = toyworld.make_problems(args.train_problems, seed=args.seed + 200, exclude={p["question"] for p in test})
+    rl = toyworld.make_problems(args.rl_problems, seed=args.seed + 400,
+                                exclude={p["question"] for p in test + train})
+    pages, labels = toyworld.make_crawl(args.pages, test, seed=args.seed)
+    write_jsonl(paths.test, test)
+    write_jsonl(paths.train, train)
+    write_jsonl(paths.rl, rl)
+    write_jsonl(paths.seed_pos, toyworld.make_seed(args.pages // 10, seed=args.seed))
+    code_pool = toyworld.make_problems(args.pages // 5, seed=args.seed + 300, steps=toyworld.PAGE_STEPS,
+                                       max_value=toyworld.PAGE_MAX_VALUE)
+    rng = random.Random(args.seed)
+    write_jsonl(paths.code, (dict(url=f"https://github.example/{i}", text=toyworld.code_page(rng, code_pool[i:i + 3]))
+                             for i in range(0, len(code_pool), 3)))
+    with open(paths.labels + ".tmp", "w") as f:
+        json.dump(labels, f)
+    os.replace(paths.labels + ".tmp", paths.labels)
+    write_jsonl(paths.crawl, pages)
+    return dict(pages=len(pages), train_problems=len(train), test_problems=len(test))
 
-        def kept():  # streamed in batches: memory holds URLs and signatures, not pages
-            for chunk in progress(batched(read(crawl, ("text", "url")), 2000), "dedup"):
-                fresh = [p for p, k in zip(chunk, url_dedup([p["url"] for p in chunk], seen)) if k]
-                stats["pages"] += len(chunk)
-                stats["url_dups"] += len(chunk) - len(fresh)
-                if labels is not None:
-                    all_urls.extend(p["url"] for p in chunk)
-                for p, k in zip(fresh, index.add([p["text"] for p in fresh])):
-                    stats["near_dups"] += not k
-                    if k:
-                        kept_urls.add(p["url"])
-                        yield p
-        stats["kept"] = write_jsonl(dedup_path, kept())
-        if not stats["pages"]:
-            raise DataError(f"{crawl}: no pages")
-        row = dict(stats)
-        if labels is not None:  # of each planted cluster (a page and its copies) of n pages, n - 1 should go
-            cluster = {u: labels[u]["dup_of"] or u for u in all_urls}
-            size, gone = Counter(cluster.values()), Counter()
-            for u, c in cluster.items():
-                gone[c] += u not in kept_urls
-            found = sum(min(gone[c], size[c] - 1) for c in size)
-            # what else was dropped is a page whose text another kept page nearly repeats (stubs, spam, templates)
-            row.update(planted_found=f"{found}/{sum(n - 1 for n in size.values())}",
-                       other_dropped=sum(gone.values()) - found)
-        return row
-    run_stage(report, "dedup", [dedup_path], dedup)
 
-    # 2. quality filters -------------------------------------------------------------
-    quality_path = os.path.join(out, "pages_quality.jsonl")
+def dedup_stage(args, paths, read, labels):
+    """Stage 1: exact URL dedup, then MinHash near-dedup, streamed in batches (memory holds URLs and signatures,
+    not pages). On the toy, counts how many planted copies were found."""
+    seen, index, stats, all_urls, kept_urls = set(), NearDupIndex(args.dedup_threshold), Counter(), [], set()
 
-    def quality():
-        reasons = Counter()
+    def kept():
+        for chunk in progress(batched(read(paths.crawl, ("text", "url")), 2000), "dedup"):
+            fresh = [p for p, k in zip(chunk, url_dedup([p["url"] for p in chunk], seen)) if k]
+            stats["pages"] += len(chunk)
+            stats["url_dups"] += len(chunk) - len(fresh)
+            if labels is not None:
+                all_urls.extend(p["url"] for p in chunk)
+            for p, k in zip(fresh, index.add([p["text"] for p in fresh])):
+                stats["near_dups"] += not k
+                if k:
+                    kept_urls.add(p["url"])
+                    yield p
+    stats["kept"] = write_jsonl(paths.dedup, kept())
+    if not stats["pages"]:
+        raise DataError(f"{paths.crawl}: no pages")
+    row = dict(stats)
+    if labels is not None:  # of each planted cluster (a page and its copies) of n pages, n - 1 should go
+        cluster = {u: labels[u]["dup_of"] or u for u in all_urls}
+        size, gone = Counter(cluster.values()), Counter()
+        for u, c in cluster.items():
+            gone[c] += u not in kept_urls
+        found = sum(min(gone[c], size[c] - 1) for c in size)
+        # what else was dropped is a page whose text another kept page nearly repeats (stubs, spam, templates)
+        row.update(planted_found=f"{found}/{sum(n - 1 for n in size.values())}",
+                   other_dropped=sum(gone.values()) - found)
+    return row
+
+
+def quality_stage(paths, read):
+    """Stage 2: the quality filters (quality_issue), with a count per reason."""
+    reasons = Counter()
+
+    def kept():
+        for p in read(paths.dedup):
+            why = quality_issue(p["text"])
+            reasons[why or "kept"] += 1
+            if why is None:
+                yield p
+    write_jsonl(paths.quality, kept())
+    return dict(reasons)
+
+
+def classify_stage(args, paths, read, labels):
+    """Stage 3: the fastText classifier with iterative domain expansion; math pages and the rest, apart."""
+    pool = lambda: read(paths.quality, ("text", "url"))  # noqa: E731  streamed again in each round
+    seeds = [p["text"] for p in read(paths.seed_pos)]
+    keep, rows, clf = classify_with_expansion(pool, seeds, iterations=args.iterations,
+                                              budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
+                                              labels=labels, seed=args.seed, threads=args.classifier_threads)
+    clf.save(os.path.join(paths.out, "classifier.bin"))
+    write_jsonl(paths.other, (p for p, k in zip(pool(), keep) if not k))
+    write_jsonl(paths.math, (p for p, k in zip(pool(), keep) if k))
+    return rows[-1]
+
+
+def decontaminate_stage(args, paths, read, labels):
+    """Stage 4: drop pages that contain benchmark questions or solutions, in every source."""
+    bench_texts = [t for b in args.benchmarks or [paths.test] for t in benchmark_texts(load_problems(b))]
+    sources = {"math": paths.math, "code": paths.code, "general": paths.other}
+    row = {}
+    for s, path in sources.items():
+        dropped = []
 
         def kept():
-            for p in read(dedup_path):
-                why = quality_issue(p["text"])
-                reasons[why or "kept"] += 1
-                if why is None:
-                    yield p
-        write_jsonl(quality_path, kept())
-        return dict(reasons)
-    run_stage(report, "quality", [quality_path], quality)
+            for chunk in batched(read(path), 2000):
+                for p, k in zip(chunk, decontaminate([p["text"] for p in chunk], bench_texts)):
+                    if k:
+                        yield p
+                    else:
+                        dropped.append(p.get("url", ""))
+        write_jsonl(paths.clean[s], kept())
+        row[f"{s}_dropped"] = len(dropped)
+        if labels is not None and s == "math":
+            leaks = {u for u, lab in labels.items() if lab["contaminated"]}
+            row.update(leak_recall=round(len(set(dropped) & leaks) / max(len(leaks), 1), 4),
+                       false_drops=len(set(dropped) - leaks))
+    return row
 
-    # 3. classifier with iterative domain expansion ---------------------------------
-    math_path, other_path = os.path.join(out, "math_pages.jsonl"), os.path.join(out, "other_pages.jsonl")
 
-    def classify():
-        pool = lambda: read(quality_path, ("text", "url"))  # noqa: E731  streamed again in each round
-        seeds = [p["text"] for p in read(seed_pos)]
-        keep, rows, clf = classify_with_expansion(pool, seeds, iterations=args.iterations,
-                                                  budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
-                                                  labels=labels, seed=args.seed, threads=args.classifier_threads)
-        clf.save(os.path.join(out, "classifier.bin"))
-        write_jsonl(other_path, (p for p, k in zip(pool(), keep) if not k))
-        write_jsonl(math_path, (p for p, k in zip(pool(), keep) if k))
-        return rows[-1]
-    run_stage(report, "classify", [math_path, other_path], classify)
-
-    # 4. decontamination against the benchmarks ------------------------------------
-    bench = args.benchmarks or [test_p]
-    clean = {s: os.path.join(out, f"{s}_clean.jsonl") for s in ("math", "code", "general")}
-    source_files = {"math": math_path, "code": code, "general": other_path}
-
-    def decontam():
-        bench_texts = [t for b in bench for t in benchmark_texts(load_problems(b))]
-        row = {}
-        for s, path in source_files.items():
-            dropped = []
-
-            def kept():
-                for chunk in batched(read(path), 2000):
-                    for p, k in zip(chunk, decontaminate([p["text"] for p in chunk], bench_texts)):
-                        if k:
-                            yield p
-                        else:
-                            dropped.append(p.get("url", ""))
-            write_jsonl(clean[s], kept())
-            row[f"{s}_dropped"] = len(dropped)
-            if labels is not None and s == "math":
-                leaks = {u for u, lab in labels.items() if lab["contaminated"]}
-                row.update(leak_recall=round(len(set(dropped) & leaks) / max(len(leaks), 1), 4),
-                           false_drops=len(set(dropped) - leaks))
-        return row
-    run_stage(report, "decontaminate", list(clean.values()), decontam)
-
-    # 5. tokenizer, 6. shards ----------------------------------------------------
-    tok_dir = args.tokenizer or os.path.join(out, "tokenizer")
-
-    def tokenizer():  # trained on the first --tokenizer-mb of text of each source, and the training problems
-        def sample():
-            for s in clean:
-                budget = args.tokenizer_mb * 1e6
-                for p in read(clean[s]):
-                    yield p["text"]
-                    budget -= len(p["text"])
-                    if budget <= 0:
-                        break
-            if os.path.exists(train_p):  # the chat format and the solutions' words matter downstream
-                yield from (f"{p['question']} {p['cot']} {p.get('pot', '')}" for p in load_problems(train_p))
-        tok = Tokenizer.train(sample(), args.vocab_size)
-        tok.save(tok_dir)
-        return dict(vocab_size=tok.vocab_size)
-    run_stage(report, "tokenizer", [os.path.join(tok_dir, "tokenizer.json")], tokenizer)
-
-    shard_dir = os.path.join(out, "shards")
-
-    def shards():
-        row = {}
-        for s in clean:
-            idx = write_shards((p["text"] for p in read(clean[s])), tok_dir, shard_dir, s, workers=args.workers)
-            row[f"{s}_tokens"] = idx["tokens"]
-        return row
-    run_stage(report, "shards", [os.path.join(shard_dir, f"{s}.json") for s in clean], shards)
-
-    if args.unfiltered:  # paper §2.2's control: the pool the classifier chose from, sampled to the math source's size
-        def unfiltered():
-            tok, want = Tokenizer.load(tok_dir), json.load(open(os.path.join(shard_dir, "math.json")))["tokens"]
-            pool = [(p["text"], s == "math") for s in ("math", "general") for p in read(clean[s])]
-            np.random.default_rng(args.seed).shuffle(pool)
-            sample, n = [], 0
-            for text, _ in pool:
-                if n >= want:
+def tokenizer_stage(args, paths, read):
+    """Stage 5: a byte-level BPE trained on the first --tokenizer-mb of each source and the training problems
+    (the chat format and the solutions' words matter downstream)."""
+    def sample():
+        for s in paths.clean:
+            budget = args.tokenizer_mb * 1e6
+            for p in read(paths.clean[s]):
+                yield p["text"]
+                budget -= len(p["text"])
+                if budget <= 0:
                     break
-                sample.append(text)
-                n += len(tok.encode(text)) + 2  # BOS and EOS, as write_shards packs them
-            idx = write_shards(sample, tok_dir, shard_dir, "unfiltered", workers=args.workers)
-            return dict(unfiltered_tokens=idx["tokens"], classifier_chosen=round(
-                sum(m for _, m in pool[:len(sample)]) / len(sample), 3))
-        run_stage(report, "unfiltered", [os.path.join(shard_dir, "unfiltered.json")], unfiltered)
+        if os.path.exists(paths.train):
+            yield from (f"{p['question']} {p['cot']} {p.get('pot', '')}" for p in load_problems(paths.train))
+    tok = Tokenizer.train(sample(), args.vocab_size)
+    tok.save(paths.tokenizer)
+    return dict(vocab_size=tok.vocab_size)
 
+
+def shards_stage(args, paths, read):
+    """Stage 6: each source tokenized and packed into shards."""
+    row = {}
+    for s in paths.clean:
+        idx = write_shards((p["text"] for p in read(paths.clean[s])), paths.tokenizer, paths.shards, s,
+                           workers=args.workers)
+        row[f"{s}_tokens"] = idx["tokens"]
+    return row
+
+
+def unfiltered_stage(args, paths, read):
+    """Paper §2.2's control (--unfiltered): the pool the classifier chose from, sampled to the math source's
+    size in tokens."""
+    tok, want = Tokenizer.load(paths.tokenizer), json.load(open(os.path.join(paths.shards, "math.json")))["tokens"]
+    pool = [(p["text"], s == "math") for s in ("math", "general") for p in read(paths.clean[s])]
+    np.random.default_rng(args.seed).shuffle(pool)
+    sample, n = [], 0
+    for text, _ in pool:
+        if n >= want:
+            break
+        sample.append(text)
+        n += len(tok.encode(text)) + 2  # BOS and EOS, as write_shards packs them
+    idx = write_shards(sample, paths.tokenizer, paths.shards, "unfiltered", workers=args.workers)
+    return dict(unfiltered_tokens=idx["tokens"],
+                classifier_chosen=round(sum(m for _, m in pool[:len(sample)]) / len(sample), 3))
+
+
+def build(args):
+    """The pipeline: each stage in order, skipped when its outputs exist; a report of what each did."""
+    paths, report, counts = Paths.of(args), [], Counter()
+    read = lambda path, fields=("text",): read_jsonl(path, fields, args.skip_bad, counts)  # noqa: E731
+    os.makedirs(paths.out, exist_ok=True)
+    if not args.crawl:  # the toy world stands in for Common Crawl, OpenWebMath, GitHub and the benchmarks
+        run_stage(report, "toy world", [paths.crawl, paths.seed_pos, paths.code, paths.train, paths.test, paths.rl,
+                                        paths.labels], lambda: toy_world(args, paths))
+    labels = json.load(open(paths.labels)) if os.path.exists(paths.labels) and not args.crawl else None
+    run_stage(report, "dedup", [paths.dedup], lambda: dedup_stage(args, paths, read, labels))
+    run_stage(report, "quality", [paths.quality], lambda: quality_stage(paths, read))
+    run_stage(report, "classify", [paths.math, paths.other], lambda: classify_stage(args, paths, read, labels))
+    run_stage(report, "decontaminate", list(paths.clean.values()),
+              lambda: decontaminate_stage(args, paths, read, labels))
+    run_stage(report, "tokenizer", [os.path.join(paths.tokenizer, "tokenizer.json")],
+              lambda: tokenizer_stage(args, paths, read))
+    run_stage(report, "shards", [os.path.join(paths.shards, f"{s}.json") for s in paths.clean],
+              lambda: shards_stage(args, paths, read))
+    if args.unfiltered:
+        run_stage(report, "unfiltered", [os.path.join(paths.shards, "unfiltered.json")],
+                  lambda: unfiltered_stage(args, paths, read))
     if counts:
         report.append(dict(stage="input", **counts))
-    with open(os.path.join(out, "report.json"), "w") as f:
+    with open(os.path.join(paths.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_report(report)
     return report

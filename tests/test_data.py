@@ -112,7 +112,7 @@ def test_near_copies_are_missed_only_by_the_estimates_noise():
     deviation is 0.03 here (bench.py data: recall 0.997 at Jaccard >= 0.85 on real prose)."""
     rng = random.Random(2)
     vocab = [f"w{i}" for i in range(5000)]
-    originals, copies, jaccards = [], [], []
+    originals, copies = [], []
     while len(copies) < 400:
         a = [rng.choice(vocab) for _ in range(200)]
         b = list(a)
