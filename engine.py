@@ -72,7 +72,8 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
             gen = model.generate([prompts[i] + ids[i] for i in live], max(budget[i] for i in live),
                                  temperature=temperature, top_p=top_p, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
-                                 stop=stop, decode=tok.decode, generator=generator)
+                                 stop=stop, decode=tok.decode, generator=generator,
+                                 vocab_limit=tok.vocab_size)  # a model may have more output rows than ids
             again = []
             for i, new, fin in zip(live, gen.tokens, gen.finished):
                 if len(new) > budget[i]:

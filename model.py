@@ -240,12 +240,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
-                 stop=(), decode=None, logprobs=False, pad_id=0, generator=None):
+                 stop=(), decode=None, logprobs=False, pad_id=0, generator=None, vocab_limit=None):
         """Sample continuations of a batch of prompts of different lengths.
 
         prompts: list of token-id lists. temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters.
         A row stops at any id in `eos_ids`, or once its decoded text contains a string in `stop` (this needs
-        `decode`, a function from token ids to text). Returns a Generation.
+        `decode`, a function from token ids to text). vocab_limit: ids from there on are never sampled (their
+        logits are -inf), for a model whose output rows outnumber its tokenizer's ids (DeepSeek-Math: 102,400
+        rows, 100,015 ids); the returned log-probs are of the distribution sampled from. Returns a Generation.
         """
         if stop and decode is None:
             raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
@@ -279,6 +281,8 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, positions[:, :P], cache, 0, valid[:, :P])[:, -1]  # prefill, (B, C)
         for t in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
+            if vocab_limit is not None and vocab_limit < logits.size(-1):
+                logits[:, vocab_limit:] = float("-inf")  # padding rows: no token, and decode could not read one
             nxt = sample(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_id, nxt)
             out[:, t] = nxt

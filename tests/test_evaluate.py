@@ -107,6 +107,25 @@ def test_scores_of_a_model_whose_accuracy_is_known(tok):
     assert evaluate.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
 
 
+def test_padded_vocab_rows_are_never_sampled(tok):
+    """DeepSeek-Math's head has 102,400 rows for 100,015 tokenizer ids: one sampled padding id would make
+    decode raise on that rank. Here the padding rows are made the likeliest by far."""
+    V = tok.vocab_size + 24
+    model = Transformer(ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=128))
+    model.init_weights()
+    head = torch.nn.Linear(32, V)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[tok.vocab_size:] = 50.0
+    model.lm_head = head
+    raw = model.generate([[1, 2]], 5, temperature=1.0)
+    assert all(t >= tok.vocab_size for t in raw.tokens[0])  # without the limit, only padding ids come out
+    comps = engine.complete(model, tok, ["What is 1 + 1?"] * 4, temperature=1.0, max_new_tokens=8)
+    assert all(len(c.ids) == 8 and max(c.ids) < tok.vocab_size for c in comps)
+    greedy = model.generate([[1, 2]], 5, temperature=0.0, vocab_limit=tok.vocab_size, logprobs=True)
+    assert max(greedy.tokens[0]) < tok.vocab_size and all(lp > -50 for lp in greedy.logprobs[0])
+
+
 def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     model = Scripted(tok, [("Compute.\n```python\nprint(6 * 7)\n```\n```output", False),
                            ("\nThe answer is \\boxed{42}.", True)])
