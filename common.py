@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import data
 from model import CheckpointError, Transformer
-from tokenizer import TokenizerError
+from tokenizer import Tokenizer, TokenizerError
 
 # -----------------------------------------------------------------------------
 # Processes and devices
@@ -62,6 +62,13 @@ def one_line_errors():
     except (data.DataError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def autocast(d, args):
+    """The compute dtype's context: bf16 autocast on GPU when --dtype bfloat16, fp32 (nothing) on CPU. Every
+    forward whose log-probs meet another's (policy, reference, old policy) runs under it, or the KL starts > 0."""
+    bf16 = d.device.type == "cuda" and args.dtype == "bfloat16"
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def print0(d, *a, **kw):
@@ -197,7 +204,7 @@ def train_step(model, opt, micro_batches, d, args, step):
     loss_sum = 0.0
     for x, y, mask in micro_batches:
         x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda" and args.dtype == "bfloat16"):
+        with autocast(d, args):
             logits = model(x)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()
         (losses.sum() * d.world / n_tokens).backward()
@@ -325,15 +332,18 @@ def start_run(args, d, model, opt, keys, extra=None):
     return step
 
 
-def export_hf(model, out, tokenizer_dir, d):
-    """Gather the full weights on rank 0 and write them, with the tokenizer, as a Hugging Face directory."""
+def export_hf(model, out, tokenizer_dir, d, args):
+    """Gather the full weights on rank 0 and write them, with the tokenizer, as a Hugging Face directory: in the
+    compute dtype (bf16 on GPU: half the bytes of the fp32 master weights), with the tokenizer's BOS and EOS."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
-        Transformer.save_pretrained(model, out, state_dict=state)
         if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
+        tok = Tokenizer.load(out)
+        dtype = torch.bfloat16 if d.device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
+        Transformer.save_pretrained(model, out, state_dict=state, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id)
 
 
 class StopFlag:

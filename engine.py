@@ -50,13 +50,17 @@ def program_output(code, timeout):
     return out.strip()[-OUTPUT_SHOWN:]
 
 
+def prompt_ids(tok, question, prompt="cot"):
+    """The token ids a question is asked with: its prompt (data.PROMPTS) in the chat format, BOS first."""
+    return tok.chat(data.PROMPTS[prompt].format(question=question))
+
+
 @torch.no_grad()
 def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, generator=None,
              batch=64, code_timeout=5.0, progress=None):
     """One completion per question (repeat a question for several samples), in batches of `batch`, each batch a
     single KV-cache generate call per tool round. Returns [Completion] in the order of `questions`."""
-    template = data.PROMPTS[prompt]
-    prompts = [tok.chat(template.format(question=q)) for q in questions]
+    prompts = [prompt_ids(tok, q, prompt) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little left-padding
     out = [None] * len(prompts)
     for s in range(0, len(order), batch):

@@ -306,8 +306,15 @@ def main(args):
         held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad)
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
-    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
     config = config_from_hf(args.init)
+    room = [p for p in problems  # a prompt that leaves no room for an answer teaches nothing
+            if len(engine.prompt_ids(tok, p["question"], args.prompt)) + args.max_new_tokens
+            <= config.max_seq_len]
+    if len(room) < len(problems):
+        common.print0(d, f"{args.data}: {len(problems) - len(room)} questions leave no room for "
+                         f"{args.max_new_tokens} new tokens in the model's {config.max_seq_len} positions: skipped")
+    problems = room
+    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
     policy = common.build_model(config, d, args, init_dir=args.init)
     ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
     if ref is not None:
@@ -374,8 +381,9 @@ def main(args):
         tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, args.mask_truncated)
         tokens, mask, adv = tokens.to(d.device), mask.to(d.device), adv.to(d.device)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-        ref_logp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
-        old_logp = frozen_logprobs(policy, tokens, args.micro_batch) if args.mu > 1 else None
+        with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
+            ref_logp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
+            old_logp = frozen_logprobs(policy, tokens, args.micro_batch) if args.mu > 1 else None
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
         n_seq = common.all_sum(d, len(tokens))
@@ -387,8 +395,7 @@ def main(args):
             loss_sum = kl_sum = n_clipped = neg_logp = 0.0
             for i in range(0, len(tokens), args.micro_batch):
                 s = slice(i, i + args.micro_batch)
-                with torch.autocast(d.device.type, dtype=torch.bfloat16,
-                                    enabled=d.device.type == "cuda" and args.dtype == "bfloat16"):
+                with common.autocast(d, args):
                     logp = sequence_logprobs(policy, tokens[s])  # (b, T-1)
                 old = old_logp[s] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
                 ref_s = ref_logp[s] if ref_logp is not None else logp.detach()  # β = 0: no KL
@@ -429,7 +436,7 @@ def main(args):
         after = report("after")
         log(dict(step=step, eval_greedy_accuracy=after["greedy"]))
     log.close()
-    common.export_hf(policy, args.out, args.init, d)
+    common.export_hf(policy, args.out, args.init, d, args)
     if held_out:
         common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy; {args.report_problems} sampled "
                          f"{args.report_samples}x at T={args.report_temperature}):")

@@ -358,19 +358,26 @@ class Transformer(nn.Module):
         model.reset_rope()
         return model
 
-    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 << 30):
+    def save_pretrained(self, path, state_dict=None, max_shard_bytes=5 << 30, dtype=None, bos_id=None,
+                        eos_id=None):
         """Write config.json and model.safetensors (sharded with an index above max_shard_bytes) that
         transformers, vLLM and lm-evaluation-harness load as they are. Pass `state_dict` to save a gathered
-        copy (e.g. the full state of an FSDP-sharded model)."""
+        copy (e.g. the full state of an FSDP-sharded model), `dtype` to write in another dtype than the weights'
+        (bf16 from fp32 master weights), and the tokenizer's BOS/EOS ids so that other tools stop where ours do:
+        they go into config.json and generation_config.json (without them, Llama's 1 and 2 are assumed)."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu() for k, v in state.items()
-                 if not (k == "lm_head.weight" and self.config.tie_embeddings)}
+        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().to(dtype).contiguous().cpu()
+                 for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_embeddings)}
         dtype = next(iter(state.values())).dtype
+        special = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+            json.dump({**config_to_hf(self.config, dtype), **special}, f, indent=2)
+        if special:
+            with open(os.path.join(path, "generation_config.json"), "w") as f:
+                json.dump(special, f, indent=2)
         shards, size = [{}], 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
@@ -379,14 +386,16 @@ class Transformer(nn.Module):
                 size = 0
             shards[-1][k] = v
             size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        umask = os.umask(0)
+        os.umask(umask)
+        for name, shard in zip(names, shards):
             save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
+            os.chmod(os.path.join(path, name), 0o666 & ~umask)  # safetensors writes 0600; a cluster's group reads
+        if len(shards) == 1:
+            return
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

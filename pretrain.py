@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (Log, StopFlag, all_sum, build_model, export_hf, init_dist, make_optimizer, one_line_errors,
-                    print0, save_checkpoint, start_run, train_step)
+from common import (Log, StopFlag, all_sum, autocast, build_model, export_hf, init_dist, make_optimizer,
+                    one_line_errors, print0, save_checkpoint, start_run, train_step)
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def main(args):
         if step % args.ckpt_every == 0 or step == args.max_steps:
             save_checkpoint(args.out, model, opt, step, d)
     log.close()
-    export_hf(model, args.out, tok_dir, d)
+    export_hf(model, args.out, tok_dir, d, args)
     print0(d, f"saved {args.out}")
     if d.world > 1:
         torch.distributed.destroy_process_group()
@@ -185,7 +185,7 @@ def eval_loss(model, val, d, args, batches=4):
     for k in range(batches):
         x, y = val.batch(k, range(d.rank * args.micro_batch, (d.rank + 1) * args.micro_batch))
         x, y = torch.from_numpy(x).to(d.device), torch.from_numpy(y).to(d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.device.type == "cuda" and args.dtype == "bfloat16"):
+        with autocast(d, args):
             logits = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         n += y.numel()

@@ -143,12 +143,18 @@ def main(args):
     held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
+    config = config_from_hf(args.init)
     examples = make_examples(problems, tok, args.formats.split(","))
+    fits = [e for e in examples if len(e[0]) <= config.max_seq_len]  # real MATH solutions can pass 4K tokens
+    if len(fits) < len(examples):
+        common.print0(d, f"{args.data}: {len(examples) - len(fits)} of {len(examples)} examples are longer than the "
+                         f"model's {config.max_seq_len} positions: skipped")
+    examples = fits
     if len(examples) < args.batch:
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
-    model = common.build_model(config_from_hf(args.init), d, args, init_dir=args.init)
+    model = common.build_model(config, d, args, init_dir=args.init)
     opt = common.make_optimizer(model, args)
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
@@ -172,7 +178,7 @@ def main(args):
         if step % args.ckpt_every == 0 or step == args.max_steps:
             common.save_checkpoint(args.out, model, opt, step, d)
     log.close()
-    common.export_hf(model, args.out, args.init, d)
+    common.export_hf(model, args.out, args.init, d, args)
     del model, opt
 
     # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.

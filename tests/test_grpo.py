@@ -230,6 +230,19 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
 
 
+def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(data_dir / "train.jsonl")][:8]
+    rows.append(dict(question=" ".join(["why"] * 600), answer="1"))  # the toy model has 512 positions
+    with open(tmp_path / "rl.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    args = grpo_args(base, data_dir, tmp_path / "out", "--max-steps", "1", "--eval-every", "0", "--report-problems",
+                     "0")
+    args[args.index("--data") + 1] = str(tmp_path / "rl.jsonl")
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 questions leave no room for 12 new tokens in the model's 512 positions: skipped" in r.stdout
+
+
 @pytest.mark.parametrize("flags", [
     ("--online-rft", "--beta", "0", "--mu", "2", "--loss-norm", "token", "--mask-truncated"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1"),

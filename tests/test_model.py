@@ -91,6 +91,32 @@ def test_saved_checkpoints_load_in_transformers(kw, tmp_path):
         assert torch.equal(again(tokens), ours(tokens))
 
 
+def test_export_in_bf16_with_the_tokenizers_stop_ids_and_readable_files(tmp_path):
+    """Other tools stop where ours do (EOS in config.json and generation_config.json: without them transformers
+    assumes Llama's 1 and 2), the file holds what config.json says, and the group can read the weights."""
+    import os
+    import stat
+
+    import transformers
+    model = tiny()
+    model.save_pretrained(tmp_path, dtype=torch.bfloat16, bos_id=7, eos_id=9)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["torch_dtype"]) == (7, 9, "bfloat16")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == 9
+    mode = stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode)
+    assert mode == 0o666 & ~_umask()
+    again = Transformer.from_pretrained(tmp_path, dtype=torch.float32)  # loading casts to the compute dtype
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a.to(torch.bfloat16).float(), b, msg=k)
+
+
+def _umask():
+    import os
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
     tiny().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -158,10 +158,16 @@ def test_sft_tool_examples_leave_the_sandbox_output_unsupervised(data_dir):
 def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path / "base")])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run(["sft.py", "--init", str(tmp_path / "base"), "--data", str(data_dir / "train.jsonl"),
+    train = data.load_problems(str(data_dir / "train.jsonl"))
+    long = [dict(p, cot=" ".join(["so"] * 600) + p["cot"]) for p in train[:2]]  # past the model's 512 positions
+    data.write_jsonl(str(tmp_path / "train.jsonl"), train + long)
+    r = run(["sft.py", "--init", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
              "--eval-data", str(data_dir / "test.jsonl"), "--max-steps", "2", "--batch", "8", "--micro-batch", "4",
              "--out", str(tmp_path / "sft")])
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"2 of {len(train) + 2} examples are longer than the model's 512 positions: skipped" in r.stdout
     rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert rows[-1]["eval_problems"] == 16 and 0.0 <= rows[-1]["eval_greedy_accuracy"] <= 1.0
     assert Transformer.from_pretrained(tmp_path / "sft").config.vocab_size == Tokenizer.load(tmp_path / "sft").vocab_size
+    cfg, tok = json.load(open(tmp_path / "sft" / "config.json")), Tokenizer.load(tmp_path / "sft")
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (tok.bos_id, tok.eos_id)  # other tools stop where we do
