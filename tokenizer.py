@@ -142,8 +142,14 @@ class Tokenizer:
     """
 
     def __init__(self, ranks, id_to_bytes, specials, splits, rank_to_id=None, normalizer=None,
-                 prefix_space_at=None, bos=None, eos=None, pad=None, merges=None):
+                 prefix_space_at=None, bos=None, eos=None, pad=None, merges=None, added=None):
         self.ranks, self.id_to_bytes, self.specials = ranks, id_to_bytes, specials
+        # Added tokens that are not special (DeepSeek's 13 bytes that never occur in UTF-8, kept out of its main
+        # vocabulary as their byte-level characters "À", "õ", "÷", ...) are matched in the text itself, before
+        # pre-tokenization, as the `tokenizers` library does: "3÷4" is 3, the added id of "÷", then 4.
+        self.added = added or {}
+        longest_first = sorted(self.added, key=len, reverse=True)
+        self._added_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if self.added else None
         self.splits, self.rank_to_id, self.normalizer, self.prefix_space_at = splits, rank_to_id, normalizer, prefix_space_at
         self.merges = merges  # (bytes_a, bytes_b) in priority order, for save()
         self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
@@ -172,6 +178,21 @@ class Tokenizer:
     def encode_batch(self, texts, bos=False, eos=False, num_threads=8):
         if self.normalizer:
             texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
+        out = self._encode_added(texts, num_threads) if self._added_rx else self._encode_plain(texts, num_threads)
+        if bos or eos:
+            out = [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
+        return out
+
+    def _encode_added(self, texts, num_threads):
+        """Each text cut at its added tokens: those are their ids, the text between is encoded on its own."""
+        out = []
+        for t in texts:
+            parts = self._added_rx.split(t)  # text, added token, text, ..., text
+            plain = self._encode_plain(parts[0::2], num_threads)
+            out.append([i for k, p in enumerate(parts) for i in (plain[k // 2] if k % 2 == 0 else [self.added[p]])])
+        return out
+
+    def _encode_plain(self, texts, num_threads):
         if self._splits is None:
             out = self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
         else:
@@ -181,8 +202,6 @@ class Tokenizer:
                 out.append([r for p in pieces for r in p])
         if self.rank_to_id is not None:
             out = [[self.rank_to_id[r] for r in ids] for ids in out]
-        if bos or eos:
-            out = [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
         return out
 
     def pretokenize(self, text):
@@ -254,7 +273,13 @@ class Tokenizer:
 
     @classmethod
     def from_hf(cls, path):
-        """Read a Hugging Face byte-level BPE tokenizer.json (and tokenizer_config.json for BOS/EOS/pad)."""
+        """Read a Hugging Face byte-level BPE tokenizer.json (and tokenizer_config.json for BOS/EOS/pad).
+
+        Special added tokens (BOS, EOS, chat markers) in text are encoded as plain text; non-special added tokens
+        are matched in the text as `tokenizers` does. A single byte missing from the main vocabulary may be
+        given by a non-special added token spelled as that byte (DeepSeek's layout). Decoding an added token
+        gives back its text: for DeepSeek's byte tokens the character itself ("÷"), where `tokenizers` decodes
+        the lone byte to U+FFFD; a model's output then reads as it was meant."""
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise TokenizerError(f"{file} not found (sentencepiece tokenizer.model files are not supported)")
@@ -281,6 +306,10 @@ class Tokenizer:
 
         vocab = {unspell(s): i for s, i in m["vocab"].items()}
         specials = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
+        added = {a["content"]: a["id"] for a in tok.get("added_tokens", []) if not a.get("special", True)}
+        if any(a.get(k) for a in tok.get("added_tokens", []) if not a.get("special", True)
+               for k in ("lstrip", "rstrip", "single_word")):
+            raise TokenizerError(f"{file}: added tokens with lstrip, rstrip or single_word are not supported")
         n = max(list(vocab.values()) + list(specials.values())) + 1
         id_to_bytes = [b""] * n
         for b, i in vocab.items():
@@ -297,6 +326,9 @@ class Tokenizer:
             if a + b not in vocab:
                 raise TokenizerError(f"{file}: merge {pair!r} makes a token that is not in the vocabulary")
             ranks.setdefault(a + b, len(ranks))
+        for b in [b for b in ranks if b not in vocab and len(b) == 1]:  # a byte given as an added token
+            if BYTE_TO_CHAR[b[0]] in added:
+                vocab[b] = added[BYTE_TO_CHAR[b[0]]]
         missing = [b for b in ranks if b not in vocab]
         if missing:
             raise TokenizerError(f"{file}: byte-level vocabulary lacks single bytes {missing[:5]}")
@@ -312,7 +344,7 @@ class Tokenizer:
         name = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
         return cls(ranks, id_to_bytes, specials, splits, None if identity else rank_to_id, normalizer,
                    prefix_space_at, bos=name(cfg.get("bos_token")), eos=name(cfg.get("eos_token")),
-                   pad=name(cfg.get("pad_token")), merges=merges if identity else None)
+                   pad=name(cfg.get("pad_token")), merges=merges if identity else None, added=added)
 
 
 def _split_isolated(rx, text):

@@ -155,6 +155,52 @@ def test_reads_tokenizers_files_and_encodes_identically(kind, tmp_path):
             assert tok.decode(tok.encode(text)) == text
 
 
+# the single bytes that never occur in UTF-8, which DeepSeek keeps out of its main vocabulary
+NOT_UTF8 = [0xC0, 0xC1] + list(range(0xF5, 0x100))
+
+
+def deepseek_layout(tmp_path):
+    """A byte-level BPE laid out as DeepSeek-LLM / DeepSeek-Math's tokenizer.json: the 13 bytes of NOT_UTF8 are
+    not in the vocabulary; BOS and EOS follow it as special added tokens, then those bytes as non-special added
+    tokens spelled in their byte-level characters ("À", "õ", "÷", ...)."""
+    from tokenizer import BYTE_TO_CHAR
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = DEEPSEEK_STYLE
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=700, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    data = json.loads(t.to_str())
+    gone = {BYTE_TO_CHAR[b] for b in NOT_UTF8}
+    assert not any(set(pair.split(" ") if isinstance(pair, str) else pair) & gone for pair in data["model"]["merges"])
+    kept = sorted((i, s) for s, i in data["model"]["vocab"].items() if s not in gone)
+    data["model"]["vocab"] = {s: k for k, (_, s) in enumerate(kept)}
+    n = len(kept)
+    names = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"] + [BYTE_TO_CHAR[b] for b in NOT_UTF8]
+    data["added_tokens"] = [dict(id=n + k, content=c, single_word=False, lstrip=False, rstrip=False, normalized=True,
+                                 special=k < 2) for k, c in enumerate(names)]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": names[0], "eos_token": names[1]}))
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ref.encode_special_tokens = True
+    return ref, n
+
+
+def test_reads_deepseeks_layout_with_bytes_as_added_tokens(tmp_path):
+    ref, n = deepseek_layout(tmp_path)
+    tok = Tokenizer.from_hf(tmp_path)
+    assert tok.vocab_size == ref.get_vocab_size() == n + 15 and (tok.bos_id, tok.eos_id) == (n, n + 1)
+    texts = varied_samples() + [
+        "3÷4 = 0.75 and 12÷3=4", "÷÷÷", "Àlvaro põe ÷ × ø in Ørsted; þorn ÿes À1 9Á", "x÷" * 50,
+        "São João: ö ü û ú ù ý é à", "<｜end▁of▁sentence｜> is text ÷ here", "÷<｜begin▁of▁sentence｜>÷"]
+    for text in texts:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+    ids = tok.encode("3÷4")
+    assert ids[1] == ref.token_to_id("÷") and tok.eos_id not in tok.encode("<｜end▁of▁sentence｜>")
+    # decoding: the character itself, where `tokenizers` gives U+FFFD for the lone byte
+    assert tok.decode(tok.encode("Àlvaro põe 3÷4")) == "Àlvaro põe 3÷4"
+    assert ref.decode(ref.encode("3÷4").ids) == "3\ufffd4"
+
+
 def test_unsupported_tokenizer_files_fail_clearly(tmp_path):
     t = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Metaspace()
