@@ -85,6 +85,19 @@ def all_sum(d, x):
     return t.item()
 
 
+def size_defaults(args, config, d, **toy_and_large):
+    """Batch sizes the user did not give (None), by model size: the toy's (fast on a CPU) below 1B parameters, safe
+    ones for 80 GB GPUs above, with one line saying which. toy_and_large: flag name -> (toy value, large value)."""
+    with torch.device("meta"):
+        n = Transformer(config).num_params()
+    for name, (toy, large) in toy_and_large.items():
+        if getattr(args, name) is None:
+            setattr(args, name, toy if n < 1e9 else large)
+            if n >= 1e9:
+                print0(d, f"--{name.replace('_', '-')} not given: {large} for a {n / 1e9:.1f}B-parameter model "
+                          f"(the toy's default is {toy})")
+
+
 # -----------------------------------------------------------------------------
 # Building the model: meta device, FSDP2, then the initial weights broadcast from rank 0
 
@@ -362,21 +375,32 @@ class StopFlag:
 
 
 class Log:
-    """metrics.jsonl on rank 0; a progress bar on a terminal, a plain line per `every` steps elsewhere."""
+    """metrics.jsonl on rank 0; a progress bar on a terminal, a plain line per `every` steps elsewhere; each
+    training row also carries the step's peak GPU memory on CUDA; mirrored to Weights & Biases with
+    --wandb PROJECT (imported only then)."""
 
-    def __init__(self, out, d, total, start, every=10):
+    def __init__(self, out, d, total, start, every=10, args=None):
         self.d, self.every = d, every
         self.file = open(os.path.join(out, "metrics.jsonl"), "a") if d.main else None
-        self.bar = None
+        self.bar = self.wandb = None
         if d.main and sys.stderr.isatty() and "RANK" not in os.environ:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True)
+        if d.main and getattr(args, "wandb", None):
+            import wandb
+            self.wandb = wandb.init(project=args.wandb, name=os.path.basename(os.path.abspath(out)), dir=out,
+                                    config=vars(args), resume="allow")
 
     def __call__(self, row):
         if not self.d.main:
             return
+        if self.d.device.type == "cuda" and "loss" in row:
+            row = dict(row, peak_memory_gib=torch.cuda.max_memory_allocated(self.d.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.d.device)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row.get("step"))
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
         if self.bar is not None:
             self.bar.update(1) if "loss" in row else None
@@ -389,3 +413,5 @@ class Log:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

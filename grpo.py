@@ -269,8 +269,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-std-scale", action="store_true", help="advantage r - mean(r) (Dr. GRPO)")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
-    ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward per rank")
-    ap.add_argument("--gen-batch", type=int, default=128, help="sequences per generate call per rank")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
+                    "(default: 32 below 1B parameters, 4 above)")
+    ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call per rank (default: "
+                    "128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
     ap.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (0: never)")
     ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems for greedy accuracy")
@@ -288,6 +290,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N steps (and on SIGTERM)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -307,6 +310,7 @@ def main(args):
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
+    common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
     room = [p for p in problems  # a prompt that leaves no room for an answer teaches nothing
             if len(engine.prompt_ids(tok, p["question"], args.prompt)) + args.max_new_tokens
             <= config.max_seq_len]
@@ -341,7 +345,7 @@ def main(args):
                 json.dump(row, f)
         return row
 
-    log, stop = common.Log(args.out, d, args.max_steps, step, every=1), common.StopFlag()
+    log, stop = common.Log(args.out, d, args.max_steps, step, every=1, args=args), common.StopFlag()
     before = None
     if held_out:
         path = os.path.join(args.out, "before.json")

@@ -103,6 +103,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: never)")
     ap.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
     ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
@@ -146,7 +147,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters()) if d.world == 1 else config_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
               f"{args.micro_batch}x{args.seq_len} per rank per step, {args.max_steps} steps")
-    log, stop = Log(args.out, d, args.max_steps, step), StopFlag()
+    log, stop = Log(args.out, d, args.max_steps, step, args=args), StopFlag()
     model.train()
     while step < args.max_steps:
         t0 = time.time()

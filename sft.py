@@ -117,7 +117,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="out/toy/sft")
     ap.add_argument("--max-steps", type=int, default=240)
     ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks (paper: 256)")
-    ap.add_argument("--micro-batch", type=int, default=16, help="examples per forward/backward per rank")
+    ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
+                    "(default: 16 below 1B parameters, 4 above)")
     ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"])
@@ -130,6 +131,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -144,6 +146,7 @@ def main(args):
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     config = config_from_hf(args.init)
+    common.size_defaults(args, config, d, micro_batch=(16, 4))
     examples = make_examples(problems, tok, args.formats.split(","))
     fits = [e for e in examples if len(e[0]) <= config.max_seq_len]  # real MATH solutions can pass 4K tokens
     if len(fits) < len(examples):
@@ -159,7 +162,7 @@ def main(args):
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
                        f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
-    log, stop = common.Log(args.out, d, args.max_steps, step), common.StopFlag()
+    log, stop = common.Log(args.out, d, args.max_steps, step, args=args), common.StopFlag()
     model.train()
     per_rank = args.batch // d.world
     while step < args.max_steps:

@@ -41,6 +41,35 @@ def test_lr_schedules():
     assert common.lr_factor(50, a) == 1.0
 
 
+def test_batch_sizes_not_given_follow_the_model_size(capsys):
+    d = common.Dist(0, 1, torch.device("cpu"))
+    for preset, want, said in (("toy", (32, 128), False), ("1b", (4, 32), True)):
+        args = argparse.Namespace(micro_batch=None, gen_batch=None)
+        common.size_defaults(args, ModelConfig(**PRESETS[preset]), d, micro_batch=(32, 4), gen_batch=(128, 32))
+        assert (args.micro_batch, args.gen_batch) == want
+        assert ("--gen-batch not given: 32 for a 1.2B-parameter model" in capsys.readouterr().out) == said
+    args = argparse.Namespace(micro_batch=8, gen_batch=None)  # what the user gave stays
+    common.size_defaults(args, ModelConfig(**PRESETS["1b"]), d, micro_batch=(32, 4), gen_batch=(128, 32))
+    assert (args.micro_batch, args.gen_batch) == (8, 32)
+
+
+def test_metrics_mirror_to_wandb_only_when_asked(tmp_path, monkeypatch):
+    import types
+    d = common.Dist(0, 1, torch.device("cpu"))
+    log = common.Log(tmp_path, d, 2, 0, args=argparse.Namespace(wandb=None))
+    log(dict(step=1, loss=1.0))
+    log.close()
+    assert "wandb" not in sys.modules  # off: not even imported
+    seen = []
+    run = types.SimpleNamespace(log=lambda row, step: seen.append((step, row)), finish=lambda: seen.append("finish"))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.append(kw["project"]) or run))
+    log = common.Log(tmp_path, d, 2, 0, args=argparse.Namespace(wandb="proj"))
+    log(dict(step=2, loss=0.5))
+    log.close()
+    assert seen == ["proj", (2, {"step": 2, "loss": 0.5}), "finish"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
 def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
     argv = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY]
     one = run([*argv, "--out", str(tmp_path / "one")])
