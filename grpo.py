@@ -54,7 +54,7 @@ import evaluate
 import reward
 import sft
 from kernels import grpo_token_loss, token_logprobs
-from model import config_from_hf
+from model import PRESETS, ModelConfig, Transformer, config_from_hf
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -239,6 +239,44 @@ def plot_curves(metrics_path, png):
 
 
 # -----------------------------------------------------------------------------
+# Memory plan (--dry-run)
+
+
+def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac):
+    """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase. Held all along:
+    the policy's shard, its gradients and AdamW state, the reference's shard. Rollouts: the whole policy gathered
+    in bf16 (common.gathered) and a KV cache for gen_batch sequences. Training: two gathered blocks, the saved
+    activations of a micro-batch (common.activation_bytes) and its logits (bf16, an fp32 copy, fp32 gradient)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    n = model.num_params()
+    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+    T = prompt_tokens + max_new_tokens
+    held = dict(policy_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
+                reference_fp32=4 * n / world)
+    kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
+    rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
+    train = dict(gathered_blocks=2 * 2 * layer_params, activations=common.activation_bytes(config, micro_batch, T, ac),
+                 logits=micro_batch * T * config.vocab_size * (2 + 4 + 4))
+    return dict(parameters=n, held=held, rollout=rollout, train=train,
+                peak=sum(held.values()) + max(sum(rollout.values()), sum(train.values())))
+
+
+def dry_run(args, config):
+    gib = 2 ** 30
+    for ac in (False, True):
+        plan = memory_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
+                           args.max_new_tokens, ac)
+        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, GRPO on {args.world_size} GPUs: rollouts of "
+              f"{args.gen_batch} x ({args.prompt_tokens} + {args.max_new_tokens}) tokens, training micro-batches "
+              f"of {args.micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
+        for phase in ("held", "rollout", "train"):
+            items = "  ".join(f"{k} {v / gib:.2f}" for k, v in plan[phase].items())
+            print(f"  {phase:<8} {sum(plan[phase].values()) / gib:6.2f} GiB  ({items})")
+        print(f"  {'peak':<8} {plan['peak'] / gib:6.2f} GiB  (held + the larger phase)")
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -290,12 +328,21 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N steps (and on SIGTERM)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
+    ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
+    ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
     ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
 def main(args):
+    if args.dry_run:
+        config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
+        d = common.Dist(0, 1, torch.device("cpu"))
+        common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
+        return dry_run(args, config)
     d = common.init_dist()
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (Log, StopFlag, all_sum, autocast, build_model, export_hf, init_dist, make_optimizer,
-                    one_line_errors, print0, save_checkpoint, start_run, train_step)
+from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, init_dist,
+                    make_optimizer, one_line_errors, print0, save_checkpoint, start_run, train_step)
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -38,28 +38,16 @@ from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 def memory_plan(config, world, micro_batch, seq_len, ac):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
-    `world`; activations counted by running one block on the meta device and summing what autograd saves.
-    On meta, attention takes SDPA's math path, which saves (T, T) score matrices; flash attention on a GPU saves
-    its output and a (B, H, T) fp32 log-sum-exp instead, so the count swaps one for the other."""
-    def size(t):
-        return 0 if t.dim() >= 2 and t.shape[-1] == t.shape[-2] == seq_len else t.numel() * t.element_size()
+    `world`; activations counted on the meta device (activation_bytes); the logits in bf16, their fp32 copy and
+    fp32 gradient."""
     with torch.device("meta"):
         model = Transformer(config)
-        n = model.num_params()
-        block = model.layers[0].to(torch.bfloat16)
-        x = torch.empty(micro_batch, seq_len, config.dim, dtype=torch.bfloat16, requires_grad=True)
-        cos = torch.empty(1, 1, seq_len, config.head_dim, dtype=torch.bfloat16)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(size(t)) or t, lambda t: t):
-            block(x, cos, cos)
-    per_block = sum(saved) + micro_batch * config.n_heads * seq_len * 4
-    block_in = micro_batch * seq_len * config.dim * 2
-    acts = (config.n_layers * block_in + per_block) if ac else config.n_layers * per_block
-    logits = micro_batch * seq_len * config.vocab_size * (2 + 4 + 4)  # bf16 logits, fp32 copy, fp32 gradient
+    n = model.num_params()
     layer_params = sum(p.numel() for p in model.layers[0].parameters())
     return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
-                activations=acts, logits=logits)
+                activations=activation_bytes(config, micro_batch, seq_len, ac),
+                logits=micro_batch * seq_len * config.vocab_size * (2 + 4 + 4))
 
 
 def dry_run(args):

@@ -254,3 +254,11 @@ def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
     assert r.returncode == 0, r.stderr[-2000:]
     [row] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "grad_norm", "reward"))
+
+
+def test_dry_run_plans_the_8_gpu_command_under_80_gib():
+    r = run(["grpo.py", "--dry-run", "--preset", "deepseek-math-7b", "--world-size", "8", "--micro-batch", "4",
+             "--gen-batch", "32", "--max-new-tokens", "1024"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    peaks = [float(line.split()[1]) for line in r.stdout.splitlines() if line.strip().startswith("peak")]
+    assert len(peaks) == 2 and all(40 < p < 80 for p in peaks), r.stdout  # without and with checkpointing
