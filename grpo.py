@@ -379,7 +379,8 @@ def main(args):
         with common.gathered(policy):
             return evaluate.held_out_metrics(policy, tok, held_out[:n], d, prompt=args.prompt,
                                              samples=samples, temperature=temperature,
-                                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+                                             max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                             batch=min(args.gen_batch, 64))  # --gen-batch bounds the KV cache
 
     def report(name):  # greedy accuracy, and maj@k / pass@k at the report temperature: the before/after table
         row = dict(greedy=held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"])

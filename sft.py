@@ -129,6 +129,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
+    ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
+                    "(default: 64 below 1B parameters, 32 above)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
     ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
@@ -146,7 +148,7 @@ def main(args):
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     config = config_from_hf(args.init)
-    common.size_defaults(args, config, d, micro_batch=(16, 4))
+    common.size_defaults(args, config, d, micro_batch=(16, 4), gen_batch=(64, 32))
     examples = make_examples(problems, tok, args.formats.split(","))
     fits = [e for e in examples if len(e[0]) <= config.max_seq_len]  # real MATH solutions can pass 4K tokens
     if len(fits) < len(examples):
@@ -190,7 +192,8 @@ def main(args):
     held_out = held_out[:args.eval_problems]
     if held_out:
         final = Transformer.from_pretrained(args.out, device=d.device)
-        acc = evaluate.held_out_metrics(final, tok, held_out, d, prompt="cot")["accuracy"]  # greedy, graded by reward.py
+        acc = evaluate.held_out_metrics(final, tok, held_out, d, prompt="cot",  # greedy, graded by reward.py
+                                        batch=args.gen_batch)["accuracy"]
         if d.main:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(dict(step=step, eval_greedy_accuracy=acc, eval_problems=len(held_out))) + "\n")
