@@ -160,6 +160,7 @@ def token_advantages(comps, rewards, tok, args):
         for c, r in zip(comps, rewards.tolist()):
             checked = reward.process_rewards(c.text, r)  # (character where step j ends, its reward)
             ends = token_index(tok, c.ids, [end for end, _ in checked], len(c.text))
+            ends[-1] = len(c.ids) - 1  # the last step, the outcome, ends at the last token: EOS too
             steps.append([(e, x) for e, (_, x) in zip(ends, checked)])
         return process_advantages(steps, [len(c.ids) for c in comps], G, scale_std)
     if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones

@@ -120,8 +120,9 @@ def test_padded_vocab_rows_are_never_sampled(tok):
     model.lm_head = head
     raw = model.generate([[1, 2]], 5, temperature=1.0)
     assert all(t >= tok.vocab_size for t in raw.tokens[0])  # without the limit, only padding ids come out
-    comps = engine.complete(model, tok, ["What is 1 + 1?"] * 4, temperature=1.0, max_new_tokens=8)
-    assert all(len(c.ids) == 8 and max(c.ids) < tok.vocab_size for c in comps)
+    comps = engine.complete(model, tok, ["What is 1 + 1?"] * 4, temperature=1.0, max_new_tokens=8,
+                            generator=torch.Generator().manual_seed(0))
+    assert all(c.ids and max(c.ids) < tok.vocab_size for c in comps)  # a row may stop early at a sampled EOS
     greedy = model.generate([[1, 2]], 5, temperature=0.0, vocab_limit=tok.vocab_size, logprobs=True)
     assert max(greedy.tokens[0]) < tok.vocab_size and all(lp > -50 for lp in greedy.logprobs[0])
 

@@ -1,10 +1,13 @@
-"""grpo.py: the paper's advantages and loss on hand-computed groups, and a loop that learns a trivial task."""
+"""grpo.py: the paper's advantages and loss on hand-computed groups, a loop that learns a trivial task, the
+command line on 1, 2 and 4 ranks, and its training path on scripted rollouts whose step-1 loss is known by hand."""
 import argparse
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -124,8 +127,8 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
 def test_zero_std_groups_give_zero_gradient():
     logp = torch.randn(4, 5, requires_grad=True)
     adv, flat = group_advantages(torch.ones(1, 4))
-    total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten(), torch.ones(4, 5, dtype=torch.bool),
-                                      *opts())
+    total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten(),
+                                      torch.ones(4, 5, dtype=torch.bool), *opts())
     total.backward()
     assert flat == 1 and not logp.grad.any()
 
@@ -262,3 +265,148 @@ def test_dry_run_plans_the_8_gpu_command_under_80_gib():
     assert r.returncode == 0, r.stderr[-2000:]
     peaks = [float(line.split()[1]) for line in r.stdout.splitlines() if line.strip().startswith("peak")]
     assert len(peaks) == 2 and all(40 < p < 80 for p in peaks), r.stdout  # without and with checkpointing
+
+
+# -----------------------------------------------------------------------------
+# The training path on scripted rollouts (tests/scripted_grpo.py): mixed rewards, a tool splice, multi-byte text
+
+
+def scripted_args(base, problems, out, *extra):
+    return ["tests/scripted_grpo.py", "--init", str(base), "--data", str(problems), "--eval-data", "none",
+            "--questions", "4", "--group-size", "4", "--max-new-tokens", "12", "--micro-batch", "3",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def problems(data_dir, tmp_path_factory):
+    """The toy's questions, each with the answer 5: every scripted output then has the same tokens whatever
+    question it answers (its prompt aside), so the test can count them."""
+    path = tmp_path_factory.mktemp("scripted") / "rl.jsonl"
+    with open(path, "w") as f:
+        for line in open(data_dir / "train.jsonl"):
+            f.write(json.dumps(dict(question=json.loads(line)["question"], answer="5")) + "\n")
+    return path
+
+
+def train_rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+
+def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_supervision(data_dir):
+    """Scripted output 1 has a wrong step (`5 * 2 = 11`) after multi-byte text and a right answer: its tokens up
+    to the one that ends the step carry both steps' normalised rewards, the rest (EOS too) only the answer's;
+    output 0's sandbox tokens carry no loss."""
+    import scripted_grpo
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    q = next(json.loads(line)["question"] for line in open(data_dir / "train.jsonl")
+             if zlib.crc32(json.loads(line)["question"].encode()) % 3)  # a question with right answers
+    comps = [scripted_grpo.completion(tok, q, *out) for out in scripted_grpo.group(q, "5")]
+    rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], ["5"] * 4, workers=1))
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, no_std_scale=False)
+    per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
+    step_rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # per output: [answer], [step, answer], ...
+    mean, std = step_rewards.mean().item(), step_rewards.std().item()
+    ids = comps[1].ids
+    end = next(k for k in range(len(ids)) if "= 11" in tok.decode(ids[:k + 1]))  # the token ending the step
+    a = per_token[1]
+    assert a[:end + 1].tolist() == pytest.approx([((0 - mean) + (1 - mean)) / std] * (end + 1))
+    assert a[end + 1:].tolist() == pytest.approx([(1 - mean) / std] * (len(ids) - end - 1))
+    assert n_zero_std == 0
+    tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, mask_truncated=False)
+    P = len(comps[0].prompt)
+    assert mask[0, P - 1:P - 1 + len(comps[0].ids)].tolist() == comps[0].sampled  # the sandbox's tokens: no loss
+    assert not mask[:, :P - 1].any()  # the prompt: no loss
+    assert mask.sum(1).tolist() == [sum(c.sampled) for c in comps]  # nor padding
+
+
+def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path):
+    """Rollouts that do not depend on the rank: 1 process, 2 and 4 FSDP2 gloo ranks report the same loss, KL,
+    gradient norm and rewards at each step and end with the same weights."""
+    from safetensors.torch import load_file
+    flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0")
+    for world in (1, 2, 4):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
+        r = run([*launch, *scripted_args(base, problems, tmp_path / str(world), *flags)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = {w: train_rows(tmp_path / str(w)) for w in (1, 2, 4)}
+    keys = ("loss", "kl", "grad_norm", "reward", "entropy", "zero_std_groups", "length", "tool_calls")
+    assert 0 < rows[1][0]["reward"] < 1 and rows[1][1]["kl"] > 0 and rows[1][0]["grad_norm"] > 0
+    for w in (2, 4):
+        for a, b in zip(rows[1], rows[w]):
+            assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-4, abs=1e-7), w
+    # the weights: equal up to the order of fp32 sums, which Adam's first steps amplify where a gradient is ~0
+    # (its step is lr x g / |g|), so the whole difference is measured against the whole update
+    weights = {w: load_file(str(tmp_path / str(w) / "model.safetensors")) for w in (1, 2, 4)}
+    start = load_file(str(base / "model.safetensors"))
+
+    def distance(a, b):
+        return sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+
+    update = distance(weights[1], start)
+    for w in (2, 4):
+        assert distance(weights[w], weights[1]) < 1e-4 * update, w
+
+
+def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
+    flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for out, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "1", "--ckpt-every", "1")),
+                       ("b", ("--max-steps", "3", "--resume"))):
+        r = run([*torchrun, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    keys = ("step", "loss", "kl", "grad_norm", "clip_frac", "reward")
+    a, b = ([{k: row[k] for k in keys} for row in train_rows(tmp_path / out)] for out in "ab")
+    assert [row["step"] for row in b] == [1, 2, 3] and a[2]["kl"] > 0 and a[2]["clip_frac"] > 0
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5, abs=1e-7)
+
+
+def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path):
+    """At step 1 with μ = 1 the policy is π_old and π_ref, so ρ = 1, the KL is 0 and each token's loss is -Â:
+    the logged loss follows from the script's rewards and token counts. A group scores [1, 1, 0, 0] (Â = ±√3/2)
+    or [0, 0, 0, 0] (Â = 0); output 0 holds sandbox tokens (no loss), output 3 is cut at the budget."""
+    import scripted_grpo
+    near = functools.partial(pytest.approx, rel=1e-5, abs=1e-6)  # fp32 sums
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    questions = [json.loads(line)["question"] for line in open(problems)]
+    counts = {}  # tokens the model wrote, per output of a group with signal (True) and of one without (False)
+    for signal in (True, False):
+        q = next(q for q in questions if bool(zlib.crc32(q.encode()) % 3) == signal)
+        counts[signal] = [sum(scripted_grpo.completion(tok, q, *out).sampled) for out in scripted_grpo.group(q, "5")]
+
+    def step_one(name, *flags):
+        r = run(scripted_args(base, problems, tmp_path / name, "--max-steps", "1", "--report-problems", "0",
+                              "--lr", "0.05", *flags))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return train_rows(tmp_path / name)[0]
+
+    row = step_one("default")
+    n_sig = round(row["reward"] * 16 / 2)  # two right outputs per group with signal
+    assert 0 < n_sig < 4 and row["zero_std_groups"] == 4 - n_sig and row["tool_calls"] == row["truncated"] == 4
+    a = 3 ** 0.5 / 2
+    adv = [a, a, -a, -a]
+
+    def tokens(outputs=range(4)):
+        return sum(n_sig * counts[True][j] + (4 - n_sig) * counts[False][j] for j in outputs)
+
+    signal_sum = sum(x * n for x, n in zip(adv, counts[True]))  # Σ_j Â_j |o_j| over a group with signal
+    assert row["loss"] == near(0)  # per sequence: each group's Â sums to 0
+    assert step_one("mask", "--mask-truncated")["loss"] == near(-n_sig * a / 16)
+    assert step_one("token", "--loss-norm", "token")["loss"] == near(-n_sig * signal_sum / tokens())
+    assert step_one("constant", "--loss-norm", "constant")["loss"] == near(-n_sig * signal_sum / (16 * 12))
+    centred = sum(x / (2 * a) * n for x, n in zip(adv, counts[True]))  # Â = r - mean(r) = ±1/2
+    assert step_one("no-std", "--loss-norm", "token", "--no-std-scale")["loss"] == near(
+        -n_sig * centred / tokens())
+    masked_sum = sum(x * n for x, n in zip(adv[:3], counts[True][:3]))
+    assert step_one("mask-token", "--mask-truncated", "--loss-norm", "token")["loss"] == near(
+        -n_sig * masked_sum / tokens(range(3)))
+    assert step_one("rft", "--online-rft", "--beta", "0")["loss"] == near(-2 * n_sig / 16)
+    # μ = 2: the second update sees ρ ≠ 1. Its first is the same with or without the KL (k3's gradient is 0 at
+    # π_θ = π_ref), so per token the two losses differ by β times the KL
+    mu = step_one("mu", "--mu", "2", "--loss-norm", "token")
+    no_kl = step_one("mu-no-kl", "--mu", "2", "--loss-norm", "token", "--beta", "0")
+    assert mu["kl"] > 0 and no_kl["kl"] == 0 and mu["loss"] - no_kl["loss"] == near(0.04 * mu["kl"])
+    assert row["clip_frac"] == 0 < mu["clip_frac"]
+    high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
+    assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
