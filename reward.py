@@ -465,6 +465,13 @@ def _same_real_set(sa, sb):
         return False
 
 
+def _as_sympy(text, number):
+    """A plain number as its exact value (sympy reads 1e-3 as e - 3), anything else parsed; percent signs go."""
+    if number is not None and "%" not in text:
+        return sympy.Rational(number.numerator, number.denominator)
+    return to_sympy(text.replace("\\%", "").replace("%", ""))
+
+
 def _atom_equal(a, b):
     if a == b:
         return True
@@ -482,7 +489,7 @@ def _atom_equal(a, b):
         if a.rstrip().endswith(("%", "\\%")) != b.rstrip().endswith(("%", "\\%")):
             return _close(float(na) * 100, float(nb)) or _close(float(na), float(nb) * 100)
         return False
-    sa, sb = to_sympy(a.replace("\\%", "").replace("%", "")), to_sympy(b.replace("\\%", "").replace("%", ""))
+    sa, sb = _as_sympy(a, na), _as_sympy(b, nb)
     if sa is None or sb is None:
         return False
     if (na is not None or nb is not None) and not (sa.free_symbols or sb.free_symbols):

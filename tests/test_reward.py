@@ -107,7 +107,8 @@ EQUIV = [
     ("3 \\times 10^{4}", "30000", True), ("10^{-3}", "0.001", True), ("1e-3", "0.001", True), ("1E-3", "0.001", True),
     ("10^{6}", "1 million", True), ("3 thousand", "3000", True), ("1.5 billion", "1500000000", True),
     ("2.5 \\text{ million}", "2,500,000", True), ("3 thousand", "3", False), ("10^{-3}", "0.01", False),
-    ("1.5 million", "1.5", False),
+    ("1.5 million", "1.5", False), ("10^{-3}", "1e-3", True), ("1E-3", "10^{-3}", True), ("2e5", "2 \\cdot 10^5", True),
+    ("10^{-3}", "1e-4", False),
     # one object, several spellings: the empty set, the real line, signed infinity
     ("\\emptyset", "\\varnothing", True), ("\\{\\}", "\\emptyset", True), ("\\{ \\}", "\\varnothing", True),
     ("\\emptyset", "0", False), ("\\emptyset", "\\{0\\}", False),
