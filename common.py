@@ -79,10 +79,19 @@ def print0(d, *a, **kw):
 
 def all_sum(d, x):
     """Sum of a float across ranks."""
+    return _all_reduce(d, x, dist.ReduceOp.SUM)
+
+
+def all_max(d, x):
+    """Largest value of a float across ranks."""
+    return _all_reduce(d, x, dist.ReduceOp.MAX)
+
+
+def _all_reduce(d, x, op):
     if d.world == 1:
         return float(x)
     t = torch.tensor([float(x)], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 

@@ -33,6 +33,7 @@ class Completion:
     sampled: list  # per id, True where the model wrote it, False where the sandbox did (no loss on those)
     finished: bool  # False if cut at the token budget
     text: str  # what is graded: the decoded completion, for PoT followed by its program's output block
+    logprobs: list = None  # per id, log π(id) as the sampler computed it (0.0 where the sandbox wrote it)
 
 
 def last_program(text):
@@ -65,7 +66,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
     out = [None] * len(prompts)
     for s in range(0, len(order), batch):
         rows = order[s:s + batch]
-        ids, sampled = {i: [] for i in rows}, {i: [] for i in rows}
+        ids, sampled, logprobs = {i: [] for i in rows}, {i: [] for i in rows}, {i: [] for i in rows}
         finished, live = {i: False for i in rows}, list(rows)
         for round_ in range(TOOL_ROUNDS + 1 if prompt == "tool" else 1):
             budget = {i: min(max_new_tokens - len(ids[i]), model.config.max_seq_len - len(prompts[i]) - len(ids[i]))
@@ -76,20 +77,22 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
             gen = model.generate([prompts[i] + ids[i] for i in live], max(budget[i] for i in live),
                                  temperature=temperature, top_p=top_p, eos_ids=[tok.eos_id], pad_id=tok.pad_id,
-                                 stop=stop, decode=tok.decode, generator=generator,
+                                 stop=stop, decode=tok.decode, generator=generator, logprobs=True,
                                  vocab_limit=tok.vocab_size)  # a model may have more output rows than ids
             again = []
-            for i, new, fin in zip(live, gen.tokens, gen.finished):
+            for i, new, lp, fin in zip(live, gen.tokens, gen.logprobs, gen.finished):
                 if len(new) > budget[i]:
-                    new, fin = new[:budget[i]], False
+                    new, lp, fin = new[:budget[i]], lp[:budget[i]], False
                 ids[i] += new
                 sampled[i] += [True] * len(new)
+                logprobs[i] += lp
                 finished[i] = fin
                 if fin and new and new[-1] != tok.eos_id:  # stopped at ```output: run the program above it
                     shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
                     spliced = tok.encode("\n" + shown + "\n```\n")
                     ids[i] += spliced
                     sampled[i] += [False] * len(spliced)
+                    logprobs[i] += [0.0] * len(spliced)
                     finished[i] = False
                     again.append(i)
             live = again
@@ -97,7 +100,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             text = tok.decode([t for t in ids[i] if t != tok.eos_id])
             if prompt == "pot":
                 text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
-            out[i] = Completion(prompts[i], ids[i], sampled[i], finished[i], text)
+            out[i] = Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i])
         if progress is not None:
             progress.update(len(rows))
     return out

@@ -186,6 +186,18 @@ def pad_batch(comps, per_token, pad_id, mask_truncated):
     return tokens, mask, advantages
 
 
+def sampler_logprobs(comps, T):
+    """The sampler's log π of each completion token, (B, T-1) aligned as pad_batch's mask; None when the
+    completions carry none. The training forward must give the same numbers: the gap is logged every step."""
+    if any(c.logprobs is None for c in comps):
+        return None
+    out = torch.zeros(len(comps), T - 1)  # (B, T-1)
+    for i, c in enumerate(comps):
+        P = len(c.prompt)
+        out[i, P - 1:P - 1 + len(c.ids)] = torch.tensor(c.logprobs)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Metrics and curves
 
@@ -199,6 +211,8 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
                clip_frac=s["clipped"] / max(n_tok, 1),
                entropy=s["neg_logp"] / max(n_tok, 1),  # -log π of the sampled tokens: an estimate at T = 1
                grad_norm=sums["grad_norm"], length=s["tokens"] / n_seq, zero_std_groups=s["zero_std_groups"])
+    if "logprob_gap_max" in sums:  # sampler vs training forward on the same tokens, before the update
+        row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
                    generated_reward=s["generated_reward"] / s["generated"])
@@ -433,6 +447,9 @@ def main(args):
         per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
         tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, args.mask_truncated)
         tokens, mask, adv = tokens.to(d.device), mask.to(d.device), adv.to(d.device)
+        sampler_logp = sampler_logprobs(comps, tokens.shape[1])  # (B, T-1), to check the forward against
+        sampler_logp = sampler_logp.to(d.device) if sampler_logp is not None else None
+        gap_sum = gap_max = 0.0
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
         with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
             ref_logp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
@@ -444,12 +461,15 @@ def main(args):
         normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
                           constant=n_seq * args.max_new_tokens)[args.loss_norm]
         lr = common.set_lr(opt, step, args)
-        for _ in range(args.mu):
+        for update in range(args.mu):
             loss_sum = kl_sum = n_clipped = neg_logp = 0.0
             for i in range(0, len(tokens), args.micro_batch):
                 s = slice(i, i + args.micro_batch)
                 with common.autocast(d, args):
                     logp = sequence_logprobs(policy, tokens[s])  # (b, T-1)
+                if update == 0 and sampler_logp is not None and mask[s].any():  # π_θ is still the sampler's
+                    gap = (logp.detach().float() - sampler_logp[s]).abs()[mask[s]]  # (tokens the model wrote,)
+                    gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
                 old = old_logp[s] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
                 ref_s = ref_logp[s] if ref_logp is not None else logp.detach()  # β = 0: no KL
                 total, kl, clipped = grpo_objective_sums(logp, old, ref_s, adv[s], mask[s], args.clip_eps,
@@ -474,6 +494,8 @@ def main(args):
                     zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                     tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
                     time_generate=t1 - t0, time_reward=t2 - t1, **generated)
+        if sampler_logp is not None:
+            sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
         row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
                            dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
         if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:

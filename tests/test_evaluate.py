@@ -54,6 +54,11 @@ def test_arithmetic_report_counts_lines_and_how_often_each_fact_is_right():
     assert evaluate.arithmetic_report([dict(completions=["The answer is 4."], correct=[False])]) is None
 
 
+def no_logprobs(tokens):
+    """A scripted model's log-probs: 0 (it is certain), one per token, as generate(logprobs=True) returns them."""
+    return [[0.0] * len(t) for t in tokens]
+
+
 class Scripted:
     """A stand-in model whose generate() plays back fixed texts, one per call, for every row."""
 
@@ -72,7 +77,8 @@ class Scripted:
         self.calls.append(dict(prompts=prompts, stop=stop))
         text, eos = self.turns.pop(0)
         ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
-        return Generation(tokens=[ids[:max_new_tokens]] * len(prompts), finished=[eos or bool(stop)] * len(prompts))
+        tokens = [ids[:max_new_tokens]] * len(prompts)
+        return Generation(tokens=tokens, finished=[eos or bool(stop)] * len(prompts), logprobs=no_logprobs(tokens))
 
 
 class Oracle(Scripted):
@@ -90,7 +96,7 @@ class Oracle(Scripted):
             n = self.asked[i] = self.asked.get(i, -1) + 1
             answer = i + 1 if i % 2 == 0 or n % 4 == 0 else i + 2
             out.append(self.tok.encode(f"So the answer is \\boxed{{{answer}}}.") + [self.tok.eos_id])
-        return Generation(tokens=out, finished=[True] * len(out))
+        return Generation(tokens=out, finished=[True] * len(out), logprobs=no_logprobs(out))
 
 
 def test_scores_of_a_model_whose_accuracy_is_known(tok):
