@@ -119,15 +119,21 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, mask, clip_low, cl
     return total, (kl.detach() * m).sum(), int(clipped.sum())
 
 
-def sequence_logprobs(model, tokens):
-    """log π(token_t | tokens_<t) for every position (B, T-1) of right-padded sequences."""
-    return token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
+def sequence_logprobs(model, tokens, vocab_limit=None):
+    """log π(token_t | tokens_<t) for every position (B, T-1) of right-padded sequences. vocab_limit: the
+    tokenizer's size, when the model has more output rows (DeepSeek-Math: 102,400 for 100,015 ids): π is then
+    over the real ids only, the distribution the sampler draws from (model.generate's vocab_limit)."""
+    logits = model(tokens[:, :-1])  # (B, T-1, V)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[..., :vocab_limit]
+    return token_logprobs(logits, tokens[:, 1:])
 
 
 @torch.no_grad()
-def frozen_logprobs(model, tokens, micro_batch):
+def frozen_logprobs(model, tokens, micro_batch, vocab_limit=None):
     """sequence_logprobs without a graph, a micro-batch at a time (π_old, π_ref)."""
-    parts = [sequence_logprobs(model, tokens[i:i + micro_batch]) for i in range(0, len(tokens), micro_batch)]
+    parts = [sequence_logprobs(model, tokens[i:i + micro_batch], vocab_limit)
+             for i in range(0, len(tokens), micro_batch)]
     return torch.cat(parts)
 
 
@@ -452,8 +458,8 @@ def main(args):
         gap_sum = gap_max = 0.0
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
         with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
-            ref_logp = frozen_logprobs(ref, tokens, args.micro_batch) if ref is not None else None
-            old_logp = frozen_logprobs(policy, tokens, args.micro_batch) if args.mu > 1 else None
+            ref_logp = frozen_logprobs(ref, tokens, args.micro_batch, tok.vocab_size) if ref is not None else None
+            old_logp = frozen_logprobs(policy, tokens, args.micro_batch, tok.vocab_size) if args.mu > 1 else None
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
         n_seq = common.all_sum(d, len(tokens))
@@ -466,7 +472,7 @@ def main(args):
             for i in range(0, len(tokens), args.micro_batch):
                 s = slice(i, i + args.micro_batch)
                 with common.autocast(d, args):
-                    logp = sequence_logprobs(policy, tokens[s])  # (b, T-1)
+                    logp = sequence_logprobs(policy, tokens[s], tok.vocab_size)  # (b, T-1)
                 if update == 0 and sampler_logp is not None and mask[s].any():  # π_θ is still the sampler's
                     gap = (logp.detach().float() - sampler_logp[s]).abs()[mask[s]]  # (tokens the model wrote,)
                     gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())

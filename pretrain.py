@@ -149,7 +149,7 @@ def main(args):
         row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                    tokens_per_s=n / (time.time() - t0))
         if d.device.type == "cuda":  # model FLOPs utilisation: 6N per token + attention, against bf16 dense peak
-            flops = (6 * n_params + 12 * config.n_layers * config.dim * args.seq_len) * n / (time.time() - t0) / d.world
+            flops = flops_per_token(n_params, config, args.seq_len) * n / (time.time() - t0) / d.world
             row["mfu"] = flops / peak_flops(d.device)
         log(row)
         if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
@@ -185,6 +185,12 @@ def eval_loss(model, val, d, args, batches=4):
 def config_params(config):
     with torch.device("meta"):
         return Transformer(config).num_params()
+
+
+def flops_per_token(n_params, config, seq_len):
+    """Training FLOPs per token: 6N for the matrices (forward and backward) and 12·L·d·T for attention (PaLM's
+    count; activation checkpointing's recomputation is not counted, as MFU is defined)."""
+    return 6 * n_params + 12 * config.n_layers * config.dim * seq_len
 
 
 def peak_flops(device):

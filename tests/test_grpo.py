@@ -171,6 +171,23 @@ def test_grpo_loop_learns_a_trivial_task():
     assert before < 0.2 and p5() > 0.8
 
 
+def test_training_log_probs_are_the_samplers_when_the_model_has_padded_vocab_rows():
+    """More output rows than token ids (DeepSeek-Math): generate samples from the real ids only, and
+    sequence_logprobs with the same limit gives the sampler's log-probs; over all rows they would be lower by
+    the padding's share of the probability mass."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32))
+    model.init_weights()
+    out = model.generate([[1, 2, 3]], 6, temperature=1.0, logprobs=True, vocab_limit=40,
+                         generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[1, 2, 3] + out.tokens[0]])
+    with torch.no_grad():
+        limited = sequence_logprobs(model, tokens, vocab_limit=40)[0, 2:]  # the completion's positions
+        every_row = sequence_logprobs(model, tokens)[0, 2:]
+    torch.testing.assert_close(limited, torch.tensor(out.logprobs[0]), atol=1e-5, rtol=0)
+    assert (every_row < limited - 0.1).all()
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
