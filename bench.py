@@ -18,9 +18,11 @@ reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grade
     python bench.py model --sizes 1b --device cuda --dtype bfloat16
     python bench.py data                  # needs the toy data: python data.py
     python bench.py reward [--show]       # --show lists every pair either grader gets wrong
+    python bench.py grpo [--steps 10]     # needs the toy SFT model and pip install trl
 """
 
 import argparse
+import json
 import os
 import re
 import tempfile
@@ -342,9 +344,99 @@ def bench_reward(args):
                       f"gold={r['gold'][-80:]!r} pred={r['pred'][-120:]!r}")
 
 
+# -----------------------------------------------------------------------------
+# grpo: grpo.py against TRL's GRPOTrainer on the toy
+
+
+def bench_grpo(args):
+    """The same SFT model, questions, rewards and settings through grpo.py and through TRL's GRPOTrainer, one
+    after the other in this process: seconds per step (median over the steps after the first) and held-out
+    greedy accuracy of each result, graded by the same evaluate.py. Matched: 16 questions x G = 8 per step in
+    micro-batches of 32, one update per batch (mu = 1), up to 96 new tokens at temperature 1, constant LR 1e-4,
+    AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04 with the k3 estimate,
+    epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward, fp32 on the CPU,
+    prompts token-identical (BOS included; checked)."""
+    import statistics
+
+    import common
+    import data
+    import engine
+    import evaluate
+    import grpo
+    import reward
+    from tokenizer import Tokenizer
+    try:
+        import datasets
+        import transformers
+        import trl
+    except ImportError:
+        raise SystemExit("bench.py grpo compares against TRL: pip install trl (not a dependency of this project)")
+    tok = Tokenizer.load(args.init)
+    problems = data.load_problems(args.rl_data)
+    test = data.load_problems(args.eval_data)[:args.eval_problems]
+    d = common.Dist(0, 1, torch.device("cpu"))
+
+    def held_out(path):
+        model = Transformer.from_pretrained(path, dtype=torch.float32)
+        m = evaluate.held_out_metrics(model, tok, test, d, max_new_tokens=96, batch=64)
+        return m["accuracy"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_dir, trl_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "trl")
+        grpo.main(grpo.parse_args(["--init", args.init, "--data", args.rl_data, "--eval-data", "none",
+                                   "--out", ours_dir, "--max-steps", str(args.steps), "--seed", "0"]))
+        ours_s = [json.loads(line)["seconds"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
+                  if '"seconds"' in line]
+
+        hf_tok = transformers.AutoTokenizer.from_pretrained(args.init)
+        prompts = [tok.decode(engine.prompt_ids(tok, p["question"])) for p in problems]
+        same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == engine.prompt_ids(tok, q["question"])
+                   for p, q in zip(prompts, problems))
+        print(f"prompts token-identical under TRL's tokenizer call: {same} of {len(prompts)}")
+
+        def correctness(completions, answer, **_):
+            return [reward.math_reward(c, a) for c, a in zip(completions, answer)]
+
+        class StepTimer(transformers.TrainerCallback):
+            seconds, t0 = [], 0.0
+
+            def on_step_begin(self, *a, **k):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                self.seconds.append(time.perf_counter() - self.t0)
+
+        config = trl.GRPOConfig(
+            output_dir=trl_dir, max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=4,
+            steps_per_generation=4, num_generations=8, num_iterations=1, max_completion_length=96, temperature=1.0,
+            top_p=1.0, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
+            loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
+            bf16=False, use_cpu=True, seed=0, report_to="none", logging_steps=1, save_strategy="no",
+            disable_tqdm=True)
+        dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in problems]})
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        timer = StepTimer()
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=correctness, args=config, train_dataset=dataset,
+                                  processing_class=hf_tok, callbacks=[timer])
+        trainer.train()
+        trainer.model.save_pretrained(trl_dir)
+        tok.save(trl_dir)
+        trl_s = timer.seconds
+
+        before, ours_acc, trl_acc = held_out(args.init), held_out(ours_dir), held_out(trl_dir)
+    ours_step, trl_step = statistics.median(ours_s[1:]), statistics.median(trl_s[1:])
+    print(f"\n{args.steps} steps of 16 x 8 on {args.init}, held-out greedy on {len(test)} problems "
+          f"(before: {100 * before:.1f}%); TRL {trl.__version__}, transformers {transformers.__version__}")
+    print(f"{'':<10}{'s/step':>8}{'held-out':>10}")
+    print(f"{'grpo.py':<10}{ours_step:8.2f}{100 * ours_acc:9.1f}%")
+    print(f"{'TRL':<10}{trl_step:8.2f}{100 * trl_acc:9.1f}%")
+    print(f"speed ratio ours/TRL: {trl_step / ours_step:.2f}x")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("suite", nargs="?", default="model", choices=["model", "data", "reward"])
+    ap.add_argument("suite", nargs="?", default="model", choices=["model", "data", "reward", "grpo"])
     ap.add_argument("--sizes", default="toy,100m", help="model: comma-separated model.PRESETS names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -360,11 +452,18 @@ if __name__ == "__main__":
     ap.add_argument("--threshold", type=float, default=0.8, help="data: Jaccard threshold")
     ap.add_argument("--num-perm", type=int, default=128, help="data: MinHash permutations")
     ap.add_argument("--show", action="store_true", help="reward: list the pairs either grader gets wrong")
+    ap.add_argument("--init", default="out/toy/sft", help="grpo: the model both trainers start from")
+    ap.add_argument("--rl-data", default="out/toy/data/problems/rl.jsonl", help="grpo: questions with answers")
+    ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="grpo: held-out problems")
+    ap.add_argument("--eval-problems", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=40, help="grpo: steps of each trainer")
     args = ap.parse_args()
     if args.suite == "data":
         bench_data(args)
     elif args.suite == "reward":
         bench_reward(args)
+    elif args.suite == "grpo":
+        bench_grpo(args)
     else:
         print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
         print(f"{'size':>6} {'what':<26} {'ours tok/s':>11} {'transformers':>13} {'ratio':>6}")
