@@ -384,7 +384,7 @@ def bench_grpo(args):
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, trl_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "trl")
         grpo.main(grpo.parse_args(["--init", args.init, "--data", args.rl_data, "--eval-data", "none",
-                                   "--out", ours_dir, "--max-steps", str(args.steps), "--seed", "0"]))
+                                   "--out", ours_dir, "--max-steps", str(args.steps), "--seed", str(args.seed)]))
         ours_s = [json.loads(line)["seconds"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
                   if '"seconds"' in line]
 
@@ -412,7 +412,7 @@ def bench_grpo(args):
             top_p=1.0, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
             loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
-            bf16=False, use_cpu=True, seed=0, report_to="none", logging_steps=1, save_strategy="no",
+            bf16=False, use_cpu=True, seed=args.seed, report_to="none", logging_steps=1, save_strategy="no",
             disable_tqdm=True)
         dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in problems]})
         model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
@@ -457,6 +457,7 @@ if __name__ == "__main__":
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="grpo: held-out problems")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--steps", type=int, default=40, help="grpo: steps of each trainer")
+    ap.add_argument("--seed", type=int, default=0, help="grpo: both trainers' seed")
     args = ap.parse_args()
     if args.suite == "data":
         bench_data(args)
