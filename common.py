@@ -65,11 +65,16 @@ def one_line_errors():
         sys.exit(1)
 
 
+def compute_dtype(d, args):
+    """bf16 on GPU when --dtype bfloat16, else fp32 (a CPU computes in fp32): what forwards run in, what FSDP2
+    gathers the parameters in, and what the export is written in."""
+    return torch.bfloat16 if d.device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
+
+
 def autocast(d, args):
-    """The compute dtype's context: bf16 autocast on GPU when --dtype bfloat16, fp32 (nothing) on CPU. Every
-    forward whose log-probs meet another's (policy, reference, old policy) runs under it, or the KL starts > 0."""
-    bf16 = d.device.type == "cuda" and args.dtype == "bfloat16"
-    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
+    """The compute dtype's context (nothing in fp32). Every forward whose log-probs meet another's (policy,
+    reference, old policy) runs under it, or the KL starts > 0."""
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=compute_dtype(d, args) == torch.bfloat16)
 
 
 def print0(d, *a, **kw):
@@ -95,11 +100,16 @@ def _all_reduce(d, x, op):
     return t.item()
 
 
+def num_params(config):
+    """Parameters of a model of this config, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return Transformer(config).num_params()
+
+
 def size_defaults(args, config, d, **toy_and_large):
     """Batch sizes the user did not give (None), by model size: the toy's (fast on a CPU) below 1B parameters, safe
     ones for 80 GB GPUs above, with one line saying which. toy_and_large: flag name -> (toy value, large value)."""
-    with torch.device("meta"):
-        n = Transformer(config).num_params()
+    n = num_params(config)
     for name, (toy, large) in toy_and_large.items():
         if getattr(args, name) is None:
             setattr(args, name, toy if n < 1e9 else large)
@@ -137,10 +147,9 @@ def build_model(config, d, args, init_dir=None):
             block = model.layers[i] = checkpoint_wrapper(block)
         if args.compile:
             block.compile()
-    bf16 = d.device.type == "cuda" and args.dtype == "bfloat16"
     if d.world > 1:
-        # bf16 compute copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+        # compute-dtype copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(d, args), reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -365,8 +374,8 @@ def export_hf(model, out, tokenizer_dir, d, args):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
         tok = Tokenizer.load(out)
-        dtype = torch.bfloat16 if d.device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
-        Transformer.save_pretrained(model, out, state_dict=state, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        Transformer.save_pretrained(model, out, state_dict=state, dtype=compute_dtype(d, args), bos_id=tok.bos_id,
+                                    eos_id=tok.eos_id)
 
 
 class StopFlag:

@@ -15,34 +15,21 @@ the tests (it cannot rot). Four parts:
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 import common
 import grpo
 import pretrain
+from bench import timed
+from kernels.bench import copy_bandwidth
 from model import PRESETS, ModelConfig, Transformer
-
-
-def timed(fn, repeats, cuda, warm_up=True):
-    """Best seconds of `repeats` calls, after one warm-up call (compilation, allocator, autotuning)."""
-    if warm_up:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def peak_gib(fn, cuda):
@@ -55,14 +42,6 @@ def peak_gib(fn, cuda):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 30
-
-
-def copy_bandwidth():
-    """Device-to-device copy, bytes per second read + written: the ceiling a memory-bound kernel is held to."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    sec = timed(lambda: y.copy_(x), 10, True)
-    return 2 * x.numel() / sec
 
 
 # -----------------------------------------------------------------------------
@@ -78,7 +57,7 @@ def loss_methods(N, V, C, dtype, device):
     hidden = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(V, C, device=device, dtype=dtype) * C ** -0.5).requires_grad_()
     targets = torch.randint(0, V, (N,), device=device)
-    old = ref = torch.full((N,), -float(torch.log(torch.tensor(float(V)))), device=device)  # about uniform
+    old = ref = torch.full((N,), -math.log(V), device=device)  # about uniform
     adv = torch.randn(N, device=device)
 
     def naive():
@@ -109,7 +88,7 @@ def loss_methods(N, V, C, dtype, device):
 
 def loss_table(args, dtype, device):
     cuda = device == "cuda"
-    bandwidth = copy_bandwidth() if cuda else None
+    bandwidth = copy_bandwidth(device) if cuda else None
     print(f"\n1. token log-probs + GRPO loss, forward + backward, {args.tokens} tokens, {str(dtype)[6:]}"
           + (f"; copy bandwidth {bandwidth / 1e9:.0f} GB/s" if cuda else ""))
     print(f"{'vocab':>8}  {'method':<18}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'peak GiB':>10}")
@@ -125,7 +104,7 @@ def loss_table(args, dtype, device):
                 for x in leaves:  # each call allocates its own gradient, as a training step does
                     x.grad = None
             try:
-                sec = timed(step, args.repeats, cuda)
+                sec = timed([step], args.repeats, device)[0]
                 peak = peak_gib(step, cuda)
             except Exception as e:  # a peer that fails at this size is a row, not the end of the check
                 print(f"{V:>8}  {name:<18}  failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
@@ -152,9 +131,7 @@ def decode_row(config, args, dtype, device):
     prompts = torch.randint(1, config.vocab_size, (args.decode_batch, args.prompt_tokens), generator=g,
                             device=device).tolist()
     with torch.no_grad():
-        model.generate(prompts, 8, temperature=1.0, generator=g)  # warm-up: allocator, kernels
-        sec = timed(lambda: model.generate(prompts, args.new_tokens, temperature=1.0, generator=g), 1,
-                    device == "cuda", warm_up=False)
+        sec = timed([lambda: model.generate(prompts, args.new_tokens, temperature=1.0, generator=g)], 1, device)[0]
     print(f"\n2. decoding, model.generate, {args.size} ({model.num_params() / 1e9:.2f}B) in {str(dtype)[6:]}: "
           f"batch {args.decode_batch}, prompts of {args.prompt_tokens}, {args.new_tokens} new tokens")
     print(f"   eager: {args.decode_batch * args.new_tokens / sec:,.0f} tokens/s ({sec:.2f} s)")
@@ -169,7 +146,7 @@ def train_row(config, args, device):
     B, T = args.train_batch, args.train_tokens
     x = torch.randint(0, config.vocab_size, (B, T + 1))
     batch = [(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool))]
-    sec = timed(lambda: common.train_step(model, opt, batch, d, run, 0), args.repeats, device == "cuda")
+    sec = timed([lambda: common.train_step(model, opt, batch, d, run, 0)], args.repeats, device)[0]
     n_params = model.num_params()
     tokens_per_s = B * T / sec
     mfu = pretrain.flops_per_token(n_params, config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
@@ -190,7 +167,7 @@ def grpo_rows(config, args, device):
         problems = toyworld.make_problems(64, seed=0)
         tok = Tokenizer.train([p["question"] + " " + p["cot"] for p in problems], 600)
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(**{**vars(config), "vocab_size": max(config.vocab_size, tok.vocab_size)}))
+        model = Transformer(dataclasses.replace(config, vocab_size=max(config.vocab_size, tok.vocab_size)))
         model.init_weights()
         model.save_pretrained(tmp, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                               bos_id=tok.bos_id, eos_id=tok.eos_id)

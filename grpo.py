@@ -51,10 +51,11 @@ import common
 import data
 import engine
 import evaluate
+import pretrain
 import reward
 import sft
 from kernels import grpo_token_loss, token_logprobs
-from model import PRESETS, ModelConfig, Transformer, config_from_hf
+from model import PRESETS, ModelConfig, config_from_hf
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -264,21 +265,17 @@ def plot_curves(metrics_path, png):
 
 
 def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac):
-    """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase. Held all along:
-    the policy's shard, its gradients and AdamW state, the reference's shard. Rollouts: the whole policy gathered
-    in bf16 (common.gathered) and a KV cache for gen_batch sequences. Training: two gathered blocks, the saved
-    activations of a micro-batch (common.activation_bytes) and its logits (bf16, an fp32 copy, fp32 gradient)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    n = model.num_params()
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+    """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
+    (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along, and the
+    rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences."""
     T = prompt_tokens + max_new_tokens
-    held = dict(policy_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
+    plan = pretrain.memory_plan(config, world, micro_batch, T, ac)
+    n = plan["parameters"]
+    held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
                 reference_fp32=4 * n / world)
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
     rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
-    train = dict(gathered_blocks=2 * 2 * layer_params, activations=common.activation_bytes(config, micro_batch, T, ac),
-                 logits=micro_batch * T * config.vocab_size * (2 + 4 + 4))
+    train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
     return dict(parameters=n, held=held, rollout=rollout, train=train,
                 peak=sum(held.values()) + max(sum(rollout.values()), sum(train.values())))
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import data
 from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, init_dist,
-                    make_optimizer, one_line_errors, print0, save_checkpoint, start_run, train_step)
+                    make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run, train_step)
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def main(args):
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
     step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
-    n_params = sum(p.numel() for p in model.parameters()) if d.world == 1 else config_params(config)
+    n_params = sum(p.numel() for p in model.parameters()) if d.world == 1 else num_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
               f"{args.micro_batch}x{args.seq_len} per rank per step, {args.max_steps} steps")
     log, stop = Log(args.out, d, args.max_steps, step, args=args), StopFlag()
@@ -180,11 +180,6 @@ def eval_loss(model, val, d, args, batches=4):
         n += y.numel()
     model.train()
     return all_sum(d, total) / all_sum(d, n)
-
-
-def config_params(config):
-    with torch.device("meta"):
-        return Transformer(config).num_params()
 
 
 def flops_per_token(n_params, config, seq_len):

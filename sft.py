@@ -29,6 +29,7 @@ import torch
 
 import common
 import data
+import engine
 import evaluate
 import pretrain
 from model import Transformer, config_from_hf
@@ -59,7 +60,7 @@ def make_examples(problems, tok, formats):
         for f in formats:
             if not p.get(f):
                 continue
-            prompt = tok.chat(data.PROMPTS[f].format(question=p["question"]))
+            prompt = engine.prompt_ids(tok, p["question"], f)
             ids, mask = list(prompt), [0] * len(prompt)
             pieces = solution_pieces(" " + p[f], f)
             for k, (text, by_model) in enumerate(pieces):
