@@ -389,16 +389,17 @@ def bench_grpo(args):
                   if '"seconds"' in line]
 
         hf_tok = transformers.AutoTokenizer.from_pretrained(args.init)
-        prompts = [tok.decode(engine.prompt_ids(tok, p["question"])) for p in problems]
-        same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == engine.prompt_ids(tok, q["question"])
-                   for p, q in zip(prompts, problems))
+        prompt_ids = [engine.prompt_ids(tok, p["question"]) for p in problems]
+        prompts = [tok.decode(ids) for ids in prompt_ids]  # TRL takes text: BOS is in it, as its special token
+        same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids))
         print(f"prompts token-identical under TRL's tokenizer call: {same} of {len(prompts)}")
 
         def correctness(completions, answer, **_):
             return [reward.math_reward(c, a) for c, a in zip(completions, answer)]
 
         class StepTimer(transformers.TrainerCallback):
-            seconds, t0 = [], 0.0
+            def __init__(self):
+                self.seconds, self.t0 = [], 0.0
 
             def on_step_begin(self, *a, **k):
                 self.t0 = time.perf_counter()

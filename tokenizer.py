@@ -184,13 +184,12 @@ class Tokenizer:
         return out
 
     def _encode_added(self, texts, num_threads):
-        """Each text cut at its added tokens: those are their ids, the text between is encoded on its own."""
-        out = []
-        for t in texts:
-            parts = self._added_rx.split(t)  # text, added token, text, ..., text
-            plain = self._encode_plain(parts[0::2], num_threads)
-            out.append([i for k, p in enumerate(parts) for i in (plain[k // 2] if k % 2 == 0 else [self.added[p]])])
-        return out
+        """Each text cut at its added tokens: those are their ids, the text between is encoded on its own (the
+        pieces of all texts in one batch)."""
+        split = [self._added_rx.split(t) for t in texts]  # per text: text, added token, text, ..., text
+        plain = iter(self._encode_plain([p for parts in split for p in parts[0::2]], num_threads))
+        return [[i for k, p in enumerate(parts) for i in (next(plain) if k % 2 == 0 else [self.added[p]])]
+                for parts in split]
 
     def _encode_plain(self, texts, num_threads):
         if self._splits is None:

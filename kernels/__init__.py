@@ -4,8 +4,9 @@
     hidden_logprobs(hidden, weight, targets) -> the same from final hidden states, never holding all logits
     grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps, beta) -> (loss, kl) per token
 
-grpo.py computes its log-probs and loss with these. Triton runs on CUDA tensors; elsewhere the PyTorch paths run. KERNELS_BACKEND=triton|torch forces one
-(tests run the Triton kernels on the CPU with TRITON_INTERPRET=1). Derivations are in each module's docstring.
+grpo.py computes its log-probs and loss with these. Triton runs on CUDA tensors; elsewhere the PyTorch paths
+run. KERNELS_BACKEND=triton|torch forces one (tests run the Triton kernels on the CPU with TRITON_INTERPRET=1).
+Derivations are in each module's docstring.
 
     python -m kernels.bench          # time and peak memory, ours vs naive PyTorch (and torch.compile on GPU)
 """
