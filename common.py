@@ -77,6 +77,19 @@ def autocast(d, args):
     return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=compute_dtype(d, args) == torch.bfloat16)
 
 
+def finish(d, status=0):
+    """End a process of a run, on every rank together: wait for all of them (rank 0 may still be writing the
+    export), then destroy the process group while Python is fully alive. A rank that tore its group down while a
+    peer was still busy, or left it to the interpreter's teardown, could abort after its work was done ("terminate
+    called without an active exception", seen on gloo CPU ranks), which torchrun reports as a failed run. A
+    non-zero status then exits (130: stopped by a signal)."""
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if status:
+        sys.exit(status)
+
+
 def print0(d, *a, **kw):
     if d.main:
         print(*a, **kw, flush=True)

@@ -509,7 +509,7 @@ def main(args):
             common.save_checkpoint(args.out, policy, opt, step, d, extra)
         if stopping:
             common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-            raise SystemExit(130)
+            common.finish(d, 130)
     if held_out:
         after = report("after")
         log(dict(step=step, eval_greedy_accuracy=after["greedy"]))
@@ -524,8 +524,7 @@ def main(args):
         if d.main:
             plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"))
     common.print0(d, f"saved {args.out}")
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    common.finish(d)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ schedule (×0.316 at 80% of training, ×0.1 of peak at 90%), 10M-token batches o
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, init_dist,
+from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, finish, init_dist,
                     make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run, train_step)
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
@@ -157,14 +156,13 @@ def main(args):
         if stop(d):
             save_checkpoint(args.out, model, opt, step, d)
             print0(d, f"stopped by signal at step {step}; continue with --resume")
-            sys.exit(130)
+            finish(d, 130)
         if step % args.ckpt_every == 0 or step == args.max_steps:
             save_checkpoint(args.out, model, opt, step, d)
     log.close()
     export_hf(model, args.out, tok_dir, d, args)
     print0(d, f"saved {args.out}")
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    finish(d)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -180,7 +179,7 @@ def main(args):
         if stop(d):
             common.save_checkpoint(args.out, model, opt, step, d)
             common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-            sys.exit(130)
+            common.finish(d, 130)
         if step % args.ckpt_every == 0 or step == args.max_steps:
             common.save_checkpoint(args.out, model, opt, step, d)
     log.close()
@@ -200,8 +199,7 @@ def main(args):
                 f.write(json.dumps(dict(step=step, eval_greedy_accuracy=acc, eval_problems=len(held_out))) + "\n")
         common.print0(d, f"held-out greedy accuracy (CoT): {acc:.3f} on {len(held_out)} problems")
     common.print0(d, f"saved {args.out}")
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    common.finish(d)
 
 
 if __name__ == "__main__":
