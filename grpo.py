@@ -131,11 +131,9 @@ def sequence_logprobs(model, tokens, vocab_limit=None):
 
 
 @torch.no_grad()
-def frozen_logprobs(model, tokens, micro_batch, vocab_limit=None):
-    """sequence_logprobs without a graph, a micro-batch at a time (π_old, π_ref)."""
-    parts = [sequence_logprobs(model, tokens[i:i + micro_batch], vocab_limit)
-             for i in range(0, len(tokens), micro_batch)]
-    return torch.cat(parts)
+def frozen_logprobs(model, tokens, batches, vocab_limit=None):
+    """sequence_logprobs without a graph for each micro-batch of `batches` (π_old, π_ref): a list of (b, T-1)."""
+    return [sequence_logprobs(model, tokens[rows, :T], vocab_limit) for rows, T in batches]
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +173,14 @@ def token_advantages(comps, rewards, tok, args):
     else:
         adv, n_zero_std = group_advantages(rewards.view(-1, G), scale_std)
     return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
+
+
+def micro_batches(lengths, size):
+    """Micro-batches of `size` sequences of similar length, each with the length of its longest sequence:
+    [(row indices, T)]. Sorted by length and trimmed to T, a micro-batch carries little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    return [(torch.tensor(rows), max(lengths[i] for i in rows)) for rows in groups]
 
 
 def pad_batch(comps, per_token, pad_id, mask_truncated):
@@ -224,6 +230,7 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
                    generated_reward=s["generated_reward"] / s["generated"])
     row.update(truncated=s["truncated"], tool_calls=s["tool_calls"],
+               padding=1 - s["sequence_tokens"] / s["trained_tokens"],  # of the positions the forwards ran
                rollout_tokens_per_s=s["generated_tokens"] * d.world / s["time_generate"],
                train_tokens_per_s=s["train_tokens"] / times["train"],
                time_generate=s["time_generate"] / d.world, time_reward=s["time_reward"] / d.world,
@@ -453,10 +460,11 @@ def main(args):
         sampler_logp = sampler_logprobs(comps, tokens.shape[1])  # (B, T-1), to check the forward against
         sampler_logp = sampler_logp.to(d.device) if sampler_logp is not None else None
         gap_sum = gap_max = 0.0
+        batches = micro_batches([len(c.prompt) + len(c.ids) for c in comps], args.micro_batch)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
         with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
-            ref_logp = frozen_logprobs(ref, tokens, args.micro_batch, tok.vocab_size) if ref is not None else None
-            old_logp = frozen_logprobs(policy, tokens, args.micro_batch, tok.vocab_size) if args.mu > 1 else None
+            ref_logp = frozen_logprobs(ref, tokens, batches, tok.vocab_size) if ref is not None else None
+            old_logp = frozen_logprobs(policy, tokens, batches, tok.vocab_size) if args.mu > 1 else None
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
         n_seq = common.all_sum(d, len(tokens))
@@ -466,21 +474,21 @@ def main(args):
         lr = common.set_lr(opt, step, args)
         for update in range(args.mu):
             loss_sum = kl_sum = n_clipped = neg_logp = 0.0
-            for i in range(0, len(tokens), args.micro_batch):
-                s = slice(i, i + args.micro_batch)
+            for k, (rows, T) in enumerate(batches):
+                m = mask[rows, :T - 1]  # (b, T-1)
                 with common.autocast(d, args):
-                    logp = sequence_logprobs(policy, tokens[s], tok.vocab_size)  # (b, T-1)
-                if update == 0 and sampler_logp is not None and mask[s].any():  # π_θ is still the sampler's
-                    gap = (logp.detach().float() - sampler_logp[s]).abs()[mask[s]]  # (tokens the model wrote,)
+                    logp = sequence_logprobs(policy, tokens[rows, :T], tok.vocab_size)  # (b, T-1)
+                if update == 0 and sampler_logp is not None and m.any():  # π_θ is still the sampler's π_old
+                    gap = (logp.detach().float() - sampler_logp[rows, :T - 1]).abs()[m]  # (tokens the model wrote,)
                     gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
-                old = old_logp[s] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
-                ref_s = ref_logp[s] if ref_logp is not None else logp.detach()  # β = 0: no KL
-                total, kl, clipped = grpo_objective_sums(logp, old, ref_s, adv[s], mask[s], args.clip_eps,
+                old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
+                ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
+                total, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv[rows, :T - 1], m, args.clip_eps,
                                                          args.clip_high or args.clip_eps, args.beta,
                                                          args.loss_norm)
                 (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
                 loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
-                neg_logp -= (logp.detach() * mask[s]).sum().item()
+                neg_logp -= (logp.detach() * m).sum().item()
             grad_norm = common.clip_grad_norm(policy, args.grad_clip)
             if not np.isfinite(grad_norm):
                 raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
@@ -492,8 +500,10 @@ def main(args):
         if args.ref_reset and step % args.ref_reset == 0 and ref is not None:
             ref.load_state_dict(policy.state_dict())
         t4 = time.time()
+        trained = sum(len(rows) * T for rows, T in batches)  # token positions the forwards ran, padding included
         sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum,
-                    kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=tokens.numel() * args.mu,
+                    kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
+                    sequence_tokens=sum(len(c.prompt) + len(c.ids) for c in comps), trained_tokens=trained,
                     zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                     tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
                     time_generate=t1 - t0, time_reward=t2 - t1, **generated)

@@ -14,8 +14,8 @@ import torch
 
 import engine
 import reward
-from grpo import (group_advantages, grpo_objective_sums, keep_groups_with_signal, pad_batch, process_advantages,
-                  sequence_logprobs, token_advantages, token_index)
+from grpo import (group_advantages, grpo_objective_sums, keep_groups_with_signal, micro_batches, pad_batch,
+                  process_advantages, sequence_logprobs, token_advantages, token_index)
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -122,6 +122,11 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
     assert (adv[0, 2:6] > 0).all() and (adv[1, :2] < 0).all() and not adv[0, :2].any() and not adv[1, 2:].any()
     _, mask, _ = pad_batch([spliced, short], per_token, pad_id=0, mask_truncated=True)
     assert not mask[1].any() and mask[0].sum() == 2
+
+
+def test_micro_batches_group_similar_lengths_and_trim_to_their_longest():
+    batches = micro_batches([5, 9, 3, 8, 4], 2)
+    assert [(rows.tolist(), T) for rows, T in batches] == [([2, 4], 4), ([0, 3], 8), ([1], 9)]
 
 
 def test_zero_std_groups_give_zero_gradient():
