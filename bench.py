@@ -371,6 +371,10 @@ def bench_grpo(args):
         import trl
     except ImportError:
         raise SystemExit("bench.py grpo compares against TRL: pip install trl (not a dependency of this project)")
+    for path in (args.init, args.rl_data, args.eval_data):
+        if not os.path.exists(path):
+            raise SystemExit(f"bench.py grpo: {path} not found; `python sft.py` builds the toy's SFT model and data "
+                             "(or pass --init, --rl-data and --eval-data)")
     tok = Tokenizer.load(args.init)
     problems = data.load_problems(args.rl_data)
     test = data.load_problems(args.eval_data)[:args.eval_problems]
