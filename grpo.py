@@ -460,7 +460,8 @@ def main(args):
         sampler_logp = sampler_logprobs(comps, tokens.shape[1])  # (B, T-1), to check the forward against
         sampler_logp = sampler_logp.to(d.device) if sampler_logp is not None else None
         gap_sum = gap_max = 0.0
-        batches = micro_batches([len(c.prompt) + len(c.ids) for c in comps], args.micro_batch)
+        lengths = [len(c.prompt) + len(c.ids) for c in comps]
+        batches = micro_batches(lengths, args.micro_batch)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
         with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
             ref_logp = frozen_logprobs(ref, tokens, batches, tok.vocab_size) if ref is not None else None
@@ -503,7 +504,7 @@ def main(args):
         trained = sum(len(rows) * T for rows, T in batches)  # token positions the forwards ran, padding included
         sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum,
                     kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
-                    sequence_tokens=sum(len(c.prompt) + len(c.ids) for c in comps), trained_tokens=trained,
+                    sequence_tokens=sum(lengths), trained_tokens=trained,
                     zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                     tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
                     time_generate=t1 - t0, time_reward=t2 - t1, **generated)

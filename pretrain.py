@@ -131,7 +131,7 @@ def main(args):
     model = build_model(config, d, args, init_dir=args.init)
     opt = make_optimizer(model, args)
     step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
-    n_params = sum(p.numel() for p in model.parameters()) if d.world == 1 else num_params(config)
+    n_params = num_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
               f"{args.micro_batch}x{args.seq_len} per rank per step, {args.max_steps} steps")
     log, stop = Log(args.out, d, args.max_steps, step, args=args), StopFlag()
