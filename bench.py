@@ -3,6 +3,8 @@
 model: model.py vs transformers on the same weights. Training: tokens/s of forward + cross-entropy + backward,
   ours vs `LlamaForCausalLM`. Generation: new tokens/s of batched sampling from prompts of different lengths
   (left-padded for transformers), ours (preallocated KV cache) vs `generate` (its dynamic cache), greedy.
+engine: GRPO-shaped sampling, 16 prompts x 8 samples with ragged lengths: engine.generate vs the static-batch loop
+  it replaced and transformers' `generate`.
 data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
   14 x 8 banding): the share of near copies dropped by true-Jaccard bucket on real prose (docstrings), then recall
   and false drops on the toy crawl judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
@@ -16,6 +18,7 @@ reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grade
 
     python bench.py model                 # toy and 100m on this machine's CPU
     python bench.py model --sizes 1b --device cuda --dtype bfloat16
+    python bench.py engine                # GRPO-shaped sampling: 16 prompts x 8, ragged lengths; toy and 100m
     python bench.py data                  # needs the toy data: python data.py
     python bench.py reward [--show]       # --show lists every pair either grader gets wrong
     python bench.py grpo [--steps 10]     # needs the toy SFT model and pip install trl
@@ -32,7 +35,8 @@ from collections import Counter, defaultdict
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, ModelConfig, Transformer
+import engine
+from model import PRESETS, KVCache, ModelConfig, Transformer
 
 
 def timed(fns, repeats, device):
@@ -92,12 +96,92 @@ def bench_size(name, args):
     ids, mask = ids.to(args.device), mask.to(args.device)
     N = args.new_tokens
     with torch.no_grad():
-        t_ours, t_ref = timed([lambda: ours.generate(prompts, N, temperature=0),
+        t_ours, t_ref = timed([lambda: engine.generate(ours, prompts, N, temperature=0, slots=len(prompts)),
                                lambda: ref.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
                                                     do_sample=False, pad_token_id=0, eos_token_id=None)],
                               max(1, args.repeats // 3), args.device)
     rows.append((name, f"generate B={len(prompts)} new={N}", len(prompts) * N / t_ours, len(prompts) * N / t_ref))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# engine: GRPO-shaped generation
+
+
+@torch.no_grad()
+def static_batch_generate(model, prompts, max_new_tokens, eos_ids, generator):
+    """The decode loop this project had before engine.generate, as a peer: one batch of every sequence, each
+    prompt prefilled for each of its samples, every row decoded until the longest has stopped, stops checked
+    after every token, torch.multinomial sampling. Returns the number of tokens kept (up to each row's EOS)."""
+    B, dev = len(prompts), model.lm_head.weight.device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    tokens = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    cache = KVCache.empty(model.config, B, tokens.shape[1] + max_new_tokens, model.lm_head.weight.dtype, dev)
+    h = model.prefill(tokens, cache)[torch.arange(B, device=dev), lens - 1]
+    pos, eos = lens.clone(), torch.tensor(sorted(eos_ids), device=dev)
+    done, kept = torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+    for _ in range(max_new_tokens):
+        nxt = torch.multinomial(model.lm_head(h).float().softmax(-1), 1, generator=generator)[:, 0]
+        kept += ~done
+        done |= torch.isin(nxt, eos)
+        if done.all():
+            break
+        h = model.decode_step(nxt, pos, cache)
+        pos += 1
+    return int(kept.sum())
+
+
+def bench_engine(args):
+    """16 prompts x G = 8 samples at temperature 1, up to 96 new tokens, random weights: a sequence stops at any of
+    V / 35 ids made EOS, so completions are ragged (about 35 tokens on average, as the toy's), and the samples of
+    a prompt differ. engine.generate (shared prefill, rows refilled and compacted) against the static batch
+    above and transformers' generate given the 128 sequences as one left-padded batch (its dynamic cache, top_k
+    off). New tokens per second, each counting the tokens it kept."""
+    from transformers import AutoModelForCausalLM
+
+    print(f"{'size':>6} {'generator':<32} {'tokens/s':>9} {'ratio':>7}")
+    for name in args.sizes.split(","):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**PRESETS[name]))
+        model.init_weights()
+        V = model.config.vocab_size
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+        model, ref = model.to(args.device).eval(), ref.to(args.device).eval()
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(24, 64, (16,), generator=g).tolist()
+        distinct = [torch.randint(1, V, (n,), generator=g).tolist() for n in lengths]
+        prompts = [p for p in distinct for _ in range(8)]
+        eos = set(torch.randperm(V - 1, generator=g)[:V // 35].add(1).tolist())
+        P = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), P, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        ids, mask, sampler = ids.to(args.device), mask.to(args.device), torch.Generator(args.device).manual_seed(0)
+        kept = {}
+
+        def ours():
+            gen = engine.generate(model, prompts, 96, temperature=1.0, eos_ids=eos, slots=len(prompts))
+            kept["engine.generate"] = sum(map(len, gen.tokens))
+
+        def static():
+            kept["static batch (the previous loop)"] = static_batch_generate(model, prompts, 96, eos, sampler)
+
+        def hf():
+            out = ref.generate(ids, attention_mask=mask, max_new_tokens=96, do_sample=True, temperature=1.0, top_k=0,
+                               top_p=1.0, eos_token_id=sorted(eos), pad_token_id=0)[:, P:]
+            is_eos = torch.isin(out, torch.tensor(sorted(eos), device=out.device))  # kept: up to the first EOS
+            kept["transformers generate"] = int(((is_eos.cumsum(1) - is_eos.long()) == 0).sum())
+
+        seconds = timed([ours, static, hf], max(1, args.repeats // 3), args.device)
+        rates = {k: kept[k] / s for k, s in zip(kept, seconds)}
+        for k, r in rates.items():
+            print(f"{name:>6} {k:<32} {r:9.0f} {r / rates['transformers generate']:6.2f}x", flush=True)
+        print(f"{name:>6} engine.generate / static batch: {rates['engine.generate'] / rates[list(rates)[1]]:.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -441,7 +525,7 @@ def bench_grpo(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("suite", nargs="?", default="model", choices=["model", "data", "reward", "grpo"])
+    ap.add_argument("suite", nargs="?", default="model", choices=["model", "engine", "data", "reward", "grpo"])
     ap.add_argument("--sizes", default="toy,100m", help="model: comma-separated model.PRESETS names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -470,6 +554,8 @@ if __name__ == "__main__":
         bench_reward(args)
     elif args.suite == "grpo":
         bench_grpo(args)
+    elif args.suite == "engine":
+        bench_engine(args)
     else:
         print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
         print(f"{'size':>6} {'what':<26} {'ours tok/s':>11} {'transformers':>13} {'ratio':>6}")

@@ -178,20 +178,36 @@ def build_model(config, d, args, init_dir=None):
 
 
 @contextmanager
-def gathered(model):
-    """Hold FSDP2's full parameters for a whole generation phase: each rank then decodes on its own, with no
-    all-gather per token and no collective at all, so ranks may stop at different steps. No-op without FSDP."""
+def gathered(model, dtype=None):
+    """A plain Transformer for a generation phase: FSDP2's full parameters gathered once and held, so each rank
+    decodes on its own, with no all-gather per token and no collective at all (ranks may stop at different
+    steps). The model it yields shares those parameters but has no FSDP2 hooks, activation-checkpoint or
+    compile wrappers: nothing runs per block call but the block. dtype: the compute dtype, where it differs from
+    the parameters' (one GPU without FSDP2: a bf16 copy for the rollouts, as the bf16 training forward). Valid
+    only inside the `with`."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
-        yield model
+        yield plain_view(model, dtype)
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+
+
+def plain_view(model, dtype=None):
+    """A Transformer on the same tensors as `model` (cast to dtype, if given), without the FSDP2 hooks,
+    activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks."""
+    with torch.device("meta"):
+        view = Transformer(model.config)
+    state = {n.replace("_checkpoint_wrapped_module.", ""): p.detach().to(dtype or p.dtype)
+             for n, p in model.named_parameters(remove_duplicate=False)}
+    view.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        view.lm_head.weight = view.embed_tokens.weight
+    view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin
+    return view.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -250,8 +266,7 @@ def train_step(model, opt, micro_batches, d, args, step):
     for x, y, mask in micro_batches:
         x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
         with autocast(d, args):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()
+            losses = -model(x, y) * mask  # (B, T): cross-entropy is -log π(y), from hidden states (model.forward)
         (losses.sum() * d.world / n_tokens).backward()
         loss_sum += losses.sum().item()
     loss = all_sum(d, loss_sum) / n_tokens

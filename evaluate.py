@@ -103,13 +103,12 @@ def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top
     in that many forked processes (sympy on hard answers); keep 1 inside torchrun, where forking is unsafe."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     questions = [p["question"] for p in problems for _ in range(samples)]
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(questions), desc=f"evaluate {prompt}", unit="sample", disable=not sys.stderr.isatty())
-    comps = complete(model, tok, questions, prompt, max_new_tokens, temperature, top_p, generator, batch,
+    comps = complete(model, tok, questions, prompt, max_new_tokens, temperature, top_p, seed=seed, batch=batch,
                      progress=bar)
     if bar is not None:
         bar.close()
@@ -157,7 +156,7 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
     ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
-    ap.add_argument("--batch", type=int, default=64, help="sequences per generate call")
+    ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
     ap.add_argument("--question-field", default=None, help="for jsonl with other field names")
     ap.add_argument("--answer-field", default=None)
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines and problems")

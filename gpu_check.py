@@ -6,7 +6,8 @@ the tests (it cannot rot). Four parts:
   in bf16: naive PyTorch, its torch.compile, ours (kernels/, Triton), ours from the hidden states (the logits
   never exist) and Liger-Kernel's GRPO loss when it is installed; time, GB/s of the minimum traffic (read the
   logits forward, read them and write their gradient backward) against the measured copy bandwidth, peak memory;
-- decoding with model.generate at 1B parameters in bf16: batch 64, 512 new tokens, tokens/s;
+- decoding with engine.generate at 1B parameters in bf16: batch 64, 512 new tokens, tokens/s, eager and with
+  the decode step captured (torch.compile, CUDA graphs);
 - training at 1B in bf16 with activation checkpointing: tokens/s and MFU;
 - one GRPO step at 1B (grpo.py itself, random weights, a toy tokenizer), split into its phases.
 
@@ -25,6 +26,7 @@ import tempfile
 import torch
 
 import common
+import engine
 import grpo
 import pretrain
 from bench import timed
@@ -130,11 +132,12 @@ def decode_row(config, args, dtype, device):
     g = torch.Generator(device).manual_seed(0)
     prompts = torch.randint(1, config.vocab_size, (args.decode_batch, args.prompt_tokens), generator=g,
                             device=device).tolist()
-    with torch.no_grad():
-        sec = timed([lambda: model.generate(prompts, args.new_tokens, temperature=1.0, generator=g)], 1, device)[0]
-    print(f"\n2. decoding, model.generate, {args.size} ({model.num_params() / 1e9:.2f}B) in {str(dtype)[6:]}: "
+    print(f"\n2. decoding, engine.generate, {args.size} ({model.num_params() / 1e9:.2f}B) in {str(dtype)[6:]}: "
           f"batch {args.decode_batch}, prompts of {args.prompt_tokens}, {args.new_tokens} new tokens")
-    print(f"   eager: {args.decode_batch * args.new_tokens / sec:,.0f} tokens/s ({sec:.2f} s)")
+    for name, compile in [("eager", False)] + [("captured (torch.compile, CUDA graphs)", True)] * (device == "cuda"):
+        sec = timed([lambda: engine.generate(model, prompts, args.new_tokens, temperature=1.0,
+                                             slots=args.decode_batch, compile=compile)], 1, device)[0]
+        print(f"   {name}: {args.decode_batch * args.new_tokens / sec:,.0f} tokens/s ({sec:.2f} s)", flush=True)
 
 
 def train_row(config, args, device):

@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ import evaluate
 import pretrain
 import reward
 import sft
-from kernels import grpo_token_loss, token_logprobs
+from kernels import grpo_token_loss
 from model import PRESETS, ModelConfig, config_from_hf
 from tokenizer import Tokenizer
 
@@ -98,42 +99,28 @@ def process_advantages(steps, lengths, group_size, scale_std=True):
     return out, n_zero_std
 
 
-def grpo_objective_sums(logp, old_logp, ref_logp, advantages, mask, clip_low, clip_high, beta, loss_norm):
-    """The GRPO loss (−J) of a micro-batch, summed the way `loss_norm` says *before* the division by the
-    global normaliser, so that micro-batches and ranks add up exactly to the whole batch:
-      sequence (paper): Σ_i (1/|o_i|) Σ_t loss_it        later / number of sequences
-      token (DAPO):     Σ_i Σ_t loss_it                   later / number of completion tokens
-      constant (Dr. GRPO): Σ_i Σ_t loss_it                later / (sequences x max new tokens)
-    logp, old_logp, ref_logp, mask: (B, T); advantages (B, T), or (B,) for one advantage per output.
-    Returns (loss sum, KL sum over tokens, number of tokens whose ratio is outside the clip)."""
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logp)  # (B, T): outcome supervision, one Â per output
+def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low, clip_high, beta):
+    """The GRPO loss (−J) of a micro-batch as Σ_t weight_t · loss_t, the sum *before* the division by the
+    global normaliser, so that micro-batches and ranks add up exactly to the whole batch. The weights say how
+    tokens are normalised (loss_weights): 1/|o_i| on each token of o_i for the paper's per-sequence mean (then
+    / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
+    (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
+    logp, old_logp, ref_logp, advantages, weights: (B, T). Returns (loss sum, KL sum over the weighted tokens,
+    number of them whose ratio is outside the clip)."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (kernels/grpo_loss.py)
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
-    m = mask.float()  # (B, T): 1 on the tokens the model wrote; prompt, padding and tool output carry nothing
-    if loss_norm == "sequence":
-        total = ((loss * m).sum(1) / m.sum(1).clamp(min=1)).sum()  # each output's mean over its own length
-    else:
-        total = (loss * m).sum()
+    mask = weights > 0  # (B, T): the tokens the model wrote
     ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1
     clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask  # (B, T): where the clip binds
-    return total, (kl.detach() * m).sum(), int(clipped.sum())
+    return (loss * weights).sum(), (kl.detach() * mask).sum(), int(clipped.sum())
 
 
-def sequence_logprobs(model, tokens, vocab_limit=None):
-    """log π(token_t | tokens_<t) for every position (B, T-1) of right-padded sequences. vocab_limit: the
-    tokenizer's size, when the model has more output rows (DeepSeek-Math: 102,400 for 100,015 ids): π is then
-    over the real ids only, the distribution the sampler draws from (model.generate's vocab_limit)."""
-    logits = model(tokens[:, :-1])  # (B, T-1, V)
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits[..., :vocab_limit]
-    return token_logprobs(logits, tokens[:, 1:])
-
-
-@torch.no_grad()
-def frozen_logprobs(model, tokens, batches, vocab_limit=None):
-    """sequence_logprobs without a graph for each micro-batch of `batches` (π_old, π_ref): a list of (b, T-1)."""
-    return [sequence_logprobs(model, tokens[rows, :T], vocab_limit) for rows, T in batches]
+def loss_weights(sampled, loss_norm):
+    """Per token of one completion, its weight in grpo_objective_sums: `sampled` (n,) bool marks the tokens
+    that carry loss; per sequence (the paper) each of them weighs 1/|o_i|, so that every output counts once
+    whatever its length; per token (DAPO) and constant (Dr. GRPO) each weighs 1."""
+    m = sampled.float()
+    return m / m.sum().clamp(min=1) if loss_norm == "sequence" else m
 
 
 # -----------------------------------------------------------------------------
@@ -175,40 +162,78 @@ def token_advantages(comps, rewards, tok, args):
     return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
 
 
-def micro_batches(lengths, size):
-    """Micro-batches of `size` sequences of similar length, each with the length of its longest sequence:
-    [(row indices, T)]. Sorted by length and trimmed to T, a micro-batch carries little padding."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups = [order[i:i + size] for i in range(0, len(order), size)]
-    return [(torch.tensor(rows), max(lengths[i] for i in rows)) for rows in groups]
+@dataclass
+class Row:
+    """One training row: a question's prompt once, then up to `pack` of its completions, each behind its own
+    copy of the prompt's last token, so that every position predicts one token (a completion's first token is
+    predicted from the prompt's end). A completion attends to the prompt and to itself, never to its neighbours,
+    and its positions restart after the prompt: its log-probs are those of prompt + completion alone, while the
+    prompt is computed once for all of them. With pack = 1 a row is the plain sequence prompt + completion.
+    All fields are lists of the row's length."""
+    inputs: list  # token ids fed in
+    targets: list  # the token each position predicts
+    positions: list  # RoPE positions
+    segment: list  # 0 on the shared prompt, k on completion k
+    weights: list  # loss weight of each target (loss_weights), 0 off the model's own tokens
+    advantages: list
+    sampler_logp: list  # the sampler's log π of each target (0 where it did not sample it)
 
 
-def pad_batch(comps, per_token, pad_id, mask_truncated):
-    """Right-padded prompt + completion tokens (B, T), and over the predicted positions (B, T-1) the loss mask
-    (the model's own tokens: not the prompt, not the sandbox's output, not padding) and the advantages."""
-    T = max(len(c.prompt) + len(c.ids) for c in comps)
-    tokens = torch.full((len(comps), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros(len(comps), T - 1, dtype=torch.bool)  # (B, T-1): position t predicts token t + 1
-    advantages = torch.zeros(len(comps), T - 1)  # (B, T-1)
-    for i, c in enumerate(comps):
-        P, n = len(c.prompt), len(c.ids)
-        tokens[i, :P + n] = torch.tensor(c.prompt + c.ids)
-        live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
-        mask[i, P - 1:P - 1 + n] = torch.tensor(c.sampled) & live
-        advantages[i, P - 1:P - 1 + n] = per_token[i]
-    return tokens, mask, advantages
+def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
+    """Rows of up to `pack` completions of one question each. comps come in groups of group_size outputs of one
+    question; per_token holds each completion's advantages (token_advantages)."""
+    rows = []
+    for g in range(0, len(comps), group_size):
+        for first in range(g, g + group_size, pack):
+            p = comps[first].prompt
+            n = len(p) - 1
+            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
+            for k, i in enumerate(range(first, min(first + pack, g + group_size)), 1):
+                c = comps[i]
+                live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
+                row.inputs += [p[-1]] + c.ids[:-1]
+                row.targets += c.ids
+                row.positions += range(n, n + len(c.ids))
+                row.segment += [k] * len(c.ids)
+                row.weights += loss_weights(torch.tensor(c.sampled, dtype=torch.bool) & live, loss_norm).tolist()
+                row.advantages += per_token[i].tolist()
+                row.sampler_logp += c.logprobs if c.logprobs is not None else [0.0] * len(c.ids)
+            rows.append(row)
+    return rows
 
 
-def sampler_logprobs(comps, T):
-    """The sampler's log π of each completion token, (B, T-1) aligned as pad_batch's mask; None when the
-    completions carry none. The training forward must give the same numbers: the gap is logged every step."""
-    if any(c.logprobs is None for c in comps):
-        return None
-    out = torch.zeros(len(comps), T - 1)  # (B, T-1)
-    for i, c in enumerate(comps):
-        P = len(c.prompt)
-        out[i, P - 1:P - 1 + len(c.ids)] = torch.tensor(c.logprobs)
-    return out
+class Batch:
+    """Rows of similar length as right-padded tensors (b, T), one per field of Row, and `attn` (b, 1, T, T), the
+    keys each query sees (None when no row holds two completions: plain causal attention). Padding predicts the
+    pad id with weight 0 and sees the prompt and itself."""
+
+    def __init__(self, rows, pad_id, device):
+        T = max(len(r.inputs) for r in rows)
+
+        def pad(field, value, dtype):
+            return torch.tensor([getattr(r, field) + [value] * (T - len(r.inputs)) for r in rows], dtype=dtype,
+                                device=device)
+        self.inputs, self.targets = pad("inputs", pad_id, torch.long), pad("targets", pad_id, torch.long)
+        self.positions, segment = pad("positions", 0, torch.long), pad("segment", -1, torch.long)
+        self.weights, self.advantages = pad("weights", 0.0, torch.float32), pad("advantages", 0.0, torch.float32)
+        self.sampler_logp = pad("sampler_logp", 0.0, torch.float32)
+        self.mask = self.weights > 0  # (b, T): the model's own tokens
+        self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
+        self.attn = None
+        if segment.amax() > 1:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # query t sees keys up to t
+            q, k = segment[:, :, None], segment[:, None, :]  # (b, T, 1), (b, 1, T)
+            self.attn = (causal & ((k == 0) | (k == q)))[:, None]  # (b, 1, T, T): its prompt and itself
+
+    def logprobs(self, model, vocab_limit):
+        """log π(targets) (b, T) under `model`, over the tokenizer's ids only (model.forward)."""
+        return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit)
+
+
+def micro_batches(rows, size, pad_id, device):
+    """Batches of up to `size` rows of similar length: sorted by length, each padded to its own longest."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
+    return [Batch([rows[i] for i in order[s:s + size]], pad_id, device) for s in range(0, len(order), size)]
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +359,11 @@ def parse_args(argv=None):
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
-    ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call per rank (default: "
-                    "128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
+    ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank, the KV cache's "
+                    "rows (default: 128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
+    ap.add_argument("--pack", type=int, default=None, help="completions of one question per training row, behind "
+                    "one copy of its prompt (default: 8 below 1B parameters; 1 above, a row per completion, until a "
+                    "GPU measures the masked attention packing needs against the prompt tokens it saves)")
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
     ap.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (0: never)")
     ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems for greedy accuracy")
@@ -350,7 +378,8 @@ def parse_args(argv=None):
                     help="LR after --warmup (paper: not given); as pretrain.py's")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
     ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block for training, and capture the "
+                    "rollouts' decode step (a CUDA graph on GPU)")
     ap.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N steps (and on SIGTERM)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
@@ -366,7 +395,7 @@ def main(args):
     if args.dry_run:
         config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
         d = common.Dist(0, 1, torch.device("cpu"))
-        common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
+        common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
         return dry_run(args, config)
     d = common.init_dist()
     torch.manual_seed(args.seed)
@@ -382,7 +411,7 @@ def main(args):
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
-    common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
+    common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
     room = [p for p in problems  # a prompt that leaves no room for an answer teaches nothing
             if len(engine.prompt_ids(tok, p["question"], args.prompt)) + args.max_new_tokens
             <= config.max_seq_len]
@@ -401,8 +430,8 @@ def main(args):
     step = common.start_run(args, d, policy, opt, resumable, extra)
 
     def held_out_metrics(n, samples, temperature):  # on the first n held-out problems, the policy unsharded
-        with common.gathered(policy):
-            return evaluate.held_out_metrics(policy, tok, held_out[:n], d, prompt=args.prompt,
+        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+            return evaluate.held_out_metrics(sampler, tok, held_out[:n], d, prompt=args.prompt,
                                              samples=samples, temperature=temperature,
                                              max_new_tokens=args.max_new_tokens, seed=args.seed,
                                              batch=min(args.gen_batch, 64))  # --gen-batch bounds the KV cache
@@ -426,7 +455,6 @@ def main(args):
         if step == 0:
             log(dict(step=0, eval_greedy_accuracy=before["greedy"]))
     per_rank, G = args.questions // d.world, args.group_size
-    gen = torch.Generator(device=d.device)
     while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
         t0 = time.time()
         # 5. a batch of questions, this rank's share: a function of (seed, step), so that resume is exact
@@ -436,13 +464,11 @@ def main(args):
         batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
         # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
         # weights gathered once (no collective per token)
-        gen.manual_seed(args.seed * 1_000_003 + step * 1009 + d.rank)
         questions = [p["question"] for p in batch for _ in range(G)]
-        with common.gathered(policy):
-            policy.eval()
-            comps = engine.complete(policy, tok, questions, args.prompt, args.max_new_tokens,
-                                    args.temperature, args.top_p, gen, batch=args.gen_batch)
-            policy.train()
+        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+            comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
+                                    args.top_p, seed=args.seed * 1_000_003 + step * 1009 + d.rank,
+                                    batch=args.gen_batch, compile=args.compile)
         t1 = time.time()
         # 8. rewards: 1 for a right final answer, else 0
         golds = [p["answer"] for p in batch for _ in range(G)]
@@ -453,43 +479,38 @@ def main(args):
         if args.oversample > 1:
             comps, rewards = keep_groups_with_signal(comps, rewards, G, per_rank)
         t2 = time.time()
-        # 9. advantages, per token; then the batch as right-padded tensors
+        # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
         per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
-        tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, args.mask_truncated)
-        tokens, mask, adv = tokens.to(d.device), mask.to(d.device), adv.to(d.device)
-        sampler_logp = sampler_logprobs(comps, tokens.shape[1])  # (B, T-1), to check the forward against
-        sampler_logp = sampler_logp.to(d.device) if sampler_logp is not None else None
-        gap_sum = gap_max = 0.0
-        lengths = [len(c.prompt) + len(c.ids) for c in comps]
-        batches = micro_batches(lengths, args.micro_batch)
+        rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
+        batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-        with common.autocast(d, args):  # as the policy's forward below, or the KL would start above 0
-            ref_logp = frozen_logprobs(ref, tokens, batches, tok.vocab_size) if ref is not None else None
-            old_logp = frozen_logprobs(policy, tokens, batches, tok.vocab_size) if args.mu > 1 else None
+        with torch.no_grad(), common.autocast(d, args):  # as the policy's forward below, or the KL starts > 0
+            ref_logp = [b.logprobs(ref, tok.vocab_size) for b in batches] if ref is not None else None
+            old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
-        n_seq = common.all_sum(d, len(tokens))
-        n_tok = common.all_sum(d, int(mask.sum()))
+        n_seq = common.all_sum(d, len(comps))
+        n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
         normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
                           constant=n_seq * args.max_new_tokens)[args.loss_norm]
         lr = common.set_lr(opt, step, args)
+        gap_sum = gap_max = 0.0
+        checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
         for update in range(args.mu):
             loss_sum = kl_sum = n_clipped = neg_logp = 0.0
-            for k, (rows, T) in enumerate(batches):
-                m = mask[rows, :T - 1]  # (b, T-1)
+            for k, b in enumerate(batches):
                 with common.autocast(d, args):
-                    logp = sequence_logprobs(policy, tokens[rows, :T], tok.vocab_size)  # (b, T-1)
-                if update == 0 and sampler_logp is not None and m.any():  # π_θ is still the sampler's π_old
-                    gap = (logp.detach().float() - sampler_logp[rows, :T - 1]).abs()[m]  # (tokens the model wrote,)
+                    logp = b.logprobs(policy, tok.vocab_size)  # (b, T)
+                if update == 0 and checked and b.mask.any():  # π_θ is still the sampler's π_old
+                    gap = (logp.detach().float() - b.sampler_logp).abs()[b.mask]  # (tokens the model wrote,)
                     gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
                 old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
                 ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
-                total, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv[rows, :T - 1], m, args.clip_eps,
-                                                         args.clip_high or args.clip_eps, args.beta,
-                                                         args.loss_norm)
+                total, kl, clipped = grpo_objective_sums(logp, old, ref_k, b.advantages, b.weights, args.clip_eps,
+                                                         args.clip_high or args.clip_eps, args.beta)
                 (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
                 loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
-                neg_logp -= (logp.detach() * m).sum().item()
+                neg_logp -= (logp.detach() * b.mask).sum().item()
             grad_norm = common.clip_grad_norm(policy, args.grad_clip)
             if not np.isfinite(grad_norm):
                 raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
@@ -501,14 +522,14 @@ def main(args):
         if args.ref_reset and step % args.ref_reset == 0 and ref is not None:
             ref.load_state_dict(policy.state_dict())
         t4 = time.time()
-        trained = sum(len(rows) * T for rows, T in batches)  # token positions the forwards ran, padding included
+        trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
         sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum,
                     kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
-                    sequence_tokens=sum(lengths), trained_tokens=trained,
+                    sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
                     zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                     tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
                     time_generate=t1 - t0, time_reward=t2 - t1, **generated)
-        if sampler_logp is not None:
+        if checked:
             sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
         row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
                            dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))

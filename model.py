@@ -1,9 +1,11 @@
-"""The transformer: a Llama/DeepSeek-family decoder, its KV-cache sampler, and Hugging Face checkpoint I/O.
+"""The transformer: a Llama/DeepSeek-family decoder, its KV cache, and Hugging Face checkpoint I/O.
 
 DeepSeekMath-Base 7B is a plain Llama (paper §2; docs/paper.md §2): pre-norm RMSNorm, rotary position
 embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
-input and output embeddings, no biases. This file is the whole model; it imports torch and safetensors only and
-knows nothing of tokenizers, data or process groups (FSDP2 is applied by common.py).
+input and output embeddings, no biases. This file is the whole model; it imports torch, safetensors and kernels/
+(token log-probs) only and knows nothing of tokenizers, data or process groups (FSDP2 is applied by common.py).
+Its forward gives logits, or token log-probs without the logits (training); `prefill` and `decode_step` are the
+two calls of a KV-cache decoder, whose scheduling and sampling are engine.py's.
 
 Module and parameter names follow Hugging Face's `LlamaForCausalLM` minus its `model.` prefix, so reading and
 writing a checkpoint is a rename of one prefix, not a translation table.
@@ -15,11 +17,13 @@ writing a checkpoint is a rename of one prefix, not a translation table.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import hidden_logprobs
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -110,17 +114,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
+    def forward(self, x, cos, sin, mask=None, kv=None, pos=None):
+        """x (B, T, C). mask None: causal attention over x itself; else (B, 1, T, S) bool, the keys each query sees.
+        kv: this layer's cache (keys, values), each (B, Hkv, S, D). With pos None, x's keys and values are written
+        at [0, T) (a prefill); with pos (B,), T is 1 and each row's are written at its own position, and the query
+        attends over the whole cache under `mask` (a decode step: every row may be at another length)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys and values, attend over everything written so far
-            k_buf, v_buf = cache
-            k_buf[:, :, start:start + T] = k
-            v_buf[:, :, start:start + T] = v
-            k, v = k_buf[:, :, :start + T], v_buf[:, :, :start + T]
+        if kv is not None and pos is None:
+            kv[0][:, :, :T], kv[1][:, :, :T] = k, v
+        elif kv is not None:
+            rows = torch.arange(B, device=x.device)
+            kv[0][rows, :, pos], kv[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) each
+            k, v = kv
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -145,16 +154,26 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+    def forward(self, x, cos, sin, mask=None, kv=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
-class Generation:
-    tokens: list  # per row, the new token ids, ending with the EOS or stop token if the row stopped
-    finished: list  # per row, True if it stopped on EOS or a stop string, False if cut at max_new_tokens
-    logprobs: list | None = field(default=None)  # per row, log pi(token) under the untempered model, if asked
+class KVCache:
+    """Keys and values of `rows` sequences of up to `length` positions, for every layer, preallocated:
+    k and v are (n_layers, rows, Hkv, length, D). Row i holds one sequence from position 0 on; engine.py
+    decides which sequence lives in which row."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, config, rows, length, dtype, device):
+        shape = (config.n_layers, rows, config.n_kv_heads, length, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def layer(self, i):
+        return self.k[i], self.v[i]
 
 
 # -----------------------------------------------------------------------------
@@ -204,106 +223,53 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def hidden(self, tokens, positions=None, cache=None, start=0, valid=None):
-        """Final normalised hidden states (B, T, C): everything but the LM head, so that log-probs can be computed
-        chunk by chunk without materialising (B, T, vocab) logits (see kernels/).
+    def hidden(self, tokens, positions=None, mask=None, cache=None, pos=None):
+        """Final normalised hidden states (B, T, C): everything but the LM head.
 
-        Training passes tokens only (causal attention). Generation also passes per-row `positions` (B, T) and
-        a `valid` mask (B, start + T) of real (non-padding) keys, and a KV `cache` written at [start, start + T).
-        """
+        tokens alone: causal attention at positions 0..T-1 (training, or a prefill that writes `cache`). Packed
+        rows pass their own `positions` (B, T) and `mask` (B, 1, T, T) of the keys each query sees. A decode step
+        passes `pos` (B,), the position of each row's one token, and the cache it reads and writes (see
+        Attention.forward)."""
         B, T = tokens.shape
-        if positions is None:
-            if start + T > self.config.max_seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.rope_cos[start:start + T][None, None], self.rope_sin[start:start + T][None, None]
+        if positions is None and pos is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]  # (1, 1, T, D)
         else:
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
+            at = positions if positions is not None else pos[:, None]  # (B, T)
+            cos, sin = self.rope_cos[at][:, None], self.rope_sin[at][:, None]  # (B, 1, T, D)
         x = self.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = None
-        if valid is not None:
-            # query i (absolute position start + i) sees key j if j <= start + i and j is a real token. A padding
-            # query also sees itself, so that no row is fully masked (SDPA would return NaN there).
-            S = start + T
-            q_pos = torch.arange(start, S, device=tokens.device)[:, None]
-            k_pos = torch.arange(S, device=tokens.device)[None, :]
-            mask = (k_pos <= q_pos) & (valid[:, None, None, :S] | (k_pos == q_pos))  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i], start, mask)
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), pos)
         return self.norm(x)
 
-    def forward(self, tokens):
-        return self.lm_head(self.hidden(tokens))  # (B, T, V)
+    def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None):
+        """Logits (B, T, V); or, given targets (B, T), the log-probabilities log π(targets_t | tokens_≤t) (B, T) in
+        fp32, computed from the hidden states a chunk of rows at a time (kernels.hidden_logprobs), so that the
+        (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Inside forward, FSDP2
+        gathers the LM head as for any other use of it. vocab_limit: the tokenizer's size, for a head with more
+        rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is then over the real ids only, the
+        distribution the sampler draws from (engine.generate). positions, mask: for packed rows (see hidden)."""
+        h = self.hidden(tokens, positions, mask)
+        if targets is None:
+            return self.lm_head(h)
+        if self.lm_head.bias is not None:
+            raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
+        return hidden_logprobs(h, self.lm_head.weight[:vocab_limit], targets)  # (B, T)
 
-    # -------------------------------------------------------------------------
-    # Generation: a real decode loop, one token per step, keys and values kept in a preallocated cache
+    def prefill(self, tokens, cache):
+        """Keys and values of right-padded prompts (B, P) written into `cache` at [0, P); returns the hidden states
+        (B, P, C). Under causal attention a prompt's tokens never see the padding after them."""
+        return self.hidden(tokens, cache=cache)
 
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
-                 stop=(), decode=None, logprobs=False, pad_id=0, generator=None, vocab_limit=None):
-        """Sample continuations of a batch of prompts of different lengths.
-
-        prompts: list of token-id lists. temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters.
-        A row stops at any id in `eos_ids`, or once its decoded text contains a string in `stop` (this needs
-        `decode`, a function from token ids to text). vocab_limit: ids from there on are never sampled (their
-        logits are -inf), for a model whose output rows outnumber its tokenizer's ids (DeepSeek-Math: 102,400
-        rows, 100,015 ids); the returned log-probs are of the distribution sampled from. Returns a Generation.
-        """
-        if stop and decode is None:
-            raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
-        cfg, dev = self.config, self.lm_head.weight.device
-        B, lens = len(prompts), [len(p) for p in prompts]
-        P = max(lens)
-        if min(lens) == 0:
-            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-        max_new_tokens = min(max_new_tokens, cfg.max_seq_len - P)
-        if max_new_tokens <= 0:
-            raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
-        S = P + max_new_tokens
-        # Left-pad so that every row's next token lands at the same cache slot; per-row positions start at 0.
-        tokens = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[i, P - len(p):] = True  # generated slots count as valid from the start; they are filled in order
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
-        dtype = self.lm_head.weight.dtype
-        cache = [(torch.empty(B, cfg.n_kv_heads, S, cfg.head_dim, dtype=dtype, device=dev),
-                  torch.empty(B, cfg.n_kv_heads, S, cfg.head_dim, dtype=dtype, device=dev))
-                 for _ in range(cfg.n_layers)]
-
-        eos = torch.tensor(list(eos_ids) or [-1], device=dev)
-        max_stop = max((len(s.encode()) for s in stop), default=0)
-        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-        out_lp = torch.zeros(B, max_new_tokens, device=dev) if logprobs else None
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # tokens kept per row
-        h = self.hidden(tokens, positions[:, :P], cache, 0, valid[:, :P])[:, -1]  # prefill, (B, C)
-        for t in range(max_new_tokens):
-            logits = self.lm_head(h).float()  # (B, V)
-            if vocab_limit is not None and vocab_limit < logits.size(-1):
-                logits[:, vocab_limit:] = float("-inf")  # padding rows: no token, and decode could not read one
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, pad_id, nxt)
-            out[:, t] = nxt
-            if logprobs:
-                out_lp[:, t] = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
-            stopped = ~done & torch.isin(nxt, eos)
-            if max_stop:  # stop strings: decode the last few tokens of each live row (a token is >= 1 byte)
-                tail = out[:, max(0, t + 1 - max_stop):t + 1].tolist()
-                for i in (~done & ~stopped).nonzero()[:, 0].tolist():
-                    text = decode(tail[i])
-                    stopped[i] = any(s in text for s in stop)
-            length = torch.where(stopped, t + 1, length)
-            done |= stopped
-            if done.all() or t + 1 == max_new_tokens:
-                break
-            h = self.hidden(nxt[:, None], positions[:, P + t:P + t + 1], cache, P + t, valid[:, :P + t + 1])[:, -1]
-
-        n, fin = length.tolist(), done.tolist()
-        rows = out.tolist()
-        return Generation(tokens=[rows[i][:n[i]] for i in range(B)], finished=fin,
-                          logprobs=[out_lp[i, :n[i]].tolist() for i in range(B)] if logprobs else None)
+    def decode_step(self, tokens, pos, cache):
+        """One token per row, tokens (B,) at positions pos (B,): each row's keys and values are written at its
+        position and its query attends over the cache up to it. Returns the hidden states (B, C). Every shape is
+        fixed by the cache, so a CUDA graph can capture the step (engine.generate(compile=True))."""
+        S = cache.k.shape[3]
+        mask = torch.arange(S, device=pos.device)[None, :] <= pos[:, None]  # (B, S): keys at or before pos
+        return self.hidden(tokens[:, None], mask=mask[:, None, None, :], cache=cache, pos=pos)[:, 0]
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints
@@ -399,23 +365,6 @@ class Transformer(nn.Module):
         total = sum(v.numel() * v.element_size() for v in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to
-    the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 # -----------------------------------------------------------------------------

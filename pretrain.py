@@ -24,11 +24,11 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
 import data
 from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, finish, init_dist,
                     make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run, train_step)
+from kernels import CHUNK_ELEMENTS
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -37,8 +37,10 @@ from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 def memory_plan(config, world, micro_batch, seq_len, ac):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
-    `world`; activations counted on the meta device (activation_bytes); the logits in bf16, their fp32 copy and
-    fp32 gradient."""
+    `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
+    logits never exist whole (model.forward with targets, kernels.hidden_logprobs), only a block of
+    CHUNK_ELEMENTS of them (bf16, its fp32 copy and the exp's temporary) and, in backward, grad_h's fp32
+    accumulator with its bf16 and fp32 partial sums (tokens x dim, 4 + 2 + 4 bytes)."""
     with torch.device("meta"):
         model = Transformer(config)
     n = model.num_params()
@@ -46,7 +48,7 @@ def memory_plan(config, world, micro_batch, seq_len, ac):
     return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
                 activations=activation_bytes(config, micro_batch, seq_len, ac),
-                logits=micro_batch * seq_len * config.vocab_size * (2 + 4 + 4))
+                logits=CHUNK_ELEMENTS * (2 + 4 + 4) + micro_batch * seq_len * config.dim * (4 + 2 + 4))
 
 
 def dry_run(args):
@@ -173,8 +175,7 @@ def eval_loss(model, val, d, args, batches=4):
         x, y = val.batch(k, range(d.rank * args.micro_batch, (d.rank + 1) * args.micro_batch))
         x, y = torch.from_numpy(x).to(d.device), torch.from_numpy(y).to(d.device)
         with autocast(d, args):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            total -= model(x, y).sum().item()  # cross-entropy: -log π(y)
         n += y.numel()
     model.train()
     return all_sum(d, total) / all_sum(d, n)

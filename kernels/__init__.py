@@ -15,9 +15,12 @@ import os
 
 from .grpo_loss import TritonGRPOLoss, grpo_loss_torch
 from .grpo_loss import triton as _triton
-from .logprobs import ChunkedLogprobs, HiddenLogprobs, TritonLogprobs, naive_logprobs
+from .logprobs import ChunkedLogprobs, HiddenLogprobs, TritonLogprobs, naive_logprobs, rows_torch, rows_triton
 
-__all__ = ["token_logprobs", "hidden_logprobs", "grpo_token_loss", "naive_logprobs", "grpo_loss_torch"]
+__all__ = ["token_logprobs", "hidden_logprobs", "grpo_token_loss", "naive_logprobs", "grpo_loss_torch",
+           "CHUNK_ELEMENTS"]
+
+CHUNK_ELEMENTS = 1 << 24  # logits alive at once in the chunked paths: 64 MB in fp32 (memory plans count it)
 
 
 def backend(x):
@@ -35,23 +38,20 @@ def backend(x):
 def token_logprobs(logits, targets, chunk=None):
     """log softmax(logits)[target] over the last dimension, in float32 (logits may be bf16/fp16/fp32; any vocab
     size). logits (..., V), targets (...) of ids in [0, V): mask padded positions after, not with a sentinel.
-    chunk: rows per fp32 working block of the PyTorch path (default: 16M elements, 64 MB)."""
+    chunk: rows per fp32 working block of the PyTorch path (default: CHUNK_ELEMENTS in all)."""
     V = logits.shape[-1]
-    chunk = chunk or max(1, (1 << 24) // V)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // V)
     flat, t = logits.reshape(-1, V), targets.reshape(-1)
     out = TritonLogprobs.apply(flat, t) if backend(logits) == "triton" else ChunkedLogprobs.apply(flat, t, chunk)
     return out.view(targets.shape)
 
 
-def _rows(logits, targets):
-    return token_logprobs(logits, targets)
-
-
-def hidden_logprobs(hidden, weight, targets, chunk=1024):
-    """token_logprobs(hidden @ weight.T, targets) with at most `chunk` rows of logits alive at once: memory
-    independent of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...)."""
+def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS):
+    """token_logprobs(hidden @ weight.T, targets) with at most `budget` logits alive at once: memory independent
+    of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...)."""
     C = hidden.shape[-1]
-    out = HiddenLogprobs.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), chunk, _rows)
+    rows = rows_triton if backend(hidden) == "triton" else rows_torch
+    out = HiddenLogprobs.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), budget, rows)
     return out.view(targets.shape)
 
 

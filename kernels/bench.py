@@ -1,13 +1,15 @@
-"""Token log-probs forward + backward: time, bandwidth and peak memory, ours against naive PyTorch.
+"""The LM head of one training micro-batch, forward + backward: hidden states (N, C) and the head (V, C) in, token
+log-probs out, gradients back to both. Time and peak memory of each way to compute it, in a fresh process each,
+so that a peak is its own:
 
-On a GPU: 16K tokens x V in {32K, 102400, 152K}, bf16; the naive `log_softmax(logits.float()).gather`, its
-`torch.compile`, our Triton kernel, and the fused hidden->log-prob path; GB/s against the device's measured
-copy bandwidth (the floor is one read of the logits forward, one read and one write backward).
-On a CPU: fewer tokens, the naive and chunked PyTorch paths, each in a fresh process so that its peak resident
-memory is its own.
+    naive      logits = h W^T, then log_softmax(logits.float()).gather (autograd keeps fp32 copies)
+    compiled   the same under torch.compile (GPU)
+    chunked    logits = h W^T, then token_logprobs on 64 MB fp32 chunks (the PyTorch kernel)
+    triton     logits = h W^T, then the Triton kernel (GPU)
+    hidden     hidden_logprobs(h, W): no logits tensor at all (what model.forward(tokens, targets) runs)
 
-    python -m kernels.bench                     # CPU: 2048 tokens
-    python -m kernels.bench --tokens 16384      # GPU
+    python -m kernels.bench                     # CPU: 2048 tokens, width 256, fp32
+    python -m kernels.bench --tokens 16384      # GPU: width 4096, bf16
 """
 
 import argparse
@@ -21,46 +23,38 @@ import time
 import torch
 
 
-def run_one(method, N, V, dtype, device, repeats):
-    """Time one method; returns (seconds per forward+backward, peak bytes beyond the logits and their grad)."""
+def run_one(method, N, V, C, dtype, device, repeats):
+    """Time one method; returns (seconds per forward+backward, peak bytes: on CUDA beyond what was allocated
+    before the first call, on a CPU the process's peak resident memory)."""
     from kernels import hidden_logprobs, naive_logprobs, token_logprobs
     torch.manual_seed(0)
-    C = 4096
-    if method == "hidden":
-        h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
-        w = (torch.randn(V, C, device=device, dtype=dtype) * 0.02).requires_grad_()
-    else:
-        x = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+    h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, C, device=device, dtype=dtype) * C ** -0.5).requires_grad_()
     t = torch.randint(0, V, (N,), device=device)
-    os.environ["KERNELS_BACKEND"] = {"naive": "torch", "compiled": "torch", "chunked": "torch", "triton": "triton",
-                                     "hidden": "triton" if device == "cuda" else "torch"}[method]
-    fn = {"naive": lambda: naive_logprobs(x, t), "chunked": lambda: token_logprobs(x, t),
-          "triton": lambda: token_logprobs(x, t), "hidden": lambda: hidden_logprobs(h, w, t),
-          "compiled": torch.compile(lambda: naive_logprobs(x, t))}[method]
+    os.environ["KERNELS_BACKEND"] = {"triton": "triton", "hidden": "triton" if device == "cuda" else "torch"}.get(
+        method, "torch")
+    fn = {"naive": lambda: naive_logprobs(h @ w.T, t), "chunked": lambda: token_logprobs(h @ w.T, t),
+          "triton": lambda: token_logprobs(h @ w.T, t), "hidden": lambda: hidden_logprobs(h, w, t)}.get(method)
+    fn = fn or torch.compile(lambda: naive_logprobs(h @ w.T, t))
 
     def step():
         fn().sum().backward()
-        if method == "hidden":
-            h.grad = w.grad = None
-        else:
-            x.grad = None
-    step()
+        h.grad = w.grad = None
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    step()
     t0 = time.perf_counter()
     for _ in range(repeats):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     sec = (time.perf_counter() - t0) / repeats
-    logits_bytes = N * V * torch.finfo(dtype).bits // 8
     if device == "cuda":
-        extra = torch.cuda.max_memory_allocated() - base - (logits_bytes if method != "hidden" else 0)
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this process
-    return sec, extra, logits_bytes
+        return sec, torch.cuda.max_memory_allocated() - base
+    return sec, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def copy_bandwidth(device):
@@ -79,6 +73,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cuda = torch.cuda.is_available()
     ap.add_argument("--tokens", type=int, default=16384 if cuda else 2048)
+    ap.add_argument("--width", type=int, default=4096 if cuda else 256, help="hidden size C")
     ap.add_argument("--vocabs", default="32768,102400,151936")
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     ap.add_argument("--repeats", type=int, default=10 if cuda else 3)
@@ -87,21 +82,20 @@ if __name__ == "__main__":
     dtype, device = getattr(torch, args.dtype), "cuda" if cuda else "cpu"
     if args.one:
         method, V = args.one.split(":")
-        print(json.dumps(run_one(method, args.tokens, int(V), dtype, device, args.repeats)))
+        print(json.dumps(run_one(method, args.tokens, int(V), args.width, dtype, device, args.repeats)))
         sys.exit(0)
-    methods = ["naive", "compiled", "triton", "hidden"] if cuda else ["naive", "chunked"]
-    bw = copy_bandwidth(device) if cuda else None
-    print(f"{device}, {args.tokens} tokens, {args.dtype}" + (f", copy bandwidth {bw / 1e9:.0f} GB/s" if bw else ""))
-    print(f"{'vocab':>7} {'method':<9} {'ms':>9} {'GB/s':>7} {'% copy':>7} {'peak extra':>12}")
+    methods = ["naive", "compiled", "triton", "hidden"] if cuda else ["naive", "chunked", "hidden"]
+    label = "peak beyond inputs" if cuda else "peak RSS"
+    print(f"{device}, {args.tokens} tokens x width {args.width}, {args.dtype}; forward + backward of the head")
+    print(f"{'vocab':>7} {'method':<9} {'ms':>9} {label:>20} {'logits alone':>13}")
     for V in map(int, args.vocabs.split(",")):
         for m in methods:
             r = subprocess.run([sys.executable, "-m", "kernels.bench", "--one", f"{m}:{V}", "--tokens", str(args.tokens),
-                                "--dtype", args.dtype, "--repeats", str(args.repeats)], capture_output=True, text=True)
+                                "--width", str(args.width), "--dtype", args.dtype, "--repeats", str(args.repeats)],
+                               capture_output=True, text=True)
             if r.returncode:
                 print(f"{V:>7} {m:<9} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
                 continue
-            sec, extra, logits = json.loads(r.stdout.strip().splitlines()[-1])
-            gbs = 3 * logits / sec / 1e9  # read fwd, read + write bwd: the minimum traffic
-            pct = f"{100 * gbs * 1e9 / bw:6.1f}%" if bw else "      -"
-            label = "peak RSS" if not cuda else "beyond x,dx"
-            print(f"{V:>7} {m:<9} {sec * 1e3:9.1f} {gbs:7.1f} {pct} {extra / 2**20:9.0f} MiB {label}", flush=True)
+            sec, peak = json.loads(r.stdout.strip().splitlines()[-1])
+            logits = args.tokens * V * dtype.itemsize
+            print(f"{V:>7} {m:<9} {sec * 1e3:9.1f} {peak / 2**20:16.0f} MiB {logits / 2**20:9.0f} MiB", flush=True)

@@ -45,8 +45,8 @@ def completion(tok, question, pieces, finished, prompt="cot"):
                              "".join(text for text, _ in pieces))
 
 
-def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, generator=None,
-             batch=64, code_timeout=5.0, progress=None):
+def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0, batch=64,
+             code_timeout=5.0, progress=None, compile=False):
     """engine.complete's signature; questions come as each question repeated G times, in order."""
     comps, seen = [], {}
     for q in questions:

@@ -12,7 +12,8 @@ import torch
 import common
 import engine
 import evaluate
-from model import Generation, ModelConfig, Transformer
+from engine import Generation
+from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 
@@ -73,12 +74,20 @@ class Scripted:
     def train(self, mode=True):
         return self
 
-    def generate(self, prompts, max_new_tokens, stop=(), eos_ids=(), **kw):
+    def generate(self, prompts, budgets, stop=(), eos_ids=(), **kw):
         self.calls.append(dict(prompts=prompts, stop=stop))
         text, eos = self.turns.pop(0)
         ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
-        tokens = [ids[:max_new_tokens]] * len(prompts)
+        tokens = [ids[:b] for b in budgets]
         return Generation(tokens=tokens, finished=[eos or bool(stop)] * len(prompts), logprobs=no_logprobs(tokens))
+
+
+@pytest.fixture(autouse=True)
+def scripted_models_generate_themselves(monkeypatch):
+    """engine.complete decodes with engine.generate; a stand-in model plays its script instead."""
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda model, *a, **kw: model.generate(*a, **kw)
+                        if isinstance(model, Scripted) else real(model, *a, **kw))
 
 
 class Oracle(Scripted):
@@ -89,7 +98,7 @@ class Oracle(Scripted):
         super().__init__(tok, [])
         self.asked = {}
 
-    def generate(self, prompts, max_new_tokens, stop=(), eos_ids=(), **kw):
+    def generate(self, prompts, budgets, stop=(), eos_ids=(), **kw):
         out = []
         for p in prompts:
             i = int(re.search(r"What is (\d+)", self.tok.decode(p))[1])
@@ -124,12 +133,11 @@ def test_padded_vocab_rows_are_never_sampled(tok):
     head.bias.data.zero_()
     head.bias.data[tok.vocab_size:] = 50.0
     model.lm_head = head
-    raw = model.generate([[1, 2]], 5, temperature=1.0)
+    raw = engine.generate(model, [[1, 2]], 5, temperature=1.0)
     assert all(t >= tok.vocab_size for t in raw.tokens[0])  # without the limit, only padding ids come out
-    comps = engine.complete(model, tok, ["What is 1 + 1?"] * 4, temperature=1.0, max_new_tokens=8,
-                            generator=torch.Generator().manual_seed(0))
+    comps = engine.complete(model, tok, ["What is 1 + 1?"] * 4, temperature=1.0, max_new_tokens=8, seed=0)
     assert all(c.ids and max(c.ids) < tok.vocab_size for c in comps)  # a row may stop early at a sampled EOS
-    greedy = model.generate([[1, 2]], 5, temperature=0.0, vocab_limit=tok.vocab_size, logprobs=True)
+    greedy = engine.generate(model, [[1, 2]], 5, temperature=0.0, vocab_limit=tok.vocab_size)
     assert max(greedy.tokens[0]) < tok.vocab_size and all(lp > -50 for lp in greedy.logprobs[0])
 
 

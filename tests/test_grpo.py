@@ -14,15 +14,20 @@ import torch
 
 import engine
 import reward
-from grpo import (group_advantages, grpo_objective_sums, keep_groups_with_signal, micro_batches, pad_batch,
-                  process_advantages, sequence_logprobs, token_advantages, token_index)
+from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights,
+                  micro_batches, pack_rows, process_advantages, token_advantages, token_index)
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 
-def opts(clip_low=0.2, clip_high=0.2, beta=0.0, loss_norm="sequence"):
+def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
     """grpo_objective_sums' settings after its five tensors."""
-    return clip_low, clip_high, beta, loss_norm
+    return clip_low, clip_high, beta
+
+
+def weights(mask, loss_norm="sequence"):
+    """Loss weights of rows that each hold one output: loss_weights of each row's mask."""
+    return torch.stack([loss_weights(m, loss_norm) for m in mask])
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -68,13 +73,14 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     logp = torch.zeros(2, 6, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     adv = torch.tensor([1.0, 1.0])
-    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, *opts())
+    adv = adv[:, None].expand(2, 6)
+    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask), *opts())
     assert total.item() == pytest.approx(-2.0) and clipped == 0 and kl.item() == 0
     total.backward()
     torch.testing.assert_close(logp.grad[0, :2], torch.full((2,), -0.5))  # a short output's tokens weigh more
     torch.testing.assert_close(logp.grad[1], torch.full((6,), -1 / 6))
     assert not logp.grad[0, 2:].any()  # padding carries no gradient
-    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, mask, *opts(loss_norm="token"))
+    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask, "token"), *opts())
     assert tok_total.item() == pytest.approx(-8.0)  # divided later by the 8 tokens
 
 
@@ -86,12 +92,12 @@ def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
     logp = torch.randn(6, 7, requires_grad=True)
     old, ref, adv = logp.detach() + 0.3 * torch.randn(6, 7), logp.detach() + 0.1 * torch.randn(6, 7), torch.randn(6, 7)
     mask = torch.rand(6, 7) > 0.3
-    args = opts(loss_norm=norm, beta=0.04)
-    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, mask, *args)
+    args, w = opts(beta=0.04), weights(mask, norm)
+    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, w, *args)
     whole.backward()
     g = logp.grad.clone()
     logp.grad = None
-    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], mask[s], *args)[0]
+    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], w[s], *args)[0]
                 for s in (slice(0, 1), slice(1, 4), slice(4, 6)))
     parts.backward()
     torch.testing.assert_close(parts, whole)
@@ -115,25 +121,59 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
     args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, no_std_scale=False)
     per_token, n_zero_std = token_advantages([spliced, short], torch.tensor([1.0, 0.0]), None, args)
     assert n_zero_std == 0 and per_token[0].tolist() == [per_token[0][0].item()] * 4 and per_token[0][0] > 0
-    tokens, mask, adv = pad_batch([spliced, short], per_token, pad_id=0, mask_truncated=False)
-    assert tokens.tolist() == [[1, 2, 3, 10, 11, 12, 13], [1, 20, 21, 0, 0, 0, 0]]
-    # position t predicts token t + 1: the completion starts at position len(prompt) - 1
-    assert mask.tolist() == [[False, False, True, False, False, True], [True, True, False, False, False, False]]
+    b = Batch(pack_rows([spliced, short], per_token, 1, 1, False, "token"), 0, "cpu")
+    # position t predicts token t + 1: the completion's first token is predicted from the prompt's last one
+    assert b.inputs.tolist() == [[1, 2, 3, 10, 11, 12], [1, 20, 0, 0, 0, 0]]
+    assert b.targets.tolist() == [[2, 3, 10, 11, 12, 13], [20, 21, 0, 0, 0, 0]]
+    assert b.mask.tolist() == [[False, False, True, False, False, True], [True, True, False, False, False, False]]
+    adv = b.advantages
     assert (adv[0, 2:6] > 0).all() and (adv[1, :2] < 0).all() and not adv[0, :2].any() and not adv[1, 2:].any()
-    _, mask, _ = pad_batch([spliced, short], per_token, pad_id=0, mask_truncated=True)
-    assert not mask[1].any() and mask[0].sum() == 2
+    assert b.attn is None  # one completion per row: plain causal attention
+    b = Batch(pack_rows([spliced, short], per_token, 1, 1, True, "token"), 0, "cpu")
+    assert not b.mask[1].any() and b.mask[0].sum() == 2
+
+
+def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
+    """--pack 3: a group of 3 completions in one row behind one copy of the prompt gives every completion its
+    own log-probs, and so the same loss and gradient as a row per completion, for each normalisation."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
+    model.init_weights()
+    comps = [engine.Completion([1, 5, 6, 7], ids, [True] * len(ids), True, "") for ids in
+             ([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18])] + \
+            [engine.Completion([1, 9], ids, [True] * len(ids), True, "") for ids in ([3], [4, 5, 6], [7, 7])]
+    per_token = [torch.randn(len(c.ids)) for c in comps]
+    for norm in ("sequence", "token"):
+        results = []
+        for pack in (1, 3):
+            batches = micro_batches(pack_rows(comps, per_token, 3, pack, False, norm), 6, 0, "cpu")
+            assert len(batches) == 1 and (batches[0].attn is None) == (pack == 1)
+            model.zero_grad()
+            b = batches[0]
+            logp = b.logprobs(model, None)
+            total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach() - 0.1, b.advantages, b.weights,
+                                              *opts(beta=0.04))
+            total.backward()
+            results.append((total.item(), b.positions_run, [p.grad.clone() for p in model.parameters()]))
+        (plain, plain_run, plain_grads), (packed, packed_run, packed_grads) = results
+        assert packed == pytest.approx(plain, rel=1e-5) and packed_run < plain_run
+        for a, b in zip(plain_grads, packed_grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_micro_batches_group_similar_lengths_and_trim_to_their_longest():
-    batches = micro_batches([5, 9, 3, 8, 4], 2)
-    assert [(rows.tolist(), T) for rows, T in batches] == [([2, 4], 4), ([0, 3], 8), ([1], 9)]
+    comps = [engine.Completion([1, 2], [3] * n, [True] * n, True, "") for n in (4, 8, 2, 7, 3)]
+    rows = pack_rows(comps, [torch.zeros(len(c.ids)) for c in comps], 1, 1, False, "sequence")
+    batches = micro_batches(rows, 2, 0, "cpu")
+    assert [b.inputs.shape for b in batches] == [(2, 4), (2, 8), (1, 9)]  # row lengths 3, 4 | 5, 8 | 9
+    assert [b.tokens for b in batches] == [7, 13, 9] and [b.positions_run for b in batches] == [8, 16, 9]
 
 
 def test_zero_std_groups_give_zero_gradient():
     logp = torch.randn(4, 5, requires_grad=True)
     adv, flat = group_advantages(torch.ones(1, 4))
-    total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten(),
-                                      torch.ones(4, 5, dtype=torch.bool), *opts())
+    total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten()[:, None].expand(4, 5),
+                                      weights(torch.ones(4, 5, dtype=torch.bool)), *opts())
     total.backward()
     assert flat == 1 and not logp.grad.any()
 
@@ -141,8 +181,8 @@ def test_zero_std_groups_give_zero_gradient():
 def test_kl_term_pulls_toward_the_reference():
     logp = torch.zeros(1, 3, requires_grad=True)
     ref = torch.full((1, 3), 0.5)  # the reference gives these tokens more probability
-    total, kl, _ = grpo_objective_sums(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 3, dtype=torch.bool),
-                                       *opts(beta=0.1))
+    total, kl, _ = grpo_objective_sums(logp, logp.detach(), ref, torch.zeros(1, 3),
+                                       weights(torch.ones(1, 3, dtype=torch.bool)), *opts(beta=0.1))
     total.backward()
     assert kl.item() > 0 and (logp.grad < 0).all()  # descending the loss raises logp toward the reference
 
@@ -154,22 +194,22 @@ def test_grpo_loop_learns_a_trivial_task():
     policy = Transformer(cfg)
     policy.init_weights()
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-2)
-    g = torch.Generator().manual_seed(0)
     G, prompt = 16, [1, 2]
 
     def p5():
         with torch.no_grad():
             return policy(torch.tensor([prompt]))[0, -1].softmax(-1)[5].item()
     before = p5()
-    for _ in range(40):
-        out = policy.generate([prompt] * G, 3, temperature=1.0, generator=g)
+    for step in range(40):
+        out = engine.generate(policy, [prompt] * G, 3, temperature=1.0, seed=step)
         tokens = torch.tensor([prompt + t for t in out.tokens])
         rewards = torch.tensor([[float(t[0] == 5) for t in out.tokens]])
         adv, _ = group_advantages(rewards)
         mask = torch.zeros(G, tokens.shape[1] - 1, dtype=torch.bool)
         mask[:, len(prompt) - 1:] = True
-        lp = sequence_logprobs(policy, tokens)
-        total, _, _ = grpo_objective_sums(lp, lp.detach(), lp.detach(), adv.flatten(), mask, *opts())
+        lp = policy(tokens[:, :-1], tokens[:, 1:])
+        total, _, _ = grpo_objective_sums(lp, lp.detach(), lp.detach(), adv.flatten()[:, None].expand_as(lp),
+                                          weights(mask), *opts())
         (total / G).backward()
         opt.step()
         opt.zero_grad()
@@ -177,18 +217,17 @@ def test_grpo_loop_learns_a_trivial_task():
 
 
 def test_training_log_probs_are_the_samplers_when_the_model_has_padded_vocab_rows():
-    """More output rows than token ids (DeepSeek-Math): generate samples from the real ids only, and
-    sequence_logprobs with the same limit gives the sampler's log-probs; over all rows they would be lower by
-    the padding's share of the probability mass."""
+    """More output rows than token ids (DeepSeek-Math): the sampler draws from the real ids only, and the
+    forward with the same limit gives the sampler's log-probs; over all rows they would be lower by the
+    padding's share of the probability mass."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32))
     model.init_weights()
-    out = model.generate([[1, 2, 3]], 6, temperature=1.0, logprobs=True, vocab_limit=40,
-                         generator=torch.Generator().manual_seed(0))
+    out = engine.generate(model, [[1, 2, 3]], 6, temperature=1.0, vocab_limit=40, seed=0)
     tokens = torch.tensor([[1, 2, 3] + out.tokens[0]])
     with torch.no_grad():
-        limited = sequence_logprobs(model, tokens, vocab_limit=40)[0, 2:]  # the completion's positions
-        every_row = sequence_logprobs(model, tokens)[0, 2:]
+        limited = model(tokens[:, :-1], tokens[:, 1:], vocab_limit=40)[0, 2:]  # the completion's positions
+        every_row = model(tokens[:, :-1], tokens[:, 1:])[0, 2:]
     torch.testing.assert_close(limited, torch.tensor(out.logprobs[0]), atol=1e-5, rtol=0)
     assert (every_row < limited - 0.1).all()
 
@@ -337,7 +376,7 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
     assert a[:end + 1].tolist() == pytest.approx([((0 - mean) + (1 - mean)) / std] * (end + 1))
     assert a[end + 1:].tolist() == pytest.approx([(1 - mean) / std] * (len(ids) - end - 1))
     assert n_zero_std == 0
-    tokens, mask, adv = pad_batch(comps, per_token, tok.pad_id, mask_truncated=False)
+    mask = Batch(pack_rows(comps, per_token, 4, 1, False, "sequence"), tok.pad_id, "cpu").mask
     P = len(comps[0].prompt)
     assert mask[0, P - 1:P - 1 + len(comps[0].ids)].tolist() == comps[0].sampled  # the sandbox's tokens: no loss
     assert not mask[:, :P - 1].any()  # the prompt: no loss

@@ -60,17 +60,26 @@ def test_token_logprobs_keep_the_leading_shape(backend):
     assert token_logprobs(x, t).shape == (2, 3)
 
 
-def test_hidden_logprobs_equal_logits_then_logprobs(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_logprobs_equal_logits_then_logprobs(backend, dtype):
+    """From hidden states with a budget of 8 rows of logits: forward in chunks of 8 rows, backward in chunks of
+    216 vocabulary columns, against float64 logits; bf16 within its rounding of logits of magnitude ~20
+    (2^-8 x 20 = 0.08)."""
     torch.manual_seed(0)
-    h = torch.randn(37, 16, requires_grad=True)
-    w = torch.randn(1001, 16, requires_grad=True)
+    h = torch.randn(37, 16).to(dtype).requires_grad_()
+    w = torch.randn(1001, 16).to(dtype).requires_grad_()
     t = torch.randint(0, 1001, (37,))
     g = torch.randn(37)
-    hidden_logprobs(h, w, t, chunk=8).backward(g)
+    lp = hidden_logprobs(h, w, t, budget=8 * 1001)
+    lp.backward(g)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    (h64 @ w64.T).log_softmax(-1).gather(-1, t[:, None])[:, 0].backward(g.double())
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    ref = (h64 @ w64.T).log_softmax(-1).gather(-1, t[:, None])[:, 0]
+    ref.backward(g.double())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=0.08)
+    assert lp.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
+    torch.testing.assert_close(lp.double(), ref.detach(), **tol)
+    torch.testing.assert_close(h.grad.double(), h64.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
 
 
 def test_grpo_loss_on_hand_computed_tokens(backend):

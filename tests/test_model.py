@@ -1,11 +1,12 @@
-"""model.py: shapes of the presets, logits parity with transformers both ways, and the KV-cache sampler."""
+"""model.py: shapes of the presets, logits parity with transformers both ways, token log-probs from the forward
+(plain and packed rows); the decoder built on its KV cache is tested in test_engine.py."""
 import json
 import os
 
 import pytest
 import torch
 
-from model import PRESETS, CheckpointError, ModelConfig, Transformer, sample
+from model import PRESETS, CheckpointError, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,78 +158,40 @@ def test_build_on_meta_then_load_does_not_allocate_twice(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# generation
+# token log-probs from the forward
 
 
-def greedy_by_reforward(m, prompt, n):
-    seq = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
-def test_batched_greedy_with_cache_equals_full_reforward_for_ragged_prompts():
+@pytest.mark.parametrize("vocab_limit", [None, 90])
+def test_forward_with_targets_gives_the_log_probs_of_the_logits_and_their_gradient(vocab_limit):
+    """forward(tokens, targets) computes log π(target) from the hidden states without the logits: equal to
+    log_softmax(logits)[target] over the first vocab_limit rows, in value and in every parameter's gradient."""
     m = tiny()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
-    gen = m.generate(prompts, 12, temperature=0)
-    for p, got in zip(prompts, gen.tokens):
-        assert got == greedy_by_reforward(m, p, 12)
-    assert gen.finished == [False] * 3
+    m.train()
+    x = torch.randint(0, 90, (3, 17), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 90, (3, 17), generator=torch.Generator().manual_seed(1))
+    g = torch.randn(3, 17)
+    lp = m(x, y, vocab_limit=vocab_limit)
+    (lp * g).sum().backward()
+    fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = m(x)[..., :vocab_limit].log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    (ref * g).sum().backward()
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
-    ref = hf_model("llama-gqa-rope-scaling")
-    ref.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path)
-    prompt = [[1, 2, 3, 4, 5]]
-    expected = ref.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, 5:].tolist()
-    assert ours.generate(prompt, 20, temperature=0).tokens[0] == expected
-
-
-def test_rows_stop_independently_on_eos_and_stop_strings():
+def test_positions_and_mask_give_a_packed_row_the_log_probs_of_its_sequences():
+    """One row holding a prompt once and two continuations after it (each attending to the prompt and itself,
+    positions restarting after the prompt) gives each continuation the log-probs it has alone after the prompt."""
     m = tiny()
-    prompts = [[5, 6, 7], [8, 9], [10]]
-    free = m.generate(prompts, 10, temperature=0).tokens
-    eos = free[0][3]  # the 4th greedy token of row 0 becomes the EOS id
-    gen = m.generate(prompts, 10, temperature=0, eos_ids=[eos])
-    assert gen.tokens[0] == free[0][:free[0].index(eos) + 1] and gen.finished[0]
-    for row, full in zip(gen.tokens[1:], free[1:]):
-        assert row == (full[:full.index(eos) + 1] if eos in full else full)
-
-    decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731  a stand-in tokenizer
-    stop = f"<{free[1][1]}> <{free[1][2]}>"  # two tokens of row 1
-    gen = m.generate(prompts, 10, temperature=0, stop=[stop], decode=decode)
-    assert gen.tokens[1] == free[1][:3] and gen.finished[1]
-
-
-def test_logprobs_are_those_of_the_model_and_sampling_is_seeded():
-    m = tiny()
-    prompts = [[5, 6, 7], [9]]
-    g = torch.Generator().manual_seed(3)
-    a = m.generate(prompts, 8, temperature=1.0, top_p=0.9, logprobs=True, generator=g)
-    b = m.generate(prompts, 8, temperature=1.0, top_p=0.9, logprobs=True, generator=torch.Generator().manual_seed(3))
-    assert a.tokens == b.tokens
-    for p, toks, lps in zip(prompts, a.tokens, a.logprobs):
-        with torch.no_grad():
-            logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
-        expected = logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
-    assert set(sample(logits, 1.0, top_k=2).tolist()) == {2, 3}
-    # p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3; 0.8 keeps 3 and 2
-    assert set(sample(logits, 1.0, top_p=0.5).tolist()) == {3}
-    assert set(sample(logits, 1.0, top_p=0.8).tolist()) == {2, 3}
-    assert sample(logits[:1], 0).item() == 3
-
-
-def test_prompt_longer_than_context_is_a_clear_error():
-    m = tiny()
-    with pytest.raises(ValueError, match="max_seq_len=64"):
-        m.generate([[1] * 64], 5)
-    with pytest.raises(ValueError, match="max_seq_len=64"):
-        m(torch.zeros(1, 65, dtype=torch.long))
+    p, a, b = [5, 6, 7, 8], [10, 11, 12], [20, 21]
+    row = p + a + b
+    positions = list(range(7)) + [4, 5]
+    segment = torch.tensor([0] * 4 + [1] * 3 + [2] * 2)
+    attn = torch.ones(9, 9, dtype=torch.bool).tril() & ((segment[None] == 0) | (segment[None] == segment[:, None]))
+    with torch.no_grad():
+        packed = m(torch.tensor([row]), positions=torch.tensor([positions]), mask=attn[None, None])[0]
+        alone_a, alone_b = m(torch.tensor([p + a]))[0], m(torch.tensor([p + b]))[0]
+    torch.testing.assert_close(packed[:7], alone_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[7:], alone_b[4:], atol=1e-5, rtol=0)

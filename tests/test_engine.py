@@ -1,0 +1,178 @@
+"""engine.generate: the same tokens as a full re-forward and as transformers, whatever the cache rows and the
+stop-check interval; stops; each distinct prompt prefilled once; the sampler's randomness and distribution."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import engine
+from model import ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**cfg))
+    m.init_weights()
+    return m.eval()
+
+
+def greedy_by_reforward(m, prompt, n):
+    """The simplest correct decoder: the whole sequence through the model again for every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42], [3], [5, 6], [40, 41, 42], [3]]
+
+
+@pytest.mark.parametrize("slots,sync_every", [(7, 1), (2, 1), (3, 4), (1, 3)])
+def test_greedy_equals_a_full_reforward_for_ragged_prompts_however_rows_are_scheduled(slots, sync_every):
+    """Fewer cache rows than prompts: rows are refilled as sequences stop (budgets differ), then compacted; a
+    check every few tokens trims what was generated past each budget."""
+    m = tiny()
+    budgets = [12, 5, 9, 1, 12, 3, 7]
+    gen = engine.generate(m, PROMPTS, budgets, temperature=0, slots=slots, sync_every=sync_every)
+    for p, n, got in zip(PROMPTS, budgets, gen.tokens):
+        assert got == greedy_by_reforward(m, p, n)
+    assert gen.finished == [False] * len(PROMPTS)  # all cut at their budgets
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(1)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    prompt = [1, 2, 3, 4, 5]
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, 5:].tolist()
+    assert engine.generate(ours, [prompt], 20, temperature=0).tokens[0] == expected
+
+
+@pytest.mark.parametrize("sync_every", [1, 5])
+def test_sequences_stop_independently_on_eos_and_stop_strings(sync_every):
+    m = tiny()
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    free = engine.generate(m, prompts, 10, temperature=0).tokens
+    eos = free[0][3]  # the 4th greedy token of sequence 0 becomes the EOS id
+    gen = engine.generate(m, prompts, 10, temperature=0, eos_ids=[eos], slots=2, sync_every=sync_every)
+    assert gen.tokens[0] == free[0][:free[0].index(eos) + 1] and gen.finished[0]
+    for row, full in zip(gen.tokens[1:], free[1:]):
+        assert row == (full[:full.index(eos) + 1] if eos in full else full)
+
+    decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731  a stand-in tokenizer
+    stop = f"<{free[1][1]}> <{free[1][2]}>"  # two tokens of sequence 1: the string ends at its third token
+    gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=decode, sync_every=sync_every)
+    assert gen.tokens[1] == free[1][:3] and gen.finished[1]
+
+
+def test_each_distinct_prompt_is_prefilled_once():
+    """G samples of a prompt share its prefill: the model sees each distinct prompt once, even when its
+    samples enter the cache at different times (2 rows for 3 x 3 samples)."""
+    m = tiny()
+    seen, prefill = [], m.prefill  # the prompts the model is asked to prefill (no prompt holds the pad id 0)
+    m.prefill = lambda tokens, cache: seen.extend(tuple(t for t in row if t) for row in tokens.tolist()) or \
+        prefill(tokens, cache)
+    prompts = [[5, 6, 7]] * 3 + [[8, 9]] * 3 + [[5, 6, 7, 8]] * 3
+    gen = engine.generate(m, prompts, 6, temperature=1.0, seed=1, slots=2)
+    assert sorted(seen) == [(5, 6, 7), (5, 6, 7, 8), (8, 9)]
+    assert len({tuple(t) for t in gen.tokens[:3]}) > 1  # the samples of one prompt differ all the same
+
+
+def test_logprobs_are_the_models_and_samples_do_not_depend_on_the_schedule():
+    """A sequence's tokens are a function of (seed, stream, position) and the model: the same for any number of
+    cache rows and any stop-check interval; another seed gives others."""
+    m = tiny()
+    prompts, budgets = PROMPTS * 2, [3, 12, 7, 9, 5, 8, 6] * 2
+    runs = [engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=3, slots=s, sync_every=k)
+            for s, k in ((14, 1), (3, 1), (5, 4))]
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    other = engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=4)
+    assert other.tokens != runs[0].tokens
+    for p, toks, lps in zip(prompts, runs[1].tokens, runs[1].logprobs):
+        with torch.no_grad():
+            logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
+        expected = logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+
+
+def test_vocab_limit_keeps_padding_rows_out():
+    m = tiny()
+    with torch.no_grad():
+        m.lm_head.weight[60:] = m.lm_head.weight[:1] * 0  # rows 60+ have logit 0, above most real ones
+    gen = engine.generate(m, [[1, 2]] * 8, 10, temperature=2.0, vocab_limit=60, seed=0)
+    assert max(max(t) for t in gen.tokens) < 60
+
+
+def chi_square_ok(counts, probs, n):
+    """Pearson's chi-square against expected counts, below its 0.999 quantile (Wilson-Hilferty)."""
+    cells = [(counts.get(i, 0), n * p) for i, p in enumerate(probs) if p > 0]
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    k = len(cells) - 1
+    return stat < k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3
+
+
+def test_samples_follow_the_filtered_distribution():
+    """20,000 draws per setting from one row of logits: frequencies within chance of softmax(logits / T)
+    restricted by top_k / top_p, and never outside the kept tokens."""
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 2.5, -30.0])
+    n = 20000
+    pos = torch.arange(n)
+    for T, top_k, top_p, kept in ((1.0, 0, 1.0, range(8)), (0.7, 3, 1.0, [2, 3, 6]), (1.0, 0, 0.8, [2, 3, 6])):
+        u = engine.uniforms(7, torch.zeros(n, dtype=torch.long), pos)
+        toks = engine.sample(logits.expand(n, -1), u, T, top_k, top_p)
+        z = torch.full_like(logits, float("-inf"))
+        z[list(kept)] = logits[list(kept)] / T
+        assert set(toks.tolist()) <= set(kept) and chi_square_ok(Counter(toks.tolist()), z.softmax(-1).tolist(), n)
+    assert engine.sample(logits[None], torch.zeros(1), 0).item() == 3  # temperature 0: greedy
+
+
+def test_uniforms_are_uniform_and_independent_across_streams_and_positions():
+    n = 50000
+    streams, positions = torch.randint(0, 1 << 20, (n,)), torch.randint(0, 4096, (n,))
+    u = engine.uniforms(12345, streams, positions)
+    assert 0 <= u.min() and u.max() < 1
+    assert chi_square_ok(Counter((u * 50).long().tolist()), [1 / 50] * 50, n)
+    # neighbouring streams and positions: uncorrelated (|r| < 4 / sqrt(n))
+    base = torch.arange(n)
+    a = engine.uniforms(0, base, torch.zeros(n, dtype=torch.long))
+    for b in (engine.uniforms(0, base + 1, torch.zeros(n, dtype=torch.long)),
+              engine.uniforms(0, base, torch.ones(n, dtype=torch.long)), engine.uniforms(1, base, 0 * base)):
+        r = torch.corrcoef(torch.stack([a, b]))[0, 1]
+        assert abs(r) < 4 / n ** 0.5
+    assert engine.uniforms(2 ** 40 + 5, base[:4], base[:4]).tolist() != engine.uniforms(5, base[:4], base[:4]).tolist()
+
+
+def test_prompts_that_leave_no_room_are_a_clear_error():
+    m = tiny()
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        engine.generate(m, [[1] * 64], 5)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        m(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate(m, [[]], 5)
+
+
+def test_a_compiled_decode_step_samples_the_same_tokens_and_a_new_seed_is_not_a_new_graph():
+    """compile=True (torch.compile; a CUDA graph on GPU, inductor here): the same samples as eager, and the
+    next call with another seed reuses the compiled step."""
+    from torch._dynamo.utils import counters
+    m = tiny()
+    prompts = [[5, 6, 7, 8], [3, 4]]
+    for seed in (5, 6):
+        eager = engine.generate(m, prompts, 6, temperature=1.0, seed=seed)
+        compiled = engine.generate(m, prompts, 6, temperature=1.0, seed=seed, compile=True)
+        assert compiled.tokens == eager.tokens
+        torch.testing.assert_close(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs), atol=1e-5, rtol=0)
+        if seed == 5:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
