@@ -435,9 +435,10 @@ def bench_reward(args):
 def bench_grpo(args):
     """The same SFT model, questions, rewards and settings through grpo.py and through TRL's GRPOTrainer, one
     after the other in this process: seconds per step (median over the steps after the first) and held-out
-    greedy accuracy of each result, graded by the same evaluate.py. Matched: 16 questions x G = 8 per step in
-    micro-batches of 32, one update per batch (mu = 1), up to 96 new tokens at temperature 1, constant LR 1e-4,
-    AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04 with the k3 estimate,
+    greedy accuracy of each result, graded by the same evaluate.py. Matched: grpo.py's default steps, 16 questions
+    x G = 8 per step in micro-batches of 32, one update per batch (mu = 1), up to 96 new tokens at temperature 1,
+    grpo.py's LR (1e-4) on its default schedule (cosine to a tenth, no warmup: TRL's cosine_with_min_lr at 0.1 is the
+    same function; or constant), AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04 with the k3 estimate,
     epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward, fp32 on the CPU,
     prompts token-identical (BOS included; checked)."""
     import statistics
@@ -463,6 +464,13 @@ def bench_grpo(args):
     problems = data.load_problems(args.rl_data)
     test = data.load_problems(args.eval_data)[:args.eval_problems]
     d = common.Dist(0, 1, torch.device("cpu"))
+    ours = grpo.parse_args([])  # the defaults both trainers run
+    steps = args.steps or ours.max_steps
+    schedule = dict(constant=dict(lr_scheduler_type="constant"),
+                    cosine=dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs=dict(min_lr_rate=0.1)))
+    if ours.schedule not in schedule or ours.warmup:
+        raise SystemExit(f"bench.py grpo matches TRL to a constant or cosine LR without warmup, not grpo.py's "
+                         f"--schedule {ours.schedule} --warmup {ours.warmup}")
 
     def held_out(path):
         model = Transformer.from_pretrained(path, dtype=torch.float32)
@@ -472,7 +480,7 @@ def bench_grpo(args):
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, trl_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "trl")
         grpo.main(grpo.parse_args(["--init", args.init, "--data", args.rl_data, "--eval-data", "none",
-                                   "--out", ours_dir, "--max-steps", str(args.steps), "--seed", str(args.seed)]))
+                                   "--out", ours_dir, "--max-steps", str(steps), "--seed", str(args.seed)]))
         ours_s = [json.loads(line)["seconds"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
                   if '"seconds"' in line]
 
@@ -496,9 +504,9 @@ def bench_grpo(args):
                 self.seconds.append(time.perf_counter() - self.t0)
 
         config = trl.GRPOConfig(
-            output_dir=trl_dir, max_steps=args.steps, per_device_train_batch_size=32, gradient_accumulation_steps=4,
+            output_dir=trl_dir, max_steps=steps, per_device_train_batch_size=32, gradient_accumulation_steps=4,
             steps_per_generation=4, num_generations=8, num_iterations=1, max_completion_length=96, temperature=1.0,
-            top_p=1.0, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            top_p=1.0, learning_rate=ours.lr, **schedule[ours.schedule], warmup_steps=0, weight_decay=0.0,
             adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
             loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
             bf16=False, use_cpu=True, seed=args.seed, report_to="none", logging_steps=1, save_strategy="no",
@@ -515,7 +523,7 @@ def bench_grpo(args):
 
         before, ours_acc, trl_acc = held_out(args.init), held_out(ours_dir), held_out(trl_dir)
     ours_step, trl_step = statistics.median(ours_s[1:]), statistics.median(trl_s[1:])
-    print(f"\n{args.steps} steps of 16 x 8 on {args.init}, held-out greedy on {len(test)} problems "
+    print(f"\n{steps} steps of 16 x 8 ({ours.schedule} LR) on {args.init}, held-out greedy on {len(test)} problems "
           f"(before: {100 * before:.1f}%); TRL {trl.__version__}, transformers {transformers.__version__}")
     print(f"{'':<10}{'s/step':>8}{'held-out':>10}")
     print(f"{'grpo.py':<10}{ours_step:8.2f}{100 * ours_acc:9.1f}%")
@@ -545,7 +553,7 @@ if __name__ == "__main__":
     ap.add_argument("--rl-data", default="out/toy/data/problems/rl.jsonl", help="grpo: questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="grpo: held-out problems")
     ap.add_argument("--eval-problems", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=40, help="grpo: steps of each trainer")
+    ap.add_argument("--steps", type=int, default=None, help="grpo: steps of each trainer (default: grpo.py's)")
     ap.add_argument("--seed", type=int, default=0, help="grpo: both trainers' seed")
     args = ap.parse_args()
     if args.suite == "data":

@@ -26,8 +26,9 @@ Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
     12      update the reward model with a replay of old data   (no reward model here: see the README)
 
 Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
-whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, a
-constant LR. Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO),
+whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR
+on a cosine from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant
+LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO),
 --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --oversample K (DAPO's dynamic
 sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
@@ -337,7 +338,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
     ap.add_argument("--out", default="out/toy/grpo")
-    ap.add_argument("--max-steps", type=int, default=40)
+    ap.add_argument("--max-steps", type=int, default=80)
     ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
     ap.add_argument("--oversample", type=int, default=1, help="draw K x --questions, train on the --questions whose "
                     "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
@@ -373,9 +374,9 @@ def parse_args(argv=None):
     ap.add_argument("--report-temperature", type=float, default=0.7)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"],
-                    help="LR after --warmup (paper: not given); as pretrain.py's")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "multistep"],
+                    help="LR after --warmup (paper: not given; cosine to a tenth of --lr); as pretrain.py's")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block for training, and capture the "
