@@ -105,6 +105,15 @@ def all_max(d, x):
     return _all_reduce(d, x, dist.ReduceOp.MAX)
 
 
+def all_gather_list(d, items):
+    """Every rank's list, concatenated in rank order, on every rank (small Python objects: examples, records)."""
+    if d.world == 1:
+        return list(items)
+    parts = [None] * d.world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def _all_reduce(d, x, op):
     if d.world == 1:
         return float(x)
@@ -137,9 +146,14 @@ def size_defaults(args, config, d, **toy_and_large):
 
 def initial_state(config, init_dir, seed):
     """The starting weights as a full CPU state dict: a Hugging Face checkpoint (the paper starts from a code
-    model) or a seeded random init. Built on rank 0 only, so every world size starts from the same weights."""
+    model) or a seeded random init. Built on rank 0 only, so every world size starts from the same weights. A
+    reward or value model (config.head "score") starts from a language model's body with a new head at 0."""
     if init_dir:
-        return Transformer.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+        state = Transformer.from_pretrained(init_dir, dtype=torch.float32).state_dict()
+        if config.head == "score" and "score.weight" not in state:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+            state["score.weight"] = torch.zeros(1, config.dim)
+        return state
     torch.manual_seed(seed)
     m = Transformer(config)
     m.init_weights()
@@ -204,7 +218,7 @@ def plain_view(model, dtype=None):
     state = {n.replace("_checkpoint_wrapped_module.", ""): p.detach().to(dtype or p.dtype)
              for n, p in model.named_parameters(remove_duplicate=False)}
     view.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and model.config.head == "lm":
         view.lm_head.weight = view.embed_tokens.weight
     view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin
     return view.eval()
@@ -255,10 +269,16 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
 
 
-def train_step(model, opt, micro_batches, d, args, step):
-    """micro_batches: list of (x, y, mask) int64/bool tensors (B, T). Each token's loss is divided by the global
-    count of valid tokens, so a batch's gradient does not depend on how it is split across micro-batches or ranks.
-    FSDP averages gradients over ranks, hence the factor `world`. Returns (mean loss, grad norm, valid tokens)."""
+def next_token_loss(model, x, y):
+    """Cross-entropy per position (B, T): −log π(y_t | x_≤t), from the hidden states (model.forward)."""
+    return -model(x, y)
+
+
+def train_step(model, opt, micro_batches, d, args, step, loss_of=next_token_loss):
+    """micro_batches: list of (x, y, mask) tensors (B, T), mask bool. Each position's loss, loss_of(model, x, y)
+    (B, T), is divided by the global count of valid positions, so a batch's gradient does not depend on how it is
+    split across micro-batches or ranks. FSDP averages gradients over ranks, hence the factor `world`. Returns
+    (mean loss, grad norm, valid positions)."""
     n_tokens = all_sum(d, sum(int(m.sum()) for _, _, m in micro_batches))
     if n_tokens == 0:
         raise ValueError(f"step {step}: no token carries a loss in this batch (is every answer masked?)")
@@ -266,7 +286,7 @@ def train_step(model, opt, micro_batches, d, args, step):
     for x, y, mask in micro_batches:
         x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
         with autocast(d, args):
-            losses = -model(x, y) * mask  # (B, T): cross-entropy is -log π(y), from hidden states (model.forward)
+            losses = loss_of(model, x, y) * mask  # (B, T)
         (losses.sum() * d.world / n_tokens).backward()
         loss_sum += losses.sum().item()
     loss = all_sum(d, loss_sum) / n_tokens
@@ -286,16 +306,16 @@ def train_step(model, opt, micro_batches, d, args, step):
 
 def save_checkpoint(out, model, opt, step, d, extra=None):
     """checkpoints/step_NNNNNN: model and optimizer shards of every rank, the step (the data position: batches
-    are a function of the step), the RNG state, and the weights of any `extra` models (name -> module, e.g.
-    GRPO's reference). Written to a temporary name, then renamed: a run killed while saving keeps its previous
-    checkpoint."""
+    are a function of the step), the RNG state, and any `extra` models: name -> module (weights, e.g. GRPO's
+    reference) or (module, optimizer) (both, e.g. PPO's value model). Written to a temporary name, then renamed:
+    a run killed while saving keeps its previous checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = final + ".tmp"
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()}
-    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
+    state.update(extra_states(extra))
     with warnings.catch_warnings():  # in one process DCP warns that it saves without a process group: intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=tmp)
@@ -310,6 +330,19 @@ def save_checkpoint(out, model, opt, step, d, extra=None):
         dist.barrier()
 
 
+def extra_states(extra):
+    """The state dicts of save_checkpoint's `extra`: a module's weights under its name, an optimizer's state
+    under name + "_optim"."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    state = {}
+    for name, m in (extra or {}).items():
+        if isinstance(m, tuple):
+            state[name], state[name + "_optim"] = get_state_dict(*m)
+        else:
+            state[name] = get_model_state_dict(m)
+    return state
+
+
 def latest_checkpoint(out):
     ckpts = os.path.join(out, "checkpoints")
     names = sorted(n for n in os.listdir(ckpts) if not n.endswith(".tmp")) if os.path.isdir(ckpts) else []
@@ -319,11 +352,10 @@ def latest_checkpoint(out):
 def load_checkpoint(path, model, opt, extra=None):
     """Restore model, optimizer, RNG and `extra` models from a checkpoint; returns the step to continue from."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
-    state.update({name: get_model_state_dict(m) for name, m in (extra or {}).items()})
+    state.update(extra_states(extra))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -333,7 +365,10 @@ def load_checkpoint(path, model, opt, extra=None):
                            f"{str(e)[:300]}). Was it written with another --preset or config?") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     for name, m in (extra or {}).items():
-        set_model_state_dict(m, state[name])
+        if isinstance(m, tuple):
+            set_state_dict(*m, model_state_dict=state[name], optim_state_dict=state[name + "_optim"])
+        else:
+            set_model_state_dict(m, state[name])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 

@@ -9,7 +9,8 @@ KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1 in the loss (not in the reward). Th
 - outcome supervision (§4.1.2): Â_it = (r_i - mean(r)) / std(r) over the group, for every token of o_i;
 - process supervision (§4.1.3, --supervision process): each step j of o_i has a reward, normalised over all
   steps of the group, and Â_it is the sum of the normalised rewards of the steps that end at or after token t.
-  On the toy a rule-based checker (reward.process_rewards) stands in for the paper's process reward model.
+  The step rewards come from a process reward model (--reward prm, reward_model.py) or, on the toy, from a
+  rule-based checker of its arithmetic (reward.process_rewards).
 
 Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
      1  policy π_θ ← π_init
@@ -19,11 +20,11 @@ Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
      5          sample a batch D_b of questions
      6          π_old ← π_θ
      7          sample G outputs o_i ~ π_old(· | q) for each question q of D_b
-     8          rewards r_i of the outputs              (ours: rule-graded, reward.py; paper: a reward model)
+     8          rewards r_i of the outputs              (--reward: the answer rule, reward.py; or a reward model)
      9          advantages Â_it by group-relative estimation
     10          for GRPO iteration = 1, ..., μ:
     11              update π_θ to maximise J
-    12      update the reward model with a replay of old data   (no reward model here: see the README)
+    12      update the reward model with a replay of old data   (--rm-refresh: refresh_reward_model)
 
 Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
 whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR
@@ -32,7 +33,9 @@ LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. 
 --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --oversample K (DAPO's dynamic
 sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
-it). Generation is engine.py's, the per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's.
+it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
+(PPO, the method GRPO replaces: line 9 from a value model instead of the group). Generation is engine.py's, the
+per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -44,7 +47,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +58,7 @@ import engine
 import evaluate
 import pretrain
 import reward
+import reward_model
 import sft
 from kernels import grpo_token_loss
 from model import PRESETS, ModelConfig, config_from_hf
@@ -137,24 +141,38 @@ def keep_groups_with_signal(comps, rewards, group_size, keep):
     return [comps[i] for i in pick], rewards[pick]
 
 
-def token_index(tok, ids, char_offsets, text_len):
-    """For each character offset into decode(ids), the index of the token that holds that character."""
-    ends = np.cumsum([len(tok.id_to_bytes[i]) for i in ids])  # byte offset where each token ends
-    text = tok.decode(ids)[:text_len]
-    return [min(int(np.searchsorted(ends, len(text[:c].encode()))), len(ids) - 1) for c in char_offsets]
+def rule_steps(tok, comps, rewards):
+    """Per output, its steps as (index of the step's last token, reward) from the toy's arithmetic checker
+    (reward.process_rewards), the rule that stands in for a process reward model: each `a op b = c` line, then
+    the final answer with the outcome reward at the last token (EOS too)."""
+    steps = []
+    for c, r in zip(comps, rewards.tolist()):
+        checked = reward.process_rewards(c.text, r)  # (character where step j ends, its reward)
+        ends = reward_model.token_index(tok, c.ids, [end for end, _ in checked])
+        ends[-1] = len(c.ids) - 1
+        steps.append([(e, x) for e, (_, x) in zip(ends, checked)])
+    return steps
 
 
-def token_advantages(comps, rewards, tok, args):
-    """Â_it for every token of every output (line 9 of Algorithm 1), as --supervision and --online-rft say.
-    Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
+def model_rewards(scorer, tok, comps, kind, batch):
+    """A reward model's verdicts on the outputs (reward_model.py): an outcome model's σ(score) at each output's
+    last token, (B,); a process model's at the last token of each step (a line), per output [(token index,
+    score)], the last step's score being its verdict on the answer. scorer: the model, unsharded."""
+    ends = [reward_model.step_ends(tok, c) if kind == "prm" else [(len(c.ids) - 1, None)] for c in comps]
+    examples = [reward_model.Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in e], [0.0] * len(e), None)
+                for c, e in zip(comps, ends)]
+    got = reward_model.scores(scorer, examples, tok.pad_id, batch)
+    if kind == "orm":
+        return torch.tensor([s[-1] for s in got])
+    return [[(t, x) for (t, _), x in zip(e, s)] for e, s in zip(ends, got)]
+
+
+def token_advantages(comps, rewards, steps, args):
+    """Â_it for every token of every output (line 9 of Algorithm 1): from the step rewards `steps` (process
+    supervision: per output [(index of a step's last token, reward)]), else from the outcome rewards, as
+    --online-rft says. Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
     G, scale_std = args.group_size, not args.no_std_scale
-    if args.supervision == "process":
-        steps = []
-        for c, r in zip(comps, rewards.tolist()):
-            checked = reward.process_rewards(c.text, r)  # (character where step j ends, its reward)
-            ends = token_index(tok, c.ids, [end for end, _ in checked], len(c.text))
-            ends[-1] = len(c.ids) - 1  # the last step, the outcome, ends at the last token: EOS too
-            steps.append([(e, x) for e, (_, x) in zip(ends, checked)])
+    if steps is not None:
         return process_advantages(steps, [len(c.ids) for c in comps], G, scale_std)
     if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones
         adv, n_zero_std = (rewards > 0).float(), 0
@@ -219,6 +237,7 @@ class Batch:
         self.weights, self.advantages = pad("weights", 0.0, torch.float32), pad("advantages", 0.0, torch.float32)
         self.sampler_logp = pad("sampler_logp", 0.0, torch.float32)
         self.mask = self.weights > 0  # (b, T): the model's own tokens
+        self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
         self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
         self.attn = None
         if segment.amax() > 1:
@@ -230,11 +249,132 @@ class Batch:
         """log π(targets) (b, T) under `model`, over the tokenizer's ids only (model.forward)."""
         return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit)
 
+    def values(self, model):
+        """V(state) (b, T) under a value model: at each position, the value of the context its target is drawn
+        from."""
+        return model(self.inputs, positions=self.positions, mask=self.attn)
+
 
 def micro_batches(rows, size, pad_id, device):
     """Batches of up to `size` rows of similar length: sorted by length, each padded to its own longest."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
     return [Batch([rows[i] for i in order[s:s + size]], pad_id, device) for s in range(0, len(order), size)]
+
+
+# -----------------------------------------------------------------------------
+# PPO, the baseline GRPO replaces (paper Eq. 1-2, --advantage gae): a value model instead of the group
+
+
+def gae(rewards, values, lam, gamma=1.0):
+    """Generalised advantage estimation over one output's tokens: A_t = Σ_l (γλ)^l δ_{t+l} with
+    δ_t = r_t + γ V_{t+1} − V_t and V = 0 after the last token (the output ends there). rewards, values: lists
+    of floats. Returns (advantages, returns R_t = A_t + V_t) as lists."""
+    adv, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        after = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * after - values[t] + gamma * lam * running
+        adv[t] = running
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+def outcome_at_end(comps, rewards):
+    """Per output a (length,) tensor: its reward on the last token the model wrote, 0 elsewhere: PPO's r_φ,
+    given at the end of the episode (paper Eq. 2); the KL penalty joins it per token in ppo_advantages."""
+    out = []
+    for c, r in zip(comps, rewards.tolist()):
+        a = torch.zeros(len(c.ids))
+        a[max(i for i, s in enumerate(c.sampled) if s)] = r
+        out.append(a)
+    return out
+
+
+def ppo_advantages(batches, ref_logp, values, beta, lam, d):
+    """PPO's advantages: per token the reward r_t = r_φ·[t is the last] − β log(π_old/π_ref) (paper Eq. 2: the
+    KL is a penalty in the reward, not a term of the loss), then GAE with γ = 1 over the tokens each output's
+    model wrote (the sandbox's are skipped) against the value model's V_t, then whitened over every token of
+    the step on all ranks. Overwrites b.advantages (which held r_φ at the last token, from outcome_at_end) and
+    sets b.returns, the value model's targets."""
+    total = sq = 0.0
+    for b, ref, v in zip(batches, ref_logp, values):
+        r = (b.advantages - beta * (b.sampler_logp - ref)) * b.mask  # (b, T)
+        adv, b.returns = torch.zeros_like(r), v.clone()
+        for i in range(len(r)):
+            for k in b.segment[i].unique().tolist():
+                idx = ((b.segment[i] == k) & b.mask[i]).nonzero()[:, 0]
+                if k < 1 or not len(idx):
+                    continue
+                a, ret = gae(r[i, idx].tolist(), v[i, idx].tolist(), lam)
+                adv[i, idx], b.returns[i, idx] = torch.tensor(a), torch.tensor(ret)
+        b.advantages = adv
+        total, sq = total + adv[b.mask].sum().item(), sq + (adv[b.mask] ** 2).sum().item()
+    n = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
+    mean = common.all_sum(d, total) / max(n, 1)
+    std = max(common.all_sum(d, sq) / max(n, 1) - mean ** 2, 0.0) ** 0.5
+    for b in batches:
+        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask
+
+
+def value_loss_sum(v, old_v, returns, mask, clip):
+    """PPO's clipped value loss, summed over the masked tokens: ½ max((V − R)², (V_old + clip(V − V_old, ±c) −
+    R)²), so that one update moves a value at most c from where the rollout found it."""
+    clipped = old_v + (v - old_v).clamp(-clip, clip)
+    return (0.5 * torch.maximum((v - returns) ** 2, (clipped - returns) ** 2) * mask).sum()
+
+
+# -----------------------------------------------------------------------------
+# Iterative GRPO: the reward model learns from the policy's new samples (line 12 of Algorithm 1)
+
+REPLAY_SHARE = 0.1  # of each refresh's training mixture, historical data (paper §4.1.4: "10% historical data")
+
+
+def replay_history(rm_dir, out, step):
+    """What a reward model has learned from so far, the refreshes' replay pool: its own training examples
+    (reward_model.py saves them beside it) and those of every refresh of this run up to `step` (a resumed run
+    reads only what its checkpoint had seen)."""
+    first = os.path.join(rm_dir, "examples.jsonl")
+    pool = reward_model.load_examples(first) if os.path.isfile(first) else []
+    folder = os.path.join(out, "rm_history")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".jsonl") and int(name.split("_")[1].split(".")[0]) <= step:
+            pool += reward_model.load_examples(os.path.join(folder, name))
+    return pool
+
+
+def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
+    """Sample the policy on --rm-questions questions (--rm-samples each), label the samples by the rule (and
+    Math-Shepherd's step labels for a process model), and continue training the reward model for
+    --rm-steps on them mixed with a replay of `history`, the replay a tenth of the mixture. Appends the new
+    examples to `history` and to out/rm_history. Returns the metrics of the refresh."""
+    t0 = time.time()
+    rng = np.random.default_rng([args.seed, step, 12])  # line 12: its own stream, a function of the step
+    picks = [problems[i] for i in rng.choice(len(problems), args.rm_questions, replace=False)][d.rank::d.world]
+    questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
+    golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
+    seed = args.seed * 1_000_003 + step * 1009 + 500_009 + d.rank  # not a rollout's stream
+    with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+        comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
+                                seed=seed, batch=args.gen_batch)
+        rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)
+        new = (reward_model.outcome_examples(comps, rule) if args.reward == "orm" else
+               reward_model.shepherd_examples(sampler, tok, comps, rule, golds, args.shepherd_samples, False,
+                                              seed + 7919, args.gen_batch, args.max_new_tokens))
+        new = common.all_gather_list(d, new)
+        with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
+            before = reward_model.report(scorer, new, tok.pad_id)
+    n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
+    mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
+    fit = argparse.Namespace(lr=args.rm_lr, warmup=0, schedule="constant", max_steps=args.rm_steps,
+                             weight_decay=0.0, grad_clip=args.grad_clip, dtype=args.dtype, batch=args.rm_batch,
+                             micro_batch=args.micro_batch, seed=args.seed + step)
+    opt = common.make_optimizer(rm, fit)  # a new phase of the reward model's training, each with its own AdamW
+    losses = [reward_model.fit_step(rm, opt, mixture, k, tok.pad_id, d, fit)[0] for k in range(args.rm_steps)]
+    if d.main:
+        reward_model.save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
+    history += new
+    return dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
+                rm_seconds=time.time() - t0,
+                rm_auc_on_new=before["outcome_auc"], **({"rm_step_auc_on_new": before["step_auc"]}
+                                                        if "step_auc" in before else {}))
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +386,7 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
     s = {k: common.all_sum(d, v) for k, v in sums.items()}
     mean = s["reward"] / n_seq
     row = dict(step=step, lr=lr, reward=mean, reward_std=max(s["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
+               rule_reward=s["rule_reward"] / n_seq,  # = reward unless a reward model gives it: the hacking check
                loss=s["loss"] / normaliser, kl=s["kl"] / max(n_tok, 1),
                clip_frac=s["clipped"] / max(n_tok, 1),
                entropy=s["neg_logp"] / max(n_tok, 1),  # -log π of the sampled tokens: an estimate at T = 1
@@ -297,15 +438,21 @@ def plot_curves(metrics_path, png):
 # Memory plan (--dry-run)
 
 
-def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac):
+def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
+                value_model=False):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
     (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along, and the
-    rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences."""
+    rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences. A
+    reward model adds its shard; PPO's value model (--advantage gae) its shard, gradients and AdamW state."""
     T = prompt_tokens + max_new_tokens
     plan = pretrain.memory_plan(config, world, micro_batch, T, ac)
     n = plan["parameters"]
     held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
                 reference_fp32=4 * n / world)
+    if reward_model:
+        held["reward_model_fp32"] = 4 * n / world
+    if value_model:
+        held["value_model_fp32_params_grads_adamw"] = 16 * n / world
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
     rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
     train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
@@ -317,8 +464,9 @@ def dry_run(args, config):
     gib = 2 ** 30
     for ac in (False, True):
         plan = memory_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                           args.max_new_tokens, ac)
-        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, GRPO on {args.world_size} GPUs: rollouts of "
+                           args.max_new_tokens, ac, args.reward != "rule", args.advantage == "gae")
+        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if args.advantage == 'gae' else 'GRPO'} on "
+              f"{args.world_size} GPUs: rollouts of "
               f"{args.gen_batch} x ({args.prompt_tokens} + {args.max_new_tokens}) tokens, training micro-batches "
               f"of {args.micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
         for phase in ("held", "rollout", "train"):
@@ -344,9 +492,31 @@ def parse_args(argv=None):
                     "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
     ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
     ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
-    ap.add_argument("--supervision", default="outcome", choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3")
+    ap.add_argument("--reward", default="rule", choices=["rule", "orm", "prm"], help="what gives the reward: the "
+                    "answer rule (reward.py), or an outcome / process reward model (reward_model.py; paper: a model)")
+    ap.add_argument("--reward-model", help="the --reward model's directory (default: the toy's, out/toy/<orm|prm>, "
+                    "built by reward_model.py if missing)")
+    ap.add_argument("--rm-refresh", action="store_true", help="iterative GRPO (paper §4.1.4): at the end of each "
+                    "--ref-reset iteration, train the reward model on the policy's new samples, 10%% of them replayed")
+    ap.add_argument("--rm-questions", type=int, default=64, help="questions a refresh samples, all ranks")
+    ap.add_argument("--rm-samples", type=int, default=4, help="samples per question of a refresh")
+    ap.add_argument("--rm-steps", type=int, default=20, help="reward-model optimizer steps of a refresh")
+    ap.add_argument("--rm-batch", type=int, default=64, help="reward-model examples per refresh step, all ranks")
+    ap.add_argument("--rm-lr", type=float, default=1e-4, help="reward-model LR of a refresh (constant)")
+    ap.add_argument("--shepherd-samples", type=int, default=4, help="a refresh's completions from each step's "
+                    "prefix for a process model's labels (reward_model.py)")
+    ap.add_argument("--supervision", default=None, choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3 "
+                    "(default: process with --reward prm, else outcome; rule process rewards: the arithmetic checker)")
     ap.add_argument("--online-rft", action="store_true", help="advantage 1 for right, 0 for wrong outputs: online "
                     "rejection-sampling fine-tuning, GRPO's baseline in paper §5.2.1 (use with --beta 0)")
+    ap.add_argument("--advantage", default="group", choices=["group", "gae"], help="group: GRPO's, relative to "
+                    "the G outputs of a question; gae: PPO's (paper Eq. 1-2), from a value model, with the KL as a "
+                    "per-token penalty in the reward")
+    ap.add_argument("--gae-lambda", type=float, default=0.95, help="PPO: GAE's λ (γ = 1; the paper gives neither)")
+    ap.add_argument("--value-clip", type=float, default=0.2, help="PPO: how far one update may move a value")
+    ap.add_argument("--value-lr", type=float, default=None, help="PPO: the value model's LR, constant (default --lr)")
+    ap.add_argument("--value-init", help="PPO: the value model's start (default: the reward model with --reward "
+                    "orm|prm, else --init's body with a new head)")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: not given)")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -389,7 +559,22 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
     ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.supervision is None:
+        args.supervision = "process" if args.reward == "prm" else "outcome"
+    if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
+        ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
+                 "outputs (outcome), a process model their steps (process)")
+    if args.rm_refresh and (args.reward == "rule" or not args.ref_reset):
+        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm and --ref-reset K")
+    if args.reward == "prm" and args.prompt == "tool":
+        ap.error("--reward prm scores the lines of chain-of-thought outputs: use it with --prompt cot")
+    if args.advantage == "gae" and (args.supervision == "process" or args.online_rft or args.beta == 0):
+        ap.error("--advantage gae is PPO: an outcome reward (no --supervision process, no --online-rft) and a KL "
+                 "penalty in the reward (--beta > 0)")
+    if args.online_rft and args.reward != "rule":
+        ap.error("--online-rft keeps the outputs the rule grades right (paper §5.2.1): use it with --reward rule")
+    return args
 
 
 def main(args):
@@ -425,10 +610,30 @@ def main(args):
     ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
     if ref is not None:
         ref.requires_grad_(False)
+    rm = None  # a learned reward (line 8 of Algorithm 1 as the paper runs it), frozen
+    if args.reward != "rule":
+        toy_rm = os.path.join(reward_model.parse_args([]).out_dir, args.reward)
+        rm_dir = args.reward_model or toy_rm
+        sft.require_model(rm_dir, toy_rm, d, lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
+        rm_config = config_from_hf(rm_dir)
+        if rm_config.head != "score":
+            raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
+        rm = common.build_model(rm_config, d, args, init_dir=rm_dir)
+        rm.requires_grad_(args.rm_refresh)
+    value = value_opt = None  # PPO's value model V_ψ, the policy's size (what GRPO does without)
+    if args.advantage == "gae":
+        value_init = args.value_init or (rm_dir if rm is not None else args.init)
+        value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args, init_dir=value_init)
+        value_opt = common.make_optimizer(value, argparse.Namespace(lr=args.value_lr or args.lr, weight_decay=0.0))
     opt = common.make_optimizer(policy, args)
-    extra = {"ref": ref} if ref is not None and args.ref_reset else None  # a reset reference is state to keep
-    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "seed")
+    extra = {"ref": ref} if ref is not None and args.ref_reset else {}  # a reset reference is state to keep
+    if value is not None:
+        extra["value"] = (value, value_opt)
+    if args.rm_refresh:
+        extra["rm"] = rm  # as is a refreshed reward model
+    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "reward", "advantage", "seed")
     step = common.start_run(args, d, policy, opt, resumable, extra)
+    history = replay_history(rm_dir, args.out, step) if args.rm_refresh else None
 
     def held_out_metrics(n, samples, temperature):  # on the first n held-out problems, the policy unsharded
         with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
@@ -471,23 +676,36 @@ def main(args):
                                     args.top_p, seed=args.seed * 1_000_003 + step * 1009 + d.rank,
                                     batch=args.gen_batch, compile=args.compile)
         t1 = time.time()
-        # 8. rewards: 1 for a right final answer, else 0
+        # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
         golds = [p["answer"] for p in batch for _ in range(G)]
-        rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
-        generated = dict(generated_zero_std_groups=int(zero_std_groups(rewards.view(-1, G)).sum()),
-                         generated_reward=rewards.sum().item(), generated=len(comps),
+        rule = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
+        generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
+                         generated_reward=rule.sum().item(), generated=len(comps),
                          generated_tokens=sum(len(c.ids) for c in comps))
         if args.oversample > 1:
-            comps, rewards = keep_groups_with_signal(comps, rewards, G, per_rank)
+            comps, rule = keep_groups_with_signal(comps, rule, G, per_rank)
+        rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
+        if rm is not None:
+            with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
+                scored = model_rewards(scorer, tok, comps, args.reward, args.micro_batch)
+            steps = scored if args.reward == "prm" else None
+            rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
+        elif args.supervision == "process":
+            steps = rule_steps(tok, comps, rule)
         t2 = time.time()
         # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
-        per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
+        # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
+        per_token, n_zero_std = (token_advantages(comps, rewards, steps, args) if value is None else
+                                 (outcome_at_end(comps, rewards), 0))
         rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
         batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
         with torch.no_grad(), common.autocast(d, args):  # as the policy's forward below, or the KL starts > 0
             ref_logp = [b.logprobs(ref, tok.vocab_size) for b in batches] if ref is not None else None
             old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
+            old_values = [b.values(value) for b in batches] if value is not None else None
+        if value is not None:
+            ppo_advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
         n_seq = common.all_sum(d, len(comps))
@@ -495,6 +713,7 @@ def main(args):
         normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
                           constant=n_seq * args.max_new_tokens)[args.loss_norm]
         lr = common.set_lr(opt, step, args)
+        loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
         gap_sum = gap_max = 0.0
         checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
         for update in range(args.mu):
@@ -508,7 +727,7 @@ def main(args):
                 old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
                 ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
                 total, kl, clipped = grpo_objective_sums(logp, old, ref_k, b.advantages, b.weights, args.clip_eps,
-                                                         args.clip_high or args.clip_eps, args.beta)
+                                                         args.clip_high or args.clip_eps, loss_beta)
                 (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
                 loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
                 neg_logp -= (logp.detach() * b.mask).sum().item()
@@ -518,14 +737,31 @@ def main(args):
                                  f"in {args.out}/checkpoints (lower --lr, then --resume)")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if value is not None:  # PPO's critic, on the same batches: the clipped value loss, a token mean
+                value_loss = 0.0
+                for k, b in enumerate(batches):
+                    with common.autocast(d, args):
+                        v = b.values(value)
+                    vl = value_loss_sum(v, old_values[k], b.returns, b.mask, args.value_clip)
+                    (vl * d.world / max(n_tok, 1)).backward()
+                    value_loss += vl.item()
+                common.clip_grad_norm(value, args.grad_clip)
+                value_opt.step()
+                value_opt.zero_grad(set_to_none=True)
         step += 1
-        # 3. iterative GRPO: a new iteration every --ref-reset steps begins with π_ref ← π_θ
-        if args.ref_reset and step % args.ref_reset == 0 and ref is not None:
-            ref.load_state_dict(policy.state_dict())
         t4 = time.time()
+        # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
+        # and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
+        # --max-steps goes on as if it had never stopped)
+        refreshed = {}
+        if args.ref_reset and step % args.ref_reset == 0:
+            if args.rm_refresh:
+                refreshed = refresh_reward_model(rm, policy, tok, problems, history, step, args, d)
+            if ref is not None:
+                ref.load_state_dict(policy.state_dict())
         trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
-        sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), loss=loss_sum,
-                    kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
+        sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), rule_reward=rule.sum().item(),
+                    loss=loss_sum, kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
                     sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
                     zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                     tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
@@ -534,11 +770,14 @@ def main(args):
             sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
         row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
                            dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
+        row.update(refreshed)
+        if value is not None:
+            row["value_loss"] = common.all_sum(d, value_loss) / max(n_tok, 1)
         if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
         log(row)
         stopping = stop(d)
-        if stopping or step % args.ckpt_every == 0 or step == args.max_steps:
+        if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
             common.save_checkpoint(args.out, policy, opt, step, d, extra)
         if stopping:
             common.print0(d, f"stopped by signal at step {step}; continue with --resume")

@@ -44,12 +44,17 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
     tie_embeddings: bool = False
+    # "lm": next-token logits (Hugging Face's ...ForCausalLM); "score": one scalar per position instead
+    # (...ForSequenceClassification with one label), the head of a reward or value model (reward_model.py)
+    head: str = "lm"
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head not in ("lm", "score"):
+            raise ValueError(f"head={self.head!r}: expected 'lm' or 'score'")
 
 
 # Model sizes by name. "deepseek-math-7b" is the exact shape of DeepSeekMath-Base 7B (6.91B parameters);
@@ -187,9 +192,12 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if config.head == "score":
+            self.score = nn.Linear(config.dim, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
         # cos/sin tables for every position, (max_seq_len, head_dim); not saved, rebuilt by reset_rope()
         self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
@@ -213,6 +221,8 @@ class Transformer(nn.Module):
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name == "score.weight":  # a new reward or value head starts at 0: every score σ(0) = 1/2
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
@@ -250,8 +260,14 @@ class Transformer(nn.Module):
         (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Inside forward, FSDP2
         gathers the LM head as for any other use of it. vocab_limit: the tokenizer's size, for a head with more
         rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is then over the real ids only, the
-        distribution the sampler draws from (engine.generate). positions, mask: for packed rows (see hidden)."""
+        distribution the sampler draws from (engine.generate). positions, mask: for packed rows (see hidden).
+        A model with the "score" head returns its scalar at every position instead (B, T), in fp32: a reward
+        model reads it at a sequence's last token or at the end of each step (reward_model.py)."""
         h = self.hidden(tokens, positions, mask)
+        if self.config.head == "score":
+            if targets is not None:
+                raise ValueError("a model with the 'score' head has no next-token log-probs: call it without targets")
+            return self.score(h)[..., 0].float()
         if targets is None:
             return self.lm_head(h)
         if self.lm_head.bias is not None:
@@ -286,7 +302,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        if config.tie_embeddings:
+        if config.tie_embeddings and config.head == "lm":
             expected.pop("lm_head.weight")
         state = {}
         for file in _safetensors_files(path):
@@ -317,7 +333,7 @@ class Transformer(nn.Module):
             dtype = state["embed_tokens.weight"].dtype
             state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_embeddings:
+        if config.tie_embeddings and config.head == "lm":
             model.lm_head.weight = model.embed_tokens.weight
         model.rope_cos = torch.empty(config.max_seq_len, config.head_dim, device=device)
         model.rope_sin = torch.empty(config.max_seq_len, config.head_dim, device=device)
@@ -335,7 +351,8 @@ class Transformer(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().to(dtype).contiguous().cpu()
+        heads = ("lm_head.weight", "score.weight")  # outside Hugging Face's "model." prefix
+        state = {("" if k in heads else "model.") + k: v.detach().to(dtype).contiguous().cpu()
                  for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_embeddings)}
         dtype = next(iter(state.values())).dtype
         special = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
@@ -405,17 +422,26 @@ def config_from_hf(path) -> ModelConfig:
     max_len = c.get("max_position_embeddings", 4096)
     if kind == "mistral" and c.get("sliding_window"):
         max_len = min(max_len, c["sliding_window"])  # within the window, sliding attention is plain attention
+    head = "lm"
+    if any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or []):
+        if len(c.get("id2label") or {"0": ""}) != 1:
+            raise CheckpointError(f"{file}: a sequence classifier with {len(c['id2label'])} labels; a reward model "
+                                  "has one (num_labels=1)")
+        head = "score"
     return ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
         ffn_dim=c["intermediate_size"], max_seq_len=max_len, rope_theta=theta, rope_scaling=rope,
         norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2",
-        tie_embeddings=c.get("tie_word_embeddings", False))
+        tie_embeddings=c.get("tie_word_embeddings", False), head=head)
 
 
 def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
     kind = "qwen2" if cfg.qkv_bias else "llama"  # a Llama with attention_bias would also bias o_proj
-    c = dict(architectures=[HF_ARCHITECTURES[kind]], model_type=kind, vocab_size=cfg.vocab_size,
+    arch = HF_ARCHITECTURES[kind]
+    if cfg.head == "score":  # transformers reads it at the last non-pad token: a reward model
+        arch = arch.replace("ForCausalLM", "ForSequenceClassification")
+    c = dict(architectures=[arch], model_type=kind, vocab_size=cfg.vocab_size,
              hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim,
              max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
@@ -423,6 +449,8 @@ def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
              torch_dtype=str(dtype).removeprefix("torch."))
     if kind == "llama":
         c.update(attention_bias=False, mlp_bias=False)
+    if cfg.head == "score":
+        c.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return c
 
 

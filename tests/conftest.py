@@ -8,8 +8,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tens
 
 
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +34,16 @@ def data_dir(tmp_path_factory):
     data.write_jsonl(str(d / "train.jsonl"), probs[:64])
     data.write_jsonl(str(d / "test.jsonl"), probs[64:])
     return d
+
+
+@pytest.fixture(scope="session")
+def base(data_dir, tmp_path_factory):
+    """A tiny base model, 2 pretraining steps on data_dir, exported with its tokenizer: what the GRPO, PPO and
+    reward-model command lines start from."""
+    out = tmp_path_factory.mktemp("grpo") / "base"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "pretrain.py", "--data", str(data_dir), "--max-steps", "2", "--seq-len", "32",
+                        "--micro-batch", "4", "--batch-tokens", "256", "--eval-every", "0", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out

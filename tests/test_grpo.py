@@ -15,8 +15,9 @@ import torch
 import engine
 import reward
 from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights,
-                  micro_batches, pack_rows, process_advantages, token_advantages, token_index)
+                  micro_batches, pack_rows, process_advantages, rule_steps, token_advantages)
 from model import ModelConfig, Transformer
+from reward_model import token_index
 from tokenizer import Tokenizer
 
 
@@ -61,7 +62,7 @@ def test_step_checker_and_token_positions():
     assert text[:steps[0][0]].endswith("12 + 5 = 17") and steps[-1][0] == len(text)
     tok = Tokenizer.train([text * 3], 300)
     ids = tok.encode(text)
-    idx = token_index(tok, ids, [e for e, _ in steps], len(text))
+    idx = token_index(tok, ids, [e for e, _ in steps])
     for (end, _), i in zip(steps, idx):  # the token holding a step's last character
         assert len(tok.decode(ids[:i])) < end <= len(tok.decode(ids[:i + 1]))
 
@@ -240,15 +241,6 @@ def run(args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def base(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo") / "base"
-    r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", "--seq-len", "32", "--micro-batch", "4",
-             "--batch-tokens", "256", "--eval-every", "0", "--out", str(out)])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 def grpo_args(base, data_dir, out, *extra):
     return ["grpo.py", "--init", str(base), "--data", str(data_dir / "train.jsonl"), "--eval-data",
             str(data_dir / "test.jsonl"), "--eval-problems", "4", "--report-problems", "4", "--report-samples", "2",
@@ -367,7 +359,7 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
     rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], ["5"] * 4, workers=1))
     assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
     args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, no_std_scale=False)
-    per_token, n_zero_std = token_advantages(comps, rewards, tok, args)
+    per_token, n_zero_std = token_advantages(comps, rewards, rule_steps(tok, comps, rewards), args)
     step_rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # per output: [answer], [step, answer], ...
     mean, std = step_rewards.mean().item(), step_rewards.std().item()
     ids = comps[1].ids

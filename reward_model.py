@@ -1,0 +1,343 @@
+"""Reward models: a model that scores a solution, at its end (outcome) or after every step (process); paper §4.2
+and §4.1.3, labels as Math-Shepherd's (docs/paper.md §5).
+
+DeepSeekMath's RL reward is not the answer rule itself but a model trained on the rule's verdicts. Both kinds
+here are the policy's architecture with a scalar head (model.py, head "score": Hugging Face's
+...ForSequenceClassification with one label), trained from the base model, on completions sampled from the SFT
+model and labelled by the answer rule (reward.py), never by people:
+
+- outcome (ORM): one label per completion, 1 if its final answer is right; the score is read at its last token.
+- process (PRM): one label per step (a line of the solution). From the prefix that ends at step j, N completions
+  are sampled; the label is the fraction of them that reach the gold answer (Math-Shepherd's soft estimate;
+  --hard: 1 if any does). The last step's label is the completion's own outcome. The score is read at each
+  step's last token.
+
+Loss: binary cross-entropy on the score as a logit (the paper does not name its loss; BCE is the usual one for
+a probability of being right, and it takes soft labels as they are). Held-out evaluation, on questions never
+trained on: AUC and accuracy at 1/2 against the rule's verdicts, and for the PRM the per-step AUC against the
+toy's arithmetic checker (reward.arithmetic_steps), a ground truth the PRM never sees. Training uses the shared
+machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer.
+
+    python reward_model.py                                # the toy: outcome and process models from the SFT's samples
+    torchrun --nproc_per_node 8 reward_model.py --init deepseek-math-7b-base/ --policy out/sft --data rl.jsonl \\
+        --kinds orm --lr 2e-5 --micro-batch 4 --out-dir out/rm --activation-checkpointing
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import engine
+import pretrain
+import reward
+import sft
+from model import Transformer, config_from_hf
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Examples: a sequence and the positions where its score is trained
+
+
+@dataclass
+class Scored:
+    ids: list  # prompt + completion token ids
+    at: list  # positions whose score is trained: the last token (outcome), or each step's last token (process)
+    labels: list  # per position of `at`, the target probability of being right, in [0, 1]
+    truth: list  # per position, what the rule says (1/0), None where it cannot say: held-out evaluation only
+
+
+def token_index(tok, ids, ends):
+    """For each character offset into decode(ids) where a step ends (exclusive), the index of the token that
+    holds the step's last character (the last token for an offset past the end)."""
+    byte_ends = np.cumsum([len(tok.id_to_bytes[i]) for i in ids])  # byte offset where each token ends
+    text = tok.decode(ids)
+    return [min(int(np.searchsorted(byte_ends, len(text[:c].encode()))), len(ids) - 1) for c in ends]
+
+
+def step_ends(tok, comp):
+    """The steps of a completion as (index in comp.ids of the step's last token, character offset where it ends):
+    a step is a non-empty line, and the last step, ending at the completion's last token, holds the answer."""
+    text = tok.decode([t for t in comp.ids if t != tok.eos_id])
+    ends = [i for i, ch in enumerate(text) if ch == "\n" and text[:i].strip() and text[i - 1] != "\n"]
+    steps = [(t, e) for t, e in zip(token_index(tok, comp.ids, ends), ends) if t < len(comp.ids) - 1]
+    return steps + [(len(comp.ids) - 1, len(text))]
+
+
+def step_truth(text, ends):
+    """Per step ending at each offset, the toy's arithmetic checker's verdict on the `a op b = c` line that ends
+    there (1.0 right, 0.0 wrong), None for a line it cannot check."""
+    checked = {end: float(right) for end, _, right in reward.arithmetic_steps(text)}
+    return [checked.get(e) for e in ends]
+
+
+def outcome_examples(comps, outcomes):
+    """One example per completion: its score at the last token, labelled by its rule reward (1 right, 0 wrong)."""
+    return [Scored(c.prompt + c.ids, [len(c.prompt) + len(c.ids) - 1], [float(r)], [float(r)])
+            for c, r in zip(comps, outcomes)]
+
+
+def shepherd_examples(sampler, tok, comps, outcomes, golds, n, hard, seed, batch, max_new_tokens):
+    """Math-Shepherd's process labels: from the prefix ending at each step but the last, n completions at T = 1;
+    the step's label is the fraction that reach the gold answer (hard: 1.0 if any does). The last step is
+    labelled by the completion's own outcome. One generate call for all prefixes (each prefilled once)."""
+    steps = [step_ends(tok, c) for c in comps]
+    prefixes, owner = [], []  # every (completion, step) prefix, n times
+    for i, (c, s) in enumerate(zip(comps, steps)):
+        for t, _ in s[:-1]:
+            prefixes += [c.prompt + c.ids[:t + 1]] * n
+            owner += [i] * n
+    gen = engine.generate(sampler, prefixes, max_new_tokens, temperature=1.0, eos_ids=[tok.eos_id], seed=seed,
+                          vocab_limit=tok.vocab_size, slots=batch)
+    texts = [tok.decode([t for t in p[len(comps[i].prompt):] + new if t != tok.eos_id])
+             for p, new, i in zip(prefixes, gen.tokens, owner)]
+    reached = reward.batch_rewards(texts, [golds[i] for i in owner], workers=1)
+    out, k = [], 0
+    for c, s, r in zip(comps, steps, outcomes):
+        labels = []
+        for _ in s[:-1]:
+            hits = reached[k:k + n]
+            labels.append(float(max(hits)) if hard else float(np.mean(hits)))
+            k += n
+        truth = step_truth(c.text, [e for _, e in s[:-1]]) + [float(r)]
+        out.append(Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in s], labels + [float(r)], truth))
+    return out
+
+
+def collate(examples, pad_id):
+    """Right-padded (x (B, T) ids, y (B, T) labels, mask (B, T) where a label is)."""
+    T = max(len(e.ids) for e in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.zeros(len(examples), T)
+    m = torch.zeros(len(examples), T, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        x[i, :len(e.ids)] = torch.tensor(e.ids)
+        y[i, e.at], m[i, e.at] = torch.tensor(e.labels), True
+    return x, y, m
+
+
+def bce_loss(model, x, y):
+    """Per position (B, T): binary cross-entropy of the score as a logit against the label y in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(model(x), y, reduction="none")
+
+
+@torch.no_grad()
+def scores(model, examples, pad_id, batch=32):
+    """σ(score) at each example's positions `at`: a list per example. `model` is a plain (unsharded) model."""
+    dev = model.embed_tokens.weight.device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    got = {}
+    for s in range(0, len(order), batch):
+        chunk = [examples[i] for i in order[s:s + batch]]
+        x, _, _ = collate(chunk, pad_id)
+        p = torch.sigmoid(model(x.to(dev))).cpu()  # (B, T)
+        for i, e, row in zip(order[s:s + batch], chunk, p):
+            got[i] = row[e.at].tolist()
+    return [got[i] for i in range(len(examples))]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def auc(predicted, labels):
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
+    count half). nan when one class is missing."""
+    p, y = np.asarray(predicted, dtype=float), np.asarray(labels, dtype=float) > 0.5
+    if y.all() or not y.any():
+        return float("nan")
+    ranks = np.empty(len(p))
+    order = np.argsort(p, kind="mergesort")
+    ranks[order] = np.arange(1, len(p) + 1)
+    for v in np.unique(p):  # ties share their mean rank
+        ranks[p == v] = ranks[p == v].mean()
+    n_pos = int(y.sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(p) - n_pos)))
+
+
+def report(model, examples, pad_id):
+    """Held-out quality of a reward model against the rule, from the examples' `truth`: the final score's AUC
+    and accuracy at 1/2 against the outcome, and (for a process model) the AUC over the steps the arithmetic
+    checker can judge."""
+    s = scores(model, examples, pad_id)
+    final, outcome = [x[-1] for x in s], [e.truth[-1] for e in examples]
+    row = dict(examples=len(examples), outcome_auc=auc(final, outcome),
+               outcome_accuracy=float(np.mean([(f > 0.5) == (o > 0.5) for f, o in zip(final, outcome)])),
+               right=float(np.mean(outcome)))
+    steps = [(x, t) for xs, e in zip(s, examples) for x, t in zip(xs[:-1], e.truth[:-1]) if t is not None]
+    if steps:
+        row.update(step_auc=auc(*zip(*steps)), steps_checked=len(steps))
+    return row
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def sample_completions(policy_dir, tok, problems, args, d):
+    """`args.samples` completions per question from the SFT model at T = 1, this rank's share of the questions,
+    in question order. Returns (the sampler, completions, their rule rewards, gold answers)."""
+    sampler = Transformer.from_pretrained(policy_dir, device=d.device)
+    mine = problems[d.rank::d.world]
+    questions = [p["question"] for p in mine for _ in range(args.samples)]
+    comps = engine.complete(sampler, tok, questions, "cot", args.max_new_tokens, temperature=1.0,
+                            seed=args.seed * 1_000_003 + d.rank, batch=args.gen_batch)
+    golds = [p["answer"] for p in mine for _ in range(args.samples)]
+    outcomes = reward.batch_rewards([c.text for c in comps], golds, workers=1)
+    return sampler, comps, outcomes, golds
+
+
+def save_examples(path, examples):
+    """Examples as jsonl (data.write_jsonl: never half-written): the replay data of iterative GRPO."""
+    data.write_jsonl(path, (asdict(e) for e in examples))
+
+
+def load_examples(path):
+    """save_examples' file back as Scored (a malformed line: one error naming file:line)."""
+    return [Scored(**r) for r in data.read_jsonl(path, fields=("ids", "at", "labels", "truth"))]
+
+
+def fit_step(model, opt, examples, step, pad_id, d, args):
+    """One optimizer step of a reward model on the global batch `step` of `examples` (sft.step_examples: every
+    rank holds all of them in one order), this rank's share, with BCE through common.train_step. args: batch,
+    micro_batch, seed, and the LR schedule's and train_step's fields."""
+    if len(examples) < args.batch:
+        raise SystemExit(f"{len(examples)} reward-model examples, fewer than one batch of {args.batch}: sample more "
+                         "questions or lower the batch")
+    per_rank = args.batch // d.world
+    mine = sft.step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+    mine.sort(key=lambda e: len(e.ids))  # similar lengths share a micro-batch
+    micro = [collate(mine[i:i + args.micro_batch], pad_id) for i in range(0, per_rank, args.micro_batch)]
+    return common.train_step(model, opt, micro, d, args, step, loss_of=bce_loss)
+
+
+def train(kind, examples, held_out, config, tok, args, d):
+    """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
+    its held-out report. Returns the report."""
+    run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})
+    model = common.build_model(replace(config, head="score"), d, run, init_dir=args.init)
+    opt = common.make_optimizer(model, run)
+    step = common.start_run(run, d, model, opt, ("init", "policy", "data", "samples", "seed"))
+    log, stop = common.Log(run.out, d, run.max_steps, step, args=run), common.StopFlag()
+    while step < run.max_steps:
+        t0 = time.time()
+        loss, norm, n = fit_step(model, opt, examples, step, tok.pad_id, d, run)
+        step += 1
+        log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
+                 seconds=time.time() - t0))
+        stopping = stop(d)
+        if stopping or step % run.ckpt_every == 0 or step == run.max_steps:
+            common.save_checkpoint(run.out, model, opt, step, d)
+        if stopping:
+            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
+            common.finish(d, 130)
+    log.close()
+    common.export_hf(model, run.out, args.policy, d, run)
+    if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)
+        save_examples(os.path.join(run.out, "examples.jsonl"), examples)
+    with common.gathered(model) as plain:
+        row = report(plain, held_out, tok.pad_id)
+    if d.main:
+        with open(os.path.join(run.out, "report.json"), "w") as f:
+            json.dump(row, f, indent=1)
+    return row
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--init", default="out/toy/base", help="the body a reward model starts from (paper: the base "
+                    "model)")
+    ap.add_argument("--policy", default="out/toy/sft", help="the model whose samples are labelled (the SFT model)")
+    ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
+    ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="the benchmark's test problems: "
+                    "never sampled here")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
+    ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
+    ap.add_argument("--questions", type=int, default=768, help="questions sampled (a tenth held out for the report)")
+    ap.add_argument("--samples", type=int, default=4, help="completions per question")
+    ap.add_argument("--shepherd-samples", type=int, default=4, help="N, completions from each step's prefix "
+                    "(Math-Shepherd: 8)")
+    ap.add_argument("--shepherd-per-question", type=int, default=1, help="completions per question the process "
+                    "model learns from (each costs N completions per step to label)")
+    ap.add_argument("--hard", action="store_true", help="a step is right if any completion from it is (Math-"
+                    "Shepherd's hard estimate; default: the fraction that are, the soft one)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks")
+    ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
+                    "(default: 32 below 1B parameters, 4 above)")
+    ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank (default: 128 "
+                    "below 1B parameters, 32 above)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak LR (paper: 2e-5 at 7B)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "multistep"])
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(args):
+    kinds = args.kinds.split(",")
+    if not kinds or set(kinds) - {"orm", "prm"}:
+        raise SystemExit(f"--kinds {args.kinds}: expected orm, prm or orm,prm")
+    d = common.init_dist()
+    torch.manual_seed(args.seed)
+    toy = parse_args([])
+    sft.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
+    sft.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
+    tok = Tokenizer.load(args.policy)
+    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    if os.path.isfile(args.eval_data):  # the benchmark's questions stay unseen by every model, this one too
+        problems, _ = data.drop_test_questions(problems, data.load_problems(args.eval_data, skip_bad=args.skip_bad))
+    order = np.random.default_rng(args.seed).permutation(len(problems))[:args.questions]
+    problems = [problems[i] for i in order]
+    config = config_from_hf(args.init)
+    common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
+    if args.batch % (args.micro_batch * d.world):
+        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
+
+    t0 = time.time()
+    sampler, comps, outcomes, golds = sample_completions(args.policy, tok, problems, args, d)
+    common.print0(d, f"{len(comps)} completions of {len(problems)} questions per rank, {np.mean(outcomes):.1%} right "
+                     f"({time.time() - t0:.0f} s)")
+    built = {}
+    if "orm" in kinds:
+        built["orm"] = outcome_examples(comps, outcomes)
+    if "prm" in kinds:
+        t0 = time.time()
+        pick = [i for i in range(len(comps)) if i % args.samples < args.shepherd_per_question]
+        built["prm"] = shepherd_examples(sampler, tok, [comps[i] for i in pick], [outcomes[i] for i in pick],
+                                         [golds[i] for i in pick], args.shepherd_samples, args.hard,
+                                         args.seed * 1_000_003 + 7919 + d.rank, args.gen_batch, args.max_new_tokens)
+        common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for e in built['prm'])} steps from "
+                         f"{args.shepherd_samples} completions each ({time.time() - t0:.0f} s)")
+    del sampler
+    for kind in kinds:
+        everyone = common.all_gather_list(d, built[kind])  # the same global order on every rank
+        per_q = args.samples if kind == "orm" else min(args.samples, args.shepherd_per_question)
+        held = max(1, len(everyone) // 10 // per_q) * per_q  # whole questions: a tenth of them
+        examples, held_out = everyone[:-held], everyone[-held:]
+        row = train(kind, examples, held_out, config, tok, args, d)
+        common.print0(d, f"{kind}: {len(examples)} examples; held out {json.dumps(row)}")
+        common.print0(d, f"saved {os.path.join(args.out_dir, kind)}")
+    common.finish(d)
+
+
+if __name__ == "__main__":
+    with common.one_line_errors():
+        main(parse_args())

@@ -1,0 +1,79 @@
+"""grpo.py --advantage gae, PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token KL
+reward laid over packed rows, and the command line on 1 and 2 ranks with an exact resume of the value model."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+from engine import Completion
+from grpo import gae, micro_batches, outcome_at_end, pack_rows, ppo_advantages, value_loss_sum
+from test_grpo import grpo_args, run
+
+
+def test_gae_by_hand():
+    r, v = [0.0, 0.0, 1.0], [0.5, 0.6, 0.8]
+    adv, ret = gae(r, v, lam=0.5)
+    # δ = (0 + 0.6 - 0.5, 0 + 0.8 - 0.6, 1 + 0 - 0.8) = (0.1, 0.2, 0.2); A_t = δ_t + λ A_{t+1}
+    assert adv == pytest.approx([0.1 + 0.5 * 0.3, 0.2 + 0.5 * 0.2, 0.2])
+    assert ret == pytest.approx([0.75, 0.9, 1.0])
+    adv, _ = gae(r, v, lam=1.0)  # λ = 1: the return to the end minus the value, Monte Carlo
+    assert adv == pytest.approx([1 - 0.5, 1 - 0.6, 1 - 0.8])
+
+
+def test_value_loss_is_clipped_around_the_rollouts_values():
+    old, ret = torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0])
+    v = torch.tensor([1.0, 0.6], requires_grad=True)
+    loss = value_loss_sum(v, old, ret, torch.tensor([True, True]), clip=0.2)
+    # v = 1.0 moved 0.5 from 0.5: its clipped value 0.7 is 0.3 short, and max() keeps that larger error, with no
+    # gradient (the clip holds it); v = 0.6 is within the clip: ½ 0.4², gradient v − R
+    assert loss.item() == pytest.approx(0.5 * 0.3 ** 2 + 0.5 * 0.4 ** 2)
+    loss.backward()
+    assert v.grad.tolist() == pytest.approx([0.0, -0.4])
+
+
+def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_packed_rows():
+    """Two outputs of one question packed in one row behind their prompt: each one's reward is its score at its
+    last token minus β log(π_old/π_ref) at every token; GAE runs within each output, and the step whitens."""
+    comps = [Completion([1, 2], [5, 6, 7], [True] * 3, True, "", [-0.5, -1.0, -0.2]),
+             Completion([1, 2], [8, 9], [True] * 2, True, "", [-0.3, -0.7])]
+    rows = pack_rows(comps, outcome_at_end(comps, torch.tensor([1.0, 0.0])), 2, 2, False, "sequence")
+    [b] = micro_batches(rows, 4, 0, "cpu")
+    ref = torch.zeros_like(b.sampler_logp) - 0.4
+    values = torch.linspace(0.1, 0.9, b.inputs.shape[1])[None]  # a value at each position
+    beta, lam = 0.5, 0.9
+    ppo_advantages([b], [ref], [values], beta, lam, common.Dist(0, 1, torch.device("cpu")))
+    want = []
+    for k, (c, score) in enumerate(zip(comps, (1.0, 0.0)), 1):
+        idx = (b.segment[0] == k).nonzero()[:, 0]
+        r = [-beta * (lp + 0.4) for lp in c.logprobs]
+        r[-1] += score
+        a, ret = gae(r, values[0, idx].tolist(), lam)
+        want.append(a)
+        assert b.returns[0, idx].tolist() == pytest.approx(ret)
+    flat = torch.tensor(want[0] + want[1])
+    whitened = (flat - flat.mean()) / (flat.var(unbiased=False).sqrt() + 1e-8)
+    assert b.advantages[b.mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
+    assert not b.advantages[~b.mask].any()  # nothing on the prompt
+
+
+def ppo_args(base, data_dir, out, *extra):
+    return grpo_args(base, data_dir, out, "--advantage", "gae", "--eval-every", "0", "--report-problems", "0",
+                     "--value-lr", "0.01", *extra)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ppo_runs_and_resumes_exactly_with_its_value_model(base, data_dir, tmp_path, ranks):
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
+    for out, steps in (("a", 3), ("b", 1)):
+        r = run([*launch, *ppo_args(base, data_dir, tmp_path / out, "--max-steps", str(steps))])
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run([*launch, *ppo_args(base, data_dir, tmp_path / "b", "--max-steps", "3", "--resume")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = ([json.loads(line) for line in open(tmp_path / k / "metrics.jsonl") if '"loss"' in line] for k in "ab")
+    assert [row["step"] for row in b] == [1, 2, 3]
+    assert all(math.isfinite(row["value_loss"]) and row["value_loss"] > 0 for row in a)
+    keys = ("loss", "kl", "value_loss", "grad_norm")  # step 3's value loss needs the value model's AdamW moments
+    for x, y in zip(a, b):
+        assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], rel=1e-4, abs=1e-6)

@@ -1,0 +1,177 @@
+"""reward_model.py: the scalar head against transformers and through save/load, Math-Shepherd labels on a
+hand-made case, AUC by hand, and the command line on 1 process and 2 FSDP ranks."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import engine
+import reward_model
+from engine import Completion, Generation
+from model import ModelConfig, Transformer
+from reward_model import Scored, auc, bce_loss, collate, outcome_examples, shepherd_examples, step_ends
+from test_grpo import grpo_args, run
+from tokenizer import Tokenizer
+
+TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+
+
+def tiny_scorer(seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**TINY, head="score"))
+    m.init_weights()
+    torch.nn.init.normal_(m.score.weight, std=0.5)  # a trained head, not the new one's zeros
+    return m
+
+
+def test_score_head_matches_transformers_and_survives_save_and_load(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    m = tiny_scorer()
+    m.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["architectures"] == ["LlamaForSequenceClassification"]
+    x = torch.randint(0, 97, (1, 11))
+    with torch.no_grad():
+        ours = m(x)  # (1, 11): a score at every position
+        hf = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(x).logits  # (1, 1): the last token
+        back = Transformer.from_pretrained(tmp_path)(x)
+    assert back.shape == ours.shape == (1, 11) and back.dtype == torch.float32
+    torch.testing.assert_close(ours[:, -1:], hf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, ours)
+    with pytest.raises(ValueError, match="no next-token log-probs"):
+        m(x, x)
+
+
+def test_a_reward_model_starts_from_a_language_models_body_with_a_zero_head(tmp_path):
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(**TINY))
+    lm.init_weights()
+    lm.save_pretrained(tmp_path)
+    state = common.initial_state(ModelConfig(**TINY, head="score"), str(tmp_path), seed=0)
+    assert "lm_head.weight" not in state and not state["score.weight"].any()
+    torch.testing.assert_close(state["layers.1.mlp.down_proj.weight"], lm.layers[1].mlp.down_proj.weight)
+
+
+def test_auc_by_hand():
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)  # 3 of the 4 pairs ordered right
+    assert auc([0.5, 0.5, 0.9], [0, 1, 1]) == pytest.approx(0.75)  # a tie counts half
+    assert auc([1.0, 0.0], [1, 0]) == 1.0 and auc([0.0, 1.0], [1, 0]) == 0.0
+    assert math.isnan(auc([0.3, 0.4], [1, 1]))
+
+
+TEXT = "Ava starts with 5.\n5 + 3 = 8\n8 - 2 = 7\nThe answer is \\boxed{7}."  # line 3 is wrong: 6 is right
+
+
+def test_math_shepherd_labels_a_hand_made_solution(monkeypatch):
+    """From the end of each line but the last, N = 4 continuations: after the two right lines, 3 and then 2 of
+    them reach 6; after the wrong line none can. Soft labels are those fractions, hard ones whether any does;
+    the last step is the completion's own outcome (wrong), and the arithmetic checker's truth rides along."""
+    tok = Tokenizer.train([TEXT * 3, "The answer is \\boxed{6}."], 300)
+    ids = tok.encode(TEXT, eos=True)
+    comp = Completion(tok.encode("Q"), ids, [True] * len(ids), True, TEXT)
+    steps = step_ends(tok, comp)
+    assert [TEXT[:e] for _, e in steps] == [TEXT[:TEXT.index("\n", i)] for i in (0, 19, 29)] + [TEXT]
+    for t, e in steps[:-1]:  # the token that holds each line's last character
+        assert len(tok.decode(ids[:t])) < e <= len(tok.decode(ids[:t + 1]))
+    right, wrong = tok.encode("\nThe answer is \\boxed{6}.", eos=True), tok.encode("\nThe answer is 9.", eos=True)
+    plan = {steps[0][0]: 3, steps[1][0]: 2, steps[2][0]: 0}  # continuations that reach the gold, per prefix
+
+    def scripted(model, prompts, max_new_tokens, **kw):
+        tokens = []
+        for p in prompts:
+            t = len(p) - len(comp.prompt) - 1  # the prefix ends at token t of the completion
+            k = sum(1 for q in prompts[:len(tokens)] if q == p)  # which of its copies this one is
+            tokens.append(right if k < plan[t] else wrong)
+        return Generation(tokens, [True] * len(prompts), [[0.0] * len(x) for x in tokens])
+
+    monkeypatch.setattr(engine, "generate", scripted)
+    for hard, labels in ((False, [0.75, 0.5, 0.0, 0.0]), (True, [1.0, 1.0, 0.0, 0.0])):
+        [ex] = shepherd_examples(None, tok, [comp], [0.0], ["6"], 4, hard, seed=0, batch=8, max_new_tokens=8)
+        assert ex.labels == labels
+        assert ex.at == [len(comp.prompt) + t for t, _ in steps]
+        assert ex.truth == [None, 1.0, 0.0, 0.0]  # "starts with" cannot be checked; 5+3=8 right; 8-2=7 wrong
+
+
+def test_collate_and_loss_train_only_the_labelled_positions():
+    ex = outcome_examples([Completion([1, 2], [3, 4, 5], [True] * 3, True, "")], [1.0])
+    ex.append(Scored([1, 2, 3], [1, 2], [0.25, 1.0], [None, 1.0]))
+    x, y, m = collate(ex, pad_id=0)
+    assert x.tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]] and m.sum() == 3
+    assert y[0, 4] == 1.0 and y[1, 1] == 0.25 and m[0, 4] and m[1, 1] and m[1, 2]
+    model = tiny_scorer()
+    losses = bce_loss(model, x, y)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x))[1, 1]
+    assert losses[1, 1].item() == pytest.approx(-(0.25 * math.log(p) + 0.75 * math.log(1 - p)), rel=1e-5)
+    assert reward_model.scores(model, ex, pad_id=0)[1] == pytest.approx(torch.sigmoid(model(x))[1, 1:3].tolist())
+
+
+def rm_args(base, data_dir, out, *extra):
+    return ["reward_model.py", "--init", str(base), "--policy", str(base), "--data", str(data_dir / "train.jsonl"),
+            "--eval-data", str(data_dir / "test.jsonl"), "--questions", "8", "--samples", "2",
+            "--shepherd-samples", "2", "--max-new-tokens", "12", "--max-steps", "2", "--batch", "4",
+            "--micro-batch", "2", "--out-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_path, ranks):
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
+    r = run([*launch, *rm_args(base, data_dir, tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for kind in ("orm", "prm"):
+        rows = [json.loads(line) for line in open(tmp_path / kind / "metrics.jsonl")]
+        assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
+        rep = json.load(open(tmp_path / kind / "report.json"))
+        # held out: one question, its 2 samples (orm) or the 1 the process labels were estimated for (prm)
+        assert rep["examples"] == {"orm": 2, "prm": 1}[kind] and 0 <= rep["outcome_accuracy"] <= 1
+        m = Transformer.from_pretrained(tmp_path / kind)
+        assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
+
+
+@pytest.fixture(scope="module")
+def reward_models(base, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    r = run(rm_args(base, data_dir, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("kind", ["orm", "prm"])
+def test_grpo_with_a_learned_reward_refreshed_each_iteration(base, data_dir, reward_models, tmp_path, kind,
+                                                             ranks):
+    """--reward orm|prm scores the rollouts with the model (the rule's reward logged beside it); --rm-refresh
+    at the end of iteration 1 samples 9 questions x 4, labels them by the rule, and trains the reward model on
+    them with a replay of what it learned from before: 4 of the 40 examples, a tenth."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
+    r = run([*launch, *grpo_args(base, data_dir, tmp_path, "--max-steps", "2", "--eval-every", "0",
+                                 "--report-problems", "0", "--reward", kind, "--reward-model",
+                                 str(reward_models / kind), "--ref-reset", "1", "--rm-refresh", "--rm-questions", "9",
+                                 "--rm-samples", "4", "--rm-steps", "2", "--rm-batch", "4", "--shepherd-samples", "2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(0 < row["reward"] < 1 and 0 <= row["rule_reward"] <= 1 for row in rows)  # σ(score), and the rule's
+    for row in rows:  # each step ends an iteration
+        assert row["rm_new"] == 36 and row["rm_replay"] == 4 and math.isfinite(row["rm_loss_last"])
+        assert len(open(tmp_path / "rm_history" / f"step_{row['step']:06d}.jsonl").readlines()) == 36
+
+
+def test_iterative_grpo_resumes_with_its_refreshed_reward_model_and_replay_pool(base, data_dir, reward_models,
+                                                                                tmp_path):
+    """The checkpoint after a refresh holds the refreshed reward model; the replay pool is read back from
+    rm_history up to the checkpoint's step: stopped after step 1 and resumed, step 2 is the uninterrupted one."""
+    flags = ("--eval-every", "0", "--report-problems", "0", "--reward", "orm", "--reward-model",
+             str(reward_models / "orm"), "--ref-reset", "1", "--rm-refresh", "--rm-questions", "6", "--rm-samples",
+             "2", "--rm-steps", "2", "--rm-batch", "4")
+    for out, steps in (("a", 2), ("b", 1)):
+        r = run(grpo_args(base, data_dir, tmp_path / out, "--max-steps", str(steps), *flags))
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = run(grpo_args(base, data_dir, tmp_path / "b", "--max-steps", "2", "--resume", *flags))
+    assert r.returncode == 0, r.stderr[-2000:]
+    keys = ("reward", "rule_reward", "loss", "kl", "rm_replay", "rm_loss_first", "rm_loss_last")
+    a, b = ([json.loads(line) for line in open(tmp_path / k / "metrics.jsonl") if '"loss"' in line] for k in "ab")
+    assert [row["step"] for row in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert [x[k] for k in keys] == pytest.approx([y[k] for k in keys], rel=1e-4, abs=1e-6)
