@@ -371,10 +371,11 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
     if d.main:
         reward_model.save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
     history += new
-    return dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
-                rm_seconds=time.time() - t0,
-                rm_auc_on_new=before["outcome_auc"], **({"rm_step_auc_on_new": before["step_auc"]}
-                                                        if "step_auc" in before else {}))
+    row = dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
+               rm_auc_on_new=before["outcome_auc"], rm_seconds=time.time() - t0)
+    if "step_auc" in before:
+        row["rm_step_auc_on_new"] = before["step_auc"]
+    return row
 
 
 # -----------------------------------------------------------------------------
