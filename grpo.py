@@ -35,7 +35,8 @@ sampling: groups whose rewards all agree are replaced by ones that carry signal)
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
 it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
 (PPO, the method GRPO replaces: line 9 from a value model instead of the group). Generation is engine.py's, the
-per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's.
+per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's
+advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -56,6 +57,7 @@ import common
 import data
 import engine
 import evaluate
+import ppo
 import pretrain
 import reward
 import reward_model
@@ -259,66 +261,6 @@ def micro_batches(rows, size, pad_id, device):
     """Batches of up to `size` rows of similar length: sorted by length, each padded to its own longest."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
     return [Batch([rows[i] for i in order[s:s + size]], pad_id, device) for s in range(0, len(order), size)]
-
-
-# -----------------------------------------------------------------------------
-# PPO, the baseline GRPO replaces (paper Eq. 1-2, --advantage gae): a value model instead of the group
-
-
-def gae(rewards, values, lam, gamma=1.0):
-    """Generalised advantage estimation over one output's tokens: A_t = Σ_l (γλ)^l δ_{t+l} with
-    δ_t = r_t + γ V_{t+1} − V_t and V = 0 after the last token (the output ends there). rewards, values: lists
-    of floats. Returns (advantages, returns R_t = A_t + V_t) as lists."""
-    adv, running = [0.0] * len(rewards), 0.0
-    for t in reversed(range(len(rewards))):
-        after = values[t + 1] if t + 1 < len(rewards) else 0.0
-        running = rewards[t] + gamma * after - values[t] + gamma * lam * running
-        adv[t] = running
-    return adv, [a + v for a, v in zip(adv, values)]
-
-
-def outcome_at_end(comps, rewards):
-    """Per output a (length,) tensor: its reward on the last token the model wrote, 0 elsewhere: PPO's r_φ,
-    given at the end of the episode (paper Eq. 2); the KL penalty joins it per token in ppo_advantages."""
-    out = []
-    for c, r in zip(comps, rewards.tolist()):
-        a = torch.zeros(len(c.ids))
-        a[max(i for i, s in enumerate(c.sampled) if s)] = r
-        out.append(a)
-    return out
-
-
-def ppo_advantages(batches, ref_logp, values, beta, lam, d):
-    """PPO's advantages: per token the reward r_t = r_φ·[t is the last] − β log(π_old/π_ref) (paper Eq. 2: the
-    KL is a penalty in the reward, not a term of the loss), then GAE with γ = 1 over the tokens each output's
-    model wrote (the sandbox's are skipped) against the value model's V_t, then whitened over every token of
-    the step on all ranks. Overwrites b.advantages (which held r_φ at the last token, from outcome_at_end) and
-    sets b.returns, the value model's targets."""
-    total = sq = 0.0
-    for b, ref, v in zip(batches, ref_logp, values):
-        r = (b.advantages - beta * (b.sampler_logp - ref)) * b.mask  # (b, T)
-        adv, b.returns = torch.zeros_like(r), v.clone()
-        for i in range(len(r)):
-            for k in b.segment[i].unique().tolist():
-                idx = ((b.segment[i] == k) & b.mask[i]).nonzero()[:, 0]
-                if k < 1 or not len(idx):
-                    continue
-                a, ret = gae(r[i, idx].tolist(), v[i, idx].tolist(), lam)
-                adv[i, idx], b.returns[i, idx] = torch.tensor(a), torch.tensor(ret)
-        b.advantages = adv
-        total, sq = total + adv[b.mask].sum().item(), sq + (adv[b.mask] ** 2).sum().item()
-    n = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
-    mean = common.all_sum(d, total) / max(n, 1)
-    std = max(common.all_sum(d, sq) / max(n, 1) - mean ** 2, 0.0) ** 0.5
-    for b in batches:
-        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask
-
-
-def value_loss_sum(v, old_v, returns, mask, clip):
-    """PPO's clipped value loss, summed over the masked tokens: ½ max((V − R)², (V_old + clip(V − V_old, ±c) −
-    R)²), so that one update moves a value at most c from where the rollout found it."""
-    clipped = old_v + (v - old_v).clamp(-clip, clip)
-    return (0.5 * torch.maximum((v - returns) ** 2, (clipped - returns) ** 2) * mask).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -697,7 +639,7 @@ def main(args):
         # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
         # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
         per_token, n_zero_std = (token_advantages(comps, rewards, steps, args) if value is None else
-                                 (outcome_at_end(comps, rewards), 0))
+                                 (ppo.outcome_at_end(comps, rewards), 0))
         rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
         batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
         # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
@@ -706,7 +648,7 @@ def main(args):
             old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
             old_values = [b.values(value) for b in batches] if value is not None else None
         if value is not None:
-            ppo_advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
+            ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
         t3 = time.time()
         # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
         n_seq = common.all_sum(d, len(comps))
@@ -738,17 +680,8 @@ def main(args):
                                  f"in {args.out}/checkpoints (lower --lr, then --resume)")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if value is not None:  # PPO's critic, on the same batches: the clipped value loss, a token mean
-                value_loss = 0.0
-                for k, b in enumerate(batches):
-                    with common.autocast(d, args):
-                        v = b.values(value)
-                    vl = value_loss_sum(v, old_values[k], b.returns, b.mask, args.value_clip)
-                    (vl * d.world / max(n_tok, 1)).backward()
-                    value_loss += vl.item()
-                common.clip_grad_norm(value, args.grad_clip)
-                value_opt.step()
-                value_opt.zero_grad(set_to_none=True)
+            if value is not None:  # PPO's critic, on the same batches
+                value_loss = ppo.update_value(value, value_opt, batches, old_values, n_tok, d, args)
         step += 1
         t4 = time.time()
         # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,

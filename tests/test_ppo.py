@@ -1,4 +1,4 @@
-"""grpo.py --advantage gae, PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token KL
+"""ppo.py (grpo.py --advantage gae), PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token KL
 reward laid over packed rows, and the command line on 1 and 2 ranks with an exact resume of the value model."""
 import json
 import math
@@ -8,7 +8,8 @@ import torch
 
 import common
 from engine import Completion
-from grpo import gae, micro_batches, outcome_at_end, pack_rows, ppo_advantages, value_loss_sum
+from grpo import micro_batches, pack_rows
+from ppo import advantages, gae, outcome_at_end, value_loss_sum
 from test_grpo import grpo_args, run
 
 
@@ -43,7 +44,7 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
     ref = torch.zeros_like(b.sampler_logp) - 0.4
     values = torch.linspace(0.1, 0.9, b.inputs.shape[1])[None]  # a value at each position
     beta, lam = 0.5, 0.9
-    ppo_advantages([b], [ref], [values], beta, lam, common.Dist(0, 1, torch.device("cpu")))
+    advantages([b], [ref], [values], beta, lam, common.Dist(0, 1, torch.device("cpu")))
     want = []
     for k, (c, score) in enumerate(zip(comps, (1.0, 0.0)), 1):
         idx = (b.segment[0] == k).nonzero()[:, 0]
