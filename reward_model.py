@@ -313,8 +313,8 @@ def main(args):
 
     t0 = time.time()
     sampler, comps, outcomes, golds = sample_completions(args.policy, tok, problems, args, d)
-    common.print0(d, f"{len(comps)} completions of {len(problems)} questions per rank, {np.mean(outcomes):.1%} right "
-                     f"({time.time() - t0:.0f} s)")
+    common.print0(d, f"rank 0: {len(comps)} completions of {len(comps) // args.samples} questions, "
+                     f"{np.mean(outcomes):.1%} right ({time.time() - t0:.0f} s)")
     built = {}
     if "orm" in kinds:
         built["orm"] = outcome_examples(comps, outcomes)
