@@ -421,6 +421,9 @@ def dry_run(args, config):
 # -----------------------------------------------------------------------------
 # Training
 
+# flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
+SIZE_DEFAULTS = dict(micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -524,7 +527,7 @@ def main(args):
     if args.dry_run:
         config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
         d = common.Dist(0, 1, torch.device("cpu"))
-        common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
+        common.size_defaults(args, config, d, **SIZE_DEFAULTS)
         return dry_run(args, config)
     d = common.init_dist()
     torch.manual_seed(args.seed)
@@ -540,7 +543,7 @@ def main(args):
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
-    common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
+    common.size_defaults(args, config, d, **SIZE_DEFAULTS)
     room = [p for p in problems  # a prompt that leaves no room for an answer teaches nothing
             if len(engine.prompt_ids(tok, p["question"], args.prompt)) + args.max_new_tokens
             <= config.max_seq_len]
