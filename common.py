@@ -8,6 +8,7 @@ compute the same thing. Nothing here knows about a particular stage's data or lo
 cross-entropy (train_step), which pretraining and SFT share.
 """
 
+import atexit
 import dataclasses
 import json
 import math
@@ -79,13 +80,18 @@ def autocast(d, args):
 
 def finish(d, status=0):
     """End a process of a run, on every rank together: wait for all of them (rank 0 may still be writing the
-    export), then destroy the process group while Python is fully alive. A rank that tore its group down while a
-    peer was still busy, or left it to the interpreter's teardown, could abort after its work was done ("terminate
-    called without an active exception", seen on gloo CPU ranks), which torchrun reports as a failed run. A
-    non-zero status then exits (130: stopped by a signal)."""
+    export), destroy the process group, run the atexit handlers, and leave without the interpreter's teardown.
+    destroy_process_group drops only the registry's references: the model's device mesh keeps the C++ gloo group
+    alive until teardown frees it, and a gloo worker thread freed there can abort a rank whose work is done
+    ("terminate called without an active exception", seen on gloo CPU ranks), which torchrun reports as a failed
+    run. A non-zero status then exits (130: stopped by a signal)."""
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     if status:
         sys.exit(status)
 
@@ -379,7 +385,6 @@ def claim(out, d, resume=False):
     then clears an earlier run's checkpoints and metrics, so that --resume can never pick up a stale step."""
     if not d.main:
         return
-    import atexit
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "RUNNING")
     try:

@@ -49,10 +49,8 @@ def token_logprobs(logits, targets, chunk=None):
 def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS):
     """token_logprobs(hidden @ weight.T, targets) with at most `budget` logits alive at once: memory independent
     of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...)."""
-    C = hidden.shape[-1]
     rows = rows_triton if backend(hidden) == "triton" else rows_torch
-    out = HiddenLogprobs.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), budget, rows)
-    return out.view(targets.shape)
+    return HiddenLogprobs.apply(hidden, weight, targets, budget, rows)
 
 
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04):

@@ -142,7 +142,9 @@ def rows_triton(x, targets):
 
 class HiddenLogprobs(torch.autograd.Function):
     """log softmax(h W^T)[t] from final hidden states h (N, C) and the LM head W (V, C), with at most `budget`
-    logits alive at once: the (N, V) logits never exist. Forward takes rows in chunks of budget / V and keeps one
+    logits alive at once: the (N, V) logits never exist. h may be (..., C) and targets (...): the result has
+    targets' shape as a tensor of its own, not a view (FSDP2 warns of a root module that returns a view, whose
+    in-place edit would drop its backward hook). Forward takes rows in chunks of budget / V and keeps one
     float per row (lse). Backward recomputes the logits (one extra matmul, as activation checkpointing does),
     this time in chunks of budget / N vocabulary columns: for columns c, grad_logits[:, c] = g (onehot - exp(x - lse)),
     grad_h += grad_logits[:, c] W[c] and grad_W[c] = grad_logits[:, c]^T h, so each slice of grad_W is written
@@ -151,21 +153,22 @@ class HiddenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, budget, rows_fn):
+        result = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
+        ctx.h_shape, h, targets, out = h.shape, h.reshape(-1, h.shape[-1]), targets.reshape(-1), result.view(-1)
         N, V = len(h), len(weight)
-        out = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         rows = max(1, budget // V)
         for i in range(0, N, rows):
             out[i:i + rows], lse[i:i + rows] = rows_fn(h[i:i + rows] @ weight.T, targets[i:i + rows])
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.budget = budget
-        return out
+        return result
 
     @staticmethod
     def backward(ctx, g):
         h, weight, targets, lse = ctx.saved_tensors
         N, V = len(h), len(weight)
-        g = g.float()
+        g = g.reshape(-1).float()
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         grad_w = torch.empty_like(weight)
         cols = max(1, ctx.budget // max(N, 1))
@@ -177,4 +180,4 @@ class HiddenLogprobs(torch.autograd.Function):
             d = d.to(weight.dtype)
             grad_h += (d @ w).float()
             grad_w[j:j + cols] = d.T @ h
-        return grad_h.to(h.dtype), grad_w, None, None, None
+        return grad_h.to(h.dtype).view(ctx.h_shape), grad_w, None, None, None

@@ -52,7 +52,7 @@ def test_the_8_gpu_path_on_4_cpu_ranks(deepseek_shaped, tmp_path):
     r = run([*RANKS, "sft.py", "--init", str(model_dir), "--data", str(problems), "--eval-data", str(held_out),
              "--eval-problems", "4", "--max-steps", "2", "--batch", "8", "--micro-batch", "2", "--lr", "1e-3",
              "--activation-checkpointing", "--out", str(sft)])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r.stdout, r.stderr)
     grpo = tmp_path / "grpo"
     argv = [*RANKS, "grpo.py", "--init", str(sft), "--data", str(problems), "--eval-data", str(held_out),
             "--eval-problems", "4", "--report-problems", "0", "--questions", "4", "--group-size", "4",
@@ -67,11 +67,11 @@ def test_the_8_gpu_path_on_4_cpu_ranks(deepseek_shaped, tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "stopped by signal at step" in out + err, err[-3000:]
+    assert proc.returncode != 0 and "stopped by signal at step" in out + err, _why(out, err)
     steps = [json.loads(line)["step"] for line in _read(grpo / "metrics.jsonl").splitlines() if '"loss"' in line]
     assert steps and steps[-1] < 3
     r = run([*argv, "--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, _why(r.stdout, r.stderr)
     rows = [json.loads(line) for line in _read(grpo / "metrics.jsonl").splitlines() if '"loss"' in line]
     assert [row["step"] for row in rows] == list(range(1, 4))
     # the export opens in transformers, stops where we do, and gives our logits
@@ -82,6 +82,14 @@ def test_the_8_gpu_path_on_4_cpu_ranks(deepseek_shaped, tmp_path):
     tokens = torch.randint(0, 700, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(theirs.float()(tokens).logits, ours.float()(tokens), atol=1e-4, rtol=0)
+
+
+def _why(out, err):
+    """The ranks' own last words: torchrun's report of a failed child (its tracebacks, 'Sending process ...
+    SIGTERM') fills the tail of stderr and would push them out of the message."""
+    cut = err.find("elastic/multiprocessing/api.py:")
+    err = err[:err.rfind("\n", 0, cut) + 1] if cut >= 0 else err
+    return f"stdout: {out[-1500:]}\nstderr: {err[-3000:]}"
 
 
 def _read(path):
