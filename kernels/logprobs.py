@@ -153,8 +153,10 @@ class HiddenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, budget, rows_fn):
+        ctx.h_shape = h.shape
         result = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
-        ctx.h_shape, h, targets, out = h.shape, h.reshape(-1, h.shape[-1]), targets.reshape(-1), result.view(-1)
+        out = result.view(-1)  # the rows are written through this flat view
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         N, V = len(h), len(weight)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         rows = max(1, budget // V)
