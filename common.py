@@ -29,6 +29,32 @@ from model import CheckpointError, Transformer
 from tokenizer import Tokenizer, TokenizerError
 
 # -----------------------------------------------------------------------------
+# The flags every trainer takes
+
+
+def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, helps=None):
+    """The optimizer, schedule, precision, checkpoint and logging flags of pretrain.py, sft.py, grpo.py and
+    reward_model.py, spelled once; a stage gives its own defaults, and helps={flag: text} for a flag whose meaning
+    it sharpens."""
+    def add(flag, help=None, **kw):
+        ap.add_argument(flag, help=(helps or {}).get(flag, help), **kw)
+    add("--warmup", type=int, default=warmup, help="warmup steps")
+    add("--schedule", default=schedule, choices=["constant", "cosine", "multistep"], help="LR after --warmup "
+        "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the steps)")
+    add("--weight-decay", type=float, default=weight_decay)
+    add("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    add("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU (CPU runs in "
+        "float32)")
+    add("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add("--compile", action="store_true", help="torch.compile each block")
+    add("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (and at the end and on "
+        "SIGTERM)")
+    add("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
+    add("--seed", type=int, default=0)
+
+
+# -----------------------------------------------------------------------------
 # Processes and devices
 
 

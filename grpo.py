@@ -488,23 +488,14 @@ def parse_args(argv=None):
                     "table's maj@k and pass@k (0: no table)")
     ap.add_argument("--report-samples", type=int, default=8, help="k of the table's maj@k and pass@k")
     ap.add_argument("--report-temperature", type=float, default=0.7)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--warmup", type=int, default=0)
-    ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "multistep"],
-                    help="LR after --warmup (paper: not given; cosine to a tenth of --lr); as pretrain.py's")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block for training, and capture the "
-                    "rollouts' decode step (a CUDA graph on GPU)")
-    ap.add_argument("--ckpt-every", type=int, default=20, help="checkpoint every N steps (and on SIGTERM)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
+        "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
+        "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
+                     "on GPU)"})
     ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
     ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
     ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
-    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.supervision is None:
         args.supervision = "process" if args.reward == "prm" else "outcome"

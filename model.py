@@ -267,7 +267,8 @@ class Transformer(nn.Module):
         if self.config.head == "score":
             if targets is not None:
                 raise ValueError("a model with the 'score' head has no next-token log-probs: call it without targets")
-            return self.score(h)[..., 0].float()
+            # a tensor of its own, not a view of the (B, T, 1) output: FSDP2 warns on views returned from forward
+            return self.score(h)[..., 0].to(torch.float32, copy=True)
         if targets is None:
             return self.lm_head(h)
         if self.lm_head.bias is not None:

@@ -26,8 +26,9 @@ from dataclasses import asdict
 import torch
 
 import data
-from common import (Log, StopFlag, activation_bytes, all_sum, autocast, build_model, export_hf, finish, init_dist,
-                    make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run, train_step)
+from common import (Log, StopFlag, activation_bytes, add_training_args, all_sum, autocast, build_model, export_hf,
+                    finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run,
+                    train_step)
 from kernels import CHUNK_ELEMENTS
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
@@ -81,19 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward per rank")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR (paper: 4.2e-4 at 7B; small models take more)")
-    ap.add_argument("--warmup", type=int, default=30, help="warmup steps (paper: 2000)")
-    ap.add_argument("--schedule", default="multistep", choices=["multistep", "cosine", "constant"])
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU "
-                    "(CPU runs in float32)")
-    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block")
+    add_training_args(ap, warmup=30, schedule="multistep", ckpt_every=100, weight_decay=0.1,
+                      helps={"--warmup": "warmup steps (paper: 2000)"})
     ap.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: never)")
-    ap.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
     ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
     return ap.parse_args(argv)

@@ -277,17 +277,7 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank (default: 128 "
                     "below 1B parameters, 32 above)")
     ap.add_argument("--lr", type=float, default=2e-4, help="peak LR (paper: 2e-5 at 7B)")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "multistep"])
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--ckpt-every", type=int, default=50)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
-    ap.add_argument("--seed", type=int, default=0)
+    common.add_training_args(ap, warmup=10, schedule="cosine", ckpt_every=50)
     return ap.parse_args(argv)
 
 

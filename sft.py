@@ -120,21 +120,11 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
                     "(default: 16 below 1B parameters, 4 above)")
     ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "multistep"])
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--ckpt-every", type=int, default=100)
+    common.add_training_args(ap, warmup=10, schedule="constant", ckpt_every=100)
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
                     "(default: 64 below 1B parameters, 32 above)")
-    ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
-    ap.add_argument("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
-    ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
