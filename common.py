@@ -440,6 +440,25 @@ def check_resumable(out, args, keys):
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 
+def trim_metrics(out, step):
+    """Drop the metrics lines a killed run wrote after its last checkpoint (and a line the kill cut short): the
+    resumed run writes those steps again, and a curve must not show them twice."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+
+    def covered(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    with open(path) as f:
+        kept = [line for line in f if covered(line)]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def start_run(args, d, model, opt, keys, extra=None):
     """Claim args.out for this run and write its args.json; with --resume, first restore the last checkpoint of
     the run that wrote it (the settings in `keys` must match). Returns the step to start from."""
@@ -451,6 +470,8 @@ def start_run(args, d, model, opt, keys, extra=None):
         if ckpt is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
         step = load_checkpoint(ckpt, model, opt, extra)
+        if d.main:
+            trim_metrics(args.out, step)
         print0(d, f"resumed from {ckpt} at step {step}")
     if d.main:
         with open(os.path.join(args.out, "args.json"), "w") as f:

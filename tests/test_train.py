@@ -111,6 +111,15 @@ def test_stop_by_signal_then_resume_equals_an_uninterrupted_run(data_dir, tmp_pa
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(tmp_path / "ref")), rtol=0, atol=1e-6)
 
 
+def test_resume_drops_the_metrics_a_killed_run_wrote_after_its_last_checkpoint(tmp_path):
+    rows = [{"step": 0, "eval_loss": 2.0}] + [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 6, "lo')  # the kill cut this line short
+    common.trim_metrics(str(tmp_path), 3)
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == rows[:4]
+
+
 def test_resume_refuses_other_settings(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "1", *TINY, "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-2000:]
