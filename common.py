@@ -447,16 +447,15 @@ def trim_metrics(out, step):
     if not os.path.isfile(path):
         return
 
-    def covered(line):
+    def row(line):
         try:
-            return json.loads(line).get("step", 0) <= step
+            return json.loads(line)
         except ValueError:
-            return False
+            return None
 
     with open(path) as f:
-        kept = [line for line in f if covered(line)]
-    with open(path, "w") as f:
-        f.writelines(kept)
+        rows = [r for r in map(row, f) if r is not None and r.get("step", 0) <= step]
+    data.write_jsonl(path, rows)  # through a temporary file: a second interruption here loses nothing
 
 
 def start_run(args, d, model, opt, keys, extra=None):
