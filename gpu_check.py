@@ -3,7 +3,7 @@
 A GPU is lent to this project rarely and briefly, so this is prepared in advance and its CPU smoke mode runs in
 the tests (it cannot rot). Four parts:
 - token log-probs + the GRPO loss, forward and backward, from 16K tokens of logits at V = 32K, 102,400 and 152K
-  in bf16: naive PyTorch, its torch.compile, ours (kernels/, Triton), ours from the hidden states (the logits
+  in bf16: naive PyTorch, its torch.compile, ours (fused_kernels/, Triton), ours from the hidden states (the logits
   never exist) and Liger-Kernel's GRPO loss when it is installed; time, GB/s of the minimum traffic (read the
   logits forward, read them and write their gradient backward) against the measured copy bandwidth, peak memory;
 - decoding with engine.generate at 1B parameters in bf16: batch 64, 512 new tokens, tokens/s, eager and with
@@ -30,7 +30,7 @@ import engine
 import grpo
 import pretrain
 from bench import timed
-from kernels.bench import copy_bandwidth
+from fused_kernels.bench import copy_bandwidth
 from model import PRESETS, ModelConfig, Transformer
 
 
@@ -53,7 +53,7 @@ def peak_gib(fn, cuda):
 def loss_methods(N, V, C, dtype, device):
     """(name -> a function computing the summed GRPO loss of N tokens from logits or hidden states, all on the
     same random data; the tensors they differentiate)."""
-    from kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, naive_logprobs, token_logprobs
+    from fused_kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, naive_logprobs, token_logprobs
     torch.manual_seed(0)
     logits = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
     hidden = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)

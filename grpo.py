@@ -35,7 +35,7 @@ sampling: groups whose rewards all agree are replaced by ones that carry signal)
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
 it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
 (PPO, the method GRPO replaces: line 9 from a value model instead of the group). Generation is engine.py's, the
-per-token loss kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's
+per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's
 advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
@@ -62,7 +62,7 @@ import pretrain
 import reward
 import reward_model
 import sft
-from kernels import grpo_token_loss
+from fused_kernels import grpo_token_loss
 from model import PRESETS, ModelConfig, config_from_hf
 from tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low,
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
     logp, old_logp, ref_logp, advantages, weights: (B, T). Returns (loss sum, KL sum over the weighted tokens,
     number of them whose ratio is outside the clip)."""
-    # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (kernels/grpo_loss.py)
+    # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
     ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1

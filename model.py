@@ -2,7 +2,7 @@
 
 DeepSeekMath-Base 7B is a plain Llama (paper §2; docs/paper.md §2): pre-norm RMSNorm, rotary position
 embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
-input and output embeddings, no biases. This file is the whole model; it imports torch, safetensors and kernels/
+input and output embeddings, no biases. This file is the whole model; it imports torch, safetensors and fused_kernels/
 (token log-probs) only and knows nothing of tokenizers, data or process groups (FSDP2 is applied by common.py).
 Its forward gives logits, or token log-probs without the logits (training); `prefill` and `decode_step` are the
 two calls of a KV-cache decoder, whose scheduling and sampling are engine.py's.
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import hidden_logprobs
+from fused_kernels import hidden_logprobs
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -256,7 +256,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None):
         """Logits (B, T, V); or, given targets (B, T), the log-probabilities log π(targets_t | tokens_≤t) (B, T) in
-        fp32, computed from the hidden states a chunk of rows at a time (kernels.hidden_logprobs), so that the
+        fp32, computed from the hidden states a chunk of rows at a time (fused_kernels.hidden_logprobs), so that the
         (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Inside forward, FSDP2
         gathers the LM head as for any other use of it. vocab_limit: the tokenizer's size, for a head with more
         rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is then over the real ids only, the

@@ -29,7 +29,7 @@ import data
 from common import (Log, StopFlag, activation_bytes, add_training_args, all_sum, autocast, build_model, export_hf,
                     finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run,
                     train_step)
-from kernels import CHUNK_ELEMENTS
+from fused_kernels import CHUNK_ELEMENTS
 from model import PRESETS, ModelConfig, Transformer, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -39,7 +39,7 @@ from model import PRESETS, ModelConfig, Transformer, config_from_hf
 def memory_plan(config, world, micro_batch, seq_len, ac):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
-    logits never exist whole (model.forward with targets, kernels.hidden_logprobs), only a block of
+    logits never exist whole (model.forward with targets, fused_kernels.hidden_logprobs), only a block of
     CHUNK_ELEMENTS of them (bf16, its fp32 copy and the exp's temporary) and, in backward, grad_h's fp32
     accumulator with its bf16 and fp32 partial sums (tokens x dim, 4 + 2 + 4 bytes)."""
     with torch.device("meta"):

@@ -1,9 +1,9 @@
-"""kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and gradient."""
+"""fused_kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and gradient."""
 import pytest
 import torch
 
-import kernels
-from kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, token_logprobs
+import fused_kernels
+from fused_kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, token_logprobs
 
 BACKENDS = ["torch", "triton"]
 
@@ -144,4 +144,4 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="KERNELS_BACKEND"):
         token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
     monkeypatch.delenv("KERNELS_BACKEND")
-    assert kernels.backend(torch.zeros(1)) == "torch"  # CPU tensors default to PyTorch
+    assert fused_kernels.backend(torch.zeros(1)) == "torch"  # CPU tensors default to PyTorch

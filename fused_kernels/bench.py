@@ -8,8 +8,8 @@ so that a peak is its own:
     triton     logits = h W^T, then the Triton kernel (GPU)
     hidden     hidden_logprobs(h, W): no logits tensor at all (what model.forward(tokens, targets) runs)
 
-    python -m kernels.bench                     # CPU: 2048 tokens, width 256, fp32
-    python -m kernels.bench --tokens 16384      # GPU: width 4096, bf16
+    python -m fused_kernels.bench                     # CPU: 2048 tokens, width 256, fp32
+    python -m fused_kernels.bench --tokens 16384      # GPU: width 4096, bf16
 """
 
 import argparse
@@ -26,7 +26,7 @@ import torch
 def run_one(method, N, V, C, dtype, device, repeats):
     """Time one method; returns (seconds per forward+backward, peak bytes: on CUDA beyond what was allocated
     before the first call, on a CPU the process's peak resident memory)."""
-    from kernels import hidden_logprobs, naive_logprobs, token_logprobs
+    from fused_kernels import hidden_logprobs, naive_logprobs, token_logprobs
     torch.manual_seed(0)
     h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(V, C, device=device, dtype=dtype) * C ** -0.5).requires_grad_()
@@ -90,7 +90,7 @@ if __name__ == "__main__":
     print(f"{'vocab':>7} {'method':<9} {'ms':>9} {label:>20} {'logits alone':>13}")
     for V in map(int, args.vocabs.split(",")):
         for m in methods:
-            r = subprocess.run([sys.executable, "-m", "kernels.bench", "--one", f"{m}:{V}", "--tokens", str(args.tokens),
+            r = subprocess.run([sys.executable, "-m", "fused_kernels.bench", "--one", f"{m}:{V}", "--tokens", str(args.tokens),
                                 "--width", str(args.width), "--dtype", args.dtype, "--repeats", str(args.repeats)],
                                capture_output=True, text=True)
             if r.returncode:
