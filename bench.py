@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from model import PRESETS, KVCache, ModelConfig, Transformer
+from model import PRESETS, KVCache, ModelConfig, Transformer, config_from_hf
 
 
 def timed(fns, repeats, device):
@@ -440,7 +440,10 @@ def bench_grpo(args):
     grpo.py's LR (1e-4) on its default schedule (cosine to a tenth, no warmup: TRL's cosine_with_min_lr at 0.1 is the
     same function; or constant), AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04 with the k3 estimate,
     epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward, fp32 on the CPU,
-    prompts token-identical (BOS included; checked)."""
+    prompts token-identical (BOS included; checked), and the same questions at every step (TRL walks grpo.py's
+    draws in order). --trl-sampler engine gives TRL's trainer its rollouts from our engine (TRL's rollout_func,
+    sampling the model TRL is training, with grpo.py's seeds): with the same rollouts the two trainers should take
+    the same steps, which the per-step rewards show until float rounding makes a sample differ."""
     import statistics
 
     import common
@@ -465,6 +468,10 @@ def bench_grpo(args):
     test = data.load_problems(args.eval_data)[:args.eval_problems]
     d = common.Dist(0, 1, torch.device("cpu"))
     ours = grpo.parse_args([])  # the defaults both trainers run
+    room = config_from_hf(args.init).max_seq_len - ours.max_new_tokens
+    if any(len(engine.prompt_ids(tok, p["question"])) > room for p in problems):
+        raise SystemExit(f"bench.py grpo: {args.rl_data} has prompts too long for {ours.max_new_tokens} new tokens: "
+                         "grpo.py would skip them and draw from another list than TRL walks")
     steps = args.steps or ours.max_steps
     schedule = dict(constant=dict(lr_scheduler_type="constant"),
                     cosine=dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs=dict(min_lr_rate=0.1)))
@@ -484,11 +491,27 @@ def bench_grpo(args):
         ours_s = [json.loads(line)["seconds"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
                   if '"seconds"' in line]
 
+        ours_rewards = [json.loads(line)["reward"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
+                        if '"reward"' in line]
+
+        # TRL walks its dataset in order (no shuffle): grpo.py's draws, step after step
+        walk = [problems[i] for step in range(steps) for i in grpo.draw(len(problems), ours.questions, args.seed, step)]
         hf_tok = transformers.AutoTokenizer.from_pretrained(args.init)
-        prompt_ids = [engine.prompt_ids(tok, p["question"]) for p in problems]
+        prompt_ids = [engine.prompt_ids(tok, p["question"]) for p in walk]
         prompts = [tok.decode(ids) for ids in prompt_ids]  # TRL takes text: BOS is in it, as its special token
         same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids))
         print(f"prompts token-identical under TRL's tokenizer call: {same} of {len(prompts)}")
+        question_of = dict(zip(prompts, (p["question"] for p in walk)))
+        sampler = Transformer.from_pretrained(args.init, dtype=torch.float32)
+
+        def engine_rollouts(prompts, trainer):  # grpo.py's rollouts of the model TRL trains (--trl-sampler engine)
+            sampler.load_state_dict({k.removeprefix("model."): v for k, v in trainer.model.state_dict().items()})
+            step = trainer.state.global_step
+            comps = engine.complete(sampler, tok, [question_of[p] for p in prompts], "cot", ours.max_new_tokens,
+                                    ours.temperature, ours.top_p, seed=args.seed * 1_000_003 + step * 1009,
+                                    batch=len(prompts))  # grpo.py's seed for (seed, step) on one rank
+            return dict(prompt_ids=[c.prompt for c in comps], completion_ids=[c.ids for c in comps],
+                        logprobs=[c.logprobs for c in comps])
 
         def correctness(completions, answer, **_):
             return [reward.math_reward(c, a) for c, a in zip(completions, answer)]
@@ -510,13 +533,15 @@ def bench_grpo(args):
             adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
             loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
             bf16=False, use_cpu=True, seed=args.seed, report_to="none", logging_steps=1, save_strategy="no",
-            disable_tqdm=True)
-        dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in problems]})
+            disable_tqdm=True, shuffle_dataset=False)
+        dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in walk]})
         model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
         timer = StepTimer()
         trainer = trl.GRPOTrainer(model=model, reward_funcs=correctness, args=config, train_dataset=dataset,
-                                  processing_class=hf_tok, callbacks=[timer])
+                                  processing_class=hf_tok, callbacks=[timer],
+                                  rollout_func=engine_rollouts if args.trl_sampler == "engine" else None)
         trainer.train()
+        trl_rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
         trainer.model.save_pretrained(trl_dir)
         tok.save(trl_dir)
         trl_s = timer.seconds
@@ -529,6 +554,9 @@ def bench_grpo(args):
     print(f"{'grpo.py':<10}{ours_step:8.2f}{100 * ours_acc:9.1f}%")
     print(f"{'TRL':<10}{trl_step:8.2f}{100 * trl_acc:9.1f}%")
     print(f"speed ratio ours/TRL: {trl_step / ours_step:.2f}x")
+    agree = next((i for i, (a, b) in enumerate(zip(ours_rewards, trl_rewards)) if abs(a - b) > 1e-6), steps)
+    print(f"mean rewards equal for the first {agree} of {steps} steps (TRL's sampler: {args.trl_sampler}); "
+          f"over all steps, grpo.py {statistics.mean(ours_rewards):.4f}, TRL {statistics.mean(trl_rewards):.4f}")
 
 
 if __name__ == "__main__":
@@ -555,6 +583,8 @@ if __name__ == "__main__":
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--steps", type=int, default=None, help="grpo: steps of each trainer (default: grpo.py's)")
     ap.add_argument("--seed", type=int, default=0, help="grpo: both trainers' seed")
+    ap.add_argument("--trl-sampler", default="trl", choices=["trl", "engine"],
+                    help="grpo: TRL's own generate, or rollouts from our engine through TRL's rollout_func")
     args = ap.parse_args()
     if args.suite == "data":
         bench_data(args)

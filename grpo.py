@@ -70,6 +70,12 @@ from tokenizer import Tokenizer
 # The pieces, named as in the paper
 
 
+def draw(n_problems, n, seed, step):
+    """Line 5: the indices of step's batch D_b, n of n_problems without replacement, a function of (seed, step)
+    alone, so that a resumed run draws what the uninterrupted one would have."""
+    return np.random.default_rng([seed, step]).choice(n_problems, n, replace=False)
+
+
 def zero_std_groups(rewards):
     """(questions, G) rewards -> (questions,) bool: groups whose rewards all agree, which carry no signal."""
     return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
@@ -600,10 +606,9 @@ def main(args):
     per_rank, G = args.questions // d.world, args.group_size
     while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
         t0 = time.time()
-        # 5. a batch of questions, this rank's share: a function of (seed, step), so that resume is exact
-        rng = np.random.default_rng([args.seed, step])
+        # 5. a batch of questions, this rank's share
         drawn = per_rank * args.oversample
-        batch = [problems[i] for i in rng.choice(len(problems), drawn * d.world, replace=False)]
+        batch = [problems[i] for i in draw(len(problems), drawn * d.world, args.seed, step)]
         batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
         # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
         # weights gathered once (no collective per token)

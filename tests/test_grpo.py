@@ -465,3 +465,52 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     assert row["clip_frac"] == 0 < mu["clip_frac"]
     high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
     assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
+
+
+def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(base, problems, tmp_path, monkeypatch):
+    """grpo.py's whole training path at step 1 (rows that hold a prompt once, log-probs from the hidden states,
+    the fused loss, the normalisation over micro-batches) against Eq. 3 written plainly on transformers' Llama,
+    one output at a time on full logits: the same gradient. The rollouts are scripted (mixed rewards, sandbox
+    tokens that carry no loss, an output cut at the budget)."""
+    import transformers
+
+    import common
+    import data
+    import grpo
+    import scripted_grpo
+    answers = {p["question"]: p["answer"] for p in data.load_problems(str(problems))}
+    monkeypatch.setattr(scripted_grpo, "ANSWERS", answers)
+    seen, clip = {}, common.clip_grad_norm
+
+    def complete(model, tok, questions, *a, **k):
+        seen["questions"], seen["comps"] = questions, scripted_grpo.scripted(model, tok, questions, *a, **k)
+        return seen["comps"]
+
+    def clip_and_keep(model, max_norm):
+        seen["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        return clip(model, max_norm)
+
+    monkeypatch.setattr(engine, "complete", complete)
+    monkeypatch.setattr(common, "clip_grad_norm", clip_and_keep)
+    args = scripted_args(base, problems, tmp_path / "run", "--max-steps", "1", "--report-problems", "0")[1:]
+    grpo.main(grpo.parse_args(args))
+
+    tok = Tokenizer.load(base)
+    comps = seen["comps"]
+    r = torch.tensor([reward.math_reward(c.text, answers[q]) for q, c in zip(seen["questions"], comps)]).view(-1, 4)
+    std = r.std(1, keepdim=True)  # Bessel's, as the paper's std is usually read (and TRL's)
+    adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
+    assert 0 < (adv > 0).sum() < len(adv)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    loss = 0.0
+    for c, a in zip(comps, adv):
+        logits = hf(torch.tensor([c.prompt + c.ids])).logits[0, len(c.prompt) - 1:-1, :tok.vocab_size]
+        logp = logits.log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]  # (|o_i|,)
+        ratio = torch.exp(logp - logp.detach())  # π_θ / π_old: 1, with π_θ's gradient
+        m = torch.tensor(c.sampled, dtype=torch.float32)  # the model's own tokens
+        loss = loss - (ratio * a * m).sum() / m.sum()  # (the KL term's gradient is 0 at π_θ = π_ref)
+    (loss / len(comps)).backward()
+    theirs = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
+    diff = sum(((seen["grads"][k] - g) ** 2).sum() for k, g in theirs.items()) ** 0.5
+    norm = sum((g ** 2).sum() for g in theirs.values()) ** 0.5
+    assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
