@@ -5,6 +5,8 @@ model: model.py vs transformers on the same weights. Training: tokens/s of forwa
   (left-padded for transformers), ours (preallocated KV cache) vs `generate` (its dynamic cache), greedy.
 engine: GRPO-shaped sampling, 16 prompts x 8 samples with ragged lengths: engine.generate vs the static-batch loop
   it replaced and transformers' `generate`.
+sampler: the toy SFT model's samples from engine.complete and from transformers' `generate`: an exact per-token
+  test of each sampler and their reward rates, paired per question.
 data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
   14 x 8 banding): the share of near copies dropped by true-Jaccard bucket on real prose (docstrings), then recall
   and false drops on the toy crawl judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
@@ -22,6 +24,7 @@ reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grade
     python bench.py data                  # needs the toy data: python data.py
     python bench.py reward [--show]       # --show lists every pair either grader gets wrong
     python bench.py grpo [--steps 10]     # needs the toy SFT model and pip install trl
+    python bench.py sampler [--seed 1]    # needs the toy SFT model
 """
 
 import argparse
@@ -182,6 +185,70 @@ def bench_engine(args):
         for k, r in rates.items():
             print(f"{name:>6} {k:<32} {r:9.0f} {r / rates['transformers generate']:6.2f}x", flush=True)
         print(f"{name:>6} engine.generate / static batch: {rates['engine.generate'] / rates[list(rates)[1]]:.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# sampler: does the engine draw what transformers' generate draws?
+
+
+def bench_sampler(args):
+    """The toy SFT model sampled by engine.complete and by transformers' generate as TRL calls it (left-padded
+    batches of 128, temperature 1, top_k 0, top_p 1), --questions RL questions x --samples each, up to 96 new
+    tokens. Two checks per sampler, on its own samples scored by our forward: one exact per token (at each
+    position the most likely token is drawn with its probability p_max, so Σ (1[argmax drawn] - p_max) over the
+    sampled tokens is 0 in expectation with variance Σ p_max (1 - p_max); its z-score stays within ±3 for an
+    exact sampler), and the reward rate, paired per question between the two samplers (difference ± its standard
+    error): what GRPO's groups see."""
+    import statistics
+
+    import transformers
+
+    import data
+    import reward
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(args.init)
+    problems = data.load_problems(args.rl_data)[:args.questions]
+    questions = [p["question"] for p in problems for _ in range(args.samples)]
+    golds = [p["answer"] for p in problems for _ in range(args.samples)]
+    prompts = [engine.prompt_ids(tok, q) for q in questions]
+    model = Transformer.from_pretrained(args.init, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).eval()
+    drawn = {"engine.complete": [c.ids for c in engine.complete(model, tok, questions, "cot", 96, 1.0,
+                                                                seed=args.seed, batch=128)]}
+    torch.manual_seed(args.seed)
+    drawn["transformers generate"] = []
+    for i in range(0, len(prompts), 128):
+        chunk = prompts[i:i + 128]
+        P = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=96, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, P:].tolist()
+        drawn["transformers generate"] += [row[:row.index(tok.eos_id) + 1] if tok.eos_id in row else row
+                                           for row in out]  # a row without EOS ran to the budget
+
+    print(f"{args.questions} questions x {args.samples} samples from {args.init}")
+    print(f"{'sampler':<24}{'reward':>8}{'length':>8}{'flat groups':>13}{'argmax z':>10}")
+    per_question = {}
+    for name, outs in drawn.items():
+        rewards, excess, variance = [], 0.0, 0.0
+        for p, ids, gold in zip(prompts, outs, golds):
+            with torch.no_grad():
+                probs = model(torch.tensor([p + ids]))[0, len(p) - 1:-1, :tok.vocab_size].float().softmax(-1)
+            p_max, top = probs.max(-1)  # (|o|,): the most likely token at each position, and its probability
+            excess += ((top == torch.tensor(ids)).float() - p_max).sum().item()
+            variance += (p_max * (1 - p_max)).sum().item()
+            rewards.append(reward.math_reward(tok.decode([t for t in ids if t != tok.eos_id]), gold))
+        groups = [rewards[i:i + args.samples] for i in range(0, len(rewards), args.samples)]
+        per_question[name] = [statistics.mean(g) for g in groups]
+        flat = sum(len(set(g)) == 1 for g in groups)
+        length = statistics.mean(map(len, outs))
+        print(f"{name:<24}{statistics.mean(rewards):8.4f}{length:8.2f}{flat:>8d}/{len(groups):<4d}"
+              f"{excess / variance ** 0.5:+10.2f}")
+    diff = [a - b for a, b in zip(*per_question.values())]
+    print(f"reward per question, engine - transformers: {100 * statistics.mean(diff):+.2f} ± "
+          f"{100 * statistics.stdev(diff) / len(diff) ** 0.5:.2f} points")
 
 
 # -----------------------------------------------------------------------------
@@ -561,7 +628,8 @@ def bench_grpo(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("suite", nargs="?", default="model", choices=["model", "engine", "data", "reward", "grpo"])
+    ap.add_argument("suite", nargs="?", default="model",
+                    choices=["model", "engine", "sampler", "data", "reward", "grpo"])
     ap.add_argument("--sizes", default="toy,100m", help="model: comma-separated model.PRESETS names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -582,7 +650,9 @@ if __name__ == "__main__":
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="grpo: held-out problems")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--steps", type=int, default=None, help="grpo: steps of each trainer (default: grpo.py's)")
-    ap.add_argument("--seed", type=int, default=0, help="grpo: both trainers' seed")
+    ap.add_argument("--seed", type=int, default=0, help="grpo: both trainers' seed; sampler: both samplers'")
+    ap.add_argument("--questions", type=int, default=100, help="sampler: RL questions sampled")
+    ap.add_argument("--samples", type=int, default=16, help="sampler: samples of each question")
     ap.add_argument("--trl-sampler", default="trl", choices=["trl", "engine"],
                     help="grpo: TRL's own generate, or rollouts from our engine through TRL's rollout_func")
     args = ap.parse_args()
@@ -594,6 +664,8 @@ if __name__ == "__main__":
         bench_grpo(args)
     elif args.suite == "engine":
         bench_engine(args)
+    elif args.suite == "sampler":
+        bench_sampler(args)
     else:
         print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
         print(f"{'size':>6} {'what':<26} {'ours tok/s':>11} {'transformers':>13} {'ratio':>6}")
