@@ -555,11 +555,9 @@ def bench_grpo(args):
         ours_dir, trl_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "trl")
         grpo.main(grpo.parse_args(["--init", args.init, "--data", args.rl_data, "--eval-data", "none",
                                    "--out", ours_dir, "--max-steps", str(steps), "--seed", str(args.seed)]))
-        ours_s = [json.loads(line)["seconds"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
-                  if '"seconds"' in line]
-
-        ours_rewards = [json.loads(line)["reward"] for line in open(os.path.join(ours_dir, "metrics.jsonl"))
-                        if '"reward"' in line]
+        rows = [json.loads(line) for line in open(os.path.join(ours_dir, "metrics.jsonl"))]
+        ours_s = [r["seconds"] for r in rows if "seconds" in r]
+        ours_rewards = [r["reward"] for r in rows if "reward" in r]
 
         # TRL walks its dataset in order (no shuffle): grpo.py's draws, step after step
         walk = [problems[i] for step in range(steps) for i in grpo.draw(len(problems), ours.questions, args.seed, step)]
@@ -575,8 +573,8 @@ def bench_grpo(args):
             sampler.load_state_dict({k.removeprefix("model."): v for k, v in trainer.model.state_dict().items()})
             step = trainer.state.global_step
             comps = engine.complete(sampler, tok, [question_of[p] for p in prompts], "cot", ours.max_new_tokens,
-                                    ours.temperature, ours.top_p, seed=args.seed * 1_000_003 + step * 1009,
-                                    batch=len(prompts))  # grpo.py's seed for (seed, step) on one rank
+                                    ours.temperature, ours.top_p, seed=grpo.rollout_seed(args.seed, step, 0),
+                                    batch=len(prompts))
             return dict(prompt_ids=[c.prompt for c in comps], completion_ids=[c.ids for c in comps],
                         logprobs=[c.logprobs for c in comps])
 

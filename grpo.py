@@ -76,6 +76,12 @@ def draw(n_problems, n, seed, step):
     return np.random.default_rng([seed, step]).choice(n_problems, n, replace=False)
 
 
+def rollout_seed(seed, step, rank):
+    """Line 7's randomness: the sampler's seed for (run seed, step, rank); its streams are the outputs' places in
+    the rank's batch (engine.complete)."""
+    return seed * 1_000_003 + step * 1009 + rank
+
+
 def zero_std_groups(rewards):
     """(questions, G) rewards -> (questions,) bool: groups whose rewards all agree, which carry no signal."""
     return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
@@ -615,7 +621,7 @@ def main(args):
         questions = [p["question"] for p in batch for _ in range(G)]
         with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
             comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
-                                    args.top_p, seed=args.seed * 1_000_003 + step * 1009 + d.rank,
+                                    args.top_p, seed=rollout_seed(args.seed, step, d.rank),
                                     batch=args.gen_batch, compile=args.compile)
         t1 = time.time()
         # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
