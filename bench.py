@@ -58,6 +58,15 @@ def timed(fns, repeats, device):
     return best
 
 
+def left_padded(prompts, pad_id=0):
+    """Prompts of several lengths as one batch for transformers' generate: (ids, attention mask), padded on the
+    left so that every row's last prompt token sits in the last column, where generation continues."""
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 def bench_size(name, args):
     from transformers import AutoModelForCausalLM
 
@@ -91,12 +100,7 @@ def bench_size(name, args):
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.gen_batch,), generator=g).tolist()
     prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in lens]
-    P = max(lens)
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-    ids, mask = ids.to(args.device), mask.to(args.device)
+    ids, mask = (t.to(args.device) for t in left_padded(prompts))
     N = args.new_tokens
     with torch.no_grad():
         t_ours, t_ref = timed([lambda: engine.generate(ours, prompts, N, temperature=0, slots=len(prompts)),
@@ -159,12 +163,8 @@ def bench_engine(args):
         distinct = [torch.randint(1, V, (n,), generator=g).tolist() for n in lengths]
         prompts = [p for p in distinct for _ in range(8)]
         eos = set(torch.randperm(V - 1, generator=g)[:V // 35].add(1).tolist())
-        P = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), P, dtype=torch.long)
-        mask = torch.zeros(len(prompts), P, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
-        ids, mask, sampler = ids.to(args.device), mask.to(args.device), torch.Generator(args.device).manual_seed(0)
+        ids, mask = (t.to(args.device) for t in left_padded(prompts))
+        P, sampler = ids.shape[1], torch.Generator(args.device).manual_seed(0)
         kept = {}
 
         def ours():
@@ -218,13 +218,10 @@ def bench_sampler(args):
     torch.manual_seed(args.seed)
     drawn["transformers generate"] = []
     for i in range(0, len(prompts), 128):
-        chunk = prompts[i:i + 128]
-        P = max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+        ids, mask = left_padded(prompts[i:i + 128], tok.pad_id)
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=96, do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, P:].tolist()
+                              top_p=1.0, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, ids.shape[1]:].tolist()
         drawn["transformers generate"] += [row[:row.index(tok.eos_id) + 1] if tok.eos_id in row else row
                                            for row in out]  # a row without EOS ran to the budget
 
