@@ -493,12 +493,23 @@ def export_hf(model, out, tokenizer_dir, d, args):
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag that the loop checks after each step: the run saves, then exits."""
+    """SIGTERM / SIGINT set a flag that the loop checks after each step: the run saves, then exits. Used as
+    `with StopFlag() as stop:` around the loop, so the handlers it replaced come back when the run ends, however it
+    ends: a process that outlived them (main() called from Python, a test) would otherwise ignore SIGTERM, and so
+    would every process it forks later (a grading pool whose terminate() then waits forever)."""
 
     def __init__(self):
         self.raised = False
+        self.replaced = {}
+
+    def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._set)
+            self.replaced[sig] = signal.signal(sig, self._set)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.replaced.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def _set(self, signum, frame):
         self.raised = True

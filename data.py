@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from dedup import NearDupIndex, batched, decontaminate, drop_test_questions, minhash_dedup  # noqa: F401  (public)
-from reward import last_boxed  # a leaf (stdlib + sympy): reads MATH's reference answers as the grader does
+from reward import forked_pool, last_boxed  # a leaf (stdlib + sympy): MATH's answers read as the grader does
 from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
 # -----------------------------------------------------------------------------
@@ -299,7 +299,6 @@ def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000
     """Tokenize texts (any iterable, streamed) in parallel worker processes into {source}_NNNN.bin files of
     uint16 tokens (uint32 when the vocabulary exceeds 65,536), and an index {source}.json with the token count
     of each shard."""
-    import multiprocessing as mp
     tok = Tokenizer.load(tokenizer_dir)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
@@ -325,7 +324,7 @@ def write_shards(texts, tokenizer_dir, out_dir, source, shard_tokens=100_000_000
         buf, n_buf = [], 0
 
     if workers > 1:
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,))
+        pool = forked_pool(workers, _init_worker, (tokenizer_dir,))
         results = pool.imap(_encode_docs, chunks())
     else:
         _init_worker(tokenizer_dir)

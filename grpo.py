@@ -602,7 +602,7 @@ def main(args):
                 json.dump(row, f)
         return row
 
-    log, stop = common.Log(args.out, d, args.max_steps, step, every=1, args=args), common.StopFlag()
+    log = common.Log(args.out, d, args.max_steps, step, every=1, args=args)
     before = None
     if held_out:
         path = os.path.join(args.out, "before.json")
@@ -610,117 +610,119 @@ def main(args):
         if step == 0:
             log(dict(step=0, eval_greedy_accuracy=before["greedy"]))
     per_rank, G = args.questions // d.world, args.group_size
-    while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
-        t0 = time.time()
-        # 5. a batch of questions, this rank's share
-        drawn = per_rank * args.oversample
-        batch = [problems[i] for i in draw(len(problems), drawn * d.world, args.seed, step)]
-        batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
-        # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
-        # weights gathered once (no collective per token)
-        questions = [p["question"] for p in batch for _ in range(G)]
-        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
-            comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
-                                    args.top_p, seed=rollout_seed(args.seed, step, d.rank),
-                                    batch=args.gen_batch, compile=args.compile)
-        t1 = time.time()
-        # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
-        golds = [p["answer"] for p in batch for _ in range(G)]
-        rule = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
-        generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
-                         generated_reward=rule.sum().item(), generated=len(comps),
-                         generated_tokens=sum(len(c.ids) for c in comps))
-        if args.oversample > 1:
-            comps, rule = keep_groups_with_signal(comps, rule, G, per_rank)
-        rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
-        if rm is not None:
-            with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
-                scored = model_rewards(scorer, tok, comps, args.reward, args.micro_batch)
-            steps = scored if args.reward == "prm" else None
-            rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
-        elif args.supervision == "process":
-            steps = rule_steps(tok, comps, rule)
-        t2 = time.time()
-        # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
-        # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
-        per_token, n_zero_std = (token_advantages(comps, rewards, steps, args) if value is None else
-                                 (ppo.outcome_at_end(comps, rewards), 0))
-        rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
-        batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
-        # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-        with torch.no_grad(), common.autocast(d, args):  # as the policy's forward below, or the KL starts > 0
-            ref_logp = [b.logprobs(ref, tok.vocab_size) for b in batches] if ref is not None else None
-            old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
-            old_values = [b.values(value) for b in batches] if value is not None else None
-        if value is not None:
-            ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
-        t3 = time.time()
-        # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
-        n_seq = common.all_sum(d, len(comps))
-        n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
-        normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
-                          constant=n_seq * args.max_new_tokens)[args.loss_norm]
-        lr = common.set_lr(opt, step, args)
-        loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
-        gap_sum = gap_max = 0.0
-        checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
-        for update in range(args.mu):
-            loss_sum = kl_sum = n_clipped = neg_logp = 0.0
-            for k, b in enumerate(batches):
-                with common.autocast(d, args):
-                    logp = b.logprobs(policy, tok.vocab_size)  # (b, T)
-                if update == 0 and checked and b.mask.any():  # π_θ is still the sampler's π_old
-                    gap = (logp.detach().float() - b.sampler_logp).abs()[b.mask]  # (tokens the model wrote,)
-                    gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
-                old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
-                ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
-                total, kl, clipped = grpo_objective_sums(logp, old, ref_k, b.advantages, b.weights, args.clip_eps,
-                                                         args.clip_high or args.clip_eps, loss_beta)
-                (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
-                loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
-                neg_logp -= (logp.detach() * b.mask).sum().item()
-            grad_norm = common.clip_grad_norm(policy, args.grad_clip)
-            if not np.isfinite(grad_norm):
-                raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
-                                 f"in {args.out}/checkpoints (lower --lr, then --resume)")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if value is not None:  # PPO's critic, on the same batches
-                value_loss = ppo.update_value(value, value_opt, batches, old_values, n_tok, d, args)
-        step += 1
-        t4 = time.time()
-        # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
-        # and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
-        # --max-steps goes on as if it had never stopped)
-        refreshed = {}
-        if args.ref_reset and step % args.ref_reset == 0:
-            if args.rm_refresh:
-                refreshed = refresh_reward_model(rm, policy, tok, problems, history, step, args, d)
-            if ref is not None:
-                ref.load_state_dict(policy.state_dict())
-        trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
-        sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(), rule_reward=rule.sum().item(),
-                    loss=loss_sum, kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
-                    sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
-                    zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
-                    tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
-                    time_generate=t1 - t0, time_reward=t2 - t1, **generated)
-        if checked:
-            sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
-        row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
-                           dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
-        row.update(refreshed)
-        if value is not None:
-            row["value_loss"] = common.all_sum(d, value_loss) / max(n_tok, 1)
-        if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
-        log(row)
-        stopping = stop(d)
-        if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
-            common.save_checkpoint(args.out, policy, opt, step, d, extra)
-        if stopping:
-            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-            common.finish(d, 130)
+    with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
+        while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
+            t0 = time.time()
+            # 5. a batch of questions, this rank's share
+            drawn = per_rank * args.oversample
+            batch = [problems[i] for i in draw(len(problems), drawn * d.world, args.seed, step)]
+            batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
+            # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
+            # weights gathered once (no collective per token)
+            questions = [p["question"] for p in batch for _ in range(G)]
+            with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+                comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
+                                        args.top_p, seed=rollout_seed(args.seed, step, d.rank),
+                                        batch=args.gen_batch, compile=args.compile)
+            t1 = time.time()
+            # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
+            golds = [p["answer"] for p in batch for _ in range(G)]
+            rule = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
+            generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
+                             generated_reward=rule.sum().item(), generated=len(comps),
+                             generated_tokens=sum(len(c.ids) for c in comps))
+            if args.oversample > 1:
+                comps, rule = keep_groups_with_signal(comps, rule, G, per_rank)
+            rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
+            if rm is not None:
+                with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
+                    scored = model_rewards(scorer, tok, comps, args.reward, args.micro_batch)
+                steps = scored if args.reward == "prm" else None
+                rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
+            elif args.supervision == "process":
+                steps = rule_steps(tok, comps, rule)
+            t2 = time.time()
+            # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
+            # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
+            per_token, n_zero_std = (token_advantages(comps, rewards, steps, args) if value is None else
+                                     (ppo.outcome_at_end(comps, rewards), 0))
+            rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
+            batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
+            # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
+            with torch.no_grad(), common.autocast(d, args):  # as the policy's forward below, or the KL starts > 0
+                ref_logp = [b.logprobs(ref, tok.vocab_size) for b in batches] if ref is not None else None
+                old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
+                old_values = [b.values(value) for b in batches] if value is not None else None
+            if value is not None:
+                ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
+            t3 = time.time()
+            # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
+            n_seq = common.all_sum(d, len(comps))
+            n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
+            normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
+                              constant=n_seq * args.max_new_tokens)[args.loss_norm]
+            lr = common.set_lr(opt, step, args)
+            loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
+            gap_sum = gap_max = 0.0
+            checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
+            for update in range(args.mu):
+                loss_sum = kl_sum = n_clipped = neg_logp = 0.0
+                for k, b in enumerate(batches):
+                    with common.autocast(d, args):
+                        logp = b.logprobs(policy, tok.vocab_size)  # (b, T)
+                    if update == 0 and checked and b.mask.any():  # π_θ is still the sampler's π_old
+                        gap = (logp.detach().float() - b.sampler_logp).abs()[b.mask]  # (tokens the model wrote,)
+                        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
+                    old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
+                    ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
+                    total, kl, clipped = grpo_objective_sums(logp, old, ref_k, b.advantages, b.weights, args.clip_eps,
+                                                             args.clip_high or args.clip_eps, loss_beta)
+                    (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
+                    loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
+                    neg_logp -= (logp.detach() * b.mask).sum().item()
+                grad_norm = common.clip_grad_norm(policy, args.grad_clip)
+                if not np.isfinite(grad_norm):
+                    raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
+                                     f"in {args.out}/checkpoints (lower --lr, then --resume)")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if value is not None:  # PPO's critic, on the same batches
+                    value_loss = ppo.update_value(value, value_opt, batches, old_values, n_tok, d, args)
+            step += 1
+            t4 = time.time()
+            # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
+            # and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
+            # --max-steps goes on as if it had never stopped)
+            refreshed = {}
+            if args.ref_reset and step % args.ref_reset == 0:
+                if args.rm_refresh:
+                    refreshed = refresh_reward_model(rm, policy, tok, problems, history, step, args, d)
+                if ref is not None:
+                    ref.load_state_dict(policy.state_dict())
+            trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
+            sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(),
+                        rule_reward=rule.sum().item(),
+                        loss=loss_sum, kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
+                        sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
+                        zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
+                        tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
+                        time_generate=t1 - t0, time_reward=t2 - t1, **generated)
+            if checked:
+                sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
+            row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
+                               dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
+            row.update(refreshed)
+            if value is not None:
+                row["value_loss"] = common.all_sum(d, value_loss) / max(n_tok, 1)
+            if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+                row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
+            log(row)
+            stopping = stop(d)
+            if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
+                common.save_checkpoint(args.out, policy, opt, step, d, extra)
+            if stopping:
+                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
+                common.finish(d, 130)
     if held_out:
         after = report("after")
         log(dict(step=step, eval_greedy_accuracy=after["greedy"]))

@@ -127,31 +127,32 @@ def main(args):
     n_params = num_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
               f"{args.micro_batch}x{args.seq_len} per rank per step, {args.max_steps} steps")
-    log, stop = Log(args.out, d, args.max_steps, step, args=args), StopFlag()
+    log = Log(args.out, d, args.max_steps, step, args=args)
     model.train()
-    while step < args.max_steps:
-        t0 = time.time()
-        batches = []
-        for k in range(accum):  # this rank's rows of the step's global batch, which is fixed by (seed, step)
-            lo = (d.rank * accum + k) * args.micro_batch
-            x, y = train.batch(step, range(lo, lo + args.micro_batch))
-            batches.append((torch.from_numpy(x), torch.from_numpy(y), torch.ones(x.shape, dtype=torch.bool)))
-        loss, norm, n = train_step(model, opt, batches, d, args, step)
-        step += 1
-        row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
-                   tokens_per_s=n / (time.time() - t0))
-        if d.device.type == "cuda":  # model FLOPs utilisation: 6N per token + attention, against bf16 dense peak
-            flops = flops_per_token(n_params, config, args.seq_len) * n / (time.time() - t0) / d.world
-            row["mfu"] = flops / peak_flops(d.device)
-        log(row)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-            log(dict(step=step, eval_loss=eval_loss(model, val, d, args)))
-        if stop(d):
-            save_checkpoint(args.out, model, opt, step, d)
-            print0(d, f"stopped by signal at step {step}; continue with --resume")
-            finish(d, 130)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            save_checkpoint(args.out, model, opt, step, d)
+    with StopFlag() as stop:  # the signal handlers are the run's only while it runs
+        while step < args.max_steps:
+            t0 = time.time()
+            batches = []
+            for k in range(accum):  # this rank's rows of the step's global batch, which is fixed by (seed, step)
+                lo = (d.rank * accum + k) * args.micro_batch
+                x, y = train.batch(step, range(lo, lo + args.micro_batch))
+                batches.append((torch.from_numpy(x), torch.from_numpy(y), torch.ones(x.shape, dtype=torch.bool)))
+            loss, norm, n = train_step(model, opt, batches, d, args, step)
+            step += 1
+            row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
+                       tokens_per_s=n / (time.time() - t0))
+            if d.device.type == "cuda":  # model FLOPs utilisation: 6N per token + attention, against bf16 dense peak
+                flops = flops_per_token(n_params, config, args.seq_len) * n / (time.time() - t0) / d.world
+                row["mfu"] = flops / peak_flops(d.device)
+            log(row)
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+                log(dict(step=step, eval_loss=eval_loss(model, val, d, args)))
+            if stop(d):
+                save_checkpoint(args.out, model, opt, step, d)
+                print0(d, f"stopped by signal at step {step}; continue with --resume")
+                finish(d, 130)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                save_checkpoint(args.out, model, opt, step, d)
     log.close()
     export_hf(model, args.out, tok_dir, d, args)
     print0(d, f"saved {args.out}")

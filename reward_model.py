@@ -225,19 +225,20 @@ def train(kind, examples, held_out, config, tok, args, d):
     model = common.build_model(replace(config, head="score"), d, run, init_dir=args.init)
     opt = common.make_optimizer(model, run)
     step = common.start_run(run, d, model, opt, ("init", "policy", "data", "samples", "seed"))
-    log, stop = common.Log(run.out, d, run.max_steps, step, args=run), common.StopFlag()
-    while step < run.max_steps:
-        t0 = time.time()
-        loss, norm, n = fit_step(model, opt, examples, step, tok.pad_id, d, run)
-        step += 1
-        log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
-                 seconds=time.time() - t0))
-        stopping = stop(d)
-        if stopping or step % run.ckpt_every == 0 or step == run.max_steps:
-            common.save_checkpoint(run.out, model, opt, step, d)
-        if stopping:
-            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-            common.finish(d, 130)
+    log = common.Log(run.out, d, run.max_steps, step, args=run)
+    with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
+        while step < run.max_steps:
+            t0 = time.time()
+            loss, norm, n = fit_step(model, opt, examples, step, tok.pad_id, d, run)
+            step += 1
+            log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
+                     seconds=time.time() - t0))
+            stopping = stop(d)
+            if stopping or step % run.ckpt_every == 0 or step == run.max_steps:
+                common.save_checkpoint(run.out, model, opt, step, d)
+            if stopping:
+                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
+                common.finish(d, 130)
     log.close()
     common.export_hf(model, run.out, args.policy, d, run)
     if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)

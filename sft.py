@@ -154,24 +154,25 @@ def main(args):
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
                        f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
-    log, stop = common.Log(args.out, d, args.max_steps, step, args=args), common.StopFlag()
+    log = common.Log(args.out, d, args.max_steps, step, args=args)
     model.train()
     per_rank = args.batch // d.world
-    while step < args.max_steps:
-        t0 = time.time()
-        mine = step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        mine.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: little padding
-        micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
-        loss, norm, n = common.train_step(model, opt, micro, d, args, step)
-        step += 1
-        log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
-                 tokens_per_s=n / (time.time() - t0)))
-        if stop(d):
-            common.save_checkpoint(args.out, model, opt, step, d)
-            common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-            common.finish(d, 130)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            common.save_checkpoint(args.out, model, opt, step, d)
+    with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
+        while step < args.max_steps:
+            t0 = time.time()
+            mine = step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+            mine.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: little padding
+            micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
+            loss, norm, n = common.train_step(model, opt, micro, d, args, step)
+            step += 1
+            log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
+                     tokens_per_s=n / (time.time() - t0)))
+            if stop(d):
+                common.save_checkpoint(args.out, model, opt, step, d)
+                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
+                common.finish(d, 130)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                common.save_checkpoint(args.out, model, opt, step, d)
     log.close()
     common.export_hf(model, args.out, args.init, d, args)
     del model, opt

@@ -233,3 +233,31 @@ def test_development_pairs_from_other_graders():
         sub = [r for r in rows if r["kind"] == kind]
         right = sum(our_verdict(r) == bool(r["label"]) for r in sub)
         assert right / len(sub) >= floor, (kind, right, len(sub))
+
+
+GRADE_UNDER_A_TRAINERS_HANDLERS = r"""
+import os, signal, sys, time
+import common, reward
+with common.StopFlag():  # as a trainer's loop holds it: SIGTERM only sets a flag
+    for _ in range(40):  # each call's pool ends in terminate(): its workers must die of the SIGTERM it sends
+        assert reward.batch_rewards(["so \\boxed{4}"] * 16, ["4"] * 16, workers=4) == [1.0] * 16
+print("graded", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # the run is over: the process is killable again
+time.sleep(10)
+print("survived SIGTERM", flush=True)
+"""
+
+
+def test_grading_pools_and_sigterm_under_a_trainers_handlers():
+    """A trainer's SIGTERM handler only sets a flag. Pools forked while it was installed hung in terminate() (a
+    worker kept waiting on the task queue's lock), and a process that ran a trainer's main() could not be stopped
+    by SIGTERM afterwards. Run in a child with a time limit, so that a hang fails here instead of hanging pytest."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", GRADE_UNDER_A_TRAINERS_HANDLERS], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": ROOT})
+    assert r.stdout.split("\n")[0] == "graded True", r.stdout + r.stderr[-2000:]
+    assert r.returncode == -signal.SIGTERM and "survived" not in r.stdout
