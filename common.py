@@ -487,9 +487,9 @@ def export_hf(model, out, tokenizer_dir, d, args):
         if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
-        tok = Tokenizer.load(out)
+        tok = Tokenizer.load(tokenizer_dir or out)  # with its generation_config.json's stop ids
         Transformer.save_pretrained(model, out, state_dict=state, dtype=compute_dtype(d, args), bos_id=tok.bos_id,
-                                    eos_id=tok.eos_id)
+                                    eos_id=list(tok.stop_ids))
 
 
 class StopFlag:

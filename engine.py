@@ -320,7 +320,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             break
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
         gen = generate(model, [prompts[i] + ids[i] for i in live], [budget[i] for i in live],
-                       temperature=temperature, top_p=top_p, eos_ids=[tok.eos_id], stop=stop, decode=tok.decode,
+                       temperature=temperature, top_p=top_p, eos_ids=tok.stop_ids, stop=stop, decode=tok.decode,
                        seed=seed, streams=live, vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                        slots=batch, progress=progress if rounds == 1 else None, compile=compile)
         again = []
@@ -329,7 +329,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             sampled[i] += [True] * len(new)
             logprobs[i] += lp
             finished[i] = fin
-            if fin and new and new[-1] != tok.eos_id:  # stopped at ```output: run the program above it
+            if fin and new and new[-1] not in tok.stop_ids:  # stopped at ```output: run the program above it
                 shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
                 spliced = tok.encode("\n" + shown + "\n```\n")
                 ids[i] += spliced
@@ -340,7 +340,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         live = again
     out = []
     for i in range(n):
-        text = tok.decode([t for t in ids[i] if t != tok.eos_id])
+        text = tok.decode([t for t in ids[i] if t not in tok.stop_ids])
         if prompt == "pot":
             text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
         out.append(Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i]))

@@ -148,7 +148,8 @@ def held_out_metrics(model, tok, problems, d, **kw):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="out/toy/sft", help="a Hugging Face model directory (ours or any llama/qwen2)")
+    ap.add_argument("--model", default="out/toy/sft", help="a Hugging Face model directory (ours, or a "
+                    "llama/qwen2/qwen3/mistral one)")
     ap.add_argument("--data", default="out/toy/data/problems/test.jsonl", help="GSM8K / MATH / our jsonl")
     ap.add_argument("--prompt", default="cot", choices=sorted(data.PROMPTS), help="answer format")
     ap.add_argument("--samples", type=int, default=1, help="completions per problem (K of maj@K, pass@K)")

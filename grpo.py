@@ -554,6 +554,9 @@ def main(args):
         common.print0(d, f"{args.data}: {len(problems) - len(room)} questions leave no room for "
                          f"{args.max_new_tokens} new tokens in the model's {config.max_seq_len} positions: skipped")
     problems = room
+    if len(problems) < args.questions * args.oversample:
+        raise SystemExit(f"{args.data}: {len(problems)} usable questions (the count above), fewer than one step "
+                         f"draws ({args.questions * args.oversample}): give more data or a smaller --questions")
     # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
     policy = common.build_model(config, d, args, init_dir=args.init)
     ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None

@@ -1,7 +1,7 @@
 """The transformer: a Llama/DeepSeek-family decoder, its KV cache, and Hugging Face checkpoint I/O.
 
 DeepSeekMath-Base 7B is a plain Llama (paper §2; docs/paper.md §2): pre-norm RMSNorm, rotary position
-embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Llama-3 load too), untied
+embeddings, SwiGLU feed-forward, multi-head attention (grouped-query here, so Qwen2/Qwen3/Llama-3 load too), untied
 input and output embeddings, no biases. This file is the whole model; it imports torch, safetensors and fused_kernels/
 (token log-probs) only and knows nothing of tokenizers, data or process groups (FSDP2 is applied by common.py).
 Its forward gives logits, or token log-probs without the logits (training); `prefill` and `decode_step` are the
@@ -43,6 +43,7 @@ class ModelConfig:
     rope_scaling: dict | None = None  # Hugging Face's rope_scaling: None, {"rope_type": "linear" | "llama3", ...}
     norm_eps: float = 1e-6
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+    qk_norm: bool = False  # Qwen3 RMS-normalises each head's query and key before RoPE
     tie_embeddings: bool = False
     # "lm": next-token logits (Hugging Face's ...ForCausalLM); "score": one scalar per position instead
     # (...ForSequenceClassification with one label), the head of a reward or value model (reward_model.py)
@@ -118,6 +119,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, kv=None, pos=None):
         """x (B, T, C). mask None: causal attention over x itself; else (B, 1, T, S) bool, the keys each query sees.
@@ -125,8 +128,11 @@ class Attention(nn.Module):
         at [0, T) (a prefill); with pos (B,), T is 1 and each row's are written at its own position, and the query
         attends over the whole cache under `mask` (a decode step: every row may be at another length)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None and pos is None:
@@ -218,7 +224,7 @@ class Transformer(nn.Module):
         """Random init for training from scratch: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)
         (GPT-2) so the residual stream's variance does not grow with depth."""
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            if name.endswith("norm.weight"):  # the layer norms, the final one, Qwen3's q_norm and k_norm
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
@@ -294,8 +300,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         """Load a Hugging Face directory (config.json + model.safetensors, or sharded with
-        model.safetensors.index.json) of model_type llama, qwen2 or mistral. The model is built on the meta device
-        and each tensor is assigned as it is read, so a 7B model needs its own size in memory, not twice that.
+        model.safetensors.index.json) of model_type llama, qwen2, qwen3 or mistral. The model is built on the meta
+        device and each tensor is assigned as it is read, so a 7B model needs its own size in memory, not twice that.
         dtype None keeps the checkpoint's dtype."""
         from safetensors import safe_open
 
@@ -347,7 +353,8 @@ class Transformer(nn.Module):
         transformers, vLLM and lm-evaluation-harness load as they are. Pass `state_dict` to save a gathered
         copy (e.g. the full state of an FSDP-sharded model), `dtype` to write in another dtype than the weights'
         (bf16 from fp32 master weights), and the tokenizer's BOS/EOS ids so that other tools stop where ours do:
-        they go into config.json and generation_config.json (without them, Llama's 1 and 2 are assumed)."""
+        they go into config.json and generation_config.json (without them, Llama's 1 and 2 are assumed). eos_id may
+        be a list (an instruct model's stop ids): config.json takes the first, generation_config.json all."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -356,12 +363,14 @@ class Transformer(nn.Module):
         state = {("" if k in heads else "model.") + k: v.detach().to(dtype).contiguous().cpu()
                  for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_embeddings)}
         dtype = next(iter(state.values())).dtype
-        special = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
+        eos = list(eos_id) if isinstance(eos_id, (list, tuple)) else [] if eos_id is None else [eos_id]
+        special = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos[0] if eos else None))
+                   if v is not None}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({**config_to_hf(self.config, dtype), **special}, f, indent=2)
         if special:
             with open(os.path.join(path, "generation_config.json"), "w") as f:
-                json.dump(special, f, indent=2)
+                json.dump({**special, **({"eos_token_id": eos} if len(eos) > 1 else {})}, f, indent=2)
         shards, size = [{}], 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
@@ -388,7 +397,8 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "mistral": "MistralForCausalLM"}
 
 
 class CheckpointError(ValueError):
@@ -410,7 +420,7 @@ def config_from_hf(path) -> ModelConfig:
     if kind not in HF_ARCHITECTURES:
         raise CheckpointError(f"{file}: model_type {kind!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
     if c.get("attention_bias") or c.get("mlp_bias"):
-        raise CheckpointError(f"{file}: Llama attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
+        raise CheckpointError(f"{file}: attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if k not in c]
     if missing:
@@ -421,7 +431,7 @@ def config_from_hf(path) -> ModelConfig:
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
     max_len = c.get("max_position_embeddings", 4096)
-    if kind == "mistral" and c.get("sliding_window"):
+    if c.get("sliding_window") and c.get("use_sliding_window", kind == "mistral"):  # Qwen2/3 say whether they slide
         max_len = min(max_len, c["sliding_window"])  # within the window, sliding attention is plain attention
     head = "lm"
     if any(a.endswith("ForSequenceClassification") for a in c.get("architectures") or []):
@@ -433,12 +443,14 @@ def config_from_hf(path) -> ModelConfig:
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
         ffn_dim=c["intermediate_size"], max_seq_len=max_len, rope_theta=theta, rope_scaling=rope,
-        norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2",
+        norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
         tie_embeddings=c.get("tie_word_embeddings", False), head=head)
 
 
 def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
-    kind = "qwen2" if cfg.qkv_bias else "llama"  # a Llama with attention_bias would also bias o_proj
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise ValueError("no Hugging Face architecture has both q/k/v biases and q/k norms")
+    kind = "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"  # Llama's attention_bias: o_proj too
     arch = HF_ARCHITECTURES[kind]
     if cfg.head == "score":  # transformers reads it at the last non-pad token: a reward model
         arch = arch.replace("ForCausalLM", "ForSequenceClassification")
@@ -448,7 +460,7 @@ def config_to_hf(cfg: ModelConfig, dtype=torch.float32) -> dict:
              max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
              rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
              torch_dtype=str(dtype).removeprefix("torch."))
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
         c.update(attention_bias=False, mlp_bias=False)
     if cfg.head == "score":
         c.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})

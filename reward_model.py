@@ -65,7 +65,7 @@ def token_index(tok, ids, ends):
 def step_ends(tok, comp):
     """The steps of a completion as (index in comp.ids of the step's last token, character offset where it ends):
     a step is a non-empty line, and the last step, ending at the completion's last token, holds the answer."""
-    text = tok.decode([t for t in comp.ids if t != tok.eos_id])
+    text = tok.decode([t for t in comp.ids if t not in tok.stop_ids])
     ends = [i for i, ch in enumerate(text) if ch == "\n" and text[:i].strip() and text[i - 1] != "\n"]
     steps = [(t, e) for t, e in zip(token_index(tok, comp.ids, ends), ends) if t < len(comp.ids) - 1]
     return steps + [(len(comp.ids) - 1, len(text))]
@@ -94,9 +94,9 @@ def shepherd_examples(sampler, tok, comps, outcomes, golds, n, hard, seed, batch
         for t, _ in s[:-1]:
             prefixes += [c.prompt + c.ids[:t + 1]] * n
             owner += [i] * n
-    gen = engine.generate(sampler, prefixes, max_new_tokens, temperature=1.0, eos_ids=[tok.eos_id], seed=seed,
+    gen = engine.generate(sampler, prefixes, max_new_tokens, temperature=1.0, eos_ids=tok.stop_ids, seed=seed,
                           vocab_limit=tok.vocab_size, slots=batch)
-    texts = [tok.decode([t for t in p[len(comps[i].prompt):] + new if t != tok.eos_id])
+    texts = [tok.decode([t for t in p[len(comps[i].prompt):] + new if t not in tok.stop_ids])
              for p, new, i in zip(prefixes, gen.tokens, owner)]
     reached = reward.batch_rewards(texts, [golds[i] for i in owner], workers=1)
     out, k = [], 0

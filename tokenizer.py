@@ -152,8 +152,12 @@ class Tokenizer:
         self._added_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if self.added else None
         self.splits, self.rank_to_id, self.normalizer, self.prefix_space_at = splits, rank_to_id, normalizer, prefix_space_at
         self.merges = merges  # (bytes_a, bytes_b) in priority order, for save()
+        # Qwen2 and Qwen2.5 have no BOS ("bos_token": null): their prompts start with the first text token
         self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
         self.pad_id = specials.get(pad, self.eos_id)
+        # every id that ends a generation: EOS and, for instruct models, the ids their generation_config.json adds
+        # (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); from_hf fills it in
+        self.stop_ids = (self.eos_id,) if self.eos_id is not None else ()
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
         if not all(bytes([b]) in ranks for b in range(256)):
             raise ValueError("a byte-level BPE vocabulary must contain all 256 single bytes")
@@ -179,8 +183,12 @@ class Tokenizer:
         if self.normalizer:
             texts = [unicodedata.normalize(self.normalizer, t) for t in texts]
         out = self._encode_added(texts, num_threads) if self._added_rx else self._encode_plain(texts, num_threads)
+        if eos and self.eos_id is None:
+            raise TokenizerError("encode(eos=True): this tokenizer has no EOS token (tokenizer_config.json's "
+                                 "eos_token); set one")
         if bos or eos:
-            out = [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
+            head, tail = [self.bos_id] if bos and self.bos_id is not None else [], [self.eos_id] if eos else []
+            out = [head + ids + tail for ids in out]
         return out
 
     def _encode_added(self, texts, num_threads):
@@ -221,9 +229,9 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
     def chat(self, question):
-        """The paper's prompt, `User: {question}\\n\\nAssistant:`, with BOS first. The answer that follows is
-        encoded as `encode(" " + answer, eos=True)`."""
-        return [self.bos_id] + self.encode(CHAT_FORMAT.format(question=question))
+        """The paper's prompt, `User: {question}\\n\\nAssistant:`, with BOS first (if the tokenizer has one). The
+        answer that follows is encoded as `encode(" " + answer, eos=True)`."""
+        return self.encode(CHAT_FORMAT.format(question=question), bos=True)
 
     # ---- training, saving, loading
 
@@ -341,9 +349,27 @@ class Tokenizer:
             with open(cfg_file, encoding="utf-8") as f:
                 cfg = json.load(f)
         name = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-        return cls(ranks, id_to_bytes, specials, splits, None if identity else rank_to_id, normalizer,
-                   prefix_space_at, bos=name(cfg.get("bos_token")), eos=name(cfg.get("eos_token")),
-                   pad=name(cfg.get("pad_token")), merges=merges if identity else None, added=added)
+        tok = cls(ranks, id_to_bytes, specials, splits, None if identity else rank_to_id, normalizer,
+                  prefix_space_at, bos=name(cfg.get("bos_token")), eos=name(cfg.get("eos_token")),
+                  pad=name(cfg.get("pad_token")), merges=merges if identity else None, added=added)
+        tok.stop_ids = tuple(dict.fromkeys(tok.stop_ids + _generation_eos_ids(path, n)))
+        return tok
+
+
+def _generation_eos_ids(path, vocab_size):
+    """The ids generation_config.json says end a generation (an int or a list), or () without the file."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return ()
+    try:
+        with open(file, encoding="utf-8") as f:
+            ids = json.load(f).get("eos_token_id")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise TokenizerError(f"{file}: not a JSON object ({e}); the file is damaged: copy it again") from None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else ids
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise TokenizerError(f"{file}: eos_token_id {ids!r} is not a list of ids below {vocab_size}")
+    return tuple(ids)
 
 
 def _split_isolated(rx, text):

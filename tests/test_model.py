@@ -35,6 +35,8 @@ HF_CONFIGS = {
     "qwen2-bias-tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
                                                        rope_theta=1000000.0)),
     "mistral": (transformers.MistralConfig, dict(num_key_value_heads=1, sliding_window=None)),
+    "qwen3-qk-norm": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
+                                                     rope_theta=1000000.0)),
 }
 
 
@@ -44,10 +46,10 @@ def hf_model(name):
               max_position_embeddings=64, rms_norm_eps=1e-6, **extra)
     torch.manual_seed(1)
     m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # HF zero-inits biases; make them matter
+    with torch.no_grad():  # HF zero-inits biases and sets norms to 1; make them matter
         for n, p in m.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.5)
+            if n.endswith("bias") or n.endswith("norm.weight"):
+                p.normal_(1.0 if n.endswith("norm.weight") else 0.0, 0.5)
     return m
 
 
@@ -74,14 +76,13 @@ def test_loads_sharded_checkpoints(tmp_path):
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), dict(qk_norm=True, head_dim=8)])
 def test_saved_checkpoints_load_in_transformers(kw, tmp_path):
     ours = tiny(**kw)
-    if kw:
-        with torch.no_grad():
-            for n, p in ours.named_parameters():
-                if n.endswith("bias"):
-                    p.normal_(0, 0.5)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("bias") or n.endswith("norm.weight"):
+                p.normal_(1.0 if n.endswith("norm.weight") else 0.0, 0.5)
     ours.save_pretrained(tmp_path, max_shard_bytes=100_000)  # forces shards + index
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     tokens = torch.randint(0, 97, (2, 33))
