@@ -3,8 +3,8 @@
 model: model.py vs transformers on the same weights. Training: tokens/s of forward + cross-entropy + backward,
   ours vs `LlamaForCausalLM`. Generation: new tokens/s of batched sampling from prompts of different lengths
   (left-padded for transformers), ours (preallocated KV cache) vs `generate` (its dynamic cache), greedy.
-engine: GRPO-shaped sampling, 16 prompts x 8 samples with ragged lengths: engine.generate vs the static-batch loop
-  it replaced and transformers' `generate`.
+engine: GRPO-shaped sampling, 16 prompts x 8 samples with ragged lengths: engine.generate (eager, and its decode step
+  compiled) vs the static-batch loop it replaced and transformers' `generate`.
 sampler: the toy SFT model's samples from engine.complete and from transformers' `generate`: an exact per-token
   test of each sampler and their reward rates, paired per question.
 data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
@@ -135,7 +135,7 @@ def static_batch_generate(model, prompts, max_new_tokens, eos_ids, generator):
         done |= torch.isin(nxt, eos)
         if done.all():
             break
-        h = model.decode_step(nxt, pos, cache)
+        h = model.decode_step(nxt, pos, cache, cache.k[0].shape[2])
         pos += 1
     return int(kept.sum())
 
@@ -143,9 +143,10 @@ def static_batch_generate(model, prompts, max_new_tokens, eos_ids, generator):
 def bench_engine(args):
     """16 prompts x G = 8 samples at temperature 1, up to 96 new tokens, random weights: a sequence stops at any of
     V / 35 ids made EOS, so completions are ragged (about 35 tokens on average, as the toy's), and the samples of
-    a prompt differ. engine.generate (shared prefill, rows refilled and compacted) against the static batch
-    above and transformers' generate given the 128 sequences as one left-padded batch (its dynamic cache, top_k
-    off). New tokens per second, each counting the tokens it kept."""
+    a prompt differ. engine.generate (shared prefill, rows refilled and compacted), eager and with the decode step
+    compiled (a Decoder kept across calls, as GRPO keeps one: timed warm), against the static batch above and
+    transformers' generate given the 128 sequences as one left-padded batch (its dynamic cache, top_k off). New
+    tokens per second, each counting the tokens it kept."""
     from transformers import AutoModelForCausalLM
 
     print(f"{'size':>6} {'generator':<32} {'tokens/s':>9} {'ratio':>7}")
@@ -165,11 +166,15 @@ def bench_engine(args):
         eos = set(torch.randperm(V - 1, generator=g)[:V // 35].add(1).tolist())
         ids, mask = (t.to(args.device) for t in left_padded(prompts))
         P, sampler = ids.shape[1], torch.Generator(args.device).manual_seed(0)
-        kept = {}
+        kept, decoder = {}, engine.Decoder(model, compile=True)
 
         def ours():
             gen = engine.generate(model, prompts, 96, temperature=1.0, eos_ids=eos, slots=len(prompts))
             kept["engine.generate"] = sum(map(len, gen.tokens))
+
+        def compiled():
+            gen = decoder.generate(prompts, 96, temperature=1.0, eos_ids=eos, slots=len(prompts))
+            kept["engine.generate, compiled"] = sum(map(len, gen.tokens))
 
         def static():
             kept["static batch (the previous loop)"] = static_batch_generate(model, prompts, 96, eos, sampler)
@@ -180,11 +185,12 @@ def bench_engine(args):
             is_eos = torch.isin(out, torch.tensor(sorted(eos), device=out.device))  # kept: up to the first EOS
             kept["transformers generate"] = int(((is_eos.cumsum(1) - is_eos.long()) == 0).sum())
 
-        seconds = timed([ours, static, hf], max(1, args.repeats // 3), args.device)
+        seconds = timed([ours, compiled, static, hf], max(1, args.repeats // 3), args.device)
         rates = {k: kept[k] / s for k, s in zip(kept, seconds)}
         for k, r in rates.items():
             print(f"{name:>6} {k:<32} {r:9.0f} {r / rates['transformers generate']:6.2f}x", flush=True)
-        print(f"{name:>6} engine.generate / static batch: {rates['engine.generate'] / rates[list(rates)[1]]:.2f}x")
+        print(f"{name:>6} engine.generate / static batch: {rates['engine.generate'] / rates[list(rates)[2]]:.2f}x; "
+              f"compiled / eager: {rates['engine.generate, compiled'] / rates['engine.generate']:.2f}x")
 
 
 # -----------------------------------------------------------------------------

@@ -224,19 +224,27 @@ def build_model(config, d, args, init_dir=None):
 
 
 @contextmanager
-def gathered(model, dtype=None):
+def gathered(model, dtype=None, into=None):
     """A plain Transformer for a generation phase: FSDP2's full parameters gathered once and held, so each rank
     decodes on its own, with no all-gather per token and no collective at all (ranks may stop at different
     steps). The model it yields shares those parameters but has no FSDP2 hooks, activation-checkpoint or
     compile wrappers: nothing runs per block call but the block. dtype: the compute dtype, where it differs from
     the parameters' (one GPU without FSDP2: a bf16 copy for the rollouts, as the bf16 training forward). Valid
-    only inside the `with`."""
+    only inside the `with`. into: a plain Transformer kept by the caller (from a first `copy.deepcopy` of what
+    this yields), into whose tensors the weights are copied and which is yielded instead: its memory stays where
+    it is, as a CUDA graph captured on it needs."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.unshard()
     try:
-        yield plain_view(model, dtype)
+        view = plain_view(model, dtype)
+        if into is not None:
+            with torch.no_grad():
+                for mine, theirs in zip(into.parameters(), view.parameters()):
+                    mine.copy_(theirs)
+            view = into
+        yield view
     finally:
         for m in mods:
             m.reshard()

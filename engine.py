@@ -28,6 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import data
 from model import KVCache
@@ -40,11 +41,16 @@ OUTPUT_SHOWN = 512  # characters of a program's output shown to the model (ToRA 
 # -----------------------------------------------------------------------------
 # Sampling with counter-based randomness
 
+BLOCK = 1024  # token ids per block of the two-level inverse CDF (sample)
+
 
 def _mul32(x, c):
-    """x * c mod 2^32 for x in [0, 2^32) (an int64 tensor or an int) and a constant c < 2^32, in pieces small
-    enough that no int64 product overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    """x * c mod 2^32 for x in [0, 2^32) (an int64 tensor or an int) and a constant c < 2^32, with no int64 product
+    that overflows: x * (c mod 2^31) < 2^63, and x * 2^31 mod 2^32 is x's lowest bit moved to the top."""
+    y = x * (c & 0x7FFFFFFF)
+    if c >> 31:
+        y = y + ((x & 1) << 31)
+    return y & 0xFFFFFFFF
 
 
 def _mix32(x):
@@ -57,9 +63,9 @@ def _mix32(x):
 
 
 def uniforms(seed, streams, positions):
-    """One uniform number in [0, 1) per row, a function of (seed, stream, position) only: streams and positions
-    are int64 tensors (B,). 24 bits, exact in float32 (a token of probability below 2^-24 is drawn at most at
-    that rate, as from any float32 sampler)."""
+    """One uniform number in [0, 1) per element, a function of (seed, stream, position) only: streams and positions
+    are int64 tensors of one shape (or broadcasting). 24 bits, exact in float32 (a token of probability below
+    2^-24 is drawn at most at that rate, as from any float32 sampler)."""
     key = _mix32(_mix32(seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF))
     h = _mix32(_mix32(streams & 0xFFFFFFFF) ^ key)
     h = _mix32(h ^ _mix32((positions & 0xFFFFFFFF) ^ 0x9E3779B9))
@@ -79,13 +85,44 @@ def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         p_sorted = sorted_logits.softmax(-1)
-        drop = p_sorted.cumsum(-1) - p_sorted >= top_p  # mass before this token already reaches top_p
+        drop = _cumsum(p_sorted) - p_sorted >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    p = logits.softmax(-1)  # (B, V)
-    cdf = p.cumsum(-1)
-    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # first token whose cdf passes u
-    last = p.size(-1) - 1 - (p > 0).flip(-1).int().argmax(-1)  # rounding can only overshoot into the zero tail
-    return torch.minimum(tok, last)
+    return _invert_cdf((logits - logits.amax(-1, keepdim=True)).exp(), u)
+
+
+def _blocks(p):
+    """(B, V) -> (B, ceil(V / BLOCK), BLOCK), zero-padded."""
+    return F.pad(p, (0, -p.size(-1) % BLOCK)).view(p.size(0), -1, BLOCK)
+
+
+def _cumsum(p):
+    """Cumulative sums along the last dimension in two levels, within blocks and over block totals: a scan over
+    the whole vocabulary is what inductor failed to generate code for on CUDA (V = 102,400, torch 2.11)."""
+    blocks = _blocks(p)
+    mass = blocks.sum(-1)  # (B, nb)
+    return (blocks.cumsum(-1) + (mass.cumsum(-1) - mass)[..., None]).flatten(1)[:, :p.size(-1)]
+
+
+def _invert_cdf(p, u):
+    """The first id whose cumulative mass exceeds u times the total of p (B, V) (unnormalised probabilities),
+    found in two levels: the block the draw falls in, then the id within it. u < 1 puts the draw below the total,
+    so the block has mass; within it, the scan's rounding may put the draw before its first id or past its last
+    one with mass: it gets that id."""
+    blocks = _blocks(p)  # (B, nb, BLOCK)
+    mass = blocks.sum(-1)  # (B, nb)
+    cdf = mass.cumsum(-1)
+    target = u * cdf[:, -1]  # (B,)
+    blk = (cdf <= target[:, None]).sum(-1)  # (B,)
+    inner = blocks.gather(1, blk[:, None, None].expand(-1, 1, BLOCK))[:, 0]  # (B, BLOCK)
+    rest = (target - (cdf - mass).gather(1, blk[:, None])[:, 0]).clamp(min=0)  # the draw's place in its block
+    j = (inner.cumsum(-1) <= rest[:, None]).sum(-1)
+    last = BLOCK - 1 - (inner > 0).flip(-1).int().argmax(-1)
+    return blk * BLOCK + torch.minimum(j, last)
+
+
+def token_logprob(logits, tok):
+    """log softmax(logits)[tok] per row, without the (B, V) log-softmax."""
+    return logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -99,172 +136,231 @@ class Generation:
     logprobs: list  # per prompt and token, log π(token) under the untempered model, over the ids it may sample
 
 
-class _Step:
-    """One decode step for every cache row, on the device: feed each row's last token, sample the next one, write
-    it to the row's output. Shapes are those of the cache, so a compiled step runs without the host: with
-    compile, torch.compile captures it (a CUDA graph on GPU, one per cache size), the cache and outputs marked as
-    static buffers it updates in place, and the seed a tensor, so that a new seed is not a new graph."""
+@dataclass
+class _Rows:
+    """What the decoder keeps on the device for each of its R rows: the KV cache (R rows of S positions), the
+    row's last token, the position the next one goes to, how many it has written, its random numbers (one per
+    token it may write, drawn when the row is given its sequence) and its tokens and log-probs (W of each)."""
+    cache: KVCache
+    cur: torch.Tensor  # (R,) int64
+    pos: torch.Tensor  # (R,) int64
+    count: torch.Tensor  # (R,) int64
+    u: torch.Tensor  # (R, W) float32
+    out: torch.Tensor  # (R, W) int64
+    out_lp: torch.Tensor  # (R, W) float32
 
-    def __init__(self, model, seed, temperature, top_k, top_p, vocab_limit, compile):
-        dev = model.lm_head.weight.device
-        self.model, self.vocab_limit, self.compiled = model, vocab_limit, compile
-        self.seed = torch.tensor(seed, device=dev) if compile else seed
-        self.opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.fn = torch.compile(self.step, dynamic=False, mode="reduce-overhead") if compile else self.step
+    @classmethod
+    def empty(cls, config, rows, length, width, dtype, device):
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return cls(KVCache.empty(config, rows, length, dtype, device), z(rows), z(rows), z(rows),
+                   z(rows, width, dtype=torch.float32), z(rows, width), z(rows, width, dtype=torch.float32))
 
-    def __call__(self, cur, pos, count, streams, cache, out, out_lp):
+    @property
+    def shape(self):
+        """(rows, positions, width)"""
+        return self.out.shape[0], self.cache.k[0].shape[2], self.out.shape[1]
+
+    def tensors(self):
+        return [*self.cache.k, *self.cache.v, self.cur, self.pos, self.count, self.u, self.out, self.out_lp]
+
+    def keep(self, idx):
+        """Rows idx (a tensor) moved to the front, in order, in place (compaction)."""
+        for t in self.tensors():
+            t[:len(idx)] = t[idx]
+
+
+def _logits(model, h, vocab_limit):
+    return model.lm_head(h).float()[:, :vocab_limit]  # rows past the tokenizer's ids: never sampled
+
+
+def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature, top_k, top_p, vocab_limit):
+    """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
+    sample the next one with the row's random number for it, write it and its log-prob to the row's output. Every
+    write is in place into whole buffers, no shape depends on the data and nothing goes back to the host: this is
+    what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
+    rows = torch.arange(n, device=cur.device)
+    h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
+    logits = _logits(model, h, vocab_limit)
+    at = count[:n].clamp(max=out.shape[1] - 1)
+    tok = sample(logits, u[rows, at], temperature, top_k, top_p)
+    out[rows, at], out_lp[rows, at] = tok, token_logprob(logits, tok)
+    cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
+
+
+class Decoder:
+    """A model's decoder. Its device state (_Rows) and its decode step persist from one call of `generate` to the
+    next with compile=True: the buffers are allocated at the largest shape asked for so far (lengths rounded up,
+    so that a new batch of prompts seldom needs a new one) and the step is compiled once, whole (fullgraph) and
+    for any row count and attention length (dynamic shapes), so that a CUDA graph recorded on those buffers is
+    replayed in every later call: GRPO keeps one Decoder for the run. Without compile each call allocates what it
+    needs and frees it (the memory goes back to training) and runs the step eagerly."""
+
+    def __init__(self, model, compile=False):
+        self.model, self.compiled, self.rows = model, compile, None
+        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None  # CUDA graphs
+        self.step = torch.compile(_decode_step, fullgraph=True, dynamic=True, mode=mode) if compile else _decode_step
+
+    def _state(self, R, S, W):
+        """Buffers for R rows of S positions and W new tokens: this call's own (eager), or the kept ones if they are
+        large enough, else larger ones (compiled)."""
+        cfg, dev, dtype = self.model.config, self.model.lm_head.weight.device, self.model.embed_tokens.weight.dtype
         if not self.compiled:
-            return self.step(cur, pos, count, streams, cache.k, cache.v, out, out_lp)
-        for t in (cache.k, cache.v, out, out_lp):
-            torch._dynamo.mark_static_address(t)
-        # a graph's outputs live in its own memory, overwritten by its next run: the loop keeps copies
-        return tuple(t.clone() for t in self.fn(cur, pos, count, streams, cache.k, cache.v, out, out_lp))
+            return _Rows.empty(cfg, R, S, W, dtype, dev)
+        if self.rows is not None:
+            have = self.rows.shape
+            if all(h >= need for h, need in zip(have, (R, S, W))):
+                return self.rows
+            R, S, W = (max(h, need) for h, need in zip(have, (R, S, W)))  # grow, never shrink
+        S, W = min(-(-S // 256) * 256, cfg.max_seq_len), -(-W // 64) * 64
+        self.rows = None  # free the old buffers first
+        self.rows = _Rows.empty(cfg, R, S, W, dtype, dev)
+        for t in self.rows.tensors():
+            torch._dynamo.mark_static_address(t)  # a graph's input that stays where it is: no copy per replay
+        return self.rows
 
-    def logits(self, h):
-        return self.model.lm_head(h).float()[:, :self.vocab_limit]  # rows past the tokenizer's ids: never sampled
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), stop=(),
+                 decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None, progress=None):
+        """Sample a continuation of each prompt (a list of token ids, BOS first if the tokenizer has one).
 
-    def draw(self, logits, streams, positions):
-        """Tokens for the positions `positions`, and their log-probs under the untempered model."""
-        tok = sample(logits, uniforms(self.seed, streams, positions), **self.opts)
-        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+        max_new_tokens: one budget, or one per prompt (cut at the model's context). A sequence stops at any id of
+        `eos_ids`, or once its decoded text holds a string of `stop` (needs `decode`, token ids to text).
+        seed, streams (one int per prompt; default 0, 1, ...): the randomness of each token is a function of (seed,
+        stream, position), so equal arguments give equal samples whatever `slots` is. vocab_limit: ids from there
+        on are never sampled, for a head with more rows than the tokenizer has ids. slots: cache rows, sequences
+        decoded at once. sync_every: decode steps between stop checks (default 1 on CPU, 8 on GPU, where each check
+        waits for the device). progress: anything with .update(n), told of each finished sequence. Returns a
+        Generation, in the order of `prompts`."""
+        model, cfg = self.model, self.model.config
+        if stop and decode is None:
+            raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
+        n = len(prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        budgets = [min(b, cfg.max_seq_len - len(p)) for p, b in zip(prompts, budgets)]
+        if n and min(budgets) <= 0:
+            P = len(prompts[budgets.index(min(budgets))])
+            raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
+        result = Generation([None] * n, [False] * n, [None] * n)
+        if n == 0:
+            return result
+        k = sync_every or (8 if model.lm_head.weight.is_cuda else 1)
+        B = min(slots, n)  # rows in use: [0, B), halved as the queue empties
+        # the longest sequence a row holds; W: a row may run up to k - 1 tokens past its stop before a check sees it
+        st = self._state(B, max(len(p) + b for p, b in zip(prompts, budgets)), max(budgets) + k)
+        _, S, W = st.shape
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        streams = list(range(n)) if streams is None else list(streams)
+        eos, max_stop = set(eos_ids), max((len(s.encode()) for s in stop), default=0)
+        seq = [-1] * B  # which prompt each row holds (-1: none)
+        checked = [0] * B  # tokens of each row already checked for a stop
+        at = [0] * B  # each row's position, as the device's `pos`: attention need not read the cache past the furthest
+        queue = deque(range(n))
+        waiting = Counter(tuple(p) for p in prompts)  # samples of each prompt not yet admitted
+        prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
 
-    def step(self, cur, pos, count, streams, k, v, out, out_lp):
-        S, W = k.shape[3], out.shape[1]
-        h = self.model.decode_step(cur, pos.clamp(max=S - 1), KVCache(k, v))  # past a row's end: it is stopping
-        tok, lp = self.draw(self.logits(h), streams, pos + 1)
-        rows, at = torch.arange(len(cur), device=cur.device), count.clamp(max=W - 1)
-        out[rows, at], out_lp[rows, at] = tok, lp
-        return tok, pos + 1, count + 1
+        def admit(rows):
+            """Give each free row the next waiting sequence: copy its prompt's cached prefill (prefilling the prompts
+            not seen yet, in one batch), draw its random numbers and sample its first token from the prompt's last
+            logits."""
+            js = [queue.popleft() for _ in rows]
+            self._prefill([p for p in dict.fromkeys(tuple(prompts[j]) for j in js) if p not in prefixes], prefixes,
+                          vocab_limit)
+            dev, by_prompt, first = st.cur.device, {}, []
+            for r, j in zip(rows, js):
+                p = tuple(prompts[j])
+                by_prompt.setdefault(p, []).append(r)
+                first.append(prefixes[p][2])
+                seq[r], checked[r], at[r] = j, 0, len(p)
+            for p, rs in by_prompt.items():  # one copy per layer of each prompt into all its rows
+                idx, (pk, pv, _) = torch.tensor(rs, device=dev), prefixes[p]
+                for i in range(cfg.n_layers):
+                    st.cache.k[i][idx, :, :len(p)], st.cache.v[i][idx, :, :len(p)] = pk[i], pv[i]
+                waiting[p] -= len(rs)
+                if not waiting[p]:
+                    del prefixes[p]
+            idx = torch.tensor(rows, device=dev)
+            start = torch.tensor([len(prompts[j]) for j in js], device=dev)  # where the first new token goes
+            stream = torch.tensor([streams[j] for j in js], device=dev)
+            st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
+            logits = torch.stack(first)
+            tok = sample(logits, st.u[idx, 0], **opts)
+            st.out[idx, 0], st.out_lp[idx, 0], st.cur[idx], st.pos[idx], st.count[idx] = \
+                tok, token_logprob(logits, tok), tok, start, 1
 
+        def stops_at(r, n_out, block, lo):
+            """Where row r's sequence stops among its tokens sampled since the last check (of its first n_out;
+            block[r] holds its tokens from lo on): (index of the last token kept, True if EOS or a stop string
+            ended it, False if its budget did), or None if it goes on."""
+            row = block[r]
+            for t in range(checked[r], n_out):
+                if row[t - lo] in eos or (max_stop and any(s in decode(row[max(lo, t + 1 - max_stop) - lo:t + 1 - lo])
+                                                           for s in stop)):
+                    return t, True
+                if t + 1 == budgets[seq[r]]:
+                    return t, False
+            checked[r] = n_out
+            return None
 
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), stop=(),
-             decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None, compile=False,
-             progress=None):
-    """Sample a continuation of each prompt (a list of token ids, BOS first) with the model's KV cache.
-
-    max_new_tokens: one budget, or one per prompt (cut at the model's context). A sequence stops at any id of
-    `eos_ids`, or once its decoded text holds a string of `stop` (needs `decode`, token ids to text).
-    seed, streams (one int per prompt; default 0, 1, ...): the randomness of each token is a function of (seed,
-    stream, position), so equal arguments give equal samples whatever `slots` is. vocab_limit: ids from there on
-    are never sampled, for a head with more rows than the tokenizer has ids. slots: cache rows, sequences decoded
-    at once. sync_every: decode steps between stop checks (default 1 on CPU, 8 on GPU, where each check waits for
-    the device). compile: capture the decode step with torch.compile (a CUDA graph on GPU). progress: anything
-    with .update(n), told of each finished sequence. Returns a Generation, in the order of `prompts`."""
-    if stop and decode is None:
-        raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
-    cfg, dev, dtype = model.config, model.lm_head.weight.device, model.embed_tokens.weight.dtype
-    n = len(prompts)
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    budgets = [min(b, cfg.max_seq_len - len(p)) for p, b in zip(prompts, budgets)]
-    if n and min(budgets) <= 0:
-        P = len(prompts[budgets.index(min(budgets))])
-        raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
-    streams = list(range(n)) if streams is None else list(streams)
-    k = sync_every or (8 if dev.type == "cuda" else 1)
-    eos, max_stop = set(eos_ids), max((len(s.encode()) for s in stop), default=0)
-    result = Generation([None] * n, [False] * n, [None] * n)
-    if n == 0:
+        while True:
+            free = [r for r in range(B) if seq[r] < 0]
+            if free and queue:
+                admit(free[:len(queue)])
+            live = [r for r in range(B) if seq[r] >= 0]
+            if not live:
+                break
+            if not queue and len(live) <= B // 2:  # nothing waits: run the live rows at the size they need
+                B = 1 << (len(live) - 1).bit_length()
+                keep = live + [r for r in range(len(seq)) if seq[r] < 0][:B - len(live)]
+                st.keep(torch.tensor(keep, device=st.cur.device))
+                seq, checked, at = [seq[r] for r in keep], [checked[r] for r in keep], [at[r] for r in keep]
+                live = list(range(len(live)))
+            # attend over the positions written so far only (compiled: rounded up, for fewer graphs)
+            L = max(at[r] for r in live) + k
+            L = min(S, -(-L // 64) * 64 if self.compiled else L)
+            for _ in range(k):
+                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.cache.k, st.cache.v,
+                          vocab_limit=vocab_limit, **opts)
+            at = [a + k for a in at]
+            counts = [min(c, W) for c in st.count[:B].tolist()]  # the host reads the device here only, every k steps
+            lo = max(0, min(checked[r] for r in live) - max_stop)  # a stop string may begin in checked tokens
+            block = st.out[:B, lo:max(counts[r] for r in live)].tolist()
+            for r in live:
+                hit = stops_at(r, counts[r], block, lo)
+                if hit is None:
+                    continue
+                t, finished = hit
+                j = seq[r]
+                result.tokens[j], result.logprobs[j] = st.out[r, :t + 1].tolist(), st.out_lp[r, :t + 1].tolist()
+                result.finished[j] = finished
+                seq[r] = -1
+                if progress is not None:
+                    progress.update(1)
         return result
 
-    B = min(slots, n)
-    S = max(len(p) + b for p, b in zip(prompts, budgets))  # the longest sequence any row will hold
-    W = max(budgets) + k  # a row may run up to k - 1 tokens past its stop before the check sees it
-    cache = KVCache.empty(cfg, B, S, dtype, dev)
-    out = torch.zeros(B, W, dtype=torch.long, device=dev)  # (B, W): each row's sampled tokens
-    out_lp = torch.zeros(B, W, device=dev)
-    cur, pos, count, row_stream = (torch.zeros(B, dtype=torch.long, device=dev) for _ in range(4))
-    seq = [-1] * B  # which prompt each row holds (-1: none)
-    checked = [0] * B  # tokens of each row already checked for a stop
-    at = [0] * B  # each row's position, as the device's `pos`: attention need not read the cache past the furthest
-    step = _Step(model, seed, temperature, top_k, top_p, vocab_limit, compile)
-    queue = deque(range(n))
-    waiting = Counter(tuple(p) for p in prompts)  # samples of each prompt not yet admitted
-    prefixes = {}  # prompt -> (keys, values, last logits) of its prefill, kept while samples of it wait
+    def _prefill(self, new, prefixes, vocab_limit):
+        """Run the prompts `new` (tuples of ids) through the model in one right-padded batch (causal attention never
+        sees the padding); store each one's keys and values per layer and its last position's logits."""
+        if not new:
+            return
+        model, dev = self.model, self.model.lm_head.weight.device
+        lens = torch.tensor([len(p) for p in new], device=dev)
+        tokens = torch.zeros(len(new), max(map(len, new)), dtype=torch.long, device=dev)
+        for i, p in enumerate(new):
+            tokens[i, :len(p)] = torch.tensor(p)
+        fresh = KVCache.empty(model.config, len(new), tokens.shape[1], model.embed_tokens.weight.dtype, dev)
+        h = model.prefill(tokens, fresh)[torch.arange(len(new), device=dev), lens - 1]  # (new, C)
+        logits = _logits(model, h, vocab_limit)
+        for i, p in enumerate(new):
+            prefixes[p] = ([t[i, :, :len(p)] for t in fresh.k], [t[i, :, :len(p)] for t in fresh.v], logits[i])
 
-    def admit(rows):
-        """Give each free row the next waiting sequence: copy its prompt's cached prefill (prefilling the
-        prompts not seen yet, in one batch) and sample its first token from the prompt's last logits."""
-        js = [queue.popleft() for _ in rows]
-        new = list(dict.fromkeys(tuple(prompts[j]) for j in js if tuple(prompts[j]) not in prefixes))
-        if new:
-            lens = torch.tensor([len(p) for p in new], device=dev)
-            tokens = torch.zeros(len(new), max(len(p) for p in new), dtype=torch.long, device=dev)
-            for i, p in enumerate(new):
-                tokens[i, :len(p)] = torch.tensor(p)  # right-padded: causal attention never sees the padding
-            fresh = KVCache.empty(cfg, len(new), tokens.shape[1], dtype, dev)
-            h = model.prefill(tokens, fresh)[torch.arange(len(new), device=dev), lens - 1]  # (new, C)
-            logits = step.logits(h)
-            for i, p in enumerate(new):
-                prefixes[p] = (fresh.k[:, i, :, :len(p)], fresh.v[:, i, :, :len(p)], logits[i])
-        first = []
-        for r, j in zip(rows, js):
-            p = tuple(prompts[j])
-            pk, pv, logits = prefixes[p]
-            cache.k[:, r, :, :len(p)], cache.v[:, r, :, :len(p)] = pk, pv
-            first.append(logits)
-            waiting[p] -= 1
-            if not waiting[p]:
-                del prefixes[p]
-            seq[r], checked[r], at[r] = j, 0, len(prompts[j])
-        idx = torch.tensor(rows, device=dev)
-        row_stream[idx] = torch.tensor([streams[j] for j in js], device=dev)
-        pos[idx] = torch.tensor([len(prompts[j]) for j in js], device=dev)  # where the first new token goes
-        tok, lp = step.draw(torch.stack(first), row_stream[idx], pos[idx])
-        out[idx, 0], out_lp[idx, 0], cur[idx], count[idx] = tok, lp, tok, 1
 
-    def stops_at(r, n_out, block, lo):
-        """Where row r's sequence stops among its tokens sampled since the last check (of its first n_out;
-        block[r] holds its tokens from lo on): (index of the last token kept, True if EOS or a stop string ended
-        it, False if its budget did), or None if it goes on."""
-        row = block[r]
-        for t in range(checked[r], n_out):
-            if row[t - lo] in eos or (max_stop and any(s in decode(row[max(lo, t + 1 - max_stop) - lo:t + 1 - lo])
-                                                       for s in stop)):
-                return t, True
-            if t + 1 == budgets[seq[r]]:
-                return t, False
-        checked[r] = n_out
-        return None
-
-    while True:
-        free = [r for r in range(len(seq)) if seq[r] < 0]
-        if free and queue:
-            admit(free[:len(queue)])
-        live = [r for r in range(len(seq)) if seq[r] >= 0]
-        if not live:
-            break
-        if not queue and len(live) <= len(seq) // 2:  # nothing waits: run the live rows at the size they need
-            size = 1 << (len(live) - 1).bit_length()
-            keep = live + [r for r in range(len(seq)) if seq[r] < 0][:size - len(live)]
-            idx = torch.tensor(keep, device=dev)
-            cache = KVCache(cache.k[:, idx], cache.v[:, idx])
-            out, out_lp, cur, pos, count, row_stream = (t[idx] for t in (out, out_lp, cur, pos, count, row_stream))
-            seq, checked, at = [seq[r] for r in keep], [checked[r] for r in keep], [at[r] for r in keep]
-            live = list(range(len(live)))
-        # eager: attend over the positions written so far only; compiled: over the whole cache, one shape
-        L = S if compile else min(S, max(at[r] for r in live) + k)
-        view = KVCache(cache.k[:, :, :, :L], cache.v[:, :, :, :L])
-        for _ in range(k):
-            cur, pos, count = step(cur, pos, count, row_stream, view, out, out_lp)
-        at = [a + k for a in at]
-        counts = [min(c, W) for c in count.tolist()]  # the host reads the device here only, every k steps
-        lo = max(0, min(checked[r] for r in live) - max_stop)  # a stop string may begin in checked tokens
-        block = out[:, lo:max(counts[r] for r in live)].tolist()
-        for r in live:
-            hit = stops_at(r, counts[r], block, lo)
-            if hit is None:
-                continue
-            t, finished = hit
-            j = seq[r]
-            result.tokens[j], result.logprobs[j] = out[r, :t + 1].tolist(), out_lp[r, :t + 1].tolist()
-            result.finished[j] = finished
-            seq[r] = -1
-            if progress is not None:
-                progress.update(1)
-    return result
+def generate(model, prompts, max_new_tokens, *, compile=False, **kw):
+    """Decoder(model, compile).generate(prompts, max_new_tokens, **kw): one call's decoder (see Decoder.generate;
+    keep a Decoder to reuse a compiled step's buffers across calls)."""
+    return Decoder(model, compile).generate(prompts, max_new_tokens, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +402,10 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
              batch=64, code_timeout=5.0, progress=None, compile=False):
     """One completion per question (repeat a question for several samples; its copies share one prefill), with
     `batch` sequences decoded at once and one `generate` call per tool round. Question i samples from stream i
-    of `seed`. compile: capture the decode step (generate). Returns [Completion] in the order of `questions`."""
+    of `seed`. model: a Transformer, or a Decoder kept across calls (its own compile setting then holds);
+    compile: capture the decode step (Decoder). Returns [Completion] in the order of `questions`."""
+    decoder = model if isinstance(model, Decoder) else Decoder(model, compile)
+    model = decoder.model
     prompts = [prompt_ids(tok, q, prompt) for q in questions]
     n = len(prompts)
     ids, sampled, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
@@ -319,10 +418,11 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         if not live:
             break
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
-        gen = generate(model, [prompts[i] + ids[i] for i in live], [budget[i] for i in live],
-                       temperature=temperature, top_p=top_p, eos_ids=tok.stop_ids, stop=stop, decode=tok.decode,
-                       seed=seed, streams=live, vocab_limit=tok.vocab_size,  # a head may have more rows than ids
-                       slots=batch, progress=progress if rounds == 1 else None, compile=compile)
+        gen = decoder.generate([prompts[i] + ids[i] for i in live], [budget[i] for i in live],
+                               temperature=temperature, top_p=top_p, eos_ids=tok.stop_ids, stop=stop,
+                               decode=tok.decode, seed=seed, streams=live,
+                               vocab_limit=tok.vocab_size,  # a head may have more rows than ids
+                               slots=batch, progress=progress if rounds == 1 else None)
         again = []
         for i, new, lp, fin in zip(live, gen.tokens, gen.logprobs, gen.finished):
             ids[i] += new

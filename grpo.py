@@ -45,6 +45,7 @@ advantages and value loss ppo.py's.
 """
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -605,6 +606,10 @@ def main(args):
                 json.dump(row, f)
         return row
 
+    decoder = None  # --compile: the rollouts' decoder, kept for the run with its own copy of the weights
+    if args.compile:
+        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+            decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
     log = common.Log(args.out, d, args.max_steps, step, every=1, args=args)
     before = None
     if held_out:
@@ -623,10 +628,10 @@ def main(args):
             # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
             # weights gathered once (no collective per token)
             questions = [p["question"] for p in batch for _ in range(G)]
-            with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
-                comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
-                                        args.top_p, seed=rollout_seed(args.seed, step, d.rank),
-                                        batch=args.gen_batch, compile=args.compile)
+            with common.gathered(policy, common.compute_dtype(d, args), into=decoder and decoder.model) as sampler:
+                comps = engine.complete(decoder or sampler, tok, questions, args.prompt, args.max_new_tokens,
+                                        args.temperature, args.top_p, seed=rollout_seed(args.seed, step, d.rank),
+                                        batch=args.gen_batch)
             t1 = time.time()
             # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
             golds = [p["answer"] for p in batch for _ in range(G)]

@@ -115,46 +115,50 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # q, k and v in one GEMM (Hugging Face's q_proj, k_proj, v_proj stacked: see FUSED)
+        self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, kv=None, pos=None):
-        """x (B, T, C). mask None: causal attention over x itself; else (B, 1, T, S) bool, the keys each query sees.
-        kv: this layer's cache (keys, values), each (B, Hkv, S, D). With pos None, x's keys and values are written
-        at [0, T) (a prefill); with pos (B,), T is 1 and each row's are written at its own position, and the query
-        attends over the whole cache under `mask` (a decode step: every row may be at another length)."""
+        """x (B, T, C). mask None: causal attention over x itself; else the keys each query sees, (B, 1, T, S) bool,
+        or for a decode step (B, 1, 1, L) additive. kv: this layer's cache (keys, values), each (R, Hkv, S, D) with
+        R >= B rows. With pos None, x's keys and values are written at [0, T) (a prefill); with pos (B,), T is 1,
+        each row's are written at its own position and its query attends over the first L positions of the first
+        B rows under `mask` (a decode step: every row may be at another length)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None and pos is None:
             kv[0][:, :, :T], kv[1][:, :, :T] = k, v
         elif kv is not None:
+            # written into the whole buffer, not through a view of it, which a compiled step would copy back whole
             rows = torch.arange(B, device=x.device)
             kv[0][rows, :, pos], kv[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) each
-            k, v = kv
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+            L = mask.shape[-1]
+            # the H / Hkv query heads that share a key head as that many queries of it: no copy of the cache
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), kv[0][:B, :, :L], kv[1][:B, :, :L],
+                                               attn_mask=mask)  # (B, Hkv, H / Hkv, D)
+            return self.o_proj(y.reshape(B, 1, H * D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate_proj and up_proj in one GEMM
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -172,16 +176,17 @@ class Block(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of `rows` sequences of up to `length` positions, for every layer, preallocated:
-    k and v are (n_layers, rows, Hkv, length, D). Row i holds one sequence from position 0 on; engine.py
-    decides which sequence lives in which row."""
-    k: torch.Tensor
-    v: torch.Tensor
+    """Keys and values of `rows` sequences of up to `length` positions, preallocated: k and v are lists with one
+    (rows, Hkv, length, D) tensor per layer (separate tensors, so that a compiled decode step writes each in
+    place). Row i holds one sequence from position 0 on; engine.py decides which sequence lives in which row."""
+    k: list
+    v: list
 
     @classmethod
     def empty(cls, config, rows, length, dtype, device):
-        shape = (config.n_layers, rows, config.n_kv_heads, length, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shape = (rows, config.n_kv_heads, length, config.head_dim)
+        return cls(*([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+                     for _ in range(2)))
 
     def layer(self, i):
         return self.k[i], self.v[i]
@@ -286,12 +291,14 @@ class Transformer(nn.Module):
         (B, P, C). Under causal attention a prompt's tokens never see the padding after them."""
         return self.hidden(tokens, cache=cache)
 
-    def decode_step(self, tokens, pos, cache):
-        """One token per row, tokens (B,) at positions pos (B,): each row's keys and values are written at its
-        position and its query attends over the cache up to it. Returns the hidden states (B, C). Every shape is
-        fixed by the cache, so a CUDA graph can capture the step (engine.generate(compile=True))."""
-        S = cache.k.shape[3]
-        mask = torch.arange(S, device=pos.device)[None, :] <= pos[:, None]  # (B, S): keys at or before pos
+    def decode_step(self, tokens, pos, cache, length):
+        """One token per row, tokens (B,) at positions pos (B,) < length: each row's keys and values are written
+        into the cache (of B rows or more) at its position, and its query attends over the cache's first `length`
+        positions up to its own. Returns the hidden states (B, C). No shape depends on the data and nothing is read
+        back to the host, so a CUDA graph can capture the step (engine.Decoder(compile=True))."""
+        keys = torch.arange(length, device=pos.device)
+        mask = torch.zeros(len(pos), length, dtype=self.embed_tokens.weight.dtype, device=pos.device)
+        mask = mask.masked_fill(keys[None, :] > pos[:, None], float("-inf"))  # (B, L): additive, built once a step
         return self.hidden(tokens[:, None], mask=mask[:, None, None, :], cache=cache, pos=pos)[:, 0]
 
     # -------------------------------------------------------------------------
@@ -308,7 +315,7 @@ class Transformer(nn.Module):
         config = config_from_hf(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: v.shape for k, v in hf_layout(model.state_dict(), config).items()}  # Hugging Face's names
         if config.tie_embeddings and config.head == "lm":
             expected.pop("lm_head.weight")
         state = {}
@@ -339,7 +346,7 @@ class Transformer(nn.Module):
         if dtype is None:  # one dtype for the whole model: that of the embedding
             dtype = state["embed_tokens.weight"].dtype
             state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=False, assign=True)
+        model.load_state_dict(fused_layout(state, config), strict=False, assign=True)
         if config.tie_embeddings and config.head == "lm":
             model.lm_head.weight = model.embed_tokens.weight
         model.rope_cos = torch.empty(config.max_seq_len, config.head_dim, device=device)
@@ -358,7 +365,7 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        state = state_dict if state_dict is not None else self.state_dict()
+        state = hf_layout(state_dict if state_dict is not None else self.state_dict(), self.config)
         heads = ("lm_head.weight", "score.weight")  # outside Hugging Face's "model." prefix
         state = {("" if k in heads else "model.") + k: v.detach().to(dtype).contiguous().cpu()
                  for k, v in state.items() if not (k == "lm_head.weight" and self.config.tie_embeddings)}
@@ -392,6 +399,43 @@ class Transformer(nn.Module):
         total = sum(v.numel() * v.element_size() for v in state.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face's layout: our fused projections, theirs apart
+
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _part_sizes(fused, cfg):
+    if fused == "self_attn.qkv_proj":
+        return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    return [cfg.ffn_dim, cfg.ffn_dim]
+
+
+def hf_layout(state, cfg):
+    """Our state dict with each fused projection split into Hugging Face's (rows of the weight, and of the bias)."""
+    out = {}
+    for name, t in state.items():
+        fused = next((f for f in FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = t
+            continue
+        for part, piece in zip(FUSED[fused], t.split(_part_sizes(fused, cfg), dim=0)):
+            out[name.replace(fused, part)] = piece
+    return out
+
+
+def fused_layout(state, cfg):
+    """The inverse of hf_layout: Hugging Face's q/k/v and gate/up projections stacked into ours, a layer at a time
+    (a loading model holds one layer's projections twice at most)."""
+    out = dict(state)
+    for name in list(state):
+        for fused, parts in FUSED.items():
+            if f".{parts[0]}." in name:
+                out[name.replace(parts[0], fused)] = torch.cat([out.pop(name.replace(parts[0], p)) for p in parts])
+    return out
 
 
 # -----------------------------------------------------------------------------

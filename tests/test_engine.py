@@ -162,17 +162,79 @@ def test_prompts_that_leave_no_room_are_a_clear_error():
         engine.generate(m, [[]], 5)
 
 
-def test_a_compiled_decode_step_samples_the_same_tokens_and_a_new_seed_is_not_a_new_graph():
-    """compile=True (torch.compile; a CUDA graph on GPU, inductor here): the same samples as eager, and the
-    next call with another seed reuses the compiled step."""
+def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch():
+    """compile=True (torch.compile, fullgraph, dynamic shapes; a CUDA graph on GPU, inductor here): the same samples
+    as eager; one Decoder kept across calls, as GRPO keeps it, compiles one graph for the first batch and none for
+    later ones with other prompts, lengths, row counts and seeds, on the same buffers."""
     from torch._dynamo.utils import counters
     m = tiny()
-    prompts = [[5, 6, 7, 8], [3, 4]]
-    for seed in (5, 6):
-        eager = engine.generate(m, prompts, 6, temperature=1.0, seed=seed)
-        compiled = engine.generate(m, prompts, 6, temperature=1.0, seed=seed, compile=True)
+    decoder = engine.Decoder(m, compile=True)
+    batches = [([[5, 6, 7, 8], [3, 4]] * 3, 6, 1, 6),  # (prompts, budget, seed, slots): compacted 6 -> 4 -> 2 -> 1
+               ([[9] * 20, [1, 2, 3], [4] * 11], 9, 2, 3), ([[7, 7, 7]] * 5, 12, 1, 8)]
+    for i, (prompts, budget, seed, slots) in enumerate(batches):
+        eager = engine.generate(m, prompts, budget, temperature=1.0, seed=seed, slots=slots)
+        compiled = decoder.generate(prompts, budget, temperature=1.0, seed=seed, slots=slots)
         assert compiled.tokens == eager.tokens
-        torch.testing.assert_close(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs), atol=1e-5, rtol=0)
-        if seed == 5:
-            graphs = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(torch.tensor(sum(compiled.logprobs, [])), torch.tensor(sum(eager.logprobs, [])),
+                                   atol=1e-5, rtol=0)
+        if i == 0:
+            graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
     assert counters["stats"]["unique_graphs"] == graphs
+    assert [t.data_ptr() for t in decoder.rows.tensors()] == buffers
+
+
+def decode_step_inputs(m, rows=4, length=32, width=16):
+    st = engine._Rows.empty(m.config, rows, length, width, torch.float32, "cpu")
+    st.cur.copy_(torch.tensor([5, 6, 7, 8]))
+    st.pos.copy_(torch.tensor([3, 9, 1, 20]))
+    st.count.copy_(torch.tensor([0, 2, 1, 5]))
+    st.u.uniform_()
+    return st, (m, 3, 24, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.cache.k, st.cache.v)
+
+
+@pytest.mark.parametrize("opts", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9),
+                                  dict(temperature=0.0, top_k=0, top_p=1.0)])
+def test_the_decode_step_is_one_graph_and_never_reads_the_device_from_the_host(opts):
+    """What capture needs of the step: no graph break, and no op that makes the host wait for the device (a
+    tensor read back as a number, a shape that depends on values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    m = tiny()
+    explained = torch._dynamo.explain(engine._decode_step)(*decode_step_inputs(m)[1], vocab_limit=90, **opts)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    syncing = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "repeat_interleave"}
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+    st, args = decode_step_inputs(m)
+    with Ops() as ops:
+        engine._decode_step(*args, vocab_limit=90, **opts)
+    assert "mm" in ops.seen or "addmm" in ops.seen  # the mode saw the step's ops
+    assert not ops.seen & syncing, ops.seen & syncing
+    # rows 0-2 each wrote a token at their count and moved on; row 3 (not in the step) did not
+    assert st.count.tolist() == [1, 3, 2, 5] and st.pos.tolist() == [4, 10, 2, 20]
+    assert (st.out[[0, 1, 2], [0, 2, 1]] == st.cur[:3]).all() and not st.out[3].any()
+
+
+def test_the_two_level_inverse_cdf_is_the_one_level_one():
+    """sample's draw against searchsorted on a float64 cumulative sum: the same id for every uniform but those
+    within rounding of a boundary; ragged vocabularies (not a multiple of the block), zero-mass blocks, a tail of
+    zeros that rounding must not reach."""
+    g = torch.Generator().manual_seed(0)
+    for V in (5, engine.BLOCK, 3 * engine.BLOCK + 17):
+        p = torch.rand(64, V, generator=g) ** 8
+        p[:8, : V // 2] = 0  # whole blocks without mass
+        p[8:16, V // 3 + 1:] = 0  # an empty tail (whole blocks of it in the largest vocabulary)
+        u = torch.rand(64, generator=g)
+        u[:16] = 1 - 2 ** -24  # the largest uniform uniforms() makes: u times the total may round up to the total
+        cdf = p.double().cumsum(-1)
+        target = u.double() * cdf[:, -1]
+        expected = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp(max=V - 1)
+        got = engine._invert_cdf(p, u)
+        near = ((cdf - target[:, None]).abs() < 1e-5 * cdf[:, -1:]).any(-1)  # a boundary within rounding
+        assert (got == expected)[~near].all() and near[16:].float().mean() < 0.1  # rows :16 end near the total
+        assert (p.gather(1, got[:, None]) > 0).all()  # never a token without probability
+        torch.testing.assert_close(engine._cumsum(p).double(), cdf, rtol=1e-5, atol=1e-6)

@@ -84,10 +84,10 @@ class Scripted:
 
 @pytest.fixture(autouse=True)
 def scripted_models_generate_themselves(monkeypatch):
-    """engine.complete decodes with engine.generate; a stand-in model plays its script instead."""
-    real = engine.generate
-    monkeypatch.setattr(engine, "generate", lambda model, *a, **kw: model.generate(*a, **kw)
-                        if isinstance(model, Scripted) else real(model, *a, **kw))
+    """engine.complete decodes with a Decoder's generate; a stand-in model plays its script instead."""
+    real = engine.Decoder.generate
+    monkeypatch.setattr(engine.Decoder, "generate", lambda self, *a, **kw: self.model.generate(*a, **kw)
+                        if isinstance(self.model, Scripted) else real(self, *a, **kw))
 
 
 class Oracle(Scripted):
