@@ -126,13 +126,24 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low,
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
     logp, old_logp, ref_logp, advantages, weights: (B, T). Returns (loss sum, KL sum over the weighted tokens,
-    number of them whose ratio is outside the clip)."""
+    number of them where the clip binds)."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
     ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1
-    clipped = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask  # (B, T): where the clip binds
-    return (loss * weights).sum(), (kl.detach() * mask).sum(), int(clipped.sum())
+    # the clip binds (its token's gradient is 0) only where it lowers the objective: ρ past 1 + ε pushing a token
+    # up (Â > 0), or below 1 - ε pushing it down (Â < 0)
+    clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
+    return (loss * weights).sum(), (kl.detach() * mask).sum(), int((clipped & mask).sum())
+
+
+def tis_weights(old_logp, sampler_logp, mask, cap):
+    """Truncated importance sampling: the sampler drew the tokens from its own π_sampler (bf16 rounding, another
+    kernel), not from the π_old the loss assumes; weighting each token's policy-gradient term by
+    min(π_old / π_sampler, cap) corrects the draw, the cap bounding the variance (verl, OpenRLHF, slime).
+    (B, T) log-probs and mask -> (weights, 1 off the mask; the tokens whose ratio the cap cut)."""
+    ratio = torch.exp(old_logp - sampler_logp)
+    return torch.where(mask, ratio.clamp(max=cap), 1.0), (ratio > cap) & mask
 
 
 def loss_weights(sampled, loss_norm):
@@ -349,6 +360,8 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
                grad_norm=sums["grad_norm"], length=s["tokens"] / n_seq, zero_std_groups=s["zero_std_groups"])
     if "logprob_gap_max" in sums:  # sampler vs training forward on the same tokens, before the update
         row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
+    if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
+        row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
                    generated_reward=s["generated_reward"] / s["generated"])
@@ -487,6 +500,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-std-scale", action="store_true", help="advantage r - mean(r) (Dr. GRPO)")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
+    ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
+                    "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
+                    "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank, the KV cache's "
@@ -673,6 +689,9 @@ def main(args):
             loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
             gap_sum = gap_max = 0.0
             checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
+            tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
+                   else 0.0) if checked else 0.0
+            tis_sum = tis_cut = 0
             for update in range(args.mu):
                 loss_sum = kl_sum = n_clipped = neg_logp = 0.0
                 for k, b in enumerate(batches):
@@ -683,7 +702,13 @@ def main(args):
                         gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
                     old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
                     ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
-                    total, kl, clipped = grpo_objective_sums(logp, old, ref_k, b.advantages, b.weights, args.clip_eps,
+                    adv = b.advantages
+                    if tis:  # a weight ≥ 0 scales both sides of the min: the clipped objective of Â·w
+                        w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
+                        adv = adv * w
+                        if update == 0:
+                            tis_sum, tis_cut = tis_sum + (w * b.mask).sum(), tis_cut + cut.sum()
+                    total, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv, b.weights, args.clip_eps,
                                                              args.clip_high or args.clip_eps, loss_beta)
                     (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
                     loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
@@ -717,6 +742,8 @@ def main(args):
                         time_generate=t1 - t0, time_reward=t2 - t1, **generated)
             if checked:
                 sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
+            if tis:
+                sums.update(tis_weight=float(tis_sum), tis_cut=float(tis_cut))
             row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
                                dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
             row.update(refreshed)

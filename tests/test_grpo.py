@@ -14,7 +14,7 @@ import torch
 
 import engine
 import reward
-from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights,
+from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights, tis_weights,
                   micro_batches, pack_rows, process_advantages, rule_steps, token_advantages)
 from model import ModelConfig, Transformer, config_from_hf, hf_layout
 from reward_model import token_index
@@ -329,6 +329,57 @@ def test_compiled_rollouts_and_blocks_train_as_eager(base, data_dir, tmp_path):
         assert b["logprob_gap_max"] < 1e-4  # the sampler's log-probs are the policy's: its weights were refreshed
         assert (a["loss"], a["kl"], a["grad_norm"]) == pytest.approx((b["loss"], b["kl"], b["grad_norm"]), rel=1e-4,
                                                                       abs=1e-7)
+
+
+def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
+    """ρ above 1 + ε binds only when Â > 0, below 1 - ε only when Â < 0 (there the min takes the clipped side and
+    the token's gradient is 0); ε_high = 0.28 as DAPO's."""
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.25, 1.25, 1.0, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, 1.0]])
+    weights = torch.tensor([[1.0] * 7 + [0.0]])  # the last token is not the model's
+    logp = ratio.log()
+    _, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp, adv, weights, 0.2, 0.28, 0.0)
+    assert clipped == 2  # tokens 0 and 2; 4 is inside [0.8, 1.28]; 7 is masked
+
+
+def test_tis_weights_by_hand():
+    old = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
+    sampler = torch.tensor([[-1.0, -1.0, -1.5, 0.0]])  # ratios e, 1, e^-0.5, (masked)
+    mask = torch.tensor([[True, True, True, False]])
+    w, cut = tis_weights(old, sampler, mask, 2.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, math.exp(-0.5), 1.0]]))
+    assert cut.tolist() == [[True, False, False, False]]
+
+
+def test_tis_reweights_a_sampler_made_deliberately_different(base, data_dir, tmp_path, monkeypatch):
+    """The sampler is told its log-probs were log 3 lower than the policy's on outputs of even place, log 1.5 on
+    the others: with --tis 2 their tokens weigh min(3, 2) = 2 and 1.5 (logged: the mean weight and the share the
+    cap cut), and step 1's loss (ρ = 1, no KL yet) is -Σ_i Â_i w_i / 12 over the 12 outputs, where it is 0
+    without. Rewards are scripted (1 on every fourth output). Off by default in fp32."""
+    import grpo
+    real = engine.complete
+
+    def biased(*a, **k):
+        comps = real(*a, **k)
+        for i, c in enumerate(comps):
+            c.logprobs = [x - math.log(3.0 if i % 2 == 0 else 1.5) for x in c.logprobs]
+        return comps
+    monkeypatch.setattr(engine, "complete", biased)
+    monkeypatch.setattr(reward, "batch_rewards", lambda texts, *a, **k: [float(i % 4 == 0) for i in range(len(texts))])
+    flags = ("--max-steps", "1", "--eval-every", "0", "--report-problems", "0")
+    rows = {}
+    for name, extra in (("default", ()), ("tis", ("--tis", "2"))):
+        grpo.main(grpo.parse_args(grpo_args(base, data_dir, tmp_path / name, *flags, *extra)[1:]))
+        [rows[name]] = train_rows(tmp_path / name)
+    assert "tis_weight" not in rows["default"] and rows["default"]["loss"] == pytest.approx(0, abs=1e-6)
+    assert rows["default"]["length"] == rows["tis"]["length"] == 12  # a tiny model runs to the budget
+    assert rows["tis"]["tis_weight"] == pytest.approx(1.75, abs=1e-4)
+    assert rows["tis"]["tis_clip_rate"] == pytest.approx(0.5, abs=1e-4)
+    r = torch.tensor([float(i % 4 == 0) for i in range(12)]).view(4, 3)  # 4 questions x G = 3
+    std = r.std(1, keepdim=True)
+    adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
+    w = torch.tensor([2.0 if i % 2 == 0 else 1.5 for i in range(12)])
+    assert rows["tis"]["loss"] == pytest.approx(-float((adv * w).sum()) / 12, rel=1e-4)
 
 
 def test_dry_run_plans_the_8_gpu_command_under_80_gib():
