@@ -197,7 +197,7 @@ def build_model(config, d, args, init_dir=None):
     materialise only this rank's shard, then load the initial weights broadcast from rank 0."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -212,6 +212,7 @@ def build_model(config, d, args, init_dir=None):
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
+        register_fsdp_forward_method(model, "loss")  # the training forward gathers the root's weights too
     model.to_empty(device=d.device)
     state = initial_state(config, init_dir, args.seed) if d.main else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
@@ -269,11 +270,13 @@ def plain_view(model, dtype=None):
 
 
 def make_optimizer(model, args):
-    """AdamW with weight decay on matrices only (not on norms and biases), as the paper's β and decay."""
+    """AdamW with weight decay on matrices only (not on norms and biases), as the paper's β and decay; on GPU the
+    fused implementation (one kernel for all parameters), elsewhere foreach."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
 
 
 def lr_factor(step, args):
@@ -309,27 +312,29 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
 
 
-def next_token_loss(model, x, y):
-    """Cross-entropy per position (B, T): −log π(y_t | x_≤t), from the hidden states (model.forward)."""
-    return -model(x, y)
-
-
-def train_step(model, opt, micro_batches, d, args, step, loss_of=next_token_loss):
-    """micro_batches: list of (x, y, mask) tensors (B, T), mask bool. Each position's loss, loss_of(model, x, y)
-    (B, T), is divided by the global count of valid positions, so a batch's gradient does not depend on how it is
-    split across micro-batches or ranks. FSDP averages gradients over ranks, hence the factor `world`. Returns
-    (mean loss, grad norm, valid positions)."""
+def train_step(model, opt, micro_batches, d, args, step, loss_of=None):
+    """micro_batches: list of (x, y, mask) tensors (B, T), mask bool. Each position's loss, the next-token
+    cross-entropy −log π(y_t | x_≤t) (model.loss) or loss_of(model, x, y) (B, T) if given, is divided by the
+    global count of valid positions, so a batch's gradient does not depend on how it is split across
+    micro-batches or ranks. FSDP averages gradients over ranks, hence the factor `world`. Returns (mean loss, grad
+    norm, valid positions)."""
     n_tokens = all_sum(d, sum(int(m.sum()) for _, _, m in micro_batches))
     if n_tokens == 0:
         raise ValueError(f"step {step}: no token carries a loss in this batch (is every answer masked?)")
-    loss_sum = 0.0
+    loss_sum = 0.0  # a tensor after the first micro-batch: read back once, after the last (no sync per micro-batch)
     for x, y, mask in micro_batches:
         x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
         with autocast(d, args):
-            losses = loss_of(model, x, y) * mask  # (B, T)
-        (losses.sum() * d.world / n_tokens).backward()
-        loss_sum += losses.sum().item()
-    loss = all_sum(d, loss_sum) / n_tokens
+            if loss_of is None:  # each position's loss -w·logp, w = its mask x world / n_tokens: d/d logp = -w
+                w = mask.flatten().float() * (d.world / n_tokens)
+                total, logp = model.loss(x, y, lambda lp, rows: (-lp * w[rows], -w[rows]))
+                losses = -logp * mask  # (B, T), for the log
+            else:
+                losses = loss_of(model, x, y) * mask  # (B, T)
+                total = losses.sum() * d.world / n_tokens
+        total.backward()
+        loss_sum = loss_sum + losses.detach().sum()
+    loss = all_sum(d, float(loss_sum)) / n_tokens
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping before the optimizer step, so the last "
                                  "checkpoint stays good (lower --lr, or check the data)")

@@ -126,7 +126,7 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low,
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
     logp, old_logp, ref_logp, advantages, weights: (B, T). Returns (loss sum, KL sum over the weighted tokens,
-    number of them where the clip binds)."""
+    number of them where the clip binds), as tensors: nothing is read back to the host here."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
@@ -134,7 +134,29 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low,
     # the clip binds (its token's gradient is 0) only where it lowers the objective: ρ past 1 + ε pushing a token
     # up (Â > 0), or below 1 - ε pushing it down (Â < 0)
     clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
-    return (loss * weights).sum(), (kl.detach() * mask).sum(), int((clipped & mask).sum())
+    return (loss * weights).sum(), (kl.detach() * mask).sum(), (clipped & mask).sum()
+
+
+def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
+    """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
+    flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
+    lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss). old_logp None: π_old is π_θ itself
+    (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights."""
+    def token_loss(lp, rows):
+        def flat(t):
+            return t.reshape(-1)[rows]
+        old = lp if old_logp is None else flat(old_logp)
+        ref = lp if ref_logp is None else flat(ref_logp)
+        adv = flat(b.advantages)
+        if tis:
+            adv = adv * tis_weights(old, flat(b.sampler_logp), flat(b.mask), tis)[0]
+        w = flat(b.weights) * scale
+        with torch.enable_grad():  # the kernel's own gradient, run inside the model's forward
+            x = lp.detach().requires_grad_()
+            loss, _ = grpo_token_loss(x, old, ref, adv, clip, beta)
+            (loss * w).sum().backward()
+        return loss.detach() * w, x.grad
+    return token_loss
 
 
 def tis_weights(old_logp, sampler_logp, mask, cap):
@@ -272,8 +294,13 @@ class Batch:
             self.attn = (causal & ((k == 0) | (k == q)))[:, None]  # (b, 1, T, T): its prompt and itself
 
     def logprobs(self, model, vocab_limit):
-        """log π(targets) (b, T) under `model`, over the tokenizer's ids only (model.forward)."""
+        """log π(targets) (b, T) under `model`, over the tokenizer's ids only, without gradient (model.forward)."""
         return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit)
+
+    def loss(self, model, vocab_limit, token_loss):
+        """(Σ token_loss, log π(targets) (b, T)): the training forward (model.loss), its gradient made in it."""
+        return model.loss(self.inputs, self.targets, token_loss, positions=self.positions, mask=self.attn,
+                          vocab_limit=vocab_limit)
 
     def values(self, model):
         """V(state) (b, T) under a value model: at each position, the value of the context its target is drawn
@@ -408,11 +435,13 @@ def plot_curves(metrics_path, png):
 
 
 def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
-                value_model=False):
+                value_model=False, kept_decoder=False):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
     (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along, and the
     rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences. A
-    reward model adds its shard; PPO's value model (--advantage gae) its shard, gradients and AdamW state."""
+    reward model adds its shard; PPO's value model (--advantage gae) its shard, gradients and AdamW state.
+    kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
+    long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
     T = prompt_tokens + max_new_tokens
     plan = pretrain.memory_plan(config, world, micro_batch, T, ac)
     n = plan["parameters"]
@@ -424,6 +453,8 @@ def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_to
         held["value_model_fp32_params_grads_adamw"] = 16 * n / world
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
     rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
+    if kept_decoder:
+        held.update(decoder_bf16=2 * n, decoder_kv_cache=rollout.pop("kv_cache"))
     train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
     return dict(parameters=n, held=held, rollout=rollout, train=train,
                 peak=sum(held.values()) + max(sum(rollout.values()), sum(train.values())))
@@ -433,7 +464,7 @@ def dry_run(args, config):
     gib = 2 ** 30
     for ac in (False, True):
         plan = memory_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                           args.max_new_tokens, ac, args.reward != "rule", args.advantage == "gae")
+                           args.max_new_tokens, ac, args.reward != "rule", args.advantage == "gae", args.compile)
         print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if args.advantage == 'gae' else 'GRPO'} on "
               f"{args.world_size} GPUs: rollouts of "
               f"{args.gen_batch} x ({args.prompt_tokens} + {args.max_new_tokens}) tokens, training micro-batches "
@@ -687,32 +718,35 @@ def main(args):
                               constant=n_seq * args.max_new_tokens)[args.loss_norm]
             lr = common.set_lr(opt, step, args)
             loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
+            clip = (args.clip_eps, args.clip_high or args.clip_eps)
             gap_sum = gap_max = 0.0
             checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
             tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
                    else 0.0) if checked else 0.0
             tis_sum = tis_cut = 0
-            for update in range(args.mu):
-                loss_sum = kl_sum = n_clipped = neg_logp = 0.0
+            for update in range(args.mu):  # sums are tensors, read back once a step: no sync per micro-batch
+                loss_sum = kl_sum = n_clipped = neg_logp = 0
                 for k, b in enumerate(batches):
-                    with common.autocast(d, args):
-                        logp = b.logprobs(policy, tok.vocab_size)  # (b, T)
-                    if update == 0 and checked and b.mask.any():  # π_θ is still the sampler's π_old
-                        gap = (logp.detach().float() - b.sampler_logp).abs()[b.mask]  # (tokens the model wrote,)
-                        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item())
-                    old = old_logp[k] if old_logp is not None else logp.detach()  # μ = 1: π_old is π_θ, ρ = 1
-                    ref_k = ref_logp[k] if ref_logp is not None else logp.detach()  # β = 0: no KL
+                    old = old_logp[k] if old_logp is not None else None  # None (μ = 1): π_old is π_θ, ρ = 1
+                    ref_k = ref_logp[k] if ref_logp is not None else None  # None (β = 0): no KL
+                    token_loss = policy_token_loss(b, old, ref_k, clip, loss_beta, tis, d.world / normaliser)
+                    with common.autocast(d, args):  # FSDP averages gradients over ranks: × world undoes it
+                        total, logp = b.loss(policy, tok.vocab_size, token_loss)  # (), (b, T)
+                    total.backward()
+                    # what to log, from the same log-probs (detached)
+                    old, ref_k = (logp if x is None else x for x in (old, ref_k))
+                    if update == 0 and checked:  # π_θ is still the sampler's π_old
+                        gap = (logp - b.sampler_logp).abs() * b.mask  # (b, T), 0 off the mask
+                        gap_sum, gap_max = gap_sum + gap.sum(), gap.max().clamp(min=gap_max)
                     adv = b.advantages
                     if tis:  # a weight ≥ 0 scales both sides of the min: the clipped objective of Â·w
                         w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
                         adv = adv * w
                         if update == 0:
                             tis_sum, tis_cut = tis_sum + (w * b.mask).sum(), tis_cut + cut.sum()
-                    total, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv, b.weights, args.clip_eps,
-                                                             args.clip_high or args.clip_eps, loss_beta)
-                    (total * d.world / normaliser).backward()  # FSDP averages gradients over ranks: undo it
-                    loss_sum, kl_sum, n_clipped = loss_sum + total.item(), kl_sum + kl.item(), n_clipped + clipped
-                    neg_logp -= (logp.detach() * b.mask).sum().item()
+                    loss, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv, b.weights, *clip, loss_beta)
+                    loss_sum, kl_sum, n_clipped = loss_sum + loss, kl_sum + kl, n_clipped + clipped
+                    neg_logp = neg_logp - (logp * b.mask).sum()
                 grad_norm = common.clip_grad_norm(policy, args.grad_clip)
                 if not np.isfinite(grad_norm):
                     raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "

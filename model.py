@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fused_kernels import hidden_logprobs
+from fused_kernels import hidden_logprobs, hidden_token_loss
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -284,7 +284,19 @@ class Transformer(nn.Module):
             return self.lm_head(h)
         if self.lm_head.bias is not None:
             raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
-        return hidden_logprobs(h, self.lm_head.weight[:vocab_limit], targets)  # (B, T)
+        return hidden_logprobs(h, self.lm_head.weight[:vocab_limit], targets)  # (B, T), no gradient
+
+    def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None):
+        """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the
+        hidden states made here, in one pass over chunks of the logits (fused_kernels.hidden_token_loss: three
+        GEMMs, the logits never whole), and the log-probs (B, T) in fp32 without gradient, for metrics.
+        token_loss(logp (n,), rows) -> (loss (n,), d loss / d logp (n,)) for the flattened (B·T) positions `rows`
+        (a slice). Under FSDP2 this is a forward like forward (common.build_model registers it). vocab_limit,
+        positions, mask: as forward."""
+        if self.config.head == "score" or self.lm_head.bias is not None:
+            raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
+        h = self.hidden(tokens, positions, mask)
+        return hidden_token_loss(h, self.lm_head.weight[:vocab_limit], targets, token_loss)
 
     def prefill(self, tokens, cache):
         """Keys and values of right-padded prompts (B, P) written into `cache` at [0, P); returns the hidden states

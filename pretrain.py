@@ -39,9 +39,9 @@ from model import PRESETS, ModelConfig, Transformer, config_from_hf
 def memory_plan(config, world, micro_batch, seq_len, ac):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
-    logits never exist whole (model.forward with targets, fused_kernels.hidden_logprobs), only a block of
-    CHUNK_ELEMENTS of them (bf16, its fp32 copy and the exp's temporary) and, in backward, grad_h's fp32
-    accumulator with its bf16 and fp32 partial sums (tokens x dim, 4 + 2 + 4 bytes)."""
+    logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
+    or tokens x dim if more, in bf16 with its gradient written over it (the Triton path), and the two gradients
+    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16."""
     with torch.device("meta"):
         model = Transformer(config)
     n = model.num_params()
@@ -49,7 +49,8 @@ def memory_plan(config, world, micro_batch, seq_len, ac):
     return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
                 activations=activation_bytes(config, micro_batch, seq_len, ac),
-                logits=CHUNK_ELEMENTS * (2 + 4 + 4) + micro_batch * seq_len * config.dim * (4 + 2 + 4))
+                logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
+                            + micro_batch * seq_len * config.dim + config.vocab_size * config.dim))
 
 
 def dry_run(args):
@@ -142,7 +143,7 @@ def main(args):
             row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                        tokens_per_s=n / (time.time() - t0))
             if d.device.type == "cuda":  # model FLOPs utilisation: 6N per token + attention, against bf16 dense peak
-                flops = flops_per_token(n_params, config, args.seq_len) * n / (time.time() - t0) / d.world
+                flops = flops_per_token(config, args.seq_len) * n / (time.time() - t0) / d.world
                 row["mfu"] = flops / peak_flops(d.device)
             log(row)
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
@@ -173,10 +174,13 @@ def eval_loss(model, val, d, args, batches=4):
     return all_sum(d, total) / all_sum(d, n)
 
 
-def flops_per_token(n_params, config, seq_len):
-    """Training FLOPs per token: 6N for the matrices (forward and backward) and 12·L·d·T for attention (PaLM's
-    count; activation checkpointing's recomputation is not counted, as MFU is defined)."""
-    return 6 * n_params + 12 * config.n_layers * config.dim * seq_len
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token: 6N for the matrices (forward and backward), N counting the weights a token is
+    multiplied by, so not the input embedding (a lookup; tied to the LM head, it is the head and counts), and
+    12·L·d·T for attention (PaLM's count; activation checkpointing's recomputation is not counted, as MFU is
+    defined)."""
+    n = num_params(config) - (0 if config.tie_embeddings else config.vocab_size * config.dim)
+    return 6 * n + 12 * config.n_layers * config.dim * seq_len
 
 
 def peak_flops(device):

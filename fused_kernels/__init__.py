@@ -1,12 +1,16 @@
 """Fused kernels for GRPO's two memory- and launch-bound steps, each beside its PyTorch reference.
 
-    token_logprobs(logits, targets) -> float32 log-probs, shape of targets   (differentiable in logits)
-    hidden_logprobs(hidden, weight, targets) -> the same from final hidden states, never holding all logits
+    hidden_logprobs(hidden, weight, targets) -> float32 log-probs from final hidden states, never holding all
+        logits (no gradient: model.forward(tokens, targets), for π_ref, π_old and evaluation)
+    hidden_token_loss(hidden, weight, targets, token_loss) -> (Σ loss, log-probs): a per-token loss of the
+        log-probs with its gradient made in the forward pass, 3 GEMMs (model.loss: every training step)
     grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps, beta) -> (loss, kl) per token
+    token_logprobs(logits, targets) -> float32 log-probs, differentiable in the logits: for logits a caller
+        already has (the benchmarks and tests; the model never makes the whole logits)
 
-grpo.py computes its log-probs and loss with these. Triton runs on CUDA tensors; elsewhere the PyTorch paths
-run. KERNELS_BACKEND=triton|torch forces one (tests run the Triton kernels on the CPU with TRITON_INTERPRET=1).
-Derivations are in each module's docstring. (Not named `kernels`: that is the import name of Hugging Face's
+model.py computes its log-probs and losses with these, grpo.py its per-token objective. Triton runs on CUDA
+tensors; elsewhere the PyTorch paths run. KERNELS_BACKEND=triton|torch forces one (tests run the Triton kernels
+on the CPU with TRITON_INTERPRET=1). Derivations are in each module's docstring. (Not named `kernels`: that is the import name of Hugging Face's
 kernel hub, which transformers imports at start-up; a folder of that name here shadowed it and broke
 transformers in any process started from this directory.)
 
@@ -17,10 +21,11 @@ import os
 
 from .grpo_loss import TritonGRPOLoss, grpo_loss_torch
 from .grpo_loss import triton as _triton
-from .logprobs import ChunkedLogprobs, HiddenLogprobs, TritonLogprobs, naive_logprobs, rows_torch, rows_triton
+from .logprobs import (ChunkedLogprobs, HiddenTokenLoss, TritonLogprobs, grad_rows_torch, grad_rows_triton,
+                       hidden_rows, naive_logprobs, rows_torch, rows_triton)
 
-__all__ = ["token_logprobs", "hidden_logprobs", "grpo_token_loss", "naive_logprobs", "grpo_loss_torch",
-           "CHUNK_ELEMENTS"]
+__all__ = ["token_logprobs", "hidden_logprobs", "hidden_token_loss", "grpo_token_loss", "naive_logprobs",
+           "grpo_loss_torch", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 24  # logits alive at once in the chunked paths: 64 MB in fp32 (memory plans count it)
 
@@ -50,9 +55,16 @@ def token_logprobs(logits, targets, chunk=None):
 
 def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS):
     """token_logprobs(hidden @ weight.T, targets) with at most `budget` logits alive at once: memory independent
-    of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...)."""
-    rows = rows_triton if backend(hidden) == "triton" else rows_torch
-    return HiddenLogprobs.apply(hidden, weight, targets, budget, rows)
+    of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...). No gradient."""
+    return hidden_rows(hidden, weight, targets, budget, rows_triton if backend(hidden) == "triton" else rows_torch)
+
+
+def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS):
+    """(Σ_t loss_t, log-probs) for a loss of each token's log-prob, token_loss(logp (n,), rows: a slice of the
+    flattened positions) -> (loss (n,), d loss / d logp (n,)), differentiable in hidden and weight, its gradient
+    made in the forward pass (logprobs.HiddenTokenLoss). The log-probs (targets' shape, fp32) carry none."""
+    rows, grad = (rows_triton, grad_rows_triton) if backend(hidden) == "triton" else (rows_torch, grad_rows_torch)
+    return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, rows, grad)
 
 
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04):

@@ -6,7 +6,8 @@ so that a peak is its own:
     compiled   the same under torch.compile (GPU)
     chunked    logits = h W^T, then token_logprobs on 64 MB fp32 chunks (the PyTorch kernel)
     triton     logits = h W^T, then the Triton kernel (GPU)
-    hidden     hidden_logprobs(h, W): no logits tensor at all (what model.forward(tokens, targets) runs)
+    hidden     hidden_token_loss(h, W, -logp): no logits tensor at all, the gradient made in the forward (what
+               model.loss runs in every training step)
 
     python -m fused_kernels.bench                     # CPU: 2048 tokens, width 256, fp32
     python -m fused_kernels.bench --tokens 16384      # GPU: width 4096, bf16
@@ -26,19 +27,20 @@ import torch
 def run_one(method, N, V, C, dtype, device, repeats):
     """Time one method; returns (seconds per forward+backward, peak bytes: on CUDA beyond what was allocated
     before the first call, on a CPU the process's peak resident memory)."""
-    from fused_kernels import hidden_logprobs, naive_logprobs, token_logprobs
+    from fused_kernels import hidden_token_loss, naive_logprobs, token_logprobs
     torch.manual_seed(0)
     h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(V, C, device=device, dtype=dtype) * C ** -0.5).requires_grad_()
     t = torch.randint(0, V, (N,), device=device)
     os.environ["KERNELS_BACKEND"] = {"triton": "triton", "hidden": "triton" if device == "cuda" else "torch"}.get(
         method, "torch")
-    fn = {"naive": lambda: naive_logprobs(h @ w.T, t), "chunked": lambda: token_logprobs(h @ w.T, t),
-          "triton": lambda: token_logprobs(h @ w.T, t), "hidden": lambda: hidden_logprobs(h, w, t)}.get(method)
-    fn = fn or torch.compile(lambda: naive_logprobs(h @ w.T, t))
+    fn = {"naive": lambda: naive_logprobs(h @ w.T, t).sum(), "chunked": lambda: token_logprobs(h @ w.T, t).sum(),
+          "triton": lambda: token_logprobs(h @ w.T, t).sum(),
+          "hidden": lambda: -hidden_token_loss(h, w, t, lambda x, rows: (-x, -torch.ones_like(x)))[0]}.get(method)
+    fn = fn or torch.compile(lambda: naive_logprobs(h @ w.T, t).sum())
 
     def step():
-        fn().sum().backward()
+        fn().backward()
         h.grad = w.grad = None
 
     if device == "cuda":

@@ -12,8 +12,10 @@ backward makes more: several times the logits at peak. Both paths here keep only
 - `TritonLogprobs` (CUDA, or the CPU under TRITON_INTERPRET=1): one program per row streams the vocabulary in
   blocks with an online max/sum (forward reads the logits once); backward reads them once more and writes the
   gradient once.
-`hidden_logprobs` goes one step further: from the final hidden states and the LM head, it never holds more
-than a fixed budget of logits at all (model.forward(tokens, targets) uses it for every training loss).
+From the final hidden states and the LM head two functions go one step further and never hold more than a
+fixed budget of logits at all: `hidden_rows` (log-probs, no gradient: model.forward(tokens, targets)) and
+`HiddenTokenLoss` (a loss of the log-probs with its gradient made in the forward pass: model.loss, every
+training step).
 """
 
 import torch
@@ -140,46 +142,75 @@ def rows_triton(x, targets):
     return out, lse
 
 
-class HiddenLogprobs(torch.autograd.Function):
-    """log softmax(h W^T)[t] from final hidden states h (N, C) and the LM head W (V, C), with at most `budget`
-    logits alive at once: the (N, V) logits never exist. h may be (..., C) and targets (...): the result has
-    targets' shape as a tensor of its own, not a view (FSDP2 warns of a root module that returns a view, whose
-    in-place edit would drop its backward hook). Forward takes rows in chunks of budget / V and keeps one
-    float per row (lse). Backward recomputes the logits (one extra matmul, as activation checkpointing does),
-    this time in chunks of budget / N vocabulary columns: for columns c, grad_logits[:, c] = g (onehot - exp(x - lse)),
-    grad_h += grad_logits[:, c] W[c] and grad_W[c] = grad_logits[:, c]^T h, so each slice of grad_W is written
-    once and the only accumulator is grad_h's (N, C) in fp32, not grad_W's (V, C): at 7B, 5K tokens against
-    102,400 rows. Matmuls run in the compute dtype (bf16 on GPU), as the forward's; softmax is fp32."""
+def grad_rows_torch(x, targets, lse, g):
+    """g (onehot(targets) - softmax(x)) for logits rows x (n, V), from their lse: the gradient of g·logp, in x's
+    dtype."""
+    return _onehot_minus_softmax(x.float(), lse, targets, g).to(x.dtype)
+
+
+def grad_rows_triton(x, targets, lse, g):
+    """grad_rows_torch with the Triton backward kernel, written over x itself (each block is read before it is
+    written): one read and one write of the logits, no second buffer."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    N, V = x.shape
+    block = min(TritonLogprobs.BLOCK, triton.next_power_of_2(V))
+    _logprobs_bwd[(N,)](x, x.stride(0), targets, lse, g.float().contiguous(), x, x.stride(0), V, BLOCK=block)
+    return x
+
+
+@torch.no_grad()
+def hidden_rows(h, weight, targets, budget, rows_fn):
+    """log softmax(h Wᵀ)[t] from final hidden states h (..., C) and the LM head W (V, C), in fp32, with at most
+    `budget` logits alive at once (rows of h in chunks of budget / V): no gradient, for the log-probs that stay
+    fixed during an update (π_ref, π_old) and for evaluation. Training takes HiddenTokenLoss."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
+    flat, h, targets = out.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    rows = max(1, budget // len(weight))
+    for i in range(0, len(h), rows):
+        flat[i:i + rows] = rows_fn(h[i:i + rows] @ weight.T, targets[i:i + rows])[0]
+    return out
+
+
+class HiddenTokenLoss(torch.autograd.Function):
+    """Σ_t loss_t(log π(t)) from final hidden states h (..., C) and the LM head W (V, C), where the loss of each
+    token is a function of its log-prob alone (cross-entropy; GRPO's clipped objective and KL, given π_old,
+    π_ref and the advantage), with its gradient made in the forward pass. There the derivative g_t of the loss in
+    each log-prob is known (token_loss returns it), so each chunk of logits x = h Wᵀ is made once (GEMM 1), its
+    log-probs and lse read from it, then overwritten by its own gradient g (onehot - softmax(x)), which is
+    multiplied back into grad_h = d W (GEMM 2) and grad_W += dᵀ h (GEMM 3): three GEMMs where recomputing the
+    logits in backward takes four, and no logits are kept for backward, which only scales the two gradients by
+    its upstream scalar. Chunks hold budget / V rows, or N·C / V (logits the size of h) if more: fewer, larger
+    accumulations into grad_W, which is kept in W's dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in
+    the compute dtype (bf16 on GPU), softmax in fp32.
+    token_loss(logp (n,), rows: a slice of the flattened positions) -> (loss (n,), d loss / d logp (n,)).
+    Returns (the summed loss, the log-probs (targets' shape, fp32, no gradient))."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, budget, rows_fn):
+    def forward(ctx, h, weight, targets, token_loss, budget, rows_fn, grad_fn):
         ctx.h_shape = h.shape
-        result = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
-        out = result.view(-1)  # the rows are written through this flat view
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        N, V = len(h), len(weight)
-        lse = torch.empty(N, dtype=torch.float32, device=h.device)
-        rows = max(1, budget // V)
+        logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
+        flat, h, targets = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        (N, C), V = h.shape, len(weight)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = max(1, budget // V, -(-N * C // V))
         for i in range(0, N, rows):
-            out[i:i + rows], lse[i:i + rows] = rows_fn(h[i:i + rows] @ weight.T, targets[i:i + rows])
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.budget = budget
-        return result
+            s = slice(i, i + rows)
+            x = h[s] @ weight.T  # (n, V), GEMM 1
+            flat[s], lse = rows_fn(x, targets[s])
+            loss, g = token_loss(flat[s], s)
+            total += loss.sum()
+            d = grad_fn(x, targets[s], lse, g)  # (n, V): d loss / d x, over x where the backend can
+            grad_h[s] = d @ weight  # GEMM 2
+            if grad_w is not None:
+                torch.addmm(grad_w, d.T, h[s], out=grad_w)  # GEMM 3, accumulated in place
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(logp)
+        return total, logp
 
     @staticmethod
-    def backward(ctx, g):
-        h, weight, targets, lse = ctx.saved_tensors
-        N, V = len(h), len(weight)
-        g = g.reshape(-1).float()
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        grad_w = torch.empty_like(weight)
-        cols = max(1, ctx.budget // max(N, 1))
-        for j in range(0, V, cols):
-            w = weight[j:j + cols]
-            d = (h @ w.T).float().sub_(lse[:, None]).exp_().mul_(-g[:, None])  # (N, c): -g softmax
-            hit = ((targets >= j) & (targets < j + cols)).nonzero()[:, 0]
-            d[hit, targets[hit] - j] += g[hit]  # + g onehot
-            d = d.to(weight.dtype)
-            grad_h += (d @ w).float()
-            grad_w[j:j + cols] = d.T @ h
-        return grad_h.to(h.dtype).view(ctx.h_shape), grad_w, None, None, None
+    def backward(ctx, g_total, _):
+        grad_h, grad_w = ctx.saved_tensors
+        return ((grad_h * g_total).view(ctx.h_shape), None if grad_w is None else grad_w * g_total,
+                None, None, None, None, None)

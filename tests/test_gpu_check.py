@@ -7,17 +7,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_mode_prints_all_four_parts():
+def test_smoke_mode_prints_all_six_parts():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "gpu_check.py", "--smoke"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for title in ("1. token log-probs + GRPO loss", "2. decoding", "3. training", "4. one GRPO step"):
+    for title in ("1. LM head + GRPO loss", "2. decoding", "3. decoding at the toy shape", "4. training",
+                  "5. one GRPO step", "6. the README's 8-GPU GRPO command"):
         assert title in out, out
     for method in ("naive PyTorch", "ours", "ours from hidden"):
         assert re.search(rf"^\s+4096\s+{method}\s+\d+\.\d+", out, re.M), method
-    assert re.search(r"eager: [\d,]+ tokens/s", out) and re.search(r"[\d,]+ tokens/s, MFU", out)
+    for way in ("eager", "captured", "transformers, static cache"):
+        assert re.search(rf"batch\s+8\s+{way}\s+[\d,]+ tokens/s", out), way
+    assert re.search(r"[\d,]+ tokens/s, MFU", out) and re.search(r"planned \d+\.\d+ GiB", out)
     # the GRPO part's model has more output rows (2,048) than its tokenizer has ids: the sampler and the training
     # forward must still give the same log-probs
     gaps = [float(g) for g in re.findall(r"logprob_gap_max (\S+)", out)]

@@ -14,8 +14,9 @@ import torch
 
 import engine
 import reward
-from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights, tis_weights,
-                  micro_batches, pack_rows, process_advantages, rule_steps, token_advantages)
+from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights,
+                  micro_batches, pack_rows, policy_token_loss, process_advantages, rule_steps, tis_weights,
+                  token_advantages)
 from model import ModelConfig, Transformer, config_from_hf, hf_layout
 from reward_model import token_index
 from tokenizer import Tokenizer
@@ -151,9 +152,8 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
             assert len(batches) == 1 and (batches[0].attn is None) == (pack == 1)
             model.zero_grad()
             b = batches[0]
-            logp = b.logprobs(model, None)
-            total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach() - 0.1, b.advantages, b.weights,
-                                              *opts(beta=0.04))
+            ref = b.logprobs(model, None) - 0.1
+            total, _ = b.loss(model, None, policy_token_loss(b, None, ref, (0.2, 0.2), 0.04, 0, 1.0))
             total.backward()
             results.append((total.item(), b.positions_run, [p.grad.clone() for p in model.parameters()]))
         (plain, plain_run, plain_grads), (packed, packed_run, packed_grads) = results
@@ -208,10 +208,10 @@ def test_grpo_loop_learns_a_trivial_task():
         adv, _ = group_advantages(rewards)
         mask = torch.zeros(G, tokens.shape[1] - 1, dtype=torch.bool)
         mask[:, len(prompt) - 1:] = True
-        lp = policy(tokens[:, :-1], tokens[:, 1:])
-        total, _, _ = grpo_objective_sums(lp, lp.detach(), lp.detach(), adv.flatten()[:, None].expand_as(lp),
-                                          weights(mask), *opts())
-        (total / G).backward()
+        b = argparse.Namespace(advantages=adv.flatten()[:, None].expand(mask.shape), weights=weights(mask))
+        total, _ = policy.loss(tokens[:, :-1], tokens[:, 1:], policy_token_loss(b, None, None, (0.2, 0.2), 0.0, 0,
+                                                                                 1 / G))
+        total.backward()
         opt.step()
         opt.zero_grad()
     assert before < 0.2 and p5() > 0.8

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fused_kernels
-from fused_kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, token_logprobs
+from fused_kernels import grpo_loss_torch, grpo_token_loss, hidden_logprobs, hidden_token_loss, token_logprobs
 
 BACKENDS = ["torch", "triton"]
 
@@ -61,25 +61,49 @@ def test_token_logprobs_keep_the_leading_shape(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hidden_logprobs_equal_logits_then_logprobs(backend, dtype):
-    """From hidden states with a budget of 8 rows of logits: forward in chunks of 8 rows, backward in chunks of
-    216 vocabulary columns, against float64 logits; bf16 within its rounding of logits of magnitude ~20
-    (2^-8 x 20 = 0.08)."""
+def test_hidden_token_loss_equals_logits_then_logprobs(backend, dtype):
+    """From hidden states with a budget of 8 rows of logits (5 chunks): the log-probs, Σ g·logp and its gradient
+    in h and W, made in the forward pass, against float64 logits; bf16 within its rounding of logits of magnitude
+    ~20 (2^-8 x 20 = 0.08). hidden_logprobs (no gradient) gives the same log-probs."""
     torch.manual_seed(0)
     h = torch.randn(37, 16).to(dtype).requires_grad_()
     w = torch.randn(1001, 16).to(dtype).requires_grad_()
     t = torch.randint(0, 1001, (37,))
     g = torch.randn(37)
-    lp = hidden_logprobs(h, w, t, budget=8 * 1001)
-    lp.backward(g)
+    total, lp = hidden_token_loss(h, w, t, lambda x, rows: (x * g[rows], g[rows]), budget=8 * 1001)
+    (total * 2).backward()  # the upstream gradient scales what the forward made
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = (h64 @ w64.T).log_softmax(-1).gather(-1, t[:, None])[:, 0]
-    ref.backward(g.double())
+    (2 * ref * g.double()).sum().backward()
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=0.08)
-    assert lp.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
+    assert lp.dtype == torch.float32 and not lp.requires_grad and h.grad.dtype == w.grad.dtype == dtype
     torch.testing.assert_close(lp.double(), ref.detach(), **tol)
+    torch.testing.assert_close(hidden_logprobs(h, w, t, budget=8 * 1001).double(), ref.detach(), **tol)
+    torch.testing.assert_close(total.double(), (ref * g.double()).sum().detach(), **tol)
     torch.testing.assert_close(h.grad.double(), h64.grad, **tol)
     torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
+
+
+def test_hidden_token_loss_runs_three_matmuls_and_never_syncs(backend):
+    """The LM head's forward and backward: 3 GEMMs of 2·N·C·V FLOPs (recomputing the logits in backward would
+    take a 4th), and no op whose output size the host must read back (nonzero and kin)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+    N, C, V = 64, 32, 3000
+    h, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+    with FlopCounterMode(display=False) as flops, Ops() as ops:
+        total, _ = hidden_token_loss(h, w, t, lambda x, rows: (-x, -torch.ones_like(x)), budget=16 * V)
+        total.backward()
+    assert flops.get_total_flops() == 3 * 2 * N * C * V
+    assert not ops.seen & {"nonzero", "_local_scalar_dense", "masked_select", "unique"}, ops.seen
 
 
 def test_grpo_loss_on_hand_computed_tokens(backend):
