@@ -251,6 +251,29 @@ def gathered(model, dtype=None, into=None):
             m.reshard()
 
 
+@contextmanager
+def unsharded(model):
+    """`model` itself, with FSDP2's full parameters gathered once for every forward inside the `with` (its hooks
+    would gather each block again for each call), and resharded after. Its forwards run exactly as training's
+    (hooks, compiled blocks and checkpoint wrappers kept), so log-probs made here meet the training forward's
+    bit for bit where the computation is the same. A module without FSDP2 passes through."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        yield model
+        return
+    model.set_reshard_after_forward(False)
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root's own: FSDP2 keeps it gathered after forward
+        for m in mods:
+            m.reshard()
+
+
 def plain_view(model, dtype=None):
     """A Transformer on the same tensors as `model` (cast to dtype, if given), without the FSDP2 hooks,
     activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks."""

@@ -137,6 +137,15 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low,
     return (loss * weights).sum(), (kl.detach() * mask).sum(), (clipped & mask).sum()
 
 
+def fixed_logprobs(model, batches, vocab_limit, d, args):
+    """log π(targets) of every micro-batch under `model` (π_ref, or π_old when μ > 1), without gradient: the
+    log-probs that stay fixed during the update. Its weights are gathered once for all the micro-batches
+    (common.unsharded; FSDP2's hooks would gather every block again for each), and its forward is the policy's
+    own (the same wrappers, dtype and autocast), or the KL would start above 0."""
+    with torch.no_grad(), common.unsharded(model), common.autocast(d, args):
+        return [b.logprobs(model, vocab_limit) for b in batches]
+
+
 def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
@@ -437,9 +446,11 @@ def plot_curves(metrics_path, png):
 def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
                 value_model=False, kept_decoder=False):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
-    (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along, and the
-    rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences. A
-    reward model adds its shard; PPO's value model (--advantage gae) its shard, gradients and AdamW state.
+    (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
+    the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
+    log-probs: the whole reference gathered; training: on more than one GPU also the gradients accumulated
+    unsharded over the micro-batches (reduce-scattered once a step). A reward model adds its shard; PPO's value
+    model (--advantage gae) its shard, gradients and AdamW state.
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
     long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
     T = prompt_tokens + max_new_tokens
@@ -455,9 +466,13 @@ def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_to
     rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
     if kept_decoder:
         held.update(decoder_bf16=2 * n, decoder_kv_cache=rollout.pop("kv_cache"))
+    reference = dict(gathered_bf16=2 * n)  # π_ref gathered once for the step's micro-batches (fixed_logprobs)
     train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
-    return dict(parameters=n, held=held, rollout=rollout, train=train,
-                peak=sum(held.values()) + max(sum(rollout.values()), sum(train.values())))
+    if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
+        train["grads_unsharded_fp32"] = 4 * n
+    phases = dict(rollout=rollout, reference=reference, train=train)
+    return dict(parameters=n, held=held, **phases,
+                peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
 
 
 def dry_run(args, config):
@@ -469,10 +484,10 @@ def dry_run(args, config):
               f"{args.world_size} GPUs: rollouts of "
               f"{args.gen_batch} x ({args.prompt_tokens} + {args.max_new_tokens}) tokens, training micro-batches "
               f"of {args.micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
-        for phase in ("held", "rollout", "train"):
+        for phase in ("held", "rollout", "reference", "train"):
             items = "  ".join(f"{k} {v / gib:.2f}" for k, v in plan[phase].items())
-            print(f"  {phase:<8} {sum(plan[phase].values()) / gib:6.2f} GiB  ({items})")
-        print(f"  {'peak':<8} {plan['peak'] / gib:6.2f} GiB  (held + the larger phase)")
+            print(f"  {phase:<9} {sum(plan[phase].values()) / gib:6.2f} GiB  ({items})")
+        print(f"  {'peak':<9} {plan['peak'] / gib:6.2f} GiB  (held + the largest phase)")
 
 
 # -----------------------------------------------------------------------------
@@ -704,9 +719,9 @@ def main(args):
             rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
             batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
             # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-            with torch.no_grad(), common.autocast(d, args):  # as the policy's forward below, or the KL starts > 0
-                ref_logp = [b.logprobs(ref, tok.vocab_size) for b in batches] if ref is not None else None
-                old_logp = [b.logprobs(policy, tok.vocab_size) for b in batches] if args.mu > 1 else None
+            ref_logp = fixed_logprobs(ref, batches, tok.vocab_size, d, args) if ref is not None else None
+            old_logp = fixed_logprobs(policy, batches, tok.vocab_size, d, args) if args.mu > 1 else None
+            with torch.no_grad(), common.autocast(d, args):
                 old_values = [b.values(value) for b in batches] if value is not None else None
             if value is not None:
                 ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
@@ -727,6 +742,8 @@ def main(args):
             for update in range(args.mu):  # sums are tensors, read back once a step: no sync per micro-batch
                 loss_sum = kl_sum = n_clipped = neg_logp = 0
                 for k, b in enumerate(batches):
+                    if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last
+                        policy.set_requires_gradient_sync(k == len(batches) - 1)
                     old = old_logp[k] if old_logp is not None else None  # None (μ = 1): π_old is π_θ, ρ = 1
                     ref_k = ref_logp[k] if ref_logp is not None else None  # None (β = 0): no KL
                     token_loss = policy_token_loss(b, old, ref_k, clip, loss_beta, tis, d.world / normaliser)

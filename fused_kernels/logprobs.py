@@ -158,14 +158,20 @@ def grad_rows_triton(x, targets, lse, g):
     return x
 
 
+def chunk_rows(N, C, V, budget):
+    """Rows of hidden states per chunk of logits: budget / V, or N·C / V (logits the size of h) if more. One rule
+    for the log-probs with and without gradient, so that the same rows give the same bits either way."""
+    return max(1, budget // V, -(-N * C // V))
+
+
 @torch.no_grad()
 def hidden_rows(h, weight, targets, budget, rows_fn):
     """log softmax(h Wᵀ)[t] from final hidden states h (..., C) and the LM head W (V, C), in fp32, with at most
     `budget` logits alive at once (rows of h in chunks of budget / V): no gradient, for the log-probs that stay
-    fixed during an update (π_ref, π_old) and for evaluation. Training takes HiddenTokenLoss."""
+    fixed during an update (π_ref, π_old) and for evaluation, chunked as HiddenTokenLoss (chunk_rows)."""
     out = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
     flat, h, targets = out.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    rows = max(1, budget // len(weight))
+    rows = chunk_rows(*h.shape, len(weight), budget)
     for i in range(0, len(h), rows):
         flat[i:i + rows] = rows_fn(h[i:i + rows] @ weight.T, targets[i:i + rows])[0]
     return out
@@ -179,9 +185,9 @@ class HiddenTokenLoss(torch.autograd.Function):
     log-probs and lse read from it, then overwritten by its own gradient g (onehot - softmax(x)), which is
     multiplied back into grad_h = d W (GEMM 2) and grad_W += dᵀ h (GEMM 3): three GEMMs where recomputing the
     logits in backward takes four, and no logits are kept for backward, which only scales the two gradients by
-    its upstream scalar. Chunks hold budget / V rows, or N·C / V (logits the size of h) if more: fewer, larger
-    accumulations into grad_W, which is kept in W's dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in
-    the compute dtype (bf16 on GPU), softmax in fp32.
+    its upstream scalar. Chunks hold chunk_rows rows: the larger the chunks, the fewer the accumulations into
+    grad_W, which is kept in W's dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in the compute dtype
+    (bf16 on GPU), softmax in fp32.
     token_loss(logp (n,), rows: a slice of the flattened positions) -> (loss (n,), d loss / d logp (n,)).
     Returns (the summed loss, the log-probs (targets' shape, fp32, no gradient))."""
 
@@ -194,7 +200,7 @@ class HiddenTokenLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        rows = max(1, budget // V, -(-N * C // V))
+        rows = chunk_rows(N, C, V, budget)
         for i in range(0, N, rows):
             s = slice(i, i + rows)
             x = h[s] @ weight.T  # (n, V), GEMM 1

@@ -331,6 +331,24 @@ def test_compiled_rollouts_and_blocks_train_as_eager(base, data_dir, tmp_path):
                                                                       abs=1e-7)
 
 
+def test_fsdp_gathers_the_reference_once_and_reduce_scatters_once_a_step(base, problems, tmp_path):
+    """On 2 gloo ranks, 2 steps of 4 micro-batches each, collectives counted (tests/counted.py): the reference
+    costs one all-gather of each FSDP2 unit when built and one per step, not one per micro-batch (the difference
+    from a run without it, β = 0), and the policy's gradients one reduce-scatter of each unit per step."""
+    units = config_from_hf(base).n_layers + 1  # each block, and the root (embeddings, final norm, head)
+    counts = {}
+    for beta in ("0.04", "0"):
+        out = tmp_path / beta
+        r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/counted.py",
+                 str(tmp_path / f"{beta}.json"), *scripted_args(base, problems, out, "--max-steps", "2", "--beta",
+                                                                 beta, "--pack", "1", "--micro-batch", "2",
+                                                                 "--report-problems", "0")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        counts[beta] = json.load(open(tmp_path / f"{beta}.json"))
+    assert counts["0.04"]["all_gather"] - counts["0"]["all_gather"] == units * (1 + 2)
+    assert counts["0.04"]["reduce_scatter"] == counts["0"]["reduce_scatter"] == units * 2
+
+
 def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     """ρ above 1 + ε binds only when Â > 0, below 1 - ε only when Â < 0 (there the min takes the clipped side and
     the token's gradient is 0); ε_high = 0.28 as DAPO's."""
