@@ -9,7 +9,6 @@ cross-entropy (train_step), which pretraining and SFT share.
 """
 
 import atexit
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from model import CheckpointError, Transformer
@@ -595,59 +593,3 @@ class Log:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-# -----------------------------------------------------------------------------
-# Memory plans (--dry-run): what autograd keeps, counted on the meta device
-
-
-class _FlashStandIn(torch.autograd.Function):
-    """SDPA on the meta device, saving nothing: the math path it would take there saves (T, T) score matrices,
-    which flash attention on a GPU never keeps; flash's own saved tensors are added by hand."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        return q.new_empty(q.shape[:-1] + v.shape[-1:])
-
-    @staticmethod
-    def backward(ctx, g):
-        return None, None, None
-
-
-def saved_activation_bytes(block, x, cos, sin):
-    """Bytes autograd keeps from one call of `block` for its backward, counted by identity: a tensor saved by
-    several ops (or as several views) once, and the block's own weights (and views of them) not at all."""
-    params = {id(p) for p in block.parameters()}
-    seen, total = set(), [0]
-
-    def pack(t):
-        base = t if t._base is None else t._base
-        if id(base) not in params and id(base) not in seen:
-            seen.add(id(base))
-            total[0] += base.numel() * base.element_size()
-        return t
-    keep = []  # hold the bases, so that no id is reused while counting
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: keep.append(t) or pack(t), lambda t: t):
-        block(x, cos, sin)
-    return total[0]
-
-
-def activation_bytes(config, micro_batch, seq_len, ac, dtype=torch.bfloat16):
-    """Saved activations of a forward over micro_batch x seq_len tokens, all blocks, with flash attention;
-    with activation checkpointing (ac), each block's input plus one block's worth while it is recomputed."""
-    with torch.device("meta"):
-        block = Transformer(dataclasses.replace(config, n_layers=1)).layers[0].to(dtype)
-        x = torch.empty(micro_batch, seq_len, config.dim, dtype=dtype, requires_grad=True)
-        cos = torch.empty(1, 1, seq_len, config.head_dim, dtype=dtype)
-        sdpa = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = lambda q, k, v, **kw: _FlashStandIn.apply(q, k, v)
-        try:
-            per_block = saved_activation_bytes(block, x, cos, cos)
-        finally:
-            F.scaled_dot_product_attention = sdpa
-    bt, size = micro_batch * seq_len, torch.finfo(dtype).bits // 8
-    kv = config.n_kv_heads * config.head_dim
-    per_block += bt * (2 * config.n_heads * config.head_dim + 2 * kv) * size  # flash keeps q, k, v and its output
-    per_block += bt * config.n_heads * 4  # and the log-sum-exp of each row, in fp32
-    block_in = bt * config.dim * size
-    return config.n_layers * block_in + per_block if ac else config.n_layers * per_block

@@ -1,9 +1,9 @@
 """Generation as GRPO and evaluation both need it: questions in; completions with their token ids, which of
 those the model wrote (the loss mask), the sampler's log-probs and the text to grade out.
 
-Two layers. `generate` is the decoder: token-id prompts in, sampled continuations out, on the model's KV cache
-(model.prefill, model.decode_step). It is built for GRPO's shape of work, G samples of each of a few prompts with
-ragged lengths:
+Two layers. `Decoder.generate` (and `generate`, one call's Decoder) is the decoder: token-id prompts in, sampled
+continuations out, on a KV cache of one K and one V tensor per layer (model.prefill, model.decode_step). It is
+built for GRPO's shape of work, G samples of each of a few prompts with ragged lengths:
 - each distinct prompt is prefilled once and its keys and values are copied into the cache rows of its samples;
 - the cache has a fixed number of rows (`slots`); a row whose sequence stops is refilled with a waiting one
   (continuous batching), so a batch never waits for its longest row; once nothing waits, the live rows are
@@ -11,9 +11,12 @@ ragged lengths:
 - stops (EOS, stop strings, the budget) are checked every `sync_every` tokens, the only time the host reads the
   device; what was generated past a stop is dropped;
 - every sampled token's randomness is a function of (seed, the sequence's stream, its position) alone
-  (`uniforms`), not of which row or batch the sequence ran in: a sequence samples the same tokens however the
-  scheduler packs it, and resuming a run replays it exactly;
-- a decode step has fixed shapes (the cache's), so `compile=True` can capture it in a CUDA graph.
+  (`uniforms`, drawn for a whole row when it is given its sequence), not of which row or batch the sequence ran
+  in: a sequence samples the same tokens however the scheduler packs it, and resuming a run replays it exactly;
+  a token is drawn by inverting the CDF in two levels (`sample`), a few fused reductions;
+- a decode step writes every buffer in place, reads nothing back to the host and has no shape that depends on
+  the data, so `compile=True` compiles it once for every batch and row count and captures it in CUDA graphs
+  that a Decoder kept across calls replays on the same memory.
 
 `complete` puts questions in the paper's chat format with their prompt (data.PROMPTS) and runs tool rounds: for
 tool-integrated solutions (paper §3; docs/paper.md §4), whenever the model opens a ```output block, generation

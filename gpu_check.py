@@ -35,6 +35,7 @@ import torch
 import common
 import engine
 import grpo
+import memory
 import pretrain
 from bench import timed
 from fused_kernels.bench import copy_bandwidth
@@ -225,7 +226,6 @@ def decode_7b(args, dtype, device):
         sec = timed([lambda: decoder.generate(prompts, args.new_tokens, temperature=1.0, slots=B)], 1, device)[0]
         rates[B] = B * args.new_tokens / sec
         print(f"   batch {B:>4}  {rates[B]:>9,.0f} tokens/s", flush=True)
-        del decoder
     return rates
 
 
@@ -279,7 +279,7 @@ def grpo_step(args, device):
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
         prompt = max(len(engine.prompt_ids(tok, p["question"])) for p in problems)
     r = rows[-1]  # the second step: the first also pays for compiling and warm-up
-    plan = grpo.memory_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, True, kept_decoder=True)
+    plan = memory.grpo_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, True, kept_decoder=True)
     print(f"\n5. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
           f"{args.new_tokens} new tokens (random weights: outputs run to the budget), --compile")
     print(f"   {r['seconds']:.2f} s: generate {r['time_generate']:.2f} ({r['rollout_tokens_per_s']:,.0f} tokens/s), "

@@ -58,8 +58,8 @@ import common
 import data
 import engine
 import evaluate
+import memory
 import ppo
-import pretrain
 import reward
 import reward_model
 import sft
@@ -166,6 +166,44 @@ def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
             (loss * w).sum().backward()
         return loss.detach() * w, x.grad
     return token_loss
+
+
+def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis, vocab_limit, step, args, d):
+    """Lines 10-11 of Algorithm 1, one of the μ updates: J on every micro-batch, its gradient made in the forward
+    (model.loss) and normalised over all ranks, so that any split adds up to the whole batch; clipped; one AdamW
+    step. old_logp None: μ = 1, π_old is π_θ as it is now (ρ = 1); ref_logp None: no KL. Returns this rank's
+    sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap and the TIS
+    weights; read back once, not per micro-batch) and the gradient norm."""
+    clip = (args.clip_eps, args.clip_high or args.clip_eps)
+    sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0)
+    for k, b in enumerate(batches):
+        if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last
+            policy.set_requires_gradient_sync(k == len(batches) - 1)
+        old = old_logp[k] if old_logp is not None else None
+        ref = ref_logp[k] if ref_logp is not None else None
+        token_loss = policy_token_loss(b, old, ref, clip, beta, tis, d.world / normaliser)  # × world: FSDP2
+        with common.autocast(d, args):  # averages gradients over ranks, which this undoes
+            total, logp = b.loss(policy, vocab_limit, token_loss)  # (), (b, T)
+        total.backward()
+        # what to log, from the same log-probs (no gradient)
+        old, ref = (logp if x is None else x for x in (old, ref))
+        gap = (logp - b.sampler_logp).abs() * b.mask  # (b, T), 0 off the model's tokens
+        sums["logprob_gap"], sums["gap_max"] = sums["logprob_gap"] + gap.sum(), gap.max().clamp(min=sums["gap_max"])
+        adv = b.advantages
+        if tis:  # as policy_token_loss weighs them
+            w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
+            adv = adv * w
+            sums["tis_weight"], sums["tis_cut"] = sums["tis_weight"] + (w * b.mask).sum(), sums["tis_cut"] + cut.sum()
+        loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, *clip, beta)
+        sums.update(loss=sums["loss"] + loss, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
+                    neg_logp=sums["neg_logp"] - (logp * b.mask).sum())
+    grad_norm = common.clip_grad_norm(policy, args.grad_clip)
+    if not np.isfinite(grad_norm):
+        raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is in "
+                         f"{args.out}/checkpoints (lower --lr, then --resume)")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {k: float(v) for k, v in sums.items()}, grad_norm
 
 
 def tis_weights(old_logp, sampler_logp, mask, cap):
@@ -440,57 +478,6 @@ def plot_curves(metrics_path, png):
 
 
 # -----------------------------------------------------------------------------
-# Memory plan (--dry-run)
-
-
-def memory_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
-                value_model=False, kept_decoder=False):
-    """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
-    (pretrain.memory_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
-    the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
-    log-probs: the whole reference gathered; training: on more than one GPU also the gradients accumulated
-    unsharded over the micro-batches (reduce-scattered once a step). A reward model adds its shard; PPO's value
-    model (--advantage gae) its shard, gradients and AdamW state.
-    kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
-    long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
-    T = prompt_tokens + max_new_tokens
-    plan = pretrain.memory_plan(config, world, micro_batch, T, ac)
-    n = plan["parameters"]
-    held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
-                reference_fp32=4 * n / world)
-    if reward_model:
-        held["reward_model_fp32"] = 4 * n / world
-    if value_model:
-        held["value_model_fp32_params_grads_adamw"] = 16 * n / world
-    kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
-    rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
-    if kept_decoder:
-        held.update(decoder_bf16=2 * n, decoder_kv_cache=rollout.pop("kv_cache"))
-    reference = dict(gathered_bf16=2 * n)  # π_ref gathered once for the step's micro-batches (fixed_logprobs)
-    train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
-    if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
-        train["grads_unsharded_fp32"] = 4 * n
-    phases = dict(rollout=rollout, reference=reference, train=train)
-    return dict(parameters=n, held=held, **phases,
-                peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
-
-
-def dry_run(args, config):
-    gib = 2 ** 30
-    for ac in (False, True):
-        plan = memory_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                           args.max_new_tokens, ac, args.reward != "rule", args.advantage == "gae", args.compile)
-        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if args.advantage == 'gae' else 'GRPO'} on "
-              f"{args.world_size} GPUs: rollouts of "
-              f"{args.gen_batch} x ({args.prompt_tokens} + {args.max_new_tokens}) tokens, training micro-batches "
-              f"of {args.micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
-        for phase in ("held", "rollout", "reference", "train"):
-            items = "  ".join(f"{k} {v / gib:.2f}" for k, v in plan[phase].items())
-            print(f"  {phase:<9} {sum(plan[phase].values()) / gib:6.2f} GiB  ({items})")
-        print(f"  {'peak':<9} {plan['peak'] / gib:6.2f} GiB  (held + the largest phase)")
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 # flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
@@ -594,7 +581,9 @@ def main(args):
         config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
         d = common.Dist(0, 1, torch.device("cpu"))
         common.size_defaults(args, config, d, **SIZE_DEFAULTS)
-        return dry_run(args, config)
+        return memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
+                                      args.max_new_tokens, args.reward != "rule", args.advantage == "gae",
+                                      args.compile)
     d = common.init_dist()
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
@@ -726,52 +715,23 @@ def main(args):
             if value is not None:
                 ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
             t3 = time.time()
-            # 10-11. μ updates of π_θ on J, normalised over all ranks: any split adds up to the whole batch
+            # 10-11. μ updates of π_θ on J (grpo_update), normalised over all ranks
             n_seq = common.all_sum(d, len(comps))
             n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
             normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
                               constant=n_seq * args.max_new_tokens)[args.loss_norm]
             lr = common.set_lr(opt, step, args)
             loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
-            clip = (args.clip_eps, args.clip_high or args.clip_eps)
-            gap_sum = gap_max = 0.0
             checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
             tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
                    else 0.0) if checked else 0.0
-            tis_sum = tis_cut = 0
-            for update in range(args.mu):  # sums are tensors, read back once a step: no sync per micro-batch
-                loss_sum = kl_sum = n_clipped = neg_logp = 0
-                for k, b in enumerate(batches):
-                    if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last
-                        policy.set_requires_gradient_sync(k == len(batches) - 1)
-                    old = old_logp[k] if old_logp is not None else None  # None (μ = 1): π_old is π_θ, ρ = 1
-                    ref_k = ref_logp[k] if ref_logp is not None else None  # None (β = 0): no KL
-                    token_loss = policy_token_loss(b, old, ref_k, clip, loss_beta, tis, d.world / normaliser)
-                    with common.autocast(d, args):  # FSDP averages gradients over ranks: × world undoes it
-                        total, logp = b.loss(policy, tok.vocab_size, token_loss)  # (), (b, T)
-                    total.backward()
-                    # what to log, from the same log-probs (detached)
-                    old, ref_k = (logp if x is None else x for x in (old, ref_k))
-                    if update == 0 and checked:  # π_θ is still the sampler's π_old
-                        gap = (logp - b.sampler_logp).abs() * b.mask  # (b, T), 0 off the mask
-                        gap_sum, gap_max = gap_sum + gap.sum(), gap.max().clamp(min=gap_max)
-                    adv = b.advantages
-                    if tis:  # a weight ≥ 0 scales both sides of the min: the clipped objective of Â·w
-                        w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
-                        adv = adv * w
-                        if update == 0:
-                            tis_sum, tis_cut = tis_sum + (w * b.mask).sum(), tis_cut + cut.sum()
-                    loss, kl, clipped = grpo_objective_sums(logp, old, ref_k, adv, b.weights, *clip, loss_beta)
-                    loss_sum, kl_sum, n_clipped = loss_sum + loss, kl_sum + kl, n_clipped + clipped
-                    neg_logp = neg_logp - (logp * b.mask).sum()
-                grad_norm = common.clip_grad_norm(policy, args.grad_clip)
-                if not np.isfinite(grad_norm):
-                    raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is "
-                                     f"in {args.out}/checkpoints (lower --lr, then --resume)")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            updates = []
+            for _ in range(args.mu):
+                updates.append(grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, loss_beta, tis,
+                                           tok.vocab_size, step, args, d))
                 if value is not None:  # PPO's critic, on the same batches
                     value_loss = ppo.update_value(value, value_opt, batches, old_values, n_tok, d, args)
+            (first, _), (last, grad_norm) = updates[0], updates[-1]  # the sampler's gap and TIS: before π_θ moved
             step += 1
             t4 = time.time()
             # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
@@ -785,16 +745,16 @@ def main(args):
                     ref.load_state_dict(policy.state_dict())
             trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
             sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(),
-                        rule_reward=rule.sum().item(),
-                        loss=loss_sum, kl=kl_sum, neg_logp=neg_logp, clipped=n_clipped, train_tokens=trained * args.mu,
+                        rule_reward=rule.sum().item(), loss=last["loss"], kl=last["kl"], neg_logp=last["neg_logp"],
+                        clipped=last["clipped"], train_tokens=trained * args.mu,
                         sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
                         zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                         tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
                         time_generate=t1 - t0, time_reward=t2 - t1, **generated)
             if checked:
-                sums.update(logprob_gap=gap_sum, logprob_gap_max=common.all_max(d, gap_max))
+                sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
             if tis:
-                sums.update(tis_weight=float(tis_sum), tis_cut=float(tis_cut))
+                sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])
             row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
                                dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
             row.update(refreshed)

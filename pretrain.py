@@ -26,45 +26,20 @@ from dataclasses import asdict
 import torch
 
 import data
-from common import (Log, StopFlag, activation_bytes, add_training_args, all_sum, autocast, build_model, export_hf,
+import memory
+from common import (Log, StopFlag, add_training_args, all_sum, autocast, build_model, export_hf,
                     finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run,
                     train_step)
-from fused_kernels import CHUNK_ELEMENTS
-from model import PRESETS, ModelConfig, Transformer, config_from_hf
+from model import PRESETS, ModelConfig, config_from_hf
 
 # -----------------------------------------------------------------------------
 # Memory plan (--dry-run)
 
 
-def memory_plan(config, world, micro_batch, seq_len, ac):
-    """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
-    `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
-    logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
-    or tokens x dim if more, in bf16 with its gradient written over it (the Triton path), and the two gradients
-    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    n = model.num_params()
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
-                gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
-                activations=activation_bytes(config, micro_batch, seq_len, ac),
-                logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
-                            + micro_batch * seq_len * config.dim + config.vocab_size * config.dim))
-
-
 def dry_run(args):
     config = ModelConfig(**PRESETS[args.preset])
     print(f"{args.preset}: {asdict(config)}")
-    for ac in (False, True):
-        plan = memory_plan(config, args.world_size, args.micro_batch, args.seq_len, ac)
-        n = plan.pop("parameters")
-        total = sum(plan.values())
-        print(f"\n{n / 1e9:.2f}B parameters, FSDP2 over {args.world_size} GPUs, micro-batch {args.micro_batch} x "
-              f"{args.seq_len} tokens, activation checkpointing {'on' if ac else 'off'}:")
-        for k, v in plan.items():
-            print(f"  {k:<14} {v / 2**30:8.2f} GiB")
-        print(f"  {'total':<14} {total / 2**30:8.2f} GiB per GPU")
+    memory.print_train_plan(config, args.world_size, args.micro_batch, args.seq_len)
 
 
 # -----------------------------------------------------------------------------

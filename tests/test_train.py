@@ -12,7 +12,7 @@ import torch
 
 import common
 import data
-import pretrain
+import memory
 import sft
 import toyworld
 from model import PRESETS, ModelConfig, Transformer
@@ -157,11 +157,11 @@ def test_memory_plan_counts_what_a_real_forward_saves():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.hidden(torch.randint(0, 512, (4, 200)))
-    plan = common.activation_bytes(cfg, 4, 200, ac=False, dtype=torch.float32)
+    plan = memory.activation_bytes(cfg, 4, 200, ac=False, dtype=torch.float32)
     assert 0.85 < plan / measured[0] < 1.15, (plan, measured[0])
     # a sequence as long as the model is wide is no special case (a shape rule once dropped the hidden states)
     seven = ModelConfig(**PRESETS["deepseek-math-7b"])
-    per_token = [common.activation_bytes(seven, 1, T, ac=False) / T for T in (4095, 4096, 4097)]
+    per_token = [memory.activation_bytes(seven, 1, T, ac=False) / T for T in (4095, 4096, 4097)]
     assert max(per_token) / min(per_token) < 1.01
 
 
@@ -182,8 +182,8 @@ def test_nan_loss_stops_before_the_optimizer_step():
 
 def test_dry_run_memory_plan_for_7b_on_8_gpus():
     config = ModelConfig(**PRESETS["deepseek-math-7b"])
-    off = pretrain.memory_plan(config, 8, 1, 4096, ac=False)
-    on = pretrain.memory_plan(config, 8, 1, 4096, ac=True)
+    off = memory.train_plan(config, 8, 1, 4096, ac=False)
+    on = memory.train_plan(config, 8, 1, 4096, ac=True)
     assert off["parameters"] == 6_910_365_696
     assert off["adamw_fp32"] == pytest.approx(8 * 6_910_365_696 / 8)
     # checkpointing keeps one (1, 4096, 4096) bf16 input per block, 32 MiB, plus one block's activations

@@ -1,0 +1,156 @@
+"""Memory plans (--dry-run): what a run holds per GPU, phase by phase, counted on the meta device.
+
+Activations are what autograd keeps from one block's forward, counted by identity with a saved-tensors hook
+on a block built on the meta device (nothing allocated); weights, gradients and AdamW state follow from the
+parameter count and the FSDP2 sharding; the LM head's working memory and the rollouts' KV cache from their
+shapes. pretrain.py and sft.py plan with train_plan, grpo.py with grpo_plan; gpu_check.py sets a plan beside
+the memory a GPU measured (+1.2% on an H200 at 1B).
+
+    python pretrain.py --dry-run --preset deepseek-math-7b
+    python grpo.py --dry-run --preset deepseek-math-7b --world-size 8 --micro-batch 4 --gen-batch 32
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from fused_kernels import CHUNK_ELEMENTS
+from model import Transformer
+
+GIB = 2 ** 30
+
+# -----------------------------------------------------------------------------
+# Activations
+
+
+class _FlashStandIn(torch.autograd.Function):
+    """SDPA on the meta device, saving nothing: the math path it would take there saves (T, T) score matrices,
+    which flash attention on a GPU never keeps; flash's own saved tensors are added by hand."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None, None
+
+
+def saved_activation_bytes(block, x, cos, sin):
+    """Bytes autograd keeps from one call of `block` for its backward, counted by identity: a tensor saved by
+    several ops (or as several views) once, and the block's own weights (and views of them) not at all."""
+    params = {id(p) for p in block.parameters()}
+    seen, total = set(), [0]
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params and id(base) not in seen:
+            seen.add(id(base))
+            total[0] += base.numel() * base.element_size()
+        return t
+    keep = []  # hold the bases, so that no id is reused while counting
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: keep.append(t) or pack(t), lambda t: t):
+        block(x, cos, sin)
+    return total[0]
+
+
+def activation_bytes(config, micro_batch, seq_len, ac, dtype=torch.bfloat16):
+    """Saved activations of a forward over micro_batch x seq_len tokens, all blocks, with flash attention;
+    with activation checkpointing (ac), each block's input plus one block's worth while it is recomputed."""
+    with torch.device("meta"):
+        block = Transformer(dataclasses.replace(config, n_layers=1)).layers[0].to(dtype)
+        x = torch.empty(micro_batch, seq_len, config.dim, dtype=dtype, requires_grad=True)
+        cos = torch.empty(1, 1, seq_len, config.head_dim, dtype=dtype)
+        sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lambda q, k, v, **kw: _FlashStandIn.apply(q, k, v)
+        try:
+            per_block = saved_activation_bytes(block, x, cos, cos)
+        finally:
+            F.scaled_dot_product_attention = sdpa
+    bt, size = micro_batch * seq_len, torch.finfo(dtype).bits // 8
+    kv = config.n_kv_heads * config.head_dim
+    per_block += bt * (2 * config.n_heads * config.head_dim + 2 * kv) * size  # flash keeps q, k, v and its output
+    per_block += bt * config.n_heads * 4  # and the log-sum-exp of each row, in fp32
+    block_in = bt * config.dim * size
+    return config.n_layers * block_in + per_block if ac else config.n_layers * per_block
+
+
+# -----------------------------------------------------------------------------
+# Plans
+
+
+def train_plan(config, world, micro_batch, seq_len, ac):
+    """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
+    `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
+    logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
+    or tokens x dim if more, in bf16 with its gradient written over it (the Triton path), and the two gradients
+    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    n = model.num_params()
+    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+    return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
+                gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
+                activations=activation_bytes(config, micro_batch, seq_len, ac),
+                logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
+                            + micro_batch * seq_len * config.dim + config.vocab_size * config.dim))
+
+
+def print_train_plan(config, world, micro_batch, seq_len):
+    """The plan of pretraining or SFT, without and with activation checkpointing."""
+    for ac in (False, True):
+        plan = train_plan(config, world, micro_batch, seq_len, ac)
+        n = plan.pop("parameters")
+        print(f"\n{n / 1e9:.2f}B parameters, FSDP2 over {world} GPUs, micro-batch {micro_batch} x {seq_len} tokens, "
+              f"activation checkpointing {'on' if ac else 'off'}:")
+        for k, v in plan.items():
+            print(f"  {k:<14} {v / GIB:8.2f} GiB")
+        print(f"  {'total':<14} {sum(plan.values()) / GIB:8.2f} GiB per GPU")
+
+
+def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
+                value_model=False, kept_decoder=False):
+    """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
+    (train_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
+    the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
+    log-probs: the whole reference gathered; training: on more than one GPU also the gradients accumulated
+    unsharded over the micro-batches (reduce-scattered once a step). A reward model adds its shard; PPO's value
+    model (--advantage gae) its shard, gradients and AdamW state.
+    kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
+    long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
+    T = prompt_tokens + max_new_tokens
+    plan = train_plan(config, world, micro_batch, T, ac)
+    n = plan["parameters"]
+    held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
+                reference_fp32=4 * n / world)
+    if reward_model:
+        held["reward_model_fp32"] = 4 * n / world
+    if value_model:
+        held["value_model_fp32_params_grads_adamw"] = 16 * n / world
+    kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
+    rollout = dict(gathered_bf16=2 * n, kv_cache=gen_batch * T * kv_per_token)
+    if kept_decoder:
+        held.update(decoder_bf16=2 * n, decoder_kv_cache=rollout.pop("kv_cache"))
+    reference = dict(gathered_bf16=2 * n)  # π_ref gathered once for the step's micro-batches (fixed_logprobs)
+    train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
+    if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
+        train["grads_unsharded_fp32"] = 4 * n
+    phases = dict(rollout=rollout, reference=reference, train=train)
+    return dict(parameters=n, held=held, **phases,
+                peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
+
+
+def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, reward_model, value_model,
+                    kept_decoder):
+    """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing."""
+    for ac in (False, True):
+        plan = grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model,
+                         value_model, kept_decoder)
+        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if value_model else 'GRPO'} on {world} GPUs: "
+              f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
+              f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
+        for phase in ("held", "rollout", "reference", "train"):
+            items = "  ".join(f"{k} {v / GIB:.2f}" for k, v in plan[phase].items())
+            print(f"  {phase:<9} {sum(plan[phase].values()) / GIB:6.2f} GiB  ({items})")
+        print(f"  {'peak':<9} {plan['peak'] / GIB:6.2f} GiB  (held + the largest phase)")
