@@ -200,3 +200,14 @@ def test_positions_and_mask_give_a_packed_row_the_log_probs_of_its_sequences():
         alone_a, alone_b = m(torch.tensor([p + a]))[0], m(torch.tensor([p + b]))[0]
     torch.testing.assert_close(packed[:7], alone_a, atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[7:], alone_b[4:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True, head_dim=8), dict(qkv_bias=True)])
+def test_a_block_compiles_whole_for_training(kw):
+    """--compile compiles each block (common.build_model): one graph per block, no graph break, forward and
+    backward, for every supported architecture's block."""
+    m = tiny(**kw).train()
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    cos, sin = m.rope_cos[:9][None, None], m.rope_sin[:9][None, None]
+    explained = torch._dynamo.explain(m.layers[0])(x, cos, sin)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
