@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import memory
 from model import CheckpointError, Transformer
 from tokenizer import Tokenizer, TokenizerError
 
@@ -43,7 +44,9 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, hel
     add("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     add("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU (CPU runs in "
         "float32)")
-    add("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add("--activation-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+        help="recompute blocks in backward: on (every block; the flag alone), off, or auto (default): on a GPU the "
+        "fewest blocks for the memory plan to fit 90%% of its memory, on a CPU none")
     add("--compile", action="store_true", help="torch.compile each block")
     add("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (and at the end and on "
         "SIGTERM)")
@@ -190,9 +193,25 @@ def initial_state(config, init_dir, seed):
     return m.state_dict()
 
 
-def build_model(config, d, args, init_dir=None):
-    """Build on the meta device (no memory), wrap each block for activation checkpointing and FSDP2 as asked,
-    materialise only this rank's shard, then load the initial weights broadcast from rank 0."""
+def checkpointed_blocks(args, d, n_layers, peak_of):
+    """How many blocks --activation-checkpointing checkpoints: all (on), none (off), or auto: on a GPU the fewest
+    for the memory plan's peak, peak_of(k) bytes with k of them checkpointed (memory.py), to fit in
+    memory.AUTO_FRACTION of the GPU's memory; none on a CPU, whose memory the plan does not model."""
+    if args.activation_checkpointing != "auto":
+        return n_layers if args.activation_checkpointing == "on" else 0
+    if d.device.type != "cuda":
+        return 0
+    budget = memory.AUTO_FRACTION * torch.cuda.get_device_properties(d.device).total_memory
+    k = memory.blocks_to_checkpoint(n_layers, peak_of, budget)
+    print0(d, f"--activation-checkpointing auto: {k} of {n_layers} blocks checkpointed (the memory plan's peak "
+              f"{peak_of(k) / memory.GIB:.1f} GiB of {budget / memory.GIB:.1f})")
+    return k
+
+
+def build_model(config, d, args, init_dir=None, checkpointed=0):
+    """Build on the meta device (no memory), wrap the first `checkpointed` blocks for activation checkpointing
+    (checkpointed_blocks), compile and FSDP2-wrap each block as asked, materialise only this rank's shard, then
+    load the initial weights broadcast from rank 0."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -200,7 +219,8 @@ def build_model(config, d, args, init_dir=None):
     with torch.device("meta"):
         model = Transformer(config)
     for i, block in enumerate(model.layers):
-        if args.activation_checkpointing:  # keep each block's input, recompute the rest in backward
+        if i < checkpointed:  # keep the block's input, recompute the rest in backward; the first blocks, as their
+            # backward comes last, when the later blocks' activations are freed (memory.activation_bytes)
             block = model.layers[i] = checkpoint_wrapper(block)
         if args.compile:
             block.compile()

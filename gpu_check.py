@@ -236,18 +236,21 @@ def decode_7b(args, dtype, device):
 def train_mfu(args, device):
     config = ModelConfig(**PRESETS[args.size])
     d = common.Dist(0, 1, torch.device(device))
-    run = argparse.Namespace(activation_checkpointing=True, compile=False, dtype="bfloat16", seed=0, lr=1e-4,
+    run = argparse.Namespace(activation_checkpointing="auto", compile=False, dtype="bfloat16", seed=0, lr=1e-4,
                              weight_decay=0.1, grad_clip=1.0, warmup=0, schedule="constant", max_steps=10)
-    model = common.build_model(config, d, run)
-    opt = common.make_optimizer(model, run)
     B, T = args.train_batch, args.train_tokens
+    ac = common.checkpointed_blocks(run, d, config.n_layers, lambda k: memory.train_peak(
+        memory.train_plan(config, 1, B, T, k)))
+    model = common.build_model(config, d, run, checkpointed=ac)
+    opt = common.make_optimizer(model, run)
     x = torch.randint(0, config.vocab_size, (B, T + 1))
     batch = [(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool))]
     sec = timed([lambda: common.train_step(model, opt, batch, d, run, 0)], args.repeats, device)[0]
     tokens_per_s = B * T / sec
     mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
         if device == "cuda" else float("nan")
-    print(f"\n4. training, {args.size} with activation checkpointing, micro-batch {B} x {T}, AdamW step included")
+    print(f"\n4. training, {args.size}, {ac} of {config.n_layers} blocks checkpointed (auto), micro-batch {B} x {T}, "
+          f"AdamW step included")
     print(f"   {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% (6N FLOPs per token, N without the input "
           f"embedding, + 12·L·d·T for attention)")
     return mfu
@@ -274,19 +277,22 @@ def grpo_step(args, device):
             "--init", tmp, "--data", os.path.join(tmp, "rl.jsonl"), "--eval-data", "none", "--out", out,
             "--questions", str(args.grpo_questions), "--group-size", str(args.grpo_group),
             "--max-new-tokens", str(args.new_tokens), "--max-steps", "2", "--report-problems", "0",
-            "--micro-batch", str(micro), "--gen-batch", str(gen_batch), "--activation-checkpointing",
-            "--compile", "--ckpt-every", "100"]))
+            "--micro-batch", str(micro), "--gen-batch", str(gen_batch), "--compile", "--ckpt-every", "100"]))
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
         prompt = max(len(engine.prompt_ids(tok, p["question"])) for p in problems)
     r = rows[-1]  # the second step: the first also pays for compiling and warm-up
-    plan = memory.grpo_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, True, kept_decoder=True)
+    def peak_of(k):
+        return memory.grpo_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, k, kept_decoder=True)["peak"]
+    auto = argparse.Namespace(activation_checkpointing="auto")  # as grpo.main chose, for the plan beside the peak
+    plan_peak = peak_of(common.checkpointed_blocks(auto, common.Dist(0, 1, torch.device(device)), config.n_layers,
+                                                   peak_of))
     print(f"\n5. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
           f"{args.new_tokens} new tokens (random weights: outputs run to the budget), --compile")
     print(f"   {r['seconds']:.2f} s: generate {r['time_generate']:.2f} ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
           f"reward {r['time_reward']:.2f}, reference {r['time_ref']:.2f}, train {r['time_train']:.2f} "
           f"({r['train_tokens_per_s']:,.0f} tokens/s)")
     peak = max((row.get("peak_memory_gib", float("nan")) for row in rows), default=float("nan"))
-    print(f"   memory: planned {plan['peak'] / 2 ** 30:.2f} GiB, max_memory_allocated {peak:.2f} GiB; "
+    print(f"   memory: planned {plan_peak / 2 ** 30:.2f} GiB, max_memory_allocated {peak:.2f} GiB; "
           f"sampler vs trainer log-probs: mean {r['logprob_gap_mean']:.2g}, max {r['logprob_gap_max']:.2g} nats"
           + (f"; TIS weight {r['tis_weight']:.4f}, clipped {100 * r['tis_clip_rate']:.2f}%" if "tis_weight" in r
              else ""))

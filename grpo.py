@@ -576,6 +576,21 @@ def parse_args(argv=None):
     return args
 
 
+def usable_problems(problems, tok, config, args, d):
+    """The problems whose prompt leaves room for --max-new-tokens in the model's positions (one that does not
+    teaches nothing), and the longest such prompt in tokens; enough of them for one step, or a clear exit."""
+    prompt_len = [len(engine.prompt_ids(tok, p["question"], args.prompt)) for p in problems]
+    fits = [n + args.max_new_tokens <= config.max_seq_len for n in prompt_len]
+    room = [p for p, ok in zip(problems, fits) if ok]
+    if len(room) < len(problems):
+        common.print0(d, f"{args.data}: {len(problems) - len(room)} questions leave no room for "
+                         f"{args.max_new_tokens} new tokens in the model's {config.max_seq_len} positions: skipped")
+    if len(room) < args.questions * args.oversample:
+        raise SystemExit(f"{args.data}: {len(room)} usable questions (the count above), fewer than one step "
+                         f"draws ({args.questions * args.oversample}): give more data or a smaller --questions")
+    return room, max(n for n, ok in zip(prompt_len, fits) if ok)
+
+
 def main(args):
     if args.dry_run:
         config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
@@ -599,18 +614,12 @@ def main(args):
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)
-    room = [p for p in problems  # a prompt that leaves no room for an answer teaches nothing
-            if len(engine.prompt_ids(tok, p["question"], args.prompt)) + args.max_new_tokens
-            <= config.max_seq_len]
-    if len(room) < len(problems):
-        common.print0(d, f"{args.data}: {len(problems) - len(room)} questions leave no room for "
-                         f"{args.max_new_tokens} new tokens in the model's {config.max_seq_len} positions: skipped")
-    problems = room
-    if len(problems) < args.questions * args.oversample:
-        raise SystemExit(f"{args.data}: {len(problems)} usable questions (the count above), fewer than one step "
-                         f"draws ({args.questions * args.oversample}): give more data or a smaller --questions")
+    problems, longest_prompt = usable_problems(problems, tok, config, args, d)
+    ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.grpo_plan(
+        config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
+        args.reward != "rule", args.advantage == "gae", args.compile)["peak"])
     # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
-    policy = common.build_model(config, d, args, init_dir=args.init)
+    policy = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac)
     ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
     if ref is not None:
         ref.requires_grad_(False)
@@ -622,12 +631,13 @@ def main(args):
         rm_config = config_from_hf(rm_dir)
         if rm_config.head != "score":
             raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
-        rm = common.build_model(rm_config, d, args, init_dir=rm_dir)
+        rm = common.build_model(rm_config, d, args, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0)
         rm.requires_grad_(args.rm_refresh)
     value = value_opt = None  # PPO's value model V_ψ, the policy's size (what GRPO does without)
     if args.advantage == "gae":
         value_init = args.value_init or (rm_dir if rm is not None else args.init)
-        value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args, init_dir=value_init)
+        value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args, init_dir=value_init,
+                                   checkpointed=ac)
         value_opt = common.make_optimizer(value, argparse.Namespace(lr=args.value_lr or args.lr, weight_decay=0.0))
     opt = common.make_optimizer(policy, args)
     extra = {"ref": ref} if ref is not None and args.ref_reset else {}  # a reset reference is state to keep

@@ -19,6 +19,7 @@ from fused_kernels import CHUNK_ELEMENTS
 from model import Transformer
 
 GIB = 2 ** 30
+AUTO_FRACTION = 0.9  # of a GPU's memory that --activation-checkpointing auto plans to fill: room for fragmentation
 
 # -----------------------------------------------------------------------------
 # Activations
@@ -55,9 +56,11 @@ def saved_activation_bytes(block, x, cos, sin):
     return total[0]
 
 
-def activation_bytes(config, micro_batch, seq_len, ac, dtype=torch.bfloat16):
-    """Saved activations of a forward over micro_batch x seq_len tokens, all blocks, with flash attention;
-    with activation checkpointing (ac), each block's input plus one block's worth while it is recomputed."""
+def activation_bytes(config, micro_batch, seq_len, checkpointed, dtype=torch.bfloat16):
+    """Saved activations at their peak, over micro_batch x seq_len tokens, all blocks, with flash attention. Of
+    the first `checkpointed` blocks (activation checkpointing) only the input is kept; each is recomputed in
+    backward after the later blocks have freed theirs, so the peak is the larger of the forward's end and one
+    recomputed block over the inputs kept."""
     with torch.device("meta"):
         block = Transformer(dataclasses.replace(config, n_layers=1)).layers[0].to(dtype)
         x = torch.empty(micro_batch, seq_len, config.dim, dtype=dtype, requires_grad=True)
@@ -73,14 +76,22 @@ def activation_bytes(config, micro_batch, seq_len, ac, dtype=torch.bfloat16):
     per_block += bt * (2 * config.n_heads * config.head_dim + 2 * kv) * size  # flash keeps q, k, v and its output
     per_block += bt * config.n_heads * 4  # and the log-sum-exp of each row, in fp32
     block_in = bt * config.dim * size
-    return config.n_layers * block_in + per_block if ac else config.n_layers * per_block
+    kept = checkpointed * block_in
+    return max((config.n_layers - checkpointed) * per_block + kept, kept + (per_block if checkpointed else 0))
+
+
+def blocks_to_checkpoint(n_layers, peak_of, budget):
+    """--activation-checkpointing auto: the fewest blocks to checkpoint for the plan's peak, peak_of(k) bytes
+    with k blocks checkpointed, to fit in `budget`; all of them when nothing fits. Each block checkpointed costs
+    a second forward of it in backward (a third more compute for the block), so none is where memory allows."""
+    return next((k for k in range(n_layers + 1) if peak_of(k) <= budget), n_layers)
 
 
 # -----------------------------------------------------------------------------
 # Plans
 
 
-def train_plan(config, world, micro_batch, seq_len, ac):
+def train_plan(config, world, micro_batch, seq_len, checkpointed):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
     logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
@@ -92,14 +103,19 @@ def train_plan(config, world, micro_batch, seq_len, ac):
     layer_params = sum(p.numel() for p in model.layers[0].parameters())
     return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
-                activations=activation_bytes(config, micro_batch, seq_len, ac),
+                activations=activation_bytes(config, micro_batch, seq_len, checkpointed),
                 logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
                             + micro_batch * seq_len * config.dim + config.vocab_size * config.dim))
 
 
+def train_peak(plan):
+    """A train_plan's bytes in all."""
+    return sum(v for k, v in plan.items() if k != "parameters")
+
+
 def print_train_plan(config, world, micro_batch, seq_len):
-    """The plan of pretraining or SFT, without and with activation checkpointing."""
-    for ac in (False, True):
+    """The plan of pretraining or SFT, without and with activation checkpointing, and what auto chooses."""
+    for ac in (0, config.n_layers):
         plan = train_plan(config, world, micro_batch, seq_len, ac)
         n = plan.pop("parameters")
         print(f"\n{n / 1e9:.2f}B parameters, FSDP2 over {world} GPUs, micro-batch {micro_batch} x {seq_len} tokens, "
@@ -107,10 +123,18 @@ def print_train_plan(config, world, micro_batch, seq_len):
         for k, v in plan.items():
             print(f"  {k:<14} {v / GIB:8.2f} GiB")
         print(f"  {'total':<14} {sum(plan.values()) / GIB:8.2f} GiB per GPU")
+    print_auto(config.n_layers, lambda k: train_peak(train_plan(config, world, micro_batch, seq_len, k)))
 
 
-def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model=False,
-                value_model=False, kept_decoder=False):
+def print_auto(n_layers, peak_of):
+    """What --activation-checkpointing auto would choose on two common GPU sizes."""
+    k80, k141 = (blocks_to_checkpoint(n_layers, peak_of, AUTO_FRACTION * gib * GIB) for gib in (80, 141))
+    print(f"\n--activation-checkpointing auto (the default) checkpoints {k80} of {n_layers} blocks on an 80 GiB GPU "
+          f"(peak {peak_of(k80) / GIB:.2f} GiB), {k141} on 141 GiB (peak {peak_of(k141) / GIB:.2f} GiB)")
+
+
+def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, checkpointed,
+              reward_model=False, value_model=False, kept_decoder=False):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
     (train_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
     the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
@@ -120,7 +144,7 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
     long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
     T = prompt_tokens + max_new_tokens
-    plan = train_plan(config, world, micro_batch, T, ac)
+    plan = train_plan(config, world, micro_batch, T, checkpointed)
     n = plan["parameters"]
     held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
                 reference_fp32=4 * n / world)
@@ -144,9 +168,10 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
 def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, reward_model, value_model,
                     kept_decoder):
     """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing."""
-    for ac in (False, True):
-        plan = grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, ac, reward_model,
-                         value_model, kept_decoder)
+    plans = [grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, k, reward_model,
+                       value_model, kept_decoder) for k in range(config.n_layers + 1)]
+    for ac in (0, config.n_layers):
+        plan = plans[ac]
         print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if value_model else 'GRPO'} on {world} GPUs: "
               f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
               f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
@@ -154,3 +179,4 @@ def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_ne
             items = "  ".join(f"{k} {v / GIB:.2f}" for k, v in plan[phase].items())
             print(f"  {phase:<9} {sum(plan[phase].values()) / GIB:6.2f} GiB  ({items})")
         print(f"  {'peak':<9} {plan['peak'] / GIB:6.2f} GiB  (held + the largest phase)")
+    print_auto(config.n_layers, lambda k: plans[k]["peak"])

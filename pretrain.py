@@ -27,7 +27,7 @@ import torch
 
 import data
 import memory
-from common import (Log, StopFlag, add_training_args, all_sum, autocast, build_model, export_hf,
+from common import (Log, StopFlag, add_training_args, all_sum, autocast, build_model, checkpointed_blocks, export_hf,
                     finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run,
                     train_step)
 from model import PRESETS, ModelConfig, config_from_hf
@@ -97,7 +97,9 @@ def main(args):
         if not args.init else None
     if args.init:
         config = config_from_hf(args.init)
-    model = build_model(config, d, args, init_dir=args.init)
+    ac = checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
+        memory.train_plan(config, d.world, args.micro_batch, args.seq_len, k)))
+    model = build_model(config, d, args, init_dir=args.init, checkpointed=ac)
     opt = make_optimizer(model, args)
     step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
     n_params = num_params(config)

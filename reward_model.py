@@ -222,7 +222,10 @@ def train(kind, examples, held_out, config, tok, args, d):
     """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
     its held-out report. Returns the report."""
     run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})
-    model = common.build_model(replace(config, head="score"), d, run, init_dir=args.init)
+    longest = max(len(e.ids) for e in examples)
+    ac = common.checkpointed_blocks(run, d, config.n_layers, lambda k: memory.train_peak(
+        memory.train_plan(config, d.world, run.micro_batch, longest, k)))
+    model = common.build_model(replace(config, head="score"), d, run, init_dir=args.init, checkpointed=ac)
     opt = common.make_optimizer(model, run)
     step = common.start_run(run, d, model, opt, ("init", "policy", "data", "samples", "seed"))
     log = common.Log(run.out, d, run.max_steps, step, args=run)

@@ -30,6 +30,7 @@ import common
 import data
 import engine
 import evaluate
+import memory
 import pretrain
 from model import Transformer, config_from_hf
 from tokenizer import Tokenizer
@@ -149,7 +150,10 @@ def main(args):
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
-    model = common.build_model(config, d, args, init_dir=args.init)
+    longest = max(len(e[0]) for e in examples)
+    ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
+        memory.train_plan(config, d.world, args.micro_batch, longest, k)))
+    model = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac)
     opt = common.make_optimizer(model, args)
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "

@@ -157,11 +157,11 @@ def test_memory_plan_counts_what_a_real_forward_saves():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.hidden(torch.randint(0, 512, (4, 200)))
-    plan = memory.activation_bytes(cfg, 4, 200, ac=False, dtype=torch.float32)
+    plan = memory.activation_bytes(cfg, 4, 200, 0, dtype=torch.float32)
     assert 0.85 < plan / measured[0] < 1.15, (plan, measured[0])
     # a sequence as long as the model is wide is no special case (a shape rule once dropped the hidden states)
     seven = ModelConfig(**PRESETS["deepseek-math-7b"])
-    per_token = [memory.activation_bytes(seven, 1, T, ac=False) / T for T in (4095, 4096, 4097)]
+    per_token = [memory.activation_bytes(seven, 1, T, 0) / T for T in (4095, 4096, 4097)]
     assert max(per_token) / min(per_token) < 1.01
 
 
@@ -182,15 +182,41 @@ def test_nan_loss_stops_before_the_optimizer_step():
 
 def test_dry_run_memory_plan_for_7b_on_8_gpus():
     config = ModelConfig(**PRESETS["deepseek-math-7b"])
-    off = memory.train_plan(config, 8, 1, 4096, ac=False)
-    on = memory.train_plan(config, 8, 1, 4096, ac=True)
+    off = memory.train_plan(config, 8, 1, 4096, 0)
+    on = memory.train_plan(config, 8, 1, 4096, 30)
     assert off["parameters"] == 6_910_365_696
     assert off["adamw_fp32"] == pytest.approx(8 * 6_910_365_696 / 8)
     # checkpointing keeps one (1, 4096, 4096) bf16 input per block, 32 MiB, plus one block's activations
     assert on["activations"] == 30 * 4096 * 4096 * 2 + off["activations"] / 30
     assert on["activations"] < off["activations"] / 5
+    # the first 10 of 30 blocks checkpointed: 20 keep everything, 10 their input; those 10 are recomputed in
+    # backward after the 20 have freed theirs, so the peak is the forward's end
+    some = memory.train_plan(config, 8, 1, 4096, 10)["activations"]
+    assert some == 20 * off["activations"] / 30 + 10 * 4096 * 4096 * 2
     r = run(["pretrain.py", "--dry-run", "--preset", "deepseek-math-7b", "--world-size", "8"])
     assert r.returncode == 0 and "6.91B parameters" in r.stdout and "GiB per GPU" in r.stdout
+
+
+def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
+    """auto asks the plan for the fewest checkpointed blocks under the budget; on/off/a CPU need no plan; the
+    model wraps exactly that many blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    config = ModelConfig(**PRESETS["deepseek-math-7b"])
+    peak = [memory.grpo_plan(config, 8, 8, 64, 256, 1024, k)["peak"] for k in range(31)]
+    assert all(a >= b for a, b in zip(peak, peak[1:])) and peak[16] > peak[17]  # until rollouts are the largest
+    assert memory.blocks_to_checkpoint(30, peak.__getitem__, peak[17]) == 17
+    assert memory.blocks_to_checkpoint(30, peak.__getitem__, peak[17] - 1) == 18
+    assert memory.blocks_to_checkpoint(30, peak.__getitem__, peak[0]) == 0
+    assert memory.blocks_to_checkpoint(30, peak.__getitem__, 1) == 30  # nothing fits: all, the least memory
+    cpu = common.Dist(0, 1, torch.device("cpu"))
+
+    def chosen(mode):
+        return common.checkpointed_blocks(argparse.Namespace(activation_checkpointing=mode), cpu, 30, None)
+    assert (chosen("on"), chosen("off"), chosen("auto")) == (30, 0, 0)
+    small = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=2, ffn_dim=64, max_seq_len=16)
+    args = argparse.Namespace(compile=False, dtype="float32", seed=0)
+    model = common.build_model(small, cpu, args, checkpointed=2)
+    assert [isinstance(b, CheckpointWrapper) for b in model.layers] == [True, True, False]
 
 
 def test_sft_loss_mask_covers_the_solution_only(data_dir):
