@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import common
 import data
 import engine
+import memory
 import pretrain
 import reward
 import sft
