@@ -435,38 +435,71 @@ def _gsm8k(row):
 
 
 def _math(row):
-    answer = last_boxed(row["solution"])
-    if answer is None:
-        raise ValueError("solution has no \\boxed{...} answer")
-    out = dict(question=row["problem"], answer=answer, cot=row["solution"])
+    """MATH's rows, and those that add a final answer field beside the solution (DeepScaleR, Open-R1's sets):
+    the answer field when there is one (the solution then ends with it boxed, as the reward reads), else the
+    solution's last boxed answer."""
+    solution = row["solution"]
+    if row.get("answer") not in (None, ""):
+        answer = _answer(row["answer"])
+        if last_boxed(solution) is None:
+            solution = f"{solution.rstrip()}\nThe answer is \\boxed{{{answer}}}."
+    else:
+        answer = last_boxed(solution)
+        if answer is None:
+            raise ValueError("solution has no \\boxed{...} answer and the row no answer field")
+    out = dict(question=row["question"] if "question" in row else row["problem"], answer=answer, cot=solution)
     out.update({k: row[k] for k in ("level", "type") if k in row})
     return out
 
 
-def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
-    """Read a problem set: GSM8K jsonl ({question, answer: '... #### 42'}), MATH json/jsonl ({problem, solution,
-    level, type}), our own ({question, answer, cot, pot}), or any jsonl with named question/answer fields.
-    The format is recognised from each row's fields."""
-    counts = Counter()
+def read_rows(path, skip_bad=False, counts=None):
+    """The rows of a .jsonl, .json (a list of objects) or .parquet file (with pyarrow installed)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 (pyarrow's errors have no common base but Exception)
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
         try:
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+                rows = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
-        rows = data if isinstance(data, list) else [data]
-    else:
-        rows = read_jsonl(path, skip_bad=skip_bad, counts=counts)
+        return rows if isinstance(rows, list) else [rows]
+    return read_jsonl(path, skip_bad=skip_bad, counts=counts)
+
+
+def add_problem_args(ap):
+    """The flags of every script that reads problems."""
+    ap.add_argument("--question-field", help="the rows' question field, where it is not named question or problem")
+    ap.add_argument("--answer-field", help="the rows' final-answer field, where it is not named answer")
+    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines and problems")
+
+
+def problem_reader(args):
+    """load_problems with the flags of add_problem_args."""
+    return lambda path: load_problems(path, args.question_field, args.answer_field, args.skip_bad)
+
+
+def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
+    """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH ({problem,
+    solution, level, type}, with or without an answer field), our own ({question, answer, cot, pot}), or rows
+    whose question and answer fields are named (question_field, answer_field: a row's fields of those names are
+    read as question and answer, then the row is recognised as the others are). Recognised per row."""
+    counts = Counter()
     out = []
-    for n, row in enumerate(rows, 1):
+    for n, row in enumerate(read_rows(path, skip_bad, counts), 1):
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            if question_field:
-                p = dict(question=row[question_field], answer=_answer(row[answer_field]))
-            elif "problem" in row and "solution" in row:
+            row = _renamed(row, question_field, answer_field)
+            if "solution" in row and ("problem" in row or "question" in row):
                 p = _math(row)
             elif "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
                 p = _gsm8k(row)
@@ -474,7 +507,7 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
                 p = {**row, "answer": _answer(row["answer"])}
             else:
                 raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
-                                 "MATH (problem, solution) or --question-field/--answer-field")
+                                 "MATH (problem, solution), or name yours with --question-field/--answer-field")
             if not isinstance(p["question"], str) or not p["question"].strip():
                 raise ValueError(f"the question is {p['question']!r:.60}, not text")
             out.append(p)
@@ -487,6 +520,15 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
     if counts:
         print(f"{path}: {counts['bad_lines']} bad lines or problems skipped (--skip-bad)", file=sys.stderr)
     return out
+
+
+def _renamed(row, question_field, answer_field):
+    """The row with its named question and answer fields, where it has them, under the names load_problems
+    recognises (a file without them, such as a held-out set in a known format, is read as it is)."""
+    for field, name in ((question_field, "question"), (answer_field, "answer")):
+        if field and field != name and field in row:
+            row = {**{k: v for k, v in row.items() if k != field}, name: row[field]}
+    return row
 
 
 def benchmark_texts(problems):

@@ -158,9 +158,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
     ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
-    ap.add_argument("--question-field", default=None, help="for jsonl with other field names")
-    ap.add_argument("--answer-field", default=None)
-    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines and problems")
+    data.add_problem_args(ap)
     ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -173,7 +171,8 @@ def main(args):
     for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
         if not os.path.isfile(path):
             raise SystemExit(f"{path}: not found ({what}); the toy files are built by `python grpo.py`")
-    problems = data.load_problems(args.data, args.question_field, args.answer_field, skip_bad=args.skip_bad)
+    read_problems = data.problem_reader(args)
+    problems = read_problems(args.data)
     problems = problems[:args.limit] if args.limit else problems
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)

@@ -489,7 +489,7 @@ def parse_args(argv=None):
     ap.add_argument("--init", default="out/toy/sft", help="the policy to start from (a Hugging Face directory)")
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
-    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    data.add_problem_args(ap)
     ap.add_argument("--out", default="out/toy/grpo")
     ap.add_argument("--max-steps", type=int, default=80)
     ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
@@ -606,10 +606,11 @@ def main(args):
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
     tok = Tokenizer.load(args.init)
-    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    read_problems = data.problem_reader(args)
+    problems = read_problems(args.data)
     held_out = []
     if os.path.isfile(args.eval_data):
-        held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad)
+        held_out = read_problems(args.eval_data)
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)

@@ -263,7 +263,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="the benchmark's test problems: "
                     "never sampled here")
-    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    data.add_problem_args(ap)
     ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
     ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
     ap.add_argument("--questions", type=int, default=768, help="questions sampled (a tenth held out for the report)")
@@ -296,9 +296,10 @@ def main(args):
     sft.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
     sft.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.policy)
-    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
+    read_problems = data.problem_reader(args)
+    problems = read_problems(args.data)
     if os.path.isfile(args.eval_data):  # the benchmark's questions stay unseen by every model, this one too
-        problems, _ = data.drop_test_questions(problems, data.load_problems(args.eval_data, skip_bad=args.skip_bad))
+        problems, _ = data.drop_test_questions(problems, read_problems(args.eval_data))
     order = np.random.default_rng(args.seed).permutation(len(problems))[:args.questions]
     problems = [problems[i] for i in order]
     config = config_from_hf(args.init)

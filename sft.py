@@ -125,7 +125,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
                     "(default: 64 below 1B parameters, 32 above)")
-    ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed problem lines")
+    data.add_problem_args(ap)
     return ap.parse_args(argv)
 
 
@@ -134,13 +134,19 @@ def main(args):
     torch.manual_seed(args.seed)
     require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
-    problems = data.load_problems(args.data, skip_bad=args.skip_bad)
-    held_out = data.load_problems(args.eval_data, skip_bad=args.skip_bad) if os.path.isfile(args.eval_data) else []
+    read_problems = data.problem_reader(args)
+    problems = read_problems(args.data)
+    held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, micro_batch=(16, 4), gen_batch=(64, 32))
-    examples = make_examples(problems, tok, args.formats.split(","))
+    formats = args.formats.split(",")
+    found = {f: sum(bool(p.get(f)) for p in problems) for f in formats}
+    common.print0(d, f"{args.data}: solutions by format: " + ", ".join(f"{f} {n}" for f, n in found.items()))
+    for f in (f for f, n in found.items() if n == 0):
+        common.print0(d, f"{args.data}: no problem has a {f!r} solution: --formats {f} trains on nothing")
+    examples = make_examples(problems, tok, formats)
     fits = [e for e in examples if len(e[0]) <= config.max_seq_len]  # real MATH solutions can pass 4K tokens
     if len(fits) < len(examples):
         common.print0(d, f"{args.data}: {len(examples) - len(fits)} of {len(examples)} examples are longer than the "

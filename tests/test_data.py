@@ -51,6 +51,35 @@ def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path):
         load_problems(str(empty))
 
 
+def test_problems_under_other_names_with_answer_fields_and_in_parquet(tmp_path, monkeypatch):
+    """GSM8K rows under other field names are still GSM8K; a final-answer field beside a solution (DeepScaleR,
+    Open-R1) is the answer, and a solution without a boxed one gets it appended; parquet reads as jsonl does."""
+    rows = [{"query": "Q?", "response": "3 + 4 = <<3+4=7>>7\n#### 7"},
+            {"problem": "P", "solution": "It is 1/2.", "answer": "\\frac{1}{2}"},
+            {"problem": "R", "solution": "so \\boxed{2}", "answer": "2.0"},
+            {"question": "S", "solution": "x = 3", "answer": 3}]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_problems(str(f), question_field="query", answer_field="response")
+    assert [(p["question"], p["answer"]) for p in got] == [("Q?", "7"), ("P", "\\frac{1}{2}"), ("R", "2.0"), ("S", "3")]
+    assert got[0]["cot"] == "3 + 4 = 7\nThe answer is \\boxed{7}."
+    assert got[1]["cot"] == "It is 1/2.\nThe answer is \\boxed{\\frac{1}{2}}."
+    assert got[2]["cot"] == "so \\boxed{2}" and got[3]["cot"] == "x = 3\nThe answer is \\boxed{3}."
+    with pytest.raises(DataError, match=r"problem 1: unrecognised fields \['query', 'response'\]"):
+        load_problems(str(f))  # the names not given
+    with pytest.raises(DataError, match="problem 2: solution has no .*answer field"):
+        f.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"problem": "P", "solution": "none"}) + "\n")
+        load_problems(str(f))
+    pq = pytest.importorskip("pyarrow.parquet")  # requirements-dev.txt has it; a user's install may not
+    import pyarrow
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pyarrow.Table.from_pylist(rows[:1]), path)
+    assert load_problems(path, "query", "response") == got[:1]
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # as if not installed
+    with pytest.raises(DataError, match="train.parquet: reading parquet needs pyarrow: pip install pyarrow"):
+        load_problems(path)
+
+
 # -----------------------------------------------------------------------------
 # URLs, near duplicates, decontamination, quality
 

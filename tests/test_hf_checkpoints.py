@@ -48,9 +48,9 @@ def qwen25(tmp_path_factory):
     (d / "generation_config.json").write_text(json.dumps(dict(
         bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"])))
-    for name, add in (("train", 3), ("test", 4)):  # GSM8K's layout; no test question among the training ones
-        (d / f"{name}.jsonl").write_text("".join(
-            json.dumps(dict(question=f"What is {a} + {add}?", answer=f"{a} + {add} = {a + add}\n#### {a + add}")) + "\n"
+    for name, add in (("train", 3), ("test", 4)):  # GSM8K's layout under other names, as users' files have it
+        (d / f"{name}.jsonl").write_text("".join(  # no test question among the training ones
+            json.dumps(dict(query=f"What is {a} + {add}?", response=f"{a} + {add} = {a + add}\n#### {a + add}")) + "\n"
             for a in range(8)))
     return d, ids, d / "train.jsonl"
 
@@ -90,16 +90,26 @@ def run(*argv):
 
 
 def test_evaluate_grpo_and_sft_run_on_a_qwen25_checkpoint(qwen25, tmp_path):
+    """The scripts on a Qwen2.5-shaped checkpoint and GSM8K rows under other field names (GRPO's from parquet,
+    the format of most Hugging Face datasets)."""
+    pq = pytest.importorskip("pyarrow.parquet")  # requirements-dev.txt has it
+    import pyarrow
     d, ids, problems = qwen25
+    fields = ("--question-field", "query", "--answer-field", "response")
     run("evaluate.py", "--model", str(d), "--data", str(problems), "--max-new-tokens", "8", "--workers", "1",
-        "--out", str(tmp_path / "eval.jsonl"))
+        "--out", str(tmp_path / "eval.jsonl"), *fields)
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 8
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pyarrow.Table.from_pylist([json.loads(line) for line in problems.read_text().splitlines()]),
+                   str(parquet))
     out = tmp_path / "grpo"
-    run("grpo.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"), "--eval-problems", "2",
-        "--report-problems", "0", "--max-steps", "1", "--questions", "2", "--group-size", "2",
-        "--max-new-tokens", "8", "--out", str(out))
+    run("grpo.py", "--init", str(d), "--data", str(parquet), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
+        "2", "--report-problems", "0", "--max-steps", "1", "--questions", "2", "--group-size", "2",
+        "--max-new-tokens", "8", "--out", str(out), *fields)
     # the export stops where the checkpoint it came from stops
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert gen.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    run("sft.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"), "--eval-problems", "2",
-        "--max-steps", "1", "--batch", "4", "--micro-batch", "4", "--out", str(tmp_path / "sft"))
+    r = run("sft.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
+            "2", "--max-steps", "1", "--batch", "4", "--micro-batch", "4", "--out", str(tmp_path / "sft"),
+            "--formats", "cot,pot", *fields)
+    assert "solutions by format: cot 8, pot 0" in r.stdout and "no problem has a 'pot' solution" in r.stdout
