@@ -8,6 +8,7 @@ compute the same thing. Nothing here knows about a particular stage's data or lo
 cross-entropy (train_step), which pretraining and SFT share.
 """
 
+import argparse
 import atexit
 import json
 import math
@@ -51,8 +52,18 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, hel
     add("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (and at the end and on "
         "SIGTERM)")
     add("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    add("--wandb", metavar="PROJECT", help="mirror metrics.jsonl to Weights & Biases (pip install wandb)")
+    add("--wandb", metavar="PROJECT", type=wandb_project, help="mirror metrics.jsonl to Weights & Biases (pip "
+        "install wandb)")
     add("--seed", type=int, default=0)
+
+
+def wandb_project(name):
+    """--wandb's value, refused at the command line (one line, exit 2) where wandb is not installed: not after
+    the model is built."""
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        raise argparse.ArgumentTypeError("wandb is not installed: pip install wandb, or leave out --wandb")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -538,6 +549,7 @@ def export_hf(model, out, tokenizer_dir, d, args):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
+        os.makedirs(out, exist_ok=True)
         if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))

@@ -74,6 +74,12 @@ def write_jsonl(path, rows):
     return n
 
 
+def append_jsonl(path, rows):
+    """Add rows to the end of a log (a run resumed goes on writing where it stopped)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def progress(iterable, desc, total=None):
     """A progress bar on a terminal, nothing in logs."""
     if not sys.stderr.isatty():

@@ -227,13 +227,23 @@ def loss_weights(sampled, loss_norm):
 # From completions to training tensors
 
 
-def keep_groups_with_signal(comps, rewards, group_size, keep):
-    """DAPO's dynamic sampling (--oversample): of the drawn groups, the first `keep`, those whose rewards
-    disagree ahead of those that agree (padding, so that every rank trains on as many sequences)."""
+def completion_rows(step, questions, golds, comps, rule, rewards, advantages, group_size):
+    """The step's first group on this rank, for completions.jsonl: what to read when the reward rises and the
+    outputs do not look better (a reward model gamed, an answer format the grader takes by accident, outputs
+    cut at the budget). advantages: per output its per-token tensor (the mean is logged), or None (PPO)."""
+    return [dict(step=step, question=questions[i], answer=golds[i], completion=comps[i].text,
+                 rule_reward=float(rule[i]), reward=float(rewards[i]), tokens=len(comps[i].ids),
+                 finished=comps[i].finished,
+                 advantage=None if advantages is None else float(advantages[i].float().mean()))
+            for i in range(min(group_size, len(comps)))]
+
+
+def groups_with_signal(rewards, group_size, keep):
+    """DAPO's dynamic sampling (--oversample): of the drawn groups, the outputs of the first `keep`, those whose
+    rewards disagree ahead of those that agree (padding, so that every rank trains on as many sequences)."""
     zero_std = zero_std_groups(rewards.view(-1, group_size))
     order = sorted(range(len(zero_std)), key=lambda q: bool(zero_std[q]))[:keep]
-    pick = [q * group_size + i for q in order for i in range(group_size)]
-    return [comps[i] for i in pick], rewards[pick]
+    return [q * group_size + i for q in order for i in range(group_size)]
 
 
 def rule_steps(tok, comps, rewards):
@@ -549,6 +559,11 @@ def parse_args(argv=None):
     ap.add_argument("--report-problems", type=int, default=100, help="held-out problems for the before/after "
                     "table's maj@k and pass@k (0: no table)")
     ap.add_argument("--report-samples", type=int, default=8, help="k of the table's maj@k and pass@k")
+    ap.add_argument("--log-completions", type=int, default=1, metavar="N", help="every N steps, append the first "
+                    "group's outputs with their rewards and advantage to completions.jsonl (0: never)")
+    ap.add_argument("--export-every", type=int, default=0, metavar="N", help="also export the policy as a Hugging "
+                    "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
+                    "end only)")
     ap.add_argument("--report-temperature", type=float, default=0.7)
     common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
         "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
@@ -702,7 +717,9 @@ def main(args):
                              generated_reward=rule.sum().item(), generated=len(comps),
                              generated_tokens=sum(len(c.ids) for c in comps))
             if args.oversample > 1:
-                comps, rule = keep_groups_with_signal(comps, rule, G, per_rank)
+                pick = groups_with_signal(rule, G, per_rank)
+                comps, rule = [comps[i] for i in pick], rule[pick]
+                questions, golds = [questions[i] for i in pick], [golds[i] for i in pick]
             rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
             if rm is not None:
                 with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
@@ -774,6 +791,11 @@ def main(args):
             if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
                 row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
             log(row)
+            if d.main and args.log_completions and step % args.log_completions == 0:
+                data.append_jsonl(os.path.join(args.out, "completions.jsonl"), completion_rows(
+                    step, questions, golds, comps, rule, rewards, None if value is not None else per_token, G))
+            if args.export_every and step % args.export_every == 0 and step < args.max_steps:
+                common.export_hf(policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
             stopping = stop(d)
             if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
                 common.save_checkpoint(args.out, policy, opt, step, d, extra)
@@ -786,8 +808,9 @@ def main(args):
     log.close()
     common.export_hf(policy, args.out, args.init, d, args)
     if held_out:
-        common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy; {args.report_problems} sampled "
-                         f"{args.report_samples}x at T={args.report_temperature}):")
+        sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
+                   if args.report_problems else "")
+        common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy{sampled}):")
         common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
         for name, r in (("before", before), ("after", after)):
             common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))

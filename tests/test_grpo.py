@@ -14,7 +14,7 @@ import torch
 
 import engine
 import reward
-from grpo import (Batch, group_advantages, grpo_objective_sums, keep_groups_with_signal, loss_weights,
+from grpo import (Batch, group_advantages, groups_with_signal, grpo_objective_sums, loss_weights,
                   micro_batches, pack_rows, policy_token_loss, process_advantages, rule_steps, tis_weights,
                   token_advantages)
 from model import ModelConfig, Transformer, config_from_hf, hf_layout
@@ -109,10 +109,10 @@ def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
 def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree():
     comps = [engine.Completion([5], [7, 8], [True, True], True, q) for q in ("q2", "q1", "q4", "q3") for _ in "ab"]
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # q2 and q4 agree: they carry no signal
-    kept, r = keep_groups_with_signal(comps, rewards, group_size=2, keep=2)
-    assert [c.text for c in kept] == ["q1", "q1", "q3", "q3"] and r.tolist() == [1.0, 0.0, 0.0, 1.0]
-    kept, r = keep_groups_with_signal(comps[:6], rewards[:6], group_size=2, keep=2)  # short of signal: padded
-    assert [c.text for c in kept] == ["q1", "q1", "q2", "q2"] and r.tolist() == [1.0, 0.0, 1.0, 1.0]
+    pick = groups_with_signal(rewards, group_size=2, keep=2)
+    assert [comps[i].text for i in pick] == ["q1", "q1", "q3", "q3"] and rewards[pick].tolist() == [1.0, 0.0, 0.0, 1.0]
+    pick = groups_with_signal(rewards[:6], group_size=2, keep=2)  # short of signal: padded
+    assert [comps[i].text for i in pick] == ["q1", "q1", "q2", "q2"] and rewards[pick].tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
@@ -487,6 +487,32 @@ def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path)
     update = distance(weights[1], start)
     for w in (2, 4):
         assert distance(weights[w], weights[1]) < 1e-4 * update, w
+
+
+def test_completions_log_and_exports_along_the_run(base, problems, tmp_path):
+    """completions.jsonl holds each step's first group with the script's rewards and Â by hand (a group scoring
+    [1, 1, 0, 0]: ±√3/2; one scoring all 0: 0); --export-every writes a loadable model mid-run."""
+    import scripted_grpo
+    out = tmp_path / "run"
+    r = run(scripted_args(base, problems, out, "--max-steps", "2", "--report-problems", "0", "--export-every", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
+    for step in (1, 2):
+        group = [row for row in rows if row["step"] == step]
+        q = group[0]["question"]
+        assert all(row["question"] == q and row["answer"] == "5" for row in group)
+        right = zlib.crc32(q.encode()) % 3 != 0
+        assert [row["rule_reward"] for row in group] == ([1.0, 1.0, 0.0, 0.0] if right else [0.0] * 4)
+        assert [row["rule_reward"] for row in group] == [row["reward"] for row in group]
+        h = 3 ** 0.5 / 2
+        assert [row["advantage"] for row in group] == pytest.approx([h, h, -h, -h] if right else [0.0] * 4, rel=1e-5)
+        assert [row["finished"] for row in group] == [True, True, True, False]
+        expected = [scripted_grpo.completion(Tokenizer.load(base), q, *o).text for o in scripted_grpo.group(q, "5")]
+        assert [row["completion"] for row in group] == expected
+    mid = Transformer.from_pretrained(out / "step-1")
+    assert mid.num_params() == Transformer.from_pretrained(out).num_params()
+    assert not (out / "step-2").exists()  # the last step's export is the run's own
 
 
 def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):

@@ -103,9 +103,10 @@ def test_evaluate_grpo_and_sft_run_on_a_qwen25_checkpoint(qwen25, tmp_path):
     pq.write_table(pyarrow.Table.from_pylist([json.loads(line) for line in problems.read_text().splitlines()]),
                    str(parquet))
     out = tmp_path / "grpo"
-    run("grpo.py", "--init", str(d), "--data", str(parquet), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
+    r = run("grpo.py", "--init", str(d), "--data", str(parquet), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
         "2", "--report-problems", "0", "--max-steps", "1", "--questions", "2", "--group-size", "2",
         "--max-new-tokens", "8", "--out", str(out), *fields)
+    assert "held-out (2 problems greedy):" in r.stdout  # no sampled columns with --report-problems 0
     # the export stops where the checkpoint it came from stops
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert gen.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]

@@ -219,6 +219,16 @@ def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
     assert [isinstance(b, CheckpointWrapper) for b in model.layers] == [True, True, False]
 
 
+def test_wandb_missing_is_one_line_at_the_command_line(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        sft.parse_args(["--wandb", "my-project"])
+    assert e.value.code == 2
+    assert "argument --wandb: wandb is not installed: pip install wandb, or leave out --wandb" in capsys.readouterr().err
+
+
 def test_sft_loss_mask_covers_the_solution_only(data_dir):
     tok = Tokenizer.load(data_dir / "tokenizer")
     prob = data.load_problems(str(data_dir / "train.jsonl"))[0]
