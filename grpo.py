@@ -227,15 +227,26 @@ def loss_weights(sampled, loss_norm):
 # From completions to training tensors
 
 
-def completion_rows(step, questions, golds, comps, rule, rewards, advantages, group_size):
+def completion_rows(step, problems, comps, scores, advantages, group_size):
     """The step's first group on this rank, for completions.jsonl: what to read when the reward rises and the
     outputs do not look better (a reward model gamed, an answer format the grader takes by accident, outputs
-    cut at the budget). advantages: per output its per-token tensor (the mean is logged), or None (PPO)."""
-    return [dict(step=step, question=questions[i], answer=golds[i], completion=comps[i].text,
-                 rule_reward=float(rule[i]), reward=float(rewards[i]), tokens=len(comps[i].ids),
-                 finished=comps[i].finished,
+    cut at the budget). scores: name -> per output (the rule's, the reward trained on, each --reward-fn's);
+    advantages: per output its per-token tensor (the mean is logged), or None (PPO)."""
+    return [dict(step=step, question=problems[i]["question"], answer=problems[i]["answer"], completion=comps[i].text,
+                 **{k: float(v[i]) for k, v in scores.items()}, tokens=len(comps[i].ids), finished=comps[i].finished,
                  advantage=None if advantages is None else float(advantages[i].float().mean()))
             for i in range(min(group_size, len(comps)))]
+
+
+def combined_rewards(base, reward_fns, weights, comps, problems):
+    """--reward-fn: the weighted sum w_0 · base + Σ_i w_i · f_i(completion, problem) per output (TRL's list of
+    reward functions), and each f_i's rewards by name (logged apart: reward_fn_<name>)."""
+    scores = {f"reward_fn_{name}": torch.tensor(reward.custom_rewards(fn, spec, [c.text for c in comps], problems))
+              for (spec, name, fn) in reward_fns}
+    total = weights[0] * base
+    for w, s in zip(weights[1:], scores.values()):
+        total = total + w * s
+    return total, scores
 
 
 def groups_with_signal(rewards, group_size, keep):
@@ -446,6 +457,7 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
         row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
     if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
         row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
+    row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_")})  # each --reward-fn's mean
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
                    generated_reward=s["generated_reward"] / s["generated"])
@@ -511,6 +523,11 @@ def parse_args(argv=None):
                     "answer rule (reward.py), or an outcome / process reward model (reward_model.py; paper: a model)")
     ap.add_argument("--reward-model", help="the --reward model's directory (default: the toy's, out/toy/<orm|prm>, "
                     "built by reward_model.py if missing)")
+    ap.add_argument("--reward-fn", action="append", default=[], metavar="MODULE:FUNCTION", help="a reward of "
+                    "yours, f(completion text, problem row) -> float, added to --reward's (repeatable; also "
+                    "path/to/file.py:function)")
+    ap.add_argument("--reward-weights", help="comma-separated weights: --reward's first, then each --reward-fn's "
+                    "(default: 1 each)")
     ap.add_argument("--rm-refresh", action="store_true", help="iterative GRPO (paper §4.1.4): at the end of each "
                     "--ref-reset iteration, train the reward model on the policy's new samples, 10%% of them replayed")
     ap.add_argument("--rm-questions", type=int, default=64, help="questions a refresh samples, all ranks")
@@ -588,6 +605,19 @@ def parse_args(argv=None):
                  "penalty in the reward (--beta > 0)")
     if args.online_rft and args.reward != "rule":
         ap.error("--online-rft keeps the outputs the rule grades right (paper §5.2.1): use it with --reward rule")
+    if args.reward_fn and args.supervision == "process":
+        ap.error("--reward-fn scores whole outputs: use it with outcome supervision")
+    names = [spec.rpartition(":")[2] for spec in args.reward_fn]
+    if len(set(names)) < len(names):
+        ap.error(f"--reward-fn: two functions named alike ({names}): their rewards are logged by name")
+    try:
+        args.reward_weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights \
+            else [1.0] * (1 + len(args.reward_fn))
+    except ValueError:
+        ap.error(f"--reward-weights {args.reward_weights}: expected numbers separated by commas")
+    if len(args.reward_weights) != 1 + len(args.reward_fn):
+        ap.error(f"--reward-weights: {len(args.reward_weights)} weights for --reward and {len(args.reward_fn)} "
+                 f"--reward-fn: give {1 + len(args.reward_fn)}")
     return args
 
 
@@ -620,6 +650,10 @@ def main(args):
     sft.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
+    try:  # the user's rewards, loaded before anything is built
+        reward_fns = [(spec, spec.rpartition(":")[2], reward.load_reward_fn(spec)) for spec in args.reward_fn]
+    except reward.RewardFnError as e:
+        raise SystemExit(f"error: {e}") from None
     tok = Tokenizer.load(args.init)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
@@ -699,27 +733,27 @@ def main(args):
         while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
             t0 = time.time()
             # 5. a batch of questions, this rank's share
-            drawn = per_rank * args.oversample
-            batch = [problems[i] for i in draw(len(problems), drawn * d.world, args.seed, step)]
-            batch = batch[d.rank * drawn:(d.rank + 1) * drawn]
+            n = per_rank * args.oversample
+            batch = [problems[i] for i in draw(len(problems), n * d.world, args.seed, step)]
+            batch = batch[d.rank * n:(d.rank + 1) * n]
             # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
             # weights gathered once (no collective per token)
-            questions = [p["question"] for p in batch for _ in range(G)]
+            drawn = [p for p in batch for _ in range(G)]  # each output's problem
+            questions = [p["question"] for p in drawn]
             with common.gathered(policy, common.compute_dtype(d, args), into=decoder and decoder.model) as sampler:
                 comps = engine.complete(decoder or sampler, tok, questions, args.prompt, args.max_new_tokens,
                                         args.temperature, args.top_p, seed=rollout_seed(args.seed, step, d.rank),
                                         batch=args.gen_batch)
             t1 = time.time()
             # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
-            golds = [p["answer"] for p in batch for _ in range(G)]
-            rule = torch.tensor(reward.batch_rewards([c.text for c in comps], golds, workers=1))  # (B,) float32
+            rule = torch.tensor(reward.batch_rewards([c.text for c in comps], [p["answer"] for p in drawn],
+                                                     workers=1))  # (B,) float32
             generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
                              generated_reward=rule.sum().item(), generated=len(comps),
                              generated_tokens=sum(len(c.ids) for c in comps))
             if args.oversample > 1:
                 pick = groups_with_signal(rule, G, per_rank)
-                comps, rule = [comps[i] for i in pick], rule[pick]
-                questions, golds = [questions[i] for i in pick], [golds[i] for i in pick]
+                comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
             rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
             if rm is not None:
                 with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
@@ -728,6 +762,12 @@ def main(args):
                 rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
             elif args.supervision == "process":
                 steps = rule_steps(tok, comps, rule)
+            scores = {}  # --reward-fn: each of the user's rewards, weighted into the one above
+            if reward_fns:
+                try:
+                    rewards, scores = combined_rewards(rewards, reward_fns, args.reward_weights, comps, drawn)
+                except reward.RewardFnError as e:
+                    raise SystemExit(f"error: step {step + 1}: {e}") from None
             t2 = time.time()
             # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
             # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
@@ -778,7 +818,8 @@ def main(args):
                         sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
                         zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
                         tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
-                        time_generate=t1 - t0, time_reward=t2 - t1, **generated)
+                        time_generate=t1 - t0, time_reward=t2 - t1, **generated,
+                        **{k: v.sum().item() for k, v in scores.items()})
             if checked:
                 sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
             if tis:
@@ -793,7 +834,8 @@ def main(args):
             log(row)
             if d.main and args.log_completions and step % args.log_completions == 0:
                 data.append_jsonl(os.path.join(args.out, "completions.jsonl"), completion_rows(
-                    step, questions, golds, comps, rule, rewards, None if value is not None else per_token, G))
+                    step, drawn, comps, dict(rule_reward=rule, reward=rewards, **scores),
+                    None if value is not None else per_token, G))
             if args.export_every and step % args.export_every == 0 and step < args.max_steps:
                 common.export_hf(policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
             stopping = stop(d)

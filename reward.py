@@ -611,6 +611,56 @@ def math_reward(completion, gold, format_weight=0.0):
     return 1.0 if is_equiv(pred, gold) else 0.0
 
 
+class RewardFnError(ValueError):
+    """A user's reward function that cannot be loaded, raises, or returns something other than a finite number."""
+
+
+def load_reward_fn(spec):
+    """A reward of the user's (grpo.py --reward-fn): 'module:function' (importable, or a module in the working
+    directory) or 'path/to/file.py:function', loaded once. The function takes (completion text, problem row: the
+    data file's row as load_problems read it, with question and answer) and returns a float."""
+    import importlib
+    import importlib.util
+    import os
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise RewardFnError(f"--reward-fn {spec}: expected module:function or path/to/file.py:function")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+    except Exception as e:  # noqa: BLE001 (the user's module may raise anything on import)
+        raise RewardFnError(f"--reward-fn {spec}: cannot load {where} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardFnError(f"--reward-fn {spec}: {where} has no function {name}")
+    return fn
+
+
+def custom_rewards(fn, spec, completions, problems):
+    """fn (load_reward_fn) over the completions, each with its problem row, as floats."""
+    out = []
+    for i, (text, problem) in enumerate(zip(completions, problems)):
+        try:
+            r = fn(text, problem)
+        except Exception as e:  # noqa: BLE001 (the user's code, on the model's output)
+            raise RewardFnError(f"--reward-fn {spec} raised {type(e).__name__}: {e} (output {i}: {text[:80]!r})") \
+                from None
+        try:
+            value = float(r) if not isinstance(r, (bool, str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise RewardFnError(f"--reward-fn {spec} returned {r!r:.60} for output {i}: expected a finite number")
+        out.append(value)
+    return out
+
+
 STEP_LINE = re.compile(r"^[ \t]*(-?\d{1,12})[ \t]*([-+*/])[ \t]*(-?\d{1,12})[ \t]*=[ \t]*(-?\d{1,12})[ \t]*$", re.M)
 
 

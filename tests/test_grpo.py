@@ -515,6 +515,32 @@ def test_completions_log_and_exports_along_the_run(base, problems, tmp_path):
     assert not (out / "step-2").exists()  # the last step's export is the run's own
 
 
+def test_a_users_reward_function_is_weighted_in_and_logged_apart(base, problems, tmp_path):
+    """--reward-fn file.py:has_box --reward-weights 1,0.5: the script's outputs 0-2 write a boxed answer, 3 does
+    not, so each group scores rule + [0.5, 0.5, 0.5, 0] and Â follows by hand; a function that raises stops the
+    run in one line."""
+    fn = tmp_path / "my_rewards.py"
+    fn.write_text("def has_box(text, problem):\n    return 1.0 if '\\\\boxed' in text else 0.0\n\n"
+                  "def broken(text, problem):\n    return problem['no such field']\n")
+    out = tmp_path / "run"
+    r = run(scripted_args(base, problems, out, "--max-steps", "1", "--report-problems", "0",
+                          "--reward-fn", f"{fn}:has_box", "--reward-weights", "1,0.5"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train_rows(out)[0]["reward_fn_has_box"] == 0.75
+    group = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert [row["reward_fn_has_box"] for row in group] == [1.0, 1.0, 1.0, 0.0]
+    right = group[0]["rule_reward"] == 1.0
+    assert [row["reward"] for row in group] == ([1.5, 1.5, 0.5, 0.0] if right else [0.5, 0.5, 0.5, 0.0])
+    by_hand = [5 / 6, 5 / 6, -0.5, -7 / 6] if right else [0.5, 0.5, 0.5, -1.5]  # (r - mean) / std, unbiased std
+    assert [row["advantage"] for row in group] == pytest.approx(by_hand, rel=1e-5)
+    r = run(scripted_args(base, problems, tmp_path / "broken", "--max-steps", "1", "--report-problems", "0",
+                          "--reward-fn", f"{fn}:broken"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: step 1: --reward-fn {fn}:broken raised KeyError: 'no such field'" in r.stderr
+    r = run(scripted_args(base, problems, tmp_path / "missing", "--reward-fn", f"{fn}:nothing"))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --reward-fn {fn}:nothing: {fn} has no function nothing"
+
+
 def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
     flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
