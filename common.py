@@ -494,12 +494,13 @@ def claim(out, d, resume=False):
 
 
 def check_resumable(out, args, keys):
-    """A checkpoint continues only the run that wrote it: the settings in `keys` must match args.json."""
+    """A checkpoint continues only the run that wrote it: the settings in `keys` must match args.json (a setting
+    it does not record, from before the flag existed, is taken as matching)."""
     path = os.path.join(out, "args.json")
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = {k: (saved.get(k), getattr(args, k)) for k in keys if saved.get(k) != getattr(args, k)}
+        diff = {k: (saved[k], getattr(args, k)) for k in keys if k in saved and saved[k] != getattr(args, k)}
         if diff:
             raise SystemExit(f"{out}: --resume with other settings than the run being resumed: "
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))

@@ -395,6 +395,22 @@ def program_output(code, timeout):
     return out.strip()[-OUTPUT_SHOWN:]
 
 
+def add_chat_args(ap):
+    """The prompt-format flags of every script that prompts a model."""
+    ap.add_argument("--chat-template", action="store_true", help="prompt in the tokenizer's chat template (an "
+                    "instruct model's own format), the paper's instruction in the user message; default: the "
+                    "paper's 'User: ...\\n\\nAssistant:'")
+    ap.add_argument("--system", help="a system message, with --chat-template")
+
+
+def use_chat_args(tok, args):
+    """Set tok's prompt format from add_chat_args' flags (prompt_ids then follows it everywhere)."""
+    if args.system and not args.chat_template:
+        raise SystemExit("error: --system goes into a chat template: add --chat-template")
+    if args.chat_template:
+        tok.use_chat_template(args.system)
+
+
 def prompt_ids(tok, question, prompt="cot"):
     """The token ids a question is asked with: its prompt (data.PROMPTS) in the chat format, BOS first."""
     return tok.chat(data.PROMPTS[prompt].format(question=question))

@@ -29,7 +29,7 @@ import torch
 import common
 import data
 import reward
-from engine import complete
+from engine import add_chat_args, complete, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -159,6 +159,7 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
     data.add_problem_args(ap)
+    add_chat_args(ap)
     ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -177,6 +178,7 @@ def main(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)
     tok = Tokenizer.load(args.model)
+    use_chat_args(tok, args)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.7)
     metrics, records = evaluate(model, tok, problems, args.prompt, args.samples, temperature, args.top_p,
                                 args.max_new_tokens, args.batch, args.seed, progress=True, workers=args.workers)

@@ -512,6 +512,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
     data.add_problem_args(ap)
+    engine.add_chat_args(ap)
     ap.add_argument("--out", default="out/toy/grpo")
     ap.add_argument("--max-steps", type=int, default=80)
     ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
@@ -655,6 +656,7 @@ def main(args):
     except reward.RewardFnError as e:
         raise SystemExit(f"error: {e}") from None
     tok = Tokenizer.load(args.init)
+    engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
     held_out = []
@@ -695,7 +697,8 @@ def main(args):
         extra["value"] = (value, value_opt)
     if args.rm_refresh:
         extra["rm"] = rm  # as is a refreshed reward model
-    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "reward", "advantage", "seed")
+    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "chat_template", "system", "reward",
+                 "advantage", "seed")
     step = common.start_run(args, d, policy, opt, resumable, extra)
     history = replay_history(rm_dir, args.out, step) if args.rm_refresh else None
 

@@ -264,6 +264,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="the benchmark's test problems: "
                     "never sampled here")
     data.add_problem_args(ap)
+    engine.add_chat_args(ap)
     ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
     ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
     ap.add_argument("--questions", type=int, default=768, help="questions sampled (a tenth held out for the report)")
@@ -296,6 +297,7 @@ def main(args):
     sft.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
     sft.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.policy)
+    engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
     if os.path.isfile(args.eval_data):  # the benchmark's questions stay unseen by every model, this one too

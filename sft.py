@@ -62,7 +62,7 @@ def make_examples(problems, tok, formats):
                 continue
             prompt = engine.prompt_ids(tok, p["question"], f)
             ids, mask = list(prompt), [0] * len(prompt)
-            pieces = solution_pieces(" " + p[f], f)
+            pieces = solution_pieces(tok.answer_prefix + p[f], f)
             for k, (text, by_model) in enumerate(pieces):
                 piece = tok.encode(text, eos=k == len(pieces) - 1)
                 ids += piece
@@ -126,6 +126,7 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
                     "(default: 64 below 1B parameters, 32 above)")
     data.add_problem_args(ap)
+    engine.add_chat_args(ap)
     return ap.parse_args(argv)
 
 
@@ -134,6 +135,7 @@ def main(args):
     torch.manual_seed(args.seed)
     require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
+    engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
     held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []

@@ -159,6 +159,9 @@ class Tokenizer:
         # (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); from_hf fills it in
         self.stop_ids = (self.eos_id,) if self.eos_id is not None else ()
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        self.chat_template = None  # tokenizer_config.json's, which use_chat_template makes chat() render
+        self.system = self._special_rx = None
+        self.templated = False
         if not all(bytes([b]) in ranks for b in range(256)):
             raise ValueError("a byte-level BPE vocabulary must contain all 256 single bytes")
         # One regex: tiktoken splits and merges in Rust. Several: we split in Python, tiktoken merges each piece.
@@ -229,9 +232,40 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace")
 
     def chat(self, question):
-        """The paper's prompt, `User: {question}\\n\\nAssistant:`, with BOS first (if the tokenizer has one). The
-        answer that follows is encoded as `encode(" " + answer, eos=True)`."""
-        return self.encode(CHAT_FORMAT.format(question=question), bos=True)
+        """The prompt of a question: the paper's, `User: {question}\\n\\nAssistant:` with BOS first (if the
+        tokenizer has one), or after use_chat_template the tokenizer's own template with the question as the
+        user's message. The answer that follows is `encode(answer_prefix + answer, eos=True)`."""
+        if not self.templated:
+            return self.encode(CHAT_FORMAT.format(question=question), bos=True)
+        messages = ([dict(role="system", content=self.system)] if self.system else []) + \
+            [dict(role="user", content=question)]
+        return self._encode_specials(render_chat(self.chat_template, messages, bos_token=self.bos_token or "",
+                                                 eos_token=self.eos_token or "", pad_token=self.pad_token or ""))
+
+    def use_chat_template(self, system=None):
+        """Make chat() render the tokenizer's chat template (an instruct model's own format), with a system
+        message if given, as transformers' apply_chat_template(..., add_generation_prompt=True) does."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json): leave out "
+                                 "--chat-template to prompt in the paper's format")
+        self.templated, self.system = True, system
+
+    @property
+    def answer_prefix(self):
+        """What goes between a prompt and its answer: a space after the paper's `Assistant:`, nothing after a
+        template's generation prompt (which ends its own line)."""
+        return "" if self.templated else " "
+
+    def _encode_specials(self, text):
+        """Token ids of a rendered template: its special-token strings are those tokens (the template writes
+        them), the text between them is encoded as encode() does."""
+        if not self.specials:
+            return self.encode(text)
+        if self._special_rx is None:
+            longest_first = sorted(self.specials, key=len, reverse=True)
+            self._special_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")")
+        parts = self._special_rx.split(text)  # text, special, text, ..., text
+        return [i for k, p in enumerate(parts) for i in (self.encode(p) if k % 2 == 0 else [self.specials[p]])]
 
     # ---- training, saving, loading
 
@@ -353,7 +387,44 @@ class Tokenizer:
                   prefix_space_at, bos=name(cfg.get("bos_token")), eos=name(cfg.get("eos_token")),
                   pad=name(cfg.get("pad_token")), merges=merges if identity else None, added=added)
         tok.stop_ids = tuple(dict.fromkeys(tok.stop_ids + _generation_eos_ids(path, n)))
+        tok.chat_template = _chat_template(path, cfg)
         return tok
+
+
+def _chat_template(path, cfg):
+    """The chat template: chat_template.jinja (transformers' newer saves), else tokenizer_config.json's string,
+    or the one named "default" of its list."""
+    file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def render_chat(template, messages, **tokens):
+    """A chat template rendered as transformers' apply_chat_template(messages, add_generation_prompt=True)
+    renders it (without importing transformers): jinja2's sandbox with trim_blocks and lstrip_blocks, loop
+    controls, a tojson filter, raise_exception and strftime_now; tokens: bos_token, eos_token, pad_token."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, tools=None,
+                                                documents=None, **tokens)
+    except jinja2.exceptions.TemplateError as e:
+        raise TokenizerError(f"the chat template failed: {e}") from None
 
 
 def _generation_eos_ids(path, vocab_size):

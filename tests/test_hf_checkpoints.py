@@ -67,6 +67,47 @@ def test_a_tokenizer_without_bos_prompts_from_the_first_text_token(qwen25):
     assert tok.encode("hi", bos=True, eos=True) == tok.encode("hi") + [ids["<|im_end|>"]]
 
 
+LLAMA3 = ("{{- bos_token }}\n{% for m in messages %}\n    {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+          "+ m['content'] | trim + '<|eot_id|>' }}\n{% endfor %}\n{% if add_generation_prompt %}\n"
+          "    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\n{% endif %}\n")  # as real ones: lines, indents
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_chat_templates_render_as_transformers_does(qwen25, tmp_path, style):
+    """--chat-template: the prompt's ids equal transformers' apply_chat_template(add_generation_prompt=True) for
+    Qwen's ChatML and a Llama 3 style template (a BOS, header markers, a trim filter), with and without a system
+    message; special-token strings in the question stay text."""
+    from tokenizer import Tokenizer
+    d, _, _ = qwen25
+    if style == "llama3":  # the same vocabulary, with Llama 3's specials and a BOS
+        t = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        t.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+        t.save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+            bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3,
+            tokenizer_class="PreTrainedTokenizerFast")))
+        d = tmp_path
+    # the class that reads this tokenizer.json as it is (transformers 5's Qwen2Tokenizer brings Qwen's own regex)
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+    tok = Tokenizer.from_hf(d)
+    question = "What is 4 + 3?\nPut the answer in \\boxed{}."
+    for system in (None, "You are a careful mathematician."):
+        tok.use_chat_template(system)
+        messages = ([dict(role="system", content=system)] if system else []) + [dict(role="user", content=question)]
+        expected = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
+        assert tok.chat(question) == list(expected)
+    assert tok.answer_prefix == ""
+
+
+def test_our_own_tokenizers_template_is_the_papers_format(data_dir):
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    plain = tok.chat("What is 2 + 2?")
+    tok.use_chat_template()
+    assert tok.chat("What is 2 + 2?") == plain
+
+
 def test_generation_stops_on_any_of_the_stop_ids(qwen25):
     """Sampling (seeded: the same tokens each time), told that a token it writes (the first new one after the start) ends a generation, stops
     there and drops it from the text; the same token not in stop_ids does not stop it."""
@@ -99,6 +140,8 @@ def test_evaluate_grpo_and_sft_run_on_a_qwen25_checkpoint(qwen25, tmp_path):
     run("evaluate.py", "--model", str(d), "--data", str(problems), "--max-new-tokens", "8", "--workers", "1",
         "--out", str(tmp_path / "eval.jsonl"), *fields)
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 8
+    run("evaluate.py", "--model", str(d), "--data", str(problems), "--max-new-tokens", "4", "--workers", "1",
+        "--limit", "2", "--chat-template", "--system", "Be brief.", "--out", str(tmp_path / "chat.jsonl"), *fields)
     parquet = tmp_path / "train.parquet"
     pq.write_table(pyarrow.Table.from_pylist([json.loads(line) for line in problems.read_text().splitlines()]),
                    str(parquet))
@@ -112,5 +155,5 @@ def test_evaluate_grpo_and_sft_run_on_a_qwen25_checkpoint(qwen25, tmp_path):
     assert gen.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     r = run("sft.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
             "2", "--max-steps", "1", "--batch", "4", "--micro-batch", "4", "--out", str(tmp_path / "sft"),
-            "--formats", "cot,pot", *fields)
+            "--formats", "cot,pot", "--chat-template", *fields)
     assert "solutions by format: cot 8, pot 0" in r.stdout and "no problem has a 'pot' solution" in r.stdout
