@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import lora
 import memory
 from model import CheckpointError, Transformer
 from tokenizer import Tokenizer, TokenizerError
@@ -219,16 +220,19 @@ def checkpointed_blocks(args, d, n_layers, peak_of):
     return k
 
 
-def build_model(config, d, args, init_dir=None, checkpointed=0):
-    """Build on the meta device (no memory), wrap the first `checkpointed` blocks for activation checkpointing
-    (checkpointed_blocks), compile and FSDP2-wrap each block as asked, materialise only this rank's shard, then
-    load the initial weights broadcast from rank 0."""
+def build_model(config, d, args, init_dir=None, checkpointed=0, adapters=None):
+    """Build on the meta device (no memory), with LoRA adapters (rank, alpha) if given (lora.py: all else
+    frozen), wrap the first `checkpointed` blocks for activation checkpointing (checkpointed_blocks), compile and
+    FSDP2-wrap each block as asked, materialise only this rank's shard, then load the initial weights (and the
+    adapters' seeded start) broadcast from rank 0."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     with torch.device("meta"):
         model = Transformer(config)
+    if adapters:
+        lora.add_adapters(model, *adapters)
     for i, block in enumerate(model.layers):
         if i < checkpointed:  # keep the block's input, recompute the rest in backward; the first blocks, as their
             # backward comes last, when the later blocks' activations are freed (memory.activation_bytes)
@@ -244,6 +248,8 @@ def build_model(config, d, args, init_dir=None, checkpointed=0):
         register_fsdp_forward_method(model, "loss")  # the training forward gathers the root's weights too
     model.to_empty(device=d.device)
     state = initial_state(config, init_dir, args.seed) if d.main else {}
+    if adapters and d.main:
+        state.update(lora.initial_adapters(model, args.seed))
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
     model.reset_rope()  # buffers are not part of the state dict
     if d.world > 1:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
@@ -305,12 +311,12 @@ def unsharded(model):
 
 def plain_view(model, dtype=None):
     """A Transformer on the same tensors as `model` (cast to dtype, if given), without the FSDP2 hooks,
-    activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks."""
+    activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks; LoRA
+    adapters merged into new weights."""
     with torch.device("meta"):
         view = Transformer(model.config)
-    state = {n.replace("_checkpoint_wrapped_module.", ""): p.detach().to(dtype or p.dtype)
-             for n, p in model.named_parameters(remove_duplicate=False)}
-    view.load_state_dict(state, strict=False, assign=True)
+    state = {lora.clean(n): p.detach().to(dtype or p.dtype) for n, p in model.named_parameters(remove_duplicate=False)}
+    view.load_state_dict(lora.merged(state, model), strict=False, assign=True)  # LoRA: W + (α/r) BA
     if model.config.tie_embeddings and model.config.head == "lm":
         view.lm_head.weight = view.embed_tokens.weight
     view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin
@@ -401,6 +407,14 @@ def train_step(model, opt, micro_batches, d, args, step, loss_of=None):
 # Checkpoints: sharded with torch.distributed.checkpoint; resume continues exactly
 
 
+def _trained_only():
+    """The policy's state in a checkpoint: what it trains (a LoRA run: the adapters; else every parameter); the
+    frozen rest comes back from --init. Loading sets just those (strict=False): dcp.load has already failed if
+    the checkpoint lacks any of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def save_checkpoint(out, model, opt, step, d, extra=None):
     """checkpoints/step_NNNNNN: model and optimizer shards of every rank, the step (the data position: batches
     are a function of the step), the RNG state, and any `extra` models: name -> module (weights, e.g. GRPO's
@@ -410,7 +424,7 @@ def save_checkpoint(out, model, opt, step, d, extra=None):
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = final + ".tmp"
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt, options=_trained_only())
     state = {"model": msd, "optim": osd, "step": torch.tensor(step), "rng": torch.get_rng_state()}
     state.update(extra_states(extra))
     with warnings.catch_warnings():  # in one process DCP warns that it saves without a process group: intended
@@ -450,7 +464,7 @@ def load_checkpoint(path, model, opt, extra=None):
     """Restore model, optimizer, RNG and `extra` models from a checkpoint; returns the step to continue from."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, opt)
+    msd, osd = get_state_dict(model, opt, options=_trained_only())
     state = {"model": msd, "optim": osd, "step": torch.tensor(0), "rng": torch.get_rng_state()}
     state.update(extra_states(extra))
     try:
@@ -460,7 +474,7 @@ def load_checkpoint(path, model, opt, extra=None):
     except Exception as e:  # DCP's own errors name tensors but not the likely cause
         raise RuntimeError(f"{path}: cannot load this checkpoint into the model being built ({type(e).__name__}: "
                            f"{str(e)[:300]}). Was it written with another --preset or config?") from None
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_trained_only())
     for name, m in (extra or {}).items():
         if isinstance(m, tuple):
             set_state_dict(*m, model_state_dict=state[name], optim_state_dict=state[name + "_optim"])
@@ -544,13 +558,18 @@ def start_run(args, d, model, opt, keys, extra=None):
     return step
 
 
-def export_hf(model, out, tokenizer_dir, d, args):
+def export_hf(model, out, tokenizer_dir, d, args, adapter_of=None):
     """Gather the full weights on rank 0 and write them, with the tokenizer, as a Hugging Face directory: in the
-    compute dtype (bf16 on GPU: half the bytes of the fp32 master weights), with the tokenizer's BOS and EOS."""
+    compute dtype (bf16 on GPU: half the bytes of the fp32 master weights), with the tokenizer's BOS and EOS.
+    LoRA adapters are merged into the weights; adapter_of (the base model's name or directory) also writes them
+    apart in PEFT's layout, to out/adapter."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         os.makedirs(out, exist_ok=True)
+        if adapter_of:
+            lora.export_adapter(state, model, os.path.join(out, "adapter"), adapter_of)
+        state = lora.merged(state, model)
         if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))

@@ -58,6 +58,7 @@ import common
 import data
 import engine
 import evaluate
+import lora
 import memory
 import ppo
 import reward
@@ -583,6 +584,7 @@ def parse_args(argv=None):
                     "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
                     "end only)")
     ap.add_argument("--report-temperature", type=float, default=0.7)
+    lora.add_args(ap)
     common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
         "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
         "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
@@ -606,6 +608,8 @@ def parse_args(argv=None):
                  "penalty in the reward (--beta > 0)")
     if args.online_rft and args.reward != "rule":
         ap.error("--online-rft keeps the outputs the rule grades right (paper §5.2.1): use it with --reward rule")
+    if args.lora_rank and args.ref_reset:
+        ap.error("--ref-reset with --lora-rank: π_ref is the model under the adapters, which a reset would move")
     if args.reward_fn and args.supervision == "process":
         ap.error("--reward-fn scores whole outputs: use it with outcome supervision")
     names = [spec.rpartition(":")[2] for spec in args.reward_fn]
@@ -644,7 +648,7 @@ def main(args):
         common.size_defaults(args, config, d, **SIZE_DEFAULTS)
         return memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
                                       args.max_new_tokens, args.reward != "rule", args.advantage == "gae",
-                                      args.compile)
+                                      args.compile, args.lora_rank)
     d = common.init_dist()
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
@@ -669,12 +673,14 @@ def main(args):
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
     ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
-        args.reward != "rule", args.advantage == "gae", args.compile)["peak"])
-    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0)
-    policy = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac)
-    ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 else None
+        args.reward != "rule", args.advantage == "gae", args.compile, args.lora_rank)["peak"])
+    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0, and none with LoRA: π_ref is then
+    # the policy with its adapters off)
+    policy = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac, adapters=lora.of(args))
+    ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 and not args.lora_rank else None
     if ref is not None:
         ref.requires_grad_(False)
+    reference = ref if ref is not None else policy if args.beta > 0 else None
     rm = None  # a learned reward (line 8 of Algorithm 1 as the paper runs it), frozen
     if args.reward != "rule":
         toy_rm = os.path.join(reward_model.parse_args([]).out_dir, args.reward)
@@ -779,7 +785,8 @@ def main(args):
             rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
             batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
             # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-            ref_logp = fixed_logprobs(ref, batches, tok.vocab_size, d, args) if ref is not None else None
+            with lora.disabled(reference):  # the policy's adapters off when it is π_ref (LoRA); else a no-op
+                ref_logp = fixed_logprobs(reference, batches, tok.vocab_size, d, args) if reference is not None else None
             old_logp = fixed_logprobs(policy, batches, tok.vocab_size, d, args) if args.mu > 1 else None
             with torch.no_grad(), common.autocast(d, args):
                 old_values = [b.values(value) for b in batches] if value is not None else None
@@ -851,7 +858,7 @@ def main(args):
         after = report("after")
         log(dict(step=step, eval_greedy_accuracy=after["greedy"]))
     log.close()
-    common.export_hf(policy, args.out, args.init, d, args)
+    common.export_hf(policy, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
     if held_out:
         sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
                    if args.report_problems else "")

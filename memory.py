@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_kernels import CHUNK_ELEMENTS
+import lora
 from model import Transformer
 
 GIB = 2 ** 30
@@ -91,7 +92,7 @@ def blocks_to_checkpoint(n_layers, peak_of, budget):
 # Plans
 
 
-def train_plan(config, world, micro_batch, seq_len, checkpointed):
+def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
     logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
@@ -99,9 +100,13 @@ def train_plan(config, world, micro_batch, seq_len, checkpointed):
     made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16."""
     with torch.device("meta"):
         model = Transformer(config)
+        if lora_rank:
+            lora.add_adapters(model, lora_rank, 2.0 * lora_rank)
     n = model.num_params()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # all, or the LoRA adapters
     layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    return dict(parameters=n, params_fp32=4 * n / world, grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
+    return dict(parameters=n, trained=trained, params_fp32=4 * n / world, grads_fp32=4 * trained / world,
+                adamw_fp32=8 * trained / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
                 activations=activation_bytes(config, micro_batch, seq_len, checkpointed),
                 logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
@@ -110,14 +115,14 @@ def train_plan(config, world, micro_batch, seq_len, checkpointed):
 
 def train_peak(plan):
     """A train_plan's bytes in all."""
-    return sum(v for k, v in plan.items() if k != "parameters")
+    return sum(v for k, v in plan.items() if k not in ("parameters", "trained"))
 
 
 def print_train_plan(config, world, micro_batch, seq_len):
     """The plan of pretraining or SFT, without and with activation checkpointing, and what auto chooses."""
     for ac in (0, config.n_layers):
         plan = train_plan(config, world, micro_batch, seq_len, ac)
-        n = plan.pop("parameters")
+        n, _ = plan.pop("parameters"), plan.pop("trained")
         print(f"\n{n / 1e9:.2f}B parameters, FSDP2 over {world} GPUs, micro-batch {micro_batch} x {seq_len} tokens, "
               f"activation checkpointing {'on' if ac else 'off'}:")
         for k, v in plan.items():
@@ -134,7 +139,7 @@ def print_auto(n_layers, peak_of):
 
 
 def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, checkpointed,
-              reward_model=False, value_model=False, kept_decoder=False):
+              reward_model=False, value_model=False, kept_decoder=False, lora_rank=0):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
     (train_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
     the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
@@ -142,12 +147,15 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     unsharded over the micro-batches (reduce-scattered once a step). A reward model adds its shard; PPO's value
     model (--advantage gae) its shard, gradients and AdamW state.
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
-    long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy."""
+    long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy.
+    lora_rank: gradients and AdamW state for the adapters only, and no reference copy (lora.py); the adapters'
+    own activations (r of every C numbers a projection sees) are not counted."""
     T = prompt_tokens + max_new_tokens
-    plan = train_plan(config, world, micro_batch, T, checkpointed)
+    plan = train_plan(config, world, micro_batch, T, checkpointed, lora_rank)
     n = plan["parameters"]
-    held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"],
-                reference_fp32=4 * n / world)
+    held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"])
+    if not lora_rank:
+        held["reference_fp32"] = 4 * n / world
     if reward_model:
         held["reward_model_fp32"] = 4 * n / world
     if value_model:
@@ -159,20 +167,21 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     reference = dict(gathered_bf16=2 * n)  # π_ref gathered once for the step's micro-batches (fixed_logprobs)
     train = dict(gathered_blocks=plan["gathered_bf16"], activations=plan["activations"], logits=plan["logits"])
     if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
-        train["grads_unsharded_fp32"] = 4 * n
+        train["grads_unsharded_fp32"] = 4 * plan["trained"]
     phases = dict(rollout=rollout, reference=reference, train=train)
-    return dict(parameters=n, held=held, **phases,
+    return dict(parameters=n, trained=plan["trained"], held=held, **phases,
                 peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
 
 
 def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, reward_model, value_model,
-                    kept_decoder):
+                    kept_decoder, lora_rank=0):
     """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing."""
     plans = [grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, k, reward_model,
-                       value_model, kept_decoder) for k in range(config.n_layers + 1)]
+                       value_model, kept_decoder, lora_rank) for k in range(config.n_layers + 1)]
     for ac in (0, config.n_layers):
         plan = plans[ac]
-        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters, {'PPO' if value_model else 'GRPO'} on {world} GPUs: "
+        lora_text = f", LoRA rank {lora_rank} ({plan['trained'] / 1e6:.1f}M trained)" if lora_rank else ""
+        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters{lora_text}, {'PPO' if value_model else 'GRPO'} on {world} GPUs: "
               f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
               f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
         for phase in ("held", "rollout", "reference", "train"):

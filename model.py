@@ -420,7 +420,7 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def _part_sizes(fused, cfg):
+def part_sizes(fused, cfg):
     if fused == "self_attn.qkv_proj":
         return [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
     return [cfg.ffn_dim, cfg.ffn_dim]
@@ -434,7 +434,7 @@ def hf_layout(state, cfg):
         if fused is None:
             out[name] = t
             continue
-        for part, piece in zip(FUSED[fused], t.split(_part_sizes(fused, cfg), dim=0)):
+        for part, piece in zip(FUSED[fused], t.split(part_sizes(fused, cfg), dim=0)):
             out[name.replace(fused, part)] = piece
     return out
 

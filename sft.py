@@ -30,6 +30,7 @@ import common
 import data
 import engine
 import evaluate
+import lora
 import memory
 import pretrain
 from model import Transformer, config_from_hf
@@ -121,6 +122,7 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
                     "(default: 16 below 1B parameters, 4 above)")
     ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
+    lora.add_args(ap)
     common.add_training_args(ap, warmup=10, schedule="constant", ckpt_every=100)
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
@@ -161,7 +163,7 @@ def main(args):
     longest = max(len(e[0]) for e in examples)
     ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, longest, k)))
-    model = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac)
+    model = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac, adapters=lora.of(args))
     opt = common.make_optimizer(model, args)
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
@@ -186,7 +188,7 @@ def main(args):
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 common.save_checkpoint(args.out, model, opt, step, d)
     log.close()
-    common.export_hf(model, args.out, args.init, d, args)
+    common.export_hf(model, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
     del model, opt
 
     # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.

@@ -541,6 +541,21 @@ def test_a_users_reward_function_is_weighted_in_and_logged_apart(base, problems,
     assert r.returncode == 1 and r.stderr.strip() == f"error: --reward-fn {fn}:nothing: {fn} has no function nothing"
 
 
+def test_lora_grpo_starts_as_the_full_model_and_its_reference_is_the_base(base, problems, tmp_path):
+    """--lora-rank 4: at step 1 the adapters are zero (B = 0), so the step's loss, KL and rewards equal the full
+    model's on the same scripted rollouts; at step 2 π_θ has moved and π_ref (the adapters off) has not: KL > 0.
+    No second model is built."""
+    flags = ("--max-steps", "2", "--report-problems", "0", "--lr", "0.01")
+    for name, extra in (("full", ()), ("lora", ("--lora-rank", "4"))):
+        r = run(scripted_args(base, problems, tmp_path / name, *flags, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    full, tuned = train_rows(tmp_path / "full"), train_rows(tmp_path / "lora")
+    keys = ("loss", "kl", "reward", "length")
+    assert {k: tuned[0][k] for k in keys} == pytest.approx({k: full[0][k] for k in keys}, rel=1e-5, abs=1e-7)
+    assert tuned[0]["kl"] == 0 and tuned[1]["kl"] > 1e-6
+    assert tuned[1]["grad_norm"] != pytest.approx(full[1]["grad_norm"])  # only the adapters' gradient now
+
+
 def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
     flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

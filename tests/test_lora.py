@@ -1,0 +1,141 @@
+"""lora.py: adapters that start as the base model, train alone, merge into the export, load in PEFT, and run on
+1 and 2 FSDP2 ranks with exact resume (sft.py --lora-rank); GRPO's reference is the policy with them off."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import lora
+from conftest import ROOT
+from model import ModelConfig, Transformer
+
+CFG = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+CPU = common.Dist(0, 1, torch.device("cpu"))
+
+
+def lora_model(seed=0, rank=4, alpha=8.0, random_b=True, config=CFG):
+    """A base model with adapters; B drawn at random (not zero) so that they change the output."""
+    torch.manual_seed(seed)
+    base = Transformer(config)
+    base.init_weights()
+    model = lora.add_adapters(Transformer(config), rank, alpha)
+    model.load_state_dict({**base.state_dict(), **lora.initial_adapters(model, seed)})
+    if random_b:
+        with torch.no_grad():
+            for _, m in lora.adapters(model):
+                m.lora_B.normal_(0, 0.5)
+    return base, model
+
+
+def test_an_adapter_is_w_plus_scaled_ba_per_part_in_float64():
+    """Each part of a fused projection gets its own (A, B): y = x Wᵀ + (α/r) x A_iᵀ B_iᵀ, checked in float64
+    against the merged weight written out by hand; with B = 0 the model is the base model."""
+    base, model = lora_model(random_b=False)
+    x = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    _, model = lora_model()
+    model = model.double()
+    m = model.layers[0].self_attn.qkv_proj  # q (32), k (16), v (16) rows
+    assert m.parts == [32, 16, 16] and m.lora_A.shape == (12, 32) and m.lora_B.shape == (64, 4)
+    h = torch.randn(3, 32, dtype=torch.float64)
+    A, B = m.lora_A, m.lora_B
+    by_hand = torch.cat([B[0:32] @ A[0:4], B[32:48] @ A[4:8], B[48:64] @ A[8:12]]) * (8.0 / 4)
+    torch.testing.assert_close(m(h), h @ (m.weight + by_hand).T + (m.bias if m.bias is not None else 0))
+    with lora.disabled(model):
+        torch.testing.assert_close(m(h), h @ m.weight.T)
+
+
+def test_a_lora_step_trains_only_the_adapters():
+    args = argparse.Namespace(compile=False, dtype="float32", seed=0, lr=1e-2, weight_decay=0.1, grad_clip=1.0,
+                              warmup=0, schedule="constant", max_steps=10)
+    model = common.build_model(CFG, CPU, args, adapters=(4, 8.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = common.make_optimizer(model, args)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
+        sum(v.numel() for k, v in before.items() if ".lora_" in k)
+    x = torch.randint(0, 300, (4, 16))
+    common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], CPU, args, 0)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if ".lora_A" in k or ".lora_B" in k}  # all adapters, nothing else
+
+
+def test_the_export_merges_and_peft_loads_the_adapter(tmp_path):
+    """The merged export gives the LoRA model's logits; PEFT, given the base checkpoint and the adapter
+    directory, gives them too."""
+    from tokenizer import Tokenizer
+    base, model = lora_model()
+    base.save_pretrained(tmp_path / "base")
+    Tokenizer.train(["What is 2 + 3? The answer is 5."] * 4, 300).save(tmp_path / "base")
+    args = argparse.Namespace(dtype="float32")
+    common.export_hf(model, str(tmp_path / "out"), str(tmp_path / "base"), CPU, args,
+                     adapter_of=str(tmp_path / "base"))
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "out")(x), want, rtol=1e-5, atol=1e-5)
+    peft = pytest.importorskip("peft", reason="peft is not installed (requirements-dev.txt has it)")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(hf, tmp_path / "out" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_of_lora_grpo_on_one_gpu():
+    """DeepSeek-Math-7B at rank 16: per layer r·(in + out) for q, k, v, o (4 × 16 · 8192), gate and up (2 × 16 ·
+    15104) and down (16 · 15104), counted by hand as PEFT counts them; AdamW for those alone and no reference
+    copy bring GRPO under 80 GiB on one GPU, where full training needs twice that."""
+    import memory
+    from model import PRESETS
+    config = ModelConfig(**PRESETS["deepseek-math-7b"])
+    tuned = memory.grpo_plan(config, 1, 4, 32, 256, 1024, 30, lora_rank=16)
+    full = memory.grpo_plan(config, 1, 4, 32, 256, 1024, 30)
+    assert tuned["trained"] == 30 * (4 * 16 * 8192 + 3 * 16 * 15104) == 37_478_400
+    assert "reference_fp32" not in tuned["held"] and tuned["held"]["adamw_fp32"] == 8 * 37_478_400
+    assert tuned["peak"] < 80 * 2 ** 30 < 2 * 80 * 2 ** 30 < full["peak"]
+
+
+def run(args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def sft_args(base, data_dir, out, *extra):
+    return ["sft.py", "--init", str(base), "--data", str(data_dir / "train.jsonl"), "--eval-data", "none",
+            "--batch", "8", "--micro-batch", "2", "--lr", "0.01", "--lora-rank", "4", "--out", str(out), *extra]
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+def test_lora_sft_on_1_and_2_ranks_agrees_and_resumes_exactly(base, data_dir, tmp_path):
+    """sft.py --lora-rank: 1 process and 2 FSDP2 gloo ranks log the same losses; a run stopped after step 2 and
+    resumed logs steps 3-4 as the straight run did, from a checkpoint that holds the adapters only."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for argv in (sft_args(base, data_dir, tmp_path / "one", "--max-steps", "4"),
+                 [*torchrun, *sft_args(base, data_dir, tmp_path / "two", "--max-steps", "4")],
+                 sft_args(base, data_dir, tmp_path / "cut", "--max-steps", "2", "--ckpt-every", "2"),
+                 sft_args(base, data_dir, tmp_path / "cut", "--max-steps", "4", "--resume")):
+        r = run(argv)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two, cut = (losses(tmp_path / name) for name in ("one", "two", "cut"))
+    assert len(one) == 4 and one[-1][1] < one[0][1]  # it learns
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert [s for s, _, _ in cut] == [1, 2, 3, 4]
+    for a, b in zip(one, cut):
+        assert b == pytest.approx(a, rel=1e-5)
+    from torch.distributed.checkpoint import FileSystemReader
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_000002"
+    saved = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all(".lora_" in k for k in weights), weights[:4]
+    base_logits = Transformer.from_pretrained(base)(torch.tensor([[1, 2, 3]]))
+    assert not torch.allclose(Transformer.from_pretrained(tmp_path / "one")(torch.tensor([[1, 2, 3]])), base_logits)
