@@ -135,6 +135,26 @@ def test_minhash_dedup_drops_near_copies_and_keeps_merely_similar_pages():
     assert sum(not k for k in keep[70:]) <= len(truly_dup) + 1
 
 
+def test_a_near_copy_is_dropped_when_it_also_meets_a_page_it_is_not_a_copy_of():
+    """Per triple: a page D, a page P that shares ~0.66 of D's shingles (kept: below 0.8), then Q, D with one word
+    changed. Q meets both in the LSH bands (at J = 0.6 a band collides with probability 0.87, by (1 - (1 - J^5)^25)),
+    so its candidates are D and P: one close enough drops it."""
+    rng = random.Random(2)
+    vocab = [f"w{i}" for i in range(3000)]
+    texts, pairs = [], []
+    for _ in range(20):
+        d = [rng.choice(vocab) for _ in range(150)]
+        p, q = list(d), list(d)
+        for i in range(0, 150, 25):  # 6 words: about 30 of 146 shingles
+            p[i] = rng.choice(vocab)
+        q[75] = "changed"
+        texts += [" ".join(d), " ".join(p), " ".join(q)]
+        a, b = shingles(texts[-3]), shingles(texts[-2])
+        pairs.append(len(a & b) / len(a | b))
+    assert all(0.55 < j < 0.75 for j in pairs)
+    assert minhash_dedup(texts, threshold=0.8) == [True, True, False] * 20
+
+
 def test_near_copies_are_missed_only_by_the_estimates_noise():
     """Copies at true Jaccard 0.85-0.95 (word 5-grams): the LSH bands must never be what misses one (datasketch's
     balanced 9 x 13 bands at 0.8 miss 9% of them); what is left is the MinHash estimate's own noise, whose standard

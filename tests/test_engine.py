@@ -123,11 +123,14 @@ def chi_square_ok(counts, probs, n):
 
 def test_samples_follow_the_filtered_distribution():
     """20,000 draws per setting from one row of logits: frequencies within chance of softmax(logits / T)
-    restricted by top_k / top_p, and never outside the kept tokens."""
+    restricted by top_k / top_p, and never outside the kept tokens. At T = 0.5 the nucleus of 0.8 is tokens 3
+    and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5)); at T = 1 it also holds token 2 (0.442 + 0.268 < 0.8):
+    the temperature comes before the nucleus."""
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 2.5, -30.0])
     n = 20000
     pos = torch.arange(n)
-    for T, top_k, top_p, kept in ((1.0, 0, 1.0, range(8)), (0.7, 3, 1.0, [2, 3, 6]), (1.0, 0, 0.8, [2, 3, 6])):
+    for T, top_k, top_p, kept in ((1.0, 0, 1.0, range(8)), (0.7, 3, 1.0, [2, 3, 6]), (1.0, 0, 0.8, [2, 3, 6]),
+                                  (0.5, 0, 0.8, [3, 6])):
         u = engine.uniforms(7, torch.zeros(n, dtype=torch.long), pos)
         toks = engine.sample(logits.expand(n, -1), u, T, top_k, top_p)
         z = torch.full_like(logits, float("-inf"))

@@ -89,7 +89,8 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
 @pytest.mark.parametrize("norm", ["sequence", "token", "constant"])
 def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
     """main() divides each micro-batch's sum by one global normaliser: any split of the batch (ranks,
-    micro-batches) then gives the same loss and gradient as the whole batch in one piece."""
+    micro-batches) then gives the same loss and gradient as the whole batch in one piece, and that is the sum
+    written out here: per token -min(ρÂ, clip(ρ)Â) + β k3, weighted 1/|o_i| (sequence) or 1 (token, constant)."""
     torch.manual_seed(0)
     logp = torch.randn(6, 7, requires_grad=True)
     old, ref, adv = logp.detach() + 0.3 * torch.randn(6, 7), logp.detach() + 0.1 * torch.randn(6, 7), torch.randn(6, 7)
@@ -104,6 +105,12 @@ def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
     parts.backward()
     torch.testing.assert_close(parts, whole)
     torch.testing.assert_close(logp.grad, g)
+    x, o, q, A = (t.detach().double() for t in (logp, old, ref, adv))
+    r = torch.exp(x - o)
+    per = -torch.minimum(r * A, r.clamp(0.8, 1.2) * A) + 0.04 * (torch.exp(q - x) - (q - x) - 1)
+    length = mask.sum(1, keepdim=True).clamp(min=1).double()
+    by_hand = (per * mask / (length if norm == "sequence" else 1.0)).sum()
+    assert whole.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree():
@@ -113,6 +120,32 @@ def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree():
     assert [comps[i].text for i in pick] == ["q1", "q1", "q3", "q3"] and rewards[pick].tolist() == [1.0, 0.0, 0.0, 1.0]
     pick = groups_with_signal(rewards[:6], group_size=2, keep=2)  # short of signal: padded
     assert [comps[i].text for i in pick] == ["q1", "q1", "q2", "q2"] and rewards[pick].tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_a_reward_model_scores_each_output_at_its_last_token(data_dir):
+    """--reward orm: σ(score) at the output's last token, as one forward of prompt + output alone gives it (not
+    padded with others); prm: at the token holding each line's last character, and at the output's end."""
+    from grpo import model_rewards
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    torch.manual_seed(0)
+    scorer = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=64,
+                                     max_seq_len=128, head="score"))
+    scorer.init_weights()
+    with torch.no_grad():
+        scorer.score.weight.normal_()  # not the zero a new head starts at
+    texts = ["2 + 3 = 5\nThe answer is \\boxed{5}.", "No idea.", "4 * 2 = 8\n8 - 1 = 7\nSo \\boxed{7}."]
+    comps = [engine.Completion(tok.chat(f"Question {i}?"), tok.encode(t, eos=True), [True] * 99, True, t)
+             for i, t in enumerate(texts)]
+    with torch.no_grad():
+        alone = [torch.sigmoid(scorer(torch.tensor([c.prompt + c.ids])))[0] for c in comps]
+        orm = model_rewards(scorer, tok, comps, "orm", batch=2)
+        prm = model_rewards(scorer, tok, comps, "prm", batch=2)
+    torch.testing.assert_close(orm, torch.stack([s[-1] for s in alone]))
+    for c, s, steps in zip(comps, alone, prm):
+        newlines = [i for i, ch in enumerate(c.text) if ch == "\n"]
+        lines = [next(k for k in range(len(c.ids)) if len(tok.decode(c.ids[:k + 1])) >= i) for i in newlines]
+        assert [t for t, _ in steps] == lines + [len(c.ids) - 1]
+        assert [x for _, x in steps] == pytest.approx([float(s[len(c.prompt) + t]) for t, _ in steps], rel=1e-5)
 
 
 def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
@@ -136,8 +169,10 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
 
 
 def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
-    """--pack 3: a group of 3 completions in one row behind one copy of the prompt gives every completion its
-    own log-probs, and so the same loss and gradient as a row per completion, for each normalisation."""
+    """--pack 1 and --pack 3 (a group of 3 completions in one row behind one copy of the prompt) each give the
+    loss and gradient computed here without pack_rows: every completion run alone through the model, its
+    log-probs read at its own positions, the per-token loss -Â ρ + β k3 (ρ = 1, π_ref = π_θ e^-0.1) weighted by
+    1/|o_i| (sequence) or 1 (token)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
     model.init_weights()
@@ -146,7 +181,16 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
             [engine.Completion([1, 9], ids, [True] * len(ids), True, "") for ids in ([3], [4, 5, 6], [7, 7])]
     per_token = [torch.randn(len(c.ids)) for c in comps]
     for norm in ("sequence", "token"):
-        results = []
+        model.zero_grad()
+        expected = 0.0
+        for c, adv in zip(comps, per_token):
+            logits = model(torch.tensor([c.prompt + c.ids]))[0, len(c.prompt) - 1:-1]
+            lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+            ref = lp.detach() - 0.1
+            per = -adv.double() * torch.exp(lp - lp.detach()) + 0.04 * (torch.exp(ref - lp) - (ref - lp) - 1)
+            expected = expected + per.sum() / (len(c.ids) if norm == "sequence" else 1)
+        expected.backward()
+        results = [(expected.item(), None, [p.grad.clone() for p in model.parameters()])]
         for pack in (1, 3):
             batches = micro_batches(pack_rows(comps, per_token, 3, pack, False, norm), 6, 0, "cpu")
             assert len(batches) == 1 and (batches[0].attn is None) == (pack == 1)
@@ -156,10 +200,12 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
             total, _ = b.loss(model, None, policy_token_loss(b, None, ref, (0.2, 0.2), 0.04, 0, 1.0))
             total.backward()
             results.append((total.item(), b.positions_run, [p.grad.clone() for p in model.parameters()]))
-        (plain, plain_run, plain_grads), (packed, packed_run, packed_grads) = results
-        assert packed == pytest.approx(plain, rel=1e-5) and packed_run < plain_run
-        for a, b in zip(plain_grads, packed_grads):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        (alone, _, alone_grads), (plain, plain_run, plain_grads), (packed, packed_run, packed_grads) = results
+        assert plain == pytest.approx(alone, rel=1e-5) and packed == pytest.approx(alone, rel=1e-5)
+        assert packed_run < plain_run
+        for a, b, c in zip(alone_grads, plain_grads, packed_grads):
+            torch.testing.assert_close(b, a.float(), atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(c, a.float(), atol=1e-6, rtol=1e-4)
 
 
 def test_micro_batches_group_similar_lengths_and_trim_to_their_longest():

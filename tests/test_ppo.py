@@ -10,7 +10,7 @@ import common
 from engine import Completion
 from grpo import micro_batches, pack_rows
 from ppo import advantages, gae, outcome_at_end, value_loss_sum
-from test_grpo import grpo_args, run
+from test_grpo import grpo_args, problems, run, scripted_args  # noqa: F401 (problems: a fixture)
 
 
 def test_gae_by_hand():
@@ -57,6 +57,22 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
     whitened = (flat - flat.mean()) / (flat.var(unbiased=False).sqrt() + 1e-8)
     assert b.advantages[b.mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
     assert not b.advantages[~b.mask].any()  # nothing on the prompt
+
+
+def test_ppo_whitens_over_every_rank(base, problems, tmp_path):  # noqa: F811
+    """Scripted rollouts (the same outputs whatever the rank): PPO's step on 2 ranks, each holding half the groups,
+    logs the loss and gradient norm of 1 process, which holds them all: the advantages' mean and std are the
+    step's, not a rank's."""
+    flags = ("--max-steps", "2", "--report-problems", "0", "--advantage", "gae", "--value-lr", "0.01")
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, prefix in (("one", []), ("two", launch)):
+        r = run([*prefix, *scripted_args(base, problems, tmp_path / name, *flags)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([json.loads(line) for line in open(tmp_path / k / "metrics.jsonl") if '"loss"' in line]
+                for k in ("one", "two"))
+    keys = ("loss", "grad_norm", "value_loss")
+    for a, b in zip(one, two):
+        assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-4, abs=1e-6)
 
 
 def ppo_args(base, data_dir, out, *extra):

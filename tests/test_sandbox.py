@@ -16,6 +16,17 @@ ROOT = os.getuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="the drop to nobody and the private mounts exist only as root")
 
 
+def kernel_allows(flag):
+    """Whether a fresh process of this user may unshare(flag): the host's answer, asked apart from the sandbox,
+    so that a wall the host allows but the sandbox failed to raise fails a test instead of skipping it."""
+    code = f"import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare({flag}) != 0)"
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+NETNS = kernel_allows(0x40000000)  # CLONE_NEWNET
+MOUNTNS = ROOT and kernel_allows(0x00020000)  # CLONE_NEWNS (the sandbox mounts only as root)
+
+
 @pytest.fixture(scope="module")
 def box():
     b = Sandbox()
@@ -108,8 +119,8 @@ def test_cannot_write_delete_or_rename_outside_its_directory(box, tmp_path):
     for code in [f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(victim)!r})",
                  f"import os; os.rename({str(victim)!r}, {str(target)!r})",
                  f"import shutil; shutil.rmtree({str(tmp_path)!r})", f"import pathlib; pathlib.Path({str(target)!r}).touch()"]:
-        r = box.run(code)
-        assert not r.ok and "PermissionError" in r.error, code
+        r = box.run(code)  # the hook's own refusal, before the kernel's (nobody may not write there either)
+        assert not r.ok and "PermissionError: sandbox:" in r.error, (code, r.error)
     assert victim.read_text() == "keep me" and not target.exists()
 
 
@@ -165,7 +176,7 @@ def test_cannot_open_network_connections(box, bare):
              f"import http.client; http.client.HTTPConnection('127.0.0.1', {port}, timeout=2).request('GET', '/')"]
     for code in codes:
         assert not box.run(code).ok, code
-    if box.layers["private_network"]:  # the namespace alone: loopback is down, nothing is routable
+    if NETNS:  # the namespace alone: loopback is down, nothing is routable
         r = bare.run(codes[0])
         assert not r.ok and "unreachable" in r.error, r.error
     stop.set()
@@ -241,8 +252,8 @@ def test_cannot_signal_or_kill_the_parent(box, bare):
 def test_memory_cpu_disk_and_output_are_bounded(box, bare):
     r = bare.run("x = bytearray(50 * 2**30)")
     assert not r.ok and "MemoryError" in r.error
-    r = box.run("while True: pass", timeout=1.5)
-    assert r.error == "timeout" and r.seconds < 1.5 + 2.5
+    r = box.run("while True: pass", timeout=1.5)  # the server's deadline, not the CPU limit (signal 24) behind it
+    assert r.error == "timeout" and r.seconds < 30  # a bound against a hang, not a timing: CI machines are loaded
     r = bare.run("open('big.bin', 'wb').write(b'0' * (100 * 2**20))")
     assert not r.ok and "File too large" in r.error
     r = box.run("while True: print('x' * 1000)", timeout=30)
@@ -255,7 +266,7 @@ def test_the_cpu_limit_alone_ends_a_loop():
     try:
         r = b.run("while True: pass", timeout=1)
         assert not r.ok and r.error == "killed by signal 24", r.error  # SIGXCPU at 2 CPU seconds
-        assert r.seconds < 10
+        assert r.seconds < 60  # against a hang only
     finally:
         b.close()
 
@@ -267,5 +278,4 @@ def test_layers_report(box):
     assert set(layers) == {"audit_hook", "rlimits", "private_network", "dropped_to_nobody", "private_mounts"}
     assert layers["audit_hook"] and layers["rlimits"]
     assert layers["dropped_to_nobody"] == ROOT
-    if not ROOT:
-        assert not layers["private_mounts"]
+    assert layers["private_network"] == NETNS and layers["private_mounts"] == MOUNTNS

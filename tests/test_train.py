@@ -27,8 +27,8 @@ def run(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
 
 
-def losses(out):
-    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+def losses(out, key="loss"):
+    return [json.loads(line)[key] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
 
 
 def test_lr_schedules():
@@ -78,8 +78,9 @@ def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
                "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 rank(s)" in two.stdout
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
-                               rtol=1e-5, atol=1e-5)
+    for key in ("loss", "grad_norm"):  # the gradient's scale too, which Adam's update would hide
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)), torch.tensor(losses(tmp_path / "one", key)),
+                                   rtol=1e-5, atol=1e-5, msg=key)
     # the exported models agree too, to float rounding: a rarely seen token's embedding row gets gradients near
     # AdamW's eps, where m / sqrt(v) magnifies the different summation order of a 2-rank reduction (seen: 5e-5)
     a, b = Transformer.from_pretrained(tmp_path / "one"), Transformer.from_pretrained(tmp_path / "two")
@@ -163,6 +164,34 @@ def test_memory_plan_counts_what_a_real_forward_saves():
     seven = ModelConfig(**PRESETS["deepseek-math-7b"])
     per_token = [memory.activation_bytes(seven, 1, T, 0) / T for T in (4095, 4096, 4097)]
     assert max(per_token) / min(per_token) < 1.01
+
+
+def test_micro_batches_of_unequal_tokens_give_the_whole_batchs_gradient():
+    """train_step over micro-batches with 3 and 11 valid positions returns the norm of the gradient of the mean
+    loss over all 14, as float64 autograd on the whole batch at once computes it (each micro-batch divided by
+    its own count would weigh the 3 positions' tokens 11/3 times more)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=16)
+    model = Transformer(cfg)
+    model.init_weights()
+    twin = Transformer(cfg).double()
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 64, (4, 8)), torch.randint(0, 64, (4, 8))
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[2:, 2:] = True  # 12 positions, less the one below
+    mask[3, 7] = False
+    assert (mask[:2].sum(), mask[2:].sum()) == (3, 11)
+    d = common.Dist(0, 1, torch.device("cpu"))
+    args = argparse.Namespace(dtype="float32", grad_clip=1e9, lr=0.0, warmup=0, max_steps=10, schedule="constant")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, norm, n = common.train_step(model, opt, [(x[:2], y[:2], mask[:2]), (x[2:], y[2:], mask[2:])], d, args, 0)
+    logp = torch.log_softmax(twin(x), -1).gather(-1, y[..., None])[..., 0]
+    whole = -(logp * mask).sum() / mask.sum()
+    whole.backward()
+    expected = torch.sqrt(sum((p.grad ** 2).sum() for p in twin.parameters()))
+    assert n == 14 and loss == pytest.approx(float(whole), rel=1e-5)
+    assert float(norm) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_nan_loss_stops_before_the_optimizer_step():
