@@ -315,7 +315,8 @@ def prose():
 
 
 # Final answers in MATH's style (written here; the shapes that recur in its test set)
-MATH_STYLE_ANSWERS = ["\\frac{1}{2}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "\\frac{\\pi}{4}", "x^2 + 1", "\\frac{1}{3}",
+MATH_STYLE_ANSWERS = ["\\frac{1}{2}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "\\frac{\\pi}{4}", "x^2 + 1",
+                      "\\frac{1}{3}",
                       "3\\sqrt{2}", "\\frac{2}{3}", "-\\frac{1}{2}", "1 + \\sqrt{2}", "(-\\infty, 0)", "[-1, 1]",
                       "\\dfrac{1}{4}", "2^{10}", "\\frac{x}{2}", "x + 1", "(1, 2)", "e^{x} + 1", "\\sin x \\cos x",
                       "\\frac{n(n+1)}{2}"]
@@ -431,7 +432,8 @@ def bench_data(args):
         print(f"{name:<12} {len(pages) / t:9.0f} {r:7.3f} {f:11.2%}")
     print(f"dedup throughput ratio ours/datasketch: {t_theirs / t_ours:.2f}x")
 
-    texts = [p["text"] for s in ("math", "code", "general") for p in data.read_jsonl(os.path.join(d, f"{s}_clean.jsonl"))]
+    texts = [p["text"] for s in ("math", "code", "general")
+             for p in data.read_jsonl(os.path.join(d, f"{s}_clean.jsonl"))]
     mb = sum(len(t.encode()) for t in texts) / 1e6
     tok_dir = os.path.join(d, "tokenizer")
     enc = Tokenizer.load(tok_dir)._enc  # the same tiktoken Encoding, called directly
@@ -508,7 +510,8 @@ def bench_grpo(args):
     greedy accuracy of each result, graded by the same evaluate.py. Matched: grpo.py's default steps, 16 questions
     x G = 8 per step in micro-batches of 32, one update per batch (mu = 1), up to 96 new tokens at temperature 1,
     grpo.py's LR (1e-4) on its default schedule (cosine to a tenth, no warmup: TRL's cosine_with_min_lr at 0.1 is the
-    same function; or constant), AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04 with the k3 estimate,
+    same function; or constant), AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04
+    with the k3 estimate,
     epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward, fp32 on the CPU,
     prompts token-identical (BOS included; checked), and the same questions at every step (TRL walks grpo.py's
     draws in order). --trl-sampler engine gives TRL's trainer its rollouts from our engine (TRL's rollout_func,

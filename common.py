@@ -41,7 +41,8 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, hel
         ap.add_argument(flag, help=(helps or {}).get(flag, help), **kw)
     add("--warmup", type=int, default=warmup, help="warmup steps")
     add("--schedule", default=schedule, choices=["constant", "cosine", "multistep"], help="LR after --warmup "
-        "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the steps)")
+        "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the "
+        "steps)")
     add("--weight-decay", type=float, default=weight_decay)
     add("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     add("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU (CPU runs in "
@@ -474,7 +475,8 @@ def load_checkpoint(path, model, opt, extra=None):
     except Exception as e:  # DCP's own errors name tensors but not the likely cause
         raise RuntimeError(f"{path}: cannot load this checkpoint into the model being built ({type(e).__name__}: "
                            f"{str(e)[:300]}). Was it written with another --preset or config?") from None
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_trained_only())
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_trained_only())
     for name, m in (extra or {}).items():
         if isinstance(m, tuple):
             set_state_dict(*m, model_state_dict=state[name], optim_state_dict=state[name + "_optim"])

@@ -179,7 +179,7 @@ class MathClassifier:
         import fasttext
         lines = [f"__label__math {_one_line(t, self.max_chars)}" for t in pos_texts]
         lines += [f"__label__other {_one_line(t, self.max_chars)}" for t in neg_texts]
-        if not any(ln.startswith("__label__math") for ln in lines) or not any(ln.startswith("__label__other") for ln in lines):
+        if not all(any(ln.startswith(label) for ln in lines) for label in ("__label__math", "__label__other")):
             raise ValueError("MathClassifier.train needs at least one positive and one negative text")
         random.Random(seed).shuffle(lines)
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
@@ -187,7 +187,8 @@ class MathClassifier:
         try:
             self.model = fasttext.train_supervised(input=f.name, dim=dim, lr=lr, wordNgrams=word_ngrams,
                                                    minCount=min_count, epoch=epoch, seed=seed, thread=threads,
-                                                   bucket=bucket or min(2_000_000, max(100_000, 50 * len(lines))), verbose=0)
+                                                   bucket=bucket or min(2_000_000, max(100_000, 50 * len(lines))),
+                                                   verbose=0)
         finally:
             os.unlink(f.name)
         return self
@@ -265,7 +266,8 @@ def classify_with_expansion(read_pages, seed_texts, iterations=4, budget_tokens=
         neg_ids = set(rng.choice(len(urls), n_neg, replace=False).tolist())
         neg = [p["text"] for i, p in enumerate(read_pages()) if i in neg_ids]
         clf = MathClassifier().train(positives, neg, epoch=epochs, seed=seed, threads=threads)
-        scores = np.concatenate([clf.predict_proba([p["text"] for p in chunk]) for chunk in batched(read_pages(), batch)])
+        scores = np.concatenate([clf.predict_proba([p["text"] for p in chunk])
+                                 for chunk in batched(read_pages(), batch)])
         order = np.argsort(-scores, kind="stable")
         within = np.cumsum(sizes[order]) <= budget
         collected = set(order[within & (scores[order] >= threshold)].tolist())

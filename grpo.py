@@ -600,7 +600,8 @@ def parse_args(argv=None):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
     if args.rm_refresh and (args.reward == "rule" or not args.ref_reset):
-        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm and --ref-reset K")
+        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm and "
+                 "--ref-reset K")
     if args.reward == "prm" and args.prompt == "tool":
         ap.error("--reward prm scores the lines of chain-of-thought outputs: use it with --prompt cot")
     if args.advantage == "gae" and (args.supervision == "process" or args.online_rft or args.beta == 0):
@@ -685,10 +686,12 @@ def main(args):
     if args.reward != "rule":
         toy_rm = os.path.join(reward_model.parse_args([]).out_dir, args.reward)
         rm_dir = args.reward_model or toy_rm
-        sft.require_model(rm_dir, toy_rm, d, lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
+        sft.require_model(rm_dir, toy_rm, d,
+                          lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
         rm_config = config_from_hf(rm_dir)
         if rm_config.head != "score":
-            raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
+            raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py "
+                             "makes one)")
         rm = common.build_model(rm_config, d, args, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0)
         rm.requires_grad_(args.rm_refresh)
     value = value_opt = None  # PPO's value model V_ψ, the policy's size (what GRPO does without)
@@ -786,7 +789,8 @@ def main(args):
             batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
             # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
             with lora.disabled(reference):  # the policy's adapters off when it is π_ref (LoRA); else a no-op
-                ref_logp = fixed_logprobs(reference, batches, tok.vocab_size, d, args) if reference is not None else None
+                ref_logp = (fixed_logprobs(reference, batches, tok.vocab_size, d, args)
+                            if reference is not None else None)
             old_logp = fixed_logprobs(policy, batches, tok.vocab_size, d, args) if args.mu > 1 else None
             with torch.no_grad(), common.autocast(d, args):
                 old_values = [b.values(value) for b in batches] if value is not None else None

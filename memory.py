@@ -181,7 +181,8 @@ def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_ne
     for ac in (0, config.n_layers):
         plan = plans[ac]
         lora_text = f", LoRA rank {lora_rank} ({plan['trained'] / 1e6:.1f}M trained)" if lora_rank else ""
-        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters{lora_text}, {'PPO' if value_model else 'GRPO'} on {world} GPUs: "
+        print(f"\n{plan['parameters'] / 1e9:.2f}B parameters{lora_text}, {'PPO' if value_model else 'GRPO'} on "
+              f"{world} GPUs: "
               f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
               f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
         for phase in ("held", "rollout", "reference", "train"):

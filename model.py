@@ -94,11 +94,13 @@ def rope_frequencies(cfg: ModelConfig):
     if kind == "linear":
         inv_freq = inv_freq / s["factor"]
     elif kind == "llama3":  # Llama 3.1: slow frequencies divided by `factor`, fast ones kept, a smooth ramp between
-        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = torch.where(wavelen > old / lo, inv_freq / factor,
-                               torch.where(wavelen < old / hi, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+                               torch.where(wavelen < old / hi, inv_freq,
+                                           (1 - smooth) * inv_freq / factor + smooth * inv_freq))
     elif kind != "default":
         raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
     return inv_freq.float()
@@ -337,10 +339,12 @@ class Transformer(nn.Module):
                     for key in f.keys():
                         name = key.removeprefix("model.")
                         if name not in expected:
-                            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+                            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight"
+                                                                         and config.tie_embeddings):
                                 continue  # recomputed / shared with the embedding
                             raise CheckpointError(f"{file}: unexpected tensor {key!r}: this is not a plain "
-                                                  f"{'/'.join(HF_ARCHITECTURES)} checkpoint, or its config.json is wrong")
+                                                  f"{'/'.join(HF_ARCHITECTURES)} checkpoint, or its config.json is "
+                                                  "wrong")
                         t = f.get_tensor(key)
                         if t.shape != expected[name]:
                             raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(t.shape)} but config.json "
@@ -474,7 +478,8 @@ def config_from_hf(path) -> ModelConfig:
         raise CheckpointError(f"{file}: expected a JSON object, got {type(c).__name__}")
     kind = c.get("model_type")
     if kind not in HF_ARCHITECTURES:
-        raise CheckpointError(f"{file}: model_type {kind!r} is not supported (supported: {', '.join(HF_ARCHITECTURES)})")
+        raise CheckpointError(f"{file}: model_type {kind!r} is not supported (supported: "
+                              f"{', '.join(HF_ARCHITECTURES)})")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise CheckpointError(f"{file}: attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -93,7 +93,9 @@ def main(args):
                          f"= {args.micro_batch} x {args.seq_len} x {d.world} = {per_step}")
     accum = args.batch_tokens // per_step
     train, val = mixture(args, "train"), mixture(args, "val")
-    config = ModelConfig(**{**PRESETS[args.preset], "vocab_size": train.vocab_size, "max_seq_len": max(args.seq_len, PRESETS[args.preset]["max_seq_len"])}) \
+    preset = PRESETS[args.preset]
+    config = ModelConfig(**{**preset, "vocab_size": train.vocab_size,
+                            "max_seq_len": max(args.seq_len, preset["max_seq_len"])}) \
         if not args.init else None
     if args.init:
         config = config_from_hf(args.init)

@@ -116,7 +116,8 @@ def final_boxes(text):
     but punctuation between them, or a short phrase with "and"/"or" ("\\boxed{1}, \\boxed{2}", "\\boxed{3} cm
     and \\boxed{4} cm", "\\boxed{(3, 3)} for part (a) and \\boxed{(1, 1)}"), joined by commas; None if there is no
     box. Boxes in different sentences or clauses ("we first found \\boxed{3}, but the question asks for
-    y = \\boxed{6}", "\\boxed{3}. Then \\boxed{6}", "\\boxed{3} and then \\boxed{6}") are not one answer: the last is."""
+    y = \\boxed{6}", "\\boxed{3}. Then \\boxed{6}", "\\boxed{3} and then \\boxed{6}") are not one answer: the
+    last is."""
     run, end = [], -1
     for start, stop, content in _boxes(text):
         gap = text[end:start] if end >= 0 else None
@@ -236,7 +237,8 @@ def normalize(s):
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = re.sub(r"(?<=\d)\s*(?:\\?%)?\s*(?:\\text\{\s*)?(?:percent(?:age)?|pct)\b\}?", "%", s)
     s = re.sub(r"\\text\s*\{\s*(?:all\s+)?real\s+numbers\s*\}|^(?:all\s+)?real\s+numbers$", r"\\mathbb{R}", s)
-    s = re.sub(r"\\(?:mathbb|mathbf)\s*\{?\s*R\s*\}?|ℝ|\\R(?:eals)?(?![a-zA-Z])", r"(-\\infty, \\infty)", s)  # the reals
+    # the reals
+    s = re.sub(r"\\(?:mathbb|mathbf)\s*\{?\s*R\s*\}?|ℝ|\\R(?:eals)?(?![a-zA-Z])", r"(-\\infty, \\infty)", s)
     s = re.sub(r"\\(?:mbox|mathrm|textbf|textit|mathbf|textnormal|textrm)\s*\{", r"\\text{", s)
     s = re.sub(r"\\text\s*\{\s*" + UNITS + r"(?:\^?\d)?\s*\}(?:\^\{?\d\}?)?", "", s)  # \text{ cm}, \text{ m}^2
     s = re.sub(r"(?<=[\d}])\s+" + UNITS + r"(?:\^?\d)?\b", "", s)  # 5 cm, \frac{5}{2} cm
@@ -282,7 +284,8 @@ def _number(s):
             v = Fraction(m.group(1)) / Fraction(m.group(2))
         elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)/(\d+(?:\.\d*)?)", s)):
             v = Fraction(m.group(1)) / Fraction(m.group(2))
-        elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:(?:[eE]|\\times10\^|\\cdot10\^|\*10\^)\{?(-?\d{1,3})\}?)?", s)):
+        elif (m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)"
+                                r"(?:(?:[eE]|\\times10\^|\\cdot10\^|\*10\^)\{?(-?\d{1,3})\}?)?", s)):
             v = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2) or 0)
         else:
             return None

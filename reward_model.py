@@ -307,7 +307,8 @@ def main(args):
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
     if args.batch % (args.micro_batch * d.world):
-        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
+        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
+                         f"{d.world}")
 
     t0 = time.time()
     sampler, comps, outcomes, golds = sample_completions(args.policy, tok, problems, args, d)

@@ -5,16 +5,20 @@ fractions already imported, so a snippet takes milliseconds, not the second an i
 server is started with an empty environment, so no secret of the training process is ever in its memory.
 Each child, before running the code, puts up these walls, each stopping what the others might miss:
 
-| layer | stops |
-|---|---|
-| own session and process group; killed as a group at the deadline | runaway loops, stray children |
-| rlimits: address space, CPU seconds, file size, open files, processes (0: no fork) | memory, CPU, disk, fork storms |
-| a private network namespace (unshare, where the kernel allows it) | any network connection |
-| privileges dropped to `nobody` when run as root | signalling the server or other processes, reading root's files |
-| private mounts when run as root: the temporary directory is a small no-exec tmpfs; a directory `nobody` may not enter on the way to Python (`/root`, say) is covered by an empty tmpfs and Python's installation is bound back at its own path, read-only | native code written by the program, reading what else lies there; and it keeps lazy imports (sympy's) working after the drop to `nobody` |
-| empty environment, a fresh temporary directory as cwd and HOME | reading the parent's secrets, littering |
-| an audit hook (PEP 578): no process creation, sockets, signals, ctypes, native modules from the temporary directory, no writes outside it, no reads or directory listings outside Python's own installation | all of the above from Python, and finding or reading the gold answers on disk |
-| output capped at 64 KiB per stream | flooding the parent |
+- its own session and process group, killed as a group at the deadline: runaway loops, stray children;
+- rlimits on address space, CPU seconds, file size, open files and processes (0: no fork): memory, CPU, disk and
+  fork storms;
+- a private network namespace (unshare, where the kernel allows it): any network connection;
+- privileges dropped to `nobody` when run as root: signalling the server or other processes, reading root's files;
+- private mounts when run as root: the temporary directory is a small no-exec tmpfs, and a directory `nobody` may
+  not enter on the way to Python (`/root`, say) is covered by an empty tmpfs with Python's installation bound back
+  at its own path, read-only: native code written by the program, reading what else lies there; and lazy imports
+  (sympy's) keep working after the drop to `nobody`;
+- an empty environment, a fresh temporary directory as cwd and HOME: reading the parent's secrets, littering;
+- an audit hook (PEP 578): no process creation, sockets, signals, ctypes, native modules from the temporary
+  directory, no writes outside it, no reads or listings outside Python's own installation: all of the above from
+  Python, and finding or reading the gold answers on disk;
+- output capped at 64 KiB per stream: flooding the parent.
 
 Why private mounts rather than preloading: sympy imports modules at call time (`solve` pulls in
 `sympy.tensor.tensor`), and a virtual environment under `/root` (mode 0700, the usual GPU container) is out of
@@ -122,7 +126,8 @@ def _audit_hook(tmp, installation):
             path, mode, flags = args
             if isinstance(path, int):
                 return
-            writing = (mode and any(c in str(mode) for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            writing = ((mode and any(c in str(mode) for c in "wax+"))
+                       or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
             if writing:
                 if not _inside(path, [tmp]):
                     raise PermissionError(f"sandbox: no writing outside the sandbox's directory ({path})")
@@ -270,7 +275,8 @@ def _run_one(code, timeout, setup):
     error = None
     if not code_ok:
         error = stderr.splitlines()[-1] if stderr else (
-            f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit status {os.WEXITSTATUS(status)}")
+            f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+            else f"exit status {os.WEXITSTATUS(status)}")
     return dict(ok=code_ok, stdout=stdout, error=error, seconds=time.monotonic() - t0)
 
 

@@ -159,7 +159,8 @@ def main(args):
     if len(examples) < args.batch:
         raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
-        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x {d.world}")
+        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
+                         f"{d.world}")
     longest = max(len(e[0]) for e in examples)
     ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, longest, k)))

@@ -150,7 +150,8 @@ class Tokenizer:
         self.added = added or {}
         longest_first = sorted(self.added, key=len, reverse=True)
         self._added_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if self.added else None
-        self.splits, self.rank_to_id, self.normalizer, self.prefix_space_at = splits, rank_to_id, normalizer, prefix_space_at
+        self.splits, self.rank_to_id, self.normalizer = splits, rank_to_id, normalizer
+        self.prefix_space_at = prefix_space_at
         self.merges = merges  # (bytes_a, bytes_b) in priority order, for save()
         # Qwen2 and Qwen2.5 have no BOS ("bos_token": null): their prompts start with the first text token
         self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
@@ -332,7 +333,8 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e}); the file is "
                                  f"damaged or of another kind: copy it again from the model") from None
-        if m.get("type") != "BPE" or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
+        if m.get("type") != "BPE" or any(m.get(k) for k in ("byte_fallback", "continuing_subword_prefix",
+                                                            "end_of_word_suffix")):
             raise TokenizerError(f"{file}: only byte-level BPE is supported (got model type {m.get('type')!r}"
                              f"{', byte_fallback' if m.get('byte_fallback') else ''}); sentencepiece-style "
                              "tokenizers (Llama 2, Mistral) are not")
@@ -487,7 +489,8 @@ def _hf_pre_tokenizer(pre, file):
 def _hf_normalizer(norm, file):
     if norm is None:
         return None
-    kinds = [n.get("type") for n in norm.get("normalizers", [norm])] if norm.get("type") == "Sequence" else [norm.get("type")]
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    kinds = [n.get("type") for n in parts]
     kinds = [k for k in kinds if k]
     if len(kinds) > 1 or (kinds and kinds[0] not in ("NFC", "NFD", "NFKC", "NFKD")):
         raise TokenizerError(f"{file}: normalizer {kinds} is not supported (one of NFC, NFD, NFKC, NFKD is)")

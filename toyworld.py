@@ -132,7 +132,8 @@ FILL = dict(thing=["bridge", "library", "park", "stadium", "station", "phone", "
 
 
 def _sentence(rng, template):
-    return template.format(n=rng.randint(2, 500), k=rng.randint(2, 12), d=rng.randint(1, 28), t=rng.choice([180, 200, 220]),
+    return template.format(n=rng.randint(2, 500), k=rng.randint(2, 12), d=rng.randint(1, 28),
+                           t=rng.choice([180, 200, 220]),
                            **{key: rng.choice(vals) for key, vals in FILL.items()})
 
 
@@ -178,7 +179,8 @@ SNIPPETS = ["{a} = [line.strip() for line in open('{f}.txt')]\nprint(', '.join(s
             "def {b}_{c}({a}):\n    return f'{{{a}}} is {c}'\n\nprint({b}_{c}('{f}'))",
             "{a} = {b}.lower().split()\nprint(max(set({a}), key={a}.count))",
             "for {a} in sorted(os.listdir('{f}')):\n    if {a}.endswith('.{c}'):\n        print({a})",
-            "class {B}:\n    def __init__(self):\n        self.{a} = []\n    def add(self, {b}):\n        self.{a}.append({b})",
+            "class {B}:\n    def __init__(self):\n        self.{a} = []\n"
+            "    def add(self, {b}):\n        self.{a}.append({b})",
             "with open('{f}.log') as {b}:\n    {a} = [line for line in {b} if '{C}' in line]",
             "url = base + '/api/{a}?{b}=' + {c}\nresponse = session.get(url, timeout=timeout_{f})"]
 IDENTS = ["users", "items", "rows", "names", "config", "data", "lines", "records", "tags", "files", "queue", "cache",
@@ -188,7 +190,8 @@ IDENTS = ["users", "items", "rows", "names", "config", "data", "lines", "records
 def programming_page(rng):
     """Everyday programming with no arithmetic: the crawl's non-math code."""
     return rng.choice(["Python tips for beginners.", "Snippets I keep reusing.", "How to read files in Python."]) + \
-        "\n\n" + "\n\n".join("```python\n" + s.format(**_idents(rng)) + "\n```" for s in rng.sample(SNIPPETS, rng.randint(2, 4)))
+        "\n\n" + "\n\n".join("```python\n" + s.format(**_idents(rng)) + "\n```"
+                             for s in rng.sample(SNIPPETS, rng.randint(2, 4)))
 
 
 def _idents(rng):

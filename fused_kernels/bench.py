@@ -92,11 +92,13 @@ if __name__ == "__main__":
     print(f"{'vocab':>7} {'method':<9} {'ms':>9} {label:>20} {'logits alone':>13}")
     for V in map(int, args.vocabs.split(",")):
         for m in methods:
-            r = subprocess.run([sys.executable, "-m", "fused_kernels.bench", "--one", f"{m}:{V}", "--tokens", str(args.tokens),
+            r = subprocess.run([sys.executable, "-m", "fused_kernels.bench", "--one", f"{m}:{V}",
+                                "--tokens", str(args.tokens),
                                 "--width", str(args.width), "--dtype", args.dtype, "--repeats", str(args.repeats)],
                                capture_output=True, text=True)
             if r.returncode:
-                print(f"{V:>7} {m:<9} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+                print(f"{V:>7} {m:<9} failed: {why}")
                 continue
             sec, peak = json.loads(r.stdout.strip().splitlines()[-1])
             logits = args.tokens * V * dtype.itemsize

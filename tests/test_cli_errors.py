@@ -14,7 +14,8 @@ from tokenizer import Tokenizer
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     tok = Tokenizer.train(["User: what is 1 + 1?\n\nAssistant: 2 \\boxed{2}"] * 5, 300)
-    Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=64)).save_pretrained(d)
+    config = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=64)
+    Transformer(config).save_pretrained(d)
     tok.save(d)
     return d
 

@@ -197,9 +197,11 @@ def test_decontamination_matches_questions_and_solutions_not_bare_answers():
     anywhere would throw away much of a real math corpus. Questions and worked solutions still catch leaks."""
     problems = [
         dict(question="A fair coin is tossed once. What is the probability that it lands heads?", answer="\\frac{1}{2}",
-             cot="There are two equally likely outcomes and one of them is heads, so the answer is $\\boxed{\\frac{1}{2}}$."),
+             cot="There are two equally likely outcomes and one of them is heads, so the answer is "
+                 "$\\boxed{\\frac{1}{2}}$."),
         dict(question="An equilateral triangle has side 4. How long is its altitude?", answer="2\\sqrt{3}",
-             cot="The altitude splits it into two 30-60-90 triangles with hypotenuse 4, so it is $\\boxed{2\\sqrt{3}}$."),
+             cot="The altitude splits it into two 30-60-90 triangles with hypotenuse 4, so it is "
+                 "$\\boxed{2\\sqrt{3}}$."),
     ]
     pages = ["Substituting u = x^2 the integral evaluates to \\frac{1}{2} and the proof is complete.",
              "The distance between the two foci is 2\\sqrt{3}, which we now use in the second part.",
@@ -211,7 +213,8 @@ def test_decontamination_matches_questions_and_solutions_not_bare_answers():
 def test_training_problems_that_contain_a_test_question_are_dropped():
     test = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7")]
     train = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7"),
-             dict(question="Warm-up. Tom has 12 apples and gives away 5. How many apples does tom have LEFT?", answer="7"),
+             dict(question="Warm-up. Tom has 12 apples and gives away 5. How many apples does tom have LEFT?",
+                  answer="7"),
              dict(question="Tom has 13 apples and gives away 5. How many apples does Tom have left?", answer="8"),
              dict(question="Ann has 12 apples and gives away 5. How many apples does Ann have left?", answer="7")]
     kept, removed = drop_test_questions(train, test)
@@ -240,9 +243,11 @@ def docstrings(modules):
     for m in modules:
         root = m.__name__.split(".")[0]
         for _, obj in inspect.getmembers(m):
-            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or not getattr(obj, "__module__", "").startswith(root):
+            ours = getattr(obj, "__module__", "").startswith(root)
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or not ours:
                 continue
-            members = [obj] + ([f for _, f in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj) else [])
+            methods = [f for _, f in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj) else []
+            members = [obj] + methods
             out += [d for f in members if (d := inspect.getdoc(f)) and len(d.split()) >= 20]
     return list(dict.fromkeys(out))
 
@@ -270,7 +275,8 @@ def test_classifier_separates_real_math_documentation_from_other_documentation()
     import sympy.polys.polytools
     import sympy.solvers.solvers
     import sympy.integrals.integrals
-    math_docs = docstrings([sympy.polys.polytools, sympy.solvers.solvers, sympy.integrals.integrals, sympy.calculus.util])
+    math_docs = docstrings([sympy.polys.polytools, sympy.solvers.solvers, sympy.integrals.integrals,
+                            sympy.calculus.util])
     other_docs = docstrings([argparse, email.message, ftplib, http.client, http.server, imaplib, logging, mailbox,
                              shutil, smtplib, subprocess, tarfile, urllib.request, zipfile])
     assert len(math_docs) > 300 and len(other_docs) > 200
@@ -366,7 +372,8 @@ def test_toy_problems_are_correct_and_splits_are_disjoint():
 
 def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
     args = parse_args(["--out", str(tmp_path), "--pages", "6000", "--train-problems", "100", "--test-problems", "60",
-                       "--rl-problems", "50", "--iterations", "2", "--vocab-size", "600", "--workers", "1", "--classifier-epochs", "10"])
+                       "--rl-problems", "50", "--iterations", "2", "--vocab-size", "600", "--workers", "1",
+                       "--classifier-epochs", "10"])
     # 600 seed pages, not the paper's 500K: more epochs. A smaller world trains too weak a first classifier, and
     # domain expansion then spreads its mistakes (see data.math_paths).
     report = {r["stage"]: r for r in build(args)}

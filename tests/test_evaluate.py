@@ -195,8 +195,9 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     tok.save(tmp_path / "m")
     evaluate.data.write_jsonl(str(tmp_path / "p.jsonl"), problems)
     out = tmp_path / "pred.jsonl"
-    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "p.jsonl"),
-                        "--max-new-tokens", "8", "--out", str(out)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "m"),
+                        "--data", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True,
                        cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads(r.stdout.strip().splitlines()[-1])

@@ -67,9 +67,10 @@ def test_a_tokenizer_without_bos_prompts_from_the_first_text_token(qwen25):
     assert tok.encode("hi", bos=True, eos=True) == tok.encode("hi") + [ids["<|im_end|>"]]
 
 
-LLAMA3 = ("{{- bos_token }}\n{% for m in messages %}\n    {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+LLAMA3 = ("{{- bos_token }}\n{% for m in messages %}\n"  # laid out as real ones are: lines, indents
+          "    {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
           "+ m['content'] | trim + '<|eot_id|>' }}\n{% endfor %}\n{% if add_generation_prompt %}\n"
-          "    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\n{% endif %}\n")  # as real ones: lines, indents
+          "    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\n{% endif %}\n")
 
 
 @pytest.mark.parametrize("style", ["chatml", "llama3"])
@@ -109,7 +110,8 @@ def test_our_own_tokenizers_template_is_the_papers_format(data_dir):
 
 
 def test_generation_stops_on_any_of_the_stop_ids(qwen25):
-    """Sampling (seeded: the same tokens each time), told that a token it writes (the first new one after the start) ends a generation, stops
+    """Sampling (seeded: the same tokens each time), told that a token it writes (the first new one after the
+    start) ends a generation, stops
     there and drops it from the text; the same token not in stop_ids does not stop it."""
     import engine
     from model import Transformer
@@ -146,14 +148,14 @@ def test_evaluate_grpo_and_sft_run_on_a_qwen25_checkpoint(qwen25, tmp_path):
     pq.write_table(pyarrow.Table.from_pylist([json.loads(line) for line in problems.read_text().splitlines()]),
                    str(parquet))
     out = tmp_path / "grpo"
-    r = run("grpo.py", "--init", str(d), "--data", str(parquet), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
-        "2", "--report-problems", "0", "--max-steps", "1", "--questions", "2", "--group-size", "2",
-        "--max-new-tokens", "8", "--out", str(out), *fields)
+    r = run("grpo.py", "--init", str(d), "--data", str(parquet), "--eval-data", str(d / "test.jsonl"),
+            "--eval-problems", "2", "--report-problems", "0", "--max-steps", "1", "--questions", "2",
+            "--group-size", "2", "--max-new-tokens", "8", "--out", str(out), *fields)
     assert "held-out (2 problems greedy):" in r.stdout  # no sampled columns with --report-problems 0
     # the export stops where the checkpoint it came from stops
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert gen.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    r = run("sft.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"), "--eval-problems",
-            "2", "--max-steps", "1", "--batch", "4", "--micro-batch", "4", "--out", str(tmp_path / "sft"),
-            "--formats", "cot,pot", "--chat-template", *fields)
+    r = run("sft.py", "--init", str(d), "--data", str(problems), "--eval-data", str(d / "test.jsonl"),
+            "--eval-problems", "2", "--max-steps", "1", "--batch", "4", "--micro-batch", "4",
+            "--out", str(tmp_path / "sft"), "--formats", "cot,pot", "--chat-template", *fields)
     assert "solutions by format: cot 8, pot 0" in r.stdout and "no problem has a 'pot' solution" in r.stdout

@@ -1,4 +1,5 @@
-"""fused_kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and gradient."""
+"""fused_kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and
+gradient."""
 import pytest
 import torch
 

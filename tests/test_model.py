@@ -128,7 +128,8 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.\w+_proj.weight' has shape \(\d+, \d+\) but config.json implies"):
+    shape = r"'model.layers.0.mlp.\w+_proj.weight' has shape \(\d+, \d+\) but config.json implies"
+    with pytest.raises(ValueError, match=shape):
         Transformer.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))

@@ -1,5 +1,5 @@
-"""ppo.py (grpo.py --advantage gae), PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token KL
-reward laid over packed rows, and the command line on 1 and 2 ranks with an exact resume of the value model."""
+"""ppo.py (grpo.py --advantage gae), PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token
+KL reward laid over packed rows, and the command line on 1 and 2 ranks with an exact resume of the value model."""
 import json
 import math
 

@@ -40,7 +40,8 @@ def deepseek_shaped(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
     assert tok.vocab_size == n + 15 < 102400
     rows = [json.dumps(dict(question=f"Ava has {i} apples and buys {i + 2} more. How many does she have?",
-                            answer=f"She has {i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}")) + "\n" for i in range(28)]
+                            answer=f"She has {i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}")) + "\n"
+            for i in range(28)]
     (d / "train.jsonl").write_text("".join(rows[:24]))
     (d / "test.jsonl").write_text("".join(rows[24:]))
     return d, d / "train.jsonl", d / "test.jsonl"

@@ -22,9 +22,11 @@ EQUIV = [
     ("\\frac{3}{4}", "\\frac{4}{3}", False), ("\\frac{10}{4}", "2.5", True), ("\\frac{7}{2}", "3\\frac{1}{2}", True),
     ("2\\frac{1}{2}", "2.5", True), ("2\\frac{1}{2}", "\\frac{5}{2}", True), ("2\\frac{1}{2}", "1", False),
     ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{2}}{2}", False),
-    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True), ("\\frac{a}{b}", "a/b", True), ("\\frac{a}{b}", "b/a", False),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True), ("\\frac{a}{b}", "a/b", True),
+    ("\\frac{a}{b}", "b/a", False),
     # percent
-    ("50\\%", "50", True), ("50\\%", "0.5", True), ("50%", "50", True), ("12.5\\%", "0.125", True), ("50\\%", "5", False),
+    ("50\\%", "50", True), ("50\\%", "0.5", True), ("50%", "50", True), ("12.5\\%", "0.125", True),
+    ("50\\%", "5", False),
     ("25\\%", "25\\%", True), ("25", "25\\%", True),
     # units, text, degrees, money
     ("5 \\text{ cm}", "5", True), ("5\\text{cm}", "5", True), ("5 cm", "5", True), ("12 \\text{ inches}", "12", True),
@@ -42,13 +44,17 @@ EQUIV = [
     # tuples (ordered), sets (unordered), lists of roots, intervals
     ("(1,2)", "(1,2)", True), ("(1,2)", "(2,1)", False), ("(1, 2)", "(1,2)", True), ("(1,2,3)", "(1,2)", False),
     ("(\\frac{1}{2}, 3)", "(0.5, 3)", True), ("(-1, \\sqrt{2})", "(-1, \\sqrt 2)", True),
-    ("\\{1,2\\}", "\\{2,1\\}", True), ("\\{1,2,3\\}", "\\{1,2\\}", False), ("1, 2", "2, 1", True), ("1,2", "1,3", False),
+    ("\\{1,2\\}", "\\{2,1\\}", True), ("\\{1,2,3\\}", "\\{1,2\\}", False), ("1, 2", "2, 1", True),
+    ("1,2", "1,3", False),
     ("2, -2", "-2,2", True), ("x=2, x=-2", "2,-2", True),
-    ("[1,2)", "[1,2)", True), ("[1,2)", "[1,2]", False), ("(1,2]", "[1,2]", False), ("(-\\infty, 3]", "(-\\infty,3]", True),
+    ("[1,2)", "[1,2)", True), ("[1,2)", "[1,2]", False), ("(1,2]", "[1,2]", False),
+    ("(-\\infty, 3]", "(-\\infty,3]", True),
     ("(-\\infty, 3)", "(-\\infty, 3]", False), ("[0, \\infty)", "[0,\\infty)", True),
-    ("(-\\infty,1)\\cup(2,\\infty)", "(2,\\infty)\\cup(-\\infty,1)", True), ("(-\\infty,1)\\cup(2,\\infty)", "(-\\infty,1)", False),
+    ("(-\\infty,1)\\cup(2,\\infty)", "(2,\\infty)\\cup(-\\infty,1)", True),
+    ("(-\\infty,1)\\cup(2,\\infty)", "(-\\infty,1)", False),
     # plus-minus
-    ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True), ("\\pm 3", "3, -3", True), ("1\\pm\\sqrt2", "1\\pm\\sqrt{2}", True),
+    ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True), ("\\pm 3", "3, -3", True),
+    ("1\\pm\\sqrt2", "1\\pm\\sqrt{2}", True),
     ("1 \\pm \\sqrt{2}", "1+\\sqrt{2}", False), ("2 \\pm i", "2+i, 2-i", True),
     # matrices
     ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
@@ -62,7 +68,8 @@ EQUIV = [
     ("x^2+2x+1", "(x+1)^2", True), ("x^2+2x", "(x+1)^2", False), ("(x-1)(x+1)", "x^2-1", True),
     ("\\frac{x^2-1}{x-1}", "x+1", True), ("2(x+3)", "2x+6", True), ("2(x+3)", "2x+3", False),
     ("a^2-b^2", "(a-b)(a+b)", True), ("\\sin^2 x + \\cos^2 x", "1", True), ("\\sin(2x)", "2\\sin x\\cos x", True),
-    ("e^{i\\pi}", "-1", True), ("\\ln(e^2)", "2", True), ("\\log(8)", "3\\log(2)", True), ("\\frac{1}{x}", "x^{-1}", True),
+    ("e^{i\\pi}", "-1", True), ("\\ln(e^2)", "2", True), ("\\log(8)", "3\\log(2)", True),
+    ("\\frac{1}{x}", "x^{-1}", True),
     ("x^{1/2}", "\\sqrt{x}", True), ("2^{10}", "1024", True), ("2^{10}", "1000", False), ("5!", "120", True),
     ("|{-3}|", "3", True), ("\\alpha + \\beta", "\\beta+\\alpha", True), ("\\theta", "\\phi", False),
     ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("3x", "x3", True), ("xy", "yx", True),
@@ -95,7 +102,8 @@ EQUIV = [
     # a name on the left, chains, approximations, lists written with and/or/;
     ("(p, q) = (3, 2)", "(3, 2)", True), ("f(x) = 1", "1", True), ("\\frac{NO}{BO} = \\frac{1}{2}", "0.5", True),
     ("x = 5 + 5 + 1 = 11", "11", True), ("x \\approx 11", "11", True), ("x = \\frac{1}{3} \\approx 0.33", "1/3", True),
-    ("7 = 11a + c", "11a + c", False), ("6 \\text{ and } 8", "6, 8", True), ("(11,7) or (7,11)", "(7, 11), (11, 7)", True),
+    ("7 = 11a + c", "11a + c", False), ("6 \\text{ and } 8", "6, 8", True),
+    ("(11,7) or (7,11)", "(7, 11), (11, 7)", True),
     ("-12; -11; -10", "\\{-10, -11, -12\\}", True), ("k = 45, n = 2", "n = 2, k = 45", True),
     ("k = 2, n = 45", "k = 45, n = 2", False), ("\\pm 2021", "{-2021, 2021}", True), ("1, 1, 2", "1, 2", True),
     ("F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "F_n = \\sum_{k=0}^{n-1} F_{n-k-1} F_k", True),
@@ -114,7 +122,8 @@ EQUIV = [
     ("\\emptyset", "0", False), ("\\emptyset", "\\{0\\}", False),
     ("(-\\infty, \\infty)", "\\mathbb{R}", True), ("(-\\infty, +\\infty)", "\\mathbb R", True),
     ("\\text{all real numbers}", "\\mathbb{R}", True), ("x \\in \\mathbb{R}", "(-\\infty,\\infty)", True),
-    ("\\mathbf{R}", "\\mathbb{R}", True), ("[2, +\\infty)", "[2, \\infty)", True), ("(0, \\infty)", "\\mathbb{R}", False),
+    ("\\mathbf{R}", "\\mathbb{R}", True), ("[2, +\\infty)", "[2, \\infty)", True),
+    ("(0, \\infty)", "\\mathbb{R}", False),
     ("[2, +\\infty)", "(2, \\infty)", False),
     # bases, mixed numbers with a space
     ("1011_{2}", "1011_2", True), ("123_{8}", "123_8", True), ("1011_2", "1011_3", False), ("1011_2", "11", False),
@@ -168,7 +177,8 @@ EXTRACT = [
     ("we first found $\\boxed{3}$, but the question asks for $y = 2x = \\boxed{6}$", "6"),
     ("we first found \\boxed{3} and then the question asks for \\boxed{6}", "6"),
     ("So $x = \\boxed{3}$. Then $y = \\boxed{6}$.", "6"), ("\\boxed{3} and then \\boxed{6}", "6"),
-    ("\\boxed{3} cm and \\boxed{4} cm", "3, 4"), ("$\\boxed{(3, 3)}$ for part (a) and $\\boxed{(1, 1)}$", "(3, 3), (1, 1)"),
+    ("\\boxed{3} cm and \\boxed{4} cm", "3, 4"),
+    ("$\\boxed{(3, 3)}$ for part (a) and $\\boxed{(1, 1)}$", "(3, 3), (1, 1)"),
 ]
 
 

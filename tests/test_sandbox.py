@@ -60,7 +60,8 @@ SYMPY_PROGRAMS = [  # each imports modules at call time that `import sympy` did 
     ("from sympy import symbols, integrate, exp, oo\nx = symbols('x')\nprint(integrate(exp(-x), (x, 0, oo)))", "1"),
     ("from sympy import Matrix\nprint(Matrix([[1, 2], [3, 4]]).inv())", "Matrix([[-2, 1], [3/2, -1/2]])"),
     ("from sympy import Rational, nsimplify\nprint(Rational(3, 4) + nsimplify(0.125))", "7/8"),
-    ("from sympy import symbols, series, sin\nx = symbols('x')\nprint(series(sin(x), x, 0, 4))", "x - x**3/6 + O(x**4)"),
+    ("from sympy import symbols, series, sin\nx = symbols('x')\nprint(series(sin(x), x, 0, 4))",
+     "x - x**3/6 + O(x**4)"),
     ("from sympy import factorint\nprint(factorint(360))", "{2: 3, 3: 2, 5: 1}"),
     ("import numpy as np\nprint(round(float(np.linalg.solve([[2, 1], [1, 3]], [3, 5]).sum()), 6))", "2.2"),
     ("import csv, io, textwrap, unicodedata\nprint(unicodedata.name('π'))", "GREEK SMALL LETTER PI"),
@@ -77,7 +78,8 @@ def _closed_site(tmp_path):
     """A site directory behind a directory only root may enter: a virtual environment under /root."""
     site = tmp_path / "venv" / "site-packages"
     (site / "lazypkg").mkdir(parents=True)
-    (site / "lazypkg" / "__init__.py").write_text("def answer():\n    from lazypkg import deep\n    return deep.VALUE\n")
+    (site / "lazypkg" / "__init__.py").write_text(
+        "def answer():\n    from lazypkg import deep\n    return deep.VALUE\n")
     (site / "lazypkg" / "deep.py").write_text("VALUE = 42\n")
     for d in (tmp_path / "venv", site, site / "lazypkg"):
         os.chmod(d, 0o755)
@@ -118,7 +120,8 @@ def test_cannot_write_delete_or_rename_outside_its_directory(box, tmp_path):
     target = tmp_path / "new.txt"
     for code in [f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(victim)!r})",
                  f"import os; os.rename({str(victim)!r}, {str(target)!r})",
-                 f"import shutil; shutil.rmtree({str(tmp_path)!r})", f"import pathlib; pathlib.Path({str(target)!r}).touch()"]:
+                 f"import shutil; shutil.rmtree({str(tmp_path)!r})",
+                 f"import pathlib; pathlib.Path({str(target)!r}).touch()"]:
         r = box.run(code)  # the hook's own refusal, before the kernel's (nobody may not write there either)
         assert not r.ok and "PermissionError: sandbox:" in r.error, (code, r.error)
     assert victim.read_text() == "keep me" and not target.exists()

@@ -36,7 +36,8 @@ def corpus():
     rng = random.Random(0)
     for _ in range(300):
         a, b = rng.randint(0, 10**6), rng.randint(1, 999)
-        texts.append(f"We have {a} + {b} = {a + b}, so $x = \\frac{{{a}}}{{{b}}}$ and the answer is \\boxed{{{a + b}}}.")
+        texts.append(f"We have {a} + {b} = {a + b}, so $x = \\frac{{{a}}}{{{b}}}$ and the answer is "
+                     f"\\boxed{{{a + b}}}.")
     return texts + HARD * 5
 
 

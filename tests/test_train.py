@@ -62,7 +62,8 @@ def test_metrics_mirror_to_wandb_only_when_asked(tmp_path, monkeypatch):
     assert "wandb" not in sys.modules  # off: not even imported
     seen = []
     run = types.SimpleNamespace(log=lambda row, step: seen.append((step, row)), finish=lambda: seen.append("finish"))
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.append(kw["project"]) or run))
+    fake = types.SimpleNamespace(init=lambda **kw: seen.append(kw["project"]) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
     log = common.Log(tmp_path, d, 2, 0, args=argparse.Namespace(wandb="proj"))
     log(dict(step=2, loss=0.5))
     log.close()
@@ -79,8 +80,8 @@ def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 rank(s)" in two.stdout
     for key in ("loss", "grad_norm"):  # the gradient's scale too, which Adam's update would hide
-        torch.testing.assert_close(torch.tensor(losses(tmp_path / "two", key)), torch.tensor(losses(tmp_path / "one", key)),
-                                   rtol=1e-5, atol=1e-5, msg=key)
+        two_ranks, one = (torch.tensor(losses(tmp_path / name, key)) for name in ("two", "one"))
+        torch.testing.assert_close(two_ranks, one, rtol=1e-5, atol=1e-5, msg=key)
     # the exported models agree too, to float rounding: a rarely seen token's embedding row gets gradients near
     # AdamW's eps, where m / sqrt(v) magnifies the different summation order of a 2-rank reduction (seen: 5e-5)
     a, b = Transformer.from_pretrained(tmp_path / "one"), Transformer.from_pretrained(tmp_path / "two")
@@ -255,7 +256,8 @@ def test_wandb_missing_is_one_line_at_the_command_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         sft.parse_args(["--wandb", "my-project"])
     assert e.value.code == 2
-    assert "argument --wandb: wandb is not installed: pip install wandb, or leave out --wandb" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --wandb: wandb is not installed: pip install wandb, or leave out --wandb" in err
 
 
 def test_sft_loss_mask_covers_the_solution_only(data_dir):
@@ -297,6 +299,7 @@ def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
     assert f"2 of {len(train) + 2} examples are longer than the model's 512 positions: skipped" in r.stdout
     rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert rows[-1]["eval_problems"] == 16 and 0.0 <= rows[-1]["eval_greedy_accuracy"] <= 1.0
-    assert Transformer.from_pretrained(tmp_path / "sft").config.vocab_size == Tokenizer.load(tmp_path / "sft").vocab_size
+    vocab = Transformer.from_pretrained(tmp_path / "sft").config.vocab_size
+    assert vocab == Tokenizer.load(tmp_path / "sft").vocab_size
     cfg, tok = json.load(open(tmp_path / "sft" / "config.json")), Tokenizer.load(tmp_path / "sft")
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (tok.bos_id, tok.eos_id)  # other tools stop where we do
