@@ -1,10 +1,10 @@
 """What every trainer shares: processes, FSDP2 wrapping, the optimizer and its schedule, one optimizer step,
 checkpoints and resume, logging, and the export to a Hugging Face directory.
 
-pretrain.py, sft.py and grpo.py each keep their own loop in view and call these pieces. The same code runs in one
-CPU process and under torchrun: FSDP2 wraps the model only when there is more than one rank, and everything
-else (the batch each rank sees, the loss normalisation, checkpoints) is written so that one process and N ranks
-compute the same thing. Nothing here knows about a particular stage's data or loss beyond next-token
+pretrain.py, sft.py, reward_model.py and grpo.py each keep their own loop in view and call these pieces. The same
+code runs in one CPU process and under torchrun: FSDP2 wraps the model only when there is more than one rank, and
+everything else (the batch each rank sees, the loss normalisation, checkpoints) is written so that one process and
+N ranks compute the same thing. Nothing here knows about a particular stage's data or loss beyond next-token
 cross-entropy (train_step), which pretraining and SFT share.
 """
 

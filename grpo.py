@@ -34,7 +34,8 @@ LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. 
 sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
 it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
-(PPO, the method GRPO replaces: line 9 from a value model instead of the group). Generation is engine.py's, the
+(PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
+beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off). Generation is engine.py's, the
 per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's
 advantages and value loss ppo.py's.
 
@@ -521,6 +522,30 @@ def parse_args(argv=None):
                     "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
     ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
     ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: not given)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
+    add_reward_args(ap.add_argument_group("rewards and advantages (lines 8-9)"))
+    add_update_args(ap.add_argument_group("the update (lines 10-11)"))
+    add_watch_args(ap.add_argument_group("held-out evaluation and logs"))
+    lora.add_args(ap)
+    common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
+        "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
+        "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
+                     "on GPU)"})
+    ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
+    ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
+    ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
+
+
+def add_reward_args(ap):
+    """What gives the reward (line 8) and how it becomes an advantage (line 9): the rule, a reward
+    model, the user's functions, outcome or process supervision, GRPO's group baseline or PPO's value model."""
     ap.add_argument("--reward", default="rule", choices=["rule", "orm", "prm"], help="what gives the reward: the "
                     "answer rule (reward.py), or an outcome / process reward model (reward_model.py; paper: a model)")
     ap.add_argument("--reward-model", help="the --reward model's directory (default: the toy's, out/toy/<orm|prm>, "
@@ -551,9 +576,11 @@ def parse_args(argv=None):
     ap.add_argument("--value-lr", type=float, default=None, help="PPO: the value model's LR, constant (default --lr)")
     ap.add_argument("--value-init", help="PPO: the value model's start (default: the reward model with --reward "
                     "orm|prm, else --init's body with a new head)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: not given)")
-    ap.add_argument("--top-p", type=float, default=1.0)
+
+
+def add_update_args(ap):
+    """The objective J and how it is optimised (lines 10-11): LR, β, the clip, the normalisation, μ,
+    the sampler correction, and how the batch is cut for memory."""
     ap.add_argument("--lr", type=float, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL weight (paper: 0.04); 0 turns the KL off")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
@@ -572,7 +599,11 @@ def parse_args(argv=None):
     ap.add_argument("--pack", type=int, default=None, help="completions of one question per training row, behind "
                     "one copy of its prompt (default: 8 below 1B parameters; 1 above, a row per completion, until a "
                     "GPU measures the masked attention packing needs against the prompt tokens it saves)")
-    ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
+
+
+def add_watch_args(ap):
+    """What a run reports while it trains: held-out accuracy, the before/after table, completions.jsonl,
+    mid-run exports."""
     ap.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (0: never)")
     ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems for greedy accuracy")
     ap.add_argument("--report-problems", type=int, default=100, help="held-out problems for the before/after "
@@ -584,16 +615,11 @@ def parse_args(argv=None):
                     "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
                     "end only)")
     ap.add_argument("--report-temperature", type=float, default=0.7)
-    lora.add_args(ap)
-    common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
-        "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
-        "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
-                     "on GPU)"})
-    ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
-    ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
-    ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
-    ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
-    args = ap.parse_args(argv)
+
+
+def check_args(ap, args):
+    """The flags that do not go together, refused with one line each; --supervision's and --reward-weights'
+    defaults, which depend on other flags."""
     if args.supervision is None:
         args.supervision = "process" if args.reward == "prm" else "outcome"
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
@@ -624,7 +650,6 @@ def parse_args(argv=None):
     if len(args.reward_weights) != 1 + len(args.reward_fn):
         ap.error(f"--reward-weights: {len(args.reward_weights)} weights for --reward and {len(args.reward_fn)} "
                  f"--reward-fn: give {1 + len(args.reward_fn)}")
-    return args
 
 
 def usable_problems(problems, tok, config, args, d):
@@ -642,14 +667,32 @@ def usable_problems(problems, tok, config, args, d):
     return room, max(n for n, ok in zip(prompt_len, fits) if ok)
 
 
-def main(args):
-    if args.dry_run:
-        config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
-        d = common.Dist(0, 1, torch.device("cpu"))
-        common.size_defaults(args, config, d, **SIZE_DEFAULTS)
-        return memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                                      args.max_new_tokens, args.reward != "rule", args.advantage == "gae",
-                                      args.compile, args.lora_rank)
+@dataclass
+class Run:
+    """What a GRPO run holds from start to end: its processes, tokenizer, questions, the models (π_θ and its
+    optimizer, π_ref, a reward model, PPO's value model), the kept decoder and the user's reward functions."""
+    args: argparse.Namespace
+    d: common.Dist
+    tok: Tokenizer
+    problems: list
+    held_out: list
+    policy: object
+    opt: object
+    ref: object = None  # a second copy of π_θ, frozen; None with LoRA (π_ref is the policy with its adapters off)
+    reference: object = None  # what gives π_ref's log-probs: ref, the policy (LoRA), or None when β = 0
+    rm: object = None  # a learned reward (line 8 as the paper runs it)
+    value: object = None  # PPO's value model V_ψ
+    value_opt: object = None
+    decoder: object = None  # --compile: the rollouts' decoder, with its own copy of the weights
+    reward_fns: list = ()
+    history: list = None  # --rm-refresh: the replay pool
+    extra: dict = None  # what a checkpoint keeps beside the policy
+    step: int = 0
+
+
+def setup(args):
+    """Everything before line 2 of Algorithm 1: the processes, the questions (held-out ones dropped from the
+    training set), 1. π_θ ← π_init, 3. π_ref ← π_θ, the reward, and the run's directory (resumed if asked)."""
     d = common.init_dist()
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
@@ -664,9 +707,7 @@ def main(args):
     engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
-    held_out = []
-    if os.path.isfile(args.eval_data):
-        held_out = read_problems(args.eval_data)
+    held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
     config = config_from_hf(args.init)
@@ -675,201 +716,295 @@ def main(args):
     ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
         args.reward != "rule", args.advantage == "gae", args.compile, args.lora_rank)["peak"])
-    # 1. π_θ ← π_init; 3. π_ref ← π_θ (a second copy, frozen; none when β = 0, and none with LoRA: π_ref is then
-    # the policy with its adapters off)
     policy = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac, adapters=lora.of(args))
-    ref = common.build_model(config, d, args, init_dir=args.init) if args.beta > 0 and not args.lora_rank else None
-    if ref is not None:
-        ref.requires_grad_(False)
-    reference = ref if ref is not None else policy if args.beta > 0 else None
-    rm = None  # a learned reward (line 8 of Algorithm 1 as the paper runs it), frozen
+    run = Run(args, d, tok, problems, held_out, policy, common.make_optimizer(policy, args), reward_fns=reward_fns)
+    build_helpers(run, config, ac)
+    run.extra = {"ref": run.ref} if run.ref is not None and args.ref_reset else {}  # a reset π_ref is state
+    if run.value is not None:
+        run.extra["value"] = (run.value, run.value_opt)
+    if args.rm_refresh:
+        run.extra["rm"] = run.rm  # as is a refreshed reward model
+    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "chat_template", "system",
+                 "reward", "advantage", "seed")
+    run.step = common.start_run(args, d, policy, run.opt, resumable, run.extra)
+    if args.rm_refresh:
+        run.history = replay_history(reward_model_dir(args), args.out, run.step)
+    if args.compile:
+        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+            run.decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
+    return run
+
+
+def reward_model_dir(args):
+    """--reward-model, or the toy's for --reward orm|prm."""
+    return args.reward_model or os.path.join(reward_model.parse_args([]).out_dir, args.reward)
+
+
+def build_helpers(run, config, ac):
+    """The models beside π_θ, in this order (each draws from the seeded generator): π_ref, a frozen copy (none
+    when β = 0; with LoRA, the policy itself with its adapters off), the reward model and PPO's value model."""
+    args, d = run.args, run.d
+    if args.beta > 0 and not args.lora_rank:
+        run.ref = common.build_model(config, d, args, init_dir=args.init).requires_grad_(False)
+    run.reference = run.ref if run.ref is not None else run.policy if args.beta > 0 else None
     if args.reward != "rule":
-        toy_rm = os.path.join(reward_model.parse_args([]).out_dir, args.reward)
-        rm_dir = args.reward_model or toy_rm
+        toy_rm, rm_dir = os.path.join(reward_model.parse_args([]).out_dir, args.reward), reward_model_dir(args)
         sft.require_model(rm_dir, toy_rm, d,
                           lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
         rm_config = config_from_hf(rm_dir)
         if rm_config.head != "score":
             raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py "
                              "makes one)")
-        rm = common.build_model(rm_config, d, args, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0)
-        rm.requires_grad_(args.rm_refresh)
-    value = value_opt = None  # PPO's value model V_ψ, the policy's size (what GRPO does without)
+        run.rm = common.build_model(rm_config, d, args, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0)
+        run.rm.requires_grad_(args.rm_refresh)
     if args.advantage == "gae":
-        value_init = args.value_init or (rm_dir if rm is not None else args.init)
-        value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args, init_dir=value_init,
-                                   checkpointed=ac)
-        value_opt = common.make_optimizer(value, argparse.Namespace(lr=args.value_lr or args.lr, weight_decay=0.0))
-    opt = common.make_optimizer(policy, args)
-    extra = {"ref": ref} if ref is not None and args.ref_reset else {}  # a reset reference is state to keep
-    if value is not None:
-        extra["value"] = (value, value_opt)
-    if args.rm_refresh:
-        extra["rm"] = rm  # as is a refreshed reward model
-    resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "chat_template", "system", "reward",
-                 "advantage", "seed")
-    step = common.start_run(args, d, policy, opt, resumable, extra)
-    history = replay_history(rm_dir, args.out, step) if args.rm_refresh else None
+        value_init = args.value_init or (reward_model_dir(args) if run.rm is not None else args.init)
+        run.value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args,
+                                       init_dir=value_init, checkpointed=ac)
+        run.value_opt = common.make_optimizer(run.value, argparse.Namespace(lr=args.value_lr or args.lr,
+                                                                            weight_decay=0.0))
 
-    def held_out_metrics(n, samples, temperature):  # on the first n held-out problems, the policy unsharded
-        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
-            return evaluate.held_out_metrics(sampler, tok, held_out[:n], d, prompt=args.prompt,
-                                             samples=samples, temperature=temperature,
-                                             max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                             batch=min(args.gen_batch, 64))  # --gen-batch bounds the KV cache
 
-    def report(name):  # greedy accuracy, and maj@k / pass@k at the report temperature: the before/after table
-        row = dict(greedy=held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"])
-        if args.report_problems:
-            k = args.report_samples
-            m = held_out_metrics(args.report_problems, k, args.report_temperature)
-            row.update({f"maj@{k}": m[f"maj@{k}"], f"pass@{k}": m[f"pass@{k}"]})
-        if d.main:
-            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-                json.dump(row, f)
-        return row
+def held_out_metrics(run, n, samples, temperature):
+    """evaluate.held_out_metrics of the policy, gathered, on the first n held-out problems."""
+    args = run.args
+    with common.gathered(run.policy, common.compute_dtype(run.d, args)) as sampler:
+        return evaluate.held_out_metrics(sampler, run.tok, run.held_out[:n], run.d, prompt=args.prompt,
+                                         samples=samples, temperature=temperature, max_new_tokens=args.max_new_tokens,
+                                         seed=args.seed, batch=min(args.gen_batch, 64))  # --gen-batch bounds the cache
 
-    decoder = None  # --compile: the rollouts' decoder, kept for the run with its own copy of the weights
-    if args.compile:
-        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
-            decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
-    log = common.Log(args.out, d, args.max_steps, step, every=1, args=args)
-    before = None
-    if held_out:
-        path = os.path.join(args.out, "before.json")
-        before = json.load(open(path)) if args.resume and os.path.isfile(path) else report("before")
-        if step == 0:
-            log(dict(step=0, eval_greedy_accuracy=before["greedy"]))
-    per_rank, G = args.questions // d.world, args.group_size
+
+def report(run, name):
+    """The before/after table's row: greedy accuracy, and maj@k / pass@k at the report temperature; written to
+    out/<name>.json (a resumed run reads its "before" back instead of measuring it again)."""
+    args = run.args
+    path = os.path.join(args.out, f"{name}.json")
+    if name == "before" and args.resume and os.path.isfile(path):
+        return json.load(open(path))
+    row = dict(greedy=held_out_metrics(run, args.eval_problems, 1, 0.0)["accuracy"])
+    if args.report_problems:
+        k = args.report_samples
+        m = held_out_metrics(run, args.report_problems, k, args.report_temperature)
+        row.update({f"maj@{k}": m[f"maj@{k}"], f"pass@{k}": m[f"pass@{k}"]})
+    if run.d.main:
+        with open(path, "w") as f:
+            json.dump(row, f)
+    return row
+
+
+def rollout(run):
+    """Lines 5-7: this rank's share of the step's questions, and G outputs for each from π_old (π_θ as it is now),
+    sampled by the decoder evaluation uses, the weights gathered once (no collective per token). Returns the
+    outputs and each one's problem."""
+    args, d, step = run.args, run.d, run.step
+    n = args.questions // d.world * args.oversample
+    batch = [run.problems[i] for i in draw(len(run.problems), n * d.world, args.seed, step)]
+    batch = batch[d.rank * n:(d.rank + 1) * n]
+    drawn = [p for p in batch for _ in range(args.group_size)]
+    with common.gathered(run.policy, common.compute_dtype(d, args), into=run.decoder and run.decoder.model) as sampler:
+        comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
+                                args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
+                                seed=rollout_seed(args.seed, step, d.rank))
+    return comps, drawn
+
+
+@dataclass
+class Scored:
+    """Line 8's result for the outputs kept: the rule's reward, the reward trained on (the rule's, a reward
+    model's, weighted with --reward-fn's), per output its steps' rewards under process supervision, each
+    --reward-fn's rewards, and what was generated before dynamic sampling chose (for the log)."""
+    comps: list
+    drawn: list
+    rule: torch.Tensor
+    rewards: torch.Tensor
+    steps: list
+    scores: dict
+    generated: dict
+
+
+def score(run, comps, drawn):
+    """Line 8: the rule's reward (1 for a right final answer, else 0), --oversample's choice of the groups with
+    signal, then a reward model's verdicts if --reward asks, the rule's steps under process supervision, and the
+    user's rewards weighted in."""
+    args, G = run.args, run.args.group_size
+    rule = torch.tensor(reward.batch_rewards([c.text for c in comps], [p["answer"] for p in drawn], workers=1))
+    generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
+                     generated_reward=rule.sum().item(), generated=len(comps),
+                     generated_tokens=sum(len(c.ids) for c in comps))
+    if args.oversample > 1:
+        pick = groups_with_signal(rule, G, args.questions // run.d.world)
+        comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
+    rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
+    if run.rm is not None:
+        with common.gathered(run.rm, common.compute_dtype(run.d, args)) as scorer:
+            scored = model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch)
+        steps = scored if args.reward == "prm" else None
+        rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
+    elif args.supervision == "process":
+        steps = rule_steps(run.tok, comps, rule)
+    scores = {}
+    if run.reward_fns:
+        try:
+            rewards, scores = combined_rewards(rewards, run.reward_fns, args.reward_weights, comps, drawn)
+        except reward.RewardFnError as e:
+            raise SystemExit(f"error: step {run.step + 1}: {e}") from None
+    return Scored(comps, drawn, rule, rewards, steps, scores, generated)
+
+
+def prepare(run, s):
+    """Line 9 and what the update holds fixed: per-token advantages, rows holding each prompt once with `--pack`
+    of its outputs, micro-batches; π_ref's log-probs for the KL, π_old's when μ > 1 reuses the batch, PPO's old
+    values and its GAE advantages (which need them). Returns (batches, per_token, zero-std groups, fixed)."""
+    args, d, vocab = run.args, run.d, run.tok.vocab_size
+    per_token, n_zero_std = (token_advantages(s.comps, s.rewards, s.steps, args) if run.value is None else
+                             (ppo.outcome_at_end(s.comps, s.rewards), 0))  # PPO: the reward at each output's end
+    rows = pack_rows(s.comps, per_token, args.group_size, args.pack, args.mask_truncated, args.loss_norm)
+    batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, args.group_size)), run.tok.pad_id,
+                            d.device)
+    with lora.disabled(run.reference):  # the policy's adapters off when it is π_ref (LoRA); else a no-op
+        ref_logp = fixed_logprobs(run.reference, batches, vocab, d, args) if run.reference is not None else None
+    old_logp = fixed_logprobs(run.policy, batches, vocab, d, args) if args.mu > 1 else None
+    old_values = None
+    if run.value is not None:
+        with torch.no_grad(), common.autocast(d, args):
+            old_values = [b.values(run.value) for b in batches]
+        ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
+    return batches, per_token, n_zero_std, (ref_logp, old_logp, old_values)
+
+
+def train(run, batches, fixed, comps):
+    """Lines 10-11: μ updates of π_θ on J (grpo_update), normalised over all ranks, and PPO's critic on the same
+    batches. Returns the normalisers, the LR, the first and last updates' sums and the last gradient norm."""
+    args, d = run.args, run.d
+    ref_logp, old_logp, old_values = fixed
+    n_seq = common.all_sum(d, len(comps))
+    n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
+    normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
+                      constant=n_seq * args.max_new_tokens)[args.loss_norm]
+    lr = common.set_lr(run.opt, run.step, args)
+    beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
+    checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
+    tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
+           else 0.0) if checked else 0.0
+    updates, value_loss = [], None
+    for _ in range(args.mu):
+        updates.append(grpo_update(run.policy, run.opt, batches, old_logp, ref_logp, normaliser, beta, tis,
+                                   run.tok.vocab_size, run.step, args, d))
+        if run.value is not None:
+            value_loss = ppo.update_value(run.value, run.value_opt, batches, old_values, n_tok, d, args)
+    return dict(n_seq=n_seq, n_tok=n_tok, normaliser=normaliser, lr=lr, checked=checked, tis=tis,
+                first=updates[0][0], last=updates[-1][0], grad_norm=updates[-1][1], value_loss=value_loss)
+
+
+def end_iteration(run):
+    """Line 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
+    and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
+    --max-steps goes on as if it had never stopped). Returns the refresh's metrics, if any."""
+    args, refreshed = run.args, {}
+    if args.ref_reset and run.step % args.ref_reset == 0:
+        if args.rm_refresh:
+            refreshed = refresh_reward_model(run.rm, run.policy, run.tok, run.problems, run.history, run.step, args,
+                                             run.d)
+        if run.ref is not None:
+            run.ref.load_state_dict(run.policy.state_dict())
+    return refreshed
+
+
+def step_row(run, s, batches, n_zero_std, t, times):
+    """The step's line of metrics.jsonl, summed over ranks (step_metrics)."""
+    args, d = run.args, run.d
+    trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
+    last, first = t["last"], t["first"]
+    sums = dict(reward=s.rewards.sum().item(), reward_sq=(s.rewards ** 2).sum().item(),
+                rule_reward=s.rule.sum().item(), loss=last["loss"], kl=last["kl"], neg_logp=last["neg_logp"],
+                clipped=last["clipped"], train_tokens=trained * args.mu,
+                sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained, zero_std_groups=n_zero_std,
+                truncated=sum(not c.finished for c in s.comps), tokens=sum(len(c.ids) for c in s.comps),
+                tool_calls=sum(not all(c.sampled) for c in s.comps), time_generate=times["generate"],
+                time_reward=times["reward"], **s.generated, **{k: v.sum().item() for k, v in s.scores.items()})
+    if t["checked"]:  # the sampler's gap and TIS: from the first update, before π_θ moved
+        sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
+    if t["tis"]:
+        sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])
+    row = step_metrics(d, run.step, t["lr"], t["n_seq"], t["n_tok"], t["normaliser"], args,
+                       dict(sums, grad_norm=t["grad_norm"]), times)
+    if run.value is not None:
+        row["value_loss"] = common.all_sum(d, t["value_loss"]) / max(t["n_tok"], 1)
+    if run.held_out and args.eval_every and run.step % args.eval_every == 0 and run.step < args.max_steps:
+        row["eval_greedy_accuracy"] = held_out_metrics(run, args.eval_problems, 1, 0.0)["accuracy"]
+    return row
+
+
+def keep(run, s, per_token, refreshed, stop):
+    """After a step's log line: completions.jsonl, a mid-run export (--export-every), the checkpoint (every
+    --ckpt-every steps, at the end, after a reward model's refresh, and on a stop signal, which then ends the run
+    with status 130)."""
+    args, d, step = run.args, run.d, run.step
+    if d.main and args.log_completions and step % args.log_completions == 0:
+        data.append_jsonl(os.path.join(args.out, "completions.jsonl"), completion_rows(
+            step, s.drawn, s.comps, dict(rule_reward=s.rule, reward=s.rewards, **s.scores),
+            None if run.value is not None else per_token, args.group_size))
+    if args.export_every and step % args.export_every == 0 and step < args.max_steps:
+        common.export_hf(run.policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
+    stopping = stop(d)
+    if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
+        common.save_checkpoint(args.out, run.policy, run.opt, step, d, run.extra)
+    if stopping:
+        common.print0(d, f"stopped by signal at step {step}; continue with --resume")
+        common.finish(d, 130)
+
+
+def print_table(before, after, args, d):
+    sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
+               if args.report_problems else "")
+    common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy{sampled}):")
+    common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
+    for name, r in (("before", before), ("after", after)):
+        common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
+
+
+def dry_run(args):
+    config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
+    common.size_defaults(args, config, common.Dist(0, 1, torch.device("cpu")), **SIZE_DEFAULTS)
+    memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
+                           args.max_new_tokens, args.reward != "rule", args.advantage == "gae", args.compile,
+                           args.lora_rank)
+
+
+def main(args):
+    """Algorithm 1, with its line numbers."""
+    if args.dry_run:
+        return dry_run(args)
+    run = setup(args)  # 1. π_θ ← π_init; 3. π_ref ← π_θ; the questions, the reward
+    d = run.d
+    log = common.Log(args.out, d, args.max_steps, run.step, every=1, args=args)
+    before = report(run, "before") if run.held_out else None
+    if before and run.step == 0:
+        log(dict(step=0, eval_greedy_accuracy=before["greedy"]))
     with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
-        while step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks iterations)
+        while run.step < args.max_steps:  # 2, 4: iterations and their steps, one loop (--ref-reset marks them)
             t0 = time.time()
-            # 5. a batch of questions, this rank's share
-            n = per_rank * args.oversample
-            batch = [problems[i] for i in draw(len(problems), n * d.world, args.seed, step)]
-            batch = batch[d.rank * n:(d.rank + 1) * n]
-            # 6-7. π_old is π_θ as it is now; G outputs per question, from the sampler evaluation uses, with the
-            # weights gathered once (no collective per token)
-            drawn = [p for p in batch for _ in range(G)]  # each output's problem
-            questions = [p["question"] for p in drawn]
-            with common.gathered(policy, common.compute_dtype(d, args), into=decoder and decoder.model) as sampler:
-                comps = engine.complete(decoder or sampler, tok, questions, args.prompt, args.max_new_tokens,
-                                        args.temperature, args.top_p, seed=rollout_seed(args.seed, step, d.rank),
-                                        batch=args.gen_batch)
+            comps, drawn = rollout(run)  # 5-7. a batch of questions; G outputs each from π_old
             t1 = time.time()
-            # 8. rewards: the rule's (1 for a right final answer, else 0), then a reward model's if --reward asks
-            rule = torch.tensor(reward.batch_rewards([c.text for c in comps], [p["answer"] for p in drawn],
-                                                     workers=1))  # (B,) float32
-            generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
-                             generated_reward=rule.sum().item(), generated=len(comps),
-                             generated_tokens=sum(len(c.ids) for c in comps))
-            if args.oversample > 1:
-                pick = groups_with_signal(rule, G, per_rank)
-                comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
-            rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
-            if rm is not None:
-                with common.gathered(rm, common.compute_dtype(d, args)) as scorer:
-                    scored = model_rewards(scorer, tok, comps, args.reward, args.micro_batch)
-                steps = scored if args.reward == "prm" else None
-                rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
-            elif args.supervision == "process":
-                steps = rule_steps(tok, comps, rule)
-            scores = {}  # --reward-fn: each of the user's rewards, weighted into the one above
-            if reward_fns:
-                try:
-                    rewards, scores = combined_rewards(rewards, reward_fns, args.reward_weights, comps, drawn)
-                except reward.RewardFnError as e:
-                    raise SystemExit(f"error: step {step + 1}: {e}") from None
+            s = score(run, comps, drawn)  # 8. rewards
             t2 = time.time()
-            # 9. advantages, per token; then rows that hold each prompt once with `--pack` of its completions
-            # (PPO: the reward at each output's end for now; its advantages need the reference and values below)
-            per_token, n_zero_std = (token_advantages(comps, rewards, steps, args) if value is None else
-                                     (ppo.outcome_at_end(comps, rewards), 0))
-            rows = pack_rows(comps, per_token, G, args.pack, args.mask_truncated, args.loss_norm)
-            batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), tok.pad_id, d.device)
-            # log-probs fixed during the updates: π_ref's for the KL; π_old's only when μ > 1 reuses the batch
-            with lora.disabled(reference):  # the policy's adapters off when it is π_ref (LoRA); else a no-op
-                ref_logp = (fixed_logprobs(reference, batches, tok.vocab_size, d, args)
-                            if reference is not None else None)
-            old_logp = fixed_logprobs(policy, batches, tok.vocab_size, d, args) if args.mu > 1 else None
-            with torch.no_grad(), common.autocast(d, args):
-                old_values = [b.values(value) for b in batches] if value is not None else None
-            if value is not None:
-                ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
+            batches, per_token, n_zero_std, fixed = prepare(run, s)  # 9. advantages; what the update holds fixed
             t3 = time.time()
-            # 10-11. μ updates of π_θ on J (grpo_update), normalised over all ranks
-            n_seq = common.all_sum(d, len(comps))
-            n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
-            normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
-                              constant=n_seq * args.max_new_tokens)[args.loss_norm]
-            lr = common.set_lr(opt, step, args)
-            loss_beta = 0.0 if value is not None else args.beta  # PPO has the KL in its reward instead
-            checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
-            tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
-                   else 0.0) if checked else 0.0
-            updates = []
-            for _ in range(args.mu):
-                updates.append(grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, loss_beta, tis,
-                                           tok.vocab_size, step, args, d))
-                if value is not None:  # PPO's critic, on the same batches
-                    value_loss = ppo.update_value(value, value_opt, batches, old_values, n_tok, d, args)
-            (first, _), (last, grad_norm) = updates[0], updates[-1]  # the sampler's gap and TIS: before π_θ moved
-            step += 1
+            update = train(run, batches, fixed, s.comps)  # 10-11. μ updates of π_θ on J
+            run.step += 1
             t4 = time.time()
-            # 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
-            # and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
-            # --max-steps goes on as if it had never stopped)
-            refreshed = {}
-            if args.ref_reset and step % args.ref_reset == 0:
-                if args.rm_refresh:
-                    refreshed = refresh_reward_model(rm, policy, tok, problems, history, step, args, d)
-                if ref is not None:
-                    ref.load_state_dict(policy.state_dict())
-            trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
-            sums = dict(reward=rewards.sum().item(), reward_sq=(rewards ** 2).sum().item(),
-                        rule_reward=rule.sum().item(), loss=last["loss"], kl=last["kl"], neg_logp=last["neg_logp"],
-                        clipped=last["clipped"], train_tokens=trained * args.mu,
-                        sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
-                        zero_std_groups=n_zero_std, truncated=sum(not c.finished for c in comps),
-                        tokens=sum(len(c.ids) for c in comps), tool_calls=sum(not all(c.sampled) for c in comps),
-                        time_generate=t1 - t0, time_reward=t2 - t1, **generated,
-                        **{k: v.sum().item() for k, v in scores.items()})
-            if checked:
-                sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
-            if tis:
-                sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])
-            row = step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, dict(sums, grad_norm=grad_norm),
-                               dict(ref=t3 - t2, train=t4 - t3, step=t4 - t0))
-            row.update(refreshed)
-            if value is not None:
-                row["value_loss"] = common.all_sum(d, value_loss) / max(n_tok, 1)
-            if held_out and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-                row["eval_greedy_accuracy"] = held_out_metrics(args.eval_problems, 1, 0.0)["accuracy"]
-            log(row)
-            if d.main and args.log_completions and step % args.log_completions == 0:
-                data.append_jsonl(os.path.join(args.out, "completions.jsonl"), completion_rows(
-                    step, drawn, comps, dict(rule_reward=rule, reward=rewards, **scores),
-                    None if value is not None else per_token, G))
-            if args.export_every and step % args.export_every == 0 and step < args.max_steps:
-                common.export_hf(policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
-            stopping = stop(d)
-            if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
-                common.save_checkpoint(args.out, policy, opt, step, d, extra)
-            if stopping:
-                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-                common.finish(d, 130)
-    if held_out:
-        after = report("after")
-        log(dict(step=step, eval_greedy_accuracy=after["greedy"]))
+            refreshed = end_iteration(run)  # 12, then 3
+            row = step_row(run, s, batches, n_zero_std, update, dict(generate=t1 - t0, reward=t2 - t1,
+                                                                     ref=t3 - t2, train=t4 - t3, step=t4 - t0))
+            log({**row, **refreshed})
+            keep(run, s, per_token, refreshed, stop)
+    if run.held_out:
+        after = report(run, "after")
+        log(dict(step=run.step, eval_greedy_accuracy=after["greedy"]))
     log.close()
-    common.export_hf(policy, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
-    if held_out:
-        sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
-                   if args.report_problems else "")
-        common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy{sampled}):")
-        common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
-        for name, r in (("before", before), ("after", after)):
-            common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
+    common.export_hf(run.policy, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
+    if run.held_out:
+        print_table(before, after, args, d)
         if d.main:
             plot_curves(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"))
     common.print0(d, f"saved {args.out}")

@@ -11,9 +11,8 @@
 model.py computes its log-probs and losses with these, grpo.py its per-token objective. Triton runs on CUDA
 tensors; elsewhere the PyTorch paths run. KERNELS_BACKEND=triton|torch forces one (tests run the Triton kernels
 on the CPU with TRITON_INTERPRET=1). Derivations are in each module's docstring. (Not named `kernels`: that is the
-import name of Hugging Face's
-kernel hub, which transformers imports at start-up; a folder of that name here shadowed it and broke
-transformers in any process started from this directory.)
+import name of Hugging Face's kernel hub, which transformers imports at start-up; a folder of that name here
+shadowed it and broke transformers in any process started from this directory.)
 
     python -m fused_kernels.bench          # time and peak memory, ours vs naive PyTorch (and torch.compile on GPU)
 """
