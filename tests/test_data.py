@@ -243,8 +243,9 @@ def docstrings(modules):
     for m in modules:
         root = m.__name__.split(".")[0]
         for _, obj in inspect.getmembers(m):
-            ours = getattr(obj, "__module__", "").startswith(root)
-            if not (inspect.isfunction(obj) or inspect.isclass(obj)) or not ours:
+            if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if not getattr(obj, "__module__", "").startswith(root):
                 continue
             methods = [f for _, f in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj) else []
             members = [obj] + methods
