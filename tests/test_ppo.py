@@ -50,9 +50,13 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
         idx = (b.segment[0] == k).nonzero()[:, 0]
         r = [-beta * (lp + 0.4) for lp in c.logprobs]
         r[-1] += score
-        a, ret = gae(r, values[0, idx].tolist(), lam)
+        v = values[0, idx].tolist()
+        a, later = [0.0] * len(r), 0.0  # GAE with γ = 1 written out here, from the last token back
+        for t in reversed(range(len(r))):
+            later = r[t] + (v[t + 1] if t + 1 < len(r) else 0.0) - v[t] + lam * later
+            a[t] = later
         want.append(a)
-        assert b.returns[0, idx].tolist() == pytest.approx(ret)
+        assert b.returns[0, idx].tolist() == pytest.approx([x + y for x, y in zip(a, v)])  # returns: Â + V
     flat = torch.tensor(want[0] + want[1])
     whitened = (flat - flat.mean()) / (flat.var(unbiased=False).sqrt() + 1e-8)
     assert b.advantages[b.mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
