@@ -217,12 +217,24 @@ def tis_weights(old_logp, sampler_logp, mask, cap):
     return torch.where(mask, ratio.clamp(max=cap), 1.0), (ratio > cap) & mask
 
 
+# The loss's normalisation, --loss-norm, in two halves: each token's weight (known per output, at packing) and
+# the divisor of the step's weighted sum (known only when every rank's outputs are counted):
+#     sequence (the paper)   weight 1/|o_i|   divided by the outputs         mean over outputs of their token mean
+#     token (DAPO)           weight 1         divided by the tokens          mean over all tokens
+#     constant (Dr. GRPO)    weight 1         divided by outputs x budget    no length bias either way
+
+
 def loss_weights(sampled, loss_norm):
     """Per token of one completion, its weight in grpo_objective_sums: `sampled` (n,) bool marks the tokens
     that carry loss; per sequence (the paper) each of them weighs 1/|o_i|, so that every output counts once
     whatever its length; per token (DAPO) and constant (Dr. GRPO) each weighs 1."""
     m = sampled.float()
     return m / m.sum().clamp(min=1) if loss_norm == "sequence" else m
+
+
+def loss_normaliser(loss_norm, n_seq, n_tok, max_new_tokens):
+    """What the step's weighted loss sum is divided by, from the outputs and tokens of all ranks."""
+    return dict(sequence=n_seq, token=max(n_tok, 1), constant=n_seq * max_new_tokens)[loss_norm]
 
 
 # -----------------------------------------------------------------------------
@@ -879,8 +891,7 @@ def train(run, batches, fixed, comps):
     ref_logp, old_logp, old_values = fixed
     n_seq = common.all_sum(d, len(comps))
     n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
-    normaliser = dict(sequence=n_seq, token=max(n_tok, 1),  # the paper's, DAPO's, Dr. GRPO's
-                      constant=n_seq * args.max_new_tokens)[args.loss_norm]
+    normaliser = loss_normaliser(args.loss_norm, n_seq, n_tok, args.max_new_tokens)
     lr = common.set_lr(run.opt, run.step, args)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
     checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
