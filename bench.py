@@ -579,7 +579,7 @@ def bench_grpo(args):
             sampler.load_state_dict({k.removeprefix("model."): v for k, v in trainer.model.state_dict().items()})
             step = trainer.state.global_step
             comps = engine.complete(sampler, tok, [question_of[p] for p in prompts], "cot", ours.max_new_tokens,
-                                    ours.temperature, ours.top_p, seed=grpo.rollout_seed(args.seed, step, 0),
+                                    ours.temperature, ours.top_p, seed=engine.sampling_seed(args.seed, step),
                                     batch=len(prompts))
             return dict(prompt_ids=[c.prompt for c in comps], completion_ids=[c.ids for c in comps],
                         logprobs=[c.logprobs for c in comps])

@@ -395,6 +395,16 @@ def program_output(code, timeout):
     return out.strip()[-OUTPUT_SHOWN:]
 
 
+# Sampling seeds, one formula for every sampler a run starts: a function of the run's seed, the step and the rank,
+# and an offset per purpose, so that no two uses share a stream of uniforms (streams are the outputs' places in
+# a batch: engine.uniforms)
+ROLLOUTS, RM_REFRESH, SHEPHERD = 0, 500_009, 7919
+
+
+def sampling_seed(seed, step=0, rank=0, purpose=ROLLOUTS):
+    return seed * 1_000_003 + step * 1009 + purpose + rank
+
+
 def add_chat_args(ap):
     """The prompt-format flags of every script that prompts a model."""
     ap.add_argument("--chat-template", action="store_true", help="prompt in the tokenizer's chat template (an "

@@ -79,12 +79,6 @@ def draw(n_problems, n, seed, step):
     return np.random.default_rng([seed, step]).choice(n_problems, n, replace=False)
 
 
-def rollout_seed(seed, step, rank):
-    """Line 7's randomness: the sampler's seed for (run seed, step, rank); its streams are the outputs' places in
-    the rank's batch (engine.complete)."""
-    return seed * 1_000_003 + step * 1009 + rank
-
-
 def zero_std_groups(rewards):
     """(questions, G) rewards -> (questions,) bool: groups whose rewards all agree, which carry no signal."""
     return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
@@ -425,14 +419,14 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
     picks = [problems[i] for i in rng.choice(len(problems), args.rm_questions, replace=False)][d.rank::d.world]
     questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
     golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
-    seed = args.seed * 1_000_003 + step * 1009 + 500_009 + d.rank  # not a rollout's stream
+    seed = engine.sampling_seed(args.seed, step, d.rank, engine.RM_REFRESH)
     with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
         comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
                                 seed=seed, batch=args.gen_batch)
         rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)
         new = (reward_model.outcome_examples(comps, rule) if args.reward == "orm" else
                reward_model.shepherd_examples(sampler, tok, comps, rule, golds, args.shepherd_samples, False,
-                                              seed + 7919, args.gen_batch, args.max_new_tokens))
+                                              seed + engine.SHEPHERD, args.gen_batch, args.max_new_tokens))
         new = common.all_gather_list(d, new)
         with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
             before = reward_model.report(scorer, new, tok.pad_id)
@@ -816,7 +810,7 @@ def rollout(run):
     with common.gathered(run.policy, common.compute_dtype(d, args), into=run.decoder and run.decoder.model) as sampler:
         comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
                                 args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
-                                seed=rollout_seed(args.seed, step, d.rank))
+                                seed=engine.sampling_seed(args.seed, step, d.rank))
     return comps, drawn
 
 

@@ -189,7 +189,7 @@ def sample_completions(policy_dir, tok, problems, args, d):
     mine = problems[d.rank::d.world]
     questions = [p["question"] for p in mine for _ in range(args.samples)]
     comps = engine.complete(sampler, tok, questions, "cot", args.max_new_tokens, temperature=1.0,
-                            seed=args.seed * 1_000_003 + d.rank, batch=args.gen_batch)
+                            seed=engine.sampling_seed(args.seed, rank=d.rank), batch=args.gen_batch)
     golds = [p["answer"] for p in mine for _ in range(args.samples)]
     outcomes = reward.batch_rewards([c.text for c in comps], golds, workers=1)
     return sampler, comps, outcomes, golds
@@ -322,7 +322,8 @@ def main(args):
         pick = [i for i in range(len(comps)) if i % args.samples < args.shepherd_per_question]
         built["prm"] = shepherd_examples(sampler, tok, [comps[i] for i in pick], [outcomes[i] for i in pick],
                                          [golds[i] for i in pick], args.shepherd_samples, args.hard,
-                                         args.seed * 1_000_003 + 7919 + d.rank, args.gen_batch, args.max_new_tokens)
+                                         engine.sampling_seed(args.seed, rank=d.rank, purpose=engine.SHEPHERD),
+                                         args.gen_batch, args.max_new_tokens)
         common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for e in built['prm'])} steps from "
                          f"{args.shepherd_samples} completions each ({time.time() - t0:.0f} s)")
     del sampler

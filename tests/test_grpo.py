@@ -590,12 +590,18 @@ def test_a_users_reward_function_is_weighted_in_and_logged_apart(base, problems,
 def test_lora_grpo_starts_as_the_full_model_and_its_reference_is_the_base(base, problems, tmp_path):
     """--lora-rank 4: at step 1 the adapters are zero (B = 0), so the step's loss, KL and rewards equal the full
     model's on the same scripted rollouts; at step 2 π_θ has moved and π_ref (the adapters off) has not: KL > 0.
-    No second model is built."""
+    No second model is built. On 2 FSDP2 ranks (adapters sharded, merged for the rollouts) the steps are the
+    same."""
     flags = ("--max-steps", "2", "--report-problems", "0", "--lr", "0.01")
-    for name, extra in (("full", ()), ("lora", ("--lora-rank", "4"))):
-        r = run(scripted_args(base, problems, tmp_path / name, *flags, *extra))
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, launch, extra in (("full", [], ()), ("lora", [], ("--lora-rank", "4")),
+                                ("lora2", torchrun, ("--lora-rank", "4"))):
+        r = run([*launch, *scripted_args(base, problems, tmp_path / name, *flags, *extra)])
         assert r.returncode == 0, r.stderr[-3000:]
     full, tuned = train_rows(tmp_path / "full"), train_rows(tmp_path / "lora")
+    for a, b in zip(tuned, train_rows(tmp_path / "lora2")):
+        assert [b[k] for k in ("loss", "kl", "grad_norm")] == pytest.approx([a[k] for k in ("loss", "kl", "grad_norm")],
+                                                                            rel=1e-4, abs=1e-7)
     keys = ("loss", "kl", "reward", "length")
     assert {k: tuned[0][k] for k in keys} == pytest.approx({k: full[0][k] for k in keys}, rel=1e-5, abs=1e-7)
     assert tuned[0]["kl"] == 0 and tuned[1]["kl"] > 1e-6
