@@ -97,11 +97,12 @@ def init_dist():
 
 @contextmanager
 def one_line_errors():
-    """Input a user can fix (a malformed jsonl line, a truncated checkpoint, a damaged tokenizer.json) ends a script
-    with one line that names the file and the fix, and exit status 1: never a traceback from deep inside."""
+    """Input a user can fix (a malformed jsonl line, a truncated checkpoint, a damaged tokenizer.json) and a loss or
+    gradient that is no longer finite end a script with one line that names the file (or step) and the fix, and
+    exit status 1: never a traceback from deep inside."""
     try:
         yield
-    except (data.DataError, CheckpointError, TokenizerError) as e:
+    except (data.DataError, CheckpointError, TokenizerError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -440,6 +441,18 @@ def save_checkpoint(out, model, opt, step, d, extra=None):
             shutil.rmtree(os.path.join(os.path.dirname(final), old), ignore_errors=True)
     if d.world > 1:
         dist.barrier()
+
+
+def save_or_stop(stop, out, model, opt, step, d, due, extra=None):
+    """The end of every trainer's step: a checkpoint when `due` (every --ckpt-every steps, the last one) or when a
+    stop signal reached any rank (StopFlag), which then ends the run with status 130 once the checkpoint is
+    written: `--resume` continues from there."""
+    stopping = stop(d)
+    if stopping or due:
+        save_checkpoint(out, model, opt, step, d, extra)
+    if stopping:
+        print0(d, f"stopped by signal at step {step}; continue with --resume")
+        finish(d, 130)
 
 
 def extra_states(extra):

@@ -194,9 +194,9 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
         sums.update(loss=sums["loss"] + loss, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
                     neg_logp=sums["neg_logp"] - (logp * b.mask).sum())
     grad_norm = common.clip_grad_norm(policy, args.grad_clip)
-    if not np.isfinite(grad_norm):
-        raise SystemExit(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is in "
-                         f"{args.out}/checkpoints (lower --lr, then --resume)")
+    if not np.isfinite(grad_norm):  # as common.train_step: before the optimizer step, one line (one_line_errors)
+        raise FloatingPointError(f"step {step + 1}: gradient norm {grad_norm}; the last good checkpoint is in "
+                                 f"{args.out}/checkpoints (lower --lr, then --resume)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {k: float(v) for k, v in sums.items()}, grad_norm
@@ -951,12 +951,8 @@ def keep(run, s, per_token, refreshed, stop):
             None if run.value is not None else per_token, args.group_size))
     if args.export_every and step % args.export_every == 0 and step < args.max_steps:
         common.export_hf(run.policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
-    stopping = stop(d)
-    if stopping or step % args.ckpt_every == 0 or step == args.max_steps or refreshed:
-        common.save_checkpoint(args.out, run.policy, run.opt, step, d, run.extra)
-    if stopping:
-        common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-        common.finish(d, 130)
+    common.save_or_stop(stop, args.out, run.policy, run.opt, step, d,
+                        step % args.ckpt_every == 0 or step == args.max_steps or bool(refreshed), run.extra)
 
 
 def print_table(before, after, args, d):

@@ -13,6 +13,8 @@ clipping nor the value model's start: ours are stated here and in grpo.py's flag
 second model: its weights, gradients and optimizer state, and a forward and backward per step.
 """
 
+import math
+
 import torch
 
 import common
@@ -85,7 +87,10 @@ def update_value(value, opt, batches, old_values, n_tok, d, args):
         loss = value_loss_sum(v, old, b.returns, b.mask, args.value_clip)
         (loss * d.world / max(n_tok, 1)).backward()  # FSDP averages gradients over ranks: undo it
         total += loss.item()
-    common.clip_grad_norm(value, args.grad_clip)
+    norm = common.clip_grad_norm(value, args.grad_clip)
+    if not math.isfinite(norm):  # as the policy's: before the optimizer step, one line (common.one_line_errors)
+        raise FloatingPointError(f"value model: gradient norm {norm}; the last good checkpoint is in {args.out}"
+                                 "/checkpoints (lower --value-lr, then --resume)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total

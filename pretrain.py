@@ -28,7 +28,7 @@ import torch
 import data
 import memory
 from common import (Log, StopFlag, add_training_args, all_sum, autocast, build_model, checkpointed_blocks, export_hf,
-                    finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_checkpoint, start_run,
+                    finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_or_stop, start_run,
                     train_step)
 from model import PRESETS, ModelConfig, config_from_hf
 
@@ -127,12 +127,7 @@ def main(args):
             log(row)
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
                 log(dict(step=step, eval_loss=eval_loss(model, val, d, args)))
-            if stop(d):
-                save_checkpoint(args.out, model, opt, step, d)
-                print0(d, f"stopped by signal at step {step}; continue with --resume")
-                finish(d, 130)
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                save_checkpoint(args.out, model, opt, step, d)
+            save_or_stop(stop, args.out, model, opt, step, d, step % args.ckpt_every == 0 or step == args.max_steps)
     log.close()
     export_hf(model, args.out, tok_dir, d, args)
     print0(d, f"saved {args.out}")

@@ -237,12 +237,7 @@ def train(kind, examples, held_out, config, tok, args, d):
             step += 1
             log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
                      seconds=time.time() - t0))
-            stopping = stop(d)
-            if stopping or step % run.ckpt_every == 0 or step == run.max_steps:
-                common.save_checkpoint(run.out, model, opt, step, d)
-            if stopping:
-                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-                common.finish(d, 130)
+            common.save_or_stop(stop, run.out, model, opt, step, d, step % run.ckpt_every == 0 or step == run.max_steps)
     log.close()
     common.export_hf(model, run.out, args.policy, d, run)
     if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)

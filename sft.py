@@ -182,12 +182,8 @@ def main(args):
             step += 1
             log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                      tokens_per_s=n / (time.time() - t0)))
-            if stop(d):
-                common.save_checkpoint(args.out, model, opt, step, d)
-                common.print0(d, f"stopped by signal at step {step}; continue with --resume")
-                common.finish(d, 130)
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                common.save_checkpoint(args.out, model, opt, step, d)
+            common.save_or_stop(stop, args.out, model, opt, step, d,
+                                step % args.ckpt_every == 0 or step == args.max_steps)
     log.close()
     common.export_hf(model, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
     del model, opt

@@ -9,6 +9,7 @@ grpo.py's own.
 import sys
 import zlib
 
+import common
 import data
 import engine
 import grpo
@@ -61,4 +62,5 @@ if __name__ == "__main__":
         raise SystemExit("scripted_grpo.py scripts groups of 4: pass --group-size 4")
     ANSWERS.update((p["question"], p["answer"]) for p in data.load_problems(args.data))
     engine.complete = scripted
-    grpo.main(args)
+    with common.one_line_errors():  # as grpo.py's own __main__
+        grpo.main(args)

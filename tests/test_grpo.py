@@ -608,6 +608,16 @@ def test_lora_grpo_starts_as_the_full_model_and_its_reference_is_the_base(base, 
     assert tuned[1]["grad_norm"] != pytest.approx(full[1]["grad_norm"])  # only the adapters' gradient now
 
 
+def test_a_gradient_that_is_no_longer_finite_ends_the_run_in_one_line(base, problems, tmp_path):
+    """--lr 1e30 ruins the weights at step 1; step 2's gradient is not finite: the run stops before the optimizer
+    step with one line naming the step and the fix, status 1, and the checkpoint of step 1 kept."""
+    r = run(scripted_args(base, problems, tmp_path / "run", "--max-steps", "3", "--report-problems", "0",
+                          "--lr", "1e30", "--ckpt-every", "1"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: step 2: gradient norm ")
+    assert "(lower --lr, then --resume)" in r.stderr and (tmp_path / "run" / "checkpoints" / "step_000001").is_dir()
+
+
 def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
     flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
