@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import data
+import jsonl
 import lora
 import memory
 from model import CheckpointError, Transformer
@@ -102,7 +102,7 @@ def one_line_errors():
     exit status 1: never a traceback from deep inside."""
     try:
         yield
-    except (data.DataError, CheckpointError, TokenizerError, FloatingPointError) as e:
+    except (jsonl.DataError, CheckpointError, TokenizerError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -550,7 +550,7 @@ def trim_metrics(out, step):
 
     with open(path) as f:
         rows = [r for r in map(row, f) if r is not None and r.get("step", 0) <= step]
-    data.write_jsonl(path, rows)  # through a temporary file: a second interruption here loses nothing
+    jsonl.write_jsonl(path, rows)  # through a temporary file: a second interruption here loses nothing
 
 
 def start_run(args, d, model, opt, keys, extra=None):

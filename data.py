@@ -26,58 +26,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from dedup import NearDupIndex, batched, decontaminate, drop_test_questions, minhash_dedup  # noqa: F401  (public)
+from jsonl import DataError, append_jsonl, read_jsonl, write_jsonl  # noqa: F401  (public here too)
 from reward import forked_pool, last_boxed  # a leaf (stdlib + sympy): MATH's answers read as the grader does
 from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
-# -----------------------------------------------------------------------------
-# jsonl: streamed in, written atomically
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and line."""
-
-
-def read_jsonl(path, fields=(), skip_bad=False, counts=None):
-    """Yield the JSON objects of a .jsonl file one by one (memory stays flat). A malformed line or a missing
-    field raises DataError naming file:line, or with skip_bad=True is skipped and counted in counts["bad_lines"]."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                missing = [k for k in fields if k not in row]
-                if missing:
-                    raise ValueError(f"missing field(s) {missing}")
-            except ValueError as e:
-                if not skip_bad:
-                    raise DataError(f"{path}:{n}: {e} (pass --skip-bad to skip and count such lines)") from None
-                if counts is not None:
-                    counts["bad_lines"] += 1
-                continue
-            yield row
-
-
-def write_jsonl(path, rows):
-    """Write rows to path through a temporary file, so an interrupted stage never leaves a half-written output."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp, n = path + ".tmp", 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
-def append_jsonl(path, rows):
-    """Add rows to the end of a log (a run resumed goes on writing where it stopped)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def progress(iterable, desc, total=None):
@@ -420,12 +372,6 @@ class Mixture:
 
 # The paper's evaluation prompts (§6 of docs/paper.md); the program-of-thought one is ours (the paper's
 # PoT prompt is not given there): the answer is what the program prints.
-PROMPTS = {
-    "cot": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
-    "tool": "{question}\nPlease integrate natural language reasoning with programs to solve the problem above, "
-            "and put your final answer within \\boxed{{}}.",
-    "pot": "{question}\nPlease write a Python program that prints the answer.",
-}
 
 
 def _answer(value):

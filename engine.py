@@ -18,7 +18,7 @@ built for GRPO's shape of work, G samples of each of a few prompts with ragged l
   the data, so `compile=True` compiles it once for every batch and row count and captures it in CUDA graphs
   that a Decoder kept across calls replays on the same memory.
 
-`complete` puts questions in the paper's chat format with their prompt (data.PROMPTS) and runs tool rounds: for
+`complete` puts questions in the paper's chat format with their prompt (PROMPTS) and runs tool rounds: for
 tool-integrated solutions (paper §3; docs/paper.md §4), whenever the model opens a ```output block, generation
 stops there, the sandbox runs the program above it, its output is spliced into the context as tokens the model
 did not write, and generation continues, at most TOOL_ROUNDS times. For program-of-thought the last program runs
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import data
 from model import KVCache
 from sandbox import run_python
 
@@ -405,6 +404,15 @@ def sampling_seed(seed, step=0, rank=0, purpose=ROLLOUTS):
     return seed * 1_000_003 + step * 1009 + purpose + rank
 
 
+# The paper's instruction for each answer format, appended to the question (paper §3; docs/paper.md §4)
+PROMPTS = {
+    "cot": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "tool": "{question}\nPlease integrate natural language reasoning with programs to solve the problem above, "
+            "and put your final answer within \\boxed{{}}.",
+    "pot": "{question}\nPlease write a Python program that prints the answer.",
+}
+
+
 def add_chat_args(ap):
     """The prompt-format flags of every script that prompts a model."""
     ap.add_argument("--chat-template", action="store_true", help="prompt in the tokenizer's chat template (an "
@@ -422,8 +430,8 @@ def use_chat_args(tok, args):
 
 
 def prompt_ids(tok, question, prompt="cot"):
-    """The token ids a question is asked with: its prompt (data.PROMPTS) in the chat format, BOS first."""
-    return tok.chat(data.PROMPTS[prompt].format(question=question))
+    """The token ids a question is asked with: its prompt (PROMPTS) in the chat format, BOS first."""
+    return tok.chat(PROMPTS[prompt].format(question=question))
 
 
 @torch.no_grad()

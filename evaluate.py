@@ -1,6 +1,6 @@
 """Evaluate a model on math problems: greedy accuracy, maj@k and pass@k (paper §5; docs/paper.md §6).
 
-Three answer formats, as the paper evaluates them, each with its prompt from data.PROMPTS (the chain-of-thought
+Three answer formats, as the paper evaluates them, each with its prompt from engine.PROMPTS (the chain-of-thought
 and tool prompts are the paper's; the program-of-thought one is ours, the paper does not give it):
 - cot: chain-of-thought; the answer is the last \\boxed{} (reward.extract_answer).
 - pot: program-of-thought; the last ```python block is run in the sandbox and its printed output is the answer.
@@ -29,7 +29,7 @@ import torch
 import common
 import data
 import reward
-from engine import add_chat_args, complete, use_chat_args
+from engine import PROMPTS, add_chat_args, complete, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -151,7 +151,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="out/toy/sft", help="a Hugging Face model directory (ours, or a "
                     "llama/qwen2/qwen3/mistral one)")
     ap.add_argument("--data", default="out/toy/data/problems/test.jsonl", help="GSM8K / MATH / our jsonl")
-    ap.add_argument("--prompt", default="cot", choices=sorted(data.PROMPTS), help="answer format")
+    ap.add_argument("--prompt", default="cot", choices=sorted(PROMPTS), help="answer format")
     ap.add_argument("--samples", type=int, default=1, help="completions per problem (K of maj@K, pass@K)")
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
     ap.add_argument("--top-p", type=float, default=1.0)

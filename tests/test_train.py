@@ -12,6 +12,7 @@ import torch
 
 import common
 import data
+import engine
 import memory
 import sft
 import toyworld
@@ -264,7 +265,7 @@ def test_sft_loss_mask_covers_the_solution_only(data_dir):
     tok = Tokenizer.load(data_dir / "tokenizer")
     prob = data.load_problems(str(data_dir / "train.jsonl"))[0]
     (ids, mask), (pot_ids, _) = sft.make_examples([prob], tok, ["cot", "pot"])
-    prompt = tok.chat(data.PROMPTS["cot"].format(question=prob["question"]))
+    prompt = tok.chat(engine.PROMPTS["cot"].format(question=prob["question"]))
     answer = tok.encode(" " + prob["cot"], eos=True)
     assert ids == prompt + answer and mask == [0] * len(prompt) + [1] * len(answer)
     assert tok.decode(pot_ids).count("```python") == 1
@@ -278,7 +279,7 @@ def test_sft_tool_examples_leave_the_sandbox_output_unsupervised(data_dir):
     tok = Tokenizer.load(data_dir / "tokenizer")
     prob = toyworld.make_problems(1, seed=3)[0]
     [(ids, mask)] = sft.make_examples([prob], tok, ["tool"])
-    prompt = tok.chat(data.PROMPTS["tool"].format(question=prob["question"]))
+    prompt = tok.chat(engine.PROMPTS["tool"].format(question=prob["question"]))
     unsupervised = tok.decode([t for t, m in zip(ids[len(prompt):], mask[len(prompt):]) if not m])
     assert ids[:len(prompt)] == prompt and unsupervised == f"\n{prob['answer']}\n```\n"
     head, _, _ = (" " + prob["tool"]).partition("```output")
