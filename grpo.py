@@ -24,7 +24,7 @@ Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
      9          advantages Â_it by group-relative estimation
     10          for GRPO iteration = 1, ..., μ:
     11              update π_θ to maximise J
-    12      update the reward model with a replay of old data   (--rm-refresh: refresh_reward_model)
+    12      update the reward model with a replay of old data   (--rm-refresh: reward_model.refresh_reward_model)
 
 Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
 whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR
@@ -278,19 +278,6 @@ def rule_steps(tok, comps, rewards):
     return steps
 
 
-def model_rewards(scorer, tok, comps, kind, batch):
-    """A reward model's verdicts on the outputs (reward_model.py): an outcome model's σ(score) at each output's
-    last token, (B,); a process model's at the last token of each step (a line), per output [(token index,
-    score)], the last step's score being its verdict on the answer. scorer: the model, unsharded."""
-    ends = [reward_model.step_ends(tok, c) if kind == "prm" else [(len(c.ids) - 1, None)] for c in comps]
-    examples = [reward_model.Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in e], [0.0] * len(e), None)
-                for c, e in zip(comps, ends)]
-    got = reward_model.scores(scorer, examples, tok.pad_id, batch)
-    if kind == "orm":
-        return torch.tensor([s[-1] for s in got])
-    return [[(t, x) for (t, _), x in zip(e, s)] for e, s in zip(ends, got)]
-
-
 def token_advantages(comps, rewards, steps, args):
     """Â_it for every token of every output (line 9 of Algorithm 1): from the step rewards `steps` (process
     supervision: per output [(index of a step's last token, reward)]), else from the outcome rewards, as
@@ -388,63 +375,6 @@ def micro_batches(rows, size, pad_id, device):
     """Batches of up to `size` rows of similar length: sorted by length, each padded to its own longest."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
     return [Batch([rows[i] for i in order[s:s + size]], pad_id, device) for s in range(0, len(order), size)]
-
-
-# -----------------------------------------------------------------------------
-# Iterative GRPO: the reward model learns from the policy's new samples (line 12 of Algorithm 1)
-
-REPLAY_SHARE = 0.1  # of each refresh's training mixture, historical data (paper §4.1.4: "10% historical data")
-
-
-def replay_history(rm_dir, out, step):
-    """What a reward model has learned from so far, the refreshes' replay pool: its own training examples
-    (reward_model.py saves them beside it) and those of every refresh of this run up to `step` (a resumed run
-    reads only what its checkpoint had seen)."""
-    first = os.path.join(rm_dir, "examples.jsonl")
-    pool = reward_model.load_examples(first) if os.path.isfile(first) else []
-    folder = os.path.join(out, "rm_history")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".jsonl") and int(name.split("_")[1].split(".")[0]) <= step:
-            pool += reward_model.load_examples(os.path.join(folder, name))
-    return pool
-
-
-def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
-    """Sample the policy on --rm-questions questions (--rm-samples each), label the samples by the rule (and
-    Math-Shepherd's step labels for a process model), and continue training the reward model for
-    --rm-steps on them mixed with a replay of `history`, the replay a tenth of the mixture. Appends the new
-    examples to `history` and to out/rm_history. Returns the metrics of the refresh."""
-    t0 = time.time()
-    rng = np.random.default_rng([args.seed, step, 12])  # line 12: its own stream, a function of the step
-    picks = [problems[i] for i in rng.choice(len(problems), args.rm_questions, replace=False)][d.rank::d.world]
-    questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
-    golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
-    seed = engine.sampling_seed(args.seed, step, d.rank, engine.RM_REFRESH)
-    with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
-        comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
-                                seed=seed, batch=args.gen_batch)
-        rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)
-        new = (reward_model.outcome_examples(comps, rule) if args.reward == "orm" else
-               reward_model.shepherd_examples(sampler, tok, comps, rule, golds, args.shepherd_samples, False,
-                                              seed + engine.SHEPHERD, args.gen_batch, args.max_new_tokens))
-        new = common.all_gather_list(d, new)
-        with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
-            before = reward_model.report(scorer, new, tok.pad_id)
-    n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
-    mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
-    fit = argparse.Namespace(lr=args.rm_lr, warmup=0, schedule="constant", max_steps=args.rm_steps,
-                             weight_decay=0.0, grad_clip=args.grad_clip, dtype=args.dtype, batch=args.rm_batch,
-                             micro_batch=args.micro_batch, seed=args.seed + step)
-    opt = common.make_optimizer(rm, fit)  # a new phase of the reward model's training, each with its own AdamW
-    losses = [reward_model.fit_step(rm, opt, mixture, k, tok.pad_id, d, fit)[0] for k in range(args.rm_steps)]
-    if d.main:
-        reward_model.save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
-    history += new
-    row = dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
-               rm_auc_on_new=before["outcome_auc"], rm_seconds=time.time() - t0)
-    if "step_auc" in before:
-        row["rm_step_auc_on_new"] = before["step_auc"]
-    return row
 
 
 # -----------------------------------------------------------------------------
@@ -734,7 +664,7 @@ def setup(args):
                  "reward", "advantage", "seed")
     run.step = common.start_run(args, d, policy, run.opt, resumable, run.extra)
     if args.rm_refresh:
-        run.history = replay_history(reward_model_dir(args), args.out, run.step)
+        run.history = reward_model.replay_history(reward_model_dir(args), args.out, run.step)
     if args.compile:
         with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
             run.decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
@@ -843,7 +773,7 @@ def score(run, comps, drawn):
     rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
     if run.rm is not None:
         with common.gathered(run.rm, common.compute_dtype(run.d, args)) as scorer:
-            scored = model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch)
+            scored = reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch)
         steps = scored if args.reward == "prm" else None
         rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
     elif args.supervision == "process":
@@ -908,8 +838,8 @@ def end_iteration(run):
     args, refreshed = run.args, {}
     if args.ref_reset and run.step % args.ref_reset == 0:
         if args.rm_refresh:
-            refreshed = refresh_reward_model(run.rm, run.policy, run.tok, run.problems, run.history, run.step, args,
-                                             run.d)
+            refreshed = reward_model.refresh_reward_model(run.rm, run.policy, run.tok, run.problems, run.history,
+                                                          run.step, args, run.d)
         if run.ref is not None:
             run.ref.load_state_dict(run.policy.state_dict())
     return refreshed

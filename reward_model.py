@@ -16,7 +16,9 @@ Loss: binary cross-entropy on the score as a logit (the paper does not name its 
 a probability of being right, and it takes soft labels as they are). Held-out evaluation, on questions never
 trained on: AUC and accuracy at 1/2 against the rule's verdicts, and for the PRM the per-step AUC against the
 toy's arithmetic checker (reward.arithmetic_steps), a ground truth the PRM never sees. Training uses the shared
-machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer.
+machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer. For grpo.py it also reads
+a reward model's verdicts on rollouts (model_rewards) and runs iterative GRPO's refresh (refresh_reward_model:
+the policy's new samples, labelled by the rule, with a replay of a tenth).
 
     python reward_model.py                                # the toy: outcome and process models from the SFT's samples
     torchrun --nproc_per_node 8 reward_model.py --init deepseek-math-7b-base/ --policy out/sft --data rl.jsonl \\
@@ -247,6 +249,80 @@ def train(kind, examples, held_out, config, tok, args, d):
     if d.main:
         with open(os.path.join(run.out, "report.json"), "w") as f:
             json.dump(row, f, indent=1)
+    return row
+
+
+# -----------------------------------------------------------------------------
+# For GRPO: a reward model's verdicts on rollouts (--reward orm|prm)
+
+
+def model_rewards(scorer, tok, comps, kind, batch):
+    """A reward model's verdicts on GRPO's outputs: an outcome model's σ(score) at each output's
+    last token, (B,); a process model's at the last token of each step (a line), per output [(token index,
+    score)], the last step's score being its verdict on the answer. scorer: the model, unsharded."""
+    ends = [step_ends(tok, c) if kind == "prm" else [(len(c.ids) - 1, None)] for c in comps]
+    examples = [Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in e], [0.0] * len(e), None)
+                for c, e in zip(comps, ends)]
+    got = scores(scorer, examples, tok.pad_id, batch)
+    if kind == "orm":
+        return torch.tensor([s[-1] for s in got])
+    return [[(t, x) for (t, _), x in zip(e, s)] for e, s in zip(ends, got)]
+
+
+# -----------------------------------------------------------------------------
+# Iterative GRPO: the reward model learns from the policy's new samples (line 12 of grpo.py's Algorithm 1)
+
+REPLAY_SHARE = 0.1  # of each refresh's training mixture, historical data (paper §4.1.4: "10% historical data")
+
+
+def replay_history(rm_dir, out, step):
+    """What a reward model has learned from so far, the refreshes' replay pool: its own training examples
+    (main saves them beside it) and those of every refresh of this run up to `step` (a resumed run
+    reads only what its checkpoint had seen)."""
+    first = os.path.join(rm_dir, "examples.jsonl")
+    pool = load_examples(first) if os.path.isfile(first) else []
+    folder = os.path.join(out, "rm_history")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".jsonl") and int(name.split("_")[1].split(".")[0]) <= step:
+            pool += load_examples(os.path.join(folder, name))
+    return pool
+
+
+def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
+    """Sample the policy on --rm-questions questions (--rm-samples each), label the samples by the rule (and
+    Math-Shepherd's step labels for a process model), and continue training the reward model for
+    --rm-steps on them mixed with a replay of `history`, the replay a tenth of the mixture. Appends the new
+    examples to `history` and to out/rm_history. Returns the metrics of the refresh."""
+    t0 = time.time()
+    rng = np.random.default_rng([args.seed, step, 12])  # line 12: its own stream, a function of the step
+    picks = [problems[i] for i in rng.choice(len(problems), args.rm_questions, replace=False)][d.rank::d.world]
+    questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
+    golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
+    seed = engine.sampling_seed(args.seed, step, d.rank, engine.RM_REFRESH)
+    with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+        comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
+                                seed=seed, batch=args.gen_batch)
+        rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)
+        new = (outcome_examples(comps, rule) if args.reward == "orm" else
+               shepherd_examples(sampler, tok, comps, rule, golds, args.shepherd_samples, False,
+                                              seed + engine.SHEPHERD, args.gen_batch, args.max_new_tokens))
+        new = common.all_gather_list(d, new)
+        with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
+            before = report(scorer, new, tok.pad_id)
+    n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
+    mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
+    fit = argparse.Namespace(lr=args.rm_lr, warmup=0, schedule="constant", max_steps=args.rm_steps,
+                             weight_decay=0.0, grad_clip=args.grad_clip, dtype=args.dtype, batch=args.rm_batch,
+                             micro_batch=args.micro_batch, seed=args.seed + step)
+    opt = common.make_optimizer(rm, fit)  # a new phase of the reward model's training, each with its own AdamW
+    losses = [fit_step(rm, opt, mixture, k, tok.pad_id, d, fit)[0] for k in range(args.rm_steps)]
+    if d.main:
+        save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
+    history += new
+    row = dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
+               rm_auc_on_new=before["outcome_auc"], rm_seconds=time.time() - t0)
+    if "step_auc" in before:
+        row["rm_step_auc_on_new"] = before["step_auc"]
     return row
 
 

@@ -125,7 +125,7 @@ def test_dynamic_sampling_keeps_the_groups_whose_rewards_disagree():
 def test_a_reward_model_scores_each_output_at_its_last_token(data_dir):
     """--reward orm: σ(score) at the output's last token, as one forward of prompt + output alone gives it (not
     padded with others); prm: at the token holding each line's last character, and at the output's end."""
-    from grpo import model_rewards
+    from reward_model import model_rewards
     tok = Tokenizer.load(data_dir / "tokenizer")
     torch.manual_seed(0)
     scorer = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=64,
