@@ -671,9 +671,14 @@ def setup(args):
     return run
 
 
+def toy_reward_model_dir(args):
+    """Where reward_model.py's defaults put the toy's --reward orm|prm model."""
+    return os.path.join(reward_model.parse_args([]).out_dir, args.reward)
+
+
 def reward_model_dir(args):
-    """--reward-model, or the toy's for --reward orm|prm."""
-    return args.reward_model or os.path.join(reward_model.parse_args([]).out_dir, args.reward)
+    """--reward-model, or the toy's."""
+    return args.reward_model or toy_reward_model_dir(args)
 
 
 def build_helpers(run, config, ac):
@@ -684,8 +689,8 @@ def build_helpers(run, config, ac):
         run.ref = common.build_model(config, d, args, init_dir=args.init).requires_grad_(False)
     run.reference = run.ref if run.ref is not None else run.policy if args.beta > 0 else None
     if args.reward != "rule":
-        toy_rm, rm_dir = os.path.join(reward_model.parse_args([]).out_dir, args.reward), reward_model_dir(args)
-        sft.require_model(rm_dir, toy_rm, d,
+        rm_dir = reward_model_dir(args)
+        sft.require_model(rm_dir, toy_reward_model_dir(args), d,
                           lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
         rm_config = config_from_hf(rm_dir)
         if rm_config.head != "score":
