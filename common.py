@@ -1,7 +1,10 @@
 """What every trainer shares: processes, FSDP2 wrapping, the optimizer and its schedule, one optimizer step,
 checkpoints and resume, logging, and the export to a Hugging Face directory.
 
-pretrain.py, sft.py, reward_model.py and grpo.py each keep their own loop in view and call these pieces. The same
+pretrain.py, sft.py, reward_model.py and grpo.py each keep their own loop in view and call these pieces, passing
+values, not their command lines: a script's flags become a Dist (where and in what dtype it computes), an Optim (the
+optimizer step's settings) and the keyword arguments of build_model; only the run's record (args.json, resume's
+check, the W&B config) and the size defaults it fills in take the parsed flags whole. The same
 code runs in one CPU process and under torchrun: FSDP2 wraps the model only when there is more than one rank, and
 everything else (the batch each rank sees, the loss normalisation, checkpoints) is written so that one process and
 N ranks compute the same thing. Nothing here knows about a particular stage's data or loss beyond next-token
@@ -33,7 +36,24 @@ from tokenizer import Tokenizer, TokenizerError
 # The flags every trainer takes
 
 
-def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, helps=None):
+@dataclass
+class Optim:
+    """The settings of an optimizer step: AdamW's peak LR and weight decay (on matrices), the global gradient
+    norm's clip, and the LR schedule over max_steps (lr_factor). Optim.of(args) reads a trainer's flags
+    (add_training_args', --lr and --max-steps), whose defaults are these."""
+    lr: float
+    max_steps: int
+    warmup: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    @classmethod
+    def of(cls, args):
+        return cls(args.lr, args.max_steps, args.warmup, args.schedule, args.weight_decay, args.grad_clip)
+
+
+def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=Optim.weight_decay, helps=None):
     """The optimizer, schedule, precision, checkpoint and logging flags of pretrain.py, sft.py, grpo.py and
     reward_model.py, spelled once; a stage gives its own defaults, and helps={flag: text} for a flag whose meaning
     it sharpens."""
@@ -44,7 +64,7 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=0.0, hel
         "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the "
         "steps)")
     add("--weight-decay", type=float, default=weight_decay)
-    add("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    add("--grad-clip", type=float, default=Optim.grad_clip, help="max global gradient norm")
     add("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU (CPU runs in "
         "float32)")
     add("--activation-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
@@ -74,25 +94,30 @@ def wandb_project(name):
 
 @dataclass
 class Dist:
+    """This process: its rank of `world`, its device, and the dtype its forwards compute in (bf16 on a GPU under
+    --dtype bfloat16, where FSDP2 also gathers the parameters in it and the export is written in it; else fp32)."""
     rank: int
     world: int
     device: torch.device
+    dtype: torch.dtype = torch.float32
 
     @property
     def main(self):
         return self.rank == 0
 
 
-def init_dist():
-    """One process, or one of torchrun's: NCCL on GPUs, gloo on CPUs, chosen from what the machine has."""
-    if "RANK" not in os.environ:
-        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+def init_dist(dtype):
+    """One process, or one of torchrun's: NCCL on GPUs, gloo on CPUs, chosen from what the machine has. dtype: the
+    --dtype flag ("bfloat16" or "float32"), which a CPU overrides (it computes in fp32)."""
     cuda = torch.cuda.is_available()
+    compute = torch.bfloat16 if cuda and dtype == "bfloat16" else torch.float32
+    if "RANK" not in os.environ:
+        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"), compute)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"), compute)
 
 
 @contextmanager
@@ -107,16 +132,10 @@ def one_line_errors():
         sys.exit(1)
 
 
-def compute_dtype(d, args):
-    """bf16 on GPU when --dtype bfloat16, else fp32 (a CPU computes in fp32): what forwards run in, what FSDP2
-    gathers the parameters in, and what the export is written in."""
-    return torch.bfloat16 if d.device.type == "cuda" and args.dtype == "bfloat16" else torch.float32
-
-
-def autocast(d, args):
+def autocast(d):
     """The compute dtype's context (nothing in fp32). Every forward whose log-probs meet another's (policy,
     reference, old policy) runs under it, or the KL starts > 0."""
-    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=compute_dtype(d, args) == torch.bfloat16)
+    return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=d.dtype == torch.bfloat16)
 
 
 def finish(d, status=0):
@@ -191,6 +210,18 @@ def size_defaults(args, config, d, **toy_and_large):
 # Building the model: meta device, FSDP2, then the initial weights broadcast from rank 0
 
 
+def require_model(path, toy_default, d, build):
+    """`path` must be a Hugging Face model directory; the toy's default one is built by `build()` when missing
+    (one process: a toy stage is built before any torchrun)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if path != toy_default:
+        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
+    if d.world > 1:
+        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
+    build()
+
+
 def initial_state(config, init_dir, seed):
     """The starting weights as a full CPU state dict: a Hugging Face checkpoint (the paper starts from a code
     model) or a seeded random init. Built on rank 0 only, so every world size starts from the same weights. A
@@ -207,12 +238,12 @@ def initial_state(config, init_dir, seed):
     return m.state_dict()
 
 
-def checkpointed_blocks(args, d, n_layers, peak_of):
-    """How many blocks --activation-checkpointing checkpoints: all (on), none (off), or auto: on a GPU the fewest
-    for the memory plan's peak, peak_of(k) bytes with k of them checkpointed (memory.py), to fit in
+def checkpointed_blocks(mode, d, n_layers, peak_of):
+    """How many blocks --activation-checkpointing (mode) checkpoints: all (on), none (off), or auto: on a GPU the
+    fewest for the memory plan's peak, peak_of(k) bytes with k of them checkpointed (memory.py), to fit in
     memory.AUTO_FRACTION of the GPU's memory; none on a CPU, whose memory the plan does not model."""
-    if args.activation_checkpointing != "auto":
-        return n_layers if args.activation_checkpointing == "on" else 0
+    if mode != "auto":
+        return n_layers if mode == "on" else 0
     if d.device.type != "cuda":
         return 0
     budget = memory.AUTO_FRACTION * torch.cuda.get_device_properties(d.device).total_memory
@@ -222,11 +253,11 @@ def checkpointed_blocks(args, d, n_layers, peak_of):
     return k
 
 
-def build_model(config, d, args, init_dir=None, checkpointed=0, adapters=None):
+def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None, compile=False):
     """Build on the meta device (no memory), with LoRA adapters (rank, alpha) if given (lora.py: all else
-    frozen), wrap the first `checkpointed` blocks for activation checkpointing (checkpointed_blocks), compile and
-    FSDP2-wrap each block as asked, materialise only this rank's shard, then load the initial weights (and the
-    adapters' seeded start) broadcast from rank 0."""
+    frozen), wrap the first `checkpointed` blocks for activation checkpointing (checkpointed_blocks), compile each
+    block if asked and FSDP2-wrap it, materialise only this rank's shard, then load the initial weights (init_dir's,
+    or a random init from `seed`; the adapters' start from it too) broadcast from rank 0."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -239,19 +270,19 @@ def build_model(config, d, args, init_dir=None, checkpointed=0, adapters=None):
         if i < checkpointed:  # keep the block's input, recompute the rest in backward; the first blocks, as their
             # backward comes last, when the later blocks' activations are freed (memory.activation_bytes)
             block = model.layers[i] = checkpoint_wrapper(block)
-        if args.compile:
+        if compile:
             block.compile()
     if d.world > 1:
         # compute-dtype copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(d, args), reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=d.dtype, reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         register_fsdp_forward_method(model, "loss")  # the training forward gathers the root's weights too
     model.to_empty(device=d.device)
-    state = initial_state(config, init_dir, args.seed) if d.main else {}
+    state = initial_state(config, init_dir, seed) if d.main else {}
     if adapters and d.main:
-        state.update(lora.initial_adapters(model, args.seed))
+        state.update(lora.initial_adapters(model, seed))
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
     model.reset_rope()  # buffers are not part of the state dict
     if d.world > 1:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
@@ -329,33 +360,33 @@ def plain_view(model, dtype=None):
 # Optimizer and learning-rate schedule
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, optim):
     """AdamW with weight decay on matrices only (not on norms and biases), as the paper's β and decay; on GPU the
     fused implementation (one kernel for all parameters), elsewhere foreach."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.weight_decay),
+    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=optim.weight_decay),
               dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
     fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused)
 
 
-def lr_factor(step, args):
+def lr_factor(step, optim):
     """Multiplier on the peak LR at `step` (0-based): linear warmup, then the paper's multi-step schedule
     (1 until 80% of training, 0.316 until 90%, then 0.1), cosine down to 0.1, or constant (SFT)."""
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    frac = step / max(args.max_steps, 1)
-    if args.schedule == "multistep":
+    if step < optim.warmup:
+        return (step + 1) / optim.warmup
+    frac = step / max(optim.max_steps, 1)
+    if optim.schedule == "multistep":
         return 1.0 if frac < 0.8 else 0.316 if frac < 0.9 else 0.1
-    if args.schedule == "cosine":
-        t = (step - args.warmup) / max(args.max_steps - args.warmup, 1)
+    if optim.schedule == "cosine":
+        t = (step - optim.warmup) / max(optim.max_steps - optim.warmup, 1)
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
     return 1.0
 
 
-def set_lr(opt, step, args):
+def set_lr(opt, step, optim):
     """Give every parameter group the scheduled LR of `step` (0-based), and return it."""
-    lr = args.lr * lr_factor(step, args)
+    lr = optim.lr * lr_factor(step, optim)
     for g in opt.param_groups:
         g["lr"] = lr
     return lr
@@ -372,7 +403,7 @@ def clip_grad_norm(model, max_norm):
     return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
 
 
-def train_step(model, opt, micro_batches, d, args, step, loss_of=None):
+def train_step(model, opt, micro_batches, d, optim, step, loss_of=None):
     """micro_batches: list of (x, y, mask) tensors (B, T), mask bool. Each position's loss, the next-token
     cross-entropy −log π(y_t | x_≤t) (model.loss) or loss_of(model, x, y) (B, T) if given, is divided by the
     global count of valid positions, so a batch's gradient does not depend on how it is split across
@@ -384,7 +415,7 @@ def train_step(model, opt, micro_batches, d, args, step, loss_of=None):
     loss_sum = 0.0  # a tensor after the first micro-batch: read back once, after the last (no sync per micro-batch)
     for x, y, mask in micro_batches:
         x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
-        with autocast(d, args):
+        with autocast(d):
             if loss_of is None:  # each position's loss -w·logp, w = its mask x world / n_tokens: d/d logp = -w
                 w = mask.flatten().float() * (d.world / n_tokens)
                 total, logp = model.loss(x, y, lambda lp, rows: (-lp * w[rows], -w[rows]))
@@ -398,8 +429,8 @@ def train_step(model, opt, micro_batches, d, args, step, loss_of=None):
     if not math.isfinite(loss):
         raise FloatingPointError(f"step {step}: loss is {loss}; stopping before the optimizer step, so the last "
                                  "checkpoint stays good (lower --lr, or check the data)")
-    norm = clip_grad_norm(model, args.grad_clip)
-    set_lr(opt, step, args)
+    norm = clip_grad_norm(model, optim.grad_clip)
+    set_lr(opt, step, optim)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, norm, n_tokens
@@ -573,7 +604,7 @@ def start_run(args, d, model, opt, keys, extra=None):
     return step
 
 
-def export_hf(model, out, tokenizer_dir, d, args, adapter_of=None):
+def export_hf(model, out, tokenizer_dir, d, adapter_of=None):
     """Gather the full weights on rank 0 and write them, with the tokenizer, as a Hugging Face directory: in the
     compute dtype (bf16 on GPU: half the bytes of the fp32 master weights), with the tokenizer's BOS and EOS.
     LoRA adapters are merged into the weights; adapter_of (the base model's name or directory) also writes them
@@ -589,7 +620,7 @@ def export_hf(model, out, tokenizer_dir, d, args, adapter_of=None):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
         tok = Tokenizer.load(tokenizer_dir or out)  # with its generation_config.json's stop ids
-        Transformer.save_pretrained(model, out, state_dict=state, dtype=compute_dtype(d, args), bos_id=tok.bos_id,
+        Transformer.save_pretrained(model, out, state_dict=state, dtype=d.dtype, bos_id=tok.bos_id,
                                     eos_id=list(tok.stop_ids))
 
 
@@ -622,7 +653,7 @@ class StopFlag:
 class Log:
     """metrics.jsonl on rank 0; a progress bar on a terminal, a plain line per `every` steps elsewhere; each
     training row also carries the step's peak GPU memory on CUDA; mirrored to Weights & Biases with
-    --wandb PROJECT (imported only then)."""
+    --wandb PROJECT (imported only then; args: the run's flags, its W&B config)."""
 
     def __init__(self, out, d, total, start, every=10, args=None):
         self.d, self.every = d, every

@@ -235,17 +235,16 @@ def decode_7b(args, dtype, device):
 
 def train_mfu(args, device):
     config = ModelConfig(**PRESETS[args.size])
-    d = common.Dist(0, 1, torch.device(device))
-    run = argparse.Namespace(activation_checkpointing="auto", compile=False, dtype="bfloat16", seed=0, lr=1e-4,
-                             weight_decay=0.1, grad_clip=1.0, warmup=0, schedule="constant", max_steps=10)
+    d = common.Dist(0, 1, torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32)
+    optim = common.Optim(lr=1e-4, max_steps=10, weight_decay=0.1)
     B, T = args.train_batch, args.train_tokens
-    ac = common.checkpointed_blocks(run, d, config.n_layers, lambda k: memory.train_peak(
+    ac = common.checkpointed_blocks("auto", d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, 1, B, T, k)))
-    model = common.build_model(config, d, run, checkpointed=ac)
-    opt = common.make_optimizer(model, run)
+    model = common.build_model(config, d, seed=0, checkpointed=ac)
+    opt = common.make_optimizer(model, optim)
     x = torch.randint(0, config.vocab_size, (B, T + 1))
     batch = [(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool))]
-    sec = timed([lambda: common.train_step(model, opt, batch, d, run, 0)], args.repeats, device)[0]
+    sec = timed([lambda: common.train_step(model, opt, batch, d, optim, 0)], args.repeats, device)[0]
     tokens_per_s = B * T / sec
     mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
         if device == "cuda" else float("nan")
@@ -283,9 +282,8 @@ def grpo_step(args, device):
     r = rows[-1]  # the second step: the first also pays for compiling and warm-up
     def peak_of(k):
         return memory.grpo_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, k, kept_decoder=True)["peak"]
-    auto = argparse.Namespace(activation_checkpointing="auto")  # as grpo.main chose, for the plan beside the peak
-    plan_peak = peak_of(common.checkpointed_blocks(auto, common.Dist(0, 1, torch.device(device)), config.n_layers,
-                                                   peak_of))
+    auto = common.checkpointed_blocks("auto", common.Dist(0, 1, torch.device(device)), config.n_layers, peak_of)
+    plan_peak = peak_of(auto)  # as grpo.main chose, for the plan beside the peak
     print(f"\n5. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
           f"{args.new_tokens} new tokens (random weights: outputs run to the budget), --compile")
     print(f"   {r['seconds']:.2f} s: generate {r['time_generate']:.2f} ({r['rollout_tokens_per_s']:,.0f} tokens/s), "

@@ -138,7 +138,7 @@ def fixed_logprobs(model, batches, vocab_limit, d, args):
     log-probs that stay fixed during the update. Its weights are gathered once for all the micro-batches
     (common.unsharded; FSDP2's hooks would gather every block again for each), and its forward is the policy's
     own (the same wrappers, dtype and autocast), or the KL would start above 0."""
-    with torch.no_grad(), common.unsharded(model), common.autocast(d, args):
+    with torch.no_grad(), common.unsharded(model), common.autocast(d):
         return [b.logprobs(model, vocab_limit) for b in batches]
 
 
@@ -178,7 +178,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
         old = old_logp[k] if old_logp is not None else None
         ref = ref_logp[k] if ref_logp is not None else None
         token_loss = policy_token_loss(b, old, ref, clip, beta, tis, d.world / normaliser)  # × world: FSDP2
-        with common.autocast(d, args):  # averages gradients over ranks, which this undoes
+        with common.autocast(d):  # averages gradients over ranks, which this undoes
             total, logp = b.loss(policy, vocab_limit, token_loss)  # (), (b, T)
         total.backward()
         # what to log, from the same log-probs (no gradient)
@@ -613,6 +613,7 @@ class Run:
     problems: list
     held_out: list
     policy: object
+    optim: common.Optim  # π_θ's optimizer settings
     opt: object
     ref: object = None  # a second copy of π_θ, frozen; None with LoRA (π_ref is the policy with its adapters off)
     reference: object = None  # what gives π_ref's log-probs: ref, the policy (LoRA), or None when β = 0
@@ -629,10 +630,10 @@ class Run:
 def setup(args):
     """Everything before line 2 of Algorithm 1: the processes, the questions (held-out ones dropped from the
     training set), 1. π_θ ← π_init, 3. π_ref ← π_θ, the reward, and the run's directory (resumed if asked)."""
-    d = common.init_dist()
+    d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
-    sft.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
+    common.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
     if args.questions % d.world:
         raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
     try:  # the user's rewards, loaded before anything is built
@@ -649,11 +650,14 @@ def setup(args):
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
-    ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.grpo_plan(
+    ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
         args.reward != "rule", args.advantage == "gae", args.compile, args.lora_rank)["peak"])
-    policy = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac, adapters=lora.of(args))
-    run = Run(args, d, tok, problems, held_out, policy, common.make_optimizer(policy, args), reward_fns=reward_fns)
+    policy = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
+                                adapters=lora.of(args), compile=args.compile)
+    optim = common.Optim.of(args)
+    run = Run(args, d, tok, problems, held_out, policy, optim, common.make_optimizer(policy, optim),
+              reward_fns=reward_fns)
     build_helpers(run, config, ac)
     run.extra = {"ref": run.ref} if run.ref is not None and args.ref_reset else {}  # a reset π_ref is state
     if run.value is not None:
@@ -666,7 +670,7 @@ def setup(args):
     if args.rm_refresh:
         run.history = reward_model.replay_history(reward_model_dir(args), args.out, run.step)
     if args.compile:
-        with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+        with common.gathered(policy, d.dtype) as sampler:
             run.decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
     return run
 
@@ -686,30 +690,32 @@ def build_helpers(run, config, ac):
     when β = 0; with LoRA, the policy itself with its adapters off), the reward model and PPO's value model."""
     args, d = run.args, run.d
     if args.beta > 0 and not args.lora_rank:
-        run.ref = common.build_model(config, d, args, init_dir=args.init).requires_grad_(False)
+        run.ref = common.build_model(config, d, seed=args.seed, init_dir=args.init, compile=args.compile)
+        run.ref.requires_grad_(False)
     run.reference = run.ref if run.ref is not None else run.policy if args.beta > 0 else None
     if args.reward != "rule":
         rm_dir = reward_model_dir(args)
-        sft.require_model(rm_dir, toy_reward_model_dir(args), d,
+        common.require_model(rm_dir, toy_reward_model_dir(args), d,
                           lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
         rm_config = config_from_hf(rm_dir)
         if rm_config.head != "score":
             raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py "
                              "makes one)")
-        run.rm = common.build_model(rm_config, d, args, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0)
+        run.rm = common.build_model(rm_config, d, seed=args.seed, init_dir=rm_dir,
+                                    checkpointed=ac if args.rm_refresh else 0, compile=args.compile)
         run.rm.requires_grad_(args.rm_refresh)
     if args.advantage == "gae":
         value_init = args.value_init or (reward_model_dir(args) if run.rm is not None else args.init)
-        run.value = common.build_model(replace(config_from_hf(value_init), head="score"), d, args,
-                                       init_dir=value_init, checkpointed=ac)
-        run.value_opt = common.make_optimizer(run.value, argparse.Namespace(lr=args.value_lr or args.lr,
-                                                                            weight_decay=0.0))
+        run.value = common.build_model(replace(config_from_hf(value_init), head="score"), d, seed=args.seed,
+                                       init_dir=value_init, checkpointed=ac, compile=args.compile)
+        run.value_opt = common.make_optimizer(run.value, common.Optim(lr=args.value_lr or args.lr,
+                                                                      max_steps=args.max_steps))
 
 
 def held_out_metrics(run, n, samples, temperature):
     """evaluate.held_out_metrics of the policy, gathered, on the first n held-out problems."""
     args = run.args
-    with common.gathered(run.policy, common.compute_dtype(run.d, args)) as sampler:
+    with common.gathered(run.policy, run.d.dtype) as sampler:
         return evaluate.held_out_metrics(sampler, run.tok, run.held_out[:n], run.d, prompt=args.prompt,
                                          samples=samples, temperature=temperature, max_new_tokens=args.max_new_tokens,
                                          seed=args.seed, batch=min(args.gen_batch, 64))  # --gen-batch bounds the cache
@@ -742,7 +748,7 @@ def rollout(run):
     batch = [run.problems[i] for i in draw(len(run.problems), n * d.world, args.seed, step)]
     batch = batch[d.rank * n:(d.rank + 1) * n]
     drawn = [p for p in batch for _ in range(args.group_size)]
-    with common.gathered(run.policy, common.compute_dtype(d, args), into=run.decoder and run.decoder.model) as sampler:
+    with common.gathered(run.policy, d.dtype, into=run.decoder and run.decoder.model) as sampler:
         comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
                                 args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
                                 seed=engine.sampling_seed(args.seed, step, d.rank))
@@ -777,7 +783,7 @@ def score(run, comps, drawn):
         comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
     rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
     if run.rm is not None:
-        with common.gathered(run.rm, common.compute_dtype(run.d, args)) as scorer:
+        with common.gathered(run.rm, run.d.dtype) as scorer:
             scored = reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch)
         steps = scored if args.reward == "prm" else None
         rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
@@ -807,7 +813,7 @@ def prepare(run, s):
     old_logp = fixed_logprobs(run.policy, batches, vocab, d, args) if args.mu > 1 else None
     old_values = None
     if run.value is not None:
-        with torch.no_grad(), common.autocast(d, args):
+        with torch.no_grad(), common.autocast(d):
             old_values = [b.values(run.value) for b in batches]
         ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
     return batches, per_token, n_zero_std, (ref_logp, old_logp, old_values)
@@ -821,10 +827,10 @@ def train(run, batches, fixed, comps):
     n_seq = common.all_sum(d, len(comps))
     n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
     normaliser = loss_normaliser(args.loss_norm, n_seq, n_tok, args.max_new_tokens)
-    lr = common.set_lr(run.opt, run.step, args)
+    lr = common.set_lr(run.opt, run.step, run.optim)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
     checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
-    tis = (args.tis if args.tis is not None else 2.0 if common.compute_dtype(d, args) == torch.bfloat16
+    tis = (args.tis if args.tis is not None else 2.0 if d.dtype == torch.bfloat16
            else 0.0) if checked else 0.0
     updates, value_loss = [], None
     for _ in range(args.mu):
@@ -885,7 +891,7 @@ def keep(run, s, per_token, refreshed, stop):
             step, s.drawn, s.comps, dict(rule_reward=s.rule, reward=s.rewards, **s.scores),
             None if run.value is not None else per_token, args.group_size))
     if args.export_every and step % args.export_every == 0 and step < args.max_steps:
-        common.export_hf(run.policy, os.path.join(args.out, f"step-{step}"), args.init, d, args)
+        common.export_hf(run.policy, os.path.join(args.out, f"step-{step}"), args.init, d)
     common.save_or_stop(stop, args.out, run.policy, run.opt, step, d,
                         step % args.ckpt_every == 0 or step == args.max_steps or bool(refreshed), run.extra)
 
@@ -938,7 +944,7 @@ def main(args):
         after = report(run, "after")
         log(dict(step=run.step, eval_greedy_accuracy=after["greedy"]))
     log.close()
-    common.export_hf(run.policy, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
+    common.export_hf(run.policy, args.out, args.init, d, adapter_of=args.init if args.export_adapter else None)
     if run.held_out:
         print_table(before, after, args, d)
         if d.main:

@@ -82,7 +82,7 @@ def update_value(value, opt, batches, old_values, n_tok, d, args):
     the model wrote (on all ranks), backward, clip, AdamW. Returns this rank's summed loss."""
     total = 0.0
     for b, old in zip(batches, old_values):
-        with common.autocast(d, args):
+        with common.autocast(d):
             v = b.values(value)
         loss = value_loss_sum(v, old, b.returns, b.mask, args.value_clip)
         (loss * d.world / max(n_tok, 1)).backward()  # FSDP averages gradients over ranks: undo it

@@ -27,9 +27,9 @@ import torch
 
 import data
 import memory
-from common import (Log, StopFlag, add_training_args, all_sum, autocast, build_model, checkpointed_blocks, export_hf,
-                    finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_or_stop, start_run,
-                    train_step)
+from common import (Log, Optim, StopFlag, add_training_args, all_sum, autocast, build_model, checkpointed_blocks,
+                    export_hf, finish, init_dist, make_optimizer, num_params, one_line_errors, print0, save_or_stop,
+                    start_run, train_step)
 from model import PRESETS, ModelConfig, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def mixture(args, split):
 def main(args):
     if args.dry_run:
         return dry_run(args)
-    d = init_dist()
+    d = init_dist(args.dtype)
     torch.manual_seed(args.seed)
     if not os.path.isfile(os.path.join(args.data, "shards", "math.json")):
         if args.data != parse_args([]).data:
@@ -99,10 +99,11 @@ def main(args):
         if not args.init else None
     if args.init:
         config = config_from_hf(args.init)
-    ac = checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
+    ac = checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, args.seq_len, k)))
-    model = build_model(config, d, args, init_dir=args.init, checkpointed=ac)
-    opt = make_optimizer(model, args)
+    model = build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac, compile=args.compile)
+    optim = Optim.of(args)
+    opt = make_optimizer(model, optim)
     step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))
     n_params = num_params(config)
     print0(d, f"{n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device}, {accum} micro-batches of "
@@ -117,7 +118,7 @@ def main(args):
                 lo = (d.rank * accum + k) * args.micro_batch
                 x, y = train.batch(step, range(lo, lo + args.micro_batch))
                 batches.append((torch.from_numpy(x), torch.from_numpy(y), torch.ones(x.shape, dtype=torch.bool)))
-            loss, norm, n = train_step(model, opt, batches, d, args, step)
+            loss, norm, n = train_step(model, opt, batches, d, optim, step)
             step += 1
             row = dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                        tokens_per_s=n / (time.time() - t0))
@@ -129,7 +130,7 @@ def main(args):
                 log(dict(step=step, eval_loss=eval_loss(model, val, d, args)))
             save_or_stop(stop, args.out, model, opt, step, d, step % args.ckpt_every == 0 or step == args.max_steps)
     log.close()
-    export_hf(model, args.out, tok_dir, d, args)
+    export_hf(model, args.out, tok_dir, d)
     print0(d, f"saved {args.out}")
     finish(d)
 
@@ -141,7 +142,7 @@ def eval_loss(model, val, d, args, batches=4):
     for k in range(batches):
         x, y = val.batch(k, range(d.rank * args.micro_batch, (d.rank + 1) * args.micro_batch))
         x, y = torch.from_numpy(x).to(d.device), torch.from_numpy(y).to(d.device)
-        with autocast(d, args):
+        with autocast(d):
             total -= model(x, y).sum().item()  # cross-entropy: -log π(y)
         n += y.numel()
     model.train()

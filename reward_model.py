@@ -207,41 +207,43 @@ def load_examples(path):
     return [Scored(**r) for r in data.read_jsonl(path, fields=("ids", "at", "labels", "truth"))]
 
 
-def fit_step(model, opt, examples, step, pad_id, d, args):
+def fit_step(model, opt, optim, examples, step, d, *, batch, micro_batch, seed, pad_id):
     """One optimizer step of a reward model on the global batch `step` of `examples` (sft.step_examples: every
-    rank holds all of them in one order), this rank's share, with BCE through common.train_step. args: batch,
-    micro_batch, seed, and the LR schedule's and train_step's fields."""
-    if len(examples) < args.batch:
-        raise SystemExit(f"{len(examples)} reward-model examples, fewer than one batch of {args.batch}: sample more "
+    rank holds all of them in one order, drawn by `seed`), this rank's share, with BCE through common.train_step."""
+    if len(examples) < batch:
+        raise SystemExit(f"{len(examples)} reward-model examples, fewer than one batch of {batch}: sample more "
                          "questions or lower the batch")
-    per_rank = args.batch // d.world
-    mine = sft.step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+    per_rank = batch // d.world
+    mine = sft.step_examples(examples, step, batch, seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
     mine.sort(key=lambda e: len(e.ids))  # similar lengths share a micro-batch
-    micro = [collate(mine[i:i + args.micro_batch], pad_id) for i in range(0, per_rank, args.micro_batch)]
-    return common.train_step(model, opt, micro, d, args, step, loss_of=bce_loss)
+    micro = [collate(mine[i:i + micro_batch], pad_id) for i in range(0, per_rank, micro_batch)]
+    return common.train_step(model, opt, micro, d, optim, step, loss_of=bce_loss)
 
 
 def train(kind, examples, held_out, config, tok, args, d):
     """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
     its held-out report. Returns the report."""
-    run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})
+    run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})  # this model's record
     longest = max(len(e.ids) for e in examples)
-    ac = common.checkpointed_blocks(run, d, config.n_layers, lambda k: memory.train_peak(
-        memory.train_plan(config, d.world, run.micro_batch, longest, k)))
-    model = common.build_model(replace(config, head="score"), d, run, init_dir=args.init, checkpointed=ac)
-    opt = common.make_optimizer(model, run)
+    ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
+        memory.train_plan(config, d.world, args.micro_batch, longest, k)))
+    model = common.build_model(replace(config, head="score"), d, seed=args.seed, init_dir=args.init,
+                               checkpointed=ac, compile=args.compile)
+    optim = common.Optim.of(args)
+    opt = common.make_optimizer(model, optim)
     step = common.start_run(run, d, model, opt, ("init", "policy", "data", "samples", "seed"))
     log = common.Log(run.out, d, run.max_steps, step, args=run)
     with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
         while step < run.max_steps:
             t0 = time.time()
-            loss, norm, n = fit_step(model, opt, examples, step, tok.pad_id, d, run)
+            loss, norm, n = fit_step(model, opt, optim, examples, step, d, batch=args.batch,
+                                     micro_batch=args.micro_batch, seed=args.seed, pad_id=tok.pad_id)
             step += 1
             log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
                      seconds=time.time() - t0))
             common.save_or_stop(stop, run.out, model, opt, step, d, step % run.ckpt_every == 0 or step == run.max_steps)
     log.close()
-    common.export_hf(model, run.out, args.policy, d, run)
+    common.export_hf(model, run.out, args.policy, d)
     if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)
         save_examples(os.path.join(run.out, "examples.jsonl"), examples)
     with common.gathered(model) as plain:
@@ -299,7 +301,7 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
     questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
     golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
     seed = engine.sampling_seed(args.seed, step, d.rank, engine.RM_REFRESH)
-    with common.gathered(policy, common.compute_dtype(d, args)) as sampler:
+    with common.gathered(policy, d.dtype) as sampler:
         comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
                                 seed=seed, batch=args.gen_batch)
         rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)
@@ -311,11 +313,10 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
             before = report(scorer, new, tok.pad_id)
     n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
     mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
-    fit = argparse.Namespace(lr=args.rm_lr, warmup=0, schedule="constant", max_steps=args.rm_steps,
-                             weight_decay=0.0, grad_clip=args.grad_clip, dtype=args.dtype, batch=args.rm_batch,
-                             micro_batch=args.micro_batch, seed=args.seed + step)
+    fit = common.Optim(lr=args.rm_lr, max_steps=args.rm_steps, grad_clip=args.grad_clip)  # constant LR
     opt = common.make_optimizer(rm, fit)  # a new phase of the reward model's training, each with its own AdamW
-    losses = [fit_step(rm, opt, mixture, k, tok.pad_id, d, fit)[0] for k in range(args.rm_steps)]
+    losses = [fit_step(rm, opt, fit, mixture, k, d, batch=args.rm_batch, micro_batch=args.micro_batch,
+                       seed=args.seed + step, pad_id=tok.pad_id)[0] for k in range(args.rm_steps)]
     if d.main:
         save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
     history += new
@@ -362,11 +363,11 @@ def main(args):
     kinds = args.kinds.split(",")
     if not kinds or set(kinds) - {"orm", "prm"}:
         raise SystemExit(f"--kinds {args.kinds}: expected orm, prm or orm,prm")
-    d = common.init_dist()
+    d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
     toy = parse_args([])
-    sft.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
-    sft.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
+    common.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
+    common.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.policy)
     engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)

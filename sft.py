@@ -97,18 +97,6 @@ def step_examples(examples, step, batch, seed):
 # Training
 
 
-def require_model(path, toy_default, d, build):
-    """`path` must be a Hugging Face model directory; the toy's default one is built by `build()` when missing
-    (one process: a toy stage is built before any torchrun). grpo.py uses it too."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    if path != toy_default:
-        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
-    if d.world > 1:
-        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
-    build()
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--init", default="out/toy/base", help="the model to fine-tune (a Hugging Face directory)")
@@ -133,9 +121,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    d = common.init_dist()
+    d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
-    require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
+    common.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
@@ -162,10 +150,12 @@ def main(args):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
                          f"{d.world}")
     longest = max(len(e[0]) for e in examples)
-    ac = common.checkpointed_blocks(args, d, config.n_layers, lambda k: memory.train_peak(
+    ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, longest, k)))
-    model = common.build_model(config, d, args, init_dir=args.init, checkpointed=ac, adapters=lora.of(args))
-    opt = common.make_optimizer(model, args)
+    model = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac, adapters=lora.of(args),
+                               compile=args.compile)
+    optim = common.Optim.of(args)
+    opt = common.make_optimizer(model, optim)
     step = common.start_run(args, d, model, opt, ("init", "data", "formats", "batch", "seed"))
     common.print0(d, f"{len(examples)} examples ({args.formats}) from {len(problems)} problems; "
                        f"{args.max_steps} steps of {args.batch} on {d.world} rank(s)")
@@ -178,14 +168,14 @@ def main(args):
             mine = step_examples(examples, step, args.batch, args.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
             mine.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: little padding
             micro = [collate(mine[i:i + args.micro_batch], tok.pad_id) for i in range(0, per_rank, args.micro_batch)]
-            loss, norm, n = common.train_step(model, opt, micro, d, args, step)
+            loss, norm, n = common.train_step(model, opt, micro, d, optim, step)
             step += 1
             log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm,
                      tokens_per_s=n / (time.time() - t0)))
             common.save_or_stop(stop, args.out, model, opt, step, d,
                                 step % args.ckpt_every == 0 or step == args.max_steps)
     log.close()
-    common.export_hf(model, args.out, args.init, d, args, adapter_of=args.init if args.export_adapter else None)
+    common.export_hf(model, args.out, args.init, d, adapter_of=args.init if args.export_adapter else None)
     del model, opt
 
     # Held-out greedy accuracy of the exported model: each rank evaluates its share with a full copy.

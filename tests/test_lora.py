@@ -1,6 +1,5 @@
 """lora.py: adapters that start as the base model, train alone, merge into the export, load in PEFT, and run on
 1 and 2 FSDP2 ranks with exact resume (sft.py --lora-rank); GRPO's reference is the policy with them off."""
-import argparse
 import json
 import os
 import subprocess
@@ -51,15 +50,14 @@ def test_an_adapter_is_w_plus_scaled_ba_per_part_in_float64():
 
 
 def test_a_lora_step_trains_only_the_adapters():
-    args = argparse.Namespace(compile=False, dtype="float32", seed=0, lr=1e-2, weight_decay=0.1, grad_clip=1.0,
-                              warmup=0, schedule="constant", max_steps=10)
-    model = common.build_model(CFG, CPU, args, adapters=(4, 8.0))
+    optim = common.Optim(lr=1e-2, max_steps=10, weight_decay=0.1)
+    model = common.build_model(CFG, CPU, seed=0, adapters=(4, 8.0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = common.make_optimizer(model, args)
+    opt = common.make_optimizer(model, optim)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == \
         sum(v.numel() for k, v in before.items() if ".lora_" in k)
     x = torch.randint(0, 300, (4, 16))
-    common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], CPU, args, 0)
+    common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], CPU, optim, 0)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if ".lora_A" in k or ".lora_B" in k}  # all adapters, nothing else
@@ -72,9 +70,7 @@ def test_the_export_merges_and_peft_loads_the_adapter(tmp_path):
     base, model = lora_model()
     base.save_pretrained(tmp_path / "base")
     Tokenizer.train(["What is 2 + 3? The answer is 5."] * 4, 300).save(tmp_path / "base")
-    args = argparse.Namespace(dtype="float32")
-    common.export_hf(model, str(tmp_path / "out"), str(tmp_path / "base"), CPU, args,
-                     adapter_of=str(tmp_path / "base"))
+    common.export_hf(model, str(tmp_path / "out"), str(tmp_path / "base"), CPU, adapter_of=str(tmp_path / "base"))
     x = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         want = model(x)

@@ -33,7 +33,7 @@ def losses(out, key="loss"):
 
 
 def test_lr_schedules():
-    a = argparse.Namespace(warmup=10, max_steps=100, schedule="multistep")
+    a = common.Optim(lr=1.0, max_steps=100, warmup=10, schedule="multistep")
     assert common.lr_factor(0, a) == pytest.approx(0.1) and common.lr_factor(9, a) == 1.0
     assert [common.lr_factor(s, a) for s in (79, 80, 89, 90, 99)] == [1.0, 0.316, 0.316, 0.1, 0.1]  # paper §2.3
     a.schedule = "cosine"
@@ -185,9 +185,9 @@ def test_micro_batches_of_unequal_tokens_give_the_whole_batchs_gradient():
     mask[3, 7] = False
     assert (mask[:2].sum(), mask[2:].sum()) == (3, 11)
     d = common.Dist(0, 1, torch.device("cpu"))
-    args = argparse.Namespace(dtype="float32", grad_clip=1e9, lr=0.0, warmup=0, max_steps=10, schedule="constant")
+    optim = common.Optim(lr=0.0, max_steps=10, grad_clip=1e9)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, norm, n = common.train_step(model, opt, [(x[:2], y[:2], mask[:2]), (x[2:], y[2:], mask[2:])], d, args, 0)
+    loss, norm, n = common.train_step(model, opt, [(x[:2], y[:2], mask[:2]), (x[2:], y[2:], mask[2:])], d, optim, 0)
     logp = torch.log_softmax(twin(x), -1).gather(-1, y[..., None])[..., 0]
     whole = -(logp * mask).sum() / mask.sum()
     whole.backward()
@@ -205,9 +205,9 @@ def test_nan_loss_stops_before_the_optimizer_step():
     before = model.embed_tokens.weight.clone()
     opt = torch.optim.AdamW(model.parameters())
     x = torch.randint(0, 50, (2, 8))
-    args = argparse.Namespace(dtype="float32", grad_clip=1.0, lr=1e-3, warmup=1, max_steps=10, schedule="constant")
+    optim = common.Optim(lr=1e-3, max_steps=10, warmup=1)
     with pytest.raises(FloatingPointError, match="step 7: loss is nan"):
-        common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, args, 7)
+        common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, optim, 7)
     assert torch.equal(model.embed_tokens.weight, before)
 
 
@@ -242,11 +242,10 @@ def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
     cpu = common.Dist(0, 1, torch.device("cpu"))
 
     def chosen(mode):
-        return common.checkpointed_blocks(argparse.Namespace(activation_checkpointing=mode), cpu, 30, None)
+        return common.checkpointed_blocks(mode, cpu, 30, None)
     assert (chosen("on"), chosen("off"), chosen("auto")) == (30, 0, 0)
     small = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=2, ffn_dim=64, max_seq_len=16)
-    args = argparse.Namespace(compile=False, dtype="float32", seed=0)
-    model = common.build_model(small, cpu, args, checkpointed=2)
+    model = common.build_model(small, cpu, seed=0, checkpointed=2)
     assert [isinstance(b, CheckpointWrapper) for b in model.layers] == [True, True, False]
 
 
