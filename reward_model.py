@@ -184,17 +184,50 @@ def report(model, examples, pad_id):
 # Training
 
 
-def sample_completions(policy_dir, tok, problems, args, d):
-    """`args.samples` completions per question from the SFT model at T = 1, this rank's share of the questions,
-    in question order. Returns (the sampler, completions, their rule rewards, gold answers)."""
-    sampler = Transformer.from_pretrained(policy_dir, device=d.device)
-    mine = problems[d.rank::d.world]
-    questions = [p["question"] for p in mine for _ in range(args.samples)]
-    comps = engine.complete(sampler, tok, questions, "cot", args.max_new_tokens, temperature=1.0,
-                            seed=engine.sampling_seed(args.seed, rank=d.rank), batch=args.gen_batch)
-    golds = [p["answer"] for p in mine for _ in range(args.samples)]
+def policy_sources(specs):
+    """--policy's entries, DIR or DIR@T, as (directory, sampling temperature; 1.0 where not given)."""
+    out = []
+    for spec in specs:
+        path, at, t = spec.rpartition("@")
+        try:
+            out.append((path, float(t)) if at else (spec, 1.0))
+        except ValueError:
+            raise SystemExit(f"--policy {spec}: expected DIR or DIR@TEMPERATURE") from None
+    return out
+
+
+def sample_completions(sources, tok, problems, args, d):
+    """`args.samples` completions per question from each (policy, temperature) of `sources`, this rank's share of
+    the questions (problems[rank::world]). Question by question, each source's samples in turn, a completion
+    kept once however often a question's samples repeat it. Returns (completions, rule rewards, gold answers,
+    each one's question: its index in `problems`)."""
+    mine = range(d.rank, len(problems), d.world)
+    questions = [problems[q]["question"] for q in mine for _ in range(args.samples)]
+    drawn = []
+    for k, (path, temperature) in enumerate(sources):  # each source its own stream of uniforms
+        sampler = Transformer.from_pretrained(path, device=d.device)
+        drawn.append(engine.complete(sampler, tok, questions, "cot", args.max_new_tokens, temperature,
+                                     seed=engine.sampling_seed(args.seed, k, d.rank), batch=args.gen_batch))
+    comps, qids, seen = [], [], set()
+    for i, q in enumerate(mine):
+        for c in (c for per_source in drawn for c in per_source[i * args.samples:(i + 1) * args.samples]):
+            if (q, tuple(c.ids)) not in seen:
+                seen.add((q, tuple(c.ids)))
+                comps.append(c)
+                qids.append(q)
+    golds = [problems[q]["answer"] for q in qids]
     outcomes = reward.batch_rewards([c.text for c in comps], golds, workers=1)
-    return sampler, comps, outcomes, golds
+    return comps, outcomes, golds, qids
+
+
+def first_per_question(qids, n):
+    """Indices of the first n entries of each question in qids."""
+    count, out = {}, []
+    for i, q in enumerate(qids):
+        count[q] = count.get(q, 0) + 1
+        if count[q] <= n:
+            out.append(i)
+    return out
 
 
 def save_examples(path, examples):
@@ -220,9 +253,9 @@ def fit_step(model, opt, optim, examples, step, d, *, batch, micro_batch, seed, 
     return common.train_step(model, opt, micro, d, optim, step, loss_of=bce_loss)
 
 
-def train(kind, examples, held_out, config, tok, args, d):
+def train(kind, examples, held_out, drift, config, tok, args, d):
     """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
-    its held-out report. Returns the report."""
+    its report on the held-out questions (and on --drift's samples of them, if any). Returns the report."""
     run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})  # this model's record
     longest = max(len(e.ids) for e in examples)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
@@ -243,11 +276,13 @@ def train(kind, examples, held_out, config, tok, args, d):
                      seconds=time.time() - t0))
             common.save_or_stop(stop, run.out, model, opt, step, d, step % run.ckpt_every == 0 or step == run.max_steps)
     log.close()
-    common.export_hf(model, run.out, args.policy, d)
+    common.export_hf(model, run.out, policy_sources(args.policy)[0][0], d)  # with the policies' tokenizer
     if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)
         save_examples(os.path.join(run.out, "examples.jsonl"), examples)
     with common.gathered(model) as plain:
         row = report(plain, held_out, tok.pad_id)
+        if drift:
+            row["drift"] = report(plain, drift, tok.pad_id)
     if d.main:
         with open(os.path.join(run.out, "report.json"), "w") as f:
             json.dump(row, f, indent=1)
@@ -331,12 +366,15 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--init", default="out/toy/base", help="the body a reward model starts from (paper: the base "
                     "model)")
-    ap.add_argument("--policy", default="out/toy/sft", help="the model whose samples are labelled (the SFT model)")
+    ap.add_argument("--policy", nargs="+", default=["out/toy/sft"], metavar="DIR[@T]", help="the models whose "
+                    "samples are labelled, each at its temperature (default 1.0): --samples per question from each")
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="the benchmark's test problems: "
                     "never sampled here")
     data.add_problem_args(ap)
     engine.add_chat_args(ap)
+    ap.add_argument("--drift", metavar="DIR[@T]", help="also report on this policy's samples of the held-out "
+                    "questions (a policy later than those trained on, as GRPO's will be)")
     ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
     ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
     ap.add_argument("--questions", type=int, default=768, help="questions sampled (a tenth held out for the report)")
@@ -365,10 +403,11 @@ def main(args):
         raise SystemExit(f"--kinds {args.kinds}: expected orm, prm or orm,prm")
     d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
-    toy = parse_args([])
-    common.require_model(args.policy, toy.policy, d, lambda: sft.main(sft.parse_args([])))
+    toy, sources = parse_args([]), policy_sources(args.policy)
+    for path, _ in sources:
+        common.require_model(path, toy.policy[0], d, lambda: sft.main(sft.parse_args([])))
     common.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
-    tok = Tokenizer.load(args.policy)
+    tok = Tokenizer.load(sources[0][0])  # the policies share it
     engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
     problems = read_problems(args.data)
@@ -383,28 +422,33 @@ def main(args):
                          f"{d.world}")
 
     t0 = time.time()
-    sampler, comps, outcomes, golds = sample_completions(args.policy, tok, problems, args, d)
-    common.print0(d, f"rank 0: {len(comps)} completions of {len(comps) // args.samples} questions, "
-                     f"{np.mean(outcomes):.1%} right ({time.time() - t0:.0f} s)")
+    comps, outcomes, golds, qids = sample_completions(sources, tok, problems, args, d)
+    common.print0(d, f"rank 0: {len(comps)} distinct completions of {len(set(qids))} questions from "
+                     f"{len(sources)} source(s), {np.mean(outcomes):.1%} right ({time.time() - t0:.0f} s)")
     built = {}
     if "orm" in kinds:
-        built["orm"] = outcome_examples(comps, outcomes)
+        built["orm"] = list(zip(qids, outcome_examples(comps, outcomes)))
     if "prm" in kinds:
         t0 = time.time()
-        pick = [i for i in range(len(comps)) if i % args.samples < args.shepherd_per_question]
-        built["prm"] = shepherd_examples(sampler, tok, [comps[i] for i in pick], [outcomes[i] for i in pick],
-                                         [golds[i] for i in pick], args.shepherd_samples, args.hard,
-                                         engine.sampling_seed(args.seed, rank=d.rank, purpose=engine.SHEPHERD),
-                                         args.gen_batch, args.max_new_tokens)
-        common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for e in built['prm'])} steps from "
+        pick = first_per_question(qids, args.shepherd_per_question)  # the first source's (sample_completions)
+        completer = Transformer.from_pretrained(sources[0][0], device=d.device)
+        built["prm"] = list(zip([qids[i] for i in pick], shepherd_examples(
+            completer, tok, [comps[i] for i in pick], [outcomes[i] for i in pick], [golds[i] for i in pick],
+            args.shepherd_samples, args.hard, engine.sampling_seed(args.seed, rank=d.rank, purpose=engine.SHEPHERD),
+            args.gen_batch, args.max_new_tokens)))
+        common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for _, e in built['prm'])} steps from "
                          f"{args.shepherd_samples} completions each ({time.time() - t0:.0f} s)")
-    del sampler
+        del completer
+    unseen = len(problems) - max(1, len(problems) // 10)  # questions from here on are held out, whole
+    drift = []
+    if args.drift:  # a later policy's samples of them: what GRPO will show the reward model
+        dc, do, _, _ = sample_completions(policy_sources([args.drift]), tok, problems[unseen:], args, d)
+        drift = common.all_gather_list(d, outcome_examples(dc, do))
     for kind in kinds:
-        everyone = common.all_gather_list(d, built[kind])  # the same global order on every rank
-        per_q = args.samples if kind == "orm" else min(args.samples, args.shepherd_per_question)
-        held = max(1, len(everyone) // 10 // per_q) * per_q  # whole questions: a tenth of them
-        examples, held_out = everyone[:-held], everyone[-held:]
-        row = train(kind, examples, held_out, config, tok, args, d)
+        everyone = sorted(common.all_gather_list(d, built[kind]), key=lambda qe: qe[0])  # one order on all ranks
+        examples = [e for q, e in everyone if q < unseen]
+        held_out = [e for q, e in everyone if q >= unseen]
+        row = train(kind, examples, held_out, drift, config, tok, args, d)
         common.print0(d, f"{kind}: {len(examples)} examples; held out {json.dumps(row)}")
         common.print0(d, f"saved {os.path.join(args.out_dir, kind)}")
     common.finish(d)

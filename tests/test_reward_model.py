@@ -1,5 +1,6 @@
 """reward_model.py: the scalar head against transformers and through save/load, Math-Shepherd labels on a
 hand-made case, AUC by hand, and the command line on 1 process and 2 FSDP ranks."""
+import argparse
 import json
 import math
 
@@ -107,6 +108,37 @@ def test_collate_and_loss_train_only_the_labelled_positions():
     assert reward_model.scores(model, ex, pad_id=0)[1] == pytest.approx(torch.sigmoid(model(x))[1, 1:3].tolist())
 
 
+def test_policy_sources_read_a_temperature_after_the_last_at():
+    assert reward_model.policy_sources(["out/sft", "runs/a@b/grpo@0.7"]) == [("out/sft", 1.0), ("runs/a@b/grpo", 0.7)]
+    with pytest.raises(SystemExit, match="--policy out@hot: expected DIR or DIR@TEMPERATURE"):
+        reward_model.policy_sources(["out@hot"])
+
+
+def test_samples_from_several_policies_come_question_by_question_each_kept_once(base):
+    """Each source's samples of a question in turn, a repeated completion of a question kept once: greedy
+    sources give one completion per question, the greedy one; a sampled source's come first, then greedy's
+    unless a sample already was it."""
+    tok = Tokenizer.load(base)
+    problems = [dict(question=f"What is {a} + 3?", answer=str(a + 3)) for a in range(3)]
+    args = argparse.Namespace(samples=2, max_new_tokens=8, seed=0, gen_batch=4)
+    cpu, model = common.Dist(0, 1, torch.device("cpu")), Transformer.from_pretrained(base)
+    greedy = engine.complete(model, tok, [p["question"] for p in problems], max_new_tokens=8)
+    comps, outcomes, golds, qids = reward_model.sample_completions([(base, 0.0), (base, 0.0)], tok, problems, args,
+                                                                   cpu)
+    assert qids == [0, 1, 2] and golds == ["3", "4", "5"] and [c.ids for c in comps] == [c.ids for c in greedy]
+    sampled = engine.complete(model, tok, [p["question"] for p in problems for _ in range(2)], "cot", 8, 1.0,
+                              seed=engine.sampling_seed(0), batch=4)
+    want, want_q = [], []
+    for q in range(3):
+        for ids in [c.ids for c in sampled[2 * q:2 * q + 2]] + [greedy[q].ids]:
+            if ids not in want[len(want_q) - want_q.count(q):]:
+                want.append(ids)
+                want_q.append(q)
+    comps, _, _, qids = reward_model.sample_completions([(base, 1.0), (base, 0.0)], tok, problems, args, cpu)
+    assert [c.ids for c in comps] == want and qids == want_q and len(set(map(tuple, want))) > 3
+    assert reward_model.first_per_question(qids, 1) == [want_q.index(q) for q in range(3)]
+
+
 def rm_args(base, data_dir, out, *extra):
     return ["reward_model.py", "--init", str(base), "--policy", str(base), "--data", str(data_dir / "train.jsonl"),
             "--eval-data", str(data_dir / "test.jsonl"), "--questions", "8", "--samples", "2",
@@ -117,7 +149,7 @@ def rm_args(base, data_dir, out, *extra):
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_path, ranks):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
-    r = run([*launch, *rm_args(base, data_dir, tmp_path)])
+    r = run([*launch, *rm_args(base, data_dir, tmp_path, "--drift", f"{base}@0.5")])
     assert r.returncode == 0, r.stderr[-3000:]
     for kind in ("orm", "prm"):
         rows = [json.loads(line) for line in open(tmp_path / kind / "metrics.jsonl")]
@@ -125,6 +157,7 @@ def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_pat
         rep = json.load(open(tmp_path / kind / "report.json"))
         # held out: one question, its 2 samples (orm) or the 1 the process labels were estimated for (prm)
         assert rep["examples"] == {"orm": 2, "prm": 1}[kind] and 0 <= rep["outcome_accuracy"] <= 1
+        assert rep["drift"]["examples"] == 2  # --drift's 2 samples of the held-out question
         m = Transformer.from_pretrained(tmp_path / kind)
         assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
 
