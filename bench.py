@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from model import PRESETS, KVCache, ModelConfig, Transformer, config_from_hf
+from model import PRESETS, KVCache, ModelConfig, Transformer, config_from_hf, fused_layout
 
 
 def timed(fns, repeats, device):
@@ -504,6 +504,74 @@ def bench_reward(args):
 # grpo: grpo.py against TRL's GRPOTrainer on the toy
 
 
+# grpo.py's --schedule choices in TRL's terms (its cosine_with_min_lr at 0.1 is lr_factor's cosine)
+TRL_SCHEDULES = dict(constant=dict(lr_scheduler_type="constant"),
+                     cosine=dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs=dict(min_lr_rate=0.1)))
+
+
+def trl_run(args, ours, tok, problems, steps, out):
+    """TRL's GRPOTrainer matched to grpo.py's defaults `ours` (bench_grpo says how), on grpo.py's draws walked in
+    order; its model saved to `out`. Returns (seconds of each step, each step's mean reward)."""
+    import datasets
+    import transformers
+    import trl
+
+    import engine
+    import grpo
+    import reward
+    # TRL walks its dataset in order (no shuffle): grpo.py's draws, step after step
+    walk = [problems[i] for step in range(steps) for i in grpo.draw(len(problems), ours.questions, args.seed, step)]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(args.init)
+    prompt_ids = [engine.prompt_ids(tok, p["question"]) for p in walk]
+    prompts = [tok.decode(ids) for ids in prompt_ids]  # TRL takes text: BOS is in it, as its special token
+    same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids))
+    print(f"prompts token-identical under TRL's tokenizer call: {same} of {len(prompts)}")
+    question_of = dict(zip(prompts, (p["question"] for p in walk)))
+    sampler = Transformer.from_pretrained(args.init, dtype=torch.float32)
+
+    def engine_rollouts(prompts, trainer):  # grpo.py's rollouts of the model TRL trains (--trl-sampler engine)
+        hf_state = {k.removeprefix("model."): v for k, v in trainer.model.state_dict().items()}
+        sampler.load_state_dict(fused_layout(hf_state, sampler.config))  # our q/k/v and gate/up stacked
+        step = trainer.state.global_step
+        comps = engine.complete(sampler, tok, [question_of[p] for p in prompts], "cot", ours.max_new_tokens,
+                                ours.temperature, ours.top_p, seed=engine.sampling_seed(args.seed, step),
+                                batch=len(prompts))
+        return dict(prompt_ids=[c.prompt for c in comps], completion_ids=[c.ids for c in comps],
+                    logprobs=[c.logprobs for c in comps])
+
+    def correctness(completions, answer, **_):
+        return [reward.math_reward(c, a) for c, a in zip(completions, answer)]
+
+    class StepTimer(transformers.TrainerCallback):
+        def __init__(self):
+            self.seconds, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    config = trl.GRPOConfig(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=32, gradient_accumulation_steps=4,
+        steps_per_generation=4, num_generations=8, num_iterations=1, max_completion_length=96, temperature=1.0,
+        top_p=1.0, learning_rate=ours.lr, **TRL_SCHEDULES[ours.schedule], warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
+        loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
+        bf16=False, use_cpu=True, seed=args.seed, report_to="none", logging_steps=1, save_strategy="no",
+        disable_tqdm=True, shuffle_dataset=False)
+    dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in walk]})
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=correctness, args=config, train_dataset=dataset,
+                              processing_class=hf_tok, callbacks=[timer],
+                              rollout_func=engine_rollouts if args.trl_sampler == "engine" else None)
+    trainer.train()
+    trainer.model.save_pretrained(out)
+    tok.save(out)
+    return timer.seconds, [row["reward"] for row in trainer.state.log_history if "reward" in row]
+
+
 def bench_grpo(args):
     """The same SFT model, questions, rewards and settings through grpo.py and through TRL's GRPOTrainer, one
     after the other in this process: seconds per step (median over the steps after the first) and held-out
@@ -511,12 +579,11 @@ def bench_grpo(args):
     x G = 8 per step in micro-batches of 32, one update per batch (mu = 1), up to 96 new tokens at temperature 1,
     grpo.py's LR (1e-4) on its default schedule (cosine to a tenth, no warmup: TRL's cosine_with_min_lr at 0.1 is the
     same function; or constant), AdamW betas (0.9, 0.95) without weight decay, gradients clipped at 1, beta 0.04
-    with the k3 estimate,
-    epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward, fp32 on the CPU,
-    prompts token-identical (BOS included; checked), and the same questions at every step (TRL walks grpo.py's
-    draws in order). --trl-sampler engine gives TRL's trainer its rollouts from our engine (TRL's rollout_func,
-    sampling the model TRL is training, with grpo.py's seeds): with the same rollouts the two trainers should take
-    the same steps, which the per-step rewards show until float rounding makes a sample differ."""
+    with the k3 estimate, epsilon 0.2, per-sequence normalisation, std-scaled group advantages, reward.math_reward,
+    fp32 on the CPU, prompts token-identical (BOS included; checked), and the same questions at every step (TRL
+    walks grpo.py's draws in order). --trl-sampler engine gives TRL's trainer its rollouts from our engine (TRL's
+    rollout_func, sampling the model TRL is training, with grpo.py's seeds): with the same rollouts the two trainers
+    should take the same steps, which the per-step rewards show until float rounding makes a sample differ."""
     import statistics
 
     import common
@@ -524,10 +591,8 @@ def bench_grpo(args):
     import engine
     import evaluate
     import grpo
-    import reward
     from tokenizer import Tokenizer
     try:
-        import datasets
         import transformers
         import trl
     except ImportError:
@@ -546,9 +611,7 @@ def bench_grpo(args):
         raise SystemExit(f"bench.py grpo: {args.rl_data} has prompts too long for {ours.max_new_tokens} new tokens: "
                          "grpo.py would skip them and draw from another list than TRL walks")
     steps = args.steps or ours.max_steps
-    schedule = dict(constant=dict(lr_scheduler_type="constant"),
-                    cosine=dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs=dict(min_lr_rate=0.1)))
-    if ours.schedule not in schedule or ours.warmup:
+    if ours.schedule not in TRL_SCHEDULES or ours.warmup:
         raise SystemExit(f"bench.py grpo matches TRL to a constant or cosine LR without warmup, not grpo.py's "
                          f"--schedule {ours.schedule} --warmup {ours.warmup}")
 
@@ -565,57 +628,7 @@ def bench_grpo(args):
         ours_s = [r["seconds"] for r in rows if "seconds" in r]
         ours_rewards = [r["reward"] for r in rows if "reward" in r]
 
-        # TRL walks its dataset in order (no shuffle): grpo.py's draws, step after step
-        walk = [problems[i] for step in range(steps) for i in grpo.draw(len(problems), ours.questions, args.seed, step)]
-        hf_tok = transformers.AutoTokenizer.from_pretrained(args.init)
-        prompt_ids = [engine.prompt_ids(tok, p["question"]) for p in walk]
-        prompts = [tok.decode(ids) for ids in prompt_ids]  # TRL takes text: BOS is in it, as its special token
-        same = sum(hf_tok(p, add_special_tokens=False)["input_ids"] == ids for p, ids in zip(prompts, prompt_ids))
-        print(f"prompts token-identical under TRL's tokenizer call: {same} of {len(prompts)}")
-        question_of = dict(zip(prompts, (p["question"] for p in walk)))
-        sampler = Transformer.from_pretrained(args.init, dtype=torch.float32)
-
-        def engine_rollouts(prompts, trainer):  # grpo.py's rollouts of the model TRL trains (--trl-sampler engine)
-            sampler.load_state_dict({k.removeprefix("model."): v for k, v in trainer.model.state_dict().items()})
-            step = trainer.state.global_step
-            comps = engine.complete(sampler, tok, [question_of[p] for p in prompts], "cot", ours.max_new_tokens,
-                                    ours.temperature, ours.top_p, seed=engine.sampling_seed(args.seed, step),
-                                    batch=len(prompts))
-            return dict(prompt_ids=[c.prompt for c in comps], completion_ids=[c.ids for c in comps],
-                        logprobs=[c.logprobs for c in comps])
-
-        def correctness(completions, answer, **_):
-            return [reward.math_reward(c, a) for c, a in zip(completions, answer)]
-
-        class StepTimer(transformers.TrainerCallback):
-            def __init__(self):
-                self.seconds, self.t0 = [], 0.0
-
-            def on_step_begin(self, *a, **k):
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                self.seconds.append(time.perf_counter() - self.t0)
-
-        config = trl.GRPOConfig(
-            output_dir=trl_dir, max_steps=steps, per_device_train_batch_size=32, gradient_accumulation_steps=4,
-            steps_per_generation=4, num_generations=8, num_iterations=1, max_completion_length=96, temperature=1.0,
-            top_p=1.0, learning_rate=ours.lr, **schedule[ours.schedule], warmup_steps=0, weight_decay=0.0,
-            adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.04, epsilon=0.2,
-            loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False, gradient_checkpointing=False,
-            bf16=False, use_cpu=True, seed=args.seed, report_to="none", logging_steps=1, save_strategy="no",
-            disable_tqdm=True, shuffle_dataset=False)
-        dataset = datasets.Dataset.from_dict({"prompt": prompts, "answer": [p["answer"] for p in walk]})
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
-        timer = StepTimer()
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=correctness, args=config, train_dataset=dataset,
-                                  processing_class=hf_tok, callbacks=[timer],
-                                  rollout_func=engine_rollouts if args.trl_sampler == "engine" else None)
-        trainer.train()
-        trl_rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
-        trainer.model.save_pretrained(trl_dir)
-        tok.save(trl_dir)
-        trl_s = timer.seconds
+        trl_s, trl_rewards = trl_run(args, ours, tok, problems, steps, trl_dir)
 
         before, ours_acc, trl_acc = held_out(args.init), held_out(ours_dir), held_out(trl_dir)
     ours_step, trl_step = statistics.median(ours_s[1:]), statistics.median(trl_s[1:])

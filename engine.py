@@ -190,6 +190,58 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature
     cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
 
 
+class _Queue:
+    """The host's side of one generate call: the prompts waiting for a row, which one each row holds, how far each
+    row's tokens are checked for a stop, each row's position (as the device's `pos`: attention need not read the
+    cache past the furthest), the prefills of prompts whose samples still wait, and the finished sequences."""
+
+    def __init__(self, prompts, budgets, streams, rows, eos_ids, stop, decode):
+        self.prompts, self.budgets, self.streams = prompts, budgets, streams
+        self.eos, self.stop, self.decode = set(eos_ids), stop, decode
+        self.max_stop = max((len(s.encode()) for s in stop), default=0)
+        self.queue = deque(range(len(prompts)))
+        self.waiting = Counter(tuple(p) for p in prompts)  # samples of each prompt not yet admitted
+        self.prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
+        self.seq, self.checked, self.at = [-1] * rows, [0] * rows, [0] * rows  # seq: -1 where a row is free
+        self.result = Generation([None] * len(prompts), [False] * len(prompts), [None] * len(prompts))
+
+    def keep(self, rows):
+        """Rows `rows` moved to the front, as _Rows.keep moves their device state."""
+        self.seq, self.checked, self.at = ([x[r] for r in rows] for x in (self.seq, self.checked, self.at))
+
+    def collect(self, st, live, W, progress):
+        """Read the live rows' new tokens back (the host's only read of the device, every k steps) and finish each
+        row whose sequence stopped: its tokens and log-probs into the result, the row freed."""
+        counts = [min(c, W) for c in st.count[:len(self.seq)].tolist()]
+        lo = max(0, min(self.checked[r] for r in live) - self.max_stop)  # a stop string may begin in checked tokens
+        block = st.out[:len(self.seq), lo:max(counts[r] for r in live)].tolist()
+        for r in live:
+            hit = self.stops_at(r, counts[r], block[r], lo)
+            if hit is None:
+                continue
+            t, finished = hit
+            j = self.seq[r]
+            self.result.tokens[j], self.result.logprobs[j] = st.out[r, :t + 1].tolist(), st.out_lp[r, :t + 1].tolist()
+            self.result.finished[j] = finished
+            self.seq[r] = -1
+            if progress is not None:
+                progress.update(1)
+
+    def stops_at(self, r, n_out, row, lo):
+        """Where row r's sequence stops among its tokens sampled since the last check (of its first n_out; `row`
+        holds its tokens from lo on): (index of the last token kept, True if EOS or a stop string ended it, False
+        if its budget did), or None if it goes on."""
+        m = self.max_stop
+        for t in range(self.checked[r], n_out):
+            if row[t - lo] in self.eos or (m and any(s in self.decode(row[max(lo, t + 1 - m) - lo:t + 1 - lo])
+                                                     for s in self.stop)):
+                return t, True
+            if t + 1 == self.budgets[self.seq[r]]:
+                return t, False
+        self.checked[r] = n_out
+        return None
+
+
 class Decoder:
     """A model's decoder. Its device state (_Rows) and its decode step persist from one call of `generate` to the
     next with compile=True: the buffers are allocated at the largest shape asked for so far (lengths rounded up,
@@ -245,102 +297,65 @@ class Decoder:
         if n and min(budgets) <= 0:
             P = len(prompts[budgets.index(min(budgets))])
             raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
-        result = Generation([None] * n, [False] * n, [None] * n)
-        if n == 0:
-            return result
         k = sync_every or (8 if model.lm_head.weight.is_cuda else 1)
         B = min(slots, n)  # rows in use: [0, B), halved as the queue empties
+        q = _Queue(prompts, budgets, list(range(n)) if streams is None else list(streams), B, eos_ids, stop, decode)
+        if n == 0:
+            return q.result
         # the longest sequence a row holds; W: a row may run up to k - 1 tokens past its stop before a check sees it
         st = self._state(B, max(len(p) + b for p, b in zip(prompts, budgets)), max(budgets) + k)
-        _, S, W = st.shape
+        S, W = st.shape[1:]
         opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        streams = list(range(n)) if streams is None else list(streams)
-        eos, max_stop = set(eos_ids), max((len(s.encode()) for s in stop), default=0)
-        seq = [-1] * B  # which prompt each row holds (-1: none)
-        checked = [0] * B  # tokens of each row already checked for a stop
-        at = [0] * B  # each row's position, as the device's `pos`: attention need not read the cache past the furthest
-        queue = deque(range(n))
-        waiting = Counter(tuple(p) for p in prompts)  # samples of each prompt not yet admitted
-        prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
-
-        def admit(rows):
-            """Give each free row the next waiting sequence: copy its prompt's cached prefill (prefilling the prompts
-            not seen yet, in one batch), draw its random numbers and sample its first token from the prompt's last
-            logits."""
-            js = [queue.popleft() for _ in rows]
-            self._prefill([p for p in dict.fromkeys(tuple(prompts[j]) for j in js) if p not in prefixes], prefixes,
-                          vocab_limit)
-            dev, by_prompt, first = st.cur.device, {}, []
-            for r, j in zip(rows, js):
-                p = tuple(prompts[j])
-                by_prompt.setdefault(p, []).append(r)
-                first.append(prefixes[p][2])
-                seq[r], checked[r], at[r] = j, 0, len(p)
-            for p, rs in by_prompt.items():  # one copy per layer of each prompt into all its rows
-                idx, (pk, pv, _) = torch.tensor(rs, device=dev), prefixes[p]
-                for i in range(cfg.n_layers):
-                    st.cache.k[i][idx, :, :len(p)], st.cache.v[i][idx, :, :len(p)] = pk[i], pv[i]
-                waiting[p] -= len(rs)
-                if not waiting[p]:
-                    del prefixes[p]
-            idx = torch.tensor(rows, device=dev)
-            start = torch.tensor([len(prompts[j]) for j in js], device=dev)  # where the first new token goes
-            stream = torch.tensor([streams[j] for j in js], device=dev)
-            st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
-            logits = torch.stack(first)
-            tok = sample(logits, st.u[idx, 0], **opts)
-            st.out[idx, 0], st.out_lp[idx, 0], st.cur[idx], st.pos[idx], st.count[idx] = \
-                tok, token_logprob(logits, tok), tok, start, 1
-
-        def stops_at(r, n_out, block, lo):
-            """Where row r's sequence stops among its tokens sampled since the last check (of its first n_out;
-            block[r] holds its tokens from lo on): (index of the last token kept, True if EOS or a stop string
-            ended it, False if its budget did), or None if it goes on."""
-            row = block[r]
-            for t in range(checked[r], n_out):
-                if row[t - lo] in eos or (max_stop and any(s in decode(row[max(lo, t + 1 - max_stop) - lo:t + 1 - lo])
-                                                           for s in stop)):
-                    return t, True
-                if t + 1 == budgets[seq[r]]:
-                    return t, False
-            checked[r] = n_out
-            return None
-
         while True:
-            free = [r for r in range(B) if seq[r] < 0]
-            if free and queue:
-                admit(free[:len(queue)])
-            live = [r for r in range(B) if seq[r] >= 0]
+            free = [r for r in range(B) if q.seq[r] < 0]
+            if free and q.queue:
+                self._admit(q, st, free[:len(q.queue)], seed, W, vocab_limit, opts)
+            live = [r for r in range(B) if q.seq[r] >= 0]
             if not live:
-                break
-            if not queue and len(live) <= B // 2:  # nothing waits: run the live rows at the size they need
+                return q.result
+            if not q.queue and len(live) <= B // 2:  # nothing waits: run the live rows at the size they need
                 B = 1 << (len(live) - 1).bit_length()
-                keep = live + [r for r in range(len(seq)) if seq[r] < 0][:B - len(live)]
+                keep = live + [r for r in range(len(q.seq)) if q.seq[r] < 0][:B - len(live)]
                 st.keep(torch.tensor(keep, device=st.cur.device))
-                seq, checked, at = [seq[r] for r in keep], [checked[r] for r in keep], [at[r] for r in keep]
+                q.keep(keep)
                 live = list(range(len(live)))
             # attend over the positions written so far only (compiled: rounded up, for fewer graphs)
-            L = max(at[r] for r in live) + k
+            L = max(q.at[r] for r in live) + k
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
             for _ in range(k):
                 self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.cache.k, st.cache.v,
                           vocab_limit=vocab_limit, **opts)
-            at = [a + k for a in at]
-            counts = [min(c, W) for c in st.count[:B].tolist()]  # the host reads the device here only, every k steps
-            lo = max(0, min(checked[r] for r in live) - max_stop)  # a stop string may begin in checked tokens
-            block = st.out[:B, lo:max(counts[r] for r in live)].tolist()
-            for r in live:
-                hit = stops_at(r, counts[r], block, lo)
-                if hit is None:
-                    continue
-                t, finished = hit
-                j = seq[r]
-                result.tokens[j], result.logprobs[j] = st.out[r, :t + 1].tolist(), st.out_lp[r, :t + 1].tolist()
-                result.finished[j] = finished
-                seq[r] = -1
-                if progress is not None:
-                    progress.update(1)
-        return result
+            q.at = [a + k for a in q.at]
+            q.collect(st, live, W, progress)
+
+    def _admit(self, q, st, rows, seed, W, vocab_limit, opts):
+        """Give each free row the next waiting sequence: copy its prompt's cached prefill (prefilling the prompts
+        not seen yet, in one batch), draw its random numbers and sample its first token from the prompt's last
+        logits."""
+        js = [q.queue.popleft() for _ in rows]
+        self._prefill([p for p in dict.fromkeys(tuple(q.prompts[j]) for j in js) if p not in q.prefixes], q.prefixes,
+                      vocab_limit)
+        dev, by_prompt, first = st.cur.device, {}, []
+        for r, j in zip(rows, js):
+            p = tuple(q.prompts[j])
+            by_prompt.setdefault(p, []).append(r)
+            first.append(q.prefixes[p][2])
+            q.seq[r], q.checked[r], q.at[r] = j, 0, len(p)
+        for p, rs in by_prompt.items():  # one copy per layer of each prompt into all its rows
+            idx, (pk, pv, _) = torch.tensor(rs, device=dev), q.prefixes[p]
+            for i in range(self.model.config.n_layers):
+                st.cache.k[i][idx, :, :len(p)], st.cache.v[i][idx, :, :len(p)] = pk[i], pv[i]
+            q.waiting[p] -= len(rs)
+            if not q.waiting[p]:
+                del q.prefixes[p]
+        idx = torch.tensor(rows, device=dev)
+        start = torch.tensor([len(q.prompts[j]) for j in js], device=dev)  # where the first new token goes
+        stream = torch.tensor([q.streams[j] for j in js], device=dev)
+        st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
+        logits = torch.stack(first)
+        tok = sample(logits, st.u[idx, 0], **opts)
+        st.out[idx, 0], st.out_lp[idx, 0], st.cur[idx], st.pos[idx], st.count[idx] = \
+            tok, token_logprob(logits, tok), tok, start, 1
 
     def _prefill(self, new, prefixes, vocab_limit):
         """Run the prompts `new` (tuples of ids) through the model in one right-padded batch (causal attention never
