@@ -484,8 +484,11 @@ def add_reward_args(ap):
     model, the user's functions, outcome or process supervision, GRPO's group baseline or PPO's value model."""
     ap.add_argument("--reward", default="rule", choices=["rule", "orm", "prm"], help="what gives the reward: the "
                     "answer rule (reward.py), or an outcome / process reward model (reward_model.py; paper: a model)")
-    ap.add_argument("--reward-model", help="the --reward model's directory (default: the toy's, out/toy/<orm|prm>, "
-                    "built by reward_model.py if missing)")
+    ap.add_argument("--reward-model", nargs="+", metavar="DIR", help="the --reward model's directory (default: the "
+                    "toy's, out/toy/<orm|prm>, built by reward_model.py if missing); several: an ensemble")
+    ap.add_argument("--rm-ensemble", default="mean", choices=["mean", "min"], help="an ensemble's verdict: the mean "
+                    "of its models', or the lowest (the pessimist's: harder to game, as one model's blind spot is "
+                    "seldom all of theirs)")
     ap.add_argument("--reward-fn", action="append", default=[], metavar="MODULE:FUNCTION", help="a reward of "
                     "yours, f(completion text, problem row) -> float, added to --reward's (repeatable; also "
                     "path/to/file.py:function)")
@@ -561,9 +564,9 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
-    if args.rm_refresh and (args.reward == "rule" or not args.ref_reset):
-        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm and "
-                 "--ref-reset K")
+    if args.rm_refresh and (args.reward == "rule" or not args.ref_reset or len(args.reward_model or ()) > 1):
+        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm, one "
+                 "--reward-model and --ref-reset K")
     if args.reward == "prm" and args.prompt == "tool":
         ap.error("--reward prm scores the lines of chain-of-thought outputs: use it with --prompt cot")
     if args.advantage == "gae" and (args.supervision == "process" or args.online_rft or args.beta == 0):
@@ -617,7 +620,7 @@ class Run:
     opt: object
     ref: object = None  # a second copy of π_θ, frozen; None with LoRA (π_ref is the policy with its adapters off)
     reference: object = None  # what gives π_ref's log-probs: ref, the policy (LoRA), or None when β = 0
-    rm: object = None  # a learned reward (line 8 as the paper runs it)
+    rms: list = ()  # learned rewards (line 8 as the paper runs it): one, or an ensemble
     value: object = None  # PPO's value model V_ψ
     value_opt: object = None
     decoder: object = None  # --compile: the rollouts' decoder, with its own copy of the weights
@@ -663,12 +666,12 @@ def setup(args):
     if run.value is not None:
         run.extra["value"] = (run.value, run.value_opt)
     if args.rm_refresh:
-        run.extra["rm"] = run.rm  # as is a refreshed reward model
+        run.extra["rm"] = run.rms[0]  # as is a refreshed reward model
     resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "chat_template", "system",
                  "reward", "advantage", "seed")
     run.step = common.start_run(args, d, policy, run.opt, resumable, run.extra)
     if args.rm_refresh:
-        run.history = reward_model.replay_history(reward_model_dir(args), args.out, run.step)
+        run.history = reward_model.replay_history(reward_model_dirs(args)[0], args.out, run.step)
     if args.compile:
         with common.gathered(policy, d.dtype) as sampler:
             run.decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
@@ -680,9 +683,9 @@ def toy_reward_model_dir(args):
     return os.path.join(reward_model.parse_args([]).out_dir, args.reward)
 
 
-def reward_model_dir(args):
-    """--reward-model, or the toy's."""
-    return args.reward_model or toy_reward_model_dir(args)
+def reward_model_dirs(args):
+    """--reward-model's directories, or the toy's."""
+    return args.reward_model or [toy_reward_model_dir(args)]
 
 
 def build_helpers(run, config, ac):
@@ -694,22 +697,27 @@ def build_helpers(run, config, ac):
         run.ref.requires_grad_(False)
     run.reference = run.ref if run.ref is not None else run.policy if args.beta > 0 else None
     if args.reward != "rule":
-        rm_dir = reward_model_dir(args)
-        common.require_model(rm_dir, toy_reward_model_dir(args), d,
-                          lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
-        rm_config = config_from_hf(rm_dir)
-        if rm_config.head != "score":
-            raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py "
-                             "makes one)")
-        run.rm = common.build_model(rm_config, d, seed=args.seed, init_dir=rm_dir,
-                                    checkpointed=ac if args.rm_refresh else 0, compile=args.compile)
-        run.rm.requires_grad_(args.rm_refresh)
+        run.rms = [reward_model_of(rm_dir, run, ac) for rm_dir in reward_model_dirs(args)]
     if args.advantage == "gae":
-        value_init = args.value_init or (reward_model_dir(args) if run.rm is not None else args.init)
+        value_init = args.value_init or (reward_model_dirs(args)[0] if run.rms else args.init)
         run.value = common.build_model(replace(config_from_hf(value_init), head="score"), d, seed=args.seed,
                                        init_dir=value_init, checkpointed=ac, compile=args.compile)
         run.value_opt = common.make_optimizer(run.value, common.Optim(lr=args.value_lr or args.lr,
                                                                       max_steps=args.max_steps))
+
+
+def reward_model_of(rm_dir, run, ac):
+    """A reward model for line 8, frozen unless --rm-refresh trains it (then checkpointed as the policy is); the
+    toy's is built first if missing."""
+    args, d = run.args, run.d
+    common.require_model(rm_dir, toy_reward_model_dir(args), d,
+                         lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
+    rm_config = config_from_hf(rm_dir)
+    if rm_config.head != "score":
+        raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
+    rm = common.build_model(rm_config, d, seed=args.seed, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0,
+                            compile=args.compile)
+    return rm.requires_grad_(args.rm_refresh)
 
 
 def held_out_metrics(run, n, samples, temperature):
@@ -782,9 +790,12 @@ def score(run, comps, drawn):
         pick = groups_with_signal(rule, G, args.questions // run.d.world)
         comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
     rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
-    if run.rm is not None:
-        with common.gathered(run.rm, run.d.dtype) as scorer:
-            scored = reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch)
+    if run.rms:
+        verdicts = []
+        for rm in run.rms:
+            with common.gathered(rm, run.d.dtype) as scorer:
+                verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch))
+        scored = reward_model.ensemble(verdicts, args.reward, args.rm_ensemble)
         steps = scored if args.reward == "prm" else None
         rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
     elif args.supervision == "process":
@@ -849,7 +860,7 @@ def end_iteration(run):
     args, refreshed = run.args, {}
     if args.ref_reset and run.step % args.ref_reset == 0:
         if args.rm_refresh:
-            refreshed = reward_model.refresh_reward_model(run.rm, run.policy, run.tok, run.problems, run.history,
+            refreshed = reward_model.refresh_reward_model(run.rms[0], run.policy, run.tok, run.problems, run.history,
                                                           run.step, args, run.d)
         if run.ref is not None:
             run.ref.load_state_dict(run.policy.state_dict())

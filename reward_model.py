@@ -306,6 +306,17 @@ def model_rewards(scorer, tok, comps, kind, batch):
     return [[(t, x) for (t, _), x in zip(e, s)] for e, s in zip(ends, got)]
 
 
+def ensemble(verdicts, kind, how="mean"):
+    """Several reward models' model_rewards on the same outputs as one: per output (orm) or per step (prm), the
+    mean of their scores or the lowest (how="min")."""
+    if kind == "orm":
+        stacked = torch.stack(verdicts)  # (models, B)
+        return stacked.mean(0) if how == "mean" else stacked.min(0).values
+    combine = np.mean if how == "mean" else min
+    return [[(t, float(combine([v[i][j][1] for v in verdicts]))) for j, (t, _) in enumerate(steps)]
+            for i, steps in enumerate(verdicts[0])]  # every model's steps end at the same tokens (step_ends)
+
+
 # -----------------------------------------------------------------------------
 # Iterative GRPO: the reward model learns from the policy's new samples (line 12 of grpo.py's Algorithm 1)
 

@@ -85,3 +85,17 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
         else:
             (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text()[:100])
         assert_one_clear_line(*evaluate_cli(d, problems), *words)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--reward", "orm", "--supervision", "process"], "an outcome model scores whole outputs"),
+    (["--rm-refresh", "--reward", "orm"], "give --reward orm|prm, one --reward-model and --ref-reset K"),
+    (["--rm-refresh", "--reward", "orm", "--ref-reset", "5", "--reward-model", "a", "b"], "one --reward-model"),
+    (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
+    (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
+])
+def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):
+    import grpo
+    with pytest.raises(SystemExit) as e:
+        grpo.parse_args(flags)
+    assert e.value.code == 2 and words in capsys.readouterr().err.splitlines()[-1]

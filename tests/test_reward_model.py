@@ -191,6 +191,30 @@ def test_grpo_with_a_learned_reward_refreshed_each_iteration(base, data_dir, rew
         assert len(open(tmp_path / "rm_history" / f"step_{row['step']:06d}.jsonl").readlines()) == 36
 
 
+def test_an_ensemble_scores_by_the_mean_or_the_lowest_verdict():
+    a, b = torch.tensor([0.2, 0.9]), torch.tensor([0.4, 0.5])
+    assert reward_model.ensemble([a, b], "orm").tolist() == pytest.approx([0.3, 0.7])
+    assert reward_model.ensemble([a, b], "orm", "min").tolist() == pytest.approx([0.2, 0.5])
+    p, q = [[(3, 0.2), (7, 0.9)], [(5, 0.6)]], [[(3, 0.4), (7, 0.5)], [(5, 0.1)]]  # per output, (token, score)
+    for how, want in (("mean", [0.3, 0.7, 0.35]), ("min", [0.2, 0.5, 0.1])):
+        got = reward_model.ensemble([p, q], "prm", how)
+        assert [t for out in got for t, _ in out] == [3, 7, 5]
+        assert [x for out in got for _, x in out] == pytest.approx(want)
+
+
+def test_grpo_with_an_ensemble_of_one_model_twice_scores_as_the_model(base, data_dir, reward_models, tmp_path):
+    """--reward-model A A: each model's verdicts combined (here the lowest of two equal ones) are the model's."""
+    rows = {}
+    for name, dirs in (("one", [reward_models / "orm"]), ("two", [reward_models / "orm"] * 2)):
+        r = run(grpo_args(base, data_dir, tmp_path / name, "--max-steps", "1", "--eval-every", "0",
+                          "--report-problems", "0", "--reward", "orm", "--rm-ensemble", "min", "--reward-model",
+                          *map(str, dirs)))
+        assert r.returncode == 0, r.stderr[-2000:]
+        [rows[name]] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
+    assert 0 < rows["one"]["reward"] < 1 and rows["one"]["reward"] == rows["two"]["reward"]
+    assert rows["one"]["loss"] == pytest.approx(rows["two"]["loss"], rel=1e-6)
+
+
 def test_iterative_grpo_resumes_with_its_refreshed_reward_model_and_replay_pool(base, data_dir, reward_models,
                                                                                 tmp_path):
     """The checkpoint after a refresh holds the refreshed reward model; the replay pool is read back from
