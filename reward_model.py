@@ -165,15 +165,24 @@ def auc(predicted, labels):
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(p) - n_pos)))
 
 
-def report(model, examples, pad_id):
+def report(model, examples, pad_id, questions=None):
     """Held-out quality of a reward model against the rule, from the examples' `truth`: the final score's AUC
-    and accuracy at 1/2 against the outcome, and (for a process model) the AUC over the steps the arithmetic
+    and accuracy at 1/2 against the outcome; given each example's question, the AUC within a question, averaged
+    over the questions with right and wrong outputs (what GRPO's group baseline sees: the AUC across questions
+    also rewards knowing which questions are easy); for a process model, the AUC over the steps the arithmetic
     checker can judge."""
     s = scores(model, examples, pad_id)
     final, outcome = [x[-1] for x in s], [e.truth[-1] for e in examples]
     row = dict(examples=len(examples), outcome_auc=auc(final, outcome),
                outcome_accuracy=float(np.mean([(f > 0.5) == (o > 0.5) for f, o in zip(final, outcome)])),
                right=float(np.mean(outcome)))
+    if questions is not None:
+        groups = {}
+        for q, f, o in zip(questions, final, outcome):
+            groups.setdefault(q, ([], []))[0].append(f)
+            groups[q][1].append(o)
+        within = [a for a in (auc(*g) for g in groups.values()) if a == a]  # nan: one class only
+        row.update(group_auc=float(np.mean(within)) if within else float("nan"), mixed_questions=len(within))
     steps = [(x, t) for xs, e in zip(s, examples) for x, t in zip(xs[:-1], e.truth[:-1]) if t is not None]
     if steps:
         row.update(step_auc=auc(*zip(*steps)), steps_checked=len(steps))
@@ -255,7 +264,8 @@ def fit_step(model, opt, optim, examples, step, d, *, batch, micro_batch, seed, 
 
 def train(kind, examples, held_out, drift, config, tok, args, d):
     """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
-    its report on the held-out questions (and on --drift's samples of them, if any). Returns the report."""
+    its report on the held-out questions (and on --drift's samples of them, if any): those two as (question,
+    example) pairs. Returns the report."""
     run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})  # this model's record
     longest = max(len(e.ids) for e in examples)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
@@ -280,9 +290,9 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
     if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)
         save_examples(os.path.join(run.out, "examples.jsonl"), examples)
     with common.gathered(model) as plain:
-        row = report(plain, held_out, tok.pad_id)
+        row = report(plain, [e for _, e in held_out], tok.pad_id, [q for q, _ in held_out])
         if drift:
-            row["drift"] = report(plain, drift, tok.pad_id)
+            row["drift"] = report(plain, [e for _, e in drift], tok.pad_id, [q for q, _ in drift])
     if d.main:
         with open(os.path.join(run.out, "report.json"), "w") as f:
             json.dump(row, f, indent=1)
@@ -356,7 +366,7 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
                                               seed + engine.SHEPHERD, args.gen_batch, args.max_new_tokens))
         new = common.all_gather_list(d, new)
         with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
-            before = report(scorer, new, tok.pad_id)
+            before = report(scorer, new, tok.pad_id, [i // args.rm_samples for i in range(len(new))])
     n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
     mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
     fit = common.Optim(lr=args.rm_lr, max_steps=args.rm_steps, grad_clip=args.grad_clip)  # constant LR
@@ -367,7 +377,8 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
         save_examples(os.path.join(args.out, "rm_history", f"step_{step:06d}.jsonl"), new)
     history += new
     row = dict(rm_new=len(new), rm_replay=n_replay, rm_loss_first=losses[0], rm_loss_last=losses[-1],
-               rm_auc_on_new=before["outcome_auc"], rm_seconds=time.time() - t0)
+               rm_auc_on_new=before["outcome_auc"], rm_group_auc_on_new=before["group_auc"],
+               rm_seconds=time.time() - t0)
     if "step_auc" in before:
         row["rm_step_auc_on_new"] = before["step_auc"]
     return row
@@ -453,12 +464,12 @@ def main(args):
     unseen = len(problems) - max(1, len(problems) // 10)  # questions from here on are held out, whole
     drift = []
     if args.drift:  # a later policy's samples of them: what GRPO will show the reward model
-        dc, do, _, _ = sample_completions(policy_sources([args.drift]), tok, problems[unseen:], args, d)
-        drift = common.all_gather_list(d, outcome_examples(dc, do))
+        dc, do, _, dq = sample_completions(policy_sources([args.drift]), tok, problems[unseen:], args, d)
+        drift = common.all_gather_list(d, list(zip(dq, outcome_examples(dc, do))))
     for kind in kinds:
         everyone = sorted(common.all_gather_list(d, built[kind]), key=lambda qe: qe[0])  # one order on all ranks
         examples = [e for q, e in everyone if q < unseen]
-        held_out = [e for q, e in everyone if q >= unseen]
+        held_out = [(q, e) for q, e in everyone if q >= unseen]
         row = train(kind, examples, held_out, drift, config, tok, args, d)
         common.print0(d, f"{kind}: {len(examples)} examples; held out {json.dumps(row)}")
         common.print0(d, f"saved {os.path.join(args.out_dir, kind)}")

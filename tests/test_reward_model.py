@@ -108,6 +108,18 @@ def test_collate_and_loss_train_only_the_labelled_positions():
     assert reward_model.scores(model, ex, pad_id=0)[1] == pytest.approx(torch.sigmoid(model(x))[1, 1:3].tolist())
 
 
+def test_the_report_gives_the_auc_within_questions_beside_the_auc_across_them(monkeypatch):
+    """Question 0 ranked right, question 1 wrong way round, question 2 all right (no AUC): within, (1 + 0) / 2;
+    across, 5 of the 12 right-wrong pairs in order."""
+    final = [0.9, 0.2, 0.5, 0.3, 0.6, 0.1, 0.4]
+    truth = [1, 0, 0, 1, 0, 1, 1]
+    examples = [Scored([1, 2], [1], [float(t)], [float(t)]) for t in truth]
+    monkeypatch.setattr(reward_model, "scores", lambda model, ex, pad_id: [[f] for f in final])
+    row = reward_model.report(None, examples, 0, questions=[0, 0, 0, 1, 1, 2, 2])
+    assert row["group_auc"] == 0.5 and row["mixed_questions"] == 2
+    assert row["outcome_auc"] == pytest.approx(5 / 12) and row["outcome_accuracy"] == pytest.approx(3 / 7)
+
+
 def test_policy_sources_read_a_temperature_after_the_last_at():
     assert reward_model.policy_sources(["out/sft", "runs/a@b/grpo@0.7"]) == [("out/sft", 1.0), ("runs/a@b/grpo", 0.7)]
     with pytest.raises(SystemExit, match="--policy out@hot: expected DIR or DIR@TEMPERATURE"):
