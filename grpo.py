@@ -278,13 +278,13 @@ def rule_steps(tok, comps, rewards):
     return steps
 
 
-def token_advantages(comps, rewards, steps, args):
-    """Â_it for every token of every output (line 9 of Algorithm 1): from the step rewards `steps` (process
+def token_advantages(comps, rewards, step_rewards, args):
+    """Â_it for every token of every output (line 9 of Algorithm 1): from `step_rewards` (process
     supervision: per output [(index of a step's last token, reward)]), else from the outcome rewards, as
     --online-rft says. Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
     G, scale_std = args.group_size, not args.no_std_scale
-    if steps is not None:
-        return process_advantages(steps, [len(c.ids) for c in comps], G, scale_std)
+    if step_rewards is not None:
+        return process_advantages(step_rewards, [len(c.ids) for c in comps], G, scale_std)
     if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones
         adv, n_zero_std = (rewards > 0).float(), 0
     else:
@@ -772,7 +772,7 @@ class Scored:
     drawn: list
     rule: torch.Tensor
     rewards: torch.Tensor
-    steps: list
+    step_rewards: list
     scores: dict
     generated: dict
 
@@ -789,24 +789,24 @@ def score(run, comps, drawn):
     if args.oversample > 1:
         pick = groups_with_signal(rule, G, args.questions // run.d.world)
         comps, rule, drawn = [comps[i] for i in pick], rule[pick], [drawn[i] for i in pick]
-    rewards, steps = rule, None  # steps: per output [(its last token, reward)] under process supervision
+    rewards, step_rewards = rule, None  # per output [(a step's last token, its reward)] under process supervision
     if run.rms:
         verdicts = []
         for rm in run.rms:
             with common.gathered(rm, run.d.dtype) as scorer:
                 verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch))
         scored = reward_model.ensemble(verdicts, args.reward, args.rm_ensemble)
-        steps = scored if args.reward == "prm" else None
+        step_rewards = scored if args.reward == "prm" else None
         rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored
     elif args.supervision == "process":
-        steps = rule_steps(run.tok, comps, rule)
+        step_rewards = rule_steps(run.tok, comps, rule)
     scores = {}
     if run.reward_fns:
         try:
             rewards, scores = combined_rewards(rewards, run.reward_fns, args.reward_weights, comps, drawn)
         except reward.RewardFnError as e:
             raise SystemExit(f"error: step {run.step + 1}: {e}") from None
-    return Scored(comps, drawn, rule, rewards, steps, scores, generated)
+    return Scored(comps, drawn, rule, rewards, step_rewards, scores, generated)
 
 
 def prepare(run, s):
@@ -814,7 +814,7 @@ def prepare(run, s):
     of its outputs, micro-batches; π_ref's log-probs for the KL, π_old's when μ > 1 reuses the batch, PPO's old
     values and its GAE advantages (which need them). Returns (batches, per_token, zero-std groups, fixed)."""
     args, d, vocab = run.args, run.d, run.tok.vocab_size
-    per_token, n_zero_std = (token_advantages(s.comps, s.rewards, s.steps, args) if run.value is None else
+    per_token, n_zero_std = (token_advantages(s.comps, s.rewards, s.step_rewards, args) if run.value is None else
                              (ppo.outcome_at_end(s.comps, s.rewards), 0))  # PPO: the reward at each output's end
     rows = pack_rows(s.comps, per_token, args.group_size, args.pack, args.mask_truncated, args.loss_norm)
     batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, args.group_size)), run.tok.pad_id,

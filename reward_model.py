@@ -3,8 +3,9 @@ and §4.1.3, labels as Math-Shepherd's (docs/paper.md §5).
 
 DeepSeekMath's RL reward is not the answer rule itself but a model trained on the rule's verdicts. Both kinds
 here are the policy's architecture with a scalar head (model.py, head "score": Hugging Face's
-...ForSequenceClassification with one label), trained from the base model, on completions sampled from the SFT
-model and labelled by the answer rule (reward.py), never by people:
+...ForSequenceClassification with one label), trained from --init's body (the base model by default), on
+completions sampled from one or more policies (--policy DIR[@T] ...: the SFT model at T = 1 by default), each kept
+once per question and labelled by the answer rule (reward.py), never by people:
 
 - outcome (ORM): one label per completion, 1 if its final answer is right; the score is read at its last token.
 - process (PRM): one label per step (a line of the solution). From the prefix that ends at step j, N completions
@@ -14,8 +15,9 @@ model and labelled by the answer rule (reward.py), never by people:
 
 Loss: binary cross-entropy on the score as a logit (the paper does not name its loss; BCE is the usual one for
 a probability of being right, and it takes soft labels as they are). Held-out evaluation, on questions never
-trained on: AUC and accuracy at 1/2 against the rule's verdicts, and for the PRM the per-step AUC against the
-toy's arithmetic checker (reward.arithmetic_steps), a ground truth the PRM never sees. Training uses the shared
+trained on: AUC and accuracy at 1/2 against the rule's verdicts, the AUC within a question (what GRPO's group
+baseline sees), on another policy's samples too (--drift), and for the PRM the per-step AUC against the toy's
+arithmetic checker (reward.arithmetic_steps), a ground truth the PRM never sees. Training uses the shared
 machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer. For grpo.py it also reads
 a reward model's verdicts on rollouts (model_rewards) and runs iterative GRPO's refresh (refresh_reward_model:
 the policy's new samples, labelled by the rule, with a replay of a tenth).
