@@ -10,7 +10,8 @@ problem:
 - accuracy: the share of correct answers (with --temperature 0 and one sample: greedy accuracy);
 - pass@k: the unbiased estimate 1 - C(n-c, k) / C(n, k) from n samples with c correct (Chen et al., 2021);
 - maj@k: the most frequent answer among the first k samples is correct (self-consistency; ties: the earliest).
-`held_out_metrics` is the same on torchrun ranks, each with its share: sft.py and grpo.py report with it.
+`held_out_metrics` is the same on torchrun ranks, each with its share: sft.py and grpo.py report with it, and
+grpo.py prints its before/after table and draws its curves with print_table and plot_curves.
 
     python evaluate.py                                               # the toy SFT model, greedy CoT
     python evaluate.py --model out/toy/grpo --samples 16 --temperature 0.7
@@ -24,6 +25,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 
+import numpy as np
 import torch
 
 import common
@@ -144,6 +146,49 @@ def held_out_metrics(model, tok, problems, d, **kw):
 
 # -----------------------------------------------------------------------------
 # Command line
+
+
+# -----------------------------------------------------------------------------
+# A training run's held-out table and curves (grpo.py)
+
+
+def print_table(before, after, args, d):
+    """A run's held-out rows before and after training: greedy accuracy, and maj@k / pass@k when sampled."""
+    sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
+               if args.report_problems else "")
+    common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy{sampled}):")
+    common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
+    for name, r in (("before", before), ("after", after)):
+        common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
+
+
+def plot_curves(metrics_path, png):
+    """reward, held-out accuracy, KL and length against the step, from metrics.jsonl."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, key, title in zip(axes, ("reward", "eval_greedy_accuracy", "kl", "length"),
+                              ("train reward (mean)", "held-out greedy accuracy", "KL to reference (k3)",
+                               "completion length (tokens)")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts and key.startswith("eval"):
+            ax.plot(*zip(*pts), marker="o", markersize=3)
+        elif pts:  # per-step values are noisy (each step asks other questions): raw, and a running mean of 5
+            steps, values = zip(*pts)
+            ax.plot(steps, values, alpha=0.35)
+            ax.plot(steps, [np.mean(values[max(0, i - 4):i + 1]) for i in range(len(values))])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv=None):

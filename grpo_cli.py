@@ -1,0 +1,160 @@
+"""grpo.py's command line: its flags grouped by the line of Algorithm 1 they change (the rollouts, rewards and
+advantages, the update, what a run reports), and the combinations it refuses, each in one line."""
+import argparse
+
+import common
+import data
+import engine
+import lora
+from model import PRESETS
+
+# flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
+SIZE_DEFAULTS = dict(micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Group Relative Policy Optimization, as DeepSeekMath writes it "
+                                 "(grpo.py: Algorithm 1)")
+    ap.add_argument("--init", default="out/toy/sft", help="the policy to start from (a Hugging Face directory)")
+    ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
+    ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
+    data.add_problem_args(ap)
+    engine.add_chat_args(ap)
+    ap.add_argument("--out", default="out/toy/grpo")
+    ap.add_argument("--max-steps", type=int, default=80)
+    ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
+    ap.add_argument("--oversample", type=int, default=1, help="draw K x --questions, train on the --questions whose "
+                    "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
+    ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
+    ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: not given)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
+    add_reward_args(ap.add_argument_group("rewards and advantages (lines 8-9)"))
+    add_update_args(ap.add_argument_group("the update (lines 10-11)"))
+    add_watch_args(ap.add_argument_group("held-out evaluation and logs"))
+    lora.add_args(ap)
+    common.add_training_args(ap, warmup=0, schedule="cosine", ckpt_every=20, helps={
+        "--schedule": "LR after --warmup (paper: not given; cosine to a tenth of --lr)",
+        "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
+                     "on GPU)"})
+    ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
+    ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
+    ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
+
+
+def add_reward_args(ap):
+    """What gives the reward (line 8) and how it becomes an advantage (line 9): the rule, a reward
+    model, the user's functions, outcome or process supervision, GRPO's group baseline or PPO's value model."""
+    ap.add_argument("--reward", default="rule", choices=["rule", "orm", "prm"], help="what gives the reward: the "
+                    "answer rule (reward.py), or an outcome / process reward model (reward_model.py; paper: a model)")
+    ap.add_argument("--reward-model", nargs="+", metavar="DIR", help="the --reward model's directory (default: the "
+                    "toy's, out/toy/<orm|prm>, built by reward_model.py if missing); several: an ensemble")
+    ap.add_argument("--rm-ensemble", default="mean", choices=["mean", "min"], help="an ensemble's verdict: the mean "
+                    "of its models', or the lowest (the pessimist's: harder to game, as one model's blind spot is "
+                    "seldom all of theirs)")
+    ap.add_argument("--reward-fn", action="append", default=[], metavar="MODULE:FUNCTION", help="a reward of "
+                    "yours, f(completion text, problem row) -> float, added to --reward's (repeatable; also "
+                    "path/to/file.py:function)")
+    ap.add_argument("--reward-weights", help="comma-separated weights: --reward's first, then each --reward-fn's "
+                    "(default: 1 each)")
+    ap.add_argument("--rm-refresh", action="store_true", help="iterative GRPO (paper §4.1.4): at the end of each "
+                    "--ref-reset iteration, train the reward model on the policy's new samples, 10%% of them replayed")
+    ap.add_argument("--rm-questions", type=int, default=64, help="questions a refresh samples, all ranks")
+    ap.add_argument("--rm-samples", type=int, default=4, help="samples per question of a refresh")
+    ap.add_argument("--rm-steps", type=int, default=20, help="reward-model optimizer steps of a refresh")
+    ap.add_argument("--rm-batch", type=int, default=64, help="reward-model examples per refresh step, all ranks")
+    ap.add_argument("--rm-lr", type=float, default=1e-4, help="reward-model LR of a refresh (constant)")
+    ap.add_argument("--shepherd-samples", type=int, default=4, help="a refresh's completions from each step's "
+                    "prefix for a process model's labels (reward_model.py)")
+    ap.add_argument("--supervision", default=None, choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3 "
+                    "(default: process with --reward prm, else outcome; rule process rewards: the arithmetic checker)")
+    ap.add_argument("--online-rft", action="store_true", help="advantage 1 for right, 0 for wrong outputs: online "
+                    "rejection-sampling fine-tuning, GRPO's baseline in paper §5.2.1 (use with --beta 0)")
+    ap.add_argument("--advantage", default="group", choices=["group", "gae"], help="group: GRPO's, relative to "
+                    "the G outputs of a question; gae: PPO's (paper Eq. 1-2), from a value model, with the KL as a "
+                    "per-token penalty in the reward")
+    ap.add_argument("--gae-lambda", type=float, default=0.95, help="PPO: GAE's λ (γ = 1; the paper gives neither)")
+    ap.add_argument("--value-clip", type=float, default=0.2, help="PPO: how far one update may move a value")
+    ap.add_argument("--value-lr", type=float, default=None, help="PPO: the value model's LR, constant (default --lr)")
+    ap.add_argument("--value-init", help="PPO: the value model's start (default: the reward model with --reward "
+                    "orm|prm, else --init's body with a new head)")
+
+
+def add_update_args(ap):
+    """The objective J and how it is optimised (lines 10-11): LR, β, the clip, the normalisation, μ,
+    the sampler correction, and how the batch is cut for memory."""
+    ap.add_argument("--lr", type=float, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
+    ap.add_argument("--beta", type=float, default=0.04, help="KL weight (paper: 0.04); 0 turns the KL off")
+    ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
+    ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
+    ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
+    ap.add_argument("--no-std-scale", action="store_true", help="advantage r - mean(r) (Dr. GRPO)")
+    ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
+    ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
+    ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
+                    "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
+                    "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
+                    "(default: 32 below 1B parameters, 4 above)")
+    ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank, the KV cache's "
+                    "rows (default: 128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
+    ap.add_argument("--pack", type=int, default=None, help="completions of one question per training row, behind "
+                    "one copy of its prompt (default: 8 below 1B parameters; 1 above, a row per completion, until a "
+                    "GPU measures the masked attention packing needs against the prompt tokens it saves)")
+
+
+def add_watch_args(ap):
+    """What a run reports while it trains: held-out accuracy, the before/after table, completions.jsonl,
+    mid-run exports."""
+    ap.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (0: never)")
+    ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems for greedy accuracy")
+    ap.add_argument("--report-problems", type=int, default=100, help="held-out problems for the before/after "
+                    "table's maj@k and pass@k (0: no table)")
+    ap.add_argument("--report-samples", type=int, default=8, help="k of the table's maj@k and pass@k")
+    ap.add_argument("--log-completions", type=int, default=1, metavar="N", help="every N steps, append the first "
+                    "group's outputs with their rewards and advantage to completions.jsonl (0: never)")
+    ap.add_argument("--export-every", type=int, default=0, metavar="N", help="also export the policy as a Hugging "
+                    "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
+                    "end only)")
+    ap.add_argument("--report-temperature", type=float, default=0.7)
+
+
+def check_args(ap, args):
+    """The flags that do not go together, refused with one line each; --supervision's and --reward-weights'
+    defaults, which depend on other flags."""
+    if args.supervision is None:
+        args.supervision = "process" if args.reward == "prm" else "outcome"
+    if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
+        ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
+                 "outputs (outcome), a process model their steps (process)")
+    if args.rm_refresh and (args.reward == "rule" or not args.ref_reset or len(args.reward_model or ()) > 1):
+        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm, one "
+                 "--reward-model and --ref-reset K")
+    if args.reward == "prm" and args.prompt == "tool":
+        ap.error("--reward prm scores the lines of chain-of-thought outputs: use it with --prompt cot")
+    if args.advantage == "gae" and (args.supervision == "process" or args.online_rft or args.beta == 0):
+        ap.error("--advantage gae is PPO: an outcome reward (no --supervision process, no --online-rft) and a KL "
+                 "penalty in the reward (--beta > 0)")
+    if args.online_rft and args.reward != "rule":
+        ap.error("--online-rft keeps the outputs the rule grades right (paper §5.2.1): use it with --reward rule")
+    if args.lora_rank and args.ref_reset:
+        ap.error("--ref-reset with --lora-rank: π_ref is the model under the adapters, which a reset would move")
+    if args.reward_fn and args.supervision == "process":
+        ap.error("--reward-fn scores whole outputs: use it with outcome supervision")
+    names = [spec.rpartition(":")[2] for spec in args.reward_fn]
+    if len(set(names)) < len(names):
+        ap.error(f"--reward-fn: two functions named alike ({names}): their rewards are logged by name")
+    try:
+        args.reward_weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights \
+            else [1.0] * (1 + len(args.reward_fn))
+    except ValueError:
+        ap.error(f"--reward-weights {args.reward_weights}: expected numbers separated by commas")
+    if len(args.reward_weights) != 1 + len(args.reward_fn):
+        ap.error(f"--reward-weights: {len(args.reward_weights)} weights for --reward and {len(args.reward_fn)} "
+                 f"--reward-fn: give {1 + len(args.reward_fn)}")
