@@ -35,9 +35,9 @@ sampling: groups whose rewards all agree are replaced by ones that carry signal)
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
 it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
 (PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
-beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off). Generation is engine.py's, the
-per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's
-advantages and value loss ppo.py's.
+beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
+Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's,
+reward models reward_model.py's, PPO's advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
