@@ -33,7 +33,7 @@ LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. 
 --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --oversample K (DAPO's dynamic
 sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
 §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
-it), --reward orm|prm (a learned reward), --rm-refresh (iterative GRPO's reward-model update), --advantage gae
+it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae
 (PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
 beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
 Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's,
@@ -538,7 +538,7 @@ def reward_model_of(rm_dir, run, ac):
         raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
     rm = common.build_model(rm_config, d, seed=args.seed, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0,
                             compile=args.compile)
-    return rm.requires_grad_(args.rm_refresh)
+    return rm.requires_grad_(args.rm_refresh > 0)
 
 
 def held_out_metrics(run, n, samples, temperature):
@@ -675,16 +675,17 @@ def train(run, batches, fixed, comps):
 
 
 def end_iteration(run):
-    """Line 12, then 3: iterative GRPO ends an iteration every --ref-reset steps by refreshing the reward model,
-    and begins the next with π_ref ← π_θ (after the last step too: a run continued with --resume and more
-    --max-steps goes on as if it had never stopped). Returns the refresh's metrics, if any."""
+    """Line 12, then 3: iterative GRPO refreshes the reward model every --rm-refresh steps and begins a new
+    iteration with π_ref ← π_θ every --ref-reset steps (the paper does both at once; apart, the refreshed model can
+    follow the policy while the reference still holds it near the start). After the last step too: a run
+    continued with --resume and more --max-steps goes on as if it had never stopped. Returns the refresh's
+    metrics, if any."""
     args, refreshed = run.args, {}
-    if args.ref_reset and run.step % args.ref_reset == 0:
-        if args.rm_refresh:
-            refreshed = reward_model.refresh_reward_model(run.rms[0], run.policy, run.tok, run.problems, run.history,
-                                                          run.step, args, run.d)
-        if run.ref is not None:
-            run.ref.load_state_dict(run.policy.state_dict())
+    if args.rm_refresh and run.step % args.rm_refresh == 0:
+        refreshed = reward_model.refresh_reward_model(run.rms[0], run.policy, run.tok, run.problems, run.history,
+                                                      run.step, args, run.d)
+    if args.ref_reset and run.step % args.ref_reset == 0 and run.ref is not None:
+        run.ref.load_state_dict(run.policy.state_dict())
     return refreshed
 
 

@@ -63,8 +63,9 @@ def add_reward_args(ap):
                     "path/to/file.py:function)")
     ap.add_argument("--reward-weights", help="comma-separated weights: --reward's first, then each --reward-fn's "
                     "(default: 1 each)")
-    ap.add_argument("--rm-refresh", action="store_true", help="iterative GRPO (paper §4.1.4): at the end of each "
-                    "--ref-reset iteration, train the reward model on the policy's new samples, 10%% of them replayed")
+    ap.add_argument("--rm-refresh", type=int, default=0, metavar="K", help="iterative GRPO (paper §4.1.4, with "
+                    "--ref-reset K): every K steps, train the reward model on the policy's new samples, 10%% of them "
+                    "replayed")
     ap.add_argument("--rm-questions", type=int, default=64, help="questions a refresh samples, all ranks")
     ap.add_argument("--rm-samples", type=int, default=4, help="samples per question of a refresh")
     ap.add_argument("--rm-steps", type=int, default=20, help="reward-model optimizer steps of a refresh")
@@ -133,9 +134,8 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
-    if args.rm_refresh and (args.reward == "rule" or not args.ref_reset or len(args.reward_model or ()) > 1):
-        ap.error("--rm-refresh retrains a reward model at each iteration's end: give --reward orm|prm, one "
-                 "--reward-model and --ref-reset K")
+    if args.rm_refresh and (args.reward == "rule" or len(args.reward_model or ()) > 1):
+        ap.error("--rm-refresh retrains a reward model: give --reward orm|prm and one --reward-model")
     if args.reward == "prm" and args.prompt == "tool":
         ap.error("--reward prm scores the lines of chain-of-thought outputs: use it with --prompt cot")
     if args.advantage == "gae" and (args.supervision == "process" or args.online_rft or args.beta == 0):

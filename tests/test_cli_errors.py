@@ -89,8 +89,8 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [
     (["--reward", "orm", "--supervision", "process"], "an outcome model scores whole outputs"),
-    (["--rm-refresh", "--reward", "orm"], "give --reward orm|prm, one --reward-model and --ref-reset K"),
-    (["--rm-refresh", "--reward", "orm", "--ref-reset", "5", "--reward-model", "a", "b"], "one --reward-model"),
+    (["--rm-refresh", "5"], "give --reward orm|prm and one --reward-model"),
+    (["--rm-refresh", "5", "--reward", "orm", "--reward-model", "a", "b"], "one --reward-model"),
     (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
 ])

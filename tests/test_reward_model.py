@@ -186,14 +186,16 @@ def reward_models(base, data_dir, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["orm", "prm"])
 def test_grpo_with_a_learned_reward_refreshed_each_iteration(base, data_dir, reward_models, tmp_path, kind,
                                                              ranks):
-    """--reward orm|prm scores the rollouts with the model (the rule's reward logged beside it); --rm-refresh
-    at the end of iteration 1 samples 9 questions x 4, labels them by the rule, and trains the reward model on
-    them with a replay of what it learned from before: 4 of the 40 examples, a tenth."""
+    """--reward orm|prm scores the rollouts with the model (the rule's reward logged beside it); --rm-refresh 1
+    after each step samples 9 questions x 4, labels them by the rule, and trains the reward model on them with a
+    replay of what it learned from before: 4 of the 40 examples, a tenth. --ref-reset 1: each step starts from
+    π_ref = π_θ, so its KL is 0 (the update comes after the forward it is measured in)."""
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
     r = run([*launch, *grpo_args(base, data_dir, tmp_path, "--max-steps", "2", "--eval-every", "0",
                                  "--report-problems", "0", "--reward", kind, "--reward-model",
-                                 str(reward_models / kind), "--ref-reset", "1", "--rm-refresh", "--rm-questions", "9",
-                                 "--rm-samples", "4", "--rm-steps", "2", "--rm-batch", "4", "--shepherd-samples", "2")])
+                                 str(reward_models / kind), "--ref-reset", "1", "--rm-refresh", "1",
+                                 "--rm-questions", "9", "--rm-samples", "4", "--rm-steps", "2", "--rm-batch", "4",
+                                 "--shepherd-samples", "2")])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert [row["step"] for row in rows] == [1, 2]
@@ -201,6 +203,19 @@ def test_grpo_with_a_learned_reward_refreshed_each_iteration(base, data_dir, rew
     for row in rows:  # each step ends an iteration
         assert row["rm_new"] == 36 and row["rm_replay"] == 4 and math.isfinite(row["rm_loss_last"])
         assert len(open(tmp_path / "rm_history" / f"step_{row['step']:06d}.jsonl").readlines()) == 36
+        assert row["kl"] == pytest.approx(0, abs=1e-7)
+
+
+def test_a_refresh_without_a_reference_reset_keeps_the_reference(base, data_dir, reward_models, tmp_path):
+    """--rm-refresh 2 alone: the reward model is retrained after step 2, not 1, and π_ref stays the start, so
+    step 2 measures a KL to it (the KL of the test above, whose reference follows the policy, is 0)."""
+    r = run(grpo_args(base, data_dir, tmp_path, "--max-steps", "2", "--eval-every", "0", "--report-problems", "0",
+                      "--reward", "orm", "--reward-model", str(reward_models / "orm"), "--rm-refresh", "2",
+                      "--rm-questions", "6", "--rm-samples", "2", "--rm-steps", "2", "--rm-batch", "4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert "rm_new" not in first and second["rm_new"] == 12
+    assert first["kl"] == pytest.approx(0, abs=1e-7) and second["kl"] > 1e-5
 
 
 def test_an_ensemble_scores_by_the_mean_or_the_lowest_verdict():
@@ -232,7 +247,7 @@ def test_iterative_grpo_resumes_with_its_refreshed_reward_model_and_replay_pool(
     """The checkpoint after a refresh holds the refreshed reward model; the replay pool is read back from
     rm_history up to the checkpoint's step: stopped after step 1 and resumed, step 2 is the uninterrupted one."""
     flags = ("--eval-every", "0", "--report-problems", "0", "--reward", "orm", "--reward-model",
-             str(reward_models / "orm"), "--ref-reset", "1", "--rm-refresh", "--rm-questions", "6", "--rm-samples",
+             str(reward_models / "orm"), "--ref-reset", "1", "--rm-refresh", "1", "--rm-questions", "6", "--rm-samples",
              "2", "--rm-steps", "2", "--rm-batch", "4")
     for out, steps in (("a", 2), ("b", 1)):
         r = run(grpo_args(base, data_dir, tmp_path / out, "--max-steps", str(steps), *flags))
