@@ -18,7 +18,8 @@ a probability of being right, and it takes soft labels as they are). Held-out ev
 trained on: AUC and accuracy at 1/2 against the rule's verdicts, the AUC within a question (what GRPO's group
 baseline sees), on another policy's samples too (--drift), and for the PRM the per-step AUC against the toy's
 arithmetic checker (reward.arithmetic_steps), a ground truth the PRM never sees. Training uses the shared
-machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer. For grpo.py it also reads
+machinery (common.py: FSDP2, train_step, checkpoints, export) as every other trainer; the labelled examples are
+written before training starts, so --resume trains on without sampling and labelling again. For grpo.py it also reads
 a reward model's verdicts on rollouts (model_rewards) and runs iterative GRPO's refresh (refresh_reward_model:
 the policy's new samples, labelled by the rule, with a replay of a tenth).
 
@@ -251,6 +252,37 @@ def load_examples(path):
     return [Scored(**r) for r in data.read_jsonl(path, fields=("ids", "at", "labels", "truth"))]
 
 
+# What decides the labelled examples: a resumed run reads them back (save_labelled) only if these match.
+RESUMABLE = ("init", "policy", "data", "eval_data", "questions", "samples", "shepherd_samples",
+             "shepherd_per_question", "hard", "max_new_tokens", "drift", "seed")
+
+
+def save_labelled(out, args, examples, held_out, drift):
+    """A kind's labelled data, written before its training: the examples it trains on (examples.jsonl, also
+    iterative GRPO's replay pool: grpo.py --rm-refresh), and the held-out and --drift ones with their question
+    (held_out.jsonl), so that --resume does not sample and label again (Math-Shepherd's labels of 2,000 toy
+    completions take a quarter of an hour), with the settings that made them (args.json, as a run's)."""
+    save_examples(os.path.join(out, "examples.jsonl"), examples)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    data.write_jsonl(os.path.join(out, "held_out.jsonl"), ({"question": q, "set": name, **asdict(e)}
+                                                           for name, pairs in (("held_out", held_out), ("drift", drift))
+                                                           for q, e in pairs))
+
+
+def load_labelled(out, args):
+    """save_labelled's (examples, held_out, drift) back, or None where it has not written them; made with other
+    settings than args': an error (common.check_resumable)."""
+    path = os.path.join(out, "held_out.jsonl")
+    if not os.path.isfile(path):
+        return None
+    common.check_resumable(out, args, RESUMABLE)
+    rows = list(data.read_jsonl(path, fields=("question", "set", "ids", "at", "labels", "truth")))
+    pairs = {name: [(r.pop("question"), Scored(**{k: r[k] for k in ("ids", "at", "labels", "truth")}))
+                    for r in rows if r["set"] == name] for name in ("held_out", "drift")}
+    return load_examples(os.path.join(out, "examples.jsonl")), pairs["held_out"], pairs["drift"]
+
+
 def fit_step(model, opt, optim, examples, step, d, *, batch, micro_batch, seed, pad_id):
     """One optimizer step of a reward model on the global batch `step` of `examples` (sft.step_examples: every
     rank holds all of them in one order, drawn by `seed`), this rank's share, with BCE through common.train_step."""
@@ -276,7 +308,7 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
                                checkpointed=ac, compile=args.compile)
     optim = common.Optim.of(args)
     opt = common.make_optimizer(model, optim)
-    step = common.start_run(run, d, model, opt, ("init", "policy", "data", "samples", "seed"))
+    step = common.start_run(run, d, model, opt, RESUMABLE)
     log = common.Log(run.out, d, run.max_steps, step, args=run)
     with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
         while step < run.max_steps:
@@ -289,8 +321,6 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
             common.save_or_stop(stop, run.out, model, opt, step, d, step % run.ckpt_every == 0 or step == run.max_steps)
     log.close()
     common.export_hf(model, run.out, policy_sources(args.policy)[0][0], d)  # with the policies' tokenizer
-    if d.main:  # what it learned from, for iterative GRPO's replay (grpo.py --rm-refresh)
-        save_examples(os.path.join(run.out, "examples.jsonl"), examples)
     with common.gathered(model) as plain:
         row = report(plain, [e for _, e in held_out], tok.pad_id, [q for q, _ in held_out])
         if drift:
@@ -386,6 +416,40 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
     return row
 
 
+def label_examples(kinds, sources, tok, problems, args, d):
+    """Sample the policies on the questions and label what they wrote: the rule's verdict for an outcome model,
+    Math-Shepherd's step estimates for a process model. Returns {kind: (training examples, held-out (question,
+    example) pairs, --drift's pairs)}, the same on every rank; the last tenth of the questions held out, whole."""
+    t0 = time.time()
+    comps, outcomes, golds, qids = sample_completions(sources, tok, problems, args, d)
+    common.print0(d, f"rank 0: {len(comps)} distinct completions of {len(set(qids))} questions from "
+                     f"{len(sources)} source(s), {np.mean(outcomes):.1%} right ({time.time() - t0:.0f} s)")
+    built = {}
+    if "orm" in kinds:
+        built["orm"] = list(zip(qids, outcome_examples(comps, outcomes)))
+    if "prm" in kinds:
+        t0 = time.time()
+        pick = first_per_question(qids, args.shepherd_per_question)  # the first source's (sample_completions)
+        completer = Transformer.from_pretrained(sources[0][0], device=d.device)
+        built["prm"] = list(zip([qids[i] for i in pick], shepherd_examples(
+            completer, tok, [comps[i] for i in pick], [outcomes[i] for i in pick], [golds[i] for i in pick],
+            args.shepherd_samples, args.hard, engine.sampling_seed(args.seed, rank=d.rank, purpose=engine.SHEPHERD),
+            args.gen_batch, args.max_new_tokens)))
+        common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for _, e in built['prm'])} steps from "
+                         f"{args.shepherd_samples} completions each ({time.time() - t0:.0f} s)")
+        del completer
+    unseen = len(problems) - max(1, len(problems) // 10)  # questions from here on are held out, whole
+    drift = []
+    if args.drift:  # a later policy's samples of them: what GRPO will show the reward model
+        dc, do, _, dq = sample_completions(policy_sources([args.drift]), tok, problems[unseen:], args, d)
+        drift = common.all_gather_list(d, list(zip(dq, outcome_examples(dc, do))))
+    out = {}
+    for kind in kinds:
+        everyone = sorted(common.all_gather_list(d, built[kind]), key=lambda qe: qe[0])  # one order on all ranks
+        out[kind] = ([e for q, e in everyone if q < unseen], [(q, e) for q, e in everyone if q >= unseen], drift)
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--init", default="out/toy/base", help="the body a reward model starts from (paper: the base "
@@ -445,35 +509,19 @@ def main(args):
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
                          f"{d.world}")
 
-    t0 = time.time()
-    comps, outcomes, golds, qids = sample_completions(sources, tok, problems, args, d)
-    common.print0(d, f"rank 0: {len(comps)} distinct completions of {len(set(qids))} questions from "
-                     f"{len(sources)} source(s), {np.mean(outcomes):.1%} right ({time.time() - t0:.0f} s)")
-    built = {}
-    if "orm" in kinds:
-        built["orm"] = list(zip(qids, outcome_examples(comps, outcomes)))
-    if "prm" in kinds:
-        t0 = time.time()
-        pick = first_per_question(qids, args.shepherd_per_question)  # the first source's (sample_completions)
-        completer = Transformer.from_pretrained(sources[0][0], device=d.device)
-        built["prm"] = list(zip([qids[i] for i in pick], shepherd_examples(
-            completer, tok, [comps[i] for i in pick], [outcomes[i] for i in pick], [golds[i] for i in pick],
-            args.shepherd_samples, args.hard, engine.sampling_seed(args.seed, rank=d.rank, purpose=engine.SHEPHERD),
-            args.gen_batch, args.max_new_tokens)))
-        common.print0(d, f"Math-Shepherd labels for {sum(len(e.at) - 1 for _, e in built['prm'])} steps from "
-                         f"{args.shepherd_samples} completions each ({time.time() - t0:.0f} s)")
-        del completer
-    unseen = len(problems) - max(1, len(problems) // 10)  # questions from here on are held out, whole
-    drift = []
-    if args.drift:  # a later policy's samples of them: what GRPO will show the reward model
-        dc, do, _, dq = sample_completions(policy_sources([args.drift]), tok, problems[unseen:], args, d)
-        drift = common.all_gather_list(d, list(zip(dq, outcome_examples(dc, do))))
+    for kind in kinds:  # before sampling into it: no other live run writes there (a fresh run clears it)
+        common.claim(os.path.join(args.out_dir, kind), d, args.resume)
+    labelled = {kind: load_labelled(os.path.join(args.out_dir, kind), args) if args.resume else None
+                for kind in kinds}
+    if all(labelled.values()):
+        common.print0(d, f"--resume: the labelled examples of {args.out_dir} read back, not sampled again")
+    else:
+        labelled = label_examples(kinds, sources, tok, problems, args, d)
+        for kind in kinds if d.main else ():
+            save_labelled(os.path.join(args.out_dir, kind), args, *labelled[kind])
     for kind in kinds:
-        everyone = sorted(common.all_gather_list(d, built[kind]), key=lambda qe: qe[0])  # one order on all ranks
-        examples = [e for q, e in everyone if q < unseen]
-        held_out = [(q, e) for q, e in everyone if q >= unseen]
-        row = train(kind, examples, held_out, drift, config, tok, args, d)
-        common.print0(d, f"{kind}: {len(examples)} examples; held out {json.dumps(row)}")
+        row = train(kind, *labelled[kind], config, tok, args, d)
+        common.print0(d, f"{kind}: {len(labelled[kind][0])} examples; held out {json.dumps(row)}")
         common.print0(d, f"saved {os.path.join(args.out_dir, kind)}")
     common.finish(d)
 

@@ -3,6 +3,7 @@ hand-made case, AUC by hand, and the command line on 1 process and 2 FSDP ranks.
 import argparse
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -172,6 +173,25 @@ def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_pat
         assert rep["drift"]["examples"] == 2  # --drift's 2 samples of the held-out question
         m = Transformer.from_pretrained(tmp_path / kind)
         assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
+
+
+def test_a_resumed_reward_model_reads_its_labelled_examples_back(base, data_dir, tmp_path):
+    """--resume does not sample and label again: with the policy's weights gone, the run resumed at its last
+    step (nothing left to train) exports the same models with the same reports, made from examples.jsonl and
+    held_out.jsonl (the held-out and --drift examples); other data settings are refused in one line."""
+    policy = tmp_path / "policy"
+    shutil.copytree(base, policy)
+    args = rm_args(base, data_dir, tmp_path / "rm", "--policy", str(policy), "--drift", f"{policy}@0.5")
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = {kind: json.load(open(tmp_path / "rm" / kind / "report.json")) for kind in ("orm", "prm")}
+    (policy / "model.safetensors").unlink()
+    r = run([*args, "--resume"])
+    assert r.returncode == 0 and "read back, not sampled again" in r.stdout, r.stderr[-3000:]
+    for kind, want in reports.items():
+        assert json.load(open(tmp_path / "rm" / kind / "report.json")) == want
+    r = run([*args, "--resume", "--questions", "6"])
+    assert r.returncode == 1 and "questions was 8, now 6" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
