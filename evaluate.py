@@ -153,13 +153,14 @@ def held_out_metrics(model, tok, problems, d, **kw):
 
 
 def print_table(before, after, args, d):
-    """A run's held-out rows before and after training: greedy accuracy, and maj@k / pass@k when sampled."""
+    """A run's held-out rows before and after training: greedy accuracy, and mean@k / maj@k / pass@k when sampled
+    (a "before" read back from a run begun by older code may lack a column: shown as -)."""
     sampled = (f"; {args.report_problems} sampled {args.report_samples}x at T={args.report_temperature}"
                if args.report_problems else "")
     common.print0(d, f"\nheld-out ({args.eval_problems} problems greedy{sampled}):")
-    common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in before))
+    common.print0(d, f"  {'':8s}" + "".join(f"{k:>10s}" for k in after))
     for name, r in (("before", before), ("after", after)):
-        common.print0(d, f"  {name:8s}" + "".join(f"{100 * v:9.1f}%" for v in r.values()))
+        common.print0(d, f"  {name:8s}" + "".join(f"{100 * r[k]:9.1f}%" if k in r else f"{'-':>10s}" for k in after))
 
 
 def plot_curves(metrics_path, png):

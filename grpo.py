@@ -551,8 +551,9 @@ def held_out_metrics(run, n, samples, temperature):
 
 
 def report(run, name):
-    """The before/after table's row: greedy accuracy, and maj@k / pass@k at the report temperature; written to
-    out/<name>.json (a resumed run reads its "before" back instead of measuring it again)."""
+    """The before/after table's row: greedy accuracy, and at the report temperature mean@k (the mean accuracy of
+    k samples: the rule's reward of the policy's own samples, on questions that stay the same), maj@k and
+    pass@k; written to out/<name>.json (a resumed run reads its "before" back instead of measuring it again)."""
     args = run.args
     path = os.path.join(args.out, f"{name}.json")
     if name == "before" and args.resume and os.path.isfile(path):
@@ -561,7 +562,7 @@ def report(run, name):
     if args.report_problems:
         k = args.report_samples
         m = held_out_metrics(run, args.report_problems, k, args.report_temperature)
-        row.update({f"maj@{k}": m[f"maj@{k}"], f"pass@{k}": m[f"pass@{k}"]})
+        row.update({f"mean@{k}": m["accuracy"], f"maj@{k}": m[f"maj@{k}"], f"pass@{k}": m[f"pass@{k}"]})
     if run.d.main:
         with open(path, "w") as f:
             json.dump(row, f)

@@ -306,7 +306,7 @@ def test_two_fsdp_ranks_run_grpo_with_gathered_rollouts(base, data_dir, tmp_path
     assert [row["step"] for row in rows if "eval_greedy_accuracy" in row] == [0, 1, 2]
     # the sampler's log-probs and the training forward's, on the same tokens before the update: equal in fp32
     assert all(0 <= row["logprob_gap_mean"] <= row["logprob_gap_max"] <= 1e-4 for row in rows if "reward" in row)
-    assert set(json.load(open(tmp_path / "after.json"))) == {"greedy", "maj@2", "pass@2"}
+    assert set(json.load(open(tmp_path / "after.json"))) == {"greedy", "mean@2", "maj@2", "pass@2"}
     for name in ("model.safetensors", "curves.png", "before.json"):
         assert os.path.isfile(tmp_path / name), name
 
