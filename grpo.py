@@ -283,7 +283,7 @@ def token_advantages(comps, rewards, step_rewards, args):
     """Â_it for every token of every output (line 9 of Algorithm 1): from `step_rewards` (process
     supervision: per output [(index of a step's last token, reward)]), else from the outcome rewards, as
     --online-rft says. Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
-    G, scale_std = args.group_size, not args.no_std_scale
+    G, scale_std = args.group_size, args.std_scale
     if step_rewards is not None:
         return process_advantages(step_rewards, [len(c.ids) for c in comps], G, scale_std)
     if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones

@@ -10,6 +10,9 @@ from model import PRESETS
 
 # flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
 SIZE_DEFAULTS = dict(micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
+# β by reward: the paper's with the rule; with a reward model, ten times it, which on the toy kept GRPO from
+# gaming the model where the paper's lost 17 points in 10 steps (docs/findings.md, "learned rewards")
+RULE_BETA, LEARNED_BETA = 0.04, 0.4
 
 
 def parse_args(argv=None):
@@ -91,11 +94,14 @@ def add_update_args(ap):
     """The objective J and how it is optimised (lines 10-11): LR, β, the clip, the normalisation, μ,
     the sampler correction, and how the batch is cut for memory."""
     ap.add_argument("--lr", type=float, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
-    ap.add_argument("--beta", type=float, default=0.04, help="KL weight (paper: 0.04); 0 turns the KL off")
+    ap.add_argument("--beta", type=float, default=None, help=f"KL weight (default: the paper's {RULE_BETA} with the "
+                    f"rule's reward, {LEARNED_BETA} with a reward model's); 0 turns the KL off")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
-    ap.add_argument("--no-std-scale", action="store_true", help="advantage r - mean(r) (Dr. GRPO)")
+    ap.add_argument("--std-scale", action=argparse.BooleanOptionalAction, default=None, help="advantage "
+                    "(r - mean(r)) / std(r) (GRPO; the default with the rule's reward), or r - mean(r) "
+                    "(--no-std-scale: Dr. GRPO; the default with a reward model's)")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
@@ -127,10 +133,13 @@ def add_watch_args(ap):
 
 
 def check_args(ap, args):
-    """The flags that do not go together, refused with one line each; --supervision's and --reward-weights'
-    defaults, which depend on other flags."""
+    """The flags that do not go together, refused with one line each; the defaults that depend on other flags:
+    --supervision's, --beta's and --std-scale's (by --reward), and --reward-weights'."""
     if args.supervision is None:
         args.supervision = "process" if args.reward == "prm" else "outcome"
+    learned = args.reward != "rule"  # a model's score: gamed under the rule's push (docs/findings.md), so less of it
+    args.beta = (LEARNED_BETA if learned else RULE_BETA) if args.beta is None else args.beta
+    args.std_scale = not learned if args.std_scale is None else args.std_scale
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")

@@ -153,7 +153,7 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
     advantage; a truncated completion carries none with --mask-truncated."""
     spliced = engine.Completion([1, 2, 3], [10, 11, 12, 13], [True, False, False, True], True, "x")
     short = engine.Completion([1], [20, 21], [True, True], False, "y")
-    args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, no_std_scale=False)
+    args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, std_scale=True)
     per_token, n_zero_std = token_advantages([spliced, short], torch.tensor([1.0, 0.0]), None, args)
     assert n_zero_std == 0 and per_token[0].tolist() == [per_token[0][0].item()] * 4 and per_token[0][0] > 0
     b = Batch(pack_rows([spliced, short], per_token, 1, 1, False, "token"), 0, "cpu")
@@ -285,6 +285,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_reward_model_gets_less_push_than_the_rule_by_default():
+    """--reward orm|prm: β 0.4 and advantages r - mean(r), unless the flags say otherwise; the rule's reward keeps
+    the paper's β 0.04 and the std scale (GRPO on the toy's reward models was gamed under those)."""
+    import grpo
+    rule, orm = grpo.parse_args([]), grpo.parse_args(["--reward", "orm", "--reward-model", "rm"])
+    assert (rule.beta, rule.std_scale) == (0.04, True) and (orm.beta, orm.std_scale) == (0.4, False)
+    told = grpo.parse_args(["--reward", "prm", "--reward-model", "rm", "--beta", "0.04", "--std-scale"])
+    assert (told.beta, told.std_scale) == (0.04, True)
+    assert grpo.parse_args(["--beta", "0"]).beta == 0 and not grpo.parse_args(["--no-std-scale"]).std_scale
 
 
 def grpo_args(base, data_dir, out, *extra):
@@ -490,7 +501,7 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
     comps = [scripted_grpo.completion(tok, q, *out) for out in scripted_grpo.group(q, "5")]
     rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], ["5"] * 4, workers=1))
     assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
-    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, no_std_scale=False)
+    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, std_scale=True)
     per_token, n_zero_std = token_advantages(comps, rewards, rule_steps(tok, comps, rewards), args)
     step_rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # per output: [answer], [step, answer], ...
     mean, std = step_rewards.mean().item(), step_rewards.std().item()
