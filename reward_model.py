@@ -3,7 +3,7 @@ and §4.1.3, labels as Math-Shepherd's (docs/paper.md §5).
 
 DeepSeekMath's RL reward is not the answer rule itself but a model trained on the rule's verdicts. Both kinds
 here are the policy's architecture with a scalar head (model.py, head "score": Hugging Face's
-...ForSequenceClassification with one label), trained from --init's body (the base model by default), on
+...ForSequenceClassification with one label), trained from --init's body (the SFT model by default), on
 completions sampled from one or more policies (--policy DIR[@T] ...: the SFT model at T = 1 by default), each kept
 once per question and labelled by the answer rule (reward.py), never by people:
 
@@ -42,7 +42,6 @@ import common
 import data
 import engine
 import memory
-import pretrain
 import reward
 import sft
 from model import Transformer, config_from_hf
@@ -452,8 +451,8 @@ def label_examples(kinds, sources, tok, problems, args, d):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--init", default="out/toy/base", help="the body a reward model starts from (paper: the base "
-                    "model)")
+    ap.add_argument("--init", default="out/toy/sft", help="the body a reward model starts from (paper: the base "
+                    "model; here the SFT model, the start of the RM that taught GRPO in docs/findings.md)")
     ap.add_argument("--policy", nargs="+", default=["out/toy/sft"], metavar="DIR[@T]", help="the models whose "
                     "samples are labelled, each at its temperature (default 1.0): --samples per question from each")
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
@@ -465,7 +464,8 @@ def parse_args(argv=None):
                     "questions (a policy later than those trained on, as GRPO's will be)")
     ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
     ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
-    ap.add_argument("--questions", type=int, default=768, help="questions sampled (a tenth held out for the report)")
+    ap.add_argument("--questions", type=int, default=2000, help="questions sampled (a tenth held out for the "
+                    "report; the toy has 2,000)")
     ap.add_argument("--samples", type=int, default=4, help="completions per question")
     ap.add_argument("--shepherd-samples", type=int, default=4, help="N, completions from each step's prefix "
                     "(Math-Shepherd: 8)")
@@ -474,7 +474,7 @@ def parse_args(argv=None):
     ap.add_argument("--hard", action="store_true", help="a step is right if any completion from it is (Math-"
                     "Shepherd's hard estimate; default: the fraction that are, the soft one)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks")
     ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
@@ -492,9 +492,8 @@ def main(args):
     d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
     toy, sources = parse_args([]), policy_sources(args.policy)
-    for path, _ in sources:
-        common.require_model(path, toy.policy[0], d, lambda: sft.main(sft.parse_args([])))
-    common.require_model(args.init, toy.init, d, lambda: pretrain.main(pretrain.parse_args([])))
+    for path in [p for p, _ in sources] + [args.init]:  # the toy's SFT model is both: built here if missing
+        common.require_model(path, toy.init, d, lambda: sft.main(sft.parse_args([])))
     tok = Tokenizer.load(sources[0][0])  # the policies share it
     engine.use_chat_args(tok, args)
     read_problems = data.problem_reader(args)
