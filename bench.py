@@ -7,6 +7,8 @@ engine: GRPO-shaped sampling, 16 prompts x 8 samples with ragged lengths: engine
   compiled) vs the static-batch loop it replaced and transformers' `generate`.
 sampler: the toy SFT model's samples from engine.complete and from transformers' `generate`: an exact per-token
   test of each sampler and their reward rates, paired per question.
+gap: the sampler's log-probs against the training forward's on the same tokens, with the LM head in --dtype and in
+  fp32: how much of the bf16 gap the head makes.
 data: data.py's MinHash dedup vs datasketch's MinHashLSH (same permutations and threshold; also with FineWeb's
   14 x 8 banding): the share of near copies dropped by true-Jaccard bucket on real prose (docstrings), then recall
   and false drops on the toy crawl judged by exact Jaccard; tokenize-and-pack vs plain tiktoken.
@@ -25,6 +27,7 @@ reward: reward.py vs math-verify (`pip install math-verify`) on tests/data/grade
     python bench.py reward [--show]       # --show lists every pair either grader gets wrong
     python bench.py grpo [--steps 10]     # needs the toy SFT model and pip install trl
     python bench.py sampler [--seed 1]    # needs the toy SFT model
+    python bench.py gap --dtype bfloat16  # needs the toy SFT model
 """
 
 import argparse
@@ -252,6 +255,42 @@ def bench_sampler(args):
     diff = [a - b for a, b in zip(*per_question.values())]
     print(f"reward per question, engine - transformers: {100 * statistics.mean(diff):+.2f} ± "
           f"{100 * statistics.stdev(diff) / len(diff) ** 0.5:.2f} points")
+
+
+def bench_gap(args):
+    """The sampler's log-probs against the training forward's, on the sampler's own tokens (what grpo.py logs as
+    logprob_gap and --tis corrects), with the model in --dtype: as the code computes them (the LM head's GEMM in
+    that dtype), and with an fp32 head on both sides (the sampler's engine._logits patched for the run): how much
+    of the gap the head's rounding makes, before an fp32-head option is built. --questions RL questions x
+    --samples each, up to 96 new tokens at T = 1, from --init."""
+    from unittest import mock
+
+    import data
+    from fused_kernels import hidden_logprobs
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(args.init)
+    questions = [p["question"] for p in data.load_problems(args.rl_data)[:args.questions] for _ in range(args.samples)]
+    dtype = getattr(torch, args.dtype)
+    model = Transformer.from_pretrained(args.init, dtype=dtype, device=args.device).eval()
+    W = model.lm_head.weight[:tok.vocab_size]
+    fp32_logits = lambda m, h, limit: F.linear(h.float(), m.lm_head.weight.float())[:, :limit]  # noqa: E731
+    print(f"{len(questions)} samples of {args.init} in {args.dtype} on {args.device}; |sampler - trainer| log-prob")
+    for head, patch in ((args.dtype, mock.patch.object(engine, "_logits", engine._logits)),
+                        ("float32", mock.patch.object(engine, "_logits", fp32_logits))):
+        with patch, torch.no_grad():
+            comps = engine.complete(model, tok, questions, "cot", 96, 1.0, seed=args.seed, batch=128)
+            gaps = []
+            for c in comps:
+                t = torch.tensor([c.prompt + c.ids], device=args.device)
+                h = model.hidden(t[:, :-1])
+                if head == "float32":
+                    h, w = h.float(), W.float()
+                else:
+                    w = W
+                trainer = hidden_logprobs(h, w, t[:, 1:])[0, len(c.prompt) - 1:]
+                gaps.append((trainer.cpu() - torch.tensor(c.logprobs)).abs())
+        g = torch.cat(gaps)
+        print(f"  head in {head:<9} mean {g.mean():.2e}  max {g.max():.2e}  over {len(g)} tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -646,7 +685,7 @@ def bench_grpo(args):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("suite", nargs="?", default="model",
-                    choices=["model", "engine", "sampler", "data", "reward", "grpo"])
+                    choices=["model", "engine", "sampler", "gap", "data", "reward", "grpo"])
     ap.add_argument("--sizes", default="toy,100m", help="model: comma-separated model.PRESETS names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -683,6 +722,8 @@ if __name__ == "__main__":
         bench_engine(args)
     elif args.suite == "sampler":
         bench_sampler(args)
+    elif args.suite == "gap":
+        bench_gap(args)
     else:
         print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
         print(f"{'size':>6} {'what':<26} {'ours tok/s':>11} {'transformers':>13} {'ratio':>6}")
