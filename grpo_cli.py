@@ -11,7 +11,7 @@ from model import PRESETS
 # flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
 SIZE_DEFAULTS = dict(micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
 # β by reward: the paper's with the rule; with a reward model, ten times it, which on the toy kept GRPO from
-# gaming the model where the paper's lost 17 points in 10 steps (docs/findings.md, "learned rewards")
+# gaming the model where the paper's lost 17 points in 10 steps (docs/findings.md, "More data, a stronger start")
 RULE_BETA, LEARNED_BETA = 0.04, 0.4
 
 
