@@ -143,6 +143,8 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
+    if args.rm_refresh < 0 or args.ref_reset < 0:
+        ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
     if args.rm_refresh and (args.reward == "rule" or len(args.reward_model or ()) > 1):
         ap.error("--rm-refresh retrains a reward model: give --reward orm|prm and one --reward-model")
     if args.reward == "prm" and args.prompt == "tool":

@@ -90,6 +90,7 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--reward", "orm", "--supervision", "process"], "an outcome model scores whole outputs"),
     (["--rm-refresh", "5"], "give --reward orm|prm and one --reward-model"),
+    (["--ref-reset", "-5"], "take a number of steps K > 0"),
     (["--rm-refresh", "5", "--reward", "orm", "--reward-model", "a", "b"], "one --reward-model"),
     (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
