@@ -259,37 +259,26 @@ def bench_sampler(args):
 
 def bench_gap(args):
     """The sampler's log-probs against the training forward's, on the sampler's own tokens (what grpo.py logs as
-    logprob_gap and --tis corrects), with the model in --dtype: as the code computes them (the LM head's GEMM in
-    that dtype), and with an fp32 head on both sides (the sampler's engine._logits patched for the run): how much
-    of the gap the head's rounding makes, before an fp32-head option is built. --questions RL questions x
+    logprob_gap and --tis corrects), with the model in --dtype: the LM head's GEMM in that dtype, and in fp32 on
+    both sides (--fp32-head): how much of the gap the head's rounding makes. --questions RL questions x
     --samples each, up to 96 new tokens at T = 1, from --init."""
-    from unittest import mock
-
     import data
-    from fused_kernels import hidden_logprobs
     from tokenizer import Tokenizer
     tok = Tokenizer.load(args.init)
     questions = [p["question"] for p in data.load_problems(args.rl_data)[:args.questions] for _ in range(args.samples)]
-    dtype = getattr(torch, args.dtype)
-    model = Transformer.from_pretrained(args.init, dtype=dtype, device=args.device).eval()
-    W = model.lm_head.weight[:tok.vocab_size]
-    fp32_logits = lambda m, h, limit: F.linear(h.float(), m.lm_head.weight.float())[:, :limit]  # noqa: E731
+    model = Transformer.from_pretrained(args.init, dtype=getattr(torch, args.dtype), device=args.device).eval()
     print(f"{len(questions)} samples of {args.init} in {args.dtype} on {args.device}; |sampler - trainer| log-prob")
-    for head, patch in ((args.dtype, mock.patch.object(engine, "_logits", engine._logits)),
-                        ("float32", mock.patch.object(engine, "_logits", fp32_logits))):
-        with patch, torch.no_grad():
+    for fp32_head in (False, True):
+        model.config.fp32_head = fp32_head
+        with torch.no_grad():
             comps = engine.complete(model, tok, questions, "cot", 96, 1.0, seed=args.seed, batch=128)
             gaps = []
             for c in comps:
                 t = torch.tensor([c.prompt + c.ids], device=args.device)
-                h = model.hidden(t[:, :-1])
-                if head == "float32":
-                    h, w = h.float(), W.float()
-                else:
-                    w = W
-                trainer = hidden_logprobs(h, w, t[:, 1:])[0, len(c.prompt) - 1:]
+                trainer = model(t[:, :-1], t[:, 1:], vocab_limit=tok.vocab_size)[0, len(c.prompt) - 1:]
                 gaps.append((trainer.cpu() - torch.tensor(c.logprobs)).abs())
         g = torch.cat(gaps)
+        head = "float32" if fp32_head else args.dtype
         print(f"  head in {head:<9} mean {g.mean():.2e}  max {g.max():.2e}  over {len(g)} tokens")
 
 

@@ -173,6 +173,8 @@ class _Rows:
 
 
 def _logits(model, h, vocab_limit):
+    if model.config.fp32_head:  # as the training forward computes them (Transformer.head_inputs)
+        return F.linear(*model.head_inputs(h))[:, :vocab_limit]
     return model.lm_head(h).float()[:, :vocab_limit]  # rows past the tokenizer's ids: never sampled
 
 

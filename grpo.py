@@ -471,7 +471,7 @@ def setup(args):
     held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
     problems, leaked = data.drop_test_questions(problems, held_out)
     common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
-    config = config_from_hf(args.init)
+    config = replace(config_from_hf(args.init), fp32_head=args.fp32_head)  # π_θ's, π_ref's and the sampler's
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.grpo_plan(

@@ -107,6 +107,9 @@ def add_update_args(ap):
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
+    ap.add_argument("--fp32-head", action="store_true", help="the LM head's GEMM in fp32 for the sampler and the "
+                    "trainer alike (bf16 runs): logits bf16 does not round, a smaller sampler/trainer gap (bench.py "
+                    "gap), for an fp32 GEMM over the vocabulary")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank, the KV cache's "

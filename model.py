@@ -17,6 +17,7 @@ writing a checkpoint is a rename of one prefix, not a translation table.
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,6 +49,9 @@ class ModelConfig:
     # "lm": next-token logits (Hugging Face's ...ForCausalLM); "score": one scalar per position instead
     # (...ForSequenceClassification with one label), the head of a reward or value model (reward_model.py)
     head: str = "lm"
+    # a compute choice, never saved: the LM head's GEMM in fp32 whatever the compute dtype, so that the logits are
+    # not rounded to bf16 and the sampler's log-probs meet the trainer's closer (grpo.py --fp32-head; bench.py gap)
+    fp32_head: bool = False
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -283,10 +287,11 @@ class Transformer(nn.Module):
             # a tensor of its own, not a view of the (B, T, 1) output: FSDP2 warns on views returned from forward
             return self.score(h)[..., 0].to(torch.float32, copy=True)
         if targets is None:
-            return self.lm_head(h)
+            return self.lm_head(h) if not self.config.fp32_head else F.linear(*self.head_inputs(h), self.lm_head.bias)
         if self.lm_head.bias is not None:
             raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
-        return hidden_logprobs(h, self.lm_head.weight[:vocab_limit], targets)  # (B, T), no gradient
+        with torch.autocast(h.device.type, enabled=False) if self.config.fp32_head else nullcontext():
+            return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T), no gradient
 
     def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None):
         """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the
@@ -298,7 +303,14 @@ class Transformer(nn.Module):
         if self.config.head == "score" or self.lm_head.bias is not None:
             raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
         h = self.hidden(tokens, positions, mask)
-        return hidden_token_loss(h, self.lm_head.weight[:vocab_limit], targets, token_loss)
+        with torch.autocast(h.device.type, enabled=False) if self.config.fp32_head else nullcontext():
+            return hidden_token_loss(*self.head_inputs(h, vocab_limit), targets, token_loss)
+
+    def head_inputs(self, h, vocab_limit=None):
+        """The LM head's GEMM operands: the hidden states and the head's first vocab_limit rows, as they are, or
+        in fp32 with config.fp32_head (whose callers also keep autocast from casting them back)."""
+        w = self.lm_head.weight[:vocab_limit]
+        return (h.float(), w.float()) if self.config.fp32_head else (h, w)
 
     def prefill(self, tokens, cache):
         """Keys and values of right-padded prompts (B, P) written into `cache` at [0, P); returns the hidden states

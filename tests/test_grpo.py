@@ -361,7 +361,7 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
 @pytest.mark.parametrize("flags", [
     ("--online-rft", "--beta", "0", "--mu", "2", "--loss-norm", "token", "--mask-truncated"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1"),
-    ("--oversample", "3", "--supervision", "process"),
+    ("--oversample", "3", "--supervision", "process", "--fp32-head"),
 ])
 def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
     r = run(grpo_args(base, data_dir, tmp_path, "--max-steps", "1", "--eval-every", "0", "--report-problems", "0",

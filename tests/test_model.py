@@ -187,6 +187,35 @@ def test_forward_and_loss_give_the_log_probs_of_the_logits_and_their_gradient(vo
         torch.testing.assert_close(fused[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
+def test_an_fp32_head_gives_sampler_and_trainer_the_fp32_logits_of_a_bf16_model():
+    """config.fp32_head on a bf16 model, under bf16 autocast as a one-GPU training forward runs: the training
+    forward's log-probs (with and without gradient) and the sampler's logits are those of the fp32 GEMM of the bf16
+    hidden states and head, not rounded to bf16 as they are without it; the head's gradient is the fp32 one's."""
+    import engine
+    m = tiny(vocab_size=97).to(torch.bfloat16)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)  # logits the size of a trained model's, where bf16 rounding shows
+    x = torch.randint(0, 90, (3, 17), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 90, (3, 17), generator=torch.Generator().manual_seed(1))
+    h = m.hidden(x).detach()
+    w32 = m.lm_head.weight.detach().float()[:90].requires_grad_()
+    logits32 = h.float() @ w32.T
+    want = logits32.log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    (-want.sum()).backward()
+    for fp32, near in ((False, False), (True, True)):
+        m.config.fp32_head = fp32
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, lp = m.loss(x, y, lambda logp, rows: (-logp, -torch.ones_like(logp)), vocab_limit=90)
+            total.backward()
+            with torch.no_grad():
+                got = m(x, y, vocab_limit=90)
+        sampled = engine._logits(m, h[:, -1], 90)
+        errors = [(a - b).abs().max().item() for a, b in ((lp, want), (got, want), (sampled, logits32[:, -1]))]
+        assert all(e < 1e-4 for e in errors) if near else all(e > 1e-3 for e in errors), (fp32, errors)
+    torch.testing.assert_close(m.lm_head.weight.grad[:90].float(), w32.grad, atol=0.02, rtol=0.01)
+
+
 def test_positions_and_mask_give_a_packed_row_the_log_probs_of_its_sequences():
     """One row holding a prompt once and two continuations after it (each attending to the prompt and itself,
     positions restarting after the prompt) gives each continuation the log-probs it has alone after the prompt."""
