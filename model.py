@@ -287,10 +287,11 @@ class Transformer(nn.Module):
             # a tensor of its own, not a view of the (B, T, 1) output: FSDP2 warns on views returned from forward
             return self.score(h)[..., 0].to(torch.float32, copy=True)
         if targets is None:
-            return self.lm_head(h) if not self.config.fp32_head else F.linear(*self.head_inputs(h), self.lm_head.bias)
+            with self.head_precision(h):
+                return F.linear(*self.head_inputs(h), self.lm_head.bias)
         if self.lm_head.bias is not None:
             raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
-        with torch.autocast(h.device.type, enabled=False) if self.config.fp32_head else nullcontext():
+        with self.head_precision(h):
             return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T), no gradient
 
     def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None):
@@ -303,14 +304,18 @@ class Transformer(nn.Module):
         if self.config.head == "score" or self.lm_head.bias is not None:
             raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
         h = self.hidden(tokens, positions, mask)
-        with torch.autocast(h.device.type, enabled=False) if self.config.fp32_head else nullcontext():
+        with self.head_precision(h):
             return hidden_token_loss(*self.head_inputs(h, vocab_limit), targets, token_loss)
 
     def head_inputs(self, h, vocab_limit=None):
         """The LM head's GEMM operands: the hidden states and the head's first vocab_limit rows, as they are, or
-        in fp32 with config.fp32_head (whose callers also keep autocast from casting them back)."""
+        in fp32 with config.fp32_head (under head_precision, which keeps autocast from casting them back)."""
         w = self.lm_head.weight[:vocab_limit]
         return (h.float(), w.float()) if self.config.fp32_head else (h, w)
+
+    def head_precision(self, h):
+        """The context of the LM head's GEMM: autocast off for an fp32 head, the caller's otherwise."""
+        return torch.autocast(h.device.type, enabled=False) if self.config.fp32_head else nullcontext()
 
     def prefill(self, tokens, cache):
         """Keys and values of right-padded prompts (B, P) written into `cache` at [0, P); returns the hidden states
