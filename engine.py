@@ -173,9 +173,9 @@ class _Rows:
 
 
 def _logits(model, h, vocab_limit):
-    """The sampler's logits, with the training forward's head (Transformer.head_inputs; decoding runs without
-    autocast); rows past the tokenizer's ids are never sampled."""
-    return F.linear(*model.head_inputs(h)).float()[:, :vocab_limit]
+    if model.config.fp32_head:  # as the training forward computes them (Transformer.head_inputs; no autocast here)
+        return F.linear(*model.head_inputs(h), model.lm_head.bias)[:, :vocab_limit]
+    return model.lm_head(h).float()[:, :vocab_limit]  # rows past the tokenizer's ids: never sampled
 
 
 def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature, top_k, top_p, vocab_limit):
