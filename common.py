@@ -599,9 +599,14 @@ def start_run(args, d, model, opt, keys, extra=None):
             trim_metrics(args.out, step)
         print0(d, f"resumed from {ckpt} at step {step}")
     if d.main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        save_args(args.out, args)
     return step
+
+
+def save_args(out, args):
+    """The settings a run was started with, out/args.json: what --resume checks (check_resumable)."""
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
 
 
 def export_hf(model, out, tokenizer_dir, d, adapter_of=None):

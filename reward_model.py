@@ -32,7 +32,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ class Scored:
     at: list  # positions whose score is trained: the last token (outcome), or each step's last token (process)
     labels: list  # per position of `at`, the target probability of being right, in [0, 1]
     truth: list  # per position, what the rule says (1/0), None where it cannot say: held-out evaluation only
+
+
+SCORED_FIELDS = tuple(f.name for f in fields(Scored))  # a Scored's keys in examples.jsonl and held_out.jsonl
 
 
 def token_index(tok, ids, ends):
@@ -248,7 +251,7 @@ def save_examples(path, examples):
 
 def load_examples(path):
     """save_examples' file back as Scored (a malformed line: one error naming file:line)."""
-    return [Scored(**r) for r in data.read_jsonl(path, fields=("ids", "at", "labels", "truth"))]
+    return [Scored(**r) for r in data.read_jsonl(path, fields=SCORED_FIELDS)]
 
 
 # What decides the labelled examples: a resumed run reads them back (save_labelled) only if these match.
@@ -262,8 +265,7 @@ def save_labelled(out, args, examples, held_out, drift):
     (held_out.jsonl), so that --resume does not sample and label again (Math-Shepherd's labels of 2,000 toy
     completions take a quarter of an hour), with the settings that made them (args.json, as a run's)."""
     save_examples(os.path.join(out, "examples.jsonl"), examples)
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    common.save_args(out, args)
     data.write_jsonl(os.path.join(out, "held_out.jsonl"), ({"question": q, "set": name, **asdict(e)}
                                                            for name, pairs in (("held_out", held_out), ("drift", drift))
                                                            for q, e in pairs))
@@ -276,9 +278,9 @@ def load_labelled(out, args):
     if not os.path.isfile(path):
         return None
     common.check_resumable(out, args, RESUMABLE)
-    rows = list(data.read_jsonl(path, fields=("question", "set", "ids", "at", "labels", "truth")))
-    pairs = {name: [(r.pop("question"), Scored(**{k: r[k] for k in ("ids", "at", "labels", "truth")}))
-                    for r in rows if r["set"] == name] for name in ("held_out", "drift")}
+    pairs = {"held_out": [], "drift": []}
+    for r in data.read_jsonl(path, fields=("question", "set", *SCORED_FIELDS)):
+        pairs.setdefault(r.pop("set"), []).append((r.pop("question"), Scored(**r)))
     return load_examples(os.path.join(out, "examples.jsonl")), pairs["held_out"], pairs["drift"]
 
 
