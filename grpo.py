@@ -29,15 +29,16 @@ Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
 Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
 whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR
 on a cosine from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant
-LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO),
---clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --oversample K (DAPO's dynamic
-sampling: groups whose rewards all agree are replaced by ones that carry signal), --online-rft (the paper's
-§5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on
-it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae
-(PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
-beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
-Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's,
-reward models reward_model.py's, PPO's advantages and value loss ppo.py's.
+LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO)
+or --std-scale batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated
+(DAPO), --oversample K (DAPO's dynamic sampling: groups whose rewards all agree are replaced by ones that carry
+signal), --online-rft (the paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's
+output joins the context, no loss on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's
+reward-model update), --advantage gae (PPO, the method GRPO replaces: line 9 from a value model instead of the
+group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref is the policy with its
+adapters off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss fused_kernels/'s,
+processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's advantages and value loss
+ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -85,33 +86,41 @@ def zero_std_groups(rewards):
     return rewards.std(1) < 1e-6 if rewards.shape[1] > 1 else torch.ones(len(rewards), dtype=torch.bool)
 
 
-def group_advantages(rewards, scale_std=True):
+def group_advantages(rewards, scale="group"):
     """Outcome supervision (paper §4.1.2): Â_i = (r_i - mean(r)) / std(r) within each group, the same for
-    every token of o_i. rewards: (questions, G). A group whose rewards are all equal gets advantages 0 (not 0/0).
-    Returns (advantages (questions, G), number of such groups)."""
+    every token of o_i. rewards: (questions, G). scale: "group" divides by each group's std (the paper's),
+    "batch" by one std of the centred rewards over the whole batch (REINFORCE++'s: a question whose outputs score
+    alike gets a small push, not a full one), "none" by nothing (Dr. GRPO). A group whose rewards are all equal
+    gets advantages 0 (not 0/0). Returns (advantages (questions, G), number of such groups)."""
     zero_std = zero_std_groups(rewards)[:, None]  # (Q, 1)
     adv = rewards - rewards.mean(1, keepdim=True)  # (Q, G)
-    if scale_std and rewards.shape[1] > 1:
+    if scale == "group" and rewards.shape[1] > 1:
         adv = adv / rewards.std(1, keepdim=True).clamp(min=1e-6)
+    elif scale == "batch" and adv.numel() > 1:
+        adv = adv / adv.std().clamp(min=1e-6)
     return torch.where(zero_std, 0.0, adv), int(zero_std.sum())
 
 
-def process_advantages(steps, lengths, group_size, scale_std=True):
+def process_advantages(steps, lengths, group_size, scale="group"):
     """Process supervision (paper §4.1.3): steps[i] lists (index of the token that ends step j, reward r_ij)
-    of output i; each reward is normalised by the mean and std of all step rewards of its group, and token t of
-    o_i gets Â_it = the sum of the normalised rewards of the steps ending at or after t. Returns (per output a
-    (length,) tensor of advantages, number of groups whose step rewards are all equal: zero advantage)."""
+    of output i; each reward is normalised by the mean and std of all step rewards of its group (scale "batch":
+    by its group's mean and one std of the centred step rewards over the batch; "none": by the mean alone), and
+    token t of o_i gets Â_it = the sum of the normalised rewards of the steps ending at or after t. Returns (per
+    output a (length,) tensor of advantages, number of groups whose step rewards are all equal: zero advantage)."""
+    groups = [steps[g:g + group_size] for g in range(0, len(steps), group_size)]
+    rs = [torch.tensor([x for s in group for _, x in s]) for group in groups]  # every step reward of a group
+    centred = torch.cat([r - r.mean() for r in rs if len(r)])
+    batch_std = centred.std().clamp(min=1e-6) if len(centred) > 1 else 1.0
     out, n_zero_std = [], 0
-    for g in range(0, len(steps), group_size):
-        group = steps[g:g + group_size]
-        r = torch.tensor([x for s in group for _, x in s])  # every step reward of the group
+    for g, (group, r) in enumerate(zip(groups, rs)):
         std = r.std() if len(r) > 1 else torch.tensor(0.0)
         zero_std = bool(std < 1e-6)
         n_zero_std += zero_std
-        for s, n in zip(group, lengths[g:g + group_size]):
+        divide = {"group": std, "batch": batch_std, "none": 1.0}[scale]
+        for s, n in zip(group, lengths[g * group_size:(g + 1) * group_size]):
             a = torch.zeros(n)
             for end, x in ([] if zero_std else s):
-                a[:end + 1] += (x - r.mean()) / (std if scale_std else 1.0)  # every token up to its end
+                a[:end + 1] += (x - r.mean()) / divide  # every token up to its end
             out.append(a)
     return out, n_zero_std
 
@@ -283,13 +292,13 @@ def token_advantages(comps, rewards, step_rewards, args):
     """Â_it for every token of every output (line 9 of Algorithm 1): from `step_rewards` (process
     supervision: per output [(index of a step's last token, reward)]), else from the outcome rewards, as
     --online-rft says. Returns (per output a (length,) tensor, number of groups whose rewards all agree)."""
-    G, scale_std = args.group_size, args.std_scale
+    G, scale = args.group_size, args.std_scale
     if step_rewards is not None:
-        return process_advantages(step_rewards, [len(c.ids) for c in comps], G, scale_std)
+        return process_advantages(step_rewards, [len(c.ids) for c in comps], G, scale)
     if args.online_rft:  # the unified view (paper §5.2.1): coefficient 1 on right outputs, 0 on wrong ones
         adv, n_zero_std = (rewards > 0).float(), 0
     else:
-        adv, n_zero_std = group_advantages(rewards.view(-1, G), scale_std)
+        adv, n_zero_std = group_advantages(rewards.view(-1, G), scale)
     return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
 
 

@@ -13,6 +13,7 @@ SIZE_DEFAULTS = dict(micro_batch=(32, 4), gen_batch=(128, 32), pack=(8, 1))
 # β by reward: the paper's with the rule; with a reward model, ten times it, which on the toy kept GRPO from
 # gaming the model where the paper's lost 17 points in 10 steps (docs/findings.md, "More data, a stronger start")
 RULE_BETA, LEARNED_BETA = 0.04, 0.4
+SCALES = ("group", "batch", "none")  # what divides an advantage r - mean(r) (grpo.group_advantages)
 
 
 def parse_args(argv=None):
@@ -99,9 +100,11 @@ def add_update_args(ap):
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
-    ap.add_argument("--std-scale", action=argparse.BooleanOptionalAction, default=None, help="advantage "
-                    "(r - mean(r)) / std(r) (GRPO; the default with the rule's reward), or r - mean(r) "
-                    "(--no-std-scale: Dr. GRPO; the default with a reward model's)")
+    ap.add_argument("--std-scale", nargs="?", const="group", default=None, choices=SCALES, help="what divides an "
+                    "advantage r - mean(r): group (its group's std: GRPO, the default with the rule's reward; the "
+                    "bare flag), batch (one std over the batch: REINFORCE++), none (Dr. GRPO; the default with a "
+                    "reward model's)")
+    ap.add_argument("--no-std-scale", dest="std_scale", action="store_const", const="none", help="--std-scale none")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
@@ -142,7 +145,7 @@ def check_args(ap, args):
         args.supervision = "process" if args.reward == "prm" else "outcome"
     learned = args.reward != "rule"  # a model's score: gamed under the rule's push (docs/findings.md), so less of it
     args.beta = (LEARNED_BETA if learned else RULE_BETA) if args.beta is None else args.beta
-    args.std_scale = not learned if args.std_scale is None else args.std_scale
+    args.std_scale = ("none" if learned else "group") if args.std_scale is None else args.std_scale
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")

@@ -39,8 +39,11 @@ def test_group_advantages_normalise_within_each_group():
     torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / s)
     assert flat == 1 and not adv[1].any()  # all equal: zero advantage, counted, not 0/0
     assert adv[2, 3] > 0 and (adv[2, :3] < 0).all()
-    adv, _ = group_advantages(r, scale_std=False)  # Dr. GRPO
+    adv, _ = group_advantages(r, "none")  # Dr. GRPO
     torch.testing.assert_close(adv[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+    adv, _ = group_advantages(r, "batch")  # one std over the batch's centred rewards, the flat group's zeros too
+    centred = [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75]
+    torch.testing.assert_close(adv.flatten(), torch.tensor(centred) / torch.tensor(centred).std())
 
 
 def test_process_advantages_are_future_sums_of_normalised_step_rewards():
@@ -54,6 +57,16 @@ def test_process_advantages_are_future_sums_of_normalised_step_rewards():
     assert flat == 0
     adv, flat = process_advantages([[(0, 1.0)], [(1, 1.0)]], [2, 2], group_size=2)  # all equal: no signal
     assert flat == 1 and not torch.cat(adv).any()
+    # batch: each group centred on its own mean, all divided by one std of the batch's centred step rewards
+    steps += [[(0, 0.2)], [(1, 0.6)]]
+    adv, flat = process_advantages(steps, [5, 4, 1, 2], group_size=2, scale="batch")
+    c = torch.tensor([1 - 0.75, 0 - 0.75, 1 - 0.75, 1 - 0.75, 0.2 - 0.4, 0.6 - 0.4])
+    z = c / c.std()
+    torch.testing.assert_close(adv[0], torch.tensor([z[0] + z[1], z[0] + z[1], z[1], z[1], z[1]]))
+    torch.testing.assert_close(adv[2], z[4:5])
+    torch.testing.assert_close(adv[3], z[5].expand(2))
+    adv, _ = process_advantages(steps, [5, 4, 1, 2], group_size=2, scale="none")
+    torch.testing.assert_close(adv[3], c[5].expand(2))
 
 
 def test_step_checker_and_token_positions():
@@ -153,7 +166,7 @@ def test_advantages_and_loss_mask_land_on_the_models_own_tokens():
     advantage; a truncated completion carries none with --mask-truncated."""
     spliced = engine.Completion([1, 2, 3], [10, 11, 12, 13], [True, False, False, True], True, "x")
     short = engine.Completion([1], [20, 21], [True, True], False, "y")
-    args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, std_scale=True)
+    args = argparse.Namespace(group_size=2, supervision="outcome", online_rft=False, std_scale="group")
     per_token, n_zero_std = token_advantages([spliced, short], torch.tensor([1.0, 0.0]), None, args)
     assert n_zero_std == 0 and per_token[0].tolist() == [per_token[0][0].item()] * 4 and per_token[0][0] > 0
     b = Batch(pack_rows([spliced, short], per_token, 1, 1, False, "token"), 0, "cpu")
@@ -292,10 +305,11 @@ def test_a_reward_model_gets_less_push_than_the_rule_by_default():
     the paper's β 0.04 and the std scale (GRPO on the toy's reward models was gamed under those)."""
     import grpo
     rule, orm = grpo.parse_args([]), grpo.parse_args(["--reward", "orm", "--reward-model", "rm"])
-    assert (rule.beta, rule.std_scale) == (0.04, True) and (orm.beta, orm.std_scale) == (0.4, False)
+    assert (rule.beta, rule.std_scale) == (0.04, "group") and (orm.beta, orm.std_scale) == (0.4, "none")
     told = grpo.parse_args(["--reward", "prm", "--reward-model", "rm", "--beta", "0.04", "--std-scale"])
-    assert (told.beta, told.std_scale) == (0.04, True)
-    assert grpo.parse_args(["--beta", "0"]).beta == 0 and not grpo.parse_args(["--no-std-scale"]).std_scale
+    assert (told.beta, told.std_scale) == (0.04, "group")
+    assert grpo.parse_args(["--beta", "0"]).beta == 0 and grpo.parse_args(["--no-std-scale"]).std_scale == "none"
+    assert grpo.parse_args(["--std-scale", "batch"]).std_scale == "batch"
 
 
 def grpo_args(base, data_dir, out, *extra):
@@ -501,7 +515,7 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
     comps = [scripted_grpo.completion(tok, q, *out) for out in scripted_grpo.group(q, "5")]
     rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], ["5"] * 4, workers=1))
     assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
-    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, std_scale=True)
+    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, std_scale="group")
     per_token, n_zero_std = token_advantages(comps, rewards, rule_steps(tok, comps, rewards), args)
     step_rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # per output: [answer], [step, answer], ...
     mean, std = step_rewards.mean().item(), step_rewards.std().item()
