@@ -430,7 +430,8 @@ def label_examples(kinds, sources, tok, problems, args, d):
         built["orm"] = list(zip(qids, outcome_examples(comps, outcomes)))
     if "prm" in kinds:
         t0 = time.time()
-        pick = first_per_question(qids, args.shepherd_per_question)  # the first source's (sample_completions)
+        per_question = args.samples if args.shepherd_per_question is None else args.shepherd_per_question
+        pick = first_per_question(qids, per_question)  # the first source's (sample_completions)
         completer = Transformer.from_pretrained(sources[0][0], device=d.device)
         built["prm"] = list(zip([qids[i] for i in pick], shepherd_examples(
             completer, tok, [comps[i] for i in pick], [outcomes[i] for i in pick], [golds[i] for i in pick],
@@ -471,8 +472,9 @@ def parse_args(argv=None):
     ap.add_argument("--samples", type=int, default=4, help="completions per question")
     ap.add_argument("--shepherd-samples", type=int, default=4, help="N, completions from each step's prefix "
                     "(Math-Shepherd: 8)")
-    ap.add_argument("--shepherd-per-question", type=int, default=1, help="completions per question the process "
-                    "model learns from (each costs N completions per step to label)")
+    ap.add_argument("--shepherd-per-question", type=int, default=None, help="completions per question the process "
+                    "model learns from (default: all --samples of the first policy; each costs N completions per "
+                    "step to label)")
     ap.add_argument("--hard", action="store_true", help="a step is right if any completion from it is (Math-"
                     "Shepherd's hard estimate; default: the fraction that are, the soft one)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
