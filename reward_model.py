@@ -262,7 +262,7 @@ RESUMABLE = ("init", "policy", "data", "eval_data", "questions", "samples", "she
 def save_labelled(out, args, examples, held_out, drift):
     """A kind's labelled data, written before its training: the examples it trains on (examples.jsonl, also
     iterative GRPO's replay pool: grpo.py --rm-refresh), and the held-out and --drift ones with their question
-    (held_out.jsonl), so that --resume does not sample and label again (Math-Shepherd's labels of 2,000 toy
+    (held_out.jsonl), so that --resume does not sample and label again (Math-Shepherd's labels of the toy's 7,100
     completions take a quarter of an hour), with the settings that made them (args.json, as a run's)."""
     save_examples(os.path.join(out, "examples.jsonl"), examples)
     common.save_args(out, args)
