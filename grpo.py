@@ -113,14 +113,14 @@ def process_advantages(steps, lengths, group_size, scale="group"):
     batch_std = centred.std().clamp(min=1e-6) if len(centred) > 1 else 1.0
     out, n_zero_std = [], 0
     for g, (group, r) in enumerate(zip(groups, rs)):
-        std = r.std() if len(r) > 1 else torch.tensor(0.0)
+        mean, std = r.mean(), (r.std() if len(r) > 1 else torch.tensor(0.0))
         zero_std = bool(std < 1e-6)
         n_zero_std += zero_std
         divide = {"group": std, "batch": batch_std, "none": 1.0}[scale]
         for s, n in zip(group, lengths[g * group_size:(g + 1) * group_size]):
             a = torch.zeros(n)
             for end, x in ([] if zero_std else s):
-                a[:end + 1] += (x - r.mean()) / divide  # every token up to its end
+                a[:end + 1] += (x - mean) / divide  # every token up to its end
             out.append(a)
     return out, n_zero_std
 
