@@ -172,12 +172,6 @@ class _Rows:
             t[:len(idx)] = t[idx]
 
 
-def _logits(model, h, vocab_limit):
-    if model.config.fp32_head:  # as the training forward computes them (Transformer.head_inputs; no autocast here)
-        return F.linear(*model.head_inputs(h), model.lm_head.bias)[:, :vocab_limit]
-    return model.lm_head(h).float()[:, :vocab_limit]  # rows past the tokenizer's ids: never sampled
-
-
 def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature, top_k, top_p, vocab_limit):
     """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
     sample the next one with the row's random number for it, write it and its log-prob to the row's output. Every
@@ -185,7 +179,7 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature
     what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
     rows = torch.arange(n, device=cur.device)
     h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
-    logits = _logits(model, h, vocab_limit)
+    logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
     tok = sample(logits, u[rows, at], temperature, top_k, top_p)
     out[rows, at], out_lp[rows, at] = tok, token_logprob(logits, tok)
@@ -371,7 +365,7 @@ class Decoder:
             tokens[i, :len(p)] = torch.tensor(p)
         fresh = KVCache.empty(model.config, len(new), tokens.shape[1], model.embed_tokens.weight.dtype, dev)
         h = model.prefill(tokens, fresh)[torch.arange(len(new), device=dev), lens - 1]  # (new, C)
-        logits = _logits(model, h, vocab_limit)
+        logits = model.logits(h, vocab_limit).float()
         for i, p in enumerate(new):
             prefixes[p] = ([t[i, :, :len(p)] for t in fresh.k], [t[i, :, :len(p)] for t in fresh.v], logits[i])
 

@@ -287,8 +287,7 @@ class Transformer(nn.Module):
             # a tensor of its own, not a view of the (B, T, 1) output: FSDP2 warns on views returned from forward
             return self.score(h)[..., 0].to(torch.float32, copy=True)
         if targets is None:
-            with self.head_precision(h):
-                return F.linear(*self.head_inputs(h), self.lm_head.bias)
+            return self.logits(h)
         if self.lm_head.bias is not None:
             raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
         with self.head_precision(h):
@@ -306,6 +305,13 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, positions, mask)
         with self.head_precision(h):
             return hidden_token_loss(*self.head_inputs(h, vocab_limit), targets, token_loss)
+
+    def logits(self, h, vocab_limit=None):
+        """The LM head's logits of hidden states h (..., C) over the first vocab_limit ids: what forward returns
+        without targets and what the sampler draws from (engine), in fp32 with config.fp32_head."""
+        bias = self.lm_head.bias
+        with self.head_precision(h):
+            return F.linear(*self.head_inputs(h, vocab_limit), None if bias is None else bias[:vocab_limit])
 
     def head_inputs(self, h, vocab_limit=None):
         """The LM head's GEMM operands: the hidden states and the head's first vocab_limit rows, as they are, or

@@ -191,7 +191,6 @@ def test_an_fp32_head_gives_sampler_and_trainer_the_fp32_logits_of_a_bf16_model(
     """config.fp32_head on a bf16 model, under bf16 autocast as a one-GPU training forward runs: the training
     forward's log-probs (with and without gradient) and the sampler's logits are those of the fp32 GEMM of the bf16
     hidden states and head, not rounded to bf16 as they are without it; the head's gradient is the fp32 one's."""
-    import engine
     m = tiny(vocab_size=97).to(torch.bfloat16)
     with torch.no_grad():
         m.lm_head.weight.mul_(8)  # logits the size of a trained model's, where bf16 rounding shows
@@ -210,7 +209,7 @@ def test_an_fp32_head_gives_sampler_and_trainer_the_fp32_logits_of_a_bf16_model(
             total.backward()
             with torch.no_grad():
                 got = m(x, y, vocab_limit=90)
-        sampled = engine._logits(m, h[:, -1], 90)
+        sampled = m.logits(h[:, -1], 90)
         errors = [(a - b).abs().max().item() for a, b in ((lp, want), (got, want), (sampled, logits32[:, -1]))]
         assert all(e < 1e-4 for e in errors) if near else all(e > 1e-3 for e in errors), (fp32, errors)
     torch.testing.assert_close(m.lm_head.weight.grad[:90].float(), w32.grad, atol=0.02, rtol=0.01)
