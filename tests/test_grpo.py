@@ -301,11 +301,14 @@ def run(args):
 
 
 def test_a_reward_model_gets_less_push_than_the_rule_by_default():
-    """--reward orm|prm: β 0.4 and advantages r - mean(r), unless the flags say otherwise; the rule's reward keeps
-    the paper's β 0.04 and the std scale (GRPO on the toy's reward models was gamed under those)."""
+    """--reward orm|prm: β 0.15 (outcome) or 0.4 (process) and advantages r - mean(r), unless the flags say
+    otherwise; the rule's reward keeps the paper's β 0.04 and the std scale (GRPO on the toy's reward models was
+    gamed under those)."""
     import grpo
     rule, orm = grpo.parse_args([]), grpo.parse_args(["--reward", "orm", "--reward-model", "rm"])
-    assert (rule.beta, rule.std_scale) == (0.04, "group") and (orm.beta, orm.std_scale) == (0.4, "none")
+    prm = grpo.parse_args(["--reward", "prm", "--reward-model", "rm"])
+    assert (rule.beta, rule.std_scale) == (0.04, "group") and (orm.beta, orm.std_scale) == (0.15, "none")
+    assert (prm.beta, prm.std_scale) == (0.4, "none")
     told = grpo.parse_args(["--reward", "prm", "--reward-model", "rm", "--beta", "0.04", "--std-scale"])
     assert (told.beta, told.std_scale) == (0.04, "group")
     assert grpo.parse_args(["--beta", "0"]).beta == 0 and grpo.parse_args(["--no-std-scale"]).std_scale == "none"
