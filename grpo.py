@@ -68,7 +68,7 @@ import reward_model
 import sft
 from fused_kernels import grpo_token_loss
 from grpo_cli import SIZE_DEFAULTS, parse_args
-from model import PRESETS, ModelConfig, config_from_hf
+from model import PRESETS, ModelConfig, config_from_hf, packed_mask
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -360,11 +360,7 @@ class Batch:
         self.mask = self.weights > 0  # (b, T): the model's own tokens
         self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
         self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
-        self.attn = None
-        if segment.amax() > 1:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # query t sees keys up to t
-            q, k = segment[:, :, None], segment[:, None, :]  # (b, T, 1), (b, 1, T)
-            self.attn = (causal & ((k == 0) | (k == q)))[:, None]  # (b, 1, T, T): its prompt and itself
+        self.attn = packed_mask(segment)  # (b, 1, T, T): its prompt and itself; None if one completion a row
 
     def logprobs(self, model, vocab_limit):
         """log π(targets) (b, T) under `model`, over the tokenizer's ids only, without gradient (model.forward)."""
@@ -625,7 +621,8 @@ def score(run, comps, drawn):
         verdicts = []
         for rm in run.rms:
             with common.gathered(rm, run.d.dtype) as scorer:
-                verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch))
+                verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch,
+                                                           min(args.pack, args.group_size)))
         scored = reward_model.ensemble(verdicts, args.reward, args.rm_ensemble)
         step_rewards = scored if args.reward == "prm" else None
         rewards = torch.tensor([s[-1][1] for s in scored]) if args.reward == "prm" else scored

@@ -202,6 +202,19 @@ class KVCache:
 # The model
 
 
+def packed_mask(segment):
+    """The keys each query of a packed row sees, (b, 1, T, T) bool, for Transformer.hidden's `mask`: causally, the
+    row's shared prompt and its own sequence. segment (b, T): 0 on the prompt, k on the k-th sequence after it, -1
+    on padding (which sees the prompt and itself, so that no query sees nothing). None when no row holds two
+    sequences: plain causal attention, which the fast attention kernels take without a mask."""
+    if segment.amax() <= 1:
+        return None
+    T = segment.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()  # query t sees keys up to t
+    q, k = segment[:, :, None], segment[:, None, :]  # (b, T, 1), (b, 1, T)
+    return (causal & ((k == 0) | (k == q)))[:, None]
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -44,7 +44,7 @@ import engine
 import memory
 import reward
 import sft
-from model import Transformer, config_from_hf
+from model import Transformer, config_from_hf, packed_mask
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -137,18 +137,48 @@ def bce_loss(model, x, y):
 
 
 @torch.no_grad()
+def row_scores(model, rows, pad_id, batch):
+    """σ(score) at every position of each row, a CPU tensor per row. A row is (ids, positions, segment) as
+    model.packed_mask reads them: one sequence (segment all 0), or a prompt and sequences packed behind it. Rows of
+    similar length go `batch` to a forward, right-padded. `model` is a plain (unsharded) model."""
+    dev = model.embed_tokens.weight.device
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+    got = [None] * len(rows)
+    for s in range(0, len(order), batch):
+        chunk = [rows[r] for r in order[s:s + batch]]
+        T = max(len(ids) for ids, _, _ in chunk)
+
+        def pad(j, value):
+            return torch.tensor([r[j] + [value] * (T - len(r[j])) for r in chunk], device=dev)
+        with torch.no_grad():  # a verdict, never differentiated (a refreshed reward model trains through bce_loss)
+            p = torch.sigmoid(model(pad(0, pad_id), positions=pad(1, 0), mask=packed_mask(pad(2, -1)))).cpu()
+        for r, row in zip(order[s:s + batch], p):
+            got[r] = row
+    return got
+
+
 def scores(model, examples, pad_id, batch=32):
     """σ(score) at each example's positions `at`: a list per example. `model` is a plain (unsharded) model."""
-    dev = model.embed_tokens.weight.device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    got = {}
-    for s in range(0, len(order), batch):
-        chunk = [examples[i] for i in order[s:s + batch]]
-        x, _, _ = collate(chunk, pad_id)
-        p = torch.sigmoid(model(x.to(dev))).cpu()  # (B, T)
-        for i, e, row in zip(order[s:s + batch], chunk, p):
-            got[i] = row[e.at].tolist()
-    return [got[i] for i in range(len(examples))]
+    rows = [(e.ids, list(range(len(e.ids))), [0] * len(e.ids)) for e in examples]
+    return [row[e.at].tolist() for row, e in zip(row_scores(model, rows, pad_id, batch), examples)]
+
+
+def packed_scores(model, comps, at, pad_id, pack, batch):
+    """σ(score) of each completion at its token indices `at` (a list per completion), as `scores` gives them for
+    prompt + completion alone, with up to `pack` consecutive completions of one prompt (GRPO's groups) in a row
+    behind one copy of it: each sees the prompt and itself, its positions restart after the prompt, and the
+    prompt is run once for all of them. `batch` completions to a forward."""
+    rows, where = [], []  # rows (ids, positions, segment); per completion, its row and its `at` in that row
+    for i, c in enumerate(comps):
+        if not rows or rows[-1][2][-1] >= pack or comps[i - 1].prompt != c.prompt:
+            rows.append((list(c.prompt), list(range(len(c.prompt))), [0] * len(c.prompt)))
+        ids, positions, segment = rows[-1]
+        where.append((len(rows) - 1, [len(ids) + t for t in at[i]]))
+        positions += range(len(c.prompt), len(c.prompt) + len(c.ids))
+        segment += [segment[-1] + 1] * len(c.ids)
+        ids += c.ids
+    got = row_scores(model, rows, pad_id, max(1, batch // pack))
+    return [got[r][idx].tolist() for r, idx in where]
 
 
 # -----------------------------------------------------------------------------
@@ -336,14 +366,13 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
 # For GRPO: a reward model's verdicts on rollouts (--reward orm|prm)
 
 
-def model_rewards(scorer, tok, comps, kind, batch):
+def model_rewards(scorer, tok, comps, kind, batch, pack=1):
     """A reward model's verdicts on GRPO's outputs: an outcome model's σ(score) at each output's
     last token, (B,); a process model's at the last token of each step (a line), per output [(token index,
-    score)], the last step's score being its verdict on the answer. scorer: the model, unsharded."""
+    score)], the last step's score being its verdict on the answer. scorer: the model, unsharded; batch and pack:
+    as packed_scores (GRPO's --micro-batch and --pack)."""
     ends = [step_ends(tok, c) if kind == "prm" else [(len(c.ids) - 1, None)] for c in comps]
-    examples = [Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in e], [0.0] * len(e), None)
-                for c, e in zip(comps, ends)]
-    got = scores(scorer, examples, tok.pad_id, batch)
+    got = packed_scores(scorer, comps, [[t for t, _ in e] for e in ends], tok.pad_id, pack, batch)
     if kind == "orm":
         return torch.tensor([s[-1] for s in got])
     return [[(t, x) for (t, _), x in zip(e, s)] for e, s in zip(ends, got)]

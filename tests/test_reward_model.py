@@ -249,6 +249,33 @@ def test_an_ensemble_scores_by_the_mean_or_the_lowest_verdict():
         assert [x for out in got for _, x in out] == pytest.approx(want)
 
 
+def test_packed_scores_are_each_completions_own_and_the_prompt_runs_once(monkeypatch):
+    """GRPO's groups scored `pack` completions to a row behind one copy of their prompt give, at every position
+    asked, what the model gives prompt + completion alone; rows break at a new prompt and after `pack`."""
+    torch.manual_seed(1)
+    model = tiny_scorer()
+    prompts = [[1, 5, 9, 2], [1, 7, 3]]
+    comps = [Completion(p, torch.randint(3, 97, (n,)).tolist(), [True] * n, True, "")
+             for p, lengths in zip(prompts, ([5, 2, 7, 1], [3, 6])) for n in lengths]  # groups of 4 and 2
+    at = [[0, len(c.ids) - 1] for c in comps]
+    alone = []
+    with torch.no_grad():
+        for c, a in zip(comps, at):
+            s = torch.sigmoid(model(torch.tensor([c.prompt + c.ids])))[0]
+            alone.append(s[[len(c.prompt) + t for t in a]].tolist())
+    ran = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, **kw: ran.append(x.shape) or forward(x, **kw))
+    for pack in (1, 3, 4):
+        ran.clear()
+        got = reward_model.packed_scores(model, comps, at, pad_id=0, pack=pack, batch=64)
+        assert len(got) == len(comps)
+        for g, want in zip(got, alone):
+            assert g == pytest.approx(want, abs=1e-6)
+        rows = {1: 6, 3: 3, 4: 2}[pack]  # 4 + 2 completions: [3, 1] + [2] rows at pack 3, [4] + [2] at 4
+        assert sum(shape[0] for shape in ran) == rows
+
+
 def test_grpo_with_an_ensemble_of_one_model_twice_scores_as_the_model(base, data_dir, reward_models, tmp_path):
     """--reward-model A A: each model's verdicts combined (here the lowest of two equal ones) are the model's."""
     rows = {}
