@@ -150,8 +150,7 @@ def row_scores(model, rows, pad_id, batch):
 
         def pad(j, value):
             return torch.tensor([r[j] + [value] * (T - len(r[j])) for r in chunk], device=dev)
-        with torch.no_grad():  # a verdict, never differentiated (a refreshed reward model trains through bce_loss)
-            p = torch.sigmoid(model(pad(0, pad_id), positions=pad(1, 0), mask=packed_mask(pad(2, -1)))).cpu()
+        p = torch.sigmoid(model(pad(0, pad_id), positions=pad(1, 0), mask=packed_mask(pad(2, -1)))).cpu()  # (B, T)
         for r, row in zip(order[s:s + batch], p):
             got[r] = row
     return got
