@@ -404,24 +404,24 @@ def clip_grad_norm(model, max_norm):
 
 
 def train_step(model, opt, micro_batches, d, optim, step, loss_of=None):
-    """micro_batches: list of (x, y, mask) tensors (B, T), mask bool. Each position's loss, the next-token
-    cross-entropy −log π(y_t | x_≤t) (model.loss) or loss_of(model, x, y) (B, T) if given, is divided by the
+    """micro_batches: list of (x, y, mask, *extra) tensors (B, T), mask bool. Each position's loss, the next-token
+    cross-entropy −log π(y_t | x_≤t) (model.loss) or loss_of(model, x, y, *extra) (B, T) if given, is divided by the
     global count of valid positions, so a batch's gradient does not depend on how it is split across
     micro-batches or ranks. FSDP averages gradients over ranks, hence the factor `world`. Returns (mean loss, grad
     norm, valid positions)."""
-    n_tokens = all_sum(d, sum(int(m.sum()) for _, _, m in micro_batches))
+    n_tokens = all_sum(d, sum(int(b[2].sum()) for b in micro_batches))
     if n_tokens == 0:
         raise ValueError(f"step {step}: no token carries a loss in this batch (is every answer masked?)")
     loss_sum = 0.0  # a tensor after the first micro-batch: read back once, after the last (no sync per micro-batch)
-    for x, y, mask in micro_batches:
-        x, y, mask = x.to(d.device), y.to(d.device), mask.to(d.device)
+    for x, y, mask, *extra in micro_batches:
+        x, y, mask, extra = x.to(d.device), y.to(d.device), mask.to(d.device), [e.to(d.device) for e in extra]
         with autocast(d):
             if loss_of is None:  # each position's loss -w·logp, w = its mask x world / n_tokens: d/d logp = -w
                 w = mask.flatten().float() * (d.world / n_tokens)
                 total, logp = model.loss(x, y, lambda lp, rows: (-lp * w[rows], -w[rows]))
                 losses = -logp * mask  # (B, T), for the log
             else:
-                losses = loss_of(model, x, y) * mask  # (B, T)
+                losses = loss_of(model, x, y, *extra) * mask  # (B, T)
                 total = losses.sum() * d.world / n_tokens
         total.backward()
         loss_sum = loss_sum + losses.detach().sum()

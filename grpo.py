@@ -481,7 +481,7 @@ def setup(args):
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
-        args.reward != "rule", args.advantage == "gae", args.compile, args.lora_rank)["peak"])
+        scoring_models(args), args.advantage == "gae", args.compile, args.lora_rank)["peak"])
     policy = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
                                 adapters=lora.of(args), compile=args.compile)
     optim = common.Optim.of(args)
@@ -492,7 +492,7 @@ def setup(args):
     if run.value is not None:
         run.extra["value"] = (run.value, run.value_opt)
     if args.rm_refresh:
-        run.extra["rm"] = run.rms[0]  # as is a refreshed reward model
+        run.extra["rm"] = reward_model.trained(run.rms[0])  # as is a refreshed reward model
     resumable = ("init", "data", "questions", "oversample", "group_size", "prompt", "chat_template", "system",
                  "reward", "advantage", "seed")
     run.step = common.start_run(args, d, policy, run.opt, resumable, run.extra)
@@ -512,6 +512,14 @@ def toy_reward_model_dir(args):
 def reward_model_dirs(args):
     """--reward-model's directories, or the toy's."""
     return args.reward_model or [toy_reward_model_dir(args)]
+
+
+def scoring_models(args):
+    """How many models of the policy's size score the rollouts, for the memory plan: none under the rule; per
+    --reward-model, two for the implicit outcome form (π_φ and its reference), else one."""
+    if args.reward == "rule":
+        return 0
+    return sum(reward_model.models_in(rm_dir) for rm_dir in reward_model_dirs(args))
 
 
 def build_helpers(run, config, ac):
@@ -538,12 +546,10 @@ def reward_model_of(rm_dir, run, ac):
     args, d = run.args, run.d
     common.require_model(rm_dir, toy_reward_model_dir(args), d,
                          lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
-    rm_config = config_from_hf(rm_dir)
-    if rm_config.head != "score":
-        raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
-    rm = common.build_model(rm_config, d, seed=args.seed, init_dir=rm_dir, checkpointed=ac if args.rm_refresh else 0,
-                            compile=args.compile)
-    return rm.requires_grad_(args.rm_refresh > 0)
+    rm = reward_model.load(rm_dir, d, args.seed, checkpointed=ac if args.rm_refresh else 0, compile=args.compile)
+    if args.rm_refresh:
+        reward_model.trained(rm).requires_grad_(True)
+    return rm
 
 
 def held_out_metrics(run, n, samples, temperature):
@@ -620,7 +626,7 @@ def score(run, comps, drawn):
     if run.rms:
         verdicts = []
         for rm in run.rms:
-            with common.gathered(rm, run.d.dtype) as scorer:
+            with reward_model.scoring(rm, run.d.dtype) as scorer:
                 verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch,
                                                            min(args.pack, args.group_size)))
         scored = reward_model.ensemble(verdicts, args.reward, args.rm_ensemble)
@@ -740,7 +746,7 @@ def dry_run(args):
     config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
     common.size_defaults(args, config, common.Dist(0, 1, torch.device("cpu")), **SIZE_DEFAULTS)
     memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                           args.max_new_tokens, args.reward != "rule", args.advantage == "gae", args.compile,
+                           args.max_new_tokens, scoring_models(args), args.advantage == "gae", args.compile,
                            args.lora_rank)
 
 

@@ -144,7 +144,8 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     (train_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
     the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
     log-probs: the whole reference gathered; training: on more than one GPU also the gradients accumulated
-    unsharded over the micro-batches (reduce-scattered once a step). A reward model adds its shard; PPO's value
+    unsharded over the micro-batches (reduce-scattered once a step). Each reward model adds its shard
+    (reward_model: how many models of the policy's size score the rollouts; True counts one); PPO's value
     model (--advantage gae) its shard, gradients and AdamW state.
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
     long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy.
@@ -157,7 +158,7 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     if not lora_rank:
         held["reference_fp32"] = 4 * n / world
     if reward_model:
-        held["reward_model_fp32"] = 4 * n / world
+        held["reward_model_fp32"] = 4 * n * int(reward_model) / world
     if value_model:
         held["value_model_fp32_params_grads_adamw"] = 16 * n / world
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16

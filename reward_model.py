@@ -2,16 +2,20 @@
 and §4.1.3, labels as Math-Shepherd's (docs/paper.md §5).
 
 DeepSeekMath's RL reward is not the answer rule itself but a model trained on the rule's verdicts. Both kinds
-here are the policy's architecture with a scalar head (model.py, head "score": Hugging Face's
-...ForSequenceClassification with one label), trained from --init's body (the SFT model by default), on
-completions sampled from one or more policies (--policy DIR[@T] ...: the SFT model at T = 1 by default), each kept
-once per question and labelled by the answer rule (reward.py), never by people:
+here start from --init (the SFT model by default) and learn from completions sampled from one or more policies
+(--policy DIR[@T] ...: the SFT model at T = 1 by default), each kept once per question and labelled by the answer
+rule (reward.py), never by people:
 
-- outcome (ORM): one label per completion, 1 if its final answer is right; the score is read at its last token.
-- process (PRM): one label per step (a line of the solution). From the prefix that ends at step j, N completions
-  are sampled; the label is the fraction of them that reach the gold answer (Math-Shepherd's soft estimate;
-  --hard: 1 if any does). The last step's label is the completion's own outcome. The score is read at each
-  step's last token.
+- outcome (ORM): one label per completion, 1 if its final answer is right. By default in the implicit form
+  (ImplicitReward, PRIME's): no head, the score is β Σ_t log π_φ(o_t)/π_ref(o_t) over the completion's tokens,
+  π_φ a language model trained by the loss below and π_ref --init, frozen. It taught GRPO more than the head form
+  (--orm-form head: a scalar head read at the last token), which ranks a question's outputs worse than the SFT
+  model's own likelihood does (docs/findings.md).
+- process (PRM): the policy's architecture with a scalar head (model.py, head "score": Hugging Face's
+  ...ForSequenceClassification with one label); one label per step (a line of the solution). From the prefix
+  that ends at step j, N completions are sampled; the label is the fraction of them that reach the gold answer
+  (Math-Shepherd's soft estimate; --hard: 1 if any does). The last step's label is the completion's own
+  outcome. The score is read at each step's last token.
 
 Loss: binary cross-entropy on the score as a logit (the paper does not name its loss; BCE is the usual one for
 a probability of being right, and it takes soft labels as they are). Held-out evaluation, on questions never
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -57,9 +62,11 @@ class Scored:
     at: list  # positions whose score is trained: the last token (outcome), or each step's last token (process)
     labels: list  # per position of `at`, the target probability of being right, in [0, 1]
     truth: list  # per position, what the rule says (1/0), None where it cannot say: held-out evaluation only
+    start: int = None  # index in ids of the completion's first token (what the implicit form sums over)
 
 
 SCORED_FIELDS = tuple(f.name for f in fields(Scored))  # a Scored's keys in examples.jsonl and held_out.jsonl
+REQUIRED_FIELDS = SCORED_FIELDS[:-1]  # files written before `start` existed still load (the head form's)
 
 
 def token_index(tok, ids, ends):
@@ -88,7 +95,7 @@ def step_truth(text, ends):
 
 def outcome_examples(comps, outcomes):
     """One example per completion: its score at the last token, labelled by its rule reward (1 right, 0 wrong)."""
-    return [Scored(c.prompt + c.ids, [len(c.prompt) + len(c.ids) - 1], [float(r)], [float(r)])
+    return [Scored(c.prompt + c.ids, [len(c.prompt) + len(c.ids) - 1], [float(r)], [float(r)], len(c.prompt))
             for c, r in zip(comps, outcomes)]
 
 
@@ -115,33 +122,100 @@ def shepherd_examples(sampler, tok, comps, outcomes, golds, n, hard, seed, batch
             labels.append(float(max(hits)) if hard else float(np.mean(hits)))
             k += n
         truth = step_truth(c.text, [e for _, e in s[:-1]]) + [float(r)]
-        out.append(Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in s], labels + [float(r)], truth))
+        out.append(Scored(c.prompt + c.ids, [len(c.prompt) + t for t, _ in s], labels + [float(r)], truth,
+                          len(c.prompt)))
     return out
 
 
+def segments(e):
+    """An example's segment per token, as model.packed_mask reads them: 0 on the prompt, 1 on the completion
+    (all 0 where the example does not say where its completion starts)."""
+    start = len(e.ids) if e.start is None else e.start
+    return [0] * start + [1] * (len(e.ids) - start)
+
+
 def collate(examples, pad_id):
-    """Right-padded (x (B, T) ids, y (B, T) labels, mask (B, T) where a label is)."""
+    """Right-padded (x (B, T) ids, y (B, T) labels, mask (B, T) where a label is, segment (B, T): `segments`,
+    -1 on padding)."""
     T = max(len(e.ids) for e in examples)
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.zeros(len(examples), T)
     m = torch.zeros(len(examples), T, dtype=torch.bool)
+    seg = torch.full((len(examples), T), -1, dtype=torch.long)
     for i, e in enumerate(examples):
-        x[i, :len(e.ids)] = torch.tensor(e.ids)
+        x[i, :len(e.ids)], seg[i, :len(e.ids)] = torch.tensor(e.ids), torch.tensor(segments(e))
         y[i, e.at], m[i, e.at] = torch.tensor(e.labels), True
-    return x, y, m
+    return x, y, m, seg
 
 
-def bce_loss(model, x, y):
+# -----------------------------------------------------------------------------
+# The implicit form of an outcome model: no head, a language model against its reference
+
+
+class ImplicitReward(torch.nn.Module):
+    """An outcome model without a head (PRIME's implicit reward, Cui et al. 2025): a language model π_φ and a
+    frozen reference π_ref, both --init at the start. A completion's score, as a logit, is β Σ_t log π_φ(o_t) /
+    π_ref(o_t) over its tokens; trained by BCE on the outcome, π_φ learns which tokens make right solutions more
+    likely than the reference finds them. It starts at 0 for every completion, and it learns through the language
+    model's own next-token predictions, where what tells a right calculation from a wrong one already lies (the
+    SFT model's likelihood alone ranks its own outputs within a question better than a head trained on the same
+    labels: docs/findings.md). The score after token t is the sum up to t: at the last token, the verdict."""
+
+    def __init__(self, policy, ref, beta):
+        super().__init__()
+        self.policy, self.ref, self.beta = policy, ref.requires_grad_(False), beta
+
+    def forward(self, tokens, segment, positions=None):
+        """The score at every position (B, T), fp32, of rows laid out as packed_scores makes them (segment 0 on
+        the prompt, k on the k-th completion behind it, -1 on padding): 0 on the prompt, after that the sum over
+        the completion's tokens so far. A completion's first token is predicted from the prompt's last."""
+        mask = packed_mask(segment)
+        lp = token_logprobs(self.policy(tokens, positions=positions, mask=mask), tokens, segment)
+        with torch.no_grad():
+            lp_ref = token_logprobs(self.ref(tokens, positions=positions, mask=mask), tokens, segment)
+        x = self.beta * (lp - lp_ref) * (segment > 0)
+        T = tokens.shape[1]
+        idx = torch.arange(T, device=tokens.device).expand_as(tokens)
+        first = ~torch.cat([torch.zeros_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] == segment[:, :-1]], 1)
+        start = torch.where(first, idx, 0).cummax(1).values  # where each token's segment starts
+        total = x.cumsum(1)
+        return total - torch.where(start > 0, total.gather(1, (start - 1).clamp(min=0)), 0)  # the segment's own sum
+
+
+def token_logprobs(logits, tokens, segment):
+    """log π(tokens_t | what precedes it) (B, T) in fp32 from logits (B, T, V) of packed rows: predicted from
+    position t - 1 within a segment, from the prompt's last position at a segment's first token (meaningless
+    on the prompt's first token, which nothing predicts: the caller masks the prompt)."""
+    B, T = tokens.shape
+    idx = torch.arange(T, device=tokens.device).expand(B, T)
+    same = torch.cat([torch.ones_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] == segment[:, :-1]], 1)
+    prompt_last = (segment == 0).sum(1, keepdim=True) - 1
+    prev = torch.where(same, idx - 1, prompt_last).clamp(min=0)
+    rows = torch.arange(B, device=tokens.device)[:, None]
+    logits = logits.float()
+    return logits[rows, prev, tokens] - logits.logsumexp(-1)[rows, prev]
+
+
+def score_logits(model, tokens, segment, positions=None):
+    """A reward model's score (a logit) at every position (B, T) of rows as packed_scores lays them out: a head
+    model's, or an implicit one's."""
+    if isinstance(model, ImplicitReward):
+        return model(tokens, segment, positions)
+    return model(tokens, positions=positions, mask=packed_mask(segment))
+
+
+def bce_loss(model, x, y, segment):
     """Per position (B, T): binary cross-entropy of the score as a logit against the label y in [0, 1]."""
-    return F.binary_cross_entropy_with_logits(model(x), y, reduction="none")
+    return F.binary_cross_entropy_with_logits(score_logits(model, x, segment), y, reduction="none")
 
 
 @torch.no_grad()
 def row_scores(model, rows, pad_id, batch):
     """σ(score) at every position of each row, a CPU tensor per row. A row is (ids, positions, segment) as
-    model.packed_mask reads them: one sequence (segment all 0), or a prompt and sequences packed behind it. Rows of
-    similar length go `batch` to a forward, right-padded. `model` is a plain (unsharded) model."""
-    dev = model.embed_tokens.weight.device
+    model.packed_mask reads them: one sequence (segment 0 on its prompt, 1 on its completion; or all 0), or a prompt
+    and sequences packed behind it (1, 2, ...). Rows of similar length go `batch` to a forward, right-padded.
+    `model` is a plain (unsharded) model."""
+    dev = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
     got = [None] * len(rows)
     for s in range(0, len(order), batch):
@@ -150,7 +224,7 @@ def row_scores(model, rows, pad_id, batch):
 
         def pad(j, value):
             return torch.tensor([r[j] + [value] * (T - len(r[j])) for r in chunk], device=dev)
-        p = torch.sigmoid(model(pad(0, pad_id), positions=pad(1, 0), mask=packed_mask(pad(2, -1)))).cpu()  # (B, T)
+        p = torch.sigmoid(score_logits(model, pad(0, pad_id), pad(2, -1), pad(1, 0))).cpu()  # (B, T)
         for r, row in zip(order[s:s + batch], p):
             got[r] = row
     return got
@@ -158,7 +232,7 @@ def row_scores(model, rows, pad_id, batch):
 
 def scores(model, examples, pad_id, batch=32):
     """σ(score) at each example's positions `at`: a list per example. `model` is a plain (unsharded) model."""
-    rows = [(e.ids, list(range(len(e.ids))), [0] * len(e.ids)) for e in examples]
+    rows = [(e.ids, list(range(len(e.ids))), segments(e)) for e in examples]
     return [row[e.at].tolist() for row, e in zip(row_scores(model, rows, pad_id, batch), examples)]
 
 
@@ -280,7 +354,7 @@ def save_examples(path, examples):
 
 def load_examples(path):
     """save_examples' file back as Scored (a malformed line: one error naming file:line)."""
-    return [Scored(**r) for r in data.read_jsonl(path, fields=SCORED_FIELDS)]
+    return [Scored(**r) for r in data.read_jsonl(path, fields=REQUIRED_FIELDS)]
 
 
 # What decides the labelled examples: a resumed run reads them back (save_labelled) only if these match.
@@ -308,7 +382,7 @@ def load_labelled(out, args):
         return None
     common.check_resumable(out, args, RESUMABLE)
     pairs = {"held_out": [], "drift": []}
-    for r in data.read_jsonl(path, fields=("question", "set", *SCORED_FIELDS)):
+    for r in data.read_jsonl(path, fields=("question", "set", *REQUIRED_FIELDS)):
         pairs.setdefault(r.pop("set"), []).append((r.pop("question"), Scored(**r)))
     return load_examples(os.path.join(out, "examples.jsonl")), pairs["held_out"], pairs["drift"]
 
@@ -330,28 +404,32 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
     """Train one reward model on `examples` (Scored) from args.init's body; export it to args.out_dir/kind with
     its report on the held-out questions (and on --drift's samples of them, if any): those two as (question,
     example) pairs. Returns the report."""
-    run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind)})  # this model's record
+    implicit = kind == "orm" and args.orm_form == "implicit"
+    run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind),  # this model's record
+                                "lr": args.lr or (1e-4 if implicit else 2e-4)})
     longest = max(len(e.ids) for e in examples)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, longest, k)))
-    model = common.build_model(replace(config, head="score"), d, seed=args.seed, init_dir=args.init,
-                               checkpointed=ac, compile=args.compile)
-    optim = common.Optim.of(args)
+    model = common.build_model(config if implicit else replace(config, head="score"), d, seed=args.seed,
+                               init_dir=args.init, checkpointed=ac, compile=args.compile)
+    rm = ImplicitReward(model, common.build_model(config, d, seed=args.seed, init_dir=args.init,
+                                                  compile=args.compile), args.implicit_beta) if implicit else model
+    optim = common.Optim.of(run)
     opt = common.make_optimizer(model, optim)
     step = common.start_run(run, d, model, opt, RESUMABLE)
     log = common.Log(run.out, d, run.max_steps, step, args=run)
     with common.StopFlag() as stop:  # the signal handlers are the run's only while it runs
         while step < run.max_steps:
             t0 = time.time()
-            loss, norm, n = fit_step(model, opt, optim, examples, step, d, batch=args.batch,
+            loss, norm, n = fit_step(rm, opt, optim, examples, step, d, batch=args.batch,
                                      micro_batch=args.micro_batch, seed=args.seed, pad_id=tok.pad_id)
             step += 1
             log(dict(step=step, loss=loss, lr=opt.param_groups[0]["lr"], grad_norm=norm, labels=n,
                      seconds=time.time() - t0))
             common.save_or_stop(stop, run.out, model, opt, step, d, step % run.ckpt_every == 0 or step == run.max_steps)
     log.close()
-    common.export_hf(model, run.out, policy_sources(args.policy)[0][0], d)  # with the policies' tokenizer
-    with common.gathered(model) as plain:
+    save(rm, run.out, policy_sources(args.policy)[0][0], d)  # with the policies' tokenizer
+    with scoring(rm) as plain:
         row = report(plain, [e for _, e in held_out], tok.pad_id, [q for q, _ in held_out])
         if drift:
             row["drift"] = report(plain, [e for _, e in drift], tok.pad_id, [q for q, _ in drift])
@@ -359,6 +437,64 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
         with open(os.path.join(run.out, "report.json"), "w") as f:
             json.dump(row, f, indent=1)
     return row
+
+
+# -----------------------------------------------------------------------------
+# A reward model on disk: a Hugging Face directory with the "score" head, or for the implicit form the language
+# model π_φ, its reference in reference/ and implicit.json (β)
+
+IMPLICIT = "implicit.json"
+
+
+def save(rm, out, tokenizer_dir, d):
+    """Export a trained reward model to `out` (common.export_hf), the implicit form's reference beside it."""
+    if isinstance(rm, ImplicitReward):
+        common.export_hf(rm.policy, out, tokenizer_dir, d)
+        common.export_hf(rm.ref, os.path.join(out, "reference"), tokenizer_dir, d)
+        if d.main:
+            with open(os.path.join(out, IMPLICIT), "w") as f:
+                json.dump({"beta": rm.beta}, f)
+    else:
+        common.export_hf(rm, out, tokenizer_dir, d)
+
+
+def load(rm_dir, d, seed, checkpointed=0, compile=False):
+    """The reward model `save` wrote to rm_dir, built as common.build_model builds any model (FSDP2 on several
+    ranks), frozen; an error naming rm_dir if it holds a language model and no implicit.json."""
+    config = config_from_hf(rm_dir)
+    if os.path.isfile(os.path.join(rm_dir, IMPLICIT)):
+        with open(os.path.join(rm_dir, IMPLICIT)) as f:
+            beta = json.load(f)["beta"]
+        ref_dir = os.path.join(rm_dir, "reference")
+        policy = common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile)
+        ref = common.build_model(config_from_hf(ref_dir), d, seed=seed, init_dir=ref_dir, compile=compile)
+        return ImplicitReward(policy.requires_grad_(False), ref, beta)
+    if config.head != "score":
+        raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
+    return common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed,
+                              compile=compile).requires_grad_(False)
+
+
+def models_in(rm_dir):
+    """How many models of its --init's size the reward model in rm_dir holds: two in the implicit form (π_φ and
+    its reference), else one (also where none is built yet)."""
+    return 2 if os.path.isfile(os.path.join(rm_dir, IMPLICIT)) else 1
+
+
+def trained(rm):
+    """The module of a reward model that training changes: the implicit form's π_φ, never its reference."""
+    return rm.policy if isinstance(rm, ImplicitReward) else rm
+
+
+@contextmanager
+def scoring(rm, dtype=None):
+    """A plain (unsharded) copy of a reward model to score with, valid inside the `with` (common.gathered)."""
+    if isinstance(rm, ImplicitReward):
+        with common.gathered(rm.policy, dtype) as policy, common.gathered(rm.ref, dtype) as ref:
+            yield ImplicitReward(policy, ref, rm.beta)
+    else:
+        with common.gathered(rm, dtype) as plain:
+            yield plain
 
 
 # -----------------------------------------------------------------------------
@@ -426,7 +562,7 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
                shepherd_examples(sampler, tok, comps, rule, golds, args.shepherd_samples, False,
                                               seed + engine.SHEPHERD, args.gen_batch, args.max_new_tokens))
         new = common.all_gather_list(d, new)
-        with common.gathered(rm) as scorer:  # how well the reward model judged the policy's samples before
+        with scoring(rm) as scorer:  # how well the reward model judged the policy's samples before
             before = report(scorer, new, tok.pad_id, [i // args.rm_samples for i in range(len(new))])
     n_replay = min(len(history), round(len(new) * REPLAY_SHARE / (1 - REPLAY_SHARE)))
     mixture = new + [history[i] for i in rng.choice(len(history), n_replay, replace=False)]
@@ -512,7 +648,12 @@ def parse_args(argv=None):
                     "(default: 32 below 1B parameters, 4 above)")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank (default: 128 "
                     "below 1B parameters, 32 above)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="peak LR (paper: 2e-5 at 7B)")
+    ap.add_argument("--orm-form", choices=("implicit", "head"), default="implicit", help="the outcome model: "
+                    "implicit, a language model scored against its reference (ImplicitReward); head, a scalar "
+                    "head read at the last token (the process model always has the head)")
+    ap.add_argument("--implicit-beta", type=float, default=0.05, help="β of the implicit form's score (PRIME's)")
+    ap.add_argument("--lr", type=float, default=None, help="peak LR (default: 1e-4 for the implicit form, 2e-4 for "
+                    "a head; paper: 2e-5 at 7B)")
     common.add_training_args(ap, warmup=10, schedule="cosine", ckpt_every=50)
     return ap.parse_args(argv)
 

@@ -98,15 +98,76 @@ def test_math_shepherd_labels_a_hand_made_solution(monkeypatch):
 def test_collate_and_loss_train_only_the_labelled_positions():
     ex = outcome_examples([Completion([1, 2], [3, 4, 5], [True] * 3, True, "")], [1.0])
     ex.append(Scored([1, 2, 3], [1, 2], [0.25, 1.0], [None, 1.0]))
-    x, y, m = collate(ex, pad_id=0)
+    x, y, m, seg = collate(ex, pad_id=0)
     assert x.tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]] and m.sum() == 3
     assert y[0, 4] == 1.0 and y[1, 1] == 0.25 and m[0, 4] and m[1, 1] and m[1, 2]
+    assert seg.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, -1, -1]]  # the second does not say where its completion starts
     model = tiny_scorer()
-    losses = bce_loss(model, x, y)
+    losses = bce_loss(model, x, y, seg)
     with torch.no_grad():
         p = torch.sigmoid(model(x))[1, 1]
     assert losses[1, 1].item() == pytest.approx(-(0.25 * math.log(p) + 0.75 * math.log(1 - p)), rel=1e-5)
     assert reward_model.scores(model, ex, pad_id=0)[1] == pytest.approx(torch.sigmoid(model(x))[1, 1:3].tolist())
+
+
+def tiny_implicit(beta=0.5):
+    """An implicit outcome model whose π_φ is π_ref with noise added: scores away from 0."""
+    torch.manual_seed(0)
+    ref = Transformer(ModelConfig(**TINY))
+    ref.init_weights()
+    policy = Transformer(ModelConfig(**TINY))
+    policy.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()})
+    return reward_model.ImplicitReward(policy, ref, beta)
+
+
+def test_the_implicit_score_is_beta_times_the_log_ratio_summed_over_the_completion():
+    """Against float64 log-softmaxes of each model's logits on prompt + completion alone, token by token: the
+    score after completion token t is β Σ_{s ≤ t} log π_φ(o_s)/π_ref(o_s), 0 on the prompt; packed rows (GRPO's
+    groups behind one prompt) give each completion its own sums; with π_φ = π_ref it is 0."""
+    rm = tiny_implicit()
+    prompt = [1, 5, 9, 2]
+    comps = [Completion(prompt, torch.randint(3, 97, (n,)).tolist(), [True] * n, True, "") for n in (5, 2, 7)]
+    want = []
+    with torch.no_grad():
+        for c in comps:
+            x = torch.tensor([c.prompt + c.ids])
+            lp = [torch.log_softmax(m(x)[0].double(), -1) for m in (rm.policy, rm.ref)]
+            P = len(c.prompt)
+            ratio = [(lp[0][t - 1, x[0, t]] - lp[1][t - 1, x[0, t]]).item() for t in range(P, x.shape[1])]
+            want.append([0.0] * P + [rm.beta * sum(ratio[:k + 1]) for k in range(len(ratio))])
+    ex = outcome_examples(comps, [1.0, 0.0, 1.0])
+    x, _, _, seg = collate(ex, pad_id=0)
+    with torch.no_grad():
+        got = rm(x, seg)
+    for i, w in enumerate(want):
+        assert got[i, :len(w)].tolist() == pytest.approx(w, abs=1e-5)
+        assert abs(w[-1]) > 0.05  # the noise moved the score: the comparison can fail
+    at = [list(range(len(c.ids))) for c in comps]
+    packed = reward_model.packed_scores(rm, comps, at, pad_id=0, pack=3, batch=8)
+    for p, w, c in zip(packed, want, comps):
+        assert p == pytest.approx(torch.sigmoid(torch.tensor(w[len(c.prompt):])).tolist(), abs=1e-5)
+    same = reward_model.ImplicitReward(rm.ref, rm.ref, 0.5)
+    with torch.no_grad():
+        assert not same(x, seg).any()
+
+
+def test_the_implicit_form_trains_its_language_model_and_never_its_reference():
+    rm = tiny_implicit()
+    ex = outcome_examples([Completion([1, 2], [3, 4, 5], [True] * 3, True, "")], [1.0])
+    x, y, m, seg = collate(ex, pad_id=0)
+    (bce_loss(rm, x, y, seg) * m).sum().backward()
+    assert rm.policy.lm_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in rm.ref.parameters())
+
+
+def test_the_memory_plan_counts_the_implicit_forms_reference(tmp_path):
+    import grpo
+    (tmp_path / "implicit").mkdir()
+    (tmp_path / "implicit" / reward_model.IMPLICIT).write_text('{"beta": 0.05}')
+    (tmp_path / "head").mkdir()
+    args = argparse.Namespace(reward="orm", reward_model=[str(tmp_path / "implicit"), str(tmp_path / "head")])
+    assert grpo.scoring_models(args) == 3
+    assert grpo.scoring_models(argparse.Namespace(reward="rule", reward_model=None)) == 0
 
 
 def test_the_report_gives_the_auc_within_questions_beside_the_auc_across_them(monkeypatch):
@@ -171,8 +232,14 @@ def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_pat
         # held out: one question, its 2 samples, for the process model each with its steps' labels estimated
         assert rep["examples"] == 2 and 0 <= rep["outcome_accuracy"] <= 1
         assert rep["drift"]["examples"] == 2  # --drift's 2 samples of the held-out question
-        m = Transformer.from_pretrained(tmp_path / kind)
-        assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
+    m = Transformer.from_pretrained(tmp_path / "prm")
+    assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
+    # the outcome model's default form: a language model trained away from its reference, which is --init's
+    assert json.load(open(tmp_path / "orm" / "implicit.json")) == {"beta": 0.05}
+    policy, ref = (Transformer.from_pretrained(tmp_path / "orm" / sub) for sub in ("", "reference"))
+    start = Transformer.from_pretrained(base)
+    assert policy.config.head == "lm" and not torch.equal(policy.lm_head.weight, ref.lm_head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), start.state_dict().values()))
 
 
 def test_a_resumed_reward_model_reads_its_labelled_examples_back(base, data_dir, tmp_path):
