@@ -176,10 +176,14 @@ class ImplicitReward(torch.nn.Module):
         x = self.beta * (lp - lp_ref) * (segment > 0)
         T = tokens.shape[1]
         idx = torch.arange(T, device=tokens.device).expand_as(tokens)
-        first = ~torch.cat([torch.zeros_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] == segment[:, :-1]], 1)
-        start = torch.where(first, idx, 0).cummax(1).values  # where each token's segment starts
+        start = torch.where(segment_starts(segment), idx, 0).cummax(1).values  # where each token's segment starts
         total = x.cumsum(1)
         return total - torch.where(start > 0, total.gather(1, (start - 1).clamp(min=0)), 0)  # the segment's own sum
+
+
+def segment_starts(segment):
+    """(B, T) bool: True where a segment begins (at position 0 too)."""
+    return torch.cat([torch.ones_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] != segment[:, :-1]], 1)
 
 
 def token_logprobs(logits, tokens, segment):
@@ -188,9 +192,8 @@ def token_logprobs(logits, tokens, segment):
     on the prompt's first token, which nothing predicts: the caller masks the prompt)."""
     B, T = tokens.shape
     idx = torch.arange(T, device=tokens.device).expand(B, T)
-    same = torch.cat([torch.ones_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] == segment[:, :-1]], 1)
     prompt_last = (segment == 0).sum(1, keepdim=True) - 1
-    prev = torch.where(same, idx - 1, prompt_last).clamp(min=0)
+    prev = torch.where(segment_starts(segment), prompt_last, idx - 1).clamp(min=0)
     rows = torch.arange(B, device=tokens.device)[:, None]
     logits = logits.float()
     return logits[rows, prev, tokens] - logits.logsumexp(-1)[rows, prev]
