@@ -92,12 +92,13 @@ def blocks_to_checkpoint(n_layers, peak_of, budget):
 # Plans
 
 
-def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0):
+def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0, reference=False):
     """Per-GPU bytes for a FSDP2 run in bf16 with fp32 master weights, gradients and AdamW state, sharded over
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
     logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
     or tokens x dim if more, in bf16 with its gradient written over it (the Triton path), and the two gradients
-    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16."""
+    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16. reference: a
+    frozen copy of the model is held beside it (the implicit reward model's π_ref), its fp32 shard."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -110,7 +111,8 @@ def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0):
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
                 activations=activation_bytes(config, micro_batch, seq_len, checkpointed),
                 logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
-                            + micro_batch * seq_len * config.dim + config.vocab_size * config.dim))
+                            + micro_batch * seq_len * config.dim + config.vocab_size * config.dim),
+                **(dict(reference_fp32=4 * n / world) if reference else {}))
 
 
 def train_peak(plan):

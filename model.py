@@ -284,13 +284,17 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), pos)
         return self.norm(x)
 
-    def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None):
+    def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None, at=None):
         """Logits (B, T, V); or, given targets (B, T), the log-probabilities log π(targets_t | tokens_≤t) (B, T) in
         fp32, computed from the hidden states a chunk of rows at a time (fused_kernels.hidden_logprobs), so that the
-        (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Inside forward, FSDP2
-        gathers the LM head as for any other use of it. vocab_limit: the tokenizer's size, for a head with more
-        rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is then over the real ids only, the
-        distribution the sampler draws from (engine.generate). positions, mask: for packed rows (see hidden).
+        (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Differentiable, its
+        backward making the logits again chunk by chunk (a loss of each token's log-prob alone, as GRPO's, trains
+        through `loss` instead). Inside forward, FSDP2 gathers the LM head as for any other use of it. vocab_limit:
+        the tokenizer's size, for a head with more rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is
+        then over the real ids only, the distribution the sampler draws from (engine.generate). positions, mask:
+        for packed rows (see hidden). at (B, T): the position whose hidden state predicts each target, where it is
+        not the target's own (packed rows where several completions continue one prompt: each one's first token is
+        predicted from the prompt's last position).
         A model with the "score" head returns its scalar at every position instead (B, T), in fp32: a reward
         model reads it at a sequence's last token or at the end of each step (reward_model.py)."""
         h = self.hidden(tokens, positions, mask)
@@ -303,8 +307,10 @@ class Transformer(nn.Module):
             return self.logits(h)
         if self.lm_head.bias is not None:
             raise ValueError("forward(targets=...) takes an LM head without bias, as every supported architecture's")
+        if at is not None:
+            h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
         with self.head_precision(h):
-            return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T), no gradient
+            return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T)
 
     def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None):
         """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the

@@ -169,10 +169,10 @@ class ImplicitReward(torch.nn.Module):
         """The score at every position (B, T), fp32, of rows laid out as packed_scores makes them (segment 0 on
         the prompt, k on the k-th completion behind it, -1 on padding): 0 on the prompt, after that the sum over
         the completion's tokens so far. A completion's first token is predicted from the prompt's last."""
-        mask = packed_mask(segment)
-        lp = token_logprobs(self.policy(tokens, positions=positions, mask=mask), tokens, segment)
+        mask, prev = packed_mask(segment), predicting_positions(segment)
+        lp = self.policy(tokens, tokens, positions=positions, mask=mask, at=prev)
         with torch.no_grad():
-            lp_ref = token_logprobs(self.ref(tokens, positions=positions, mask=mask), tokens, segment)
+            lp_ref = self.ref(tokens, tokens, positions=positions, mask=mask, at=prev)
         x = self.beta * (lp - lp_ref) * (segment > 0)
         T = tokens.shape[1]
         idx = torch.arange(T, device=tokens.device).expand_as(tokens)
@@ -186,17 +186,14 @@ def segment_starts(segment):
     return torch.cat([torch.ones_like(segment[:, :1], dtype=torch.bool), segment[:, 1:] != segment[:, :-1]], 1)
 
 
-def token_logprobs(logits, tokens, segment):
-    """log π(tokens_t | what precedes it) (B, T) in fp32 from logits (B, T, V) of packed rows: predicted from
-    position t - 1 within a segment, from the prompt's last position at a segment's first token (meaningless
-    on the prompt's first token, which nothing predicts: the caller masks the prompt)."""
-    B, T = tokens.shape
-    idx = torch.arange(T, device=tokens.device).expand(B, T)
+def predicting_positions(segment):
+    """(B, T): the position whose hidden state predicts each token of packed rows: t - 1 within a segment, the
+    prompt's last position at a segment's first token (0 for the prompt's first token, which nothing predicts:
+    the caller masks the prompt)."""
+    B, T = segment.shape
+    idx = torch.arange(T, device=segment.device).expand(B, T)
     prompt_last = (segment == 0).sum(1, keepdim=True) - 1
-    prev = torch.where(segment_starts(segment), prompt_last, idx - 1).clamp(min=0)
-    rows = torch.arange(B, device=tokens.device)[:, None]
-    logits = logits.float()
-    return logits[rows, prev, tokens] - logits.logsumexp(-1)[rows, prev]
+    return torch.where(segment_starts(segment), prompt_last, idx - 1).clamp(min=0)
 
 
 def score_logits(model, tokens, segment, positions=None):
@@ -411,10 +408,11 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
     run = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out_dir, kind),  # this model's record
                                 "lr": args.lr or (1e-4 if implicit else 2e-4)})
     longest = max(len(e.ids) for e in examples)
+    trained_config = config if implicit else replace(config, head="score")
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
-        memory.train_plan(config, d.world, args.micro_batch, longest, k)))
-    model = common.build_model(config if implicit else replace(config, head="score"), d, seed=args.seed,
-                               init_dir=args.init, checkpointed=ac, compile=args.compile)
+        memory.train_plan(trained_config, d.world, args.micro_batch, longest, k, reference=implicit)))
+    model = common.build_model(trained_config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
+                               compile=args.compile)
     rm = ImplicitReward(model, common.build_model(config, d, seed=args.seed, init_dir=args.init,
                                                   compile=args.compile), args.implicit_beta) if implicit else model
     optim = common.Optim.of(run)

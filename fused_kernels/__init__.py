@@ -1,7 +1,7 @@
 """Fused kernels for GRPO's two memory- and launch-bound steps, each beside its PyTorch reference.
 
     hidden_logprobs(hidden, weight, targets) -> float32 log-probs from final hidden states, never holding all
-        logits (no gradient: model.forward(tokens, targets), for π_ref, π_old and evaluation)
+        logits (model.forward(tokens, targets): π_ref, π_old, evaluation, the implicit reward model's training)
     hidden_token_loss(hidden, weight, targets, token_loss) -> (Σ loss, log-probs): a per-token loss of the
         log-probs with its gradient made in the forward pass, 3 GEMMs (model.loss: every training step)
     grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps, beta) -> (loss, kl) per token
@@ -21,8 +21,8 @@ import os
 
 from .grpo_loss import TritonGRPOLoss, grpo_loss_torch
 from .grpo_loss import triton as _triton
-from .logprobs import (ChunkedLogprobs, HiddenTokenLoss, TritonLogprobs, grad_rows_torch, grad_rows_triton,
-                       hidden_rows, naive_logprobs, rows_torch, rows_triton)
+from .logprobs import (ChunkedLogprobs, HiddenLogprobs, HiddenTokenLoss, TritonLogprobs, grad_rows_torch,
+                       grad_rows_triton, naive_logprobs, rows_torch, rows_triton)
 
 __all__ = ["token_logprobs", "hidden_logprobs", "hidden_token_loss", "grpo_token_loss", "naive_logprobs",
            "grpo_loss_torch", "CHUNK_ELEMENTS"]
@@ -53,18 +53,24 @@ def token_logprobs(logits, targets, chunk=None):
     return out.view(targets.shape)
 
 
+def _rows_and_grad(x):
+    """The backend's (log-probs and lse of logits rows, their gradient) pair."""
+    return (rows_triton, grad_rows_triton) if backend(x) == "triton" else (rows_torch, grad_rows_torch)
+
+
 def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS):
     """token_logprobs(hidden @ weight.T, targets) with at most `budget` logits alive at once: memory independent
-    of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...). No gradient."""
-    return hidden_rows(hidden, weight, targets, budget, rows_triton if backend(hidden) == "triton" else rows_torch)
+    of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...). Differentiable in hidden and
+    weight, its backward making each chunk of logits again (logprobs.HiddenLogprobs): a loss of each token's
+    log-prob alone trains through hidden_token_loss, which needs one GEMM less."""
+    return HiddenLogprobs.apply(hidden, weight, targets, budget, *_rows_and_grad(hidden))
 
 
 def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS):
     """(Σ_t loss_t, log-probs) for a loss of each token's log-prob, token_loss(logp (n,), rows: a slice of the
     flattened positions) -> (loss (n,), d loss / d logp (n,)), differentiable in hidden and weight, its gradient
     made in the forward pass (logprobs.HiddenTokenLoss). The log-probs (targets' shape, fp32) carry none."""
-    rows, grad = (rows_triton, grad_rows_triton) if backend(hidden) == "triton" else (rows_torch, grad_rows_torch)
-    return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, rows, grad)
+    return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, *_rows_and_grad(hidden))
 
 
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04):

@@ -13,9 +13,9 @@ backward makes more: several times the logits at peak. Both paths here keep only
   blocks with an online max/sum (forward reads the logits once); backward reads them once more and writes the
   gradient once.
 From the final hidden states and the LM head two functions go one step further and never hold more than a
-fixed budget of logits at all: `hidden_rows` (log-probs, no gradient: model.forward(tokens, targets)) and
-`HiddenTokenLoss` (a loss of the log-probs with its gradient made in the forward pass: model.loss, every
-training step).
+fixed budget of logits at all: `HiddenLogprobs` (log-probs: model.forward(tokens, targets), its backward making
+the logits again) and `HiddenTokenLoss` (a loss of the log-probs with its gradient made in the forward pass:
+model.loss, every training step).
 """
 
 import torch
@@ -164,17 +164,42 @@ def chunk_rows(N, C, V, budget):
     return max(1, budget // V, -(-N * C // V))
 
 
-@torch.no_grad()
-def hidden_rows(h, weight, targets, budget, rows_fn):
+class HiddenLogprobs(torch.autograd.Function):
     """log softmax(h Wᵀ)[t] from final hidden states h (..., C) and the LM head W (V, C), in fp32, with at most
-    `budget` logits alive at once (rows of h in chunks of budget / V): no gradient, for the log-probs that stay
-    fixed during an update (π_ref, π_old) and for evaluation, chunked as HiddenTokenLoss (chunk_rows)."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
-    flat, h, targets = out.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows(*h.shape, len(weight), budget)
-    for i in range(0, len(h), rows):
-        flat[i:i + rows] = rows_fn(h[i:i + rows] @ weight.T, targets[i:i + rows])[0]
-    return out
+    `budget` logits alive at once (rows of h in chunks of chunk_rows, as HiddenTokenLoss: the same rows give the
+    same bits either way). Forward keeps one lse per row, not the logits; backward, given the upstream gradient
+    g of each log-prob, makes each chunk of logits again (GEMM 1), overwrites it by g (onehot - softmax) and
+    multiplies it back into grad_h (GEMM 2) and grad_W (GEMM 3): four GEMMs in all where HiddenTokenLoss needs
+    three, the price of a loss whose per-token gradient is known only after the forward (the implicit reward
+    model sums a sequence's log-probs before its loss). Without gradient (π_ref, π_old, evaluation) it is the
+    forward alone."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, budget, rows_fn, grad_fn):
+        logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
+        flat, rows_h, flat_t = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        lse = torch.empty_like(flat)
+        ctx.rows, ctx.grad_fn = chunk_rows(*rows_h.shape, len(weight), budget), grad_fn
+        for i in range(0, len(rows_h), ctx.rows):
+            s = slice(i, i + ctx.rows)
+            flat[s], lse[s] = rows_fn(rows_h[s] @ weight.T, flat_t[s])
+        ctx.save_for_backward(h, weight, targets, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, targets, lse = ctx.saved_tensors
+        rows_h, flat_t, g = h.reshape(-1, h.shape[-1]), targets.reshape(-1), g.reshape(-1)
+        grad_h = torch.empty_like(rows_h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i in range(0, len(rows_h), ctx.rows):
+            s = slice(i, i + ctx.rows)
+            d = ctx.grad_fn(rows_h[s] @ weight.T, flat_t[s], lse[s], g[s])  # (n, V): GEMM 1 again
+            if grad_h is not None:
+                grad_h[s] = d @ weight  # GEMM 2
+            if grad_w is not None:
+                torch.addmm(grad_w, d.T, rows_h[s], out=grad_w)  # GEMM 3, accumulated in place
+        return None if grad_h is None else grad_h.view(h.shape), grad_w, None, None, None, None
 
 
 class HiddenTokenLoss(torch.autograd.Function):

@@ -85,6 +85,30 @@ def test_hidden_token_loss_equals_logits_then_logprobs(backend, dtype):
     torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_logprobs_gradient_equals_logits_then_logprobs(backend, dtype):
+    """hidden_logprobs differentiated (its backward makes the logits again, chunk by chunk: 5 chunks here) for an
+    upstream gradient coupled across tokens, as the implicit reward model's BCE of a sum is: the gradient in h
+    and W against float64 logits, the same tolerances as above."""
+    torch.manual_seed(1)
+    h = torch.randn(2, 19, 16).to(dtype).requires_grad_()
+    w = torch.randn(1001, 16).to(dtype).requires_grad_()
+    t = torch.randint(0, 1001, (2, 19))
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = (h64 @ w64.T).log_softmax(-1).gather(-1, t[..., None])[..., 0]
+    c = torch.randn(2, 19, dtype=torch.float64)  # weights, so that each token's upstream gradient differs
+    lp = hidden_logprobs(h, w, t, budget=8 * 1001)
+    torch.nn.functional.logsigmoid((lp * c).sum(1) / 20).sum().backward()  # a token's gradient needs its whole row
+    torch.nn.functional.logsigmoid((ref * c).sum(1) / 20).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=0.08)
+    assert lp.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
+    torch.testing.assert_close(lp.detach().double(), ref.detach(), **tol)
+    torch.testing.assert_close(h.grad.double(), h64.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
+    with torch.no_grad():
+        assert not hidden_logprobs(h, w, t).requires_grad
+
+
 def test_hidden_token_loss_runs_three_matmuls_and_never_syncs(backend):
     """The LM head's forward and backward: 3 GEMMs of 2·N·C·V FLOPs (recomputing the logits in backward would
     take a 4th), and no op whose output size the host must read back (nonzero and kin)."""

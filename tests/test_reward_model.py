@@ -1,18 +1,20 @@
 """reward_model.py: the scalar head against transformers and through save/load, Math-Shepherd labels on a
 hand-made case, AUC by hand, and the command line on 1 process and 2 FSDP ranks."""
 import argparse
+import copy
 import json
 import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import engine
 import reward_model
 from engine import Completion, Generation
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, packed_mask
 from reward_model import Scored, auc, bce_loss, collate, outcome_examples, shepherd_examples, step_ends
 from test_grpo import grpo_args, run
 from tokenizer import Tokenizer
@@ -160,6 +162,31 @@ def test_the_implicit_form_trains_its_language_model_and_never_its_reference():
     assert all(p.grad is None and not p.requires_grad for p in rm.ref.parameters())
 
 
+def test_the_implicit_gradient_equals_the_full_logits_path_in_float64():
+    """The BCE's gradient in every π_φ parameter, from hidden states a chunk at a time (model.forward(targets,
+    at=...): the logits never whole), against the same score built from float64 log-softmaxes of the whole
+    logits, token by token, on packed rows: two completions behind one prompt, a label at each one's last token."""
+    rm = tiny_implicit()
+    prompt, ids = [1, 5, 9, 2], [[7, 3, 11, 4], [8, 12]]
+    x = torch.tensor([prompt + ids[0] + ids[1]])
+    seg = torch.tensor([[0] * 4 + [1] * 4 + [2] * 2])
+    positions = torch.tensor([list(range(8)) + [4, 5]])
+    y, ends = torch.tensor([1.0, 0.0]), [7, 9]
+    F.binary_cross_entropy_with_logits(rm(x, seg, positions)[0, ends], y, reduction="sum").backward()
+    got = {k: p.grad.clone() for k, p in rm.policy.named_parameters()}
+    policy64, ref64 = (copy.deepcopy(m).double() for m in (rm.policy, rm.ref))
+    policy64.zero_grad()
+    mask = packed_mask(seg)
+    lp = [torch.log_softmax(m(x, positions=positions, mask=mask)[0], -1) for m in (policy64, ref64)]
+    prev = {4: 3, 8: 3}  # each completion's first token from the prompt's last position
+    score = [rm.beta * sum(lp[0][prev.get(t, t - 1), x[0, t]] - lp[1][prev.get(t, t - 1), x[0, t]].detach()
+                           for t in span) for span in (range(4, 8), range(8, 10))]
+    F.binary_cross_entropy_with_logits(torch.stack(score), y.double(), reduction="sum").backward()
+    for k, p in policy64.named_parameters():
+        torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    assert got["lm_head.weight"].abs().sum() > 1e-3
+
+
 def test_the_memory_plan_counts_the_implicit_forms_reference(tmp_path):
     import grpo
     (tmp_path / "implicit").mkdir()
@@ -168,6 +195,29 @@ def test_the_memory_plan_counts_the_implicit_forms_reference(tmp_path):
     args = argparse.Namespace(reward="orm", reward_model=[str(tmp_path / "implicit"), str(tmp_path / "head")])
     assert grpo.scoring_models(args) == 3
     assert grpo.scoring_models(argparse.Namespace(reward="rule", reward_model=None)) == 0
+
+
+def test_auto_checkpointing_plans_for_the_implicit_forms_reference(monkeypatch, tmp_path):
+    """reward_model.train's plan for --activation-checkpointing auto, at 7B on 8 GPUs: the implicit form holds π_φ
+    trained and π_ref frozen beside it (one more fp32 shard of 7B / 8), the head form one model."""
+    import memory
+    from model import PRESETS
+    config, seen = ModelConfig(**PRESETS["deepseek-math-7b"]), {}
+
+    def plan_only(mode, d, n_layers, peak_of):
+        seen[form] = peak_of(0)
+        raise StopIteration
+    monkeypatch.setattr(common, "checkpointed_blocks", plan_only)
+    examples = [Scored(list(range(1000)), [999], [1.0], [1.0], start=500)]
+    for form in ("implicit", "head"):
+        args = argparse.Namespace(orm_form=form, lr=None, out_dir=str(tmp_path), activation_checkpointing="auto",
+                                  micro_batch=2)
+        with pytest.raises(StopIteration):
+            reward_model.train("orm", examples, [], [], config, None, args, common.Dist(0, 8, torch.device("cpu")))
+    lm = memory.train_plan(config, 8, 2, 1000, 0)
+    assert seen["implicit"] == memory.train_peak(lm) + 4 * 6_910_365_696 / 8
+    # the head form has no LM head: 16 bytes less (fp32 weight, gradient, two AdamW moments) per head weight
+    assert seen["head"] < memory.train_peak(lm) - 0.9 * 16 * 102_400 * 4096 / 8
 
 
 def test_the_report_gives_the_auc_within_questions_beside_the_auc_across_them(monkeypatch):
