@@ -164,6 +164,15 @@ def chunk_rows(N, C, V, budget):
     return max(1, budget // V, -(-N * C // V))
 
 
+def in_compute_dtype(h, weight):
+    """The LM head's operands in the dtype its GEMMs run in: autocast's where it is on (fp32 parameters on one GPU,
+    without FSDP2's bf16 copies), else their own. Chosen once for all of a function's GEMMs: autocast reaches
+    neither grad_W's in-place accumulation (addmm with out=) nor a backward."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    return h.to(dtype), weight.to(dtype)
+
+
 class HiddenLogprobs(torch.autograd.Function):
     """log softmax(h Wᵀ)[t] from final hidden states h (..., C) and the LM head W (V, C), in fp32, with at most
     `budget` logits alive at once (rows of h in chunks of chunk_rows, as HiddenTokenLoss: the same rows give the
@@ -171,11 +180,13 @@ class HiddenLogprobs(torch.autograd.Function):
     g of each log-prob, makes each chunk of logits again (GEMM 1), overwrites it by g (onehot - softmax) and
     multiplies it back into grad_h (GEMM 2) and grad_W (GEMM 3): four GEMMs in all where HiddenTokenLoss needs
     three, the price of a loss whose per-token gradient is known only after the forward (the implicit reward
-    model sums a sequence's log-probs before its loss). Without gradient (π_ref, π_old, evaluation) it is the
-    forward alone."""
+    model sums a sequence's log-probs before its loss). The GEMMs run in_compute_dtype, backward's too, so that it
+    makes the logits its lse was read from. Without gradient (π_ref, π_old, evaluation) it is the forward alone."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, budget, rows_fn, grad_fn):
+        ctx.dtypes = h.dtype, weight.dtype
+        h, weight = in_compute_dtype(h, weight)
         logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
         flat, rows_h, flat_t = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         lse = torch.empty_like(flat)
@@ -199,7 +210,9 @@ class HiddenLogprobs(torch.autograd.Function):
                 grad_h[s] = d @ weight  # GEMM 2
             if grad_w is not None:
                 torch.addmm(grad_w, d.T, rows_h[s], out=grad_w)  # GEMM 3, accumulated in place
-        return None if grad_h is None else grad_h.view(h.shape), grad_w, None, None, None, None
+        h_dtype, w_dtype = ctx.dtypes
+        grad_h = None if grad_h is None else grad_h.view(h.shape).to(h_dtype)
+        return grad_h, None if grad_w is None else grad_w.to(w_dtype), None, None, None, None
 
 
 class HiddenTokenLoss(torch.autograd.Function):
@@ -211,14 +224,15 @@ class HiddenTokenLoss(torch.autograd.Function):
     multiplied back into grad_h = d W (GEMM 2) and grad_W += dᵀ h (GEMM 3): three GEMMs where recomputing the
     logits in backward takes four, and no logits are kept for backward, which only scales the two gradients by
     its upstream scalar. Chunks hold chunk_rows rows: the larger the chunks, the fewer the accumulations into
-    grad_W, which is kept in W's dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in the compute dtype
+    grad_W, which is kept in the compute dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in_compute_dtype
     (bf16 on GPU), softmax in fp32.
     token_loss(logp (n,), rows: a slice of the flattened positions) -> (loss (n,), d loss / d logp (n,)).
     Returns (the summed loss, the log-probs (targets' shape, fp32, no gradient))."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, token_loss, budget, rows_fn, grad_fn):
-        ctx.h_shape = h.shape
+        ctx.h_shape, ctx.dtypes = h.shape, (h.dtype, weight.dtype)
+        h, weight = in_compute_dtype(h, weight)
         logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
         flat, h, targets = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         (N, C), V = h.shape, len(weight)
@@ -243,5 +257,6 @@ class HiddenTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, _):
         grad_h, grad_w = ctx.saved_tensors
-        return ((grad_h * g_total).view(ctx.h_shape), None if grad_w is None else grad_w * g_total,
-                None, None, None, None, None)
+        h_dtype, w_dtype = ctx.dtypes
+        return ((grad_h * g_total).view(ctx.h_shape).to(h_dtype),
+                None if grad_w is None else (grad_w * g_total).to(w_dtype), None, None, None, None, None)

@@ -109,6 +109,30 @@ def test_hidden_logprobs_gradient_equals_logits_then_logprobs(backend, dtype):
         assert not hidden_logprobs(h, w, t).requires_grad
 
 
+@pytest.mark.parametrize("head", ["hidden_logprobs", "hidden_token_loss"])
+def test_the_head_under_bf16_autocast_with_fp32_parameters(backend, head):
+    """One GPU without FSDP2 trains fp32 parameters under bf16 autocast: both head functions then run every GEMM in
+    bf16 (the log-probs are those of bf16 operands without autocast, to the bit), their gradients come back in
+    fp32, and backward's softmax is the forward's: each row's gradient in the logits, onehot - softmax, sums to 0
+    over the vocabulary, so grad_W's rows sum to 0 (fp32 logits against a bf16 lse leave a few percent)."""
+    torch.manual_seed(2)
+    h = (torch.randn(24, 16) * 2).requires_grad_()
+    w = torch.randn(1001, 16).requires_grad_()
+    t = torch.randint(0, 1001, (24,))
+
+    def run(h, w):
+        if head == "hidden_logprobs":
+            lp = hidden_logprobs(h, w, t, budget=8 * 1001)
+            return lp.sum(), lp
+        return hidden_token_loss(h, w, t, lambda x, rows: (x, torch.ones_like(x)), budget=8 * 1001)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, lp = run(h, w)
+    total.backward()
+    assert torch.equal(lp.detach(), run(h.detach().bfloat16(), w.detach().bfloat16())[1].detach())
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert w.grad.sum(0).abs().max() < 1e-3 * w.grad.abs().sum(0).max()
+
+
 def test_hidden_token_loss_runs_three_matmuls_and_never_syncs(backend):
     """The LM head's forward and backward: 3 GEMMs of 2·N·C·V FLOPs (recomputing the logits in backward would
     take a 4th), and no op whose output size the host must read back (nonzero and kin)."""

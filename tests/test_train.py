@@ -211,6 +211,22 @@ def test_nan_loss_stops_before_the_optimizer_step():
     assert torch.equal(model.embed_tokens.weight, before)
 
 
+def test_one_process_trains_in_bf16_as_in_fp32():
+    """One GPU without FSDP2 keeps fp32 parameters and computes under bf16 autocast (--dtype bfloat16, the
+    default): a training step there (here on the CPU's autocast) runs through the fused LM head and gives the
+    fp32 step's loss and gradient norm within bf16's rounding."""
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+    x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+    batch, optim, got = [(x[:, :-1], x[:, 1:], torch.ones(2, 16, dtype=torch.bool))], common.Optim(1e-3, 1), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = common.Dist(0, 1, torch.device("cpu"), dtype)
+        model = common.build_model(cfg, d, seed=0)
+        got[dtype] = common.train_step(model, common.make_optimizer(model, optim), batch, d, optim, 0)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    (loss, norm, n), (loss16, norm16, n16) = got[torch.float32], got[torch.bfloat16]
+    assert n == n16 == 32 and loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
+
+
 def test_dry_run_memory_plan_for_7b_on_8_gpus():
     config = ModelConfig(**PRESETS["deepseek-math-7b"])
     off = memory.train_plan(config, 8, 1, 4096, 0)
