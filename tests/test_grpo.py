@@ -426,12 +426,14 @@ def test_fsdp_gathers_the_reference_once_and_reduce_scatters_once_a_step(base, p
 def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     """ρ above 1 + ε binds only when Â > 0, below 1 - ε only when Â < 0 (there the min takes the clipped side and
     the token's gradient is 0); ε_high = 0.28 as DAPO's."""
-    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.25, 1.25, 1.0, 1.5]])
-    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, 1.0]])
-    weights = torch.tensor([[1.0] * 7 + [0.0]])  # the last token is not the model's
-    logp = ratio.log()
-    _, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp, adv, weights, 0.2, 0.28, 0.0)
-    assert clipped == 2  # tokens 0 and 2; 4 is inside [0.8, 1.28]; 7 is masked
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.25, 1.25, 1.0, 0.75, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0]])
+    weights = torch.tensor([[1.0] * 8 + [0.0]])  # the last token is not the model's
+    logp = ratio.log().requires_grad_()
+    total, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights, 0.2, 0.28, 0.0)
+    assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked
+    total.backward()
+    assert clipped == ((logp.grad == 0) & (weights > 0)).sum()  # exactly the tokens whose gradient the clip stops
 
 
 def test_tis_weights_by_hand():
