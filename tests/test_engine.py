@@ -139,6 +139,14 @@ def test_samples_follow_the_filtered_distribution():
     assert engine.sample(logits[None], torch.zeros(1), 0).item() == 3  # temperature 0: greedy
 
 
+def test_the_nucleus_is_the_smallest_set_that_reaches_top_p():
+    """Four equal logits, each token 0.25 exactly: the nucleus of 0.5 is two tokens, of 0.75 three (the mass
+    before a token reaching top_p drops it, where only exceeding it would keep one token more)."""
+    u = (torch.arange(64) + 0.5) / 64
+    for top_p, size in ((0.5, 2), (0.75, 3), (0.76, 4)):
+        assert len(set(engine.sample(torch.zeros(64, 4), u, 1.0, 0, top_p).tolist())) == size, top_p
+
+
 def test_uniforms_are_uniform_and_independent_across_streams_and_positions():
     n = 50000
     streams, positions = torch.randint(0, 1 << 20, (n,)), torch.randint(0, 4096, (n,))
