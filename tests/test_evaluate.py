@@ -25,7 +25,7 @@ def tok():
 
 def test_pass_at_k_is_the_unbiased_estimate():
     """pass@k = the chance that k samples drawn without replacement from the n contain a correct one."""
-    for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 4), (8, 7, 2), (5, 5, 5), (10, 1, 8)]:
+    for n, c, k in [(8, 0, 1), (8, 3, 1), (8, 3, 4), (8, 7, 2), (5, 5, 5), (10, 1, 8), (8, 4, 4), (2, 1, 1)]:
         draws = list(itertools.combinations([True] * c + [False] * (n - c), k))
         assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
     assert evaluate.pass_at_k(8, 3, 1) == pytest.approx(3 / 8)

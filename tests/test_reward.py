@@ -164,6 +164,8 @@ EXTRACT = [
     ("The final answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
     ("Adding up, the answer is 7.\n", "7"),
     ("The answer is: 12", "12"),
+    ("The answer is 3. Checking again, 2 + 2 = 4, so the answer is 5.", "5"),  # the last statement, as boxes
+    ("#### 3\nno, recount\n#### 5", "5"),
     ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
     ("#### 1,234", "1,234"),
     ("```python\nprint(3 * 4)\n```\n```output\n12\n```", "12"),
