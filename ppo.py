@@ -21,14 +21,14 @@ import common
 
 
 
-def gae(rewards, values, lam, gamma=1.0):
-    """Generalised advantage estimation over one output's tokens: A_t = Σ_l (γλ)^l δ_{t+l} with
-    δ_t = r_t + γ V_{t+1} − V_t and V = 0 after the last token (the output ends there). rewards, values: lists
-    of floats. Returns (advantages, returns R_t = A_t + V_t) as lists."""
+def gae(rewards, values, lam):
+    """Generalised advantage estimation over one output's tokens, with γ = 1 (an episode is one output, as the
+    paper's Eq. 2 sums it): A_t = Σ_l λ^l δ_{t+l} with δ_t = r_t + V_{t+1} − V_t and V = 0 after the last token
+    (the output ends there). rewards, values: lists of floats. Returns (advantages, returns R_t = A_t + V_t)."""
     adv, running = [0.0] * len(rewards), 0.0
     for t in reversed(range(len(rewards))):
         after = values[t + 1] if t + 1 < len(rewards) else 0.0
-        running = rewards[t] + gamma * after - values[t] + gamma * lam * running
+        running = rewards[t] + after - values[t] + lam * running
         adv[t] = running
     return adv, [a + v for a, v in zip(adv, values)]
 

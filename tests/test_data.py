@@ -11,7 +11,7 @@ import toyworld
 from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, decontaminate, drop_test_questions,
                   load_problems, math_paths, minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl,
                   url_dedup, write_shards)
-from dedup import minhash_signatures
+from dedup import lsh_params, minhash_signatures
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -153,6 +153,13 @@ def test_a_near_copy_is_dropped_when_it_also_meets_a_page_it_is_not_a_copy_of():
         pairs.append(len(a & b) / len(a | b))
     assert all(0.55 < j < 0.75 for j in pairs)
     assert minhash_dedup(texts, threshold=0.8) == [True, True, False] * 20
+
+
+def test_lsh_bands_are_the_most_rows_that_still_keep_a_pair_at_the_threshold():
+    """At Jaccard 0.8 with 128 permutations: 25 bands of 5 rows, by hand: a pair at 0.8 misses every band with
+    chance (1 - 0.8^5)^25 = 4.9e-5, within the 1e-3 allowed; 6 rows (21 bands) would miss 1.7e-3."""
+    assert lsh_params(0.8, 128) == (25, 5)
+    assert (1 - 0.8 ** 5) ** 25 == pytest.approx(4.9e-5, rel=0.05) and (1 - 0.8 ** 6) ** 21 > 1e-3
 
 
 def test_near_copies_are_missed_only_by_the_estimates_noise():
