@@ -225,6 +225,18 @@ def test_hostile_answers_are_refused_quickly(hostile):
         assert time.process_time() - t0 < bound
 
 
+def test_the_parser_refuses_values_too_large_to_build():
+    """The parser's own walls, behind is_equiv's timer (which the test above times): a factorial past 100!, an
+    exponent past 300, a base past 10^6 raised past 20, an exponent that is a tower of one past 300; each at its
+    boundary, where the value is still built."""
+    import sympy
+    assert to_sympy("100!") == sympy.factorial(100) and to_sympy("101!") is None
+    assert to_sympy("2^{300}") == 2 ** 300 and to_sympy("2^{301}") is None
+    assert to_sympy("1000000^{21}") == 10 ** 126 and to_sympy("1000001^{20}") == 1000001 ** 20
+    assert to_sympy("1000001^{21}") is None
+    assert to_sympy("x^{y^{300}}") is not None and to_sympy("x^{y^{301}}") is None
+
+
 def test_parser_builds_sympy_without_eval(tmp_path):
     marker = tmp_path / "pwned"
     for attack in (f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')"):

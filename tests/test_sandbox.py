@@ -1,5 +1,6 @@
 """sandbox.py: ordinary code works; each escape an attacker would try fails, checked on the host afterwards.
 Each kernel wall is also tested alone, with the audit hook switched off, so that no test passes on the hook alone."""
+import errno
 import os
 import socket
 import subprocess
@@ -214,6 +215,15 @@ def test_cannot_start_programs(box, tmp_path, code):
     assert not marker.exists()
 
 
+def test_open_files_are_limited(bare):
+    """RLIMIT_NOFILE 64: the 60th file the code opens fails with EMFILE (stdin, stdout, stderr and the
+    interpreter's own take the first few)."""
+    code = "fs = []\ntry:\n    while True:\n        fs.append(open(f'f{len(fs)}', 'w'))\nexcept OSError as e:\n" \
+           "    print(len(fs), e.errno)"
+    count, errno_ = map(int, bare.run(code).stdout.split())
+    assert count < 64 and errno_ == errno.EMFILE
+
+
 def test_fork_is_refused_by_the_process_limit_alone(bare, tmp_path):
     r = bare.run("import os\nwhile True:\n    os.fork()", timeout=30)
     assert not r.ok and r.error.startswith("BlockingIOError"), r.error  # EAGAIN at the first fork
@@ -232,6 +242,7 @@ def test_cannot_read_another_process_environment(box, bare):
         assert not r.ok and "hunter2" not in r.stdout
         r = box.run("import os\nprint(dict(os.environ))")
         assert r.ok and "hunter2" not in r.stdout and "SANDBOX_TEST_SECRET" not in r.stdout
+        assert box.run("import os\nprint(sorted(os.environ))").stdout == "['HOME', 'PATH', 'TMPDIR']\n"  # no other
         if ROOT:  # as nobody, the kernel refuses another user's /proc/PID/environ
             r = bare.run(code)
             assert not r.ok and "PermissionError" in r.error and "hunter2" not in r.stdout
