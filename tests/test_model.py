@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, CheckpointError, ModelConfig, Transformer
+from model import PRESETS, CheckpointError, ModelConfig, Transformer, packed_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -224,6 +224,8 @@ def test_positions_and_mask_give_a_packed_row_the_log_probs_of_its_sequences():
     positions = list(range(7)) + [4, 5]
     segment = torch.tensor([0] * 4 + [1] * 3 + [2] * 2)
     attn = torch.ones(9, 9, dtype=torch.bool).tril() & ((segment[None] == 0) | (segment[None] == segment[:, None]))
+    assert torch.equal(packed_mask(segment[None]), attn[None, None])  # what GRPO's packed rows attend with
+    assert packed_mask(torch.tensor([[0] * 4 + [1] * 5])) is None  # one sequence: plain causal attention
     with torch.no_grad():
         packed = m(torch.tensor([row]), positions=torch.tensor([positions]), mask=attn[None, None])[0]
         alone_a, alone_b = m(torch.tensor([p + a]))[0], m(torch.tensor([p + b]))[0]
