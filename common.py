@@ -105,6 +105,24 @@ class Dist:
     def main(self):
         return self.rank == 0
 
+    @property
+    def fsdp(self):
+        """Whether build_model wraps models in FSDP2: on more than one rank, and in one process computing in bf16
+        (a group of one), where FSDP2's mixed precision gives the forward bf16 parameters over fp32 master
+        weights, as on 8 GPUs. Autocast alone would keep the parameters fp32, and with them the residual stream,
+        the norms and RoPE."""
+        return self.world > 1 or self.dtype != torch.float32
+
+
+def one_process(device, dtype=torch.float32):
+    """This process alone, on `device`; computing in bf16 it joins a process group of one (an in-memory store,
+    no torchrun) for FSDP2 (Dist.fsdp). Calling it again reuses the group."""
+    d = Dist(0, 1, torch.device(device), dtype)
+    if d.fsdp and not dist.is_initialized():
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    return d
+
 
 def init_dist(dtype):
     """One process, or one of torchrun's: NCCL on GPUs, gloo on CPUs, chosen from what the machine has. dtype: the
@@ -112,7 +130,7 @@ def init_dist(dtype):
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda and dtype == "bfloat16" else torch.float32
     if "RANK" not in os.environ:
-        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"), compute)
+        return one_process("cuda" if cuda else "cpu", compute)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
@@ -152,6 +170,8 @@ def finish(d, status=0):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    if dist.is_initialized():  # one bf16 process's group of one (one_process)
+        dist.destroy_process_group()
     if status:
         sys.exit(status)
 
@@ -272,7 +292,7 @@ def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None
             block = model.layers[i] = checkpoint_wrapper(block)
         if compile:
             block.compile()
-    if d.world > 1:
+    if d.fsdp:
         # compute-dtype copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
         mp = MixedPrecisionPolicy(param_dtype=d.dtype, reduce_dtype=torch.float32)
         for block in model.layers:
@@ -285,7 +305,7 @@ def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None
         state.update(lora.initial_adapters(model, seed))
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1))
     model.reset_rope()  # buffers are not part of the state dict
-    if d.world > 1:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
+    if d.fsdp:  # FSDP initialises lazily from the first forward, which must go through the root: do it now,
         with torch.no_grad():  # before generation calls blocks directly through model.hidden()
             model(torch.zeros(1, 1, dtype=torch.long, device=d.device))
         model.reshard()  # the root stays unsharded after a forward; the optimizer must see the sharded parameters
@@ -293,21 +313,20 @@ def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None
 
 
 @contextmanager
-def gathered(model, dtype=None, into=None):
+def gathered(model, into=None):
     """A plain Transformer for a generation phase: FSDP2's full parameters gathered once and held, so each rank
     decodes on its own, with no all-gather per token and no collective at all (ranks may stop at different
     steps). The model it yields shares those parameters but has no FSDP2 hooks, activation-checkpoint or
-    compile wrappers: nothing runs per block call but the block. dtype: the compute dtype, where it differs from
-    the parameters' (one GPU without FSDP2: a bf16 copy for the rollouts, as the bf16 training forward). Valid
-    only inside the `with`. into: a plain Transformer kept by the caller (from a first `copy.deepcopy` of what
-    this yields), into whose tensors the weights are copied and which is yielded instead: its memory stays where
-    it is, as a CUDA graph captured on it needs."""
+    compile wrappers: nothing runs per block call but the block; its parameters are in the compute dtype
+    (FSDP2's mixed precision gathers them so). Valid only inside the `with`. into: a plain Transformer kept by
+    the caller (from a first `copy.deepcopy` of what this yields), into whose tensors the weights are copied and
+    which is yielded instead: its memory stays where it is, as a CUDA graph captured on it needs."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in mods:
         m.unshard()
     try:
-        view = plain_view(model, dtype)
+        view = plain_view(model)
         if into is not None:
             with torch.no_grad():
                 for mine, theirs in zip(into.parameters(), view.parameters()):
@@ -342,13 +361,13 @@ def unsharded(model):
             m.reshard()
 
 
-def plain_view(model, dtype=None):
-    """A Transformer on the same tensors as `model` (cast to dtype, if given), without the FSDP2 hooks,
+def plain_view(model):
+    """A Transformer on the same tensors as `model`, without the FSDP2 hooks,
     activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks; LoRA
     adapters merged into new weights."""
     with torch.device("meta"):
         view = Transformer(model.config)
-    state = {lora.clean(n): p.detach().to(dtype or p.dtype) for n, p in model.named_parameters(remove_duplicate=False)}
+    state = {lora.clean(n): p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
     view.load_state_dict(lora.merged(state, model), strict=False, assign=True)  # LoRA: W + (α/r) BA
     if model.config.tie_embeddings and model.config.head == "lm":
         view.lm_head.weight = view.embed_tokens.weight

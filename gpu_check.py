@@ -235,7 +235,7 @@ def decode_7b(args, dtype, device):
 
 def train_mfu(args, device):
     config = ModelConfig(**PRESETS[args.size])
-    d = common.Dist(0, 1, torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32)
+    d = common.one_process(device, torch.bfloat16 if device == "cuda" else torch.float32)  # FSDP2 in bf16, as grpo.py
     optim = common.Optim(lr=1e-4, max_steps=10, weight_decay=0.1)
     B, T = args.train_batch, args.train_tokens
     ac = common.checkpointed_blocks("auto", d, config.n_layers, lambda k: memory.train_peak(

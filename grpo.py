@@ -499,7 +499,7 @@ def setup(args):
     if args.rm_refresh:
         run.history = reward_model.replay_history(reward_model_dirs(args)[0], args.out, run.step)
     if args.compile:
-        with common.gathered(policy, d.dtype) as sampler:
+        with common.gathered(policy) as sampler:
             run.decoder = engine.Decoder(copy.deepcopy(sampler), compile=True)
     return run
 
@@ -555,7 +555,7 @@ def reward_model_of(rm_dir, run, ac):
 def held_out_metrics(run, n, samples, temperature):
     """evaluate.held_out_metrics of the policy, gathered, on the first n held-out problems."""
     args = run.args
-    with common.gathered(run.policy, run.d.dtype) as sampler:
+    with common.gathered(run.policy) as sampler:
         return evaluate.held_out_metrics(sampler, run.tok, run.held_out[:n], run.d, prompt=args.prompt,
                                          samples=samples, temperature=temperature, max_new_tokens=args.max_new_tokens,
                                          seed=args.seed, batch=min(args.gen_batch, 64))  # --gen-batch bounds the cache
@@ -589,7 +589,7 @@ def rollout(run):
     batch = [run.problems[i] for i in draw(len(run.problems), n * d.world, args.seed, step)]
     batch = batch[d.rank * n:(d.rank + 1) * n]
     drawn = [p for p in batch for _ in range(args.group_size)]
-    with common.gathered(run.policy, d.dtype, into=run.decoder and run.decoder.model) as sampler:
+    with common.gathered(run.policy, into=run.decoder and run.decoder.model) as sampler:
         comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
                                 args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
                                 seed=engine.sampling_seed(args.seed, step, d.rank))
@@ -626,7 +626,7 @@ def score(run, comps, drawn):
     if run.rms:
         verdicts = []
         for rm in run.rms:
-            with reward_model.scoring(rm, run.d.dtype) as scorer:
+            with reward_model.scoring(rm) as scorer:
                 verdicts.append(reward_model.model_rewards(scorer, run.tok, comps, args.reward, args.micro_batch,
                                                            min(args.pack, args.group_size)))
         scored = reward_model.ensemble(verdicts, args.reward, args.rm_ensemble)

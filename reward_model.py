@@ -488,13 +488,13 @@ def trained(rm):
 
 
 @contextmanager
-def scoring(rm, dtype=None):
+def scoring(rm):
     """A plain (unsharded) copy of a reward model to score with, valid inside the `with` (common.gathered)."""
     if isinstance(rm, ImplicitReward):
-        with common.gathered(rm.policy, dtype) as policy, common.gathered(rm.ref, dtype) as ref:
+        with common.gathered(rm.policy) as policy, common.gathered(rm.ref) as ref:
             yield ImplicitReward(policy, ref, rm.beta)
     else:
-        with common.gathered(rm, dtype) as plain:
+        with common.gathered(rm) as plain:
             yield plain
 
 
@@ -555,7 +555,7 @@ def refresh_reward_model(rm, policy, tok, problems, history, step, args, d):
     questions = [p["question"] for p in picks for _ in range(args.rm_samples)]
     golds = [p["answer"] for p in picks for _ in range(args.rm_samples)]
     seed = engine.sampling_seed(args.seed, step, d.rank, engine.RM_REFRESH)
-    with common.gathered(policy, d.dtype) as sampler:
+    with common.gathered(policy) as sampler:
         comps = engine.complete(sampler, tok, questions, args.prompt, args.max_new_tokens, args.temperature,
                                 seed=seed, batch=args.gen_batch)
         rule = reward.batch_rewards([c.text for c in comps], golds, workers=1)

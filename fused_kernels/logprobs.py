@@ -165,9 +165,10 @@ def chunk_rows(N, C, V, budget):
 
 
 def in_compute_dtype(h, weight):
-    """The LM head's operands in the dtype its GEMMs run in: autocast's where it is on (fp32 parameters on one GPU,
-    without FSDP2's bf16 copies), else their own. Chosen once for all of a function's GEMMs: autocast reaches
-    neither grad_W's in-place accumulation (addmm with out=) nor a backward."""
+    """The LM head's operands in the dtype its GEMMs run in: autocast's where it is on (fp32 parameters under a
+    caller's autocast; common.build_model's bf16 forwards get FSDP2's bf16 copies), else their own. Chosen once
+    for all of a function's GEMMs: autocast reaches neither grad_W's in-place accumulation (addmm with out=) nor a
+    backward."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     return h.to(dtype), weight.to(dtype)

@@ -12,6 +12,7 @@ import zlib
 import pytest
 import torch
 
+import common
 import engine
 import reward
 from grpo import (Batch, group_advantages, groups_with_signal, grpo_objective_sums, loss_weights,
@@ -360,6 +361,27 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
     assert kl[1] > 0 and kl[2] == 0 and kl[3] > 0  # the policy moved; the reference was reset after step 2
     for x, y in zip(train["a"], train["b"]):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
+
+
+def test_one_bf16_process_runs_grpo_through_fsdp2_and_resumes_exactly(base, data_dir, tmp_path, monkeypatch):
+    """One GPU at the default --dtype bfloat16 runs FSDP2 in a process group of one (common.one_process), here on
+    the CPU: steps with TIS on (bf16's default), a checkpoint of the sharded state, a resume that continues as
+    if never stopped, an export; the group is gone when main returns."""
+    import grpo
+    monkeypatch.setattr(common, "init_dist", lambda dtype: common.one_process("cpu", torch.bfloat16))
+    flags = ("--eval-every", "0", "--report-problems", "0", "--weight-decay", "0.5", "--lr", "0.02", "--warmup", "2")
+    for name, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "2", "--ckpt-every", "1")),
+                        ("b", ("--max-steps", "3", "--resume"))):
+        grpo.main(grpo.parse_args(grpo_args(base, data_dir, tmp_path / name, *flags, *extra)[1:]))
+        assert not torch.distributed.is_initialized()
+    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    assert [row["step"] for row in b] == [1, 2, 3] and all("tis_weight" in row for row in a)
+    assert a[-1]["kl"] > 0  # the policy moved off the reference
+    for x, y in zip(a, b):
+        assert [x[k] for k in ("loss", "kl", "reward", "grad_norm")] == pytest.approx(
+            [y[k] for k in ("loss", "kl", "reward", "grad_norm")], rel=1e-4, abs=1e-6)
+    exported = Transformer.from_pretrained(str(tmp_path / "b"))
+    assert next(exported.parameters()).dtype == torch.bfloat16  # written in the compute dtype
 
 
 def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, tmp_path):

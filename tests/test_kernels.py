@@ -111,10 +111,11 @@ def test_hidden_logprobs_gradient_equals_logits_then_logprobs(backend, dtype):
 
 @pytest.mark.parametrize("head", ["hidden_logprobs", "hidden_token_loss"])
 def test_the_head_under_bf16_autocast_with_fp32_parameters(backend, head):
-    """One GPU without FSDP2 trains fp32 parameters under bf16 autocast: both head functions then run every GEMM in
-    bf16 (the log-probs are those of bf16 operands without autocast, to the bit), their gradients come back in
-    fp32, and backward's softmax is the forward's: each row's gradient in the logits, onehot - softmax, sums to 0
-    over the vocabulary, so grad_W's rows sum to 0 (fp32 logits against a bf16 lse leave a few percent)."""
+    """fp32 parameters under bf16 autocast (a model built outside common.build_model): both head functions run
+    every GEMM in bf16 (the log-probs are those of bf16 operands without autocast, to the bit), their gradients
+    come back in fp32, and backward's softmax is the forward's: each row's gradient in the logits, onehot -
+    softmax, sums to 0 over the vocabulary, so grad_W's rows sum to 0 (fp32 logits against a bf16 lse leave a
+    few percent)."""
     torch.manual_seed(2)
     h = (torch.randn(24, 16) * 2).requires_grad_()
     w = torch.randn(1001, 16).requires_grad_()

@@ -211,18 +211,39 @@ def test_nan_loss_stops_before_the_optimizer_step():
     assert torch.equal(model.embed_tokens.weight, before)
 
 
-def test_one_process_trains_in_bf16_as_in_fp32():
-    """One GPU without FSDP2 keeps fp32 parameters and computes under bf16 autocast (--dtype bfloat16, the
-    default): a training step there (here on the CPU's autocast) runs through the fused LM head and gives the
-    fp32 step's loss and gradient norm within bf16's rounding."""
+@pytest.fixture
+def group_of_one():
+    """common.one_process in bf16 joins a process group of one; leave none behind for the next test."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
+    """One GPU at --dtype bfloat16 (the default) computes as 8 GPUs do, through FSDP2's mixed precision in a
+    group of one: fp32 master weights, bf16 parameters in the forward and so a bf16 residual stream (autocast
+    alone would keep both fp32), bf16 weights for the rollouts. A training step there (here on the CPU) runs
+    through the fused LM head and gives the fp32 step's loss and gradient norm within bf16's rounding."""
     cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
     x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
-    batch, optim, got = [(x[:, :-1], x[:, 1:], torch.ones(2, 16, dtype=torch.bool))], common.Optim(1e-3, 1), {}
+    batch, optim = [(x[:, :-1], x[:, 1:], torch.ones(2, 16, dtype=torch.bool))], common.Optim(1e-3, 1)
+    got, seen = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
-        d = common.Dist(0, 1, torch.device("cpu"), dtype)
+        d = common.one_process("cpu", dtype)
         model = common.build_model(cfg, d, seed=0)
+
+        def weight(mlp, args, out, dtype=dtype):  # inside the block's forward: the weight it computes with
+            seen.setdefault(dtype, [mlp.gate_up_proj.weight.dtype])
+
+        def residual(block, args, out, dtype=dtype):  # the residual stream into and out of the block
+            seen[dtype][1:] = [args[0].dtype, out.dtype]
+        model.layers[1].mlp.register_forward_hook(weight)
+        model.layers[1].register_forward_hook(residual)
         got[dtype] = common.train_step(model, common.make_optimizer(model, optim), batch, d, optim, 0)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+        with common.gathered(model) as sampler:
+            assert all(p.dtype == dtype for p in sampler.parameters())
+    assert seen == {torch.float32: [torch.float32] * 3, torch.bfloat16: [torch.bfloat16] * 3}
     (loss, norm, n), (loss16, norm16, n16) = got[torch.float32], got[torch.bfloat16]
     assert n == n16 == 32 and loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
 
