@@ -11,7 +11,8 @@ the tests (it cannot rot). Six parts:
    captured (engine.Decoder(compile=True): one graph, CUDA graphs), and transformers' generate with a static
    cache (which it compiles on CUDA) on the same weights;
 3. decoding at the 7B shape (random bf16 weights) at gen-batch 32 and 128, captured;
-4. training at 1B: tokens/s and MFU (6N FLOPs per token without the input embedding, + attention);
+4. training at 1B, eager and compiled blocks: tokens/s and MFU (6N FLOPs per token without the input embedding,
+   + attention);
 5. one GRPO step at 1B (grpo.py itself, --compile), by phase, with the memory plan beside max_memory_allocated
    and the sampler-trainer log-prob gap;
 6. the README's 8-GPU GRPO command's step time, estimated from parts 3 and 4, with the arithmetic printed.
@@ -234,25 +235,36 @@ def decode_7b(args, dtype, device):
 
 
 def train_mfu(args, device):
+    """Training throughput at 1B in one process (FSDP2 in a group of one, as grpo.py runs on one GPU), with eager
+    blocks and compiled ones (--compile); returns the better MFU, what part 6 estimates from."""
     config = ModelConfig(**PRESETS[args.size])
-    d = common.one_process(device, torch.bfloat16 if device == "cuda" else torch.float32)  # FSDP2 in bf16, as grpo.py
+    d = common.one_process(device, torch.bfloat16 if device == "cuda" else torch.float32)
     optim = common.Optim(lr=1e-4, max_steps=10, weight_decay=0.1)
     B, T = args.train_batch, args.train_tokens
     ac = common.checkpointed_blocks("auto", d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, 1, B, T, k)))
-    model = common.build_model(config, d, seed=0, checkpointed=ac)
-    opt = common.make_optimizer(model, optim)
     x = torch.randint(0, config.vocab_size, (B, T + 1))
     batch = [(x[:, :-1], x[:, 1:], torch.ones(B, T, dtype=torch.bool))]
-    sec = timed([lambda: common.train_step(model, opt, batch, d, optim, 0)], args.repeats, device)[0]
-    tokens_per_s = B * T / sec
-    mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
-        if device == "cuda" else float("nan")
     print(f"\n4. training, {args.size}, {ac} of {config.n_layers} blocks checkpointed (auto), micro-batch {B} x {T}, "
-          f"AdamW step included")
-    print(f"   {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% (6N FLOPs per token, N without the input "
-          f"embedding, + 12·L·d·T for attention)")
-    return mfu
+          f"AdamW step included; MFU: 6N FLOPs per token, N without the input embedding, + 12·L·d·T for attention")
+    best = float("nan")
+    for compiled in (False, True):
+        try:
+            model = common.build_model(config, d, seed=0, checkpointed=ac, compile=compiled)
+            opt = common.make_optimizer(model, optim)
+            sec = timed([lambda: common.train_step(model, opt, batch, d, optim, 0)], args.repeats, device)[0]
+        except Exception as e:  # a configuration that fails is a row, not the end of the check
+            print(f"   {'compiled' if compiled else 'eager':<8}  {failed(e)}")
+            continue
+        finally:
+            model = opt = None  # the next configuration's memory
+        tokens_per_s = B * T / sec
+        mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
+            if device == "cuda" else float("nan")
+        best = mfu if math.isnan(best) else max(best, mfu)
+        print(f"   {'compiled' if compiled else 'eager':<8}  {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%",
+              flush=True)
+    return best
 
 
 def grpo_step(args, device):
