@@ -441,6 +441,17 @@ def problem_reader(args):
     return lambda path: load_problems(path, args.question_field, args.answer_field, args.skip_bad)
 
 
+def problems_and_held_out(args):
+    """The training problems (args.data) and the held-out ones (args.eval_data; none where there is no such
+    file), less the training problems whose question contains a held-out one, so that a benchmark stays unseen:
+    (problems, held_out, how many were dropped)."""
+    read = problem_reader(args)
+    problems = read(args.data)
+    held_out = read(args.eval_data) if os.path.isfile(args.eval_data) else []
+    problems, leaked = drop_test_questions(problems, held_out)
+    return problems, held_out, len(leaked)
+
+
 def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
     """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH ({problem,
     solution, level, type}, with or without an answer field), our own ({question, answer, cot, pot}), or rows

@@ -471,11 +471,8 @@ def setup(args):
         raise SystemExit(f"error: {e}") from None
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
-    read_problems = data.problem_reader(args)
-    problems = read_problems(args.data)
-    held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
-    problems, leaked = data.drop_test_questions(problems, held_out)
-    common.print0(d, f"{args.data}: {len(leaked)} questions that contain a held-out one, dropped")
+    problems, held_out, leaked = data.problems_and_held_out(args)
+    common.print0(d, f"{args.data}: {leaked} questions that contain a held-out one, dropped")
     config = replace(config_from_hf(args.init), fp32_head=args.fp32_head)  # π_θ's, π_ref's and the sampler's
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)

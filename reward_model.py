@@ -670,10 +670,7 @@ def main(args):
         common.require_model(path, toy.init, d, lambda: sft.main(sft.parse_args([])))
     tok = Tokenizer.load(sources[0][0])  # the policies share it
     engine.use_chat_args(tok, args)
-    read_problems = data.problem_reader(args)
-    problems = read_problems(args.data)
-    if os.path.isfile(args.eval_data):  # the benchmark's questions stay unseen by every model, this one too
-        problems, _ = data.drop_test_questions(problems, read_problems(args.eval_data))
+    problems, _, _ = data.problems_and_held_out(args)  # the benchmark's questions stay unseen by this model too
     order = np.random.default_rng(args.seed).permutation(len(problems))[:args.questions]
     problems = [problems[i] for i in order]
     config = config_from_hf(args.init)

@@ -126,11 +126,8 @@ def main(args):
     common.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
-    read_problems = data.problem_reader(args)
-    problems = read_problems(args.data)
-    held_out = read_problems(args.eval_data) if os.path.isfile(args.eval_data) else []
-    problems, leaked = data.drop_test_questions(problems, held_out)
-    common.print0(d, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped")
+    problems, held_out, leaked = data.problems_and_held_out(args)
+    common.print0(d, f"{args.data}: {leaked} problems whose question contains a held-out one, dropped")
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, micro_batch=(16, 4), gen_batch=(64, 32))
     formats = args.formats.split(",")
