@@ -122,6 +122,17 @@ def test_scores_of_a_model_whose_accuracy_is_known(tok):
     assert evaluate.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
 
 
+def test_held_out_metrics_are_means_over_problems_not_over_ranks(tok, monkeypatch):
+    """Rank r evaluates problems[r::world]: 3 problems on 2 ranks are 2 and 1, and the mean is over the problems
+    (9 of 12 samples right here), not over the ranks (a mean of their accuracies, 1.0 and 0.25, is 0.625). Each
+    rank's term of the all_sum is taken as it is, and the two ranks are summed here."""
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(3)]
+    monkeypatch.setattr(common, "all_sum", lambda d, x: x)
+    terms = [evaluate.held_out_metrics(Oracle(tok), tok, problems, common.Dist(r, 2, torch.device("cpu")), samples=4,
+                                       temperature=1.0)["accuracy"] for r in range(2)]
+    assert sum(terms) == pytest.approx(9 / 12)
+
+
 def test_padded_vocab_rows_are_never_sampled(tok):
     """DeepSeek-Math's head has 102,400 rows for 100,015 tokenizer ids: one sampled padding id would make
     decode raise on that rank. Here the padding rows are made the likeliest by far."""

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, CheckpointError, ModelConfig, Transformer, packed_mask
+from model import PRESETS, CheckpointError, ModelConfig, Transformer, config_from_hf, packed_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,6 +64,18 @@ def test_loads_transformers_checkpoints_with_identical_logits(name, tmp_path):
         got = ours(tokens)
     assert got.shape == (3, 40, 101)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_checkpoint_that_slides_is_read_within_its_window(tmp_path):
+    """We attend to every earlier position, which is sliding attention as long as a sequence fits the window: a
+    Mistral that slides (a window of 16 of its 64 positions) is read as a 16-position model; a Qwen2 that names a
+    window but says use_sliding_window false (as Qwen2.5's files do) keeps its 64."""
+    for cls, expected in ((transformers.MistralConfig, 16), (transformers.Qwen2Config, 64)):
+        cfg = cls(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=16).to_dict()
+        (tmp_path / cls.model_type).mkdir()
+        (tmp_path / cls.model_type / "config.json").write_text(json.dumps({**cfg, "sliding_window": 16}))
+        assert config_from_hf(str(tmp_path / cls.model_type)).max_seq_len == expected
 
 
 def test_loads_sharded_checkpoints(tmp_path):

@@ -94,6 +94,7 @@ EQUIV = [
     ("4 \\text{ m}^2", "40", False), ("30^\\circ", "60^\\circ", False), ("\\$5", "\\$50", False),
     ("1.5\\times10^{3}", "1.5\\times10^{4}", False), ("2^{10}", "10^2", False), ("6!", "6", False),
     ("\\frac{1}{3}", "0.33", False), ("0.666", "\\frac{2}{3}", False), ("\\sqrt{2}/2", "\\sqrt{2}", False),
+    ("6 \\div 3", "18", False), ("6 \\div 3", "2", True), ("1,2345", "12345", False), ("1,2345", "2345, 1", True),
     # inequalities are sets of reals: intervals, unions, either way round, "x \\in"
     ("x \\geq 5", "[5, \\infty)", True), ("5 \\leq x", "x \\ge 5", True), ("-x > -1", "x < 1", True),
     ("-2 \\le x \\le 7", "x \\in [-2,7]", True), ("-793 < a < 10", "(-793, 10)", True), ("x > 5", "x \\geq 5", False),
