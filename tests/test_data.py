@@ -9,8 +9,8 @@ import pytest
 
 import toyworld
 from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, decontaminate, drop_test_questions,
-                  load_problems, math_paths, minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl,
-                  url_dedup, write_shards)
+                  TokenSource, load_problems, math_paths, minhash_dedup, normalize_url, parse_args, quality_issue,
+                  read_jsonl, url_dedup, write_shards)
 from dedup import lsh_params, minhash_signatures
 from tokenizer import Tokenizer
 
@@ -188,15 +188,17 @@ def test_near_copies_are_missed_only_by_the_estimates_noise():
 
 def test_decontamination_matches_10_grams_and_short_texts_exactly():
     bench = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
-             "What is the value of x?", "42"]
+             "What is the value of x?", "42", "seven purple giraffes", "purple cats"]
     pages = [
         "Blog: natalia SOLD clips to 48 of her friends in April -- great sales!",  # a 10-gram, other case/punct
         "Natalia sold clips to 48 of her friends in March.",  # 9 words in common only
         "Quiz: what is the value of x? Think.",  # the 6-word benchmark text, whole
         "What is the value of y?",  # not the short text
         "The answer was 42 apples.",  # a 1-word benchmark text is ignored
+        "We saw seven purple giraffes today.",  # a 3-word benchmark text, the shortest matched
+        "Two purple cats slept.",  # a 2-word one is ignored
     ]
-    assert decontaminate(pages, bench) == [False, True, False, True, True]
+    assert decontaminate(pages, bench) == [False, True, False, True, True, False, True]
 
 
 def test_decontamination_matches_questions_and_solutions_not_bare_answers():
@@ -338,6 +340,24 @@ def test_shards_pack_documents_between_bos_and_eos(tmp_path, tok_dir):
     assert len(ids) == idx["tokens"]
     expected = [i for t in texts for i in [tok.bos_id, *tok.encode(t), tok.eos_id]]
     assert ids == expected  # in order, nothing lost across worker processes and shard boundaries
+
+
+def test_training_windows_never_read_the_held_out_tail(tmp_path):
+    """The last shard's tail is the validation split: 1% of the source's tokens, but at least 8 windows (here 8 x
+    17 = 136 of 5,000 tokens). Each token here is its own position, so a window shows where it was read: training
+    windows end before the tail, validation windows cover all of it, its last token included."""
+    shards, start = [], 0
+    for k, n in enumerate((3000, 2000)):
+        np.arange(start, start + n, dtype=np.uint16).tofile(tmp_path / f"s_{k:04d}.bin")
+        shards.append(dict(file=f"s_{k:04d}.bin", tokens=n))
+        start += n
+    (tmp_path / "s.json").write_text(json.dumps(dict(source="s", dtype="uint16", tokens=start, vocab_size=65536,
+                                                     shards=shards)))
+    rng, tail = np.random.default_rng(0), 5000 - 8 * 17
+    sources = [TokenSource(str(tmp_path / "s.json"), split, 17) for split in ("train", "val")]
+    train, val = (np.stack([source.window(rng, 17) for _ in range(3000)]) for source in sources)
+    assert train.min() == 0 and train.max() < tail
+    assert (val.min(), val.max()) == (tail, 4999) and (np.diff(val, axis=1) == 1).all()
 
 
 def test_mixture_is_deterministic_by_step_and_follows_weights(tmp_path, tok_dir):

@@ -153,7 +153,9 @@ def test_padded_vocab_rows_are_never_sampled(tok):
 
 
 def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
-    model = Scripted(tok, [("Compute.\n```python\nprint(6 * 7)\n```\n```output", False),
+    """The program run is the last one written, the one the output mark follows."""
+    model = Scripted(tok, [("Try.\n```python\nprint(6 + 7)\n```\nNo: compute.\n```python\nprint(6 * 7)\n```\n```output",
+                            False),
                            ("\nThe answer is \\boxed{42}.", True)])
     [c] = engine.complete(model, tok, ["What is 6 times 7?"], prompt="tool")
     assert model.calls[0]["stop"] == (engine.OUTPUT_MARK,)
