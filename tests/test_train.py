@@ -265,6 +265,15 @@ def test_dry_run_memory_plan_for_7b_on_8_gpus():
     assert r.returncode == 0 and "6.91B parameters" in r.stdout and "GiB per GPU" in r.stdout
 
 
+def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
+    """Qwen2.5-7B's shape (28 layers; 28 query heads of 128, 4 key-value heads) keeps 28 x 2 x 4 x 128 x 2 bytes =
+    56 KiB of keys and values a token in bf16, a seventh of what 28 key-value heads would."""
+    config = ModelConfig(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
+                         max_seq_len=32768, qkv_bias=True)
+    plan = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)
+    assert plan["rollout"]["kv_cache"] == 32 * (256 + 1024) * 57_344
+
+
 def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
     """auto asks the plan for the fewest checkpointed blocks under the budget; on/off/a CPU need no plan; the
     model wraps exactly that many blocks."""
