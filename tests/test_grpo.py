@@ -356,6 +356,7 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
     train = {k: [(row["step"], row["lr"], row["loss"], row["kl"], row["reward"]) for row in v if "loss" in row]
              for k, v in rows.items()}
     assert [s for s, *_ in train["b"]] == [1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_000002", "step_000004"]  # the last two kept
     assert [lr for _, lr, *_ in train["a"]] == pytest.approx([0.01, 0.02, 0.02, 0.011])  # warmup, then cosine to 0.1x
     kl = [k for _, _, _, k, _ in train["a"]]
     assert kl[1] > 0 and kl[2] == 0 and kl[3] > 0  # the policy moved; the reference was reset after step 2
