@@ -254,6 +254,9 @@ def test_dry_run_memory_plan_for_7b_on_8_gpus():
     on = memory.train_plan(config, 8, 1, 4096, 30)
     assert off["parameters"] == 6_910_365_696
     assert off["adamw_fp32"] == pytest.approx(8 * 6_910_365_696 / 8)
+    # a block is 4 x 4096^2 attention + 3 x 4096 x 11008 SwiGLU + 2 x 4096 norms = 202,383,360 parameters; FSDP2
+    # holds two gathered in bf16 (the one computing and the next, prefetched)
+    assert off["gathered_bf16"] == 2 * 2 * 202_383_360
     # checkpointing keeps one (1, 4096, 4096) bf16 input per block, 32 MiB, plus one block's activations
     assert on["activations"] == 30 * 4096 * 4096 * 2 + off["activations"] / 30
     assert on["activations"] < off["activations"] / 5
