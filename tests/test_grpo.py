@@ -364,7 +364,8 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
         assert x == pytest.approx(y, rel=1e-4, abs=1e-6)
 
 
-def test_one_bf16_process_runs_grpo_through_fsdp2_and_resumes_exactly(base, data_dir, tmp_path, monkeypatch):
+def test_one_bf16_process_runs_grpo_through_fsdp2_and_resumes_exactly(base, data_dir, tmp_path, monkeypatch,
+                                                                      group_of_one):
     """One GPU at the default --dtype bfloat16 runs FSDP2 in a process group of one (common.one_process), here on
     the CPU: steps with TIS on (bf16's default), a checkpoint of the sharded state, a resume that continues as
     if never stopped, an export; the group is gone when main returns."""

@@ -211,14 +211,6 @@ def test_nan_loss_stops_before_the_optimizer_step():
     assert torch.equal(model.embed_tokens.weight, before)
 
 
-@pytest.fixture
-def group_of_one():
-    """common.one_process in bf16 joins a process group of one; leave none behind for the next test."""
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
     """One GPU at --dtype bfloat16 (the default) computes as 8 GPUs do, through FSDP2's mixed precision in a
     group of one: fp32 master weights, bf16 parameters in the forward and so a bf16 residual stream (autocast
