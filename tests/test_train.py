@@ -192,7 +192,7 @@ def test_micro_batches_of_unequal_tokens_give_the_whole_batchs_gradient():
     whole = -(logp * mask).sum() / mask.sum()
     whole.backward()
     expected = torch.sqrt(sum((p.grad ** 2).sum() for p in twin.parameters()))
-    assert n == 14 and loss == pytest.approx(float(whole), rel=1e-5)
+    assert n == 14 and loss == pytest.approx(whole.item(), rel=1e-5)
     assert float(norm) == pytest.approx(float(expected), rel=1e-4)
 
 
