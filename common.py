@@ -116,12 +116,21 @@ class Dist:
 
 def one_process(device, dtype=torch.float32):
     """This process alone, on `device`; computing in bf16 it joins a process group of one (an in-memory store,
-    no torchrun) for FSDP2 (Dist.fsdp). Calling it again reuses the group."""
+    no torchrun) for FSDP2 (Dist.fsdp). Calling it again reuses the group. The group ends with the run (finish)
+    or, where the process exits another way (a one-line error, a SystemExit), at exit: NCCL prints a warning at
+    teardown of a group never destroyed, after the error line that should have been the last."""
     d = Dist(0, 1, torch.device(device), dtype)
     if d.fsdp and not dist.is_initialized():
         dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
+        atexit.register(end_group_of_one)
     return d
+
+
+def end_group_of_one():
+    """Destroy this process's group of one (one_process), if it has one."""
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
 
 
 def init_dist(dtype):
@@ -170,8 +179,7 @@ def finish(d, status=0):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-    if dist.is_initialized():  # one bf16 process's group of one (one_process)
-        dist.destroy_process_group()
+    end_group_of_one()
     if status:
         sys.exit(status)
 

@@ -240,6 +240,19 @@ def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
     assert n == n16 == 32 and loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
 
 
+def test_a_bf16_process_that_ends_in_an_error_leaves_no_group_to_the_teardown():
+    """One bf16 process that exits with a one-line error (not through common.finish) still destroys its group of
+    one before the interpreter's teardown, where NCCL would print a warning after the error line."""
+    probe = ("import atexit, torch, torch.distributed as dist, common\n"
+             "atexit.register(lambda: print('a group at teardown:', dist.is_initialized()))\n"  # runs last
+             "common.one_process('cpu', torch.bfloat16)\n"
+             "with common.one_line_errors():\n"
+             "    raise common.jsonl.DataError('bad.jsonl, line 3: not JSON')\n")
+    r = run(["-c", probe])
+    assert r.returncode == 1 and r.stderr.strip() == "error: bad.jsonl, line 3: not JSON"
+    assert r.stdout.strip() == "a group at teardown: False"
+
+
 def test_dry_run_memory_plan_for_7b_on_8_gpus():
     config = ModelConfig(**PRESETS["deepseek-math-7b"])
     off = memory.train_plan(config, 8, 1, 4096, 0)
