@@ -249,12 +249,13 @@ def train_mfu(args, device):
           f"AdamW step included; MFU: 6N FLOPs per token, N without the input embedding, + 12·L·d·T for attention")
     best = float("nan")
     for compiled in (False, True):
+        name = "compiled" if compiled else "eager"
         try:
             model = common.build_model(config, d, seed=0, checkpointed=ac, compile=compiled)
             opt = common.make_optimizer(model, optim)
             sec = timed([lambda: common.train_step(model, opt, batch, d, optim, 0)], args.repeats, device)[0]
         except Exception as e:  # a configuration that fails is a row, not the end of the check
-            print(f"   {'compiled' if compiled else 'eager':<8}  {failed(e)}")
+            print(f"   {name:<8}  {failed(e)}")
             continue
         finally:
             model = opt = None  # the next configuration's memory
@@ -262,8 +263,7 @@ def train_mfu(args, device):
         mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
             if device == "cuda" else float("nan")
         best = mfu if math.isnan(best) else max(best, mfu)
-        print(f"   {'compiled' if compiled else 'eager':<8}  {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%",
-              flush=True)
+        print(f"   {name:<8}  {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%", flush=True)
     return best
 
 
