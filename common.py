@@ -281,11 +281,15 @@ def checkpointed_blocks(mode, d, n_layers, peak_of):
     return k
 
 
-def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None, compile=False):
+def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None, compile=False, frozen=False):
     """Build on the meta device (no memory), with LoRA adapters (rank, alpha) if given (lora.py: all else
-    frozen), wrap the first `checkpointed` blocks for activation checkpointing (checkpointed_blocks), compile each
-    block if asked and FSDP2-wrap it, materialise only this rank's shard, then load the initial weights (init_dir's,
-    or a random init from `seed`; the adapters' start from it too) broadcast from rank 0."""
+    frozen), or all frozen (`frozen`: π_ref, a reward model that is only read), wrap the first `checkpointed`
+    blocks for activation checkpointing (checkpointed_blocks), compile each block if asked and FSDP2-wrap it,
+    materialise only this rank's shard, then load the initial weights (init_dir's, or a random init from `seed`;
+    the adapters' start from it too) broadcast from rank 0. Frozen parameters are kept in the compute dtype: with
+    no update to accumulate they need no fp32 master copy (FSDP2 would cast them to it for every forward anyway,
+    so the forwards are the same to the bit), and they take half the memory (at 7B: 12.9 GiB less for LoRA on one
+    GPU, 1.6 GiB a GPU less for π_ref on eight)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -294,6 +298,11 @@ def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None
         model = Transformer(config)
     if adapters:
         lora.add_adapters(model, *adapters)
+    if frozen:
+        model.requires_grad_(False)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(d.dtype)  # in place of the parameter: a tied head stays tied
     for i, block in enumerate(model.layers):
         if i < checkpointed:  # keep the block's input, recompute the rest in backward; the first blocks, as their
             # backward comes last, when the later blocks' activations are freed (memory.activation_bytes)

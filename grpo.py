@@ -478,7 +478,7 @@ def setup(args):
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
-        scoring_models(args), args.advantage == "gae", args.compile, args.lora_rank)["peak"])
+        scoring_models(args), args.advantage == "gae", args.compile, args.lora_rank, bool(args.rm_refresh))["peak"])
     policy = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
                                 adapters=lora.of(args), compile=args.compile)
     optim = common.Optim.of(args)
@@ -524,8 +524,7 @@ def build_helpers(run, config, ac):
     when β = 0; with LoRA, the policy itself with its adapters off), the reward model and PPO's value model."""
     args, d = run.args, run.d
     if args.beta > 0 and not args.lora_rank:
-        run.ref = common.build_model(config, d, seed=args.seed, init_dir=args.init, compile=args.compile)
-        run.ref.requires_grad_(False)
+        run.ref = common.build_model(config, d, seed=args.seed, init_dir=args.init, compile=args.compile, frozen=True)
     run.reference = run.ref if run.ref is not None else run.policy if args.beta > 0 else None
     if args.reward != "rule":
         run.rms = [reward_model_of(rm_dir, run, ac) for rm_dir in reward_model_dirs(args)]
@@ -543,10 +542,8 @@ def reward_model_of(rm_dir, run, ac):
     args, d = run.args, run.d
     common.require_model(rm_dir, toy_reward_model_dir(args), d,
                          lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
-    rm = reward_model.load(rm_dir, d, args.seed, checkpointed=ac if args.rm_refresh else 0, compile=args.compile)
-    if args.rm_refresh:
-        reward_model.trained(rm).requires_grad_(True)
-    return rm
+    return reward_model.load(rm_dir, d, args.seed, checkpointed=ac if args.rm_refresh else 0, compile=args.compile,
+                             trained=bool(args.rm_refresh))
 
 
 def held_out_metrics(run, n, samples, temperature):
@@ -744,7 +741,7 @@ def dry_run(args):
     common.size_defaults(args, config, common.Dist(0, 1, torch.device("cpu")), **SIZE_DEFAULTS)
     memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
                            args.max_new_tokens, scoring_models(args), args.advantage == "gae", args.compile,
-                           args.lora_rank)
+                           args.lora_rank, bool(args.rm_refresh))
 
 
 def main(args):

@@ -97,8 +97,9 @@ def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0, r
     `world`; activations counted on the meta device (activation_bytes); the LM head's working memory: the
     logits never exist whole (model.loss, fused_kernels.hidden_token_loss), only a chunk of them, CHUNK_ELEMENTS
     or tokens x dim if more, in bf16 with its gradient written over it (the Triton path), and the two gradients
-    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16. reference: a
-    frozen copy of the model is held beside it (the implicit reward model's π_ref), its fp32 shard."""
+    made in the forward: the hidden states' (tokens x dim) and the head's (vocab x dim), in bf16. Frozen
+    parameters (LoRA's base weights) are held in bf16 (common.build_model). reference: a frozen copy of the model
+    is held beside it (the implicit reward model's π_ref), its bf16 shard."""
     with torch.device("meta"):
         model = Transformer(config)
         if lora_rank:
@@ -106,13 +107,14 @@ def train_plan(config, world, micro_batch, seq_len, checkpointed, lora_rank=0, r
     n = model.num_params()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # all, or the LoRA adapters
     layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    return dict(parameters=n, trained=trained, params_fp32=4 * n / world, grads_fp32=4 * trained / world,
-                adamw_fp32=8 * trained / world,
+    frozen = dict(frozen_bf16=2 * (n - trained) / world) if trained < n else {}
+    return dict(parameters=n, trained=trained, params_fp32=4 * trained / world, **frozen,
+                grads_fp32=4 * trained / world, adamw_fp32=8 * trained / world,
                 gathered_bf16=2 * 2 * layer_params,  # the block in use and the next one, prefetched
                 activations=activation_bytes(config, micro_batch, seq_len, checkpointed),
                 logits=2 * (max(CHUNK_ELEMENTS, micro_batch * seq_len * config.dim)
                             + micro_batch * seq_len * config.dim + config.vocab_size * config.dim),
-                **(dict(reference_fp32=4 * n / world) if reference else {}))
+                **(dict(reference_bf16=2 * n / world) if reference else {}))
 
 
 def train_peak(plan):
@@ -141,26 +143,32 @@ def print_auto(n_layers, peak_of):
 
 
 def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, checkpointed,
-              reward_model=False, value_model=False, kept_decoder=False, lora_rank=0):
+              reward_model=False, value_model=False, kept_decoder=False, lora_rank=0, rm_trained=False):
     """Per-GPU bytes of a GRPO run under FSDP2 (bf16 compute, fp32 master weights), by phase: pretraining's plan
-    (train_plan) for the policy's training, plus the reference's shard, held all along; the rollouts:
-    the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the reference's
-    log-probs: the whole reference gathered; training: on more than one GPU also the gradients accumulated
-    unsharded over the micro-batches (reduce-scattered once a step). Each reward model adds its shard
-    (reward_model: how many models of the policy's size score the rollouts; True counts one); PPO's value
-    model (--advantage gae) its shard, gradients and AdamW state.
+    (train_plan) for the policy's training, plus the reference's shard (bf16: frozen), held all along; the
+    rollouts: the whole policy gathered in bf16 (common.gathered) and a KV cache for gen_batch sequences; the
+    reference's log-probs: the whole reference gathered; training: on more than one GPU also the gradients
+    accumulated unsharded over the micro-batches (reduce-scattered once a step). Each reward model adds its
+    shard (reward_model: how many models of the policy's size score the rollouts; True counts one), bf16 but
+    the one --rm-refresh trains (rm_trained: fp32); PPO's value model (--advantage gae) its shard, gradients and
+    AdamW state.
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
     long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy.
-    lora_rank: gradients and AdamW state for the adapters only, and no reference copy (lora.py); the adapters'
-    own activations (r of every C numbers a projection sees) are not counted."""
+    lora_rank: fp32 weights, gradients and AdamW state for the adapters only, the base's shard in bf16, and no
+    reference copy (lora.py); the adapters' own activations (r of every C numbers a projection sees) are not
+    counted."""
     T = prompt_tokens + max_new_tokens
     plan = train_plan(config, world, micro_batch, T, checkpointed, lora_rank)
     n = plan["parameters"]
     held = dict(policy_fp32=plan["params_fp32"], grads_fp32=plan["grads_fp32"], adamw_fp32=plan["adamw_fp32"])
-    if not lora_rank:
-        held["reference_fp32"] = 4 * n / world
-    if reward_model:
-        held["reward_model_fp32"] = 4 * n * int(reward_model) / world
+    if lora_rank:
+        held["policy_frozen_bf16"] = plan["frozen_bf16"]
+    else:
+        held["reference_bf16"] = 2 * n / world
+    if rm_trained:
+        held["reward_model_fp32"] = 4 * n / world
+    if int(reward_model) > int(rm_trained):
+        held["reward_models_bf16"] = 2 * n * (int(reward_model) - int(rm_trained)) / world
     if value_model:
         held["value_model_fp32_params_grads_adamw"] = 16 * n / world
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # keys and values, bf16
@@ -177,10 +185,10 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
 
 
 def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, reward_model, value_model,
-                    kept_decoder, lora_rank=0):
+                    kept_decoder, lora_rank=0, rm_trained=False):
     """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing."""
     plans = [grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, k, reward_model,
-                       value_model, kept_decoder, lora_rank) for k in range(config.n_layers + 1)]
+                       value_model, kept_decoder, lora_rank, rm_trained) for k in range(config.n_layers + 1)]
     for ac in (0, config.n_layers):
         plan = plans[ac]
         lora_text = f", LoRA rank {lora_rank} ({plan['trained'] / 1e6:.1f}M trained)" if lora_rank else ""

@@ -413,8 +413,8 @@ def train(kind, examples, held_out, drift, config, tok, args, d):
         memory.train_plan(trained_config, d.world, args.micro_batch, longest, k, reference=implicit)))
     model = common.build_model(trained_config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
                                compile=args.compile)
-    rm = ImplicitReward(model, common.build_model(config, d, seed=args.seed, init_dir=args.init,
-                                                  compile=args.compile), args.implicit_beta) if implicit else model
+    rm = ImplicitReward(model, common.build_model(config, d, seed=args.seed, init_dir=args.init, compile=args.compile,
+                                                  frozen=True), args.implicit_beta) if implicit else model
     optim = common.Optim.of(run)
     opt = common.make_optimizer(model, optim)
     step = common.start_run(run, d, model, opt, RESUMABLE)
@@ -459,21 +459,23 @@ def save(rm, out, tokenizer_dir, d):
         common.export_hf(rm, out, tokenizer_dir, d)
 
 
-def load(rm_dir, d, seed, checkpointed=0, compile=False):
+def load(rm_dir, d, seed, checkpointed=0, compile=False, trained=False):
     """The reward model `save` wrote to rm_dir, built as common.build_model builds any model (FSDP2 on several
-    ranks), frozen; an error naming rm_dir if it holds a language model and no implicit.json."""
+    ranks), frozen unless `trained` (grpo.py --rm-refresh: then what `trained` returns of it trains, the
+    implicit form's reference never); an error naming rm_dir if it holds a language model and no implicit.json."""
     config = config_from_hf(rm_dir)
     if os.path.isfile(os.path.join(rm_dir, IMPLICIT)):
         with open(os.path.join(rm_dir, IMPLICIT)) as f:
             beta = json.load(f)["beta"]
         ref_dir = os.path.join(rm_dir, "reference")
-        policy = common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile)
-        ref = common.build_model(config_from_hf(ref_dir), d, seed=seed, init_dir=ref_dir, compile=compile)
-        return ImplicitReward(policy.requires_grad_(False), ref, beta)
+        policy = common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile,
+                                    frozen=not trained)
+        ref = common.build_model(config_from_hf(ref_dir), d, seed=seed, init_dir=ref_dir, compile=compile, frozen=True)
+        return ImplicitReward(policy, ref, beta)
     if config.head != "score":
         raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
-    return common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed,
-                              compile=compile).requires_grad_(False)
+    return common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile,
+                              frozen=not trained)
 
 
 def models_in(rm_dir):

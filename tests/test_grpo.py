@@ -367,18 +367,29 @@ def test_grpo_resume_continues_exactly_as_if_never_stopped(base, data_dir, tmp_p
 def test_one_bf16_process_runs_grpo_through_fsdp2_and_resumes_exactly(base, data_dir, tmp_path, monkeypatch,
                                                                       group_of_one):
     """One GPU at the default --dtype bfloat16 runs FSDP2 in a process group of one (common.one_process), here on
-    the CPU: steps with TIS on (bf16's default), a checkpoint of the sharded state, a resume that continues as
-    if never stopped, an export; the group is gone when main returns."""
+    the CPU: steps with TIS on (bf16's default), a checkpoint of the sharded state (the reset reference's too), a
+    resume that continues as if never stopped, an export; the group is gone when main returns."""
     import grpo
     monkeypatch.setattr(common, "init_dist", lambda dtype: common.one_process("cpu", torch.bfloat16))
-    flags = ("--eval-every", "0", "--report-problems", "0", "--weight-decay", "0.5", "--lr", "0.02", "--warmup", "2")
+    built, build = [], common.build_model
+
+    def build_model(*a, **kw):
+        model = build(*a, **kw)
+        built.append({p.dtype for p in model.parameters()})
+        return model
+    monkeypatch.setattr(common, "build_model", build_model)
+    flags = ("--eval-every", "0", "--report-problems", "0", "--weight-decay", "0.5", "--lr", "0.02", "--warmup", "2",
+             "--ref-reset", "2")
     for name, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "2", "--ckpt-every", "1")),
                         ("b", ("--max-steps", "3", "--resume"))):
         grpo.main(grpo.parse_args(grpo_args(base, data_dir, tmp_path / name, *flags, *extra)[1:]))
         assert not torch.distributed.is_initialized()
+    assert built == [{torch.float32}, {torch.bfloat16}] * 3  # π_θ's fp32 master weights; π_ref frozen, in bf16
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert [row["step"] for row in b] == [1, 2, 3] and all("tis_weight" in row for row in a)
-    assert a[-1]["kl"] > 0  # the policy moved off the reference
+    for rows in (a, b):  # π_ref (bf16: frozen) is π_θ at the start and again after its reset at step 2, which the
+        # resumed run loads from the checkpoint: the two gather to the same bf16 weights, KL exactly 0
+        assert rows[0]["kl"] == rows[2]["kl"] == 0 < rows[1]["kl"]
     for x, y in zip(a, b):
         assert [x[k] for k in ("loss", "kl", "reward", "grad_norm")] == pytest.approx(
             [y[k] for k in ("loss", "kl", "reward", "grad_norm")], rel=1e-4, abs=1e-6)

@@ -122,6 +122,23 @@ def tiny_implicit(beta=0.5):
     return reward_model.ImplicitReward(policy, ref, beta)
 
 
+def test_a_loaded_reward_model_is_frozen_in_bf16_unless_refreshed(tmp_path, group_of_one):
+    """In bf16, what GRPO only reads of a reward model is kept in bf16 (common.build_model(frozen=True)); what
+    --rm-refresh trains keeps fp32 master weights; the implicit form's reference is frozen either way."""
+    rm = tiny_implicit()
+    rm.policy.save_pretrained(tmp_path / "implicit")
+    rm.ref.save_pretrained(tmp_path / "implicit" / "reference")
+    (tmp_path / "implicit" / reward_model.IMPLICIT).write_text('{"beta": 0.5}')
+    tiny_scorer().save_pretrained(tmp_path / "head")
+    d = common.one_process("cpu", torch.bfloat16)
+    for trained in (False, True):
+        models = reward_model.load(str(tmp_path / "implicit"), d, 0, trained=trained)
+        head = reward_model.load(str(tmp_path / "head"), d, 0, trained=trained)
+        for m, trains in ((models.policy, trained), (models.ref, False), (head, trained)):
+            assert {(p.dtype, p.requires_grad) for p in m.parameters()} == {
+                (torch.float32, True) if trains else (torch.bfloat16, False)}
+
+
 def test_the_implicit_score_is_beta_times_the_log_ratio_summed_over_the_completion():
     """Against float64 log-softmaxes of each model's logits on prompt + completion alone, token by token: the
     score after completion token t is β Σ_{s ≤ t} log π_φ(o_s)/π_ref(o_s), 0 on the prompt; packed rows (GRPO's
@@ -199,7 +216,7 @@ def test_the_memory_plan_counts_the_implicit_forms_reference(tmp_path):
 
 def test_auto_checkpointing_plans_for_the_implicit_forms_reference(monkeypatch, tmp_path):
     """reward_model.train's plan for --activation-checkpointing auto, at 7B on 8 GPUs: the implicit form holds π_φ
-    trained and π_ref frozen beside it (one more fp32 shard of 7B / 8), the head form one model."""
+    trained and π_ref frozen beside it (one more shard of 7B / 8, in bf16: frozen), the head form one model."""
     import memory
     from model import PRESETS
     config, seen = ModelConfig(**PRESETS["deepseek-math-7b"]), {}
@@ -215,7 +232,7 @@ def test_auto_checkpointing_plans_for_the_implicit_forms_reference(monkeypatch, 
         with pytest.raises(StopIteration):
             reward_model.train("orm", examples, [], [], config, None, args, common.Dist(0, 8, torch.device("cpu")))
     lm = memory.train_plan(config, 8, 2, 1000, 0)
-    assert seen["implicit"] == memory.train_peak(lm) + 4 * 6_910_365_696 / 8
+    assert seen["implicit"] == memory.train_peak(lm) + 2 * 6_910_365_696 / 8
     # the head form has no LM head: 16 bytes less (fp32 weight, gradient, two AdamW moments) per head weight
     assert seen["head"] < memory.train_peak(lm) - 0.9 * 16 * 102_400 * 4096 / 8
 

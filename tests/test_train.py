@@ -240,6 +240,87 @@ def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
     assert n == n16 == 32 and loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
 
 
+def test_frozen_parameters_are_kept_in_the_compute_dtype(group_of_one, tmp_path):
+    """In bf16, what nothing trains is stored in bf16, not as fp32 master weights: a frozen model (π_ref) computes
+    the trainable one's log-probs to the bit (FSDP2 cast the fp32 copy to the same bf16 for every forward), a tied
+    head stays tied, and a checkpoint written when π_ref was stored in fp32 still loads into it; LoRA's base
+    weights are bf16 beside fp32 adapters, trains as in fp32 within rounding, and holds what the memory plan
+    counts for it."""
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
+                      tie_embeddings=True)
+    x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+    batch, optim = [(x[:, :-1], x[:, 1:], torch.ones(2, 16, dtype=torch.bool))], common.Optim(1e-3, 1)
+    d = common.one_process("cpu", torch.bfloat16)
+    ref, trained = common.build_model(cfg, d, seed=0, frozen=True), common.build_model(cfg, d, seed=0)
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and ref.lm_head.weight is ref.embed_tokens.weight
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    with torch.no_grad(), common.unsharded(ref) as a, common.unsharded(trained) as b:
+        assert torch.equal(a(x[:, :-1], x[:, 1:]), b(x[:, :-1], x[:, 1:]))
+
+    old_run = common.build_model(cfg, d, seed=1)  # another π_ref, stored in fp32 as before
+    opt = common.make_optimizer(trained, optim)
+    common.save_checkpoint(str(tmp_path), trained, opt, 1, d, extra={"ref": old_run})
+    common.load_checkpoint(common.latest_checkpoint(str(tmp_path)), trained, opt, extra={"ref": ref})
+    for mine, theirs in zip(ref.state_dict().values(), old_run.state_dict().values()):
+        assert torch.equal(mine.full_tensor(), theirs.full_tensor().to(torch.bfloat16))
+
+    steps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = common.one_process("cpu", dtype)
+        tuned = common.build_model(cfg, d, seed=0, adapters=(4, 8.0))
+        assert {(".lora_" in n, p.dtype) for n, p in tuned.named_parameters()} == {(False, dtype),
+                                                                                   (True, torch.float32)}
+        steps[dtype] = common.train_step(tuned, common.make_optimizer(tuned, optim), batch, d, optim, 0)
+    plan = memory.train_plan(cfg, 1, 2, 16, 0, lora_rank=4)
+    assert sum(p.numel() * p.element_size() for p in tuned.parameters()) == plan["params_fp32"] + plan["frozen_bf16"]
+    (loss, norm, _), (loss16, norm16, _) = steps[torch.float32], steps[torch.bfloat16]
+    assert loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
+
+
+FROZEN_ON_TWO_RANKS = """
+import sys, torch, torch.distributed as dist, common
+from model import ModelConfig
+dist.init_process_group("gloo")
+d = common.Dist(dist.get_rank(), 2, torch.device("cpu"), torch.bfloat16)  # as two GPUs run, on the CPU
+cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+batch, optim = [(x[:, :-1], x[:, 1:], torch.ones(2, 16, dtype=torch.bool))], common.Optim(1e-2, 1)
+
+def same_logprobs(a, b):
+    with torch.no_grad(), common.unsharded(a) as a, common.unsharded(b) as b:
+        return torch.equal(a(x[:, :-1], x[:, 1:]), b(x[:, :-1], x[:, 1:]))
+ref, policy = common.build_model(cfg, d, seed=0, frozen=True), common.build_model(cfg, d, seed=0)
+assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and same_logprobs(ref, policy)
+opt = common.make_optimizer(policy, optim)
+common.train_step(policy, opt, batch, d, optim, 0)
+assert not same_logprobs(ref, policy)
+ref.load_state_dict(policy.state_dict())  # grpo.py's --ref-reset
+assert same_logprobs(ref, policy)
+common.save_checkpoint(sys.argv[1], policy, opt, 1, d, extra={"ref": ref})
+fresh = common.build_model(cfg, d, seed=1, frozen=True)
+common.load_checkpoint(common.latest_checkpoint(sys.argv[1]), policy, opt, extra={"ref": fresh})
+assert same_logprobs(fresh, policy)
+tuned = common.build_model(cfg, d, seed=0, adapters=(4, 8.0))  # one all-gather of bf16 base and fp32 adapters
+loss, norm, _ = common.train_step(tuned, common.make_optimizer(tuned, optim), batch, d, optim, 0)
+assert {(".lora_" in n, p.dtype) for n, p in tuned.named_parameters()} == {(False, torch.bfloat16),
+                                                                           (True, torch.float32)}
+assert 5 < loss < 6 and norm > 0  # about ln 300 at the start
+print("ok", d.rank)
+dist.destroy_process_group()
+"""
+
+
+def test_frozen_models_in_bf16_on_two_ranks(tmp_path):
+    """On several GPUs a frozen model's bf16 shards are loaded from rank 0's fp32 weights (broadcast), compute
+    the trainable copy's log-probs to the bit, follow it through grpo.py's --ref-reset, and come back from a
+    checkpoint; LoRA trains its fp32 adapters over a bf16 base (here on two gloo ranks of the CPU, in bf16)."""
+    (tmp_path / "probe.py").write_text(FROZEN_ON_TWO_RANKS)
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "probe.py"),
+             str(tmp_path / "out")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok 0") == r.stdout.count("ok 1") == 1, r.stdout
+
+
 def test_a_bf16_process_that_ends_in_an_error_leaves_no_group_to_the_teardown():
     """One bf16 process that exits with a one-line error (not through common.finish) still destroys its group of
     one before the interpreter's teardown, where NCCL would print a warning after the error line."""
@@ -280,6 +361,21 @@ def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
                          max_seq_len=32768, qkv_bias=True)
     plan = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)
     assert plan["rollout"]["kv_cache"] == 32 * (256 + 1024) * 57_344
+
+
+def test_the_grpo_plan_holds_frozen_models_in_bf16(tmp_path):
+    """π_ref and the reward models GRPO only reads are held as bf16 shards (common.build_model(frozen=True)); the
+    reward model --rm-refresh trains keeps fp32 master weights, and the implicit form's reference stays frozen."""
+    config, n = ModelConfig(**PRESETS["deepseek-math-7b"]), 6_910_365_696
+    plain = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)["held"]
+    assert plain["reference_bf16"] == 2 * n / 8 and plain["policy_fp32"] == 4 * n / 8
+    implicit = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2)["held"]  # π_φ and its π_ref
+    assert implicit["reward_models_bf16"] == 2 * 2 * n / 8 and "reward_model_fp32" not in implicit
+    refreshed = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2, rm_trained=True)["held"]
+    assert refreshed["reward_model_fp32"] == 4 * n / 8 and refreshed["reward_models_bf16"] == 2 * n / 8
+    r = run(["grpo.py", "--dry-run", "--preset", "deepseek-math-7b", "--world-size", "8", "--reward", "orm",
+             "--reward-model", str(tmp_path), "--rm-refresh", "1"])
+    assert r.returncode == 0 and "reward_model_fp32 3.22" in r.stdout and "reward_models_bf16" not in r.stdout
 
 
 def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
