@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -353,19 +354,29 @@ def main(args):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {'smoke sizes' if args.smoke else 'full sizes'}")
-    parts, start, results = args.parts.split(","), time.time(), {}
+    parts, start, results, failures = args.parts.split(","), time.time(), {}, []
     for part, run in (("1", lambda: loss_table(args, dtype, device)), ("2", lambda: decode_1b(args, dtype, device)),
                       ("3", lambda: decode_7b(args, dtype, device)), ("4", lambda: train_mfu(args, device)),
                       ("5", lambda: grpo_step(args, device))):
         if part in parts:
             t0 = time.time()
-            results[part] = run()
+            try:
+                results[part] = run()
+            except Exception as e:  # the GPU's minutes are few: a part that fails is reported, the next one runs
+                traceback.print_exc()
+                print(f"   part {part} {failed(e)} (traceback on stderr)", flush=True)
+                failures.append(part)
             print(f"   (part {part}: {time.time() - t0:.0f} s)", flush=True)
+            common.end_group_of_one()  # parts 4 and 5 join one; the next part starts from a clean slate
+            if device == "cuda":
+                torch.cuda.empty_cache()
     if "6" in parts and "3" in results and "4" in results:  # at the batch nearest the command's gen-batch
         rates = results["3"]
         estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"], device)
-    print(f"\n{time.time() - start:.0f} s in all")
+    print(f"\n{time.time() - start:.0f} s in all" + (f"; part(s) {', '.join(failures)} failed" if failures else ""))
     sys.stdout.flush()
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

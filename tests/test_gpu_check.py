@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +29,19 @@ def test_smoke_mode_prints_all_six_parts():
     # forward must still give the same log-probs
     gaps = [float(g) for g in re.findall(r"logprob_gap_max (\S+)", out)]
     assert gaps and max(gaps) < 1e-4, gaps
+
+
+def test_a_part_that_fails_is_a_line_and_the_next_part_runs(monkeypatch, capsys):
+    """A GPU is lent for minutes: one part's failure (out of memory, a compiler error) must not cost the others;
+    the check still ends with a non-zero status that names it."""
+    import gpu_check
+
+    def boom(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(gpu_check, "loss_table", boom)
+    monkeypatch.setattr(gpu_check, "decode_1b", lambda *args: print("part 2 ran"))
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(gpu_check.parse_args(["--smoke", "--parts", "1,2"]))
+    out = capsys.readouterr().out
+    assert stop.value.code == 1 and "part 1 failed: RuntimeError: boom" in out and "part 2 ran" in out
+    assert out.rstrip().endswith("part(s) 1 failed"), out
