@@ -1,4 +1,5 @@
-"""The 8-GPU command, rehearsed on 4 gloo CPU ranks with a model shaped like DeepSeek-Math where it matters:
+"""The 8-GPU command, rehearsed on 4 gloo CPU ranks computing in bf16 as GPUs do (tests/in_bf16.py: FSDP2's bf16
+parameters over fp32 master weights, π_ref stored in bf16), with a model shaped like DeepSeek-Math where it matters:
 102,400 output rows for a tokenizer of far fewer ids laid out as DeepSeek's (bytes as added tokens), untied
 head, multi-head attention, θ = 10000, ε = 1e-6, written by transformers' LlamaForCausalLM in bf16; GSM8K-format
 questions. SFT, then GRPO with activation checkpointing, stopped by a signal and resumed; the exported model
@@ -19,7 +20,7 @@ from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-RANKS = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+RANKS = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "tests/in_bf16.py"]
 
 
 def run(argv):
@@ -79,6 +80,7 @@ def test_the_8_gpu_path_on_4_cpu_ranks(deepseek_shaped, tmp_path):
     import transformers
     ours, theirs = Transformer.from_pretrained(grpo), transformers.AutoModelForCausalLM.from_pretrained(grpo)
     cfg = json.load(open(grpo / "config.json"))
+    assert next(ours.parameters()).dtype == torch.bfloat16  # written in the compute dtype: the ranks' was bf16
     assert (cfg["vocab_size"], cfg["eos_token_id"]) == (102400, Tokenizer.load(grpo).eos_id)
     tokens = torch.randint(0, 700, (2, 40))
     with torch.no_grad():
