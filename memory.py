@@ -150,8 +150,8 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     reference's log-probs: the whole reference gathered; training: on more than one GPU also the gradients
     accumulated unsharded over the micro-batches (reduce-scattered once a step). Each reward model adds its
     shard (reward_model: how many models of the policy's size score the rollouts; True counts one), bf16 but
-    the one --rm-refresh trains (rm_trained: fp32); PPO's value model (--advantage gae) its shard, gradients and
-    AdamW state.
+    the one --rm-refresh trains (rm_trained: fp32, and a phase of its own training); PPO's value model
+    (--advantage gae) its shard, gradients and AdamW state.
     kept_decoder (--compile): the rollouts' Decoder keeps its bf16 copy of the policy and its KV cache all run
     long (a CUDA graph replays on them); the rollout phase is then the gather that refreshes the copy.
     lora_rank: fp32 weights, gradients and AdamW state for the adapters only, the base's shard in bf16, and no
@@ -180,6 +180,11 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
         train["grads_unsharded_fp32"] = 4 * plan["trained"]
     phases = dict(rollout=rollout, reference=reference, train=train)
+    if rm_trained:  # between steps --rm-refresh trains the reward model (the policy's shape, micro-batches and
+        # checkpointed blocks) with an AdamW of its own: sharded gradients and moments beside its activations
+        phases["rm_refresh"] = dict(grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
+                                    gathered_blocks=plan["gathered_bf16"], activations=plan["activations"],
+                                    logits=plan["logits"])
     return dict(parameters=n, trained=plan["trained"], held=held, **phases,
                 peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
 
@@ -196,8 +201,8 @@ def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_ne
               f"{world} GPUs: "
               f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
               f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
-        for phase in ("held", "rollout", "reference", "train"):
+        for phase in ("held", *(p for p in ("rollout", "reference", "train", "rm_refresh") if p in plan)):
             items = "  ".join(f"{k} {v / GIB:.2f}" for k, v in plan[phase].items())
-            print(f"  {phase:<9} {sum(plan[phase].values()) / GIB:6.2f} GiB  ({items})")
-        print(f"  {'peak':<9} {plan['peak'] / GIB:6.2f} GiB  (held + the largest phase)")
+            print(f"  {phase:<10} {sum(plan[phase].values()) / GIB:6.2f} GiB  ({items})")
+        print(f"  {'peak':<10} {plan['peak'] / GIB:6.2f} GiB  (held + the largest phase)")
     print_auto(config.n_layers, lambda k: plans[k]["peak"])

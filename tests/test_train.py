@@ -365,7 +365,9 @@ def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
 
 def test_the_grpo_plan_holds_frozen_models_in_bf16(tmp_path):
     """π_ref and the reward models GRPO only reads are held as bf16 shards (common.build_model(frozen=True)); the
-    reward model --rm-refresh trains keeps fp32 master weights, and the implicit form's reference stays frozen."""
+    reward model --rm-refresh trains keeps fp32 master weights, and the implicit form's reference stays frozen.
+    Its training between steps is a phase of its own: on one GPU, where no unsharded gradients make the policy's
+    training larger, its gradients and AdamW moments make it the peak."""
     config, n = ModelConfig(**PRESETS["deepseek-math-7b"]), 6_910_365_696
     plain = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)["held"]
     assert plain["reference_bf16"] == 2 * n / 8 and plain["policy_fp32"] == 4 * n / 8
@@ -373,9 +375,14 @@ def test_the_grpo_plan_holds_frozen_models_in_bf16(tmp_path):
     assert implicit["reward_models_bf16"] == 2 * 2 * n / 8 and "reward_model_fp32" not in implicit
     refreshed = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2, rm_trained=True)["held"]
     assert refreshed["reward_model_fp32"] == 4 * n / 8 and refreshed["reward_models_bf16"] == 2 * n / 8
+    one = memory.grpo_plan(config, 1, 4, 32, 256, 1024, 30, reward_model=1, rm_trained=True)
+    assert one["rm_refresh"]["grads_fp32"] == 4 * n and one["rm_refresh"]["adamw_fp32"] == 8 * n
+    assert one["peak"] == sum(one["held"].values()) + sum(one["rm_refresh"].values())
+    assert "rm_refresh" not in memory.grpo_plan(config, 1, 4, 32, 256, 1024, 30, reward_model=1)
     r = run(["grpo.py", "--dry-run", "--preset", "deepseek-math-7b", "--world-size", "8", "--reward", "orm",
              "--reward-model", str(tmp_path), "--rm-refresh", "1"])
     assert r.returncode == 0 and "reward_model_fp32 3.22" in r.stdout and "reward_models_bf16" not in r.stdout
+    assert "rm_refresh" in r.stdout
 
 
 def test_activation_checkpointing_auto_checkpoints_the_fewest_blocks_that_fit():
