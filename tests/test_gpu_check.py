@@ -22,6 +22,8 @@ def test_smoke_mode_prints_all_six_parts():
         assert re.search(rf"^\s+4096\s+{method}\s+\d+\.\d+", out, re.M), method
     for way in ("eager", "captured", "transformers, static cache"):
         assert re.search(rf"batch\s+8\s+{way}\s+[\d,]+ tokens/s", out), way
+    for B in (2, 4):  # the 7B shape's decoding (part 3): one Decoder, its buffers grown for the second batch
+        assert re.search(rf"^\s+batch\s+{B}\s+[\d,]+ tokens/s$", out, re.M), B
     for blocks in ("eager", "compiled"):  # a configuration that fails prints "failed" in place of its rate
         assert re.search(rf"^\s+{blocks}\s+[\d,]+ tokens/s, MFU", out, re.M), blocks
     assert re.search(r"planned \d+\.\d+ GiB", out)
