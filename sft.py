@@ -148,7 +148,7 @@ def main(args):
                          f"{d.world}")
     longest = max(len(e[0]) for e in examples)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
-        memory.train_plan(config, d.world, args.micro_batch, longest, k)))
+        memory.train_plan(config, d.world, args.micro_batch, longest, k, args.lora_rank)))
     model = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac, adapters=lora.of(args),
                                compile=args.compile)
     optim = common.Optim.of(args)

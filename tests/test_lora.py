@@ -138,3 +138,21 @@ def test_lora_sft_on_1_and_2_ranks_agrees_and_resumes_exactly(base, data_dir, tm
     assert weights and all(".lora_" in k for k in weights), weights[:4]
     base_logits = Transformer.from_pretrained(base)(torch.tensor([[1, 2, 3]]))
     assert not torch.allclose(Transformer.from_pretrained(tmp_path / "one")(torch.tensor([[1, 2, 3]])), base_logits)
+
+
+def test_lora_sfts_auto_checkpointing_plans_lora(base, data_dir, tmp_path, monkeypatch):
+    """sft.py --activation-checkpointing auto asks the plan of what LoRA holds (a bf16 base; fp32 weights,
+    gradients and AdamW moments for the adapters alone), at least 10 of full training's 16 bytes a parameter less:
+    planned as full training, a LoRA run on one GPU checkpoints every block it need not."""
+    import sft
+    from model import config_from_hf
+    seen = {}
+
+    def plan_only(mode, d, n_layers, peak_of):
+        seen[rank] = peak_of(0)
+        raise StopIteration
+    monkeypatch.setattr(common, "checkpointed_blocks", plan_only)
+    for rank in ("0", "4"):
+        with pytest.raises(StopIteration):
+            sft.main(sft.parse_args(sft_args(base, data_dir, tmp_path, "--lora-rank", rank)[1:]))
+    assert seen["4"] < seen["0"] - 10 * Transformer(config_from_hf(base)).num_params()
