@@ -80,17 +80,17 @@ def value_loss_sum(v, old_v, returns, mask, clip):
 def update_value(value, opt, batches, old_values, n_tok, d, args):
     """One step of the value model on the step's batches: the clipped value loss as a mean over the n_tok tokens
     the model wrote (on all ranks), backward, clip, AdamW. Returns this rank's summed loss."""
-    total = 0.0
+    total = 0.0  # a tensor after the first micro-batch: read back once, after the last (no sync per micro-batch)
     for b, old in zip(batches, old_values):
         with common.autocast(d):
             v = b.values(value)
         loss = value_loss_sum(v, old, b.returns, b.mask, args.value_clip)
         (loss * d.world / max(n_tok, 1)).backward()  # FSDP averages gradients over ranks: undo it
-        total += loss.item()
+        total = total + loss.detach()
     norm = common.clip_grad_norm(value, args.grad_clip)
     if not math.isfinite(norm):  # as the policy's: before the optimizer step, one line (common.one_line_errors)
         raise FloatingPointError(f"value model: gradient norm {norm}; the last good checkpoint is in {args.out}"
                                  "/checkpoints (lower --value-lr, then --resume)")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total
+    return float(total)
