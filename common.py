@@ -337,13 +337,17 @@ def gathered(model, into=None):
     compile wrappers: nothing runs per block call but the block; its parameters are in the compute dtype
     (FSDP2's mixed precision gathers them so). Valid only inside the `with`. into: a plain Transformer kept by
     the caller (from a first `copy.deepcopy` of what this yields), into whose tensors the weights are copied and
-    which is yielded instead: its memory stays where it is, as a CUDA graph captured on it needs."""
+    which is yielded instead: its memory stays where it is, as a CUDA graph captured on it needs. With LoRA the
+    merged weights are new tensors, and the gathered ones would be a second copy beside them: the blocks are
+    gathered, merged and released one at a time (merged_blocks)."""
     from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    mods, blocks = [m for m in model.modules() if isinstance(m, FSDPModule)], None
+    if mods and lora.adapters(model):
+        blocks, mods = merged_blocks(model), [model]  # only the root's own parameters left to gather
     for m in mods:
         m.unshard()
     try:
-        view = plain_view(model)
+        view = plain_view(model, blocks)
         if into is not None:
             with torch.no_grad():
                 for mine, theirs in zip(into.parameters(), view.parameters()):
@@ -378,14 +382,30 @@ def unsharded(model):
             m.reshard()
 
 
-def plain_view(model):
-    """A Transformer on the same tensors as `model`, without the FSDP2 hooks,
-    activation-checkpoint wrappers and compiled calls that build_model may have put on it and its blocks; LoRA
-    adapters merged into new weights."""
+def merged_blocks(model):
+    """A LoRA model's blocks under FSDP2, their adapters merged into new weights (W + (α/r) BA): name -> tensor as
+    in a plain Transformer's state dict. Each block is gathered, merged, and released before the next, so that
+    at no time are more than one block's gathered weights held beside the merged ones."""
+    state = {}
+    for i, block in enumerate(model.layers):
+        block.unshard()
+        own = {lora.clean(n): p.detach() for n, p in block.named_parameters()}
+        for name, t in lora.merged(own, block).items():  # what is not merged (norms, biases) is a gathered tensor
+            state[f"layers.{i}.{name}"] = t.clone() if t is own.get(name) else t  # the reshard frees: a copy
+        block.reshard()
+    return state
+
+
+def plain_view(model, blocks=None):
+    """A Transformer on the same tensors as `model`, without the FSDP2 hooks, activation-checkpoint wrappers and
+    compiled calls that build_model may have put on it and its blocks; LoRA adapters merged into new weights.
+    blocks: the blocks' tensors, merged already (merged_blocks); the rest is then `model`'s own."""
     with torch.device("meta"):
         view = Transformer(model.config)
-    state = {lora.clean(n): p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
-    view.load_state_dict(lora.merged(state, model), strict=False, assign=True)  # LoRA: W + (α/r) BA
+    state = {lora.clean(n): p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+             if blocks is None or not n.startswith("layers.")}
+    view.load_state_dict(lora.merged(state, model) if blocks is None else {**state, **blocks}, strict=False,
+                         assign=True)
     if model.config.tie_embeddings and model.config.head == "lm":
         view.lm_head.weight = view.embed_tokens.weight
     view.rope_cos, view.rope_sin = model.rope_cos, model.rope_sin

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,6 +62,32 @@ def test_a_lora_step_trains_only_the_adapters():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if ".lora_A" in k or ".lora_B" in k}  # all adapters, nothing else
+
+
+def test_the_rollouts_of_a_sharded_lora_model_hold_one_copy_of_its_weights(group_of_one):
+    """Under FSDP2 (one bf16 process: a group of one) the rollouts' weights are W + (α/r) BA, new tensors: each
+    block is gathered, merged and released before the next (common.merged_blocks), so inside `gathered` no block
+    is left gathered beside its merged copy. The weights are those of merging the whole gathered model at once,
+    to the bit, and W + (α/r) BA in float64 within bf16's rounding, ties and checkpointed blocks included."""
+    from torch.distributed.tensor import DTensor
+    d = common.one_process("cpu", torch.bfloat16)
+    model = common.build_model(replace(CFG, tie_embeddings=True), d, seed=0, adapters=(4, 8.0), checkpointed=1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B" in n:
+                p.to_local().normal_(0, 0.5)  # not zero: the merge changes the weights
+    with common.gathered(model) as view:
+        assert all(isinstance(p, DTensor) for p in model.layers.parameters())  # every block sharded again
+        got = {k: v.clone() for k, v in view.state_dict().items()}
+    with common.unsharded(model):  # the whole model gathered, then merged at once
+        want = {k: v.clone() for k, v in common.plain_view(model).state_dict().items()}  # before the reshard
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(got["lm_head.weight"], got["embed_tokens.weight"])  # tied
+    full = {lora.clean(n): p.full_tensor().double() for n, p in model.named_parameters()}
+    m = model.layers[1].mlp.down_proj
+    by_hand = full["layers.1.mlp.down_proj.weight"] + m.scale * full["layers.1.mlp.down_proj.lora_B"] @ \
+        full["layers.1.mlp.down_proj.lora_A"]
+    torch.testing.assert_close(got["layers.1.mlp.down_proj.weight"].double(), by_hand, rtol=1e-2, atol=1e-2)
 
 
 def test_the_export_merges_and_peft_loads_the_adapter(tmp_path):
