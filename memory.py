@@ -180,6 +180,9 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
     if world > 1:  # gradients accumulated unsharded across micro-batches, reduce-scattered once (fp32: FSDP2's)
         train["grads_unsharded_fp32"] = 4 * plan["trained"]
     phases = dict(rollout=rollout, reference=reference, train=train)
+    if reward_model:  # each reward model gathered whole to score the rollouts, one after the other: the implicit
+        # form's π_φ and π_ref together (two models: an upper bound for an ensemble of heads, scored one at a time)
+        phases["scoring"] = dict(gathered_bf16=2 * n * min(int(reward_model), 2))
     if rm_trained:  # between steps --rm-refresh trains the reward model (the policy's shape, micro-batches and
         # checkpointed blocks) with an AdamW of its own: sharded gradients and moments beside its activations
         phases["rm_refresh"] = dict(grads_fp32=4 * n / world, adamw_fp32=8 * n / world,
@@ -201,7 +204,7 @@ def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_ne
               f"{world} GPUs: "
               f"rollouts of {gen_batch} x ({prompt_tokens} + {max_new_tokens}) tokens, training micro-batches of "
               f"{micro_batch}, activation checkpointing {'on' if ac else 'off'}; per GPU:")
-        for phase in ("held", *(p for p in ("rollout", "reference", "train", "rm_refresh") if p in plan)):
+        for phase in ("held", *(p for p in ("rollout", "reference", "scoring", "train", "rm_refresh") if p in plan)):
             items = "  ".join(f"{k} {v / GIB:.2f}" for k, v in plan[phase].items())
             print(f"  {phase:<10} {sum(plan[phase].values()) / GIB:6.2f} GiB  ({items})")
         print(f"  {'peak':<10} {plan['peak'] / GIB:6.2f} GiB  (held + the largest phase)")

@@ -366,13 +366,17 @@ def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
 def test_the_grpo_plan_holds_frozen_models_in_bf16(tmp_path):
     """π_ref and the reward models GRPO only reads are held as bf16 shards (common.build_model(frozen=True)); the
     reward model --rm-refresh trains keeps fp32 master weights, and the implicit form's reference stays frozen.
-    Its training between steps is a phase of its own: on one GPU, where no unsharded gradients make the policy's
-    training larger, its gradients and AdamW moments make it the peak."""
+    Scoring gathers each reward model whole (the implicit form's two models at once). Its training between steps
+    is a phase of its own: on one GPU, where no unsharded gradients make the policy's training larger, its
+    gradients and AdamW moments make it the peak."""
     config, n = ModelConfig(**PRESETS["deepseek-math-7b"]), 6_910_365_696
     plain = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)["held"]
     assert plain["reference_bf16"] == 2 * n / 8 and plain["policy_fp32"] == 4 * n / 8
-    implicit = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2)["held"]  # π_φ and its π_ref
-    assert implicit["reward_models_bf16"] == 2 * 2 * n / 8 and "reward_model_fp32" not in implicit
+    implicit = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2)  # π_φ and its π_ref
+    assert implicit["held"]["reward_models_bf16"] == 2 * 2 * n / 8 and "reward_model_fp32" not in implicit["held"]
+    assert implicit["scoring"] == {"gathered_bf16": 2 * 2 * n}  # both gathered whole to score the rollouts
+    assert memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=1)["scoring"]["gathered_bf16"] == 2 * n
+    assert "scoring" not in memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0)
     refreshed = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 0, reward_model=2, rm_trained=True)["held"]
     assert refreshed["reward_model_fp32"] == 4 * n / 8 and refreshed["reward_models_bf16"] == 2 * n / 8
     one = memory.grpo_plan(config, 1, 4, 32, 256, 1024, 30, reward_model=1, rm_trained=True)
