@@ -363,6 +363,28 @@ def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
     assert plan["rollout"]["kv_cache"] == 32 * (256 + 1024) * 57_344
 
 
+def test_the_readme_grpo_commands_plan_entry_by_entry():
+    """The README's 8-GPU GRPO command (7B, micro-batch 4, gen-batch 32, 256 + 1024 tokens), each entry by hand
+    but the activations (activation_bytes, tested above); with --compile the decoder's bf16 copy and KV cache are
+    held all run long and the rollout phase is the gather that refreshes the copy."""
+    config, n, T = ModelConfig(**PRESETS["deepseek-math-7b"]), 6_910_365_696, 1280
+    kv = 32 * T * 30 * 2 * 32 * 128 * 2  # rows x positions x layers x (K, V) x heads x head dim x bf16
+    plan = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 30)
+    assert plan["held"] == dict(policy_fp32=4 * n / 8, grads_fp32=4 * n / 8, adamw_fp32=8 * n / 8,
+                                reference_bf16=2 * n / 8)
+    assert plan["rollout"] == dict(gathered_bf16=2 * n, kv_cache=kv) and plan["reference"] == dict(gathered_bf16=2 * n)
+    tokens = 4 * T * 4096  # the hidden states of a micro-batch: more than fused_kernels.CHUNK_ELEMENTS (2^24)
+    assert plan["train"] == dict(gathered_blocks=2 * 2 * 202_383_360,
+                                 activations=memory.activation_bytes(config, 4, T, 30),
+                                 logits=2 * (tokens + tokens + 102_400 * 4096), grads_unsharded_fp32=4 * n)
+    assert plan["peak"] == sum(plan["held"].values()) + max(sum(plan[p].values()) for p in ("rollout", "train"))
+    one_row = memory.grpo_plan(config, 8, 1, 32, 256, 1024, 30)["train"]["logits"]  # 1 x 1280 x 4096 < 2^24
+    assert one_row == 2 * (2 ** 24 + T * 4096 + 102_400 * 4096)
+    kept = memory.grpo_plan(config, 8, 4, 32, 256, 1024, 30, kept_decoder=True)
+    assert kept["held"] == {**plan["held"], "decoder_bf16": 2 * n, "decoder_kv_cache": kv}
+    assert kept["rollout"] == dict(gathered_bf16=2 * n)
+
+
 def test_the_grpo_plan_holds_frozen_models_in_bf16(tmp_path):
     """π_ref and the reward models GRPO only reads are held as bf16 shards (common.build_model(frozen=True)); the
     reward model --rm-refresh trains keeps fp32 master weights, and the implicit form's reference stays frozen.
