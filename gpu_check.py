@@ -316,12 +316,12 @@ def grpo_step(args, device):
 # 6. the 8-GPU command, estimated
 
 
-def estimate(decode_rate, mfu, device):
+def estimate(decode_rate, mfu, peak):
     """The README's GRPO command's step time per GPU: its rollouts at the measured 7B decode rate (at the
-    command's gen-batch), its training at 1B's MFU (an assumption: 7B's GEMMs are larger and usually faster)."""
+    command's gen-batch), its training at 1B's MFU (an assumption: 7B's GEMMs are larger and usually faster) of
+    the GPU's peak FLOP/s."""
     c, cfg = README_GRPO, ModelConfig(**PRESETS["deepseek-math-7b"])
     per_gpu = c["outputs"] // c["gpus"]
-    peak = pretrain.peak_flops(torch.device(device)) if device == "cuda" else float("nan")
     print(f"\n6. the README's 8-GPU GRPO command ({c['outputs']} outputs of up to {c['new_tokens']} tokens per step, "
           f"gen-batch {c['gen_batch']}), estimated per GPU from parts 3 and 4")
     for length in (c["new_tokens"], c["new_tokens"] // 2):
@@ -375,7 +375,8 @@ def main(args):
                 torch.cuda.empty_cache()
     if "6" in parts and results.get("3") and "4" in results:  # at the batch nearest the command's gen-batch
         rates = results["3"]
-        estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"], device)
+        peak = pretrain.peak_flops(torch.device(device)) if device == "cuda" else float("nan")
+        estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"], peak)
     print(f"\n{time.time() - start:.0f} s in all" + (f"; part(s) {', '.join(failures)} failed" if failures else ""))
     sys.stdout.flush()
     if failures:

@@ -47,3 +47,20 @@ def test_a_part_that_fails_is_a_line_and_the_next_part_runs(monkeypatch, capsys)
     out = capsys.readouterr().out
     assert stop.value.code == 1 and "part 1 failed: RuntimeError: boom" in out and "part 2 ran" in out
     assert out.rstrip().endswith("part(s) 1 failed"), out
+
+
+def test_the_8_gpu_estimate_by_hand(capsys):
+    """Part 6's arithmetic for the README's command (1,024 outputs of 64 x 16 a step over 8 GPUs: 128 a GPU;
+    256 prompt tokens): at 5,000 tokens/s of decoding, 35% MFU of 989 TFLOP/s. A token's training FLOPs are
+    6N + 12·L·d·T (N: 6,910,365,696 parameters less the 102,400 x 4,096 input embedding), times 8/6 for
+    checkpointing's second forward and the reference's."""
+    import gpu_check
+    gpu_check.estimate(5000.0, 0.35, 989e12)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "step ≈" in line]
+    for line, new in zip(lines, (1024, 512)):
+        T = 256 + new
+        flops = (6 * (6_910_365_696 - 102_400 * 4096) + 12 * 30 * 4096 * T) * 8 / 6
+        gen, train = 128 * new / 5000, 128 * T * flops / (0.35 * 989e12)
+        assert f"= {gen:.0f} s;" in line and f"x {flops / 1e9:.1f} GFLOP" in line, line
+        assert f"= {train:.0f} s; step ≈ {gen + train:.0f} s" in line, line
+    assert len(lines) == 2
