@@ -481,25 +481,31 @@ def test_tis_weights_by_hand():
 
 
 def test_tis_reweights_a_sampler_made_deliberately_different(base, data_dir, tmp_path, monkeypatch):
-    """The sampler is told its log-probs were log 3 lower than the policy's on outputs of even place, log 1.5 on
-    the others: with --tis 2 their tokens weigh min(3, 2) = 2 and 1.5 (logged: the mean weight and the share the
-    cap cut), and step 1's loss (ρ = 1, no KL yet) is -Σ_i Â_i w_i / 12 over the 12 outputs, where it is 0
-    without. Rewards are scripted (1 on every fourth output). Off by default in fp32."""
+    """The sampler is told its log-probs were log 3 lower than the policy's on outputs of even place (log 4 on the
+    first), log 1.5 on the others: with --tis 2 their tokens weigh min(3, 2) = 2 and 1.5 (logged: the mean weight
+    and the share the cap cut), and step 1's loss (ρ = 1, no KL yet) is -Σ_i Â_i w_i / 12 over the 12 outputs,
+    where it is 0 without. Rewards are scripted (1 on every fourth output). Off by default in fp32. The gap and
+    -log π logged are those of every micro-batch (one per question here), not the last one's."""
     import grpo
-    real = engine.complete
+    real, sampled = engine.complete, []
 
     def biased(*a, **k):
         comps = real(*a, **k)
+        sampled.append(-sum(sum(c.logprobs) for c in comps))  # what the policy gives them, within 1e-6
         for i, c in enumerate(comps):
-            c.logprobs = [x - math.log(3.0 if i % 2 == 0 else 1.5) for x in c.logprobs]
+            c.logprobs = [x - math.log(4.0 if i == 0 else 3.0 if i % 2 == 0 else 1.5) for x in c.logprobs]
         return comps
     monkeypatch.setattr(engine, "complete", biased)
     monkeypatch.setattr(reward, "batch_rewards", lambda texts, *a, **k: [float(i % 4 == 0) for i in range(len(texts))])
-    flags = ("--max-steps", "1", "--eval-every", "0", "--report-problems", "0")
+    flags = ("--max-steps", "1", "--eval-every", "0", "--report-problems", "0", "--micro-batch", "1")
     rows = {}
     for name, extra in (("default", ()), ("tis", ("--tis", "2"))):
         grpo.main(grpo.parse_args(grpo_args(base, data_dir, tmp_path / name, *flags, *extra)[1:]))
         [rows[name]] = train_rows(tmp_path / name)
+        assert rows[name]["entropy"] == pytest.approx(sampled[-1] / 144, rel=1e-5)  # 12 outputs x 12 tokens
+        assert rows[name]["logprob_gap_max"] == pytest.approx(math.log(4), abs=1e-5)
+        gaps = math.log(4) + 5 * math.log(3) + 6 * math.log(1.5)
+        assert rows[name]["logprob_gap_mean"] == pytest.approx(gaps / 12, abs=1e-5)
     assert "tis_weight" not in rows["default"] and rows["default"]["loss"] == pytest.approx(0, abs=1e-6)
     assert rows["default"]["length"] == rows["tis"]["length"] == 12  # a tiny model runs to the budget
     assert rows["tis"]["tis_weight"] == pytest.approx(1.75, abs=1e-4)
