@@ -145,10 +145,6 @@ def held_out_metrics(model, tok, problems, d, **kw):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-
-# -----------------------------------------------------------------------------
 # A training run's held-out table and curves (grpo.py)
 
 
@@ -190,6 +186,10 @@ def plot_curves(metrics_path, png):
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Command line
 
 
 def parse_args(argv=None):
