@@ -10,7 +10,8 @@ import common
 from engine import Completion
 from grpo import micro_batches, pack_rows
 from ppo import advantages, gae, outcome_at_end, value_loss_sum
-from test_grpo import grpo_args, problems, run, scripted_args  # noqa: F401 (problems: a fixture)
+from test_grpo import grpo_args, run
+from test_scripted_grpo import problems, scripted_args  # noqa: F401 (problems: a fixture)
 
 
 def test_gae_by_hand():

@@ -1,0 +1,305 @@
+"""grpo.py's training path on scripted rollouts (tests/scripted_grpo.py: mixed rewards, a tool splice,
+multi-byte text): step 1's loss of each option computed by hand, the gradient of the plain objective on
+transformers' Llama, 1, 2 and 4 ranks alike, FSDP2's collectives counted, exact resume, LoRA, a user's reward."""
+import argparse
+import functools
+import json
+import zlib
+
+import pytest
+import torch
+
+import engine
+import reward
+from grpo import Batch, pack_rows, rule_steps, token_advantages
+from model import Transformer, config_from_hf, hf_layout
+from test_grpo import run, train_rows
+from tokenizer import Tokenizer
+
+
+def scripted_args(base, problems, out, *extra):
+    return ["tests/scripted_grpo.py", "--init", str(base), "--data", str(problems), "--eval-data", "none",
+            "--questions", "4", "--group-size", "4", "--max-new-tokens", "12", "--micro-batch", "3",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def problems(data_dir, tmp_path_factory):
+    """The toy's questions, each with the answer 5: every scripted output then has the same tokens whatever
+    question it answers (its prompt aside), so the test can count them."""
+    path = tmp_path_factory.mktemp("scripted") / "rl.jsonl"
+    with open(path, "w") as f:
+        for line in open(data_dir / "train.jsonl"):
+            f.write(json.dumps(dict(question=json.loads(line)["question"], answer="5")) + "\n")
+    return path
+
+
+def test_fsdp_gathers_the_reference_once_and_reduce_scatters_once_a_step(base, problems, tmp_path):
+    """On 2 gloo ranks, 2 steps of 4 micro-batches each, collectives counted (tests/counted.py): the reference
+    costs one all-gather of each FSDP2 unit when built and one per step, not one per micro-batch (the difference
+    from a run without it, β = 0), and the policy's gradients one reduce-scatter of each unit per step."""
+    units = config_from_hf(base).n_layers + 1  # each block, and the root (embeddings, final norm, head)
+    counts = {}
+    for beta in ("0.04", "0"):
+        out = tmp_path / beta
+        r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/counted.py",
+                 str(tmp_path / f"{beta}.json"), *scripted_args(base, problems, out, "--max-steps", "2", "--beta",
+                                                                 beta, "--pack", "1", "--micro-batch", "2",
+                                                                 "--report-problems", "0")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        counts[beta] = json.load(open(tmp_path / f"{beta}.json"))
+    assert counts["0.04"]["all_gather"] - counts["0"]["all_gather"] == units * (1 + 2)
+    assert counts["0.04"]["reduce_scatter"] == counts["0"]["reduce_scatter"] == units * 2
+
+
+def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_supervision(data_dir):
+    """Scripted output 1 has a wrong step (`5 * 2 = 11`) after multi-byte text and a right answer: its tokens up
+    to the one that ends the step carry both steps' normalised rewards, the rest (EOS too) only the answer's;
+    output 0's sandbox tokens carry no loss."""
+    import scripted_grpo
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    q = next(json.loads(line)["question"] for line in open(data_dir / "train.jsonl")
+             if zlib.crc32(json.loads(line)["question"].encode()) % 3)  # a question with right answers
+    comps = [scripted_grpo.completion(tok, q, *out) for out in scripted_grpo.group(q, "5")]
+    rewards = torch.tensor(reward.batch_rewards([c.text for c in comps], ["5"] * 4, workers=1))
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    args = argparse.Namespace(group_size=4, supervision="process", online_rft=False, std_scale="group")
+    per_token, n_zero_std = token_advantages(comps, rewards, rule_steps(tok, comps, rewards), args)
+    step_rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])  # per output: [answer], [step, answer], ...
+    mean, std = step_rewards.mean().item(), step_rewards.std().item()
+    ids = comps[1].ids
+    end = next(k for k in range(len(ids)) if "= 11" in tok.decode(ids[:k + 1]))  # the token ending the step
+    a = per_token[1]
+    assert a[:end + 1].tolist() == pytest.approx([((0 - mean) + (1 - mean)) / std] * (end + 1))
+    assert a[end + 1:].tolist() == pytest.approx([(1 - mean) / std] * (len(ids) - end - 1))
+    assert n_zero_std == 0
+    mask = Batch(pack_rows(comps, per_token, 4, 1, False, "sequence"), tok.pad_id, "cpu").mask
+    P = len(comps[0].prompt)
+    assert mask[0, P - 1:P - 1 + len(comps[0].ids)].tolist() == comps[0].sampled  # the sandbox's tokens: no loss
+    assert not mask[:, :P - 1].any()  # the prompt: no loss
+    assert mask.sum(1).tolist() == [sum(c.sampled) for c in comps]  # nor padding
+
+
+def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path):
+    """Rollouts that do not depend on the rank: 1 process, 2 and 4 FSDP2 gloo ranks report the same loss, KL,
+    gradient norm and rewards at each step and end with the same weights."""
+    from safetensors.torch import load_file
+    flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0")
+    for world in (1, 2, 4):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
+        r = run([*launch, *scripted_args(base, problems, tmp_path / str(world), *flags)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = {w: train_rows(tmp_path / str(w)) for w in (1, 2, 4)}
+    keys = ("loss", "kl", "grad_norm", "reward", "entropy", "zero_std_groups", "length", "tool_calls")
+    assert 0 < rows[1][0]["reward"] < 1 and rows[1][1]["kl"] > 0 and rows[1][0]["grad_norm"] > 0
+    for w in (2, 4):
+        for a, b in zip(rows[1], rows[w]):
+            assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-4, abs=1e-7), w
+    # the weights: equal up to the order of fp32 sums, which Adam's first steps amplify where a gradient is ~0
+    # (its step is lr x g / |g|), so the whole difference is measured against the whole update
+    weights = {w: load_file(str(tmp_path / str(w) / "model.safetensors")) for w in (1, 2, 4)}
+    start = load_file(str(base / "model.safetensors"))
+
+    def distance(a, b):
+        return sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+
+    update = distance(weights[1], start)
+    for w in (2, 4):
+        assert distance(weights[w], weights[1]) < 1e-4 * update, w
+
+
+def test_completions_log_and_exports_along_the_run(base, problems, tmp_path):
+    """completions.jsonl holds each step's first group with the script's rewards and Â by hand (a group scoring
+    [1, 1, 0, 0]: ±√3/2; one scoring all 0: 0); --export-every writes a loadable model mid-run."""
+    import scripted_grpo
+    out = tmp_path / "run"
+    r = run(scripted_args(base, problems, out, "--max-steps", "2", "--report-problems", "0", "--export-every", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
+    for step in (1, 2):
+        group = [row for row in rows if row["step"] == step]
+        q = group[0]["question"]
+        assert all(row["question"] == q and row["answer"] == "5" for row in group)
+        right = zlib.crc32(q.encode()) % 3 != 0
+        assert [row["rule_reward"] for row in group] == ([1.0, 1.0, 0.0, 0.0] if right else [0.0] * 4)
+        assert [row["rule_reward"] for row in group] == [row["reward"] for row in group]
+        h = 3 ** 0.5 / 2
+        assert [row["advantage"] for row in group] == pytest.approx([h, h, -h, -h] if right else [0.0] * 4, rel=1e-5)
+        assert [row["finished"] for row in group] == [True, True, True, False]
+        expected = [scripted_grpo.completion(Tokenizer.load(base), q, *o).text for o in scripted_grpo.group(q, "5")]
+        assert [row["completion"] for row in group] == expected
+    mid = Transformer.from_pretrained(out / "step-1")
+    assert mid.num_params() == Transformer.from_pretrained(out).num_params()
+    assert not (out / "step-2").exists()  # the last step's export is the run's own
+
+
+def test_a_users_reward_function_is_weighted_in_and_logged_apart(base, problems, tmp_path):
+    """--reward-fn file.py:has_box --reward-weights 1,0.5: the script's outputs 0-2 write a boxed answer, 3 does
+    not, so each group scores rule + [0.5, 0.5, 0.5, 0] and Â follows by hand; a function that raises stops the
+    run in one line."""
+    fn = tmp_path / "my_rewards.py"
+    fn.write_text("def has_box(text, problem):\n    return 1.0 if '\\\\boxed' in text else 0.0\n\n"
+                  "def broken(text, problem):\n    return problem['no such field']\n")
+    out = tmp_path / "run"
+    r = run(scripted_args(base, problems, out, "--max-steps", "1", "--report-problems", "0",
+                          "--reward-fn", f"{fn}:has_box", "--reward-weights", "1,0.5"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train_rows(out)[0]["reward_fn_has_box"] == 0.75
+    group = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert [row["reward_fn_has_box"] for row in group] == [1.0, 1.0, 1.0, 0.0]
+    right = group[0]["rule_reward"] == 1.0
+    assert [row["reward"] for row in group] == ([1.5, 1.5, 0.5, 0.0] if right else [0.5, 0.5, 0.5, 0.0])
+    by_hand = [5 / 6, 5 / 6, -0.5, -7 / 6] if right else [0.5, 0.5, 0.5, -1.5]  # (r - mean) / std, unbiased std
+    assert [row["advantage"] for row in group] == pytest.approx(by_hand, rel=1e-5)
+    r = run(scripted_args(base, problems, tmp_path / "broken", "--max-steps", "1", "--report-problems", "0",
+                          "--reward-fn", f"{fn}:broken"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: step 1: --reward-fn {fn}:broken raised KeyError: 'no such field'" in r.stderr
+    r = run(scripted_args(base, problems, tmp_path / "missing", "--reward-fn", f"{fn}:nothing"))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --reward-fn {fn}:nothing: {fn} has no function nothing"
+
+
+def test_lora_grpo_starts_as_the_full_model_and_its_reference_is_the_base(base, problems, tmp_path):
+    """--lora-rank 4: at step 1 the adapters are zero (B = 0), so the step's loss, KL and rewards equal the full
+    model's on the same scripted rollouts; at step 2 π_θ has moved and π_ref (the adapters off) has not: KL > 0.
+    No second model is built. On 2 FSDP2 ranks (adapters sharded, merged for the rollouts) the steps are the
+    same."""
+    flags = ("--max-steps", "2", "--report-problems", "0", "--lr", "0.01")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, launch, extra in (("full", [], ()), ("lora", [], ("--lora-rank", "4")),
+                                ("lora2", torchrun, ("--lora-rank", "4"))):
+        r = run([*launch, *scripted_args(base, problems, tmp_path / name, *flags, *extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    full, tuned = train_rows(tmp_path / "full"), train_rows(tmp_path / "lora")
+    for a, b in zip(tuned, train_rows(tmp_path / "lora2")):
+        assert [b[k] for k in ("loss", "kl", "grad_norm")] == pytest.approx([a[k] for k in ("loss", "kl", "grad_norm")],
+                                                                            rel=1e-4, abs=1e-7)
+    keys = ("loss", "kl", "reward", "length")
+    assert {k: tuned[0][k] for k in keys} == pytest.approx({k: full[0][k] for k in keys}, rel=1e-5, abs=1e-7)
+    assert tuned[0]["kl"] == 0 and tuned[1]["kl"] > 1e-6
+    assert tuned[1]["grad_norm"] != pytest.approx(full[1]["grad_norm"])  # only the adapters' gradient now
+
+
+def test_a_gradient_that_is_no_longer_finite_ends_the_run_in_one_line(base, problems, tmp_path):
+    """--lr 1e30 ruins the weights at step 1; step 2's gradient is not finite: the run stops before the optimizer
+    step with one line naming the step and the fix, status 1, and the checkpoint of step 1 kept."""
+    r = run(scripted_args(base, problems, tmp_path / "run", "--max-steps", "3", "--report-problems", "0",
+                          "--lr", "1e30", "--ckpt-every", "1"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: step 2: gradient norm ")
+    assert "(lower --lr, then --resume)" in r.stderr and (tmp_path / "run" / "checkpoints" / "step_000001").is_dir()
+
+
+def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
+    flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for out, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "1", "--ckpt-every", "1")),
+                       ("b", ("--max-steps", "3", "--resume"))):
+        r = run([*torchrun, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    keys = ("step", "loss", "kl", "grad_norm", "clip_frac", "reward")
+    a, b = ([{k: row[k] for k in keys} for row in train_rows(tmp_path / out)] for out in "ab")
+    assert [row["step"] for row in b] == [1, 2, 3] and a[2]["kl"] > 0 and a[2]["clip_frac"] > 0
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5, abs=1e-7)
+
+
+def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path):
+    """At step 1 with μ = 1 the policy is π_old and π_ref, so ρ = 1, the KL is 0 and each token's loss is -Â:
+    the logged loss follows from the script's rewards and token counts. A group scores [1, 1, 0, 0] (Â = ±√3/2)
+    or [0, 0, 0, 0] (Â = 0); output 0 holds sandbox tokens (no loss), output 3 is cut at the budget."""
+    import scripted_grpo
+    near = functools.partial(pytest.approx, rel=1e-5, abs=1e-6)  # fp32 sums
+    tok = Tokenizer.load(data_dir / "tokenizer")
+    questions = [json.loads(line)["question"] for line in open(problems)]
+    counts = {}  # tokens the model wrote, per output of a group with signal (True) and of one without (False)
+    for signal in (True, False):
+        q = next(q for q in questions if bool(zlib.crc32(q.encode()) % 3) == signal)
+        counts[signal] = [sum(scripted_grpo.completion(tok, q, *out).sampled) for out in scripted_grpo.group(q, "5")]
+
+    def step_one(name, *flags):
+        r = run(scripted_args(base, problems, tmp_path / name, "--max-steps", "1", "--report-problems", "0",
+                              "--lr", "0.05", *flags))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return train_rows(tmp_path / name)[0]
+
+    row = step_one("default")
+    n_sig = round(row["reward"] * 16 / 2)  # two right outputs per group with signal
+    assert 0 < n_sig < 4 and row["zero_std_groups"] == 4 - n_sig and row["tool_calls"] == row["truncated"] == 4
+    a = 3 ** 0.5 / 2
+    adv = [a, a, -a, -a]
+
+    def tokens(outputs=range(4)):
+        return sum(n_sig * counts[True][j] + (4 - n_sig) * counts[False][j] for j in outputs)
+
+    signal_sum = sum(x * n for x, n in zip(adv, counts[True]))  # Σ_j Â_j |o_j| over a group with signal
+    assert row["loss"] == near(0)  # per sequence: each group's Â sums to 0
+    assert step_one("mask", "--mask-truncated")["loss"] == near(-n_sig * a / 16)
+    assert step_one("token", "--loss-norm", "token")["loss"] == near(-n_sig * signal_sum / tokens())
+    assert step_one("constant", "--loss-norm", "constant")["loss"] == near(-n_sig * signal_sum / (16 * 12))
+    centred = sum(x / (2 * a) * n for x, n in zip(adv, counts[True]))  # Â = r - mean(r) = ±1/2
+    assert step_one("no-std", "--loss-norm", "token", "--no-std-scale")["loss"] == near(
+        -n_sig * centred / tokens())
+    masked_sum = sum(x * n for x, n in zip(adv[:3], counts[True][:3]))
+    assert step_one("mask-token", "--mask-truncated", "--loss-norm", "token")["loss"] == near(
+        -n_sig * masked_sum / tokens(range(3)))
+    assert step_one("rft", "--online-rft", "--beta", "0")["loss"] == near(-2 * n_sig / 16)
+    # μ = 2: the second update sees ρ ≠ 1. Its first is the same with or without the KL (k3's gradient is 0 at
+    # π_θ = π_ref), so per token the two losses differ by β times the KL
+    mu = step_one("mu", "--mu", "2", "--loss-norm", "token")
+    no_kl = step_one("mu-no-kl", "--mu", "2", "--loss-norm", "token", "--beta", "0")
+    assert mu["kl"] > 0 and no_kl["kl"] == 0 and mu["loss"] - no_kl["loss"] == near(0.04 * mu["kl"])
+    assert row["clip_frac"] == 0 < mu["clip_frac"]
+    high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
+    assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
+
+
+def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(base, problems, tmp_path, monkeypatch):
+    """grpo.py's whole training path at step 1 (rows that hold a prompt once, log-probs from the hidden states,
+    the fused loss, the normalisation over micro-batches) against Eq. 3 written plainly on transformers' Llama,
+    one output at a time on full logits: the same gradient. The rollouts are scripted (mixed rewards, sandbox
+    tokens that carry no loss, an output cut at the budget)."""
+    import transformers
+
+    import common
+    import data
+    import grpo
+    import scripted_grpo
+    answers = {p["question"]: p["answer"] for p in data.load_problems(str(problems))}
+    monkeypatch.setattr(scripted_grpo, "ANSWERS", answers)
+    seen, clip = {}, common.clip_grad_norm
+
+    def complete(model, tok, questions, *a, **k):
+        seen["questions"], seen["comps"] = questions, scripted_grpo.scripted(model, tok, questions, *a, **k)
+        return seen["comps"]
+
+    def clip_and_keep(model, max_norm):
+        seen["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        return clip(model, max_norm)
+
+    monkeypatch.setattr(engine, "complete", complete)
+    monkeypatch.setattr(common, "clip_grad_norm", clip_and_keep)
+    args = scripted_args(base, problems, tmp_path / "run", "--max-steps", "1", "--report-problems", "0")[1:]
+    grpo.main(grpo.parse_args(args))
+
+    tok = Tokenizer.load(base)
+    comps = seen["comps"]
+    r = torch.tensor([reward.math_reward(c.text, answers[q]) for q, c in zip(seen["questions"], comps)]).view(-1, 4)
+    std = r.std(1, keepdim=True)  # Bessel's, as the paper's std is usually read (and TRL's)
+    adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
+    assert 0 < (adv > 0).sum() < len(adv)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    loss = 0.0
+    for c, a in zip(comps, adv):
+        logits = hf(torch.tensor([c.prompt + c.ids])).logits[0, len(c.prompt) - 1:-1, :tok.vocab_size]
+        logp = logits.log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]  # (|o_i|,)
+        ratio = torch.exp(logp - logp.detach())  # π_θ / π_old: 1, with π_θ's gradient
+        m = torch.tensor(c.sampled, dtype=torch.float32)  # the model's own tokens
+        loss = loss - (ratio * a * m).sum() / m.sum()  # (the KL term's gradient is 0 at π_θ = π_ref)
+    (loss / len(comps)).backward()
+    theirs = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
+    ours = hf_layout(seen["grads"], config_from_hf(base))  # our fused q/k/v and gate/up split as theirs
+    diff = sum(((ours[k] - g) ** 2).sum() for k, g in theirs.items()) ** 0.5
+    norm = sum((g ** 2).sum() for g in theirs.values()) ** 0.5
+    assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
