@@ -543,7 +543,7 @@ def reward_model_of(rm_dir, run, ac):
     common.require_model(rm_dir, toy_reward_model_dir(args), d,
                          lambda: reward_model.main(reward_model.parse_args(["--kinds", args.reward])))
     return reward_model.load(rm_dir, d, args.seed, checkpointed=ac if args.rm_refresh else 0, compile=args.compile,
-                             trained=bool(args.rm_refresh))
+                             refreshed=bool(args.rm_refresh))
 
 
 def held_out_metrics(run, n, samples, temperature):

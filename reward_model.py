@@ -459,9 +459,9 @@ def save(rm, out, tokenizer_dir, d):
         common.export_hf(rm, out, tokenizer_dir, d)
 
 
-def load(rm_dir, d, seed, checkpointed=0, compile=False, trained=False):
+def load(rm_dir, d, seed, checkpointed=0, compile=False, refreshed=False):
     """The reward model `save` wrote to rm_dir, built as common.build_model builds any model (FSDP2 on several
-    ranks), frozen unless `trained` (grpo.py --rm-refresh: then what `trained` returns of it trains, the
+    ranks), frozen unless `refreshed` (grpo.py --rm-refresh: then what `trained` returns of it trains, the
     implicit form's reference never); an error naming rm_dir if it holds a language model and no implicit.json."""
     config = config_from_hf(rm_dir)
     if os.path.isfile(os.path.join(rm_dir, IMPLICIT)):
@@ -469,13 +469,13 @@ def load(rm_dir, d, seed, checkpointed=0, compile=False, trained=False):
             beta = json.load(f)["beta"]
         ref_dir = os.path.join(rm_dir, "reference")
         policy = common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile,
-                                    frozen=not trained)
+                                    frozen=not refreshed)
         ref = common.build_model(config_from_hf(ref_dir), d, seed=seed, init_dir=ref_dir, compile=compile, frozen=True)
         return ImplicitReward(policy, ref, beta)
     if config.head != "score":
         raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
     return common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile,
-                              frozen=not trained)
+                              frozen=not refreshed)
 
 
 def models_in(rm_dir):

@@ -131,10 +131,10 @@ def test_a_loaded_reward_model_is_frozen_in_bf16_unless_refreshed(tmp_path, grou
     (tmp_path / "implicit" / reward_model.IMPLICIT).write_text('{"beta": 0.5}')
     tiny_scorer().save_pretrained(tmp_path / "head")
     d = common.one_process("cpu", torch.bfloat16)
-    for trained in (False, True):
-        models = reward_model.load(str(tmp_path / "implicit"), d, 0, trained=trained)
-        head = reward_model.load(str(tmp_path / "head"), d, 0, trained=trained)
-        for m, trains in ((models.policy, trained), (models.ref, False), (head, trained)):
+    for refreshed in (False, True):
+        models = reward_model.load(str(tmp_path / "implicit"), d, 0, refreshed=refreshed)
+        head = reward_model.load(str(tmp_path / "head"), d, 0, refreshed=refreshed)
+        for m, trains in ((models.policy, refreshed), (models.ref, False), (head, refreshed)):
             assert {(p.dtype, p.requires_grad) for p in m.parameters()} == {
                 (torch.float32, True) if trains else (torch.bfloat16, False)}
 
