@@ -478,7 +478,7 @@ def setup(args):
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.grpo_plan(
         config, d.world, args.micro_batch, args.gen_batch, longest_prompt, args.max_new_tokens, k,
-        scoring_models(args), args.advantage == "gae", args.compile, args.lora_rank, bool(args.rm_refresh))["peak"])
+        **planned_models(args))["peak"])
     policy = common.build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac,
                                 adapters=lora.of(args), compile=args.compile)
     optim = common.Optim.of(args)
@@ -517,6 +517,12 @@ def scoring_models(args):
     if args.reward == "rule":
         return 0
     return sum(reward_model.models_in(rm_dir) for rm_dir in reward_model_dirs(args))
+
+
+def planned_models(args):
+    """What runs beside the policy, as memory.grpo_plan counts it: for the run itself and for --dry-run."""
+    return dict(reward_model=scoring_models(args), value_model=args.advantage == "gae", kept_decoder=args.compile,
+                lora_rank=args.lora_rank, rm_trained=bool(args.rm_refresh))
 
 
 def build_helpers(run, config, ac):
@@ -740,8 +746,7 @@ def dry_run(args):
     config = ModelConfig(**PRESETS[args.preset]) if args.preset else config_from_hf(args.init)
     common.size_defaults(args, config, common.Dist(0, 1, torch.device("cpu")), **SIZE_DEFAULTS)
     memory.print_grpo_plan(config, args.world_size, args.micro_batch, args.gen_batch, args.prompt_tokens,
-                           args.max_new_tokens, scoring_models(args), args.advantage == "gae", args.compile,
-                           args.lora_rank, bool(args.rm_refresh))
+                           args.max_new_tokens, **planned_models(args))
 
 
 def main(args):

@@ -192,11 +192,12 @@ def grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_toke
                 peak=sum(held.values()) + max(sum(p.values()) for p in phases.values()))
 
 
-def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, reward_model, value_model,
-                    kept_decoder, lora_rank=0, rm_trained=False):
-    """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing."""
-    plans = [grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, k, reward_model,
-                       value_model, kept_decoder, lora_rank, rm_trained) for k in range(config.n_layers + 1)]
+def print_grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, lora_rank=0,
+                    value_model=False, **models):
+    """The plan of a GRPO (or PPO: value_model) run, without and with activation checkpointing; models: the rest
+    of grpo_plan's keywords."""
+    plans = [grpo_plan(config, world, micro_batch, gen_batch, prompt_tokens, max_new_tokens, k, lora_rank=lora_rank,
+                       value_model=value_model, **models) for k in range(config.n_layers + 1)]
     for ac in (0, config.n_layers):
         plan = plans[ac]
         lora_text = f", LoRA rank {lora_rank} ({plan['trained'] / 1e6:.1f}M trained)" if lora_rank else ""
