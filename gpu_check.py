@@ -264,8 +264,7 @@ def train_mfu(args, device):
         finally:
             model = opt = None  # the next configuration's memory
         tokens_per_s = B * T / sec
-        mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device) \
-            if device == "cuda" else float("nan")
+        mfu = pretrain.flops_per_token(config, T) * tokens_per_s / pretrain.peak_flops(d.device)
         best = mfu if math.isnan(best) else max(best, mfu)
         print(f"   {name:<8}  {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%", flush=True)
     return best
@@ -375,8 +374,8 @@ def main(args):
                 torch.cuda.empty_cache()
     if "6" in parts and results.get("3") and "4" in results:  # at the batch nearest the command's gen-batch
         rates = results["3"]
-        peak = pretrain.peak_flops(torch.device(device)) if device == "cuda" else float("nan")
-        estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"], peak)
+        estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"],
+                 pretrain.peak_flops(torch.device(device)))
     print(f"\n{time.time() - start:.0f} s in all" + (f"; part(s) {', '.join(failures)} failed" if failures else ""))
     sys.stdout.flush()
     if failures:

@@ -159,7 +159,10 @@ def flops_per_token(config, seq_len):
 
 
 def peak_flops(device):
-    """Dense bf16 peak of the GPU, for MFU (H100 SXM 989 TFLOP/s; A100 312)."""
+    """Dense bf16 peak of the GPU, for MFU (H100 SXM 989 TFLOP/s; A100 312); NaN for a GPU not listed and off a
+    GPU (no MFU there)."""
+    if device.type != "cuda":
+        return float("nan")
     name = torch.cuda.get_device_name(device)
     return 989e12 if "H100" in name or "H200" in name else 312e12 if "A100" in name else float("nan")
 
