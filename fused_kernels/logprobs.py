@@ -10,8 +10,8 @@ backward makes more: several times the logits at peak. Both paths here keep only
 - `ChunkedLogprobs` (PyTorch, any device): fp32 work on `chunk` rows at a time; backward recomputes softmax from
   the saved lse and writes the gradient in the logits' dtype.
 - `TritonLogprobs` (CUDA, or the CPU under TRITON_INTERPRET=1): one program per row streams the vocabulary in
-  blocks with an online max/sum (forward reads the logits once); backward reads them once more and writes the
-  gradient once.
+  blocks with an online max and sum, one exp per logit (forward reads the logits once); backward reads them once
+  more and writes the gradient once.
 From the final hidden states and the LM head two functions go one step further and never hold more than a
 fixed budget of logits at all: `HiddenLogprobs` (log-probs: model.forward(tokens, targets), its backward making
 the logits again) and `HiddenTokenLoss` (a loss of the log-probs with its gradient made in the forward pass:
@@ -67,19 +67,21 @@ class ChunkedLogprobs(torch.autograd.Function):
 if triton is not None:
     @triton.jit
     def _logprobs_fwd(x_ptr, stride, t_ptr, out_ptr, lse_ptr, V, BLOCK: tl.constexpr):
+        # one exp per logit: the running max is the block's, one number, so the sum is rescaled once per block. A
+        # max per lane took two, as many as an H200's exp units issue while its memory streams bf16 logits
+        # (docs/kernels.md): that kernel reached 78% of copy bandwidth there
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
-        m = tl.full([BLOCK], float("-inf"), tl.float32)  # running max, per lane
-        s = tl.zeros([BLOCK], tl.float32)  # running sum of exp(x - m), per lane
+        m = float("-inf")  # running max
+        s = 0.0  # running sum of exp(x - m)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that has seen only padding stays at 0
-            s = s * tl.exp(m - shift) + tl.exp(x - shift)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows of -inf so far: exp(-inf) = 0, not NaN
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
             m = m_new
-        mx = tl.max(m, 0)
-        lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
+        lse = m + tl.log(s)
         t = tl.load(t_ptr + row)
         xt = tl.load(base + t).to(tl.float32)
         tl.store(out_ptr + row, xt - lse)
