@@ -1,5 +1,6 @@
-"""The GPU check: one command that measures on one GPU what the 8-GPU user needs to know, in about six minutes,
-and prints it part by part, each beside a peer measured in the same run where one exists.
+"""The GPU check: one command that measures on one GPU what the 8-GPU user needs to know (aimed at six minutes;
+not yet timed at full size), and prints it part by part, each beside a peer measured in the same run where one
+exists.
 
 A GPU is lent to this project rarely and briefly, so this is prepared in advance and its CPU smoke mode runs in
 the tests (it cannot rot). Six parts:
@@ -13,13 +14,14 @@ the tests (it cannot rot). Six parts:
 3. decoding at the 7B shape (random bf16 weights) at gen-batch 32 and 128, captured;
 4. training at 1B, eager and compiled blocks: tokens/s and MFU (6N FLOPs per token without the input embedding,
    + attention);
-5. one GRPO step at 1B (grpo.py itself, --compile), by phase, with the memory plan beside max_memory_allocated
-   and the sampler-trainer log-prob gap;
-6. the README's 8-GPU GRPO command's step time, estimated from parts 3 and 4, with the arithmetic printed.
+5. the README's 8-GPU GRPO command's step time, estimated from parts 3 and 4, with the arithmetic printed;
+6. one GRPO step at 1B (grpo.py itself, --compile), by phase, with the memory plan beside max_memory_allocated
+   and the sampler-trainer log-prob gap.
 
     python gpu_check.py            # on a GPU
     python gpu_check.py --smoke    # the same code at toy sizes, on whatever device there is (CPU in the tests)
     python gpu_check.py --parts 2,3
+    python gpu_check.py --deadline 570   # a GPU lent for 10-minute calls: end cleanly, naming what did not run
 """
 
 import argparse
@@ -27,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -43,7 +46,7 @@ from bench import timed
 from fused_kernels.bench import copy_bandwidth
 from model import PRESETS, ModelConfig, Transformer, config_to_hf, hf_layout
 
-# the README's 8-GPU GRPO command (part 6): outputs per step, new tokens, prompt tokens (the dry run's), gen-batch
+# the README's 8-GPU GRPO command (part 5): outputs per step, new tokens, prompt tokens (the dry run's), gen-batch
 README_GRPO = dict(outputs=16 * 64, new_tokens=1024, prompt_tokens=256, gen_batch=32, gpus=8)
 
 
@@ -235,12 +238,12 @@ def decode_7b(args, dtype, device):
 
 
 # -----------------------------------------------------------------------------
-# 4-5. training and one GRPO step
+# 4. training
 
 
 def train_mfu(args, device):
     """Training throughput at 1B in one process (FSDP2 in a group of one, as grpo.py runs on one GPU), with eager
-    blocks and compiled ones (--compile); returns the better MFU, what part 6 estimates from."""
+    blocks and compiled ones (--compile); returns the better MFU, what part 5 estimates from."""
     config = ModelConfig(**PRESETS[args.size])
     d = common.one_process(device, torch.bfloat16 if device == "cuda" else torch.float32)
     optim = common.Optim(lr=1e-4, max_steps=10, weight_decay=0.1)
@@ -268,6 +271,42 @@ def train_mfu(args, device):
         best = mfu if math.isnan(best) else max(best, mfu)
         print(f"   {name:<8}  {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}%", flush=True)
     return best
+
+
+# -----------------------------------------------------------------------------
+# 5. the 8-GPU command, estimated
+
+
+def estimate(decode_rate, mfu, peak):
+    """The README's GRPO command's step time per GPU: its rollouts at the measured 7B decode rate (at the
+    command's gen-batch), its training at 1B's MFU (an assumption: 7B's GEMMs are larger and usually faster) of
+    the GPU's peak FLOP/s."""
+    c, cfg = README_GRPO, ModelConfig(**PRESETS["deepseek-math-7b"])
+    per_gpu = c["outputs"] // c["gpus"]
+    print(f"\n5. the README's 8-GPU GRPO command ({c['outputs']} outputs of up to {c['new_tokens']} tokens per step, "
+          f"gen-batch {c['gen_batch']}), estimated per GPU from parts 3 and 4")
+    for length in (c["new_tokens"], c["new_tokens"] // 2):
+        gen = per_gpu * length / decode_rate
+        T = c["prompt_tokens"] + length
+        # policy forward + backward (6N + attention) + activation checkpointing's second forward (2N) + reference
+        flops = per_gpu * T * (pretrain.flops_per_token(cfg, T) * 8 / 6)
+        train = flops / (mfu * peak)
+        print(f"   outputs of {length} tokens: generate {per_gpu} x {length} / {decode_rate:,.0f} tokens/s = "
+              f"{gen:.0f} s; train + reference {per_gpu} x {T} tokens x {flops / per_gpu / T / 1e9:.1f} GFLOP / "
+              f"({100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s) = {train:.0f} s; step ≈ {gen + train:.0f} s")
+
+
+def estimate_from(results, device):
+    """Part 5 from what parts 3 and 4 returned: the 7B decode rate at the batch nearest the command's gen-batch."""
+    rates = results.get("3")
+    if not rates or "4" not in results:
+        raise RuntimeError("needs a decode rate from part 3 and an MFU from part 4, in the same run")
+    estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"],
+             pretrain.peak_flops(torch.device(device)))
+
+
+# -----------------------------------------------------------------------------
+# 6. one GRPO step
 
 
 def grpo_step(args, device):
@@ -299,7 +338,7 @@ def grpo_step(args, device):
         return memory.grpo_plan(config, 1, micro, gen_batch, prompt, args.new_tokens, k, kept_decoder=True)["peak"]
     auto = common.checkpointed_blocks("auto", common.Dist(0, 1, torch.device(device)), config.n_layers, peak_of)
     plan_peak = peak_of(auto)  # as grpo.main chose, for the plan beside the peak
-    print(f"\n5. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
+    print(f"\n6. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
           f"{args.new_tokens} new tokens (random weights: outputs run to the budget), --compile")
     print(f"   {r['seconds']:.2f} s: generate {r['time_generate']:.2f} ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
           f"reward {r['time_reward']:.2f}, reference {r['time_ref']:.2f}, train {r['time_train']:.2f} "
@@ -311,33 +350,13 @@ def grpo_step(args, device):
              else ""))
 
 
-# -----------------------------------------------------------------------------
-# 6. the 8-GPU command, estimated
-
-
-def estimate(decode_rate, mfu, peak):
-    """The README's GRPO command's step time per GPU: its rollouts at the measured 7B decode rate (at the
-    command's gen-batch), its training at 1B's MFU (an assumption: 7B's GEMMs are larger and usually faster) of
-    the GPU's peak FLOP/s."""
-    c, cfg = README_GRPO, ModelConfig(**PRESETS["deepseek-math-7b"])
-    per_gpu = c["outputs"] // c["gpus"]
-    print(f"\n6. the README's 8-GPU GRPO command ({c['outputs']} outputs of up to {c['new_tokens']} tokens per step, "
-          f"gen-batch {c['gen_batch']}), estimated per GPU from parts 3 and 4")
-    for length in (c["new_tokens"], c["new_tokens"] // 2):
-        gen = per_gpu * length / decode_rate
-        T = c["prompt_tokens"] + length
-        # policy forward + backward (6N + attention) + activation checkpointing's second forward (2N) + reference
-        flops = per_gpu * T * (pretrain.flops_per_token(cfg, T) * 8 / 6)
-        train = flops / (mfu * peak)
-        print(f"   outputs of {length} tokens: generate {per_gpu} x {length} / {decode_rate:,.0f} tokens/s = "
-              f"{gen:.0f} s; train + reference {per_gpu} x {T} tokens x {flops / per_gpu / T / 1e9:.1f} GFLOP / "
-              f"({100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s) = {train:.0f} s; step ≈ {gen + train:.0f} s")
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes (the CPU test of this script)")
-    ap.add_argument("--parts", default="1,2,3,4,5,6", help="which of the six parts to run (6 needs 3 and 4)")
+    ap.add_argument("--parts", default="1,2,3,4,5,6", help="which of the six parts to run (5 needs 3 and 4)")
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                    help="stop the part still running so many seconds after the start and skip the rest, naming "
+                         "them (for a GPU lent by the call: the table so far and the summary print before a kill)")
     args = ap.parse_args(argv)
     gpu = dict(size="1b", big="deepseek-math-7b", tokens=16384, vocabs=[32768, 102400, 151936], hidden=4096,
                repeats=10, decode_batches=[64, 256], big_batches=[32, 128], prompt_tokens=128, new_tokens=512,
@@ -349,6 +368,41 @@ def parse_args(argv=None):
     return args
 
 
+class OutOfTime(BaseException):
+    """--deadline passed. Not an Exception, so that a part's own `except Exception` (a row that failed) lets it
+    through to main."""
+
+
+class Clock:
+    """--deadline: once it passes, SIGALRM raises OutOfTime inside the part running, and again every AGAIN seconds,
+    should a cleanup that raised an error of its own swallow the first (a CUDA graph's capture cut short); between
+    parts it only marks the time as passed."""
+    AGAIN = 10
+
+    def __init__(self, deadline):
+        self.deadline, self.passed, self.in_part = deadline, False, False
+        if deadline:
+            self.previous = signal.signal(signal.SIGALRM, self._alarm)
+            signal.setitimer(signal.ITIMER_REAL, deadline, self.AGAIN)
+
+    def _alarm(self, signum, frame):
+        self.passed = True
+        if self.in_part:
+            raise OutOfTime(f"--deadline {self.deadline} s passed")
+
+    def run(self, fn):
+        self.in_part = True
+        try:
+            return fn()
+        finally:
+            self.in_part = False
+
+    def stop(self):
+        if self.deadline:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+
+
 def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -356,29 +410,35 @@ def main(args):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {'smoke sizes' if args.smoke else 'full sizes'}")
-    parts, start, results, failures = args.parts.split(","), time.time(), {}, []
-    for part, run in (("1", lambda: loss_table(args, dtype, device)), ("2", lambda: decode_1b(args, dtype, device)),
-                      ("3", lambda: decode_7b(args, dtype, device)), ("4", lambda: train_mfu(args, device)),
-                      ("5", lambda: grpo_step(args, device))):
-        if part in parts:
-            t0 = time.time()
-            try:
-                results[part] = run()
-            except Exception as e:  # the GPU's minutes are few: a part that fails is reported, the next one runs
-                traceback.print_exc()
-                print(f"   part {part} {failed(e)} (traceback on stderr)", flush=True)
-                failures.append(part)
-            print(f"   (part {part}: {time.time() - t0:.0f} s)", flush=True)
-            common.end_group_of_one()  # parts 4 and 5 join one; the next part starts from a clean slate
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    if "6" in parts and results.get("3") and "4" in results:  # at the batch nearest the command's gen-batch
-        rates = results["3"]
-        estimate(rates[min(rates, key=lambda b: abs(b - README_GRPO["gen_batch"]))], results["4"],
-                 pretrain.peak_flops(torch.device(device)))
-    print(f"\n{time.time() - start:.0f} s in all" + (f"; part(s) {', '.join(failures)} failed" if failures else ""))
+    parts, start, results, failures, skipped = args.parts.split(","), time.time(), {}, [], []
+    runs = {"1": lambda: loss_table(args, dtype, device), "2": lambda: decode_1b(args, dtype, device),
+            "3": lambda: decode_7b(args, dtype, device), "4": lambda: train_mfu(args, device),
+            "5": lambda: estimate_from(results, device), "6": lambda: grpo_step(args, device)}
+    clock = Clock(args.deadline)
+    for part in (p for p in runs if p in parts):
+        if clock.passed:
+            skipped.append(part)
+            continue
+        t0 = time.time()
+        try:
+            results[part] = clock.run(runs[part])
+        except OutOfTime as e:
+            clock.stop()
+            print(f"\n   part {part} stopped: {e}", flush=True)
+            failures.append(part)
+        except Exception as e:  # the GPU's minutes are few: a part that fails is reported, the next one runs
+            traceback.print_exc()
+            print(f"   part {part} {failed(e)} (traceback on stderr)", flush=True)
+            failures.append(part)
+        print(f"   (part {part}: {time.time() - t0:.0f} s)", flush=True)
+        common.end_group_of_one()  # parts 4 and 6 join one; the next part starts from a clean slate
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    clock.stop()
+    print(f"\n{time.time() - start:.0f} s in all" + (f"; part(s) {', '.join(failures)} failed" if failures else "")
+          + (f"; part(s) {', '.join(skipped)} not run (--deadline)" if skipped else ""))
     sys.stdout.flush()
-    if failures:
+    if failures or skipped:
         sys.exit(1)
 
 

@@ -16,7 +16,7 @@ def test_smoke_mode_prints_all_six_parts():
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     for title in ("1. LM head + GRPO loss", "2. decoding", "3. decoding at the toy shape", "4. training",
-                  "5. one GRPO step", "6. the README's 8-GPU GRPO command"):
+                  "5. the README's 8-GPU GRPO command", "6. one GRPO step"):
         assert title in out, out
     for method in ("naive PyTorch", "ours", "ours from hidden"):
         assert re.search(rf"^\s+4096\s+{method}\s+\d+\.\d+", out, re.M), method
@@ -49,8 +49,66 @@ def test_a_part_that_fails_is_a_line_and_the_next_part_runs(monkeypatch, capsys)
     assert out.rstrip().endswith("part(s) 1 failed"), out
 
 
+def test_past_the_deadline_the_part_running_stops_and_the_rest_are_named(monkeypatch, capsys):
+    """--deadline (a GPU lent by the call, killed at its limit): the part running stops, even one whose rows catch
+    their errors and whose cleanup replaced the first alarm by an error of its own; the parts after it do not
+    run; the summary names both, and the status is non-zero."""
+    import time
+
+    import gpu_check
+    tries = []
+
+    def rows_that_catch_their_errors(*args):
+        for row in range(4):
+            tries.append(row)
+            try:
+                try:
+                    time.sleep(1)
+                finally:
+                    if row == 0:  # a cleanup's own error replaces the first OutOfTime: the row fails, the part goes on
+                        raise RuntimeError("cleanup failed")
+            except Exception:
+                continue
+    monkeypatch.setattr(gpu_check, "loss_table", lambda *args: print("part 1 ran"))
+    monkeypatch.setattr(gpu_check, "decode_1b", rows_that_catch_their_errors)
+    monkeypatch.setattr(gpu_check, "decode_7b", lambda *args: print("part 3 ran"))
+    monkeypatch.setattr(gpu_check.Clock, "AGAIN", 0.2)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(gpu_check.parse_args(["--smoke", "--parts", "1,2,3,5", "--deadline", "0.5"]))
+    out = capsys.readouterr().out
+    assert time.time() - t0 < 3 and tries == [0, 1]  # the first alarm lost in the cleanup, the second stops it
+    assert stop.value.code == 1 and "part 1 ran" in out and "part 3 ran" not in out
+    assert "part 2 stopped: --deadline 0.5 s passed" in out
+    assert out.rstrip().endswith("part(s) 2 failed; part(s) 3, 5 not run (--deadline)"), out
+
+
+def test_between_parts_the_deadline_only_marks_the_time_as_passed(monkeypatch):
+    """An alarm outside a part (cleaning up after one, between two) raises nothing there: it is counted when the
+    next part would start, and the alarm that follows stops a part."""
+    import time
+
+    import gpu_check
+    monkeypatch.setattr(gpu_check.Clock, "AGAIN", 0.1)
+    clock = gpu_check.Clock(0.05)
+    try:
+        time.sleep(0.3)  # the alarm fires here, and again
+        assert clock.passed
+        with pytest.raises(gpu_check.OutOfTime):
+            clock.run(lambda: time.sleep(2))
+    finally:
+        clock.stop()
+
+
+def test_the_estimate_needs_parts_3_and_4(monkeypatch, capsys):
+    import gpu_check
+    with pytest.raises(SystemExit):
+        gpu_check.main(gpu_check.parse_args(["--smoke", "--parts", "5"]))
+    assert "part 5 failed: RuntimeError: needs a decode rate from part 3" in capsys.readouterr().out
+
+
 def test_the_8_gpu_estimate_by_hand(capsys):
-    """Part 6's arithmetic for the README's command (1,024 outputs of 64 x 16 a step over 8 GPUs: 128 a GPU;
+    """Part 5's arithmetic for the README's command (1,024 outputs of 64 x 16 a step over 8 GPUs: 128 a GPU;
     256 prompt tokens): at 5,000 tokens/s of decoding, 35% MFU of 989 TFLOP/s. A token's training FLOPs are
     6N + 12·L·d·T (N: 6,910,365,696 parameters less the 102,400 x 4,096 input embedding), times 8/6 for
     checkpointing's second forward and the reference's."""
