@@ -101,29 +101,29 @@ if triton is not None:
             tl.store(dx_ptr + row * dstride + cols, d.to(dx_ptr.dtype.element_ty), mask=cols < V)
 
 
-class TritonLogprobs(torch.autograd.Function):
-    BLOCK = 4096
+# Launch settings: Liger-Kernel's for the same two loops (its triton_grpo_loss reached 93% of copy bandwidth on the
+# 2026-12-04 H200 run, ours 78% with 4 warps each way): the forward one warp a row, so that a block's max and sum
+# need no exchange between warps, the backward 16. BLOCK is cut to the vocabulary's size.
+FORWARD = dict(BLOCK=2048, num_warps=1, num_stages=2)
+BACKWARD = dict(BLOCK=4096, num_warps=16, num_stages=1)
 
+
+def _launch(config, V):
+    return dict(config, BLOCK=min(config["BLOCK"], triton.next_power_of_2(V)))
+
+
+class TritonLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-        N, V = logits.shape
-        out = torch.empty(N, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        block = min(TritonLogprobs.BLOCK, triton.next_power_of_2(V))
-        _logprobs_fwd[(N,)](logits, logits.stride(0), targets, out, lse, V, BLOCK=block)
+        out, lse = rows_triton(logits, targets)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.block = block
         return out
 
     @staticmethod
     def backward(ctx, g):
         logits, targets, lse = ctx.saved_tensors
-        N, V = logits.shape
-        grad = torch.empty_like(logits)
-        _logprobs_bwd[(N,)](logits, logits.stride(0), targets, lse, g.float().contiguous(), grad, grad.stride(0), V,
-                            BLOCK=ctx.block)
-        return grad, None
+        return _grad_rows(logits, targets, lse, g, torch.empty_like(logits)), None
 
 
 def rows_torch(x, targets):
@@ -139,8 +139,7 @@ def rows_triton(x, targets):
     N, V = x.shape
     out = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
-    block = min(TritonLogprobs.BLOCK, triton.next_power_of_2(V))
-    _logprobs_fwd[(N,)](x, x.stride(0), targets, out, lse, V, BLOCK=block)
+    _logprobs_fwd[(N,)](x, x.stride(0), targets, out, lse, V, **_launch(FORWARD, V))
     return out, lse
 
 
@@ -154,10 +153,15 @@ def grad_rows_triton(x, targets, lse, g):
     """grad_rows_torch with the Triton backward kernel, written over x itself (each block is read before it is
     written): one read and one write of the logits, no second buffer."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    N, V = x.shape
-    block = min(TritonLogprobs.BLOCK, triton.next_power_of_2(V))
-    _logprobs_bwd[(N,)](x, x.stride(0), targets, lse, g.float().contiguous(), x, x.stride(0), V, BLOCK=block)
-    return x
+    return _grad_rows(x, targets, lse, g, into=x)
+
+
+def _grad_rows(x, targets, lse, g, into):
+    """The backward kernel over rows x (n, V) of unit stride, the gradient written into `into` (x itself or not)."""
+    V = x.shape[1]
+    _logprobs_bwd[(len(x),)](x, x.stride(0), targets, lse, g.float().contiguous(), into, into.stride(0), V,
+                             **_launch(BACKWARD, V))
+    return into
 
 
 def chunk_rows(N, C, V, budget):

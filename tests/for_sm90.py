@@ -1,6 +1,7 @@
 """`python tests/for_sm90.py`: compile fused_kernels/' Triton kernels ahead of time for an H100/H200 (sm_90), on
-a machine without a GPU, down to machine code (triton's own ptxas), and print per kernel, as JSON, the exps
-(ex2) in its PTX and its warps. Run without TRITON_INTERPRET, which replaces the kernels by Python."""
+a machine without a GPU, down to machine code (triton's own ptxas), with the launch settings the code uses, and
+print per kernel, as JSON, the exps (ex2) in its PTX and its warps. Run without TRITON_INTERPRET, which replaces
+the kernels by Python."""
 import json
 
 import triton
@@ -9,22 +10,24 @@ from triton.compiler import ASTSource
 
 from fused_kernels import grpo_loss, logprobs
 
-BLOCK = {"BLOCK": logprobs.TritonLogprobs.BLOCK}
 ROW = {"x_ptr": "*bf16", "stride": "i64", "t_ptr": "*i64"}  # one row of bf16 logits and the targets
-KERNELS = {  # name: (kernel, argument types as triton writes them, compile-time constants)
+KERNELS = {  # name: (kernel, argument types as triton writes them, launch settings: constants and options)
     "logprobs_fwd": (logprobs._logprobs_fwd, {**ROW, "out_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32",
-                                              "BLOCK": "constexpr"}, BLOCK),
+                                              "BLOCK": "constexpr"}, logprobs.FORWARD),
     "logprobs_bwd": (logprobs._logprobs_bwd, {**ROW, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*bf16",
-                                              "dstride": "i64", "V": "i32", "BLOCK": "constexpr"}, BLOCK),
+                                              "dstride": "i64", "V": "i32", "BLOCK": "constexpr"}, logprobs.BACKWARD),
     "grpo_fwd": (grpo_loss._grpo_fwd, {**{k: "*fp32" for k in grpo_loss._grpo_fwd.arg_names[:8]}, "N": "i32",
                                        "clip_low": "fp32", "clip_high": "fp32", "beta": "fp32", "BLOCK": "constexpr"},
                  {"BLOCK": grpo_loss.TritonGRPOLoss.BLOCK}),
 }
 
+
 if __name__ == "__main__":
     out = {}
-    for name, (fn, signature, constants) in KERNELS.items():
-        k = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+    for name, (fn, signature, launch) in KERNELS.items():
+        options = {k: v for k, v in launch.items() if k.startswith("num_")}
+        constants = {k: v for k, v in launch.items() if k not in options}
+        k = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
         assert k.asm["cubin"], name
-        out[name] = dict(ex2=k.asm["ptx"].count("ex2.approx"), warps=k.metadata.num_warps)
+        out[name] = dict(ex2=k.asm["ptx"].count("ex2.approx"), warps=k.metadata.num_warps, block=constants["BLOCK"])
     print(json.dumps(out))

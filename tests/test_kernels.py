@@ -226,21 +226,25 @@ def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend):
 
 
 def test_the_triton_kernels_compile_for_an_h100_with_one_exp_per_logit(tmp_path):
-    """Compiled ahead of time for sm_90 (H100, H200) to machine code, on this machine without a GPU
-    (tests/for_sm90.py): a kernel the GPU compiler rejects fails here, not in a GPU's few minutes. An H200's exp
-    units issue about two exps per bf16 logit its memory streams, so the head's kernels must take one: counted in
-    the PTX per thread and block of logits (BLOCK / (32·warps) logits a thread), the forward's one rescale of its
-    running sum beside them."""
+    """Compiled ahead of time for sm_90 (H100, H200) to machine code with the code's launch settings, on this
+    machine without a GPU (tests/for_sm90.py): a kernel the GPU compiler rejects fails here, not in a GPU's few
+    minutes. An H200's exp units issue about two exps per bf16 logit its memory streams, so the head's kernels
+    must take one: counted in the PTX per thread and block of logits (BLOCK / (32·warps) logits a thread), the
+    forward's one rescale of its running sum beside them."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "tests/for_sm90.py"], cwd=root, capture_output=True, text=True, timeout=300,
                        env={**env, "PYTHONPATH": root, "TRITON_CACHE_DIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     k = json.loads(r.stdout.splitlines()[-1])
-    per_thread = fused_kernels.TritonLogprobs.BLOCK // (32 * k["logprobs_fwd"]["warps"])
-    assert k["logprobs_fwd"]["ex2"] == per_thread + 1
-    assert k["logprobs_bwd"]["ex2"] == fused_kernels.TritonLogprobs.BLOCK // (32 * k["logprobs_bwd"]["warps"])
-    assert k["grpo_fwd"]["ex2"] == 2 * fused_kernels.TritonGRPOLoss.BLOCK // (32 * k["grpo_fwd"]["warps"])  # r, e^d
+
+    def per_thread(name):
+        return k[name]["block"] // (32 * k[name]["warps"])
+    assert k["logprobs_fwd"]["ex2"] == per_thread("logprobs_fwd") + 1
+    assert k["logprobs_bwd"]["ex2"] == per_thread("logprobs_bwd")
+    assert k["grpo_fwd"]["ex2"] == 2 * per_thread("grpo_fwd")  # r and e^d
+    from fused_kernels.logprobs import BACKWARD, FORWARD
+    assert (k["logprobs_fwd"]["warps"], k["logprobs_bwd"]["warps"]) == (FORWARD["num_warps"], BACKWARD["num_warps"])
 
 
 def test_backend_choice(monkeypatch):
