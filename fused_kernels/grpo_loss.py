@@ -74,10 +74,7 @@ class TritonGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_kl):
-        dloss, dkl = ctx.saved_tensors
-        grad = torch.zeros_like(dloss)
-        if g_loss is not None:
-            grad += g_loss * dloss
-        if g_kl is not None:
-            grad += g_kl * dkl
+        dloss, dkl = ctx.saved_tensors  # one of the two upstream gradients may be None (never both)
+        terms = [g * d for g, d in ((g_loss, dloss), (g_kl, dkl)) if g is not None]
+        grad = terms[0] if len(terms) == 1 else terms[0] + terms[1]
         return grad.to(ctx.dtype), None, None, None, None, None, None
