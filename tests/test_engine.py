@@ -163,6 +163,30 @@ def test_uniforms_are_uniform_and_independent_across_streams_and_positions():
     assert engine.uniforms(2 ** 40 + 5, base[:4], base[:4]).tolist() != engine.uniforms(5, base[:4], base[:4]).tolist()
 
 
+def test_uniforms_are_lowbias32_of_the_seed_the_stream_and_the_position():
+    """uniforms against the same hash written with Python's integers, which do not overflow (engine's int64 tensors
+    would, without _mul32's split): Wellons' lowbias32 of the seed's two halves, the stream and the position, its
+    top 24 bits over 2^24. Pins the draw a seed makes, on any device."""
+    M = 0xFFFFFFFF
+
+    def mix(x):
+        x ^= x >> 16
+        x = x * 0x7FEB352D & M
+        x ^= x >> 15
+        x = x * 0x846CA68B & M
+        return x ^ (x >> 16)
+
+    def uniform(seed, stream, position):
+        key = mix(mix(seed & M) ^ (seed >> 32 & M))
+        return (mix(mix(mix(stream & M) ^ key) ^ mix(position & M ^ 0x9E3779B9)) >> 8) / 2 ** 24
+
+    streams = [0, 1, 7, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32 + 3, 123456789]
+    positions = [0, 1, 2 ** 31, 2 ** 32 - 1, 5, 4095, 17, 2 ** 33]
+    for seed in (0, 12345, 2 ** 40 + 5, 2 ** 63 - 1):
+        got = engine.uniforms(seed, torch.tensor(streams), torch.tensor(positions)).tolist()
+        assert got == [uniform(seed, s, p) for s, p in zip(streams, positions)], seed
+
+
 def test_prompts_that_leave_no_room_are_a_clear_error():
     m = tiny()
     with pytest.raises(ValueError, match="max_seq_len=64"):
@@ -275,3 +299,20 @@ def test_the_two_level_inverse_cdf_is_the_one_level_one():
         assert (got == expected)[~near].all() and near[16:].float().mean() < 0.1  # rows :16 end near the total
         assert (p.gather(1, got[:, None]) > 0).all()  # never a token without probability
         torch.testing.assert_close(engine._cumsum(p).double(), cdf, rtol=1e-5, atol=1e-6)
+
+
+def test_draws_on_block_boundaries_take_the_next_token_with_mass():
+    """Uniforms on and within a few 2^-24 of the boundaries between blocks whose first halves have no mass: where
+    the sums of the blocks before round past the draw, it still gets a token with probability. On an exact
+    boundary (equal masses: sums exact in float32), between blocks or inside one, the next id, as the one-level
+    definition has it (the first id whose cumulative mass exceeds u times the total)."""
+    g, B = torch.Generator().manual_seed(1), engine.BLOCK
+    p = torch.rand(64, 4 * B, generator=g)
+    p.view(64, 4, B)[:, :, :B // 2] = 0
+    cdf = engine._blocks(p).sum(-1).cumsum(-1)
+    on = cdf.gather(1, (torch.arange(64) % 3)[:, None])[:, 0] / cdf[:, -1]  # after block 0, 1 or 2
+    u = (on * 2 ** 24).floor() / 2 ** 24 + (torch.arange(64) % 5 - 2) * 2.0 ** -24
+    assert (p.gather(1, engine._invert_cdf(p, u)[:, None]) > 0).all()
+    equal = torch.ones(3, 2 * B)
+    equal[2, :B] = 0
+    assert engine._invert_cdf(equal, torch.tensor([0.5, 100 / (2 * B), 0.0])).tolist() == [B, 100, B]
