@@ -83,6 +83,7 @@ EQUIV = [
     # near misses: each looks like its gold and is not the same answer
     ("12", "21", False), ("0.5", "0.05", False), ("1/2", "2", False), ("\\frac{1}{2}", "\\frac{1}{20}", False),
     ("-0.5", "0.5", False), ("1000", "1,000.5", False), ("10{,}001", "10000", False), ("5\\%", "0.5", False),
+    ("50\\%", "5000", False), ("\\sqrt{2}+\\frac{1}{100000}", "\\sqrt{2}", False),
     ("2\\sqrt{3}", "3\\sqrt{2}", False), ("\\sqrt{3}", "3", False), ("\\pi^2", "2\\pi", False), ("e^2", "2e", False),
     ("x^2", "2x", False), ("(x+1)^2", "x^2+1", False), ("\\frac{x}{2}", "\\frac{2}{x}", False), ("x+y", "xy", False),
     ("\\sin x", "\\cos x", False), ("\\ln 2", "\\log_{10} 2", False), ("3+4i", "4+3i", False), ("i", "-i", False),
