@@ -183,12 +183,19 @@ EXTRACT = [
     ("So $x = \\boxed{3}$. Then $y = \\boxed{6}$.", "6"), ("\\boxed{3} and then \\boxed{6}", "6"),
     ("\\boxed{3} cm and \\boxed{4} cm", "3, 4"),
     ("$\\boxed{(3, 3)}$ for part (a) and $\\boxed{(1, 1)}$", "(3, 3), (1, 1)"),
+    ("\\boxed{3} or maybe I am wrong and it is \\boxed{4}", "4"),  # a sentence between, not a part's name
+    ("Could it be \\boxed{3}? \\boxed{4}", "4"),
+    ("\\boxed{3}\n$$1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 = 45$$\n\\boxed{4}", "4"),  # a long formula between
 ]
 
 
 @pytest.mark.parametrize("text,answer", EXTRACT)
 def test_extraction_table(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_a_long_completion_is_read_at_its_end():
+    assert extract_answer("x " * 20_000 + "so \\boxed{7}") == "7"  # longer than reward.MAX_TEXT: its end is read
 
 
 def test_hedging_earns_nothing():
