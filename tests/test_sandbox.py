@@ -122,7 +122,8 @@ def test_cannot_write_delete_or_rename_outside_its_directory(box, tmp_path):
     for code in [f"open({str(target)!r}, 'w').write('x')", f"import os; os.remove({str(victim)!r})",
                  f"import os; os.rename({str(victim)!r}, {str(target)!r})",
                  f"import shutil; shutil.rmtree({str(tmp_path)!r})",
-                 f"import pathlib; pathlib.Path({str(target)!r}).touch()"]:
+                 f"import pathlib; pathlib.Path({str(target)!r}).touch()",
+                 "import os; os.open(os.__file__, os.O_RDWR)", "import os; open(os.__file__, 'r+')"]:  # readable
         r = box.run(code)  # the hook's own refusal, before the kernel's (nobody may not write there either)
         assert not r.ok and "PermissionError: sandbox:" in r.error, (code, r.error)
     assert victim.read_text() == "keep me" and not target.exists()
@@ -270,6 +271,8 @@ def test_memory_cpu_disk_and_output_are_bounded(box, bare):
     assert r.error == "timeout" and r.seconds < 30  # a bound against a hang, not a timing: CI machines are loaded
     r = bare.run("open('big.bin', 'wb').write(b'0' * (100 * 2**20))")
     assert not r.ok and "File too large" in r.error
+    r = box.run("for i in range(65): open(f'f{i}', 'w').close()")  # files by count, beside their bytes
+    assert not r.ok and r.error == "PermissionError: sandbox: too many files written", r.error
     r = box.run("while True: print('x' * 1000)", timeout=30)
     assert r.error == "output limit exceeded" and len(r.stdout) <= 64 * 1024
     assert box.run("print('fine')").stdout == "fine\n"
