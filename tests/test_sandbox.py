@@ -123,7 +123,7 @@ def test_cannot_write_delete_or_rename_outside_its_directory(box, tmp_path):
                  f"import os; os.rename({str(victim)!r}, {str(target)!r})",
                  f"import shutil; shutil.rmtree({str(tmp_path)!r})",
                  f"import pathlib; pathlib.Path({str(target)!r}).touch()",
-                 "import os; os.open(os.__file__, os.O_RDWR)", "import os; open(os.__file__, 'r+')"]:  # readable
+                 "import os; os.open(os.__file__, os.O_RDWR)", "import os; open(os.__file__, 'r+')"]:  # read-only
         r = box.run(code)  # the hook's own refusal, before the kernel's (nobody may not write there either)
         assert not r.ok and "PermissionError: sandbox:" in r.error, (code, r.error)
     assert victim.read_text() == "keep me" and not target.exists()
