@@ -305,7 +305,7 @@ loss, norm, _ = common.train_step(tuned, common.make_optimizer(tuned, optim), ba
 assert {(".lora_" in n, p.dtype) for n, p in tuned.named_parameters()} == {(False, torch.bfloat16),
                                                                            (True, torch.float32)}
 assert 5 < loss < 6 and norm > 0  # about ln 300 at the start
-print("ok", d.rank)
+print(f"ok {d.rank}", flush=True)  # one write of the pipe both ranks share (print("ok", rank) gave "okok 0 1")
 dist.destroy_process_group()
 """
 
