@@ -159,7 +159,7 @@ class Parser:
                     p = self.atom_or_group()
                     return FUNCS[name](self.atom_or_group()) ** p
                 return FUNCS[name](self.atom_or_group())
-            if len(name) > 1 and name.isalpha():  # Greek letters and other named symbols
+            if len(name) > 1:  # Greek letters and other named symbols (a command is letters: TOKEN)
                 return self.subscripted(name)
             raise ParseError(f"unknown command \\{name}")
         if t.isalpha():

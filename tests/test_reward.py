@@ -1,4 +1,5 @@
 """reward.py: a broad table of answer pairs (both verdicts, every kind of answer), extraction, hostile input."""
+import math
 import time
 
 import pytest
@@ -70,7 +71,8 @@ EQUIV = [
     ("a^2-b^2", "(a-b)(a+b)", True), ("\\sin^2 x + \\cos^2 x", "1", True), ("\\sin(2x)", "2\\sin x\\cos x", True),
     ("e^{i\\pi}", "-1", True), ("\\ln(e^2)", "2", True), ("\\log(8)", "3\\log(2)", True),
     ("\\frac{1}{x}", "x^{-1}", True),
-    ("x^{1/2}", "\\sqrt{x}", True), ("2^{10}", "1024", True), ("2^{10}", "1000", False), ("5!", "120", True),
+    ("x^{1/2}", "\\sqrt{x}", True), ("x^{0.5}", "\\sqrt{x}", True), ("0.1x+0.2x", "0.3x", True),
+    ("2^{10}", "1024", True), ("2^{10}", "1000", False), ("5!", "120", True),
     ("|{-3}|", "3", True), ("\\alpha + \\beta", "\\beta+\\alpha", True), ("\\theta", "\\phi", False),
     ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("3x", "x3", True), ("xy", "yx", True),
     # complex numbers
@@ -236,14 +238,27 @@ def test_hostile_answers_are_refused_quickly(hostile):
 
 def test_the_parser_refuses_values_too_large_to_build():
     """The parser's own walls, behind is_equiv's timer (which the test above times): a factorial past 100!, an
-    exponent past 300, a base past 10^6 raised past 20, an exponent that is a tower of one past 300; each at its
-    boundary, where the value is still built."""
+    exponent past 300, a base past 10^6 raised past 20, an exponent that is a tower of one past 300, nesting past
+    40 levels, an answer past 400 characters; each at its boundary, where the value is still built."""
     import sympy
     assert to_sympy("100!") == sympy.factorial(100) and to_sympy("101!") is None
     assert to_sympy("2^{300}") == 2 ** 300 and to_sympy("2^{301}") is None
     assert to_sympy("1000000^{21}") == 10 ** 126 and to_sympy("1000001^{20}") == 1000001 ** 20
     assert to_sympy("1000001^{21}") is None
     assert to_sympy("x^{y^{300}}") is not None and to_sympy("x^{y^{301}}") is None
+    assert to_sympy("(" * 39 + "1" + ")" * 39) == 1 and to_sympy("(" * 40 + "1" + ")" * 40) is None
+    assert to_sympy("+".join(["1"] * 200)) == 200 and to_sympy("+".join(["1"] * 201)) is None  # 399, 401 chars
+
+
+@pytest.mark.parametrize("name,value", [
+    ("sin", math.sin), ("cos", math.cos), ("tan", math.tan), ("sec", lambda x: 1 / math.cos(x)),
+    ("csc", lambda x: 1 / math.sin(x)), ("cot", lambda x: 1 / math.tan(x)), ("arcsin", math.asin),
+    ("arccos", math.acos), ("arctan", math.atan), ("ln", math.log), ("log", math.log), ("exp", math.exp),
+    ("sinh", math.sinh), ("cosh", math.cosh), ("tanh", math.tanh),
+])
+def test_each_function_name_means_its_function(name, value):
+    """Each LaTeX function against Python's math at 0.7 (\\log is the natural log, as in sympy)."""
+    assert float(to_sympy(f"\\{name}{{0.7}}")) == pytest.approx(value(0.7), rel=1e-12)
 
 
 def test_parser_builds_sympy_without_eval(tmp_path):
