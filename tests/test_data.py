@@ -135,6 +135,14 @@ def test_minhash_dedup_drops_near_copies_and_keeps_merely_similar_pages():
     assert sum(not k for k in keep[70:]) <= len(truly_dup) + 1
 
 
+def test_pages_shorter_than_a_shingle_are_one_shingle_of_their_words():
+    """Under 5 words a page is one shingle of all its words in order: the same words again are a duplicate (case
+    and punctuation aside), other words or another order are not; a page of exactly 5 words is one shingle too."""
+    texts = ["the cat sat", "a dog ran", "The cat sat!", "the cat", "cat the sat", "one two three four five",
+             "one two three four five"]
+    assert minhash_dedup(texts, threshold=0.8) == [True, True, False, True, True, True, False]
+
+
 def test_a_near_copy_is_dropped_when_it_also_meets_a_page_it_is_not_a_copy_of():
     """Per triple: a page D, a page P that shares ~0.66 of D's shingles (kept: below 0.8), then Q, D with one word
     changed. Q meets both in the LSH bands (at J = 0.6 a band collides with probability 0.87, by (1 - (1 - J^5)^25)),
