@@ -38,6 +38,11 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user
                  "'\\n\\n' }}{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token }}"
                  "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
 
+# A special-token string inside a chat message while its template renders (Tokenizer.chat): the token's id between
+# two private-use characters, which no tokenizer's specials or templates contain.
+STAND_IN = "\U000F0000{}\U000F0001"
+STAND_IN_RX = regex.compile("\U000F0000([0-9]+)\U000F0001")
+
 
 def _bytes_to_unicode():
     """GPT-2's reversible map from bytes to printable characters, which tokenizer.json uses to spell tokens:
@@ -161,7 +166,9 @@ class Tokenizer:
         self.stop_ids = (self.eos_id,) if self.eos_id is not None else ()
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
         self.chat_template = None  # tokenizer_config.json's, which use_chat_template makes chat() render
-        self.system = self._special_rx = None
+        self.system = None
+        longest_first = sorted(specials, key=len, reverse=True)
+        self._special_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if specials else None
         self.templated = False
         if not all(bytes([b]) in ranks for b in range(256)):
             raise ValueError("a byte-level BPE vocabulary must contain all 256 single bytes")
@@ -235,13 +242,29 @@ class Tokenizer:
     def chat(self, question):
         """The prompt of a question: the paper's, `User: {question}\\n\\nAssistant:` with BOS first (if the
         tokenizer has one), or after use_chat_template the tokenizer's own template with the question as the
-        user's message. The answer that follows is `encode(answer_prefix + answer, eos=True)`."""
+        user's message. The answer that follows is `encode(answer_prefix + answer, eos=True)`.
+
+        A special-token string inside the question or the system message stays text, as in encode(): it renders
+        as a private-use stand-in and is put back in the text between the template's own specials (transformers'
+        apply_chat_template would read it as the special token)."""
         if not self.templated:
             return self.encode(CHAT_FORMAT.format(question=question), bos=True)
-        messages = ([dict(role="system", content=self.system)] if self.system else []) + \
-            [dict(role="user", content=question)]
-        return self._encode_specials(render_chat(self.chat_template, messages, bos_token=self.bos_token or "",
-                                                 eos_token=self.eos_token or "", pad_token=self.pad_token or ""))
+        messages = ([dict(role="system", content=self._hidden(self.system))] if self.system else []) + \
+            [dict(role="user", content=self._hidden(question))]
+        text = render_chat(self.chat_template, messages, bos_token=self.bos_token or "",
+                           eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+        if not self.specials:
+            return self.encode(text)
+        names = {i: s for s, i in self.specials.items()}
+        show = lambda t: STAND_IN_RX.sub(lambda m: names.get(int(m.group(1)), m.group()), t)  # noqa: E731
+        parts = self._special_rx.split(text)  # text, special, text, ..., text
+        return [i for k, p in enumerate(parts) for i in (self.encode(show(p)) if k % 2 == 0 else [self.specials[p]])]
+
+    def _hidden(self, text):
+        """`text` with each special-token string in it replaced by its stand-in (chat)."""
+        if not self.specials:
+            return text
+        return self._special_rx.sub(lambda m: STAND_IN.format(self.specials[m.group()]), text)
 
     def use_chat_template(self, system=None):
         """Make chat() render the tokenizer's chat template (an instruct model's own format), with a system
@@ -256,17 +279,6 @@ class Tokenizer:
         """What goes between a prompt and its answer: a space after the paper's `Assistant:`, nothing after a
         template's generation prompt (which ends its own line)."""
         return "" if self.templated else " "
-
-    def _encode_specials(self, text):
-        """Token ids of a rendered template: its special-token strings are those tokens (the template writes
-        them), the text between them is encoded as encode() does."""
-        if not self.specials:
-            return self.encode(text)
-        if self._special_rx is None:
-            longest_first = sorted(self.specials, key=len, reverse=True)
-            self._special_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")")
-        parts = self._special_rx.split(text)  # text, special, text, ..., text
-        return [i for k, p in enumerate(parts) for i in (self.encode(p) if k % 2 == 0 else [self.specials[p]])]
 
     # ---- training, saving, loading
 

@@ -69,7 +69,7 @@ def test_a_tokenizer_without_bos_prompts_from_the_first_text_token(qwen25):
 
 LLAMA3 = ("{{- bos_token }}\n{% for m in messages %}\n"  # laid out as real ones are: lines, indents
           "    {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
-          "+ m['content'] | trim + '<|eot_id|>' }}\n{% endfor %}\n{% if add_generation_prompt %}\n"
+          "+ m['content'] | trim + '<|eot_id|>' }}\n{% endfor %}\n  {% if add_generation_prompt %}\n"
           "    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\n{% endif %}\n")
 
 
@@ -77,7 +77,7 @@ LLAMA3 = ("{{- bos_token }}\n{% for m in messages %}\n"  # laid out as real ones
 def test_chat_templates_render_as_transformers_does(qwen25, tmp_path, style):
     """--chat-template: the prompt's ids equal transformers' apply_chat_template(add_generation_prompt=True) for
     Qwen's ChatML and a Llama 3 style template (a BOS, header markers, a trim filter), with and without a system
-    message; special-token strings in the question stay text."""
+    message (one of its block tags indented: lstrip_blocks); special-token strings in the question stay text."""
     from tokenizer import Tokenizer
     d, _, _ = qwen25
     if style == "llama3":  # the same vocabulary, with Llama 3's specials and a BOS
@@ -99,6 +99,24 @@ def test_chat_templates_render_as_transformers_does(qwen25, tmp_path, style):
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a BatchEncoding
         assert tok.chat(question) == list(expected)
     assert tok.answer_prefix == ""
+    # the EOS string in a question stays text (apply_chat_template would make it the token)
+    plain, smuggled = tok.chat("Is it a word?"), tok.chat(f"Is {tok.eos_token} a word?")
+    assert smuggled.count(tok.eos_id) == plain.count(tok.eos_id) and f"Is {tok.eos_token} a" in tok.decode(smuggled)
+
+
+def test_stop_ids_and_a_named_template_from_the_config_files(qwen25, tmp_path):
+    """generation_config.json's eos_token_id as one int joins the tokenizer's EOS (it does not replace it); a
+    chat_template given as a list of named templates is the one named "default"."""
+    import shutil
+
+    from tokenizer import Tokenizer
+    d, ids, _ = qwen25
+    shutil.copy(d / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|im_end|>", chat_template=[
+        dict(name="tool_use", template="{{ 'tools' }}"), dict(name="default", template=CHATML)])))
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(eos_token_id=ids["<|endoftext|>"])))
+    tok = Tokenizer.from_hf(tmp_path)
+    assert tok.stop_ids == (ids["<|im_end|>"], ids["<|endoftext|>"]) and tok.chat_template == CHATML
 
 
 def test_our_own_tokenizers_template_is_the_papers_format(data_dir):
