@@ -1,11 +1,13 @@
 """tokenizer.py: our BPE vs the `tokenizers` library, both directions, on text that breaks tokenizers."""
 import inspect
+import itertools
 import json
 import random
+from collections import Counter
 
 import pytest
 
-from tokenizer import BOS, EOS, Tokenizer, TokenizerError, train_bpe
+from tokenizer import BOS, BYTE_TO_CHAR, EOS, SPLIT_PATTERN, Tokenizer, TokenizerError, train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -67,6 +69,7 @@ def test_trained_tokenizer_matches_tokenizers_on_varied_text(ours):
     for text in varied_samples():
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
         assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([0xC3]) == ref.decode([0xC3]) == "\ufffd"  # the first byte of "é" alone
 
 
 def test_trained_tokenizer_splits_digits_and_learns_merges(ours):
@@ -136,10 +139,14 @@ LLAMA3_STYLE = pre_tokenizers.Sequence([
 ])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-prefix-space", "deepseek", "llama3", "qwen2-nfc", "shuffled-ids"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-prefix-space", "deepseek", "llama3", "qwen2-nfc", "shuffled-ids",
+                                  "digit-runs", "use-regex-unsaid"])
 def test_reads_tokenizers_files_and_encodes_identically(kind, tmp_path):
     pre, norm = {
         "gpt2": (pre_tokenizers.ByteLevel(add_prefix_space=False), None),
+        "digit-runs": (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
+        "use-regex-unsaid": (pre_tokenizers.ByteLevel(add_prefix_space=False), None),
         "gpt2-prefix-space": (pre_tokenizers.ByteLevel(add_prefix_space=True), None),
         "deepseek": (DEEPSEEK_STYLE, None),
         "llama3": (LLAMA3_STYLE, None),
@@ -147,8 +154,15 @@ def test_reads_tokenizers_files_and_encodes_identically(kind, tmp_path):
         "shuffled-ids": (pre_tokenizers.ByteLevel(add_prefix_space=False), None),
     }[kind]
     ref = hf_trained(tmp_path, pre, norm, shuffle_ids=kind == "shuffled-ids")
+    if kind == "use-regex-unsaid":  # older files leave out ByteLevel's use_regex, which then defaults to true
+        data = json.loads((tmp_path / "tokenizer.json").read_text())
+        del data["pre_tokenizer"]["use_regex"]
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+        ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        ref.encode_special_tokens = True
     tok = Tokenizer.from_hf(tmp_path)
-    assert (tok.bos_id, tok.eos_id) == (ref.token_to_id("<s>"), ref.token_to_id("</s>"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.token_to_id("<s>"), ref.token_to_id("</s>"),
+                                                    ref.token_to_id("</s>"))  # no pad_token: EOS pads
     for text in varied_samples() + ["Cafe\u0301 vs Café"]:
         expected = ref.encode(text, add_special_tokens=False)
         assert tok.encode(text) == expected.ids, text
@@ -228,3 +242,77 @@ def test_bpe_training_is_deterministic_and_counts_merges():
     assert b" the" in v1 and b"low" in v1
     # the first merge is the most frequent pair
     assert (v1[m1[0][0]] + v1[m1[0][1]]) in (b"th", b" t", b"he", b"lo", b"ow", b"er")
+
+
+def naive_bpe(texts, n_merges):
+    """Byte-pair merges the slow way, as a second implementation: every pair recounted before each merge, the
+    most frequent taken (ties: the smallest pair of ids), none once the best occurs once; two pairs that spell
+    the same bytes share one id."""
+    import regex
+    counts = Counter(w for t in texts for w in regex.findall(SPLIT_PATTERN, t))
+    words = [(list(w.encode()), f) for w, f in counts.items()]
+    vocab, merges = [bytes([b]) for b in range(256)], []
+    while len(vocab) < 256 + n_merges:
+        pairs = Counter()
+        for w, f in words:
+            for p in zip(w, w[1:]):
+                pairs[p] += f
+        best = min(pairs, key=lambda p: (-pairs[p], p), default=None)
+        if best is None or pairs[best] < 2:
+            break
+        merged = vocab[best[0]] + vocab[best[1]]
+        if merged not in vocab:
+            vocab.append(merged)
+        merges.append((*best, vocab.index(merged)))
+        for w, _ in words:
+            j = 0
+            while j < len(w) - 1:
+                if (w[j], w[j + 1]) == best:
+                    w[j:j + 2] = [merges[-1][2]]
+                j += 1
+    return merges, vocab
+
+
+def test_bpe_training_equals_a_naive_recount_and_stops_at_pairs_seen_once():
+    assert train_bpe(corpus(), 300) == naive_bpe(corpus(), 300)
+    # by hand: "aaa" x1, " aaa" x1, " ab" x3, "ab", " bb", " cd". " a", "aa" and "ab" occur 4 times (" a" is the
+    # smallest pair); then "aa" and " a"+"b" 3 times ("aa" smaller); then " a"+"b"; every pair left occurs once
+    merges, vocab = train_bpe(["aaa bb aaa", "ab ab ab ab cd"], 50)
+    assert merges == [(32, 97, 256), (97, 97, 257), (256, 98, 258)] and vocab[256:] == [b" a", b"aa", b" ab"]
+
+
+def test_merges_that_spell_one_token_two_ways(tmp_path):
+    """A tokenizer.json whose merges make "abc" from b+c then a+bc, and again from a+b then ab+c: the token keeps
+    the priority of its first merge, and every string over a, b, c and space up to 6 long encodes as `tokenizers`
+    encodes it."""
+    data = json.loads(tokenizers.Tokenizer(models.BPE()).to_str())
+    data["pre_tokenizer"] = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True)
+    data["model"]["vocab"] = {**{BYTE_TO_CHAR[b]: b for b in range(256)}, "bc": 256, "abc": 257, "ab": 258}
+    data["model"]["merges"] = [["b", "c"], ["a", "bc"], ["a", "b"], ["ab", "c"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    ref, tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.from_hf(tmp_path)
+    for n in range(1, 7):
+        for text in map("".join, itertools.product("abc ", repeat=n)):
+            assert tok.encode(text) == ref.encode(text).ids, text
+
+
+def test_added_and_special_tokens_are_matched_longest_first(tmp_path):
+    """Added tokens listed shorter first ("<x>" then "<x>y", "<|s|>" then "<|s|>t"): in text, the non-special ones
+    match as `tokenizers` matches them, the longest at each place; in a chat template the template's specials do,
+    while the same strings inside the question stay text, as encode() keeps them."""
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.train_from_iterator(["a b"], trainers.BpeTrainer(show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.add_tokens(["<x>", "<x>y"])
+    t.add_special_tokens(["<|s|>", "<|s|>t"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_hf(tmp_path)
+    text = "a<x>yb<x>c <|s|>t <|s|>"
+    t.encode_special_tokens = True  # special-token strings in text are text, as in ours
+    assert tok.encode(text) == t.encode(text).ids and t.token_to_id("<x>y") in tok.encode(text)
+    tok.chat_template = "<|s|>t{{ messages[0]['content'] }}<|s|>"
+    tok.use_chat_template()
+    t.encode_special_tokens = False
+    assert tok.chat("q<x>y") == t.encode("<|s|>tq<x>y<|s|>").ids
+    assert tok.chat(text) == [t.token_to_id("<|s|>t"), *tok.encode(text), t.token_to_id("<|s|>")]
