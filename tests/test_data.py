@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import toyworld
-from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, decontaminate, drop_test_questions,
-                  TokenSource, load_problems, math_paths, minhash_dedup, normalize_url, parse_args, quality_issue,
-                  read_jsonl, url_dedup, write_shards)
+from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, classify_with_expansion, decontaminate,
+                  drop_test_questions, TokenSource, load_problems, math_paths, minhash_dedup, normalize_url, parse_args,
+                  quality_issue, read_jsonl, run_stage, url_dedup, write_shards)
 from dedup import lsh_params, minhash_signatures
 from tokenizer import Tokenizer
 
@@ -44,6 +44,9 @@ def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path):
     gen.write_text(json.dumps({"q": "2+2?", "a": 4}) + "\n")
     assert load_problems(str(gen), question_field="q", answer_field="a") == [{"question": "2+2?", "answer": "4"}]
     with pytest.raises(DataError, match="unrecognised fields"):
+        load_problems(str(gen))
+    gen.write_text(json.dumps({"question": "Is it?", "answer": True}) + "\n")  # JSON's true is not the answer "True"
+    with pytest.raises(DataError, match="problem 1: the answer is True: expected text or a number"):
         load_problems(str(gen))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -90,6 +93,7 @@ def test_url_normalisation_merges_spellings_of_one_page():
     assert len({normalize_url(u) for u in same}) == 1
     assert normalize_url("https://example.com/a?y=2&x=1") == normalize_url("https://example.com/a?x=1&y=2")
     assert normalize_url("https://example.com/a?page=2") != normalize_url("https://example.com/a?page=3")
+    assert normalize_url("https://example.com/a?ref=feed&fbclid=1&gclid=2") == normalize_url("https://example.com/a")
     assert url_dedup(same + ["https://example.com/c"]) == [True, False, False, False, True]
 
 
@@ -250,6 +254,19 @@ def test_quality_filters(text, why):
     assert quality_issue(text) == why
 
 
+def test_quality_filters_at_their_thresholds():
+    """20 words is enough, 19 is a stub; 30 of 100 non-space characters odd is not yet junk, 31 of 101 is; 30 of 100
+    characters in repeated lines is not yet boilerplate, 31 of 100 is."""
+    assert quality_issue(" ".join(["word"] * 19)) == "too_short" and quality_issue(" ".join(["word"] * 20)) is None
+    symbols = " ".join(["abcde"] * 14 + ["#" * 5] * 6)  # 70 letters, 30 odd
+    assert quality_issue(symbols) is None and quality_issue(symbols + "#") == "symbols"
+
+    def repeated(r):  # a 40 - 2r character line, then one of 30 + r twice: 30 + r of 100 characters repeat
+        line = " ".join(["rr"] * 10) + "r" * (1 + r)
+        return "\n".join([" ".join(["uu"] * 13) + "u" * (2 - 2 * r), line, line])
+    assert quality_issue(repeated(0)) is None and quality_issue(repeated(1)) == "repetition"
+
+
 # -----------------------------------------------------------------------------
 # classifier and domain expansion
 
@@ -328,6 +345,31 @@ def test_math_paths_finds_the_math_section_of_a_general_domain():
     assert math_paths(urls[:10], urls) == set()  # exactly 10% is not "more than 10%" (paper)
 
 
+def test_expansion_collects_within_the_budget_and_adds_the_rest_of_a_math_path():
+    """80 pages on m.com (40 math under /math, 40 not), 120 others elsewhere, 10 words each; a budget of 100
+    words collects the 10 best, all math: m.com then has 10 of 80 pages collected (> 10%) and /math 10 of 40, so the
+    30 math pages not collected join the positives for the next round."""
+    rng = random.Random(0)
+    math_words = "equation integral derivative sum prime divisor polynomial root matrix vector".split()
+    other_words = "football recipe garden travel movie weather music holiday shopping car".split()
+    page = lambda words: " ".join(rng.choice(words) for _ in range(10))  # noqa: E731
+    pages = [dict(url=f"https://m.com/math/{i}", text=page(math_words)) for i in range(40)]
+    pages += [dict(url=f"https://m.com/news/{i}", text=page(other_words)) for i in range(40)]
+    pages += [dict(url=f"https://o.com/x/{i}", text=page(other_words)) for i in range(120)]
+    keep, report, _ = classify_with_expansion(lambda: iter(pages), [page(math_words) for _ in range(30)],
+                                              iterations=1, budget_tokens=100, epochs=20, log=lambda row: None)
+    assert sum(keep) == 10 and all(keep[i] <= (i < 40) for i in range(len(pages)))
+    assert report == [dict(iteration=1, collected=10, already_collected=0, math_domains=1, new_positives=30)]
+
+
+def test_a_stage_runs_again_unless_all_its_outputs_exist(tmp_path):
+    (tmp_path / "a").write_text("")
+    report, ran = [], []
+    run_stage(report, "two", [str(tmp_path / "a"), str(tmp_path / "b")], lambda: ran.append(1))
+    run_stage(report, "one", [str(tmp_path / "a")], lambda: ran.append(1))
+    assert ran == [1] and "skipped" not in report[0] and report[1] == dict(stage="one", skipped=True)
+
+
 # -----------------------------------------------------------------------------
 # shards and the mixture
 
@@ -348,6 +390,22 @@ def test_shards_pack_documents_between_bos_and_eos(tmp_path, tok_dir):
     assert len(ids) == idx["tokens"]
     expected = [i for t in texts for i in [tok.bos_id, *tok.encode(t), tok.eos_id]]
     assert ids == expected  # in order, nothing lost across worker processes and shard boundaries
+
+
+def test_shards_of_a_vocabulary_past_65536_ids_are_uint32(tmp_path):
+    """A tokenizer with ids past 65,535 (Qwen's 151,936): shards of uint32, so BOS at 70,000 is stored as itself
+    (as uint16 it would wrap to 4,464). The tokenizer.json is written by hand: 256 bytes, BOS and EOS far above."""
+    from tokenizer import BYTE_TO_CHAR
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text(json.dumps(dict(
+        added_tokens=[dict(id=70_000 + k, content=c, special=True) for k, c in enumerate(("<s>", "</s>"))],
+        pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False),
+        model=dict(type="BPE", vocab={BYTE_TO_CHAR[b]: b for b in range(256)}, merges=[]))))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(dict(bos_token="<s>", eos_token="</s>")))
+    idx = write_shards(["ab", "c"], str(tok_dir), str(tmp_path / "shards"), "math", workers=1)
+    ids = np.fromfile(tmp_path / "shards" / idx["shards"][0]["file"], dtype=np.uint32).tolist()
+    assert idx["dtype"] == "uint32" and ids == [70_000, 97, 98, 70_001, 70_000, 99, 70_001]
 
 
 def test_training_windows_never_read_the_held_out_tail(tmp_path):
