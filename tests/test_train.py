@@ -38,6 +38,7 @@ def test_lr_schedules():
     assert [common.lr_factor(s, a) for s in (79, 80, 89, 90, 99)] == [1.0, 0.316, 0.316, 0.1, 0.1]  # paper §2.3
     a.schedule = "cosine"
     assert common.lr_factor(10, a) == pytest.approx(1.0) and common.lr_factor(100, a) == pytest.approx(0.1)
+    assert common.lr_factor(55, a) == pytest.approx(0.55) and common.lr_factor(150, a) == pytest.approx(0.1)
     a.schedule = "constant"
     assert common.lr_factor(50, a) == 1.0
 
@@ -209,6 +210,69 @@ def test_nan_loss_stops_before_the_optimizer_step():
     with pytest.raises(FloatingPointError, match="step 7: loss is nan"):
         common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, optim, 7)
     assert torch.equal(model.embed_tokens.weight, before)
+
+
+def test_an_infinite_loss_stops_too_and_gradients_are_clipped_before_the_step():
+    """An infinite loss stops like a NaN. With plain SGD at lr 1 the update is the gradient itself, so a step whose
+    gradient norm is past --grad-clip moves the weights by exactly grad_clip (AdamW would hide the clip: it is
+    invariant to the gradient's scale); AdamW's betas are the paper's (0.9, 0.95)."""
+    d = common.Dist(0, 1, torch.device("cpu"))
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16))
+    model.init_weights()
+    x, optim = torch.randint(0, 50, (2, 8)), common.Optim(lr=1.0, max_steps=10, warmup=0, grad_clip=0.01)
+    batch = [(x, x, torch.ones_like(x, dtype=torch.bool))]
+    infinite = lambda m, x, y: m(x)[..., 0] * 0 + float("inf")  # noqa: E731
+    with pytest.raises(FloatingPointError, match="step 3: loss is inf"):
+        common.train_step(model, torch.optim.SGD(model.parameters()), batch, d, optim, 3, loss_of=infinite)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    _, norm, _ = common.train_step(model, torch.optim.SGD(model.parameters()), batch, d, optim, 0)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert norm > 10 * optim.grad_clip and moved.norm().item() == pytest.approx(optim.grad_clip, rel=1e-4)
+    assert {g["betas"] for g in common.make_optimizer(model, optim).param_groups} == {(0.9, 0.95)}
+
+
+def test_checkpoints_keep_the_last_two_skip_a_partial_one_and_restore_the_rng(tmp_path):
+    """Three saves leave steps 2 and 3; a step 9 cut short while saving (its .tmp directory) is not resumed from;
+    loading step 3 restores the weights, the optimizer's moments and the RNG as they were saved."""
+    d = common.Dist(0, 1, torch.device("cpu"))
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16))
+    model.init_weights()
+    optim = common.Optim(lr=1e-2, max_steps=10, warmup=1)
+    opt = common.make_optimizer(model, optim)
+    x = torch.randint(0, 50, (2, 8))
+    for step in (1, 2, 3):
+        common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, optim, step)
+        common.save_checkpoint(str(tmp_path), model, opt, step, d)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000002", "step_000003"]
+    (tmp_path / "checkpoints" / "step_000009.tmp").mkdir()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state[model.lm_head.weight]["exp_avg_sq"].clone()
+    drawn = torch.rand(4)  # what the run would have drawn next
+    common.train_step(model, opt, [(x, x, torch.ones_like(x, dtype=torch.bool))], d, optim, 4)
+    torch.rand(10)
+    ckpt = common.latest_checkpoint(str(tmp_path))
+    assert ckpt.endswith("step_000003") and common.load_checkpoint(ckpt, model, opt) == 3
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert torch.equal(opt.state[model.lm_head.weight]["exp_avg_sq"], moments) and torch.equal(torch.rand(4), drawn)
+
+
+def test_a_run_claims_its_directory(tmp_path):
+    """A live process's pid in out/RUNNING refuses a second run; a dead one's does not. A fresh run clears the
+    old run's checkpoints and metrics (so --resume cannot pick up a stale step); a resumed one keeps them."""
+    d = common.Dist(0, 1, torch.device("cpu"))
+    (tmp_path / "checkpoints" / "step_000005").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
+    (tmp_path / "RUNNING").write_text(str(os.getppid()))  # pytest's parent: alive
+    with pytest.raises(SystemExit, match=f"another run \\(pid {os.getppid()}\\) is writing here"):
+        common.claim(str(tmp_path), d, resume=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "RUNNING").write_text(str(dead.pid))
+    common.claim(str(tmp_path), d, resume=True)
+    assert (tmp_path / "RUNNING").read_text() == str(os.getpid()) and (tmp_path / "checkpoints").is_dir()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 5}\n'
+    common.claim(str(tmp_path), d, resume=False)  # our own pid: no refusal
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
