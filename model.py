@@ -101,7 +101,7 @@ def rope_frequencies(cfg: ModelConfig):
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        smooth = (old / wavelen - lo) / (hi - lo)  # used only between the two cut-offs: in [0, 1]
         inv_freq = torch.where(wavelen > old / lo, inv_freq / factor,
                                torch.where(wavelen < old / hi, inv_freq,
                                            (1 - smooth) * inv_freq / factor + smooth * inv_freq))

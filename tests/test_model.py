@@ -34,6 +34,7 @@ HF_CONFIGS = {
                           original_max_position_embeddings=16))),
     "qwen2-bias-tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
                                                        rope_theta=1000000.0)),
+    "llama-linear-rope": (transformers.LlamaConfig, dict(rope_scaling=dict(rope_type="linear", factor=4.0))),
     "mistral": (transformers.MistralConfig, dict(num_key_value_heads=1, sliding_window=None)),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
                                                      rope_theta=1000000.0)),
@@ -88,7 +89,8 @@ def test_loads_sharded_checkpoints(tmp_path):
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), dict(qk_norm=True, head_dim=8)])
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True), dict(qk_norm=True, head_dim=8),
+                                dict(rope_scaling=dict(rope_type="linear", factor=4.0))])
 def test_saved_checkpoints_load_in_transformers(kw, tmp_path):
     ours = tiny(**kw)
     with torch.no_grad():
@@ -122,6 +124,19 @@ def test_export_in_bf16_with_the_tokenizers_stop_ids_and_readable_files(tmp_path
     again = Transformer.from_pretrained(tmp_path, dtype=torch.float32)  # loading casts to the compute dtype
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, msg=k)
+    assert {p.dtype for p in Transformer.from_pretrained(tmp_path).parameters()} == {torch.bfloat16}  # as saved
+
+
+def test_shards_split_between_tensors_never_empty(tmp_path):
+    """A shard limit below every tensor's size: one tensor per file, none empty, each named in the index."""
+    model = tiny()
+    model.save_pretrained(tmp_path, max_shard_bytes=1)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(files) == len(index) and sorted(index.values()) == files
+    with torch.no_grad():
+        tokens = torch.randint(0, 97, (2, 9))
+        assert torch.equal(Transformer.from_pretrained(tmp_path)(tokens), model(tokens))
 
 
 def _umask():
@@ -146,6 +161,15 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing tensors.*layers.2"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))  # Llama's: o_proj's too
+    with pytest.raises(CheckpointError, match="attention_bias/mlp_bias are not supported"):
+        Transformer.from_pretrained(tmp_path)
+
+    reward = {**cfg, "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "bad", "1": "good"}}
+    (tmp_path / "config.json").write_text(json.dumps(reward))
+    with pytest.raises(CheckpointError, match="a sequence classifier with 2 labels; a reward model has one"):
         Transformer.from_pretrained(tmp_path)
 
     with pytest.raises(CheckpointError, match="config.json not found"):
