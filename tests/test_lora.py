@@ -48,6 +48,25 @@ def test_an_adapter_is_w_plus_scaled_ba_per_part_in_float64():
     torch.testing.assert_close(m(h), h @ (m.weight + by_hand).T + (m.bias if m.bias is not None else 0))
     with lora.disabled(model):
         torch.testing.assert_close(m(h), h @ m.weight.T)
+    torch.testing.assert_close(m(h), h @ (m.weight + by_hand).T)  # on again after the reference's turn
+
+
+def test_adapters_start_as_peft_draws_them_seeded_with_alpha_2r_by_default():
+    """A is uniform on ±1/√in (kaiming_uniform_ with a = √5, as PEFT), a function of the seed; α defaults to 2R;
+    --export-adapter asks for --lora-rank."""
+    import argparse
+    import math
+    _, model = lora_model(random_b=False)
+    a, b = lora.initial_adapters(model, 0), lora.initial_adapters(model, 1)
+    A = a["layers.0.mlp.gate_up_proj.lora_A"]  # (2 parts x 4, 32)
+    assert 0.9 / math.sqrt(32) < A.abs().max() <= 1 / math.sqrt(32)
+    assert all(torch.equal(v, lora.initial_adapters(model, 0)[k]) for k, v in a.items())
+    assert not torch.equal(A, b["layers.0.mlp.gate_up_proj.lora_A"])
+    ap = argparse.ArgumentParser()
+    lora.add_args(ap)
+    assert lora.of(ap.parse_args(["--lora-rank", "8"])) == (8, 16.0) and lora.of(ap.parse_args([])) is None
+    with pytest.raises(SystemExit, match="--export-adapter writes LoRA adapters: add --lora-rank R"):
+        lora.of(ap.parse_args(["--export-adapter"]))
 
 
 def test_a_lora_step_trains_only_the_adapters():
