@@ -34,7 +34,7 @@ def test_pass_at_k_is_the_unbiased_estimate():
 def test_majority_vote_groups_equal_answers_and_skips_missing_ones():
     assert evaluate.majority_correct(["41", "42", "42", None, None, None], [False, True, True, False, False, False])
     assert not evaluate.majority_correct(["41", "42"], [False, True])  # a tie goes to the answer seen first
-    assert evaluate.majority_correct(["$42$", "41", "42"], [True, False, True])  # normalised before voting
+    assert evaluate.majority_correct(["41", "$42$", "42"], [False, True, True])  # normalised before voting
     assert not evaluate.majority_correct([None, None], [False, False])
     records = [dict(correct=[True, False, False, False], answers=["1", "2", "2", "3"])]
     m = evaluate.summarize(records, [1, 2, 4])
@@ -45,13 +45,14 @@ def test_majority_vote_groups_equal_answers_and_skips_missing_ones():
 def test_arithmetic_report_counts_lines_and_how_often_each_fact_is_right():
     right, wrong = "12 + 5 = 17\n17 * 2 = 34", "12 + 5 = 18\n18 / 3 = 6"
     records = [dict(completions=[right] * 3 + [wrong], correct=[True] * 3 + [False]),
-               dict(completions=["9 - 9 = 1"] * 4 + ["no steps"], correct=[False] * 5)]
+               dict(completions=["9 - 9 = 1"] * 4 + ["no steps"], correct=[False] * 5),
+               dict(completions=["2 + 2 = 4", "2 + 2 = 5"] * 2, correct=[True, True, False, False])]
     r = evaluate.arithmetic_report(records)
-    assert r["lines"] == 12 and r["lines_right"] == pytest.approx(7 / 12)
-    assert r["wrong_answers"] == 6 and r["wrong_with_bad_line"] == 5
-    # 12 + 5: right 3 of 4; 9 - 9: never; 17 * 2 and 18 / 3 were met fewer than 4 times
+    assert r["lines"] == 16 and r["lines_right"] == pytest.approx(9 / 16)
+    assert r["wrong_answers"] == 8 and r["wrong_with_bad_line"] == 6  # a right answer's bad line is not counted
+    # 12 + 5: right 3 of 4; 9 - 9: never; 2 + 2: exactly half; 17 * 2 and 18 / 3 were met fewer than 4 times
     assert (r["facts"], r["facts_never"], r["facts_below_half"], r["facts_half_or_more"], r["facts_always"]) == \
-        (2, 1, 0, 1, 0)
+        (3, 1, 0, 2, 0)
     assert evaluate.arithmetic_report([dict(completions=["The answer is 4."], correct=[False])]) is None
 
 
@@ -69,9 +70,10 @@ class Scripted:
         self.config = ModelConfig(max_seq_len=4096)
 
     def eval(self):
-        return self
+        return self.train(False)
 
     def train(self, mode=True):
+        self.training = mode
         return self
 
     def generate(self, prompts, budgets, stop=(), eos_ids=(), **kw):
@@ -99,6 +101,7 @@ class Oracle(Scripted):
         self.asked = {}
 
     def generate(self, prompts, budgets, stop=(), eos_ids=(), **kw):
+        assert not self.training, "evaluate generates in eval mode"
         out = []
         for p in prompts:
             i = int(re.search(r"What is (\d+)", self.tok.decode(p))[1])
@@ -116,8 +119,9 @@ def test_scores_of_a_model_whose_accuracy_is_known(tok):
     assert m["pass@1"] == pytest.approx(20 / 32) and m["pass@4"] == 1.0
     assert m["maj@1"] == 1.0 and m["maj@4"] == 0.5  # odd questions: 3 wrong votes beat 1 right one
     assert [r["correct"] for r in records][1] == [True, False, False, False]
-    m, _ = evaluate.evaluate(Oracle(tok), tok, problems)  # greedy: one sample each, the first: all right
-    assert m["accuracy"] == 1.0
+    oracle = Oracle(tok).train()
+    m, _ = evaluate.evaluate(oracle, tok, problems)  # greedy: one sample each, the first: all right
+    assert m["accuracy"] == 1.0 and oracle.training  # evaluated in eval mode, handed back in training mode
     d = common.Dist(0, 1, torch.device("cpu"))
     assert evaluate.held_out_metrics(Oracle(tok), tok, problems, d, samples=4, temperature=1.0)["accuracy"] == 20 / 32
 
