@@ -9,7 +9,7 @@ import torch
 import common
 from engine import Completion
 from grpo import micro_batches, pack_rows
-from ppo import advantages, gae, outcome_at_end, value_loss_sum
+from ppo import advantages, gae, outcome_at_end, update_value, value_loss_sum
 from test_grpo import grpo_args, run
 from test_scripted_grpo import problems, scripted_args  # noqa: F401 (problems: a fixture)
 
@@ -62,6 +62,38 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
     whitened = (flat - flat.mean()) / (flat.var(unbiased=False).sqrt() + 1e-8)
     assert b.advantages[b.mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
     assert not b.advantages[~b.mask].any()  # nothing on the prompt
+
+
+def test_the_outcome_is_on_the_last_token_the_model_wrote():
+    """A tool round's output ends the completion: r_φ goes on the model's last token before it, not on the
+    sandbox's."""
+    c = Completion([1], [5, 6, 7, 8], [True, True, False, False], True, "", [-0.1, -0.2, 0.0, 0.0])
+    assert outcome_at_end([c], torch.tensor([2.0]))[0].tolist() == [0.0, 2.0, 0.0, 0.0]
+
+
+def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
+    """With SGD at lr 1 the update is the gradient itself, so targets far from the values move the value model by
+    exactly --grad-clip (AdamW would hide the clip); infinite targets stop before the optimizer step."""
+    from types import SimpleNamespace
+
+    from model import ModelConfig, Transformer
+    comps = [Completion([1, 2], [5, 6, 7], [True] * 3, True, "", [-0.5, -1.0, -0.2])]
+    [b] = micro_batches(pack_rows(comps, outcome_at_end(comps, torch.tensor([1.0])), 1, 1, False, "sequence"),
+                        4, 0, "cpu")
+    value = Transformer(ModelConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=8,
+                                    head="score"))
+    value.init_weights()
+    d, args = common.Dist(0, 1, torch.device("cpu")), SimpleNamespace(value_clip=0.2, grad_clip=1e-3, out="out")
+    with torch.no_grad():
+        old = b.values(value)
+    b.returns = old + 100.0
+    before = torch.cat([p.detach().flatten().clone() for p in value.parameters()])
+    update_value(value, torch.optim.SGD(value.parameters(), lr=1.0), [b], [old], int(b.mask.sum()), d, args)
+    moved = torch.cat([p.detach().flatten() for p in value.parameters()]) - before
+    assert moved.norm().item() == pytest.approx(args.grad_clip, rel=1e-4)
+    b.returns = old + float("inf")
+    with pytest.raises(FloatingPointError, match="value model: gradient norm nan; the last good checkpoint"):
+        update_value(value, torch.optim.SGD(value.parameters(), lr=1.0), [b], [old], int(b.mask.sum()), d, args)
 
 
 def test_ppo_whitens_over_every_rank(base, problems, tmp_path):  # noqa: F811
