@@ -73,8 +73,10 @@ def activation_bytes(config, micro_batch, seq_len, checkpointed, dtype=torch.bfl
         finally:
             F.scaled_dot_product_attention = sdpa
     bt, size = micro_batch * seq_len, torch.finfo(dtype).bits // 8
-    kv = config.n_kv_heads * config.head_dim
-    per_block += bt * (2 * config.n_heads * config.head_dim + 2 * kv) * size  # flash keeps q, k, v and its output
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    # flash keeps q and k (one tensor: RoPE's output), v, which is a view of the fused qkv projection's output and
+    # so keeps all of it, and its own output
+    per_block += bt * ((q + kv) + (q + 2 * kv) + q) * size
     per_block += bt * config.n_heads * 4  # and the log-sum-exp of each row, in fp32
     block_in = bt * config.dim * size
     kept = checkpointed * block_in
