@@ -14,8 +14,8 @@ import torch
 import common
 import engine
 import reward
-from grpo import (Batch, group_advantages, groups_with_signal, grpo_objective_sums, loss_weights, micro_batches,
-                  pack_rows, policy_token_loss, process_advantages, tis_weights, token_advantages)
+from grpo import (Batch, draw, group_advantages, groups_with_signal, grpo_objective_sums, loss_weights,
+                  micro_batches, pack_rows, policy_token_loss, process_advantages, tis_weights, token_advantages)
 from model import ModelConfig, Transformer
 from reward_model import token_index
 from tokenizer import Tokenizer
@@ -45,6 +45,14 @@ def test_group_advantages_normalise_within_each_group():
     torch.testing.assert_close(adv.flatten(), torch.tensor(centred) / torch.tensor(centred).std())
 
 
+def test_each_step_draws_its_own_questions_as_a_function_of_seed_and_step():
+    """Line 5's D_b: distinct questions within a step, other questions at the next step, the same ones again for
+    the same (seed, step) (what a resumed run draws)."""
+    a, b = draw(1000, 16, seed=0, step=1), draw(1000, 16, seed=0, step=2)
+    assert len(set(a.tolist())) == 16 and set(a.tolist()) != set(b.tolist())
+    assert (a == draw(1000, 16, seed=0, step=1)).all() and set(a.tolist()) != set(draw(1000, 16, 1, 1).tolist())
+
+
 def test_process_advantages_are_future_sums_of_normalised_step_rewards():
     """Paper §4.1.3: normalise all step rewards of a group together; token t sums the steps ending at or after t."""
     steps = [[(1, 1.0), (4, 0.0)], [(2, 1.0), (3, 1.0)]]  # (token index where the step ends, reward)
@@ -55,6 +63,8 @@ def test_process_advantages_are_future_sums_of_normalised_step_rewards():
     torch.testing.assert_close(adv[1], torch.tensor([z[2] + z[3]] * 3 + [z[3]]))
     assert flat == 0
     adv, flat = process_advantages([[(0, 1.0)], [(1, 1.0)]], [2, 2], group_size=2)  # all equal: no signal
+    assert flat == 1 and not torch.cat(adv).any()
+    adv, flat = process_advantages([[(0, 1.0)], []], [2, 2], group_size=2)  # one step reward: no std, no signal
     assert flat == 1 and not torch.cat(adv).any()
     # batch: each group centred on its own mean, all divided by one std of the batch's centred step rewards
     steps += [[(0, 0.2)], [(1, 0.6)]]
@@ -440,15 +450,16 @@ def test_compiled_rollouts_and_blocks_train_as_eager(base, data_dir, tmp_path):
 
 def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     """ρ above 1 + ε binds only when Â > 0, below 1 - ε only when Â < 0 (there the min takes the clipped side and
-    the token's gradient is 0); ε_high = 0.28 as DAPO's."""
-    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.25, 1.25, 1.0, 0.75, 1.5]])
-    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0]])
-    weights = torch.tensor([[1.0] * 8 + [0.0]])  # the last token is not the model's
+    the token's gradient is 0); with Â = 0 (a group whose rewards agree) never: there is no push to stop;
+    ε_high = 0.28 as DAPO's."""
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.25, 1.25, 1.0, 0.75, 1.5, 1.5, 0.5]])
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0]])
+    weights = torch.tensor([[1.0] * 8 + [0.0] + [1.0] * 2])  # token 8 is not the model's
     logp = ratio.log().requires_grad_()
     total, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights, 0.2, 0.28, 0.0)
-    assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked
+    assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked; 9, 10: Â = 0
     total.backward()
-    assert clipped == ((logp.grad == 0) & (weights > 0)).sum()  # exactly the tokens whose gradient the clip stops
+    assert clipped == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()  # the tokens whose push the clip stops
 
 
 def test_tis_weights_by_hand():
