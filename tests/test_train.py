@@ -143,14 +143,10 @@ def test_bad_batch_and_missing_data_are_clear_errors(data_dir, tmp_path):
         assert r.returncode != 0 and "nope: no config.json; --init takes a Hugging Face model" in r.stderr
 
 
-def test_memory_plan_counts_what_a_real_forward_saves():
-    """The plan counts, on the meta device, what autograd saves from one block (flash attention's own tensors
-    added by hand); a real CPU forward of a small model, counted by storage, must agree within 15%."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=3, n_heads=4, ffn_dim=704, max_seq_len=512)
-    model = Transformer(cfg)
-    model.init_weights()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_storage_bytes(module, run):
+    """Bytes autograd saves while run() executes, counted by storage as memory holds them (a view keeps all of its
+    base), the module's weights not counted."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen, measured = set(), [0]
 
     def pack(t):
@@ -160,9 +156,20 @@ def test_memory_plan_counts_what_a_real_forward_saves():
             measured[0] += t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden(torch.randint(0, 512, (4, 200)))
+        run()
+    return measured[0]
+
+
+def test_memory_plan_counts_what_a_real_forward_saves():
+    """The plan counts, on the meta device, what autograd saves from one block (flash attention's own tensors
+    added by hand); a real CPU forward of a small model, counted by storage, must agree within 15%."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=3, n_heads=4, ffn_dim=704, max_seq_len=512)
+    model = Transformer(cfg)
+    model.init_weights()
+    measured = saved_storage_bytes(model, lambda: model.hidden(torch.randint(0, 512, (4, 200))))
     plan = memory.activation_bytes(cfg, 4, 200, 0, dtype=torch.float32)
-    assert 0.85 < plan / measured[0] < 1.15, (plan, measured[0])
+    assert 0.85 < plan / measured < 1.15, (plan, measured)
     # a sequence as long as the model is wide is no special case (a shape rule once dropped the hidden states)
     seven = ModelConfig(**PRESETS["deepseek-math-7b"])
     per_token = [memory.activation_bytes(seven, 1, T, 0) / T for T in (4095, 4096, 4097)]
@@ -197,23 +204,13 @@ def test_the_plan_counts_a_block_with_flash_attention_by_its_storage(n_kv_heads,
                       max_seq_len=512)
     model = Transformer(cfg).to(torch.bfloat16)
     block, B, T = model.layers[0], 4, 200
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    seen, measured = set(), [0]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and ptr not in seen:
-            seen.add(ptr)
-            measured[0] += t.untyped_storage().nbytes()
-        return t
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: FlashLike.apply(q, k, v))
     x = torch.randn(B, T, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = (t[:T][None, None].to(torch.bfloat16) for t in (model.rope_cos, model.rope_sin))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin)
+    measured = saved_storage_bytes(block, lambda: block(x, cos, sin))
     monkeypatch.undo()
-    assert 0.98 < memory.activation_bytes(cfg, B, T, 0) / measured[0] <= 1.0
+    assert 0.98 < memory.activation_bytes(cfg, B, T, 0) / measured <= 1.0
 
 
 def test_micro_batches_of_unequal_tokens_give_the_whole_batchs_gradient():
