@@ -595,12 +595,15 @@ def claim(out, d, resume=False):
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "RUNNING")
     try:
-        pid = int(open(path).read())
-        os.kill(pid, 0)  # raises if no such process
-        if pid != os.getpid():
-            raise SystemExit(f"{out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
+        with open(path) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except (FileNotFoundError, ValueError, ProcessLookupError):
-        pass
+        pid = None  # no run recorded, or it has ended
+    except PermissionError:
+        pass  # it exists, and is another user's (a shared directory)
+    if pid is not None and pid != os.getpid():
+        raise SystemExit(f"{out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
     with open(path, "w") as f:
         f.write(str(os.getpid()))
     atexit.register(lambda: os.path.exists(path) and os.remove(path))

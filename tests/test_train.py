@@ -300,15 +300,24 @@ def test_checkpoints_keep_the_last_two_skip_a_partial_one_and_restore_the_rng(tm
     assert torch.equal(opt.state[model.lm_head.weight]["exp_avg_sq"], moments) and torch.equal(torch.rand(4), drawn)
 
 
-def test_a_run_claims_its_directory(tmp_path):
-    """A live process's pid in out/RUNNING refuses a second run; a dead one's does not. A fresh run clears the
-    old run's checkpoints and metrics (so --resume cannot pick up a stale step); a resumed one keeps them."""
+def test_a_run_claims_its_directory(tmp_path, monkeypatch):
+    """A live process's pid in out/RUNNING refuses a second run, whoever's it is; a dead one's does not. A fresh run
+    clears the old run's checkpoints and metrics (so --resume cannot pick up a stale step); a resumed one keeps
+    them."""
     d = common.Dist(0, 1, torch.device("cpu"))
     (tmp_path / "checkpoints" / "step_000005").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
-    (tmp_path / "RUNNING").write_text(str(os.getppid()))  # pytest's parent: alive
-    with pytest.raises(SystemExit, match=f"another run \\(pid {os.getppid()}\\) is writing here"):
-        common.claim(str(tmp_path), d, resume=True)
+    for alive in (os.getppid(), 1):  # pytest's parent; init
+        (tmp_path / "RUNNING").write_text(str(alive))
+        with pytest.raises(SystemExit, match=f"another run \\(pid {alive}\\) is writing here"):
+            common.claim(str(tmp_path), d, resume=True)
+
+    def another_users(pid, sig):  # what the kernel answers a user who signals another user's process
+        raise PermissionError(1, "Operation not permitted")
+    with monkeypatch.context() as m:
+        m.setattr(common.os, "kill", another_users)
+        with pytest.raises(SystemExit, match="another run \\(pid 1\\) is writing here"):
+            common.claim(str(tmp_path), d, resume=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "RUNNING").write_text(str(dead.pid))
