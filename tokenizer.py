@@ -153,8 +153,7 @@ class Tokenizer:
         # vocabulary as their byte-level characters "À", "õ", "÷", ...) are matched in the text itself, before
         # pre-tokenization, as the `tokenizers` library does: "3÷4" is 3, the added id of "÷", then 4.
         self.added = added or {}
-        longest_first = sorted(self.added, key=len, reverse=True)
-        self._added_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if self.added else None
+        self._added_rx = _longest_first(self.added)
         self.splits, self.rank_to_id, self.normalizer = splits, rank_to_id, normalizer
         self.prefix_space_at = prefix_space_at
         self.merges = merges  # (bytes_a, bytes_b) in priority order, for save()
@@ -167,8 +166,7 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
         self.chat_template = None  # tokenizer_config.json's, which use_chat_template makes chat() render
         self.system = None
-        longest_first = sorted(specials, key=len, reverse=True)
-        self._special_rx = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if specials else None
+        self._special_rx = _longest_first(specials)
         self.templated = False
         if not all(bytes([b]) in ranks for b in range(256)):
             raise ValueError("a byte-level BPE vocabulary must contain all 256 single bytes")
@@ -455,6 +453,13 @@ def _generation_eos_ids(path, vocab_size):
     if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
         raise TokenizerError(f"{file}: eos_token_id {ids!r} is not a list of ids below {vocab_size}")
     return tuple(ids)
+
+
+def _longest_first(strings):
+    """A regex that finds any of `strings`, the longest one at each place (as `tokenizers` matches added tokens),
+    capturing it so that split() keeps it; None for none."""
+    longest_first = sorted(strings, key=len, reverse=True)
+    return regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if strings else None
 
 
 def _split_isolated(rx, text):
