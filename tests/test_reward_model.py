@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import common
 import engine
 import reward_model
+import sft
 from engine import Completion, Generation
 from model import ModelConfig, Transformer, packed_mask
 from reward_model import Scored, auc, bce_loss, collate, outcome_examples, shepherd_examples, step_ends
@@ -22,9 +23,9 @@ from tokenizer import Tokenizer
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 
 
-def tiny_scorer(seed=0):
+def tiny_scorer(seed=0, vocab_size=97):
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig(**TINY, head="score"))
+    m = Transformer(ModelConfig(**{**TINY, "vocab_size": vocab_size}, head="score"))
     m.init_weights()
     torch.nn.init.normal_(m.score.weight, std=0.5)  # a trained head, not the new one's zeros
     return m
@@ -95,6 +96,22 @@ def test_math_shepherd_labels_a_hand_made_solution(monkeypatch):
         assert ex.labels == labels
         assert ex.at == [len(comp.prompt) + t for t, _ in steps]
         assert ex.truth == [None, 1.0, 0.0, 0.0]  # "starts with" cannot be checked; 5+3=8 right; 8-2=7 wrong
+
+
+def test_steps_are_the_written_lines_once_each_with_offsets_in_characters():
+    """A blank line is no step; a line whose last token ends a completion cut at its budget (no EOS) is its
+    last step, once; offsets count characters where tokens hold bytes (− and × take 3 and 2); the end of a text
+    whose last token is a broken character (more bytes decoded than the tokens hold) falls on the last token."""
+    text = "Ava’s café: 5 × 3 − 1 = 14 − 0 = 14.\n\n14 − 2 = 12.\n"  # tokens ".\n\n", ".\n"
+    tok = Tokenizer.train([text * 3], 300)
+    ids = tok.encode(text)
+    comp = Completion(tok.encode("Q"), ids, [True] * len(ids), False, text)
+    steps = step_ends(tok, comp)
+    assert [e for _, e in steps] == [text.index("\n"), len(text)] and steps[-1][0] == len(ids) - 1
+    t, e = steps[0]  # the token that holds the first line's last character
+    assert len(tok.decode(ids[:t])) < e <= len(tok.decode(ids[:t + 1]))
+    cut = ids[:3] + [tok.id_to_bytes.index(b"\xc3")]  # cut inside a character: decoded as U+FFFD, 3 bytes
+    assert reward_model.token_index(tok, cut, [len(tok.decode(cut))]) == [len(cut) - 1]
 
 
 def test_collate_and_loss_train_only_the_labelled_positions():
@@ -247,6 +264,11 @@ def test_the_report_gives_the_auc_within_questions_beside_the_auc_across_them(mo
     row = reward_model.report(None, examples, 0, questions=[0, 0, 0, 1, 1, 2, 2])
     assert row["group_auc"] == 0.5 and row["mixed_questions"] == 2
     assert row["outcome_auc"] == pytest.approx(5 / 12) and row["outcome_accuracy"] == pytest.approx(3 / 7)
+    # a process model's step AUC: over the steps the checker judged (truth not None), never the last (the outcome)
+    examples = [Scored([1, 2, 3], [0, 1, 2], [0.0] * 3, truth) for truth in ([1.0, None, 0.0], [0.0, 1.0, 1.0])]
+    monkeypatch.setattr(reward_model, "scores", lambda model, ex, pad_id: [[0.8, 0.5, 0.1], [0.3, 0.9, 0.2]])
+    row = reward_model.report(None, examples, 0)
+    assert row["step_auc"] == 1.0 and row["steps_checked"] == 3
 
 
 def test_policy_sources_read_a_temperature_after_the_last_at():
@@ -292,13 +314,16 @@ def test_reward_models_train_and_report_on_1_and_2_ranks(base, data_dir, tmp_pat
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
     r = run([*launch, *rm_args(base, data_dir, tmp_path, "--drift", f"{base}@0.5")])
     assert r.returncode == 0, r.stderr[-3000:]
+    lr = {}
     for kind in ("orm", "prm"):
         rows = [json.loads(line) for line in open(tmp_path / kind / "metrics.jsonl")]
         assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
+        lr[kind] = [row["lr"] for row in rows]
         rep = json.load(open(tmp_path / kind / "report.json"))
         # held out: one question, its 2 samples, for the process model each with its steps' labels estimated
         assert rep["examples"] == 2 and 0 <= rep["outcome_accuracy"] <= 1
         assert rep["drift"]["examples"] == 2  # --drift's 2 samples of the held-out question
+    assert lr["orm"] == pytest.approx([x * 1e-4 / 2e-4 for x in lr["prm"]])  # default peaks: implicit 1e-4, head 2e-4
     m = Transformer.from_pretrained(tmp_path / "prm")
     assert m.config.head == "score" and m.score.weight.any()  # trained away from its zero start
     # the outcome model's default form: a language model trained away from its reference, which is --init's
@@ -324,8 +349,10 @@ def test_a_resumed_reward_model_reads_its_labelled_examples_back(base, data_dir,
     assert r.returncode == 0 and "read back, not sampled again" in r.stdout, r.stderr[-3000:]
     for kind, want in reports.items():
         assert json.load(open(tmp_path / "rm" / kind / "report.json")) == want
-    r = run([*args, "--resume", "--questions", "6"])
-    assert r.returncode == 1 and "questions was 8, now 6" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
+    for flag, was, now in (("questions", 8, 6), ("samples", 2, 3)):
+        r = run([*args, "--resume", f"--{flag}", str(now)])
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert f"{flag} was {was}, now {now}" in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -341,22 +368,23 @@ def reward_models(base, data_dir, tmp_path_factory):
 def test_grpo_with_a_learned_reward_refreshed_each_iteration(base, data_dir, reward_models, tmp_path, kind,
                                                              ranks):
     """--reward orm|prm scores the rollouts with the model (the rule's reward logged beside it); --rm-refresh 1
-    after each step samples 9 questions x 4, labels them by the rule, and trains the reward model on them with a
-    replay of what it learned from before: 4 of the 40 examples, a tenth. --ref-reset 1: each step starts from
+    after each step samples 5 questions x 5, labels them by the rule, and trains the reward model on them with a
+    replay of what it learned from before, a tenth of the mixture: 3 of 28 (25 / 9 rounded; 25 / 10 would round
+    to 2). --ref-reset 1: each step starts from
     π_ref = π_θ, so its KL is 0 (the update comes after the forward it is measured in)."""
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
     r = run([*launch, *grpo_args(base, data_dir, tmp_path, "--max-steps", "2", "--eval-every", "0",
                                  "--report-problems", "0", "--reward", kind, "--reward-model",
                                  str(reward_models / kind), "--ref-reset", "1", "--rm-refresh", "1",
-                                 "--rm-questions", "9", "--rm-samples", "4", "--rm-steps", "2", "--rm-batch", "4",
+                                 "--rm-questions", "5", "--rm-samples", "5", "--rm-steps", "2", "--rm-batch", "4",
                                  "--shepherd-samples", "2")])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(0 < row["reward"] < 1 and 0 <= row["rule_reward"] <= 1 for row in rows)  # σ(score), and the rule's
     for row in rows:  # each step ends an iteration
-        assert row["rm_new"] == 36 and row["rm_replay"] == 4 and math.isfinite(row["rm_loss_last"])
-        assert len(open(tmp_path / "rm_history" / f"step_{row['step']:06d}.jsonl").readlines()) == 36
+        assert row["rm_new"] == 25 and row["rm_replay"] == 3 and math.isfinite(row["rm_loss_last"])
+        assert len(open(tmp_path / "rm_history" / f"step_{row['step']:06d}.jsonl").readlines()) == 25
         assert row["kl"] == pytest.approx(0, abs=1e-7)
 
 
@@ -409,6 +437,41 @@ def test_packed_scores_are_each_completions_own_and_the_prompt_runs_once(monkeyp
         rows = {1: 6, 3: 3, 4: 2}[pack]  # 4 + 2 completions: [3, 1] + [2] rows at pack 3, [4] + [2] at 4
         assert sum(shape[0] for shape in ran) == rows
 
+
+
+def test_a_reward_models_verdicts_are_its_scores_at_the_answer_and_at_each_step():
+    """model_rewards: an outcome model's σ(score) at each output's last token, a process model's at the last
+    token of each step (step_ends), both as the model gives them on prompt + output alone."""
+    tok = Tokenizer.train([TEXT * 3], 300)
+    model = tiny_scorer(seed=2, vocab_size=300)
+    prompt = tok.encode("Q")
+    comps = [Completion(prompt, ids, [True] * len(ids), True, TEXT)
+             for ids in (tok.encode(TEXT, eos=True), tok.encode(TEXT[:30], eos=True))]
+    with torch.no_grad():
+        alone = [torch.sigmoid(model(torch.tensor([c.prompt + c.ids])))[0, len(prompt):].tolist() for c in comps]
+    orm = reward_model.model_rewards(model, tok, comps, "orm", batch=4)
+    assert orm.tolist() == pytest.approx([a[-1] for a in alone], abs=1e-6)
+    prm = reward_model.model_rewards(model, tok, comps, "prm", batch=4, pack=2)
+    for got, c, a in zip(prm, comps, alone):
+        assert [t for t, _ in got] == [t for t, _ in step_ends(tok, c)] and got[-1][0] == len(c.ids) - 1
+        assert [x for _, x in got] == pytest.approx([a[t] for t, _ in got], abs=1e-6)
+
+
+def test_each_rank_fits_its_own_share_of_the_steps_batch(monkeypatch):
+    """fit_step on 2 ranks: each trains on half of the step's examples (sft.step_examples), the halves disjoint,
+    shortest first so that similar lengths share a micro-batch."""
+    examples = [Scored([i] * (1 + i % 5), [0], [1.0], [1.0]) for i in range(1, 25)]  # ids name the example
+    shares = {}
+
+    def train_step(model, opt, micro, d, optim, step, loss_of):
+        shares[d.rank] = [int(x[0]) for batch in micro for x in batch[0]]
+        return 0.0, 0.0, 0
+    monkeypatch.setattr(common, "train_step", train_step)
+    for rank in (0, 1):
+        reward_model.fit_step(None, None, None, examples, 3, common.Dist(rank, 2, torch.device("cpu")), batch=8,
+                              micro_batch=2, seed=5, pad_id=0)
+    step = [e.ids[0] for e in sft.step_examples(examples, 3, 8, 5)]
+    assert shares[0] == sorted(step[:4], key=lambda i: i % 5) and shares[1] == sorted(step[4:], key=lambda i: i % 5)
 
 def test_grpo_with_an_ensemble_of_one_model_twice_scores_as_the_model(base, data_dir, reward_models, tmp_path):
     """--reward-model A A: each model's verdicts combined (here the lowest of two equal ones) are the model's."""
