@@ -45,6 +45,17 @@ def test_greedy_equals_a_full_reforward_for_ragged_prompts_however_rows_are_sche
     assert gen.finished == [False] * len(PROMPTS)  # all cut at their budgets
 
 
+def test_a_row_left_free_steps_on_within_its_buffers():
+    """Once nothing waits, a row whose sequence stopped is stepped with the live ones (4 rows, 3 live: not
+    compacted): D's row, freed two steps before E, F and G stop, counts past the 20 tokens a row may write (the
+    longest budget and one token of the check interval)."""
+    m = tiny()
+    prompts, budgets = [[3], [4], [5], [6, 7], [8], [9], [10]], [3, 3, 3, 19, 19, 19, 19]  # A B C D, then E F G
+    gen = engine.generate(m, prompts, budgets, temperature=0, slots=4)
+    for p, n, got in zip(prompts, budgets, gen.tokens):
+        assert got == greedy_by_reforward(m, p, n)
+
+
 def test_greedy_matches_transformers_generate(tmp_path):
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -73,6 +84,11 @@ def test_sequences_stop_independently_on_eos_and_stop_strings(sync_every):
     stop = f"<{free[1][1]}> <{free[1][2]}>"  # two tokens of sequence 1: the string ends at its third token
     gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=decode, sync_every=sync_every)
     assert gen.tokens[1] == free[1][:3] and gen.finished[1]
+    letters = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)  # noqa: E731  a character per token
+    stop = letters(free[2][2:5])  # as many bytes as tokens: the check must look back over all three
+    end = next(j for j in range(1, 11) if stop in letters(free[2][:j]))
+    gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=letters, sync_every=sync_every)
+    assert gen.tokens[2] == free[2][:end] and gen.finished[2]
 
 
 def test_each_distinct_prompt_is_prefilled_once():
@@ -103,6 +119,17 @@ def test_logprobs_are_the_models_and_samples_do_not_depend_on_the_schedule():
             logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
         expected = logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+
+
+def test_a_sequence_continued_from_its_prefix_samples_what_it_would_have():
+    """A token's random number is a function of its position in the sequence, not of its index among one call's
+    new tokens: from the prompt and the first k sampled tokens, with the same seed and stream, generation goes
+    on with the same tokens (a tool round's continuation draws new numbers, not the first round's again)."""
+    m = tiny()
+    whole = engine.generate(m, [[5, 6, 7]], 12, temperature=1.0, seed=9, streams=[4]).tokens[0]
+    for k in (1, 4):
+        rest = engine.generate(m, [[5, 6, 7] + whole[:k]], 12 - k, temperature=1.0, seed=9, streams=[4]).tokens[0]
+        assert rest == whole[k:]
 
 
 def test_vocab_limit_keeps_padding_rows_out():
@@ -216,6 +243,10 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
             graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
     assert counters["stats"]["unique_graphs"] == graphs
     assert [t.data_ptr() for t in decoder.rows.tensors()] == buffers
+    prompts = [[3, 4]] * 8  # more rows than the buffers hold (6): new ones, of 8 rows
+    compiled = decoder.generate(prompts, 6, temperature=1.0, seed=5, slots=8)
+    assert compiled.tokens == engine.generate(m, prompts, 6, temperature=1.0, seed=5, slots=8).tokens
+    assert decoder.rows.shape[0] == 8
 
 
 def decode_step_inputs(m, rows=4, length=32, width=16):

@@ -77,7 +77,7 @@ class Scripted:
         return self
 
     def generate(self, prompts, budgets, stop=(), eos_ids=(), **kw):
-        self.calls.append(dict(prompts=prompts, stop=stop))
+        self.calls.append(dict(prompts=prompts, stop=stop, budgets=budgets, streams=kw["streams"]))
         text, eos = self.turns.pop(0)
         ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
         tokens = [ids[:b] for b in budgets]
@@ -177,6 +177,27 @@ def test_tool_rounds_are_capped(tok):
     [c] = engine.complete(model, tok, ["q"], prompt="tool")
     assert len(model.calls) == engine.TOOL_ROUNDS + 1 and model.calls[-1]["stop"] == ()
     assert c.text.count("```output\n1\n```") == engine.TOOL_ROUNDS
+
+
+def test_tool_rounds_share_one_budget_and_keep_each_questions_stream(tok):
+    """Question 0 has no room left after its first round's program output (the context is full): it is cut, not
+    finished; question 1 goes on alone, from its own stream (1), with what is left of its budget."""
+    turn = tok.encode("```python\nprint(1)\n```\n```output")
+    model = Scripted(tok, [("```python\nprint(1)\n```\n```output", False), ("done", True)])
+    long, short = engine.prompt_ids(tok, "q " * 20, "tool"), engine.prompt_ids(tok, "q", "tool")
+    model.config = ModelConfig(max_seq_len=len(long) + len(turn) + 2)  # less than the output spliced in
+    first, second = engine.complete(model, tok, ["q " * 20, "q"], prompt="tool", max_new_tokens=40)
+    assert not first.finished and second.finished and second.text.endswith("done")
+    spliced = len(tok.encode("\n1\n```\n"))
+    assert model.calls[1]["streams"] == [1] and model.calls[1]["budgets"] == [40 - len(turn) - spliced]
+    assert len(short) + 40 < model.config.max_seq_len  # the budget, not the context, bounds question 1
+
+
+def test_the_model_is_shown_a_programs_last_output_and_what_it_printed_before_an_error():
+    shown = engine.program_output("for i in range(300):\n    print(i)", timeout=5)
+    assert len(shown) == engine.OUTPUT_SHOWN and shown.endswith("\n298\n299")
+    shown = engine.program_output("print('so far')\nprint(1 / 0)", timeout=5)
+    assert shown.startswith("so far\n") and "ZeroDivisionError" in shown
 
 
 def test_pot_answers_are_the_programs_output_and_errors_are_shown(tok):
