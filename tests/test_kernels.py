@@ -67,6 +67,24 @@ def test_token_logprobs_on_extreme_and_flat_rows(backend, rows):
     torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "chunked"])
+def test_token_logprobs_of_strided_logits_and_in_chunks(backend, layout):
+    """Logits sliced to a tokenizer's ids (rows V + 24 apart, as a padded head makes them), logits whose last
+    dimension is not the contiguous one, and the PyTorch path three rows at a time: each as the reference."""
+    torch.manual_seed(0)
+    V = 1000
+    base = (torch.randn(V, 10) if layout == "transposed" else torch.randn(10, V + 24)) * 4
+    base.requires_grad_()
+    x = base.T if layout == "transposed" else base[:, :V]
+    t, g = torch.randint(0, V, (10,)), torch.randn(10)
+    lp = token_logprobs(x, t, chunk=3 if layout == "chunked" else None)
+    lp.backward(g)
+    ref, ref_grad = reference(x, t, g)
+    torch.testing.assert_close(lp.double(), ref, rtol=0, atol=2e-5)
+    grad = base.grad.T if layout == "transposed" else base.grad
+    torch.testing.assert_close(grad[:, :V].double(), ref_grad, rtol=1e-5, atol=1e-7)
+    assert not grad[:, V:].any()  # the sliced-off columns
+
 def test_token_logprobs_keep_the_leading_shape(backend):
     x, t = torch.randn(2, 3, 50), torch.randint(0, 50, (2, 3))
     assert token_logprobs(x, t).shape == (2, 3)
