@@ -164,12 +164,15 @@ def test_lora_sft_on_1_and_2_ranks_agrees_and_resumes_exactly(base, data_dir, tm
     """sft.py --lora-rank: 1 process and 2 FSDP2 gloo ranks log the same losses; a run stopped after step 2 and
     resumed logs steps 3-4 as the straight run did, from a checkpoint that holds the adapters only."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for argv in (sft_args(base, data_dir, tmp_path / "one", "--max-steps", "4"),
+    for argv in (sft_args(base, data_dir, tmp_path / "one", "--max-steps", "4", "--export-adapter"),
                  [*torchrun, *sft_args(base, data_dir, tmp_path / "two", "--max-steps", "4")],
                  sft_args(base, data_dir, tmp_path / "cut", "--max-steps", "2", "--ckpt-every", "2"),
                  sft_args(base, data_dir, tmp_path / "cut", "--max-steps", "4", "--resume")):
         r = run(argv)
         assert r.returncode == 0, r.stderr[-3000:]
+    r = run(sft_args(base, data_dir, tmp_path / "cut", "--max-steps", "4", "--resume", "--formats", "cot,tool"))
+    assert r.returncode == 1 and "formats was 'cot', now 'cot,tool'" in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "one" / "adapter" / "adapter_model.safetensors").is_file()  # --export-adapter: PEFT's too
     one, two, cut = (losses(tmp_path / name) for name in ("one", "two", "cut"))
     assert len(one) == 4 and one[-1][1] < one[0][1]  # it learns
     for a, b in zip(one, two):

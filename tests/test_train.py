@@ -14,6 +14,7 @@ import common
 import data
 import engine
 import memory
+import pretrain
 import sft
 import toyworld
 from model import PRESETS, ModelConfig, Transformer
@@ -74,13 +75,16 @@ def test_metrics_mirror_to_wandb_only_when_asked(tmp_path, monkeypatch):
 
 
 def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
-    argv = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY]
+    """256 tokens a step in micro-batches of 2 x 32: 4 on one process, 2 on each of 2 ranks, which then must take
+    the rows of the step's batch that one process does, none twice."""
+    argv = ["pretrain.py", "--data", str(data_dir), "--max-steps", "3", *TINY, "--micro-batch", "2"]
     one = run([*argv, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
                "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
-    assert "2 rank(s)" in two.stdout
+    assert "2 rank(s)" in two.stdout and "2 micro-batches of 2x32 per rank" in two.stdout
+    assert "4 micro-batches of 2x32 per rank" in one.stdout
     for key in ("loss", "grad_norm"):  # the gradient's scale too, which Adam's update would hide
         two_ranks, one = (torch.tensor(losses(tmp_path / name, key)) for name in ("two", "one"))
         torch.testing.assert_close(two_ranks, one, rtol=1e-5, atol=1e-5, msg=key)
@@ -128,9 +132,28 @@ def test_resume_refuses_other_settings(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "1", *TINY, "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path), "--resume",
-             "--seed", "5"])
-    assert r.returncode != 0 and "seed was 0, now 5" in r.stderr
+             "--seed", "5", "--seq-len", "64"])
+    assert r.returncode != 0 and "seq_len was 32, now 64, seed was 0, now 5" in r.stderr
 
+
+
+def test_a_sequence_longer_than_the_presets_context_widens_the_model_and_the_last_step_is_evaluated(data_dir,
+                                                                                                    tmp_path):
+    """--seq-len past the preset's max_seq_len (the toy's 512) makes a model with that many positions; the held-out
+    loss is measured at the last step too (every 5 steps, of 2), near the training loss (ln 2048 = 7.6 at init)."""
+    r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", "--seq-len", "640", "--micro-batch", "1",
+             "--batch-tokens", "640", "--eval-every", "5", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "config.json"))["max_position_embeddings"] == 640
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    [evaluated] = [row for row in rows if "eval_loss" in row]
+    assert evaluated["step"] == 2 and abs(evaluated["eval_loss"] - rows[1]["loss"]) < 0.2 * rows[1]["loss"]
+
+
+def test_the_mixture_flag_weighs_the_sources(data_dir):
+    args = pretrain.parse_args(["--data", str(data_dir), "--mixture", "math=3,code=1,general=0"])
+    mixture = pretrain.mixture(args, "val")
+    assert mixture.names == ["math", "code", "general"] and mixture.weights.tolist() == [0.75, 0.25, 0.0]
 
 def test_bad_batch_and_missing_data_are_clear_errors(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--batch-tokens", "300", "--seq-len", "32", "--micro-batch", "4",
@@ -471,6 +494,26 @@ def test_dry_run_memory_plan_for_7b_on_8_gpus():
     assert r.returncode == 0 and "6.91B parameters" in r.stdout and "GiB per GPU" in r.stdout
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_mfu_count_is_what_a_training_step_multiplies(tied):
+    """flops_per_token x tokens = the FLOPs FlopCounterMode counts in model.loss's forward and backward, attention
+    computed by the math backend (every T x T product, as PaLM's 12·L·d·T counts them), plus 6 a token for each
+    norm weight (in N, though no matrix multiplies it: 0.3% here). The input embedding is a lookup and counts
+    only where it is the head too (tied)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
+                      tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    x, y = torch.randint(0, 512, (2, 2, 64))
+    with FlopCounterMode(display=False) as counted, sdpa_kernel(SDPBackend.MATH):
+        total, _ = model.loss(x, y, lambda lp, rows: (-lp, -torch.ones_like(lp)))
+        total.backward()
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    assert pretrain.flops_per_token(cfg, 64) * x.numel() == counted.get_total_flops() + 6 * norms * x.numel()
+
 def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
     """Qwen2.5-7B's shape (28 layers; 28 query heads of 128, 4 key-value heads) keeps 28 x 2 x 4 x 128 x 2 bytes =
     56 KiB of keys and values a token in bf16, a seventh of what 28 key-value heads would."""
@@ -584,7 +627,28 @@ def test_sft_tool_examples_leave_the_sandbox_output_unsupervised(data_dir):
     head, _, _ = (" " + prob["tool"]).partition("```output")
     assert ids[len(prompt):len(prompt) + len(tok.encode(head + "```output"))] == tok.encode(head + "```output")
     assert ids[-1] == tok.eos_id and mask[-1] == 1
+    assert len(sft.make_examples([dict(prob, pot=None), prob], tok, ["pot", "tool"])) == 3  # a format it lacks: none
 
+
+
+def test_a_tool_solution_is_split_at_each_output_block():
+    """Two program runs: each output block's contents are the sandbox's, everything between them the model's."""
+    run1, run2 = "a\n```python\nprint(1)\n```\n```output", "b\n```python\nprint(2)\n```\n```output"
+    solution = f"{run1}\n1\n```\n{run2}\n2\n```\nc"
+    assert sft.solution_pieces(solution, "tool") == [(run1, True), ("\n1\n```\n", False), (run2, True),
+                                                     ("\n2\n```\n", False), ("c", True)]
+    assert sft.solution_pieces(solution, "pot") == [(solution, True)]
+
+
+def test_each_step_draws_its_batch_from_a_permutation_made_for_its_epoch():
+    """sft.step_examples: 10 examples in batches of 3 make 3 steps an epoch (one example waits for a later
+    epoch), the steps of an epoch disjoint, each epoch in its own order, a step's batch fixed by (seed, step)."""
+    examples = list(range(10))
+    epochs = [[sft.step_examples(examples, 3 * e + k, 3, seed=1) for k in range(3)] for e in range(3)]
+    for steps in epochs:
+        assert [len(s) for s in steps] == [3, 3, 3] and len(set(sum(steps, []))) == 9
+    assert len({tuple(sum(steps, [])) for steps in epochs}) == 3
+    assert sft.step_examples(examples, 4, 3, seed=1) == epochs[1][1] != sft.step_examples(examples, 4, 3, seed=2)
 
 def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path / "base")])
@@ -594,11 +658,11 @@ def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
     data.write_jsonl(str(tmp_path / "train.jsonl"), train + long)
     r = run(["sft.py", "--init", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
              "--eval-data", str(data_dir / "test.jsonl"), "--max-steps", "2", "--batch", "8", "--micro-batch", "4",
-             "--out", str(tmp_path / "sft")])
+             "--eval-problems", "12", "--out", str(tmp_path / "sft")])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"2 of {len(train) + 2} examples are longer than the model's 512 positions: skipped" in r.stdout
     rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
-    assert rows[-1]["eval_problems"] == 16 and 0.0 <= rows[-1]["eval_greedy_accuracy"] <= 1.0
+    assert rows[-1]["eval_problems"] == 12 and 0.0 <= rows[-1]["eval_greedy_accuracy"] <= 1.0
     vocab = Transformer.from_pretrained(tmp_path / "sft").config.vocab_size
     assert vocab == Tokenizer.load(tmp_path / "sft").vocab_size
     cfg, tok = json.load(open(tmp_path / "sft" / "config.json")), Tokenizer.load(tmp_path / "sft")
