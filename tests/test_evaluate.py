@@ -182,8 +182,8 @@ def test_tool_rounds_are_capped(tok):
 def test_tool_rounds_share_one_budget_and_keep_each_questions_stream(tok):
     """Question 0 has no room left after its first round's program output (the context is full): it is cut, not
     finished; question 1 goes on alone, from its own stream (1), with what is left of its budget."""
-    turn = tok.encode("```python\nprint(1)\n```\n```output")
-    model = Scripted(tok, [("```python\nprint(1)\n```\n```output", False), ("done", True)])
+    program = "```python\nprint(1)\n```\n```output"
+    model, turn = Scripted(tok, [(program, False), ("done", True)]), tok.encode(program)
     long, short = engine.prompt_ids(tok, "q " * 20, "tool"), engine.prompt_ids(tok, "q", "tool")
     model.config = ModelConfig(max_seq_len=len(long) + len(turn) + 2)  # less than the output spliced in
     first, second = engine.complete(model, tok, ["q " * 20, "q"], prompt="tool", max_new_tokens=40)
