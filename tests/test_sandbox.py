@@ -50,6 +50,9 @@ def test_ordinary_code_works(box):
     r = box.run("x = 1 / 0")
     assert not r.ok and r.error == "ZeroDivisionError: division by zero"
     assert box.run("import sys; print('bye'); sys.exit(0)").ok
+    r = box.run("import sys; print('half'); sys.exit('no solution')")  # as Python: the message on stderr, status 1
+    assert not r.ok and r.stdout == "half\n" and r.error == "no solution"
+    assert box.run("import sys; sys.exit(3)").error == "exit status 3"
     r = box.run("open('scratch.txt', 'w').write('ok'); print(open('scratch.txt').read())")  # its own directory
     assert r.ok and r.stdout == "ok\n"
     assert run_python("print(2 ** 10)").stdout == "1024\n"
@@ -123,7 +126,8 @@ def test_cannot_write_delete_or_rename_outside_its_directory(box, tmp_path):
                  f"import os; os.rename({str(victim)!r}, {str(target)!r})",
                  f"import shutil; shutil.rmtree({str(tmp_path)!r})",
                  f"import pathlib; pathlib.Path({str(target)!r}).touch()",
-                 "import os; os.open(os.__file__, os.O_RDWR)", "import os; open(os.__file__, 'r+')"]:  # read-only
+                 "import os; os.open(os.__file__, os.O_RDWR)", "import os; open(os.__file__, 'r+')",  # read-only
+                 "import os; open(os.getcwd() + '-sibling', 'w')"]:  # its directory's name, longer: not inside it
         r = box.run(code)  # the hook's own refusal, before the kernel's (nobody may not write there either)
         assert not r.ok and "PermissionError: sandbox:" in r.error, (code, r.error)
     assert victim.read_text() == "keep me" and not target.exists()
@@ -283,7 +287,7 @@ def test_the_cpu_limit_alone_ends_a_loop():
     try:
         r = b.run("while True: pass", timeout=1)
         assert not r.ok and r.error == "killed by signal 24", r.error  # SIGXCPU at 2 CPU seconds
-        assert r.seconds < 60  # against a hang only
+        assert r.seconds < 20  # 2 CPU seconds; a bound loose enough for a loaded machine
     finally:
         b.close()
 
