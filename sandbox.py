@@ -219,9 +219,11 @@ def _child(code, tmp, timeout, out_w, err_w, installation, closed, disabled):
                                                       "__sandbox_layers__": layers})
         status = 0
     except SystemExit as e:  # as Python exits: None is 0, a number is the status, anything else is printed, then 1
-        status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if status and not isinstance(e.code, int):
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            status = 1
     except BaseException as e:  # noqa: BLE001  report it like Python would: the last line is the error
         traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
         status = 1
