@@ -158,14 +158,20 @@ def flops_per_token(config, seq_len):
     return 6 * n + 12 * config.n_layers * config.dim * seq_len
 
 
+# Dense bf16 tensor-core peaks (NVIDIA's datasheets, without sparsity), by a piece of torch.cuda.get_device_name:
+# the first piece the name holds wins, so the more specific come first ("H100 PCIe" before "H100", "A100" before
+# "A10", "H200" before "H20", "L40" before "L4").
+PEAK_BF16 = [("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H200 NVL", 835e12), ("H100", 989e12),
+             ("H200", 989e12), ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12),
+             ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12)]
+
+
 def peak_flops(device):
-    """Dense bf16 peak of the GPU, for MFU (H100 SXM 989 TFLOP/s; A100 312); NaN for a GPU not listed and off a
-    GPU (no MFU there)."""
+    """Dense bf16 peak of the GPU, for MFU (PEAK_BF16); NaN for a GPU not listed and off a GPU (no MFU there)."""
     if device.type != "cuda":
         return float("nan")
     name = torch.cuda.get_device_name(device)
-    return 989e12 if "H100" in name or "H200" in name else 312e12 if "A100" in name else float("nan")
-
+    return next((peak for piece, peak in PEAK_BF16 if piece in name), float("nan"))
 
 if __name__ == "__main__":
     with one_line_errors():

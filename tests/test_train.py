@@ -1,6 +1,7 @@
 """pretrain.py and sft.py: schedules, 1 process vs 2 FSDP2 ranks, exact resume, failures that name their cause."""
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -513,6 +514,20 @@ def test_the_mfu_count_is_what_a_training_step_multiplies(tied):
         total.backward()
     norms = (2 * cfg.n_layers + 1) * cfg.dim
     assert pretrain.flops_per_token(cfg, 64) * x.numel() == counted.get_total_flops() + 6 * norms * x.numel()
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H20", 148),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A10", None), ("NVIDIA L4", 121),
+                                          ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_divides_by_the_peak_of_the_gpu_named(monkeypatch, name, tflops):
+    """The peak is the datasheet's dense bf16 figure for the name torch reports, the more specific name first (an
+    H100 PCIe is not an SXM H100, an A10 is not an A100, an H20 not an H200); a GPU not listed has no MFU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = pretrain.peak_flops(torch.device("cuda", 0))
+    assert (math.isnan(peak) if tflops is None else peak == tflops * 1e12), (name, peak)
+    assert math.isnan(pretrain.peak_flops(torch.device("cpu")))
+
 
 def test_the_rollouts_kv_cache_is_planned_for_grouped_query_attention():
     """Qwen2.5-7B's shape (28 layers; 28 query heads of 128, 4 key-value heads) keeps 28 x 2 x 4 x 128 x 2 bytes =
