@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -714,13 +715,23 @@ class StopFlag:
         return all_sum(d, self.raised) > 0  # every rank stops together
 
 
+def eta(t0, done, left):
+    """'3m12s, ETA 28m40s': the time since t0 (a time.time()) and what the `left` units still to do take at the
+    rate of the `done` ones finished since then (a resumed run counts only its own)."""
+    def hms(sec):
+        sec = int(sec)
+        return f"{sec // 3600}h{sec // 60 % 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+    spent = time.time() - t0
+    return f"{hms(spent)}, ETA " + (hms(spent / done * left) if done else "?")
+
+
 class Log:
-    """metrics.jsonl on rank 0; a progress bar on a terminal, a plain line per `every` steps elsewhere; each
-    training row also carries the step's peak GPU memory on CUDA; mirrored to Weights & Biases with
+    """metrics.jsonl on rank 0; a progress bar on a terminal, elsewhere a plain line per `every` steps with the time
+    left; each training row also carries the step's peak GPU memory on CUDA; mirrored to Weights & Biases with
     --wandb PROJECT (imported only then; args: the run's flags, its W&B config)."""
 
     def __init__(self, out, d, total, start, every=10, args=None):
-        self.d, self.every = d, every
+        self.d, self.every, self.total, self.start, self.t0 = d, every, total, start, time.time()
         self.file = open(os.path.join(out, "metrics.jsonl"), "a") if d.main else None
         self.bar = self.wandb = None
         if d.main and sys.stderr.isatty() and "RANK" not in os.environ:
@@ -746,7 +757,8 @@ class Log:
             self.bar.update(1) if "loss" in row else None
             self.bar.set_description(text)
         elif row.get("step", 0) % self.every == 0 or "eval_loss" in row:
-            print(text, flush=True)
+            step = row.get("step", self.start)
+            print(f"{text}  ({eta(self.t0, step - self.start, self.total - step)})", flush=True)
 
     def close(self):
         if self.bar is not None:

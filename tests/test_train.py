@@ -75,6 +75,19 @@ def test_metrics_mirror_to_wandb_only_when_asked(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+
+def test_a_plain_log_line_says_how_long_the_rest_takes(tmp_path, monkeypatch, capsys):
+    """Off a terminal (no bar) a line every `every` steps, with the time since the start and the steps left at the
+    rate of this run's own steps (a resumed run's earlier ones not counted)."""
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    log = common.Log(tmp_path, common.Dist(0, 1, torch.device("cpu")), 100, 40, every=10)  # resumed at step 40
+    now[0] += 90  # 10 steps in 90 s: the 50 left take 7m30s
+    log(dict(step=50, loss=1.0))
+    log.close()
+    assert capsys.readouterr().out.strip() == "step 50  loss 1  (1m30s, ETA 7m30s)"
+    assert common.eta(now[0] - 7290, 0, 5) == "2h01m, ETA ?"  # nothing done yet: no rate
+
 def test_two_fsdp_ranks_match_one_process(data_dir, tmp_path):
     """256 tokens a step in micro-batches of 2 x 32: 4 on one process, 2 on each of 2 ranks, which then must take
     the rows of the step's batch that one process does, none twice."""
