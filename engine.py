@@ -447,15 +447,17 @@ def prompt_ids(tok, question, prompt="cot"):
 
 @torch.no_grad()
 def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0,
-             batch=64, code_timeout=5.0, progress=None, compile=False):
+             batch=64, code_timeout=5.0, progress=None, compile=False, streams=None):
     """One completion per question (repeat a question for several samples; its copies share one prefill), with
-    `batch` sequences decoded at once and one `generate` call per tool round. Question i samples from stream i
-    of `seed`. model: a Transformer, or a Decoder kept across calls (its own compile setting then holds);
-    compile: capture the decode step (Decoder). Returns [Completion] in the order of `questions`."""
+    `batch` sequences decoded at once and one `generate` call per tool round. Question i samples from stream
+    streams[i] of `seed` (default i). model: a Transformer, or a Decoder kept across calls (its own compile
+    setting then holds); compile: capture the decode step (Decoder). Returns [Completion] in the order of
+    `questions`."""
     decoder = model if isinstance(model, Decoder) else Decoder(model, compile)
     model = decoder.model
     prompts = [prompt_ids(tok, q, prompt) for q in questions]
     n = len(prompts)
+    streams = list(range(n)) if streams is None else list(streams)
     ids, sampled, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
     finished, live = [False] * n, list(range(n))
     rounds = TOOL_ROUNDS + 1 if prompt == "tool" else 1
@@ -468,7 +470,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
         gen = decoder.generate([prompts[i] + ids[i] for i in live], [budget[i] for i in live],
                                temperature=temperature, top_p=top_p, eos_ids=tok.stop_ids, stop=stop,
-                               decode=tok.decode, seed=seed, streams=live,
+                               decode=tok.decode, seed=seed, streams=[streams[i] for i in live],
                                vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                                slots=batch, progress=progress if rounds == 1 else None)
         again = []

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -30,8 +31,9 @@ import torch
 
 import common
 import data
+import jsonl
 import reward
-from engine import PROMPTS, add_chat_args, complete, use_chat_args
+from engine import PROMPTS, Decoder, add_chat_args, complete, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -97,24 +99,22 @@ def arithmetic_report(records):
                 **{f"facts_{k}": sum(map(f, rates)) for k, f in bins.items()})
 
 
-def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
-             batch=64, seed=0, progress=False, workers=1):
-    """Generate `samples` completions per problem and grade them. Returns (metrics, records): metrics as
-    `summarize` (k = 1 and the powers of 2 up to `samples`), per MATH type and level as well when the problems
-    carry them; one record per problem with its completions, extracted answers and verdicts. workers > 1 grades
-    in that many forked processes (sympy on hard answers); keep 1 inside torchrun, where forking is unsafe."""
-    was_training = model.training
-    model.eval()
-    questions = [p["question"] for p in problems for _ in range(samples)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(questions), desc=f"evaluate {prompt}", unit="sample", disable=not sys.stderr.isatty())
-    comps = complete(model, tok, questions, prompt, max_new_tokens, temperature, top_p, seed=seed, batch=batch,
-                     progress=bar)
-    if bar is not None:
-        bar.close()
-    model.train(was_training)
+def grade(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512, batch=64,
+          seed=0, workers=1, index=None, progress=None):
+    """Generate `samples` completions per problem and grade them: one record per problem with its completions,
+    extracted answers and verdicts. Sample s of problem j draws from stream index[j] * samples + s of `seed`
+    (index: the problems' places in the whole set, default 0, 1, ...), so a set graded in parts, or shared out
+    over ranks, samples what it would whole. model: a Transformer, or an engine.Decoder kept across calls (a
+    compiled step then compiles once). workers > 1 grades in that many forked processes (sympy on hard answers);
+    keep 1 inside torchrun, where forking is unsafe. progress: anything with .update(n), told of each sample."""
+    index = range(len(problems)) if index is None else index
+    net = model.model if isinstance(model, Decoder) else model
+    was_training = net.training
+    net.eval()
+    comps = complete(model, tok, [p["question"] for p in problems for _ in range(samples)], prompt, max_new_tokens,
+                     temperature, top_p, seed=seed, batch=batch, progress=progress,
+                     streams=[j * samples + s for j in index for s in range(samples)])
+    net.train(was_training)
     texts = [c.text for c in comps]
     golds = [p["answer"] for p in problems for _ in range(samples)]
     verdicts = [v == 1.0 for v in reward.batch_rewards(texts, golds, workers=workers)]
@@ -124,6 +124,13 @@ def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top
         records.append(dict(question=p["question"], gold=p["answer"], completions=texts[s],
                             answers=[reward.extract_answer(t) for t in texts[s]], correct=verdicts[s],
                             **{k: p[k] for k in ("type", "level") if k in p}))
+    return records
+
+
+def metrics_of(records):
+    """`summarize` of the records at k = 1 and the powers of 2 up to their samples, and per MATH type and level as
+    well where the problems carry them."""
+    samples = len(records[0]["correct"]) if records else 1
     ks = sorted({1} | {2 ** i for i in range(1, samples.bit_length()) if 2 ** i <= samples})
     metrics = summarize(records, ks)
     for field in ("type", "level"):
@@ -133,14 +140,20 @@ def evaluate(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top
                 groups[str(r[field])].append(r)
         if groups:
             metrics[f"by_{field}"] = {g: summarize(rs, ks) for g, rs in sorted(groups.items())}
-    return metrics, records
+    return metrics
+
+
+def evaluate(model, tok, problems, **kw):
+    """(metrics_of the records, the records) of `grade` (kw: its options)."""
+    records = grade(model, tok, problems, **kw)
+    return metrics_of(records), records
 
 
 def held_out_metrics(model, tok, problems, d, **kw):
     """`evaluate` (kw: its options) with each rank on its share of `problems` and a full model (common.gathered
     under FSDP); returns the metrics as means over all of them."""
     mine = problems[d.rank::d.world]
-    m, _ = evaluate(model, tok, mine, **kw)
+    m, _ = evaluate(model, tok, mine, index=range(d.rank, len(problems), d.world), **kw)
     return {k: common.all_sum(d, v * len(mine)) / len(problems) for k, v in m.items() if isinstance(v, float)}
 
 
@@ -211,7 +224,78 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="capture the decode step (a CUDA graph on GPU; "
+                    "engine.Decoder)")
     return ap.parse_args(argv)
+
+
+# Sequences a part of the set holds (x --batch): the predictions are saved after each part, so a stopped run loses
+# at most one part; more sequences per part keep the rows full for longer before a part's last ones finish.
+PART = 16
+
+
+def settings_of(args, temperature, dtype):
+    """What the predictions depend on: a run may only go on from a stopped one with the same (--limit, --batch,
+    --workers and --compile change none of them: samples are a function of their seed, stream and position)."""
+    keys = ("prompt", "samples", "top_p", "max_new_tokens", "seed", "question_field", "answer_field", "chat_template",
+            "system", "device")
+    return dict(model=os.path.abspath(args.model), data=os.path.abspath(args.data), temperature=temperature,
+                dtype=str(dtype), **{k: getattr(args, k) for k in keys})
+
+
+def records_done(partial, settings, problems):
+    """The records a stopped run with these settings saved in `partial` (its first line the settings; a last line
+    cut short by the stop is dropped), each checked against its problem; [] if there is no such file."""
+    if not os.path.isfile(partial):
+        return []
+    rows = []
+    with open(partial, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # cut short by the stop: it and anything after it are graded again
+    saved = rows[0].get("settings", {}) if rows and isinstance(rows[0], dict) else {}
+    other = [k for k in settings if saved.get(k) != settings[k]]
+    if other:
+        raise SystemExit(f"{partial}: a stopped evaluation with other settings ({', '.join(other)}); delete it to "
+                         f"start again, or give another --out")
+    done = rows[1:len(problems) + 1]
+    for i, (r, p) in enumerate(zip(done, problems)):
+        if (r.get("question"), r.get("gold")) != (p["question"], p["answer"]):
+            raise SystemExit(f"{partial}: its problem {i + 1} is not problem {i + 1} of the data; delete it to "
+                             f"start again")
+    return done
+
+
+def grade_in_parts(args, model, tok, problems, temperature, settings, out):
+    """grade() on parts of the set, each part's records appended to <out>.partial as it is done and a line of
+    progress printed, going on from what a stopped run with the same settings saved there; the whole set's
+    records, the partial file removed once `out` holds them."""
+    from tqdm import tqdm
+    partial = out + ".partial"
+    records = records_done(partial, settings, problems)
+    if records:
+        print(f"{partial}: going on after the {len(records)} problems a stopped run graded", flush=True)
+    jsonl.write_jsonl(partial, [dict(settings=settings)] + records)  # without a line the stop cut short
+    n, begun, t0 = len(problems), len(records), time.time()
+    bar = tqdm(total=n * args.samples, initial=begun * args.samples, unit="sample", desc=f"evaluate {args.prompt}",
+               disable=not sys.stderr.isatty())
+    decoder = Decoder(model, compile=args.compile)  # one for all parts: a compiled step compiles once
+    size = max(1, PART * args.batch // args.samples)
+    for lo in range(begun, n, size):
+        part = problems[lo:lo + size]
+        new = grade(decoder, tok, part, args.prompt, args.samples, temperature, args.top_p, args.max_new_tokens,
+                    args.batch, args.seed, args.workers, index=range(lo, lo + len(part)), progress=bar)
+        jsonl.append_jsonl(partial, new)
+        records += new
+        right = sum(sum(r["correct"]) for r in records) / (len(records) * args.samples)
+        bar.write(f"evaluate: {len(records)}/{n} problems, accuracy {100 * right:.1f}% so far, "
+                  f"{common.eta(t0, len(records) - begun, n - len(records))}")
+    bar.close()
+    jsonl.write_jsonl(out, records)
+    os.remove(partial)
+    return records
 
 
 def main(args):
@@ -226,13 +310,14 @@ def main(args):
     tok = Tokenizer.load(args.model)
     use_chat_args(tok, args)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.7)
-    metrics, records = evaluate(model, tok, problems, args.prompt, args.samples, temperature, args.top_p,
-                                args.max_new_tokens, args.batch, args.seed, progress=True, workers=args.workers)
     name = os.path.splitext(os.path.basename(args.data))[0]
     out = args.out or os.path.join(args.model, f"eval-{name}-{args.prompt}.jsonl")
-    data.write_jsonl(out, records)
-    print(f"{args.model} on {args.data} ({len(problems)} problems, {args.prompt}, {args.samples} sample(s) "
-          f"at T={temperature}):")
+    records = grade_in_parts(args, model, tok, problems, temperature, settings_of(args, temperature, dtype), out)
+    report(args, len(problems), temperature, metrics_of(records), records, out)
+
+
+def report(args, n, temperature, metrics, records, out):
+    print(f"{args.model} on {args.data} ({n} problems, {args.prompt}, {args.samples} sample(s) at T={temperature}):")
     for k, v in metrics.items():
         if not k.startswith("by_"):
             print(f"  {k:10s} {v:.4f}" if isinstance(v, float) else f"  {k:10s} {v}")

@@ -2,6 +2,7 @@
 answers (with a scripted model), and a real model end to end."""
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -245,3 +246,44 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "nope")], capture_output=True,
                        text=True, cwd=evaluate.os.path.dirname(evaluate.__file__), timeout=300)
     assert r.returncode != 0 and "nope/config.json: not found" in r.stderr
+
+
+def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(tok, tmp_path, monkeypatch):
+    """evaluate.py grades the set in parts, saving each part's records as it goes: run again after a stop in its
+    second part, it grades only the rest, and its predictions are those of one grade() call over the whole set
+    at another batch size, or of a rank's share (each sample's stream is its place in the set, not in the part);
+    a last line the stop cut short is graded again; a stopped run with other settings is refused by name."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(20)]
+    kw = dict(samples=2, temperature=1.0, max_new_tokens=6)
+    whole = evaluate.grade(model, tok, problems, batch=8, **kw)
+    assert evaluate.grade(model, tok, problems[1::2], index=range(1, 20, 2), **kw) == whole[1::2]
+    args = evaluate.parse_args(["--samples", "2", "--batch", "1", "--max-new-tokens", "6", "--workers", "1"])
+    out, settings = str(tmp_path / "pred.jsonl"), dict(model="m", seed=0)
+    grade, parts = evaluate.grade, []
+
+    def stopped_in_part(k):
+        def grade_part(*a, **kw):
+            parts.append(kw["index"])
+            if len(parts) == k:
+                raise KeyboardInterrupt
+            return grade(*a, **kw)
+        return grade_part
+    monkeypatch.setattr(evaluate, "grade", stopped_in_part(2))  # parts of 16 x 1 / 2 = 8 problems
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.grade_in_parts(args, model, tok, problems, 1.0, settings, out)
+    with open(out + ".partial", "a") as f:
+        f.write('{"question": "What is 8 + 1?", "gold": "9", "compl')  # a line the stop cut short
+    parts.clear()
+    monkeypatch.setattr(evaluate, "grade", stopped_in_part(0))
+    assert evaluate.grade_in_parts(args, model, tok, problems, 1.0, settings, out) == whole
+    assert parts == [range(8, 16), range(16, 20)]
+    assert [json.loads(line) for line in open(out)] == whole and not os.path.exists(out + ".partial")
+    evaluate.jsonl.write_jsonl(out + ".partial", [dict(settings=settings)] + whole[:3])
+    with pytest.raises(SystemExit, match=r"pred.jsonl.partial: a stopped evaluation with other settings \(seed\)"):
+        evaluate.grade_in_parts(args, model, tok, problems, 1.0, dict(settings, seed=1), out)
+    with pytest.raises(SystemExit, match="its problem 1 is not problem 1 of the data"):
+        evaluate.grade_in_parts(args, model, tok, problems[1:], 1.0, settings, out)
