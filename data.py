@@ -406,6 +406,16 @@ def _math(row):
     return out
 
 
+def _verl(row):
+    """verl's RL rows (DAPO-Math-17k, verl's own GSM8K and MATH files): the prompt a list of chat messages, the
+    answer reward_model.ground_truth. The question is the last user message as written, with any instruction
+    the set put in it; a system message is not kept (--chat-template --system gives one)."""
+    users = [m.get("content") for m in row["prompt"] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ValueError("the prompt has no user message")
+    return dict(question=users[-1], answer=_answer(row["reward_model"].get("ground_truth")))
+
+
 def read_rows(path, skip_bad=False, counts=None):
     """The rows of a .jsonl, .json (a list of objects) or .parquet file (with pyarrow installed)."""
     if not os.path.isfile(path):
@@ -454,7 +464,8 @@ def problems_and_held_out(args):
 
 def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
     """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH ({problem,
-    solution, level, type}, with or without an answer field), our own ({question, answer, cot, pot}), or rows
+    solution, level, type}, with or without an answer field), verl's ({prompt: [messages], reward_model:
+    {ground_truth}}), our own ({question, answer, cot, pot}), or rows
     whose question and answer fields are named (question_field, answer_field: a row's fields of those names are
     read as question and answer, then the row is recognised as the others are). Recognised per row."""
     counts = Counter()
@@ -470,9 +481,12 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
                 p = _gsm8k(row)
             elif "question" in row and "answer" in row:
                 p = {**row, "answer": _answer(row["answer"])}
+            elif isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):
+                p = _verl(row)
             else:
                 raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
-                                 "MATH (problem, solution), or name yours with --question-field/--answer-field")
+                                 "MATH (problem, solution), verl's (prompt messages, reward_model.ground_truth), "
+                                 "or name yours with --question-field/--answer-field")
             if not isinstance(p["question"], str) or not p["question"].strip():
                 raise ValueError(f"the question is {p['question']!r:.60}, not text")
             out.append(p)

@@ -83,6 +83,33 @@ def test_problems_under_other_names_with_answer_fields_and_in_parquet(tmp_path, 
         load_problems(path)
 
 
+
+def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
+    """verl's RL layout (DAPO-Math-17k, verl's GSM8K and MATH parquet files): the prompt a list of chat messages,
+    the answer reward_model.ground_truth. The question is the last user message as written, not the system one;
+    a ground truth that is not one answer, or a prompt without a user, is an error naming the problem."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+    rows = [{"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "a1"},
+             "prompt": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Solve 2 + 3.\nAnswer: $Answer"}],
+             "reward_model": {"ground_truth": "5", "style": "rule-lighteval/MATH_v2"}},
+            {"data_source": "openai/gsm8k", "ability": "math", "extra_info": {"index": "b2"},
+             "prompt": [{"role": "user", "content": "Q?"}], "reward_model": {"ground_truth": "72", "style": "rule"}}]
+    path = str(tmp_path / "dapo.parquet")
+    pq.write_table(pyarrow.Table.from_pylist(rows), path)
+    assert load_problems(path) == [{"question": "Solve 2 + 3.\nAnswer: $Answer", "answer": "5"},
+                                   {"question": "Q?", "answer": "72"}]
+    f = tmp_path / "verl.jsonl"
+    f.write_text(json.dumps(dict(rows[1], reward_model={"ground_truth": 7})) + "\n"
+                 + json.dumps(dict(rows[1], reward_model={"ground_truth": ["1", "2"]})) + "\n")
+    with pytest.raises(DataError, match=r"problem 2: the answer is \['1', '2'\]: expected text or a number"):
+        load_problems(str(f))
+    assert load_problems(str(f), skip_bad=True) == [{"question": "Q?", "answer": "7"}]
+    f.write_text(json.dumps(dict(rows[1], prompt=[{"role": "system", "content": "Q?"}])) + "\n")
+    with pytest.raises(DataError, match="problem 1: the prompt has no user message"):
+        load_problems(str(f))
+
 # -----------------------------------------------------------------------------
 # URLs, near duplicates, decontamination, quality
 
