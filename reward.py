@@ -214,16 +214,23 @@ def _scaled(number, word):
 
 
 ESCAPED = r"(?<!\\)\\\\(?=(?:frac|dfrac|tfrac|left|right|le|leq|ge|geq|lt|gt|sqrt|pi|text|in|cup|infty|cdot|pm)\b)"
+# A command whose backslash and first letter a string escape turned into a control character: "\frac" in a Python
+# literal that is not raw, or through a JSON writer, is a form feed then "rac". \a \b \f \v never stand in text;
+# a tab or carriage return only where a command's name goes on (\times, \text, \right)
+EATEN = re.compile("[\a\b\f\v](?=[a-zA-Z])|\t(?=(?:imes|ext|heta|frac|an|au|o|riangle)(?![a-z]))"
+                   "|\r(?=(?:ight|angle|ho)(?![a-z]))")
+EATEN_LETTER = {"\a": "a", "\b": "b", "\f": "f", "\v": "v", "\t": "t", "\r": "r"}
 
 
 def normalize(s):
     """Strip what does not change an answer: $, \\(\\), \\left/\\right, spacing commands, \\displaystyle, \\text around
     units, a trailing period, degree signs, dfrac/tfrac/cfrac, thousands separators (1,000 10{,}000 1,\\!000);
     spell percent as %, "and"/"or" between answers as commas, ";" as "," (but "p=5, q=2; p=7, q=2" as the pairs
-    (5, 2), (7, 2)), and read a doubly escaped command (\\\\frac, common in JSON-escaped golds) as one. One
-    spelling each for: number words (1.5 billion), the empty set, the real line (\\mathbb{R}, "all real
-    numbers", (-\\infty, +\\infty)), a base subscript (1011_{2}) and a mixed number with a space (2 1/2)."""
-    s = re.sub(ESCAPED, r"\\", _unwrap(s))
+    (5, 2), (7, 2)), and read a doubly escaped command (\\\\frac, common in JSON-escaped golds), or one whose
+    backslash an escape ate (EATEN), as one. One spelling each for: number words (1.5 billion), the empty set, the
+    real line (\\mathbb{R}, "all real numbers", (-\\infty, +\\infty)), a base subscript (1011_{2}) and a mixed
+    number with a space (2 1/2)."""
+    s = re.sub(ESCAPED, r"\\", _unwrap(EATEN.sub(lambda m: "\\" + EATEN_LETTER[m[0]], s)))
     s = re.sub(r"(\d+(?:\.\d+)?)\s*(?:\\text\s*\{\s*)?(" + "|".join(SCALE_WORDS) + r")s?\b\s*\}?",
                lambda m: _scaled(m[1], m[2]), s)  # 1.5 billion
     s = re.sub(r"(\d),\\!\s*(?=\d{3})", r"\1", s)  # 12,\!000
