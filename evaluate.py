@@ -292,6 +292,7 @@ def grade_in_parts(args, model, tok, problems, temperature, settings, out):
         right = sum(sum(r["correct"]) for r in records) / (len(records) * args.samples)
         bar.write(f"evaluate: {len(records)}/{n} problems, accuracy {100 * right:.1f}% so far, "
                   f"{common.eta(t0, len(records) - begun, n - len(records))}")
+        sys.stdout.flush()  # a log file sees each line as it is written
     bar.close()
     jsonl.write_jsonl(out, records)
     os.remove(partial)
