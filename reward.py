@@ -148,11 +148,17 @@ def _final_line(line):
 def extract_answer(text):
     """The final answer of a solution, in the order of the DeepSeekMath evaluation code: Minerva's "final answer
     is $...$", the last \\boxed{} (adjacent boxes joined), the text after "The answer is", GSM8K's "#### 42", then
-    a "Final Answer:" or "Answer:" line, the last ```output block. None when there is none (no last-number
-    fallback over the whole text: it rewards a guess that happens to end a text)."""
+    a "Final Answer:" or "Answer:" line, the last ```output block. A text in R1's format (<think>...</think>
+    <answer>...</answer>) is answered by its last <answer> tag alone: the answer it marks there, else all it holds.
+    None when there is none (no last-number fallback over the whole text: it rewards a guess that happens to end
+    a text)."""
     if not text:
         return None
     text = text[-MAX_TEXT:]
+    tags = list(re.finditer(r"<answer>(.*?)</answer>", text, re.S | re.I))
+    if tags:  # a box in the reasoning before the tag is not the answer
+        inner = tags[-1].group(1)
+        return extract_answer(inner) or _unwrap(inner)[:MAX_ANSWER] or None
     found = None
     m = list(re.finditer(r"final answer is\s*(?:" + MATH_SPAN + r"|([^$\n]+?))(?:\.?\s*I hope|\.\s|\.?\s*$)",
                          text, re.S | re.I))

@@ -194,6 +194,11 @@ EXTRACT = [
     ("\\boxed{3} or maybe I am wrong and it is \\boxed{4}", "4"),  # a sentence between, not a part's name
     ("Could it be \\boxed{3}? \\boxed{4}", "4"),
     ("\\boxed{3}\n$$1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 = 45$$\n\\boxed{4}", "4"),  # a long formula between
+    # R1's format: the last <answer> tag is the answer, what it marks (a box, "the answer is") or all it holds
+    ("<think>2 + 3 = \\boxed{5}? No: 6.</think>\n<answer>6</answer>", "6"),
+    ("<think>...</think><answer>The answer is $\\frac{1}{2}$.</answer>", "\\frac{1}{2}"),
+    ("<answer> $x = 3$ </answer>", "x = 3"), ("<answer>1</answer> no, <ANSWER>\\boxed{2}</ANSWER>", "2"),
+    ("<answer></answer> so \\boxed{4}", None),  # an empty tag answers nothing
 ]
 
 
