@@ -221,8 +221,8 @@ def _scaled(number, word):
 
 ESCAPED = r"(?<!\\)\\\\(?=(?:frac|dfrac|tfrac|left|right|le|leq|ge|geq|lt|gt|sqrt|pi|text|in|cup|infty|cdot|pm)\b)"
 # A command whose backslash and first letter a string escape turned into a control character: "\frac" in a Python
-# literal that is not raw, or through a JSON writer, is a form feed then "rac". \a \b \f \v never stand in text;
-# a tab or carriage return only where a command's name goes on (\times, \text, \right)
+# literal that is not raw, or in JSON typed with one backslash, is a form feed then "rac". \a \b \f \v never stand
+# in text; a tab or carriage return only where a command's name goes on (\times, \text, \right)
 EATEN = re.compile("[\a\b\f\v](?=[a-zA-Z])|\t(?=(?:imes|ext|heta|frac|an|au|o|riangle)(?![a-z]))"
                    "|\r(?=(?:ight|angle|ho)(?![a-z]))")
 EATEN_LETTER = {"\a": "a", "\b": "b", "\f": "f", "\v": "v", "\t": "t", "\r": "r"}

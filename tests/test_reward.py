@@ -142,8 +142,8 @@ EQUIV = [
     ("2.5 cm", "\\frac52 cm", True), ("\\frac{5}{2} \\text{ cm}", "2.5", True), ("\\frac{7}{2} inches", "3.5", True),
     ("\\frac{5}{2} cm", "2", False), ("3 \\cdot 3^{5}", "3^6", True), ("2^3 \\cdot 2^4", "128", True),
     ("3 \\cdot 3^{5}", "3^5", False),
-    # a command whose backslash an escape ate (a Python literal that is not raw, a JSON writer): "\frac" as a form
-    # feed then "rac", "\times" as a tab then "imes"; a tab elsewhere is still a space
+    # a command whose backslash an escape ate (a Python literal that is not raw, JSON with one backslash):
+    # "\frac" as a form feed then "rac", "\times" as a tab then "imes"; a tab elsewhere is still a space
     ("\x0crac{\\sqrt{17}}{17}", "\\frac{\\sqrt{17}}{17}", True), ("\x0crac{1}{3}", "\\frac{1}{2}", False),
     ("3\times 10^{4}", "30000", True), ("2\x07lpha", "2\\alpha", True), ("\\left(1, 2\right)", "(1, 2)", True),
     ("\x0bec{v}", "\\vec{v}", True), ("\tfrac{1}{2}", "0.5", True), ("5\text{ cm}", "5", True),
