@@ -27,7 +27,7 @@ import numpy as np
 
 from dedup import NearDupIndex, batched, decontaminate, drop_test_questions, minhash_dedup  # noqa: F401  (public)
 from jsonl import DataError, append_jsonl, read_jsonl, write_jsonl  # noqa: F401  (public here too)
-from reward import forked_pool, last_boxed  # a leaf (stdlib + sympy): MATH's answers read as the grader does
+from reward import extract_answer, forked_pool, last_boxed  # a leaf (stdlib + sympy): answers read as graded
 from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
 
@@ -390,17 +390,17 @@ def _gsm8k(row):
 
 def _math(row):
     """MATH's rows, and those that add a final answer field beside the solution (DeepScaleR, Open-R1's sets):
-    the answer field when there is one (the solution then ends with it boxed, as the reward reads), else the
-    solution's last boxed answer."""
+    the answer field when there is one, else the solution's last box (MATH's reading), else the answer it marks
+    as the grader reads it (MetaMathQA's "The answer is: 42"). A solution that boxes none ends with it boxed, as
+    the prompts ask."""
     solution = row["solution"]
-    if row.get("answer") not in (None, ""):
-        answer = _answer(row["answer"])
-        if last_boxed(solution) is None:
-            solution = f"{solution.rstrip()}\nThe answer is \\boxed{{{answer}}}."
-    else:
-        answer = last_boxed(solution)
-        if answer is None:
-            raise ValueError("solution has no \\boxed{...} answer and the row no answer field")
+    given = row.get("answer") not in (None, "")
+    answer = _answer(row["answer"]) if given else last_boxed(solution) or extract_answer(solution)
+    if answer is None:
+        raise ValueError("the solution marks no final answer (\\boxed{...}, 'The answer is ...') and the row has no "
+                         "answer field")
+    if last_boxed(solution) is None:
+        solution = f"{solution.rstrip()}\nThe answer is \\boxed{{{answer}}}."
     out = dict(question=row["question"] if "question" in row else row["problem"], answer=answer, cot=solution)
     out.update({k: row[k] for k in ("level", "type") if k in row})
     return out
@@ -443,12 +443,16 @@ def add_problem_args(ap):
     """The flags of every script that reads problems."""
     ap.add_argument("--question-field", help="the rows' question field, where it is not named question or problem")
     ap.add_argument("--answer-field", help="the rows' final-answer field, where it is not named answer")
+    ap.add_argument("--solution-field", help="the rows' worked-solution field (SFT's chain of thought; its final "
+                    "answer, boxed or after 'The answer is', when there is no answer field), where it is not named "
+                    "solution")
     ap.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines and problems")
 
 
 def problem_reader(args):
     """load_problems with the flags of add_problem_args."""
-    return lambda path: load_problems(path, args.question_field, args.answer_field, args.skip_bad)
+    return lambda path: load_problems(path, args.question_field, args.answer_field, args.solution_field,
+                                      skip_bad=args.skip_bad)
 
 
 def problems_and_held_out(args):
@@ -462,19 +466,20 @@ def problems_and_held_out(args):
     return problems, held_out, len(leaked)
 
 
-def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
+def load_problems(path, question_field=None, answer_field=None, solution_field=None, skip_bad=False):
     """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH ({problem,
     solution, level, type}, with or without an answer field), verl's ({prompt: [messages], reward_model:
-    {ground_truth}}), our own ({question, answer, cot, pot}), or rows
-    whose question and answer fields are named (question_field, answer_field: a row's fields of those names are
-    read as question and answer, then the row is recognised as the others are). Recognised per row."""
+    {ground_truth}}), our own ({question, answer, cot, pot}), or rows whose fields are named (question_field,
+    answer_field, solution_field: a row's fields of those names are read as question, answer and solution, then
+    the row is recognised as the others are: MetaMathQA's query and response, OpenMathInstruct-2's
+    generated_solution and expected_answer). Recognised per row."""
     counts = Counter()
     out = []
     for n, row in enumerate(read_rows(path, skip_bad, counts), 1):
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            row = _renamed(row, question_field, answer_field)
+            row = _renamed(row, question_field, answer_field, solution_field)
             if "solution" in row and ("problem" in row or "question" in row):
                 p = _math(row)
             elif "question" in row and isinstance(row.get("answer"), str) and "####" in row["answer"]:
@@ -486,7 +491,7 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
             else:
                 raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
                                  "MATH (problem, solution), verl's (prompt messages, reward_model.ground_truth), "
-                                 "or name yours with --question-field/--answer-field")
+                                 "or name yours with --question-field/--answer-field/--solution-field")
             if not isinstance(p["question"], str) or not p["question"].strip():
                 raise ValueError(f"the question is {p['question']!r:.60}, not text")
             out.append(p)
@@ -501,10 +506,10 @@ def load_problems(path, question_field=None, answer_field=None, skip_bad=False):
     return out
 
 
-def _renamed(row, question_field, answer_field):
-    """The row with its named question and answer fields, where it has them, under the names load_problems
-    recognises (a file without them, such as a held-out set in a known format, is read as it is)."""
-    for field, name in ((question_field, "question"), (answer_field, "answer")):
+def _renamed(row, question_field, answer_field, solution_field):
+    """The row with its named question, answer and solution fields, where it has them, under the names
+    load_problems recognises (a file without them, such as a held-out set in a known format, is read as it is)."""
+    for field, name in ((question_field, "question"), (answer_field, "answer"), (solution_field, "solution")):
         if field and field != name and field in row:
             row = {**{k: v for k, v in row.items() if k != field}, name: row[field]}
     return row

@@ -237,8 +237,8 @@ PART = 16
 def settings_of(args, temperature, dtype):
     """What the predictions depend on: a run may only go on from a stopped one with the same (--limit, --batch,
     --workers and --compile change none of them: samples are a function of their seed, stream and position)."""
-    keys = ("prompt", "samples", "top_p", "max_new_tokens", "seed", "question_field", "answer_field", "chat_template",
-            "system", "device")
+    keys = ("prompt", "samples", "top_p", "max_new_tokens", "seed", "question_field", "answer_field", "solution_field",
+            "chat_template", "system", "device")
     return dict(model=os.path.abspath(args.model), data=os.path.abspath(args.data), temperature=temperature,
                 dtype=str(dtype), **{k: getattr(args, k) for k in keys})
 

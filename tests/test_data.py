@@ -70,7 +70,7 @@ def test_problems_under_other_names_with_answer_fields_and_in_parquet(tmp_path, 
     assert got[2]["cot"] == "so \\boxed{2}" and got[3]["cot"] == "x = 3\nThe answer is \\boxed{3}."
     with pytest.raises(DataError, match=r"problem 1: unrecognised fields \['query', 'response'\]"):
         load_problems(str(f))  # the names not given
-    with pytest.raises(DataError, match="problem 2: solution has no .*answer field"):
+    with pytest.raises(DataError, match="problem 2: the solution marks no final answer .*no answer field"):
         f.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"problem": "P", "solution": "none"}) + "\n")
         load_problems(str(f))
     pq = pytest.importorskip("pyarrow.parquet")  # requirements-dev.txt has it; a user's install may not
@@ -82,6 +82,24 @@ def test_problems_under_other_names_with_answer_fields_and_in_parquet(tmp_path, 
     with pytest.raises(DataError, match="train.parquet: reading parquet needs pyarrow: pip install pyarrow"):
         load_problems(path)
 
+
+
+def test_a_named_solution_field_is_the_chain_of_thought(tmp_path):
+    """--solution-field: MetaMathQA's response (no box: its "The answer is: 42" is the answer, and the chain of
+    thought then ends with it boxed, as the prompts ask) and OpenMathInstruct-2's generated_solution beside its
+    expected_answer field."""
+    meta, omi = tmp_path / "metamath.jsonl", tmp_path / "omi.jsonl"
+    meta.write_text(json.dumps({"query": "Q?", "response": "6 * 7 = 42.\nThe answer is: 42", "type": "GSM_SV"}) + "\n")
+    omi.write_text(json.dumps({"problem": "P?", "generated_solution": "So $x = \\boxed{5}$.", "expected_answer": "5"})
+                   + "\n")
+    assert load_problems(str(meta), question_field="query", solution_field="response") == [
+        {"question": "Q?", "answer": "42", "cot": "6 * 7 = 42.\nThe answer is: 42\nThe answer is \\boxed{42}.",
+         "type": "GSM_SV"}]
+    with pytest.raises(DataError, match=r"problem 1: unrecognised fields \['question', 'response', 'type'\].*"
+                                        "--solution-field"):
+        load_problems(str(meta), question_field="query")
+    assert load_problems(str(omi), answer_field="expected_answer", solution_field="generated_solution") == [
+        {"question": "P?", "answer": "5", "cot": "So $x = \\boxed{5}$."}]
 
 
 def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
