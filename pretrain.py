@@ -173,6 +173,7 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((peak for piece, peak in PEAK_BF16 if piece in name), float("nan"))
 
+
 if __name__ == "__main__":
     with one_line_errors():
         main(parse_args())
