@@ -393,13 +393,13 @@ def _math(row):
     the answer field when there is one, else the solution's last box (MATH's reading), else the answer it marks
     as the grader reads it (MetaMathQA's "The answer is: 42"). A solution that boxes none ends with it boxed, as
     the prompts ask."""
-    solution = row["solution"]
-    given = row.get("answer") not in (None, "")
-    answer = _answer(row["answer"]) if given else last_boxed(solution) or extract_answer(solution)
+    solution, given = row["solution"], row.get("answer") not in (None, "")
+    boxed = last_boxed(solution)
+    answer = _answer(row["answer"]) if given else boxed or extract_answer(solution)
     if answer is None:
         raise ValueError("the solution marks no final answer (\\boxed{...}, 'The answer is ...') and the row has no "
                          "answer field")
-    if last_boxed(solution) is None:
+    if boxed is None:
         solution = f"{solution.rstrip()}\nThe answer is \\boxed{{{answer}}}."
     out = dict(question=row["question"] if "question" in row else row["problem"], answer=answer, cot=solution)
     out.update({k: row[k] for k in ("level", "type") if k in row})
