@@ -287,3 +287,36 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(to
         evaluate.grade_in_parts(args, model, tok, problems, 1.0, dict(settings, seed=1), out)
     with pytest.raises(SystemExit, match="its problem 1 is not problem 1 of the data"):
         evaluate.grade_in_parts(args, model, tok, problems[1:], 1.0, settings, out)
+
+
+def test_the_cli_stopped_by_sigterm_goes_on_and_shows_progress_as_it_goes(tok, tmp_path):
+    """The user's story end to end: each part's progress line reaches a pipe while the run goes on (flushed, not
+    held in a buffer to the end), SIGTERM stops it, and the same command finishes the set, saying where it went
+    on from, with the predictions of an uninterrupted run."""
+    import signal
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    model.save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(128)]
+    evaluate.data.write_jsonl(str(tmp_path / "p.jsonl"), problems)
+
+    def cli(out):  # parts of 16 x 1 / 2 = 8 problems: 16 parts
+        return [sys.executable, "evaluate.py", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "p.jsonl"),
+                "--samples", "2", "--batch", "1", "--max-new-tokens", "12", "--workers", "1", "--out", str(out)]
+    cwd = os.path.dirname(evaluate.__file__)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers, as a log file does
+    p = subprocess.Popen(cli(tmp_path / "stopped.jsonl"), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()
+    mid_run = (tmp_path / "stopped.jsonl.partial").exists() and not (tmp_path / "stopped.jsonl").exists()
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert first.startswith("evaluate: 8/128 problems") and mid_run, first  # not held back to the end
+    again = subprocess.run(cli(tmp_path / "stopped.jsonl"), cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert re.search(r"stopped.jsonl.partial: going on after the \d+ problems", again.stdout), again.stdout[:500]
+    whole = evaluate.grade(model, tok, problems, samples=2, temperature=0.7, max_new_tokens=12, batch=8)
+    assert [json.loads(line) for line in open(tmp_path / "stopped.jsonl")] == whole
