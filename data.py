@@ -416,6 +416,21 @@ def _verl(row):
     return dict(question=users[-1], answer=_answer(row["reward_model"].get("ground_truth")))
 
 
+def _chat(row):
+    """A conversation ({messages: [{role, content}, ...]}, Mixture-of-Thoughts' and most SFT sets' layout): the
+    last assistant message is the solution, the user message before it the question, read as MATH's rows are
+    (an answer field if the row has one, else the answer the solution marks)."""
+    turns = [m for m in row["messages"] if isinstance(m, dict)]
+    last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=None)
+    user = max((i for i, m in enumerate(turns[:last]) if m.get("role") == "user"), default=None) if last else None
+    if user is None:
+        raise ValueError("the messages hold no user message followed by an assistant's")
+    question, solution = turns[user].get("content"), turns[last].get("content")
+    if not isinstance(solution, str):
+        raise ValueError(f"the assistant's message is {solution!r:.60}, not text")
+    return _math({**row, "question": question, "solution": solution})
+
+
 def read_rows(path, skip_bad=False, counts=None):
     """The rows of a .jsonl, .json (a list of objects) or .parquet file (with pyarrow installed)."""
     if not os.path.isfile(path):
@@ -467,12 +482,13 @@ def problems_and_held_out(args):
 
 
 def load_problems(path, question_field=None, answer_field=None, solution_field=None, skip_bad=False):
-    """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH ({problem,
-    solution, level, type}, with or without an answer field), verl's ({prompt: [messages], reward_model:
-    {ground_truth}}), our own ({question, answer, cot, pot}), or rows whose fields are named (question_field,
-    answer_field, solution_field: a row's fields of those names are read as question, answer and solution, then
-    the row is recognised as the others are: MetaMathQA's query and response, OpenMathInstruct-2's
-    generated_solution and expected_answer). Recognised per row."""
+    """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH
+    ({problem, solution, level, type}, with or without an answer field), verl's ({prompt: [messages],
+    reward_model: {ground_truth}}), a conversation ({messages: [user, assistant]}), our own ({question, answer,
+    cot, pot}), or rows whose fields are named (question_field, answer_field, solution_field: a row's fields of
+    those names are read as question, answer and solution, then the row is recognised as the others are:
+    MetaMathQA's query and response, OpenMathInstruct-2's generated_solution and expected_answer). Recognised
+    per row."""
     counts = Counter()
     out = []
     for n, row in enumerate(read_rows(path, skip_bad, counts), 1):
@@ -488,10 +504,13 @@ def load_problems(path, question_field=None, answer_field=None, solution_field=N
                 p = {**row, "answer": _answer(row["answer"])}
             elif isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):
                 p = _verl(row)
+            elif isinstance(row.get("messages"), list):
+                p = _chat(row)
             else:
                 raise ValueError(f"unrecognised fields {sorted(row)}: expected GSM8K (question, answer with ####), "
                                  "MATH (problem, solution), verl's (prompt messages, reward_model.ground_truth), "
-                                 "or name yours with --question-field/--answer-field/--solution-field")
+                                 "messages (user, assistant), or name yours with "
+                                 "--question-field/--answer-field/--solution-field")
             if not isinstance(p["question"], str) or not p["question"].strip():
                 raise ValueError(f"the question is {p['question']!r:.60}, not text")
             out.append(p)

@@ -102,6 +102,28 @@ def test_a_named_solution_field_is_the_chain_of_thought(tmp_path):
         {"question": "P?", "answer": "5", "cot": "So $x = \\boxed{5}$."}]
 
 
+def test_a_conversation_is_the_last_assistant_message_and_the_user_one_before_it(tmp_path):
+    """{messages: [...]} (Mixture-of-Thoughts, most SFT sets): the last assistant message is the solution, the user
+    message before it the question, not a system message or an earlier turn; its answer is what it marks (a box
+    after R1's thinking), or an answer field beside the messages; a conversation without an answer is named."""
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Think first."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 + 3?"},
+                          {"role": "assistant", "content": "<think>2 + 3 = 5</think>\nSo \\boxed{5}."}]},
+            {"messages": [{"role": "user", "content": "6 * 7?"}, {"role": "assistant", "content": "It is 42."}],
+             "answer": "42", "source": "x"},
+            {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "no idea"}]},
+            {"messages": [{"role": "assistant", "content": "\\boxed{1}"}, {"role": "user", "content": "?"}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_problems(str(f), skip_bad=True) == [
+        {"question": "2 + 3?", "answer": "5", "cot": "<think>2 + 3 = 5</think>\nSo \\boxed{5}."},
+        {"question": "6 * 7?", "answer": "42", "cot": "It is 42.\nThe answer is \\boxed{42}."}]
+    with pytest.raises(DataError, match="problem 3: the solution marks no final answer"):
+        load_problems(str(f))
+    f.write_text(json.dumps(rows[3]) + "\n")
+    with pytest.raises(DataError, match="problem 1: the messages hold no user message followed by an assistant's"):
+        load_problems(str(f))
+
 def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
     """verl's RL layout (DAPO-Math-17k, verl's GSM8K and MATH parquet files): the prompt a list of chat messages,
     the answer reward_model.ground_truth. The question is the last user message as written, not the system one;
