@@ -212,11 +212,11 @@ def bench_sampler(args):
 
     import transformers
 
-    import data
+    import problem_sets
     import reward
     from tokenizer import Tokenizer
     tok = Tokenizer.load(args.init)
-    problems = data.load_problems(args.rl_data)[:args.questions]
+    problems = problem_sets.load_problems(args.rl_data)[:args.questions]
     questions = [p["question"] for p in problems for _ in range(args.samples)]
     golds = [p["answer"] for p in problems for _ in range(args.samples)]
     prompts = [engine.prompt_ids(tok, q) for q in questions]
@@ -262,10 +262,11 @@ def bench_gap(args):
     logprob_gap and --tis corrects), with the model in --dtype: the LM head's GEMM in that dtype, and in fp32 on
     both sides (--fp32-head): how much of the gap the head's rounding makes. --questions RL questions x
     --samples each, up to 96 new tokens at T = 1, from --init."""
-    import data
+    import problem_sets
     from tokenizer import Tokenizer
     tok = Tokenizer.load(args.init)
-    questions = [p["question"] for p in data.load_problems(args.rl_data)[:args.questions] for _ in range(args.samples)]
+    questions = [p["question"] for p in problem_sets.load_problems(args.rl_data)[:args.questions]
+                 for _ in range(args.samples)]
     model = Transformer.from_pretrained(args.init, dtype=getattr(torch, args.dtype), device=args.device).eval()
     print(f"{len(questions)} samples of {args.init} in {args.dtype} on {args.device}; |sampler - trainer| log-prob")
     for fp32_head in (False, True):
@@ -353,16 +354,17 @@ MATH_STYLE_ANSWERS = ["\\frac{1}{2}", "2\\sqrt{3}", "\\frac{\\sqrt{3}}{2}", "\\f
 def decontamination_drops():
     """Pages of real math text (sympy's docstrings) dropped by decontamination against 200 MATH-style problems
     whose questions and solutions are not on any page: with the bare final answers among the benchmark texts
-    (before) and without them (data.benchmark_texts)."""
+    (before) and without them (problem_sets.benchmark_texts)."""
     import sympy
 
     import data
+    import problem_sets
     pages = docstrings([os.path.dirname(sympy.__file__)])
     problems = [dict(question=f"Contest problem {i}: find the exact value asked for in part ({i % 7}) below.",
                      answer=a, cot=f"Working through problem {i} step by step, the value is $\\boxed{{{a}}}$.")
                 for i, a in enumerate(MATH_STYLE_ANSWERS * 10)]
-    before = data.decontaminate(pages, data.benchmark_texts(problems) + [p["answer"] for p in problems])
-    after = data.decontaminate(pages, data.benchmark_texts(problems))
+    before = data.decontaminate(pages, problem_sets.benchmark_texts(problems) + [p["answer"] for p in problems])
+    after = data.decontaminate(pages, problem_sets.benchmark_texts(problems))
     print(f"\ndecontamination of {len(pages)} sympy docstrings against 200 MATH-style problems: pages dropped "
           f"with bare answers matched {before.count(False)}, questions and solutions only {after.count(False)}")
 
@@ -615,10 +617,10 @@ def bench_grpo(args):
     import statistics
 
     import common
-    import data
     import engine
     import evaluate
     import grpo
+    import problem_sets
     from tokenizer import Tokenizer
     try:
         import transformers
@@ -630,8 +632,8 @@ def bench_grpo(args):
             raise SystemExit(f"bench.py grpo: {path} not found; `python sft.py` builds the toy's SFT model and data "
                              "(or pass --init, --rl-data and --eval-data)")
     tok = Tokenizer.load(args.init)
-    problems = data.load_problems(args.rl_data)
-    test = data.load_problems(args.eval_data)[:args.eval_problems]
+    problems = problem_sets.load_problems(args.rl_data)
+    test = problem_sets.load_problems(args.eval_data)[:args.eval_problems]
     d = common.Dist(0, 1, torch.device("cpu"))
     ours = grpo.parse_args([])  # the defaults both trainers run
     room = config_from_hf(args.init).max_seq_len - ours.max_new_tokens

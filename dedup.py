@@ -196,7 +196,7 @@ def decontaminate(texts, benchmark_texts, n=10):
     sub-string from the evaluation benchmarks", and matches benchmark texts shorter than 10 grams but of at least
     3 exactly; its benchmark texts are "questions or answers". We read "answers" as the worked solutions (for
     GSM8K and MATH the answer field is the solution) and pass questions and solutions, never bare final answers
-    (data.benchmark_texts): a final answer such as \\frac{1}{2} (words: frac 1 2) matched anywhere would drop
+    (problem_sets.benchmark_texts): a final answer such as \\frac{1}{2} (words: frac 1 2) matched anywhere would drop
     every page that contains that expression. We drop whole pages; "exact" matching of a short text we read as
     containment of its whole word sequence."""
     return _contains(texts, _gram_tables(benchmark_texts, n))

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import common
-import data
 import jsonl
+import problem_sets
 import reward
 from engine import PROMPTS, Decoder, add_chat_args, complete, use_chat_args
 from model import Transformer
@@ -217,7 +217,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
     ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
-    data.add_problem_args(ap)
+    problem_sets.add_problem_args(ap)
     add_chat_args(ap)
     ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,7 +303,7 @@ def main(args):
     for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
         if not os.path.isfile(path):
             raise SystemExit(f"{path}: not found ({what}); the toy files are built by `python grpo.py`")
-    read_problems = data.problem_reader(args)
+    read_problems = problem_sets.problem_reader(args)
     problems = read_problems(args.data)
     problems = problems[:args.limit] if args.limit else problems
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

@@ -63,6 +63,7 @@ import evaluate
 import lora
 import memory
 import ppo
+import problem_sets
 import reward
 import reward_model
 import sft
@@ -471,7 +472,7 @@ def setup(args):
         raise SystemExit(f"error: {e}") from None
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
-    problems, held_out, leaked = data.problems_and_held_out(args)
+    problems, held_out, leaked = problem_sets.problems_and_held_out(args)
     common.print0(d, f"{args.data}: {leaked} questions that contain a held-out one, dropped")
     config = replace(config_from_hf(args.init), fp32_head=args.fp32_head)  # π_θ's, π_ref's and the sampler's
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)

@@ -3,9 +3,9 @@ advantages, the update, what a run reports), and the combinations it refuses, ea
 import argparse
 
 import common
-import data
 import engine
 import lora
+import problem_sets
 from model import PRESETS
 
 # flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
@@ -23,7 +23,7 @@ def parse_args(argv=None):
     ap.add_argument("--init", default="out/toy/sft", help="the policy to start from (a Hugging Face directory)")
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="held-out problems")
-    data.add_problem_args(ap)
+    problem_sets.add_problem_args(ap)
     engine.add_chat_args(ap)
     ap.add_argument("--out", default="out/toy/grpo")
     ap.add_argument("--max-steps", type=int, default=80)

@@ -47,6 +47,7 @@ import common
 import data
 import engine
 import memory
+import problem_sets
 import reward
 import sft
 from model import Transformer, config_from_hf, packed_mask
@@ -628,7 +629,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data/problems/rl.jsonl", help="questions with answers")
     ap.add_argument("--eval-data", default="out/toy/data/problems/test.jsonl", help="the benchmark's test problems: "
                     "never sampled here")
-    data.add_problem_args(ap)
+    problem_sets.add_problem_args(ap)
     engine.add_chat_args(ap)
     ap.add_argument("--drift", metavar="DIR[@T]", help="also report on this policy's samples of the held-out "
                     "questions (a policy later than those trained on, as GRPO's will be)")
@@ -672,7 +673,7 @@ def main(args):
         common.require_model(path, toy.init, d, lambda: sft.main(sft.parse_args([])))
     tok = Tokenizer.load(sources[0][0])  # the policies share it
     engine.use_chat_args(tok, args)
-    problems, _, _ = data.problems_and_held_out(args)  # the benchmark's questions stay unseen by this model too
+    problems, _, _ = problem_sets.problems_and_held_out(args)  # the benchmark's questions stay unseen by this model too
     order = np.random.default_rng(args.seed).permutation(len(problems))[:args.questions]
     problems = [problems[i] for i in order]
     config = config_from_hf(args.init)

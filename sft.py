@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 import common
-import data
 import engine
 import evaluate
 import lora
 import memory
 import pretrain
+import problem_sets
 from model import Transformer, config_from_hf
 from tokenizer import Tokenizer
 
@@ -115,7 +115,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
     ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
                     "(default: 64 below 1B parameters, 32 above)")
-    data.add_problem_args(ap)
+    problem_sets.add_problem_args(ap)
     engine.add_chat_args(ap)
     return ap.parse_args(argv)
 
@@ -126,7 +126,7 @@ def main(args):
     common.require_model(args.init, parse_args([]).init, d, lambda: pretrain.main(pretrain.parse_args([])))
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
-    problems, held_out, leaked = data.problems_and_held_out(args)
+    problems, held_out, leaked = problem_sets.problems_and_held_out(args)
     common.print0(d, f"{args.data}: {leaked} problems whose question contains a held-out one, dropped")
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, micro_batch=(16, 4), gen_batch=(64, 32))

@@ -10,9 +10,9 @@ import sys
 import zlib
 
 import common
-import data
 import engine
 import grpo
+import problem_sets
 
 ANSWERS = {}  # question -> gold answer, from --data
 
@@ -60,7 +60,7 @@ if __name__ == "__main__":
     args = grpo.parse_args(sys.argv[1:])
     if args.group_size != 4:
         raise SystemExit("scripted_grpo.py scripts groups of 4: pass --group-size 4")
-    ANSWERS.update((p["question"], p["answer"]) for p in data.load_problems(args.data))
+    ANSWERS.update((p["question"], p["answer"]) for p in problem_sets.load_problems(args.data))
     engine.complete = scripted
     with common.one_line_errors():  # as grpo.py's own __main__
         grpo.main(args)

@@ -1,4 +1,4 @@
-"""data.py and toyworld.py: each stage on small inputs, bad input, and the toy pipeline end to end."""
+"""data.py, problem_sets.py and toyworld.py: each stage on small inputs, bad input, and the toy pipeline end to end."""
 import inspect
 import json
 import random
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import toyworld
-from data import (DataError, MathClassifier, Mixture, benchmark_texts, build, classify_with_expansion, decontaminate,
-                  drop_test_questions, TokenSource, load_problems, math_paths, minhash_dedup, normalize_url, parse_args,
+from data import (DataError, MathClassifier, Mixture, build, classify_with_expansion, decontaminate,
+                  drop_test_questions, TokenSource, math_paths, minhash_dedup, normalize_url, parse_args,
                   quality_issue, read_jsonl, run_stage, url_dedup, write_shards)
 from dedup import lsh_params, minhash_signatures
+from problem_sets import benchmark_texts, load_problems
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

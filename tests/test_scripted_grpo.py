@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import engine
+import problem_sets
 import reward
 from grpo import Batch, pack_rows, rule_steps, token_advantages
 from model import Transformer, config_from_hf, hf_layout
@@ -263,10 +264,9 @@ def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(ba
     import transformers
 
     import common
-    import data
     import grpo
     import scripted_grpo
-    answers = {p["question"]: p["answer"] for p in data.load_problems(str(problems))}
+    answers = {p["question"]: p["answer"] for p in problem_sets.load_problems(str(problems))}
     monkeypatch.setattr(scripted_grpo, "ANSWERS", answers)
     seen, clip = {}, common.clip_grad_norm
 

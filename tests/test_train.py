@@ -16,6 +16,7 @@ import data
 import engine
 import memory
 import pretrain
+import problem_sets
 import sft
 import toyworld
 from model import PRESETS, ModelConfig, Transformer
@@ -633,7 +634,7 @@ def test_wandb_missing_is_one_line_at_the_command_line(monkeypatch, capsys):
 
 def test_sft_loss_mask_covers_the_solution_only(data_dir):
     tok = Tokenizer.load(data_dir / "tokenizer")
-    prob = data.load_problems(str(data_dir / "train.jsonl"))[0]
+    prob = problem_sets.load_problems(str(data_dir / "train.jsonl"))[0]
     (ids, mask), (pot_ids, _) = sft.make_examples([prob], tok, ["cot", "pot"])
     prompt = tok.chat(engine.PROMPTS["cot"].format(question=prob["question"]))
     answer = tok.encode(" " + prob["cot"], eos=True)
@@ -681,7 +682,7 @@ def test_each_step_draws_its_batch_from_a_permutation_made_for_its_epoch():
 def test_pretrain_then_sft_chain_reports_held_out_accuracy(data_dir, tmp_path):
     r = run(["pretrain.py", "--data", str(data_dir), "--max-steps", "2", *TINY, "--out", str(tmp_path / "base")])
     assert r.returncode == 0, r.stderr[-2000:]
-    train = data.load_problems(str(data_dir / "train.jsonl"))
+    train = problem_sets.load_problems(str(data_dir / "train.jsonl"))
     long = [dict(p, cot=" ".join(["so"] * 600) + p["cot"]) for p in train[:2]]  # past the model's 512 positions
     data.write_jsonl(str(tmp_path / "train.jsonl"), train + long)
     r = run(["sft.py", "--init", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
