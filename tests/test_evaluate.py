@@ -13,6 +13,7 @@ import torch
 import common
 import engine
 import evaluate
+import jsonl
 from engine import Generation
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
@@ -232,7 +233,7 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     # the CLI on a saved model: predictions jsonl with one record per problem
     model.save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
-    evaluate.data.write_jsonl(str(tmp_path / "p.jsonl"), problems)
+    jsonl.write_jsonl(str(tmp_path / "p.jsonl"), problems)
     out = tmp_path / "pred.jsonl"
     r = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "m"),
                         "--data", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8", "--out", str(out)],
@@ -282,7 +283,7 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(to
     assert evaluate.grade_in_parts(args, model, tok, problems, 1.0, settings, out) == whole
     assert parts == [range(8, 16), range(16, 20)]
     assert [json.loads(line) for line in open(out)] == whole and not os.path.exists(out + ".partial")
-    evaluate.jsonl.write_jsonl(out + ".partial", [dict(settings=settings)] + whole[:3])
+    jsonl.write_jsonl(out + ".partial", [dict(settings=settings)] + whole[:3])
     with pytest.raises(SystemExit, match=r"pred.jsonl.partial: a stopped evaluation with other settings \(seed\)"):
         evaluate.grade_in_parts(args, model, tok, problems, 1.0, dict(settings, seed=1), out)
     with pytest.raises(SystemExit, match="its problem 1 is not problem 1 of the data"):
@@ -301,7 +302,7 @@ def test_the_cli_stopped_by_sigterm_goes_on_and_shows_progress_as_it_goes(tok, t
     model.save_pretrained(tmp_path / "m")
     tok.save(tmp_path / "m")
     problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(128)]
-    evaluate.data.write_jsonl(str(tmp_path / "p.jsonl"), problems)
+    jsonl.write_jsonl(str(tmp_path / "p.jsonl"), problems)
 
     def cli(out):  # parts of 16 x 1 / 2 = 8 problems: 16 parts
         return [sys.executable, "evaluate.py", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "p.jsonl"),
