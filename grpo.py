@@ -26,19 +26,19 @@ Algorithm 1 (§4.1.4), numbered as `main` numbers its comments:
     11              update π_θ to maximise J
     12      update the reward model with a replay of old data   (--rm-refresh: reward_model.refresh_reward_model)
 
-Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group
-whose rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR
-on a cosine from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant
-LR does not). Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO)
-or --std-scale batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated
-(DAPO), --oversample K (DAPO's dynamic sampling: groups whose rewards all agree are replaced by ones that carry
-signal), --online-rft (the paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's
-output joins the context, no loss on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's
-reward-model update), --advantage gae (PPO, the method GRPO replaces: line 9 from a value model instead of the
-group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref is the policy with its
-adapters off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss fused_kernels/'s,
-processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's advantages and value loss
-ppo.py's.
+Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's correction (as TRL), a group whose
+rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR on a cosine
+from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant LR does not).
+Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
+batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ratio
+sequence with --mu > 1 (GSPO: one ratio per output), --oversample K (DAPO's dynamic sampling: groups whose rewards
+all agree are replaced by ones that carry signal), --online-rft (the paper's §5.2.1 baseline), --prompt tool
+(tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a learned
+reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO replaces: line
+9 from a value model instead of the group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref
+is the policy with its adapters off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss
+fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's advantages
+and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -69,7 +69,8 @@ import reward_model
 import sft
 from fused_kernels import grpo_token_loss
 from grpo_cli import SIZE_DEFAULTS, parse_args
-from model import PRESETS, ModelConfig, config_from_hf, packed_mask
+from model import PRESETS, ModelConfig, config_from_hf
+from packing import micro_batches, pack_rows
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -153,11 +154,13 @@ def fixed_logprobs(model, batches, vocab_limit, d, args):
         return [b.logprobs(model, vocab_limit) for b in batches]
 
 
-def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
+def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale, log_ratio=None):
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
     lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss). old_logp None: π_old is π_θ itself
-    (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights."""
+    (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
+    log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
+    s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025)."""
     def token_loss(lp, rows):
         def flat(t):
             return t.reshape(-1)[rows]
@@ -166,6 +169,8 @@ def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
         adv = flat(b.advantages)
         if tis:
             adv = adv * tis_weights(old, flat(b.sampler_logp), flat(b.mask), tis)[0]
+        if log_ratio is not None:  # exp(lp - (lp - log s_i)) = s_i
+            old = lp - flat(log_ratio)
         w = flat(b.weights) * scale
         with torch.enable_grad():  # the kernel's own gradient, run inside the model's forward
             x = lp.detach().requires_grad_()
@@ -173,6 +178,16 @@ def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale):
             (loss * w).sum().backward()
         return loss.detach() * w, x.grad
     return token_loss
+
+
+def sequence_log_ratio(logp, old_logp, b):
+    """GSPO's log s_i = (1/|o_i|) Σ_t log π_θ(o_it)/π_old(o_it), the log of the geometric mean of o_i's ratios
+    over the tokens its model wrote, at each of them; 0 elsewhere. logp, old_logp: (b, T) -> (b, T)."""
+    seg = b.segment.clamp(min=0)  # completion k >= 1 of each row; the prompt and padding, masked, share 0
+    mask = b.mask.float()
+    sums = torch.zeros_like(mask).scatter_add_(1, seg, torch.where(b.mask, logp - old_logp, 0.0))
+    counts = torch.zeros_like(mask).scatter_add_(1, seg, mask)
+    return (sums / counts.clamp(min=1)).gather(1, seg) * mask
 
 
 def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis, vocab_limit, step, args, d):
@@ -188,9 +203,13 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
             policy.set_requires_gradient_sync(k == len(batches) - 1)
         old = old_logp[k] if old_logp is not None else None
         ref = ref_logp[k] if ref_logp is not None else None
-        token_loss = policy_token_loss(b, old, ref, clip, beta, tis, d.world / normaliser)  # × world: FSDP2
-        with common.autocast(d):  # averages gradients over ranks, which this undoes
-            total, logp = b.loss(policy, vocab_limit, token_loss)  # (), (b, T)
+        scale = d.world / normaliser  # × world: FSDP2 averages gradients over ranks, which this undoes
+        with common.autocast(d):
+            if args.ratio == "sequence" and old is not None:  # GSPO: each token's ρ is its sequence's
+                total, logp = b.loss(policy, vocab_limit, lambda lp: policy_token_loss(
+                    b, old, ref, clip, beta, tis, scale, sequence_log_ratio(lp, old, b)), sees_all=True)
+            else:
+                total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, clip, beta, tis, scale))
         total.backward()
         # what to log, from the same log-probs (no gradient)
         old, ref = (logp if x is None else x for x in (old, ref))
@@ -201,6 +220,8 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
             w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
             adv = adv * w
             sums["tis_weight"], sums["tis_cut"] = sums["tis_weight"] + (w * b.mask).sum(), sums["tis_cut"] + cut.sum()
+        if args.ratio == "sequence":  # the ratio the loss took: its sequence's
+            old = logp - sequence_log_ratio(logp, old, b)
         loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, *clip, beta)
         sums.update(loss=sums["loss"] + loss, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
                     neg_logp=sums["neg_logp"] - (logp * b.mask).sum())
@@ -227,14 +248,7 @@ def tis_weights(old_logp, sampler_logp, mask, cap):
 #     sequence (the paper)   weight 1/|o_i|   divided by the outputs         mean over outputs of their token mean
 #     token (DAPO)           weight 1         divided by the tokens          mean over all tokens
 #     constant (Dr. GRPO)    weight 1         divided by outputs x budget    no length bias either way
-
-
-def loss_weights(sampled, loss_norm):
-    """Per token of one completion, its weight in grpo_objective_sums: `sampled` (n,) bool marks the tokens
-    that carry loss; per sequence (the paper) each of them weighs 1/|o_i|, so that every output counts once
-    whatever its length; per token (DAPO) and constant (Dr. GRPO) each weighs 1."""
-    m = sampled.float()
-    return m / m.sum().clamp(min=1) if loss_norm == "sequence" else m
+# (the weights: packing.loss_weights)
 
 
 def loss_normaliser(loss_norm, n_seq, n_tok, max_new_tokens):
@@ -301,87 +315,6 @@ def token_advantages(comps, rewards, step_rewards, args):
     else:
         adv, n_zero_std = group_advantages(rewards.view(-1, G), scale)
     return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
-
-
-@dataclass
-class Row:
-    """One training row: a question's prompt once, then up to `pack` of its completions, each behind its own
-    copy of the prompt's last token, so that every position predicts one token (a completion's first token is
-    predicted from the prompt's end). A completion attends to the prompt and to itself, never to its neighbours,
-    and its positions restart after the prompt: its log-probs are those of prompt + completion alone, while the
-    prompt is computed once for all of them. With pack = 1 a row is the plain sequence prompt + completion.
-    All fields are lists of the row's length."""
-    inputs: list  # token ids fed in
-    targets: list  # the token each position predicts
-    positions: list  # RoPE positions
-    segment: list  # 0 on the shared prompt, k on completion k
-    weights: list  # loss weight of each target (loss_weights), 0 off the model's own tokens
-    advantages: list
-    sampler_logp: list  # the sampler's log π of each target (0 where it did not sample it)
-
-
-def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
-    """Rows of up to `pack` completions of one question each. comps come in groups of group_size outputs of one
-    question; per_token holds each completion's advantages (token_advantages)."""
-    rows = []
-    for g in range(0, len(comps), group_size):
-        for first in range(g, g + group_size, pack):
-            p = comps[first].prompt
-            n = len(p) - 1
-            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
-            for k, i in enumerate(range(first, min(first + pack, g + group_size)), 1):
-                c = comps[i]
-                live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
-                row.inputs += [p[-1]] + c.ids[:-1]
-                row.targets += c.ids
-                row.positions += range(n, n + len(c.ids))
-                row.segment += [k] * len(c.ids)
-                row.weights += loss_weights(torch.tensor(c.sampled, dtype=torch.bool) & live, loss_norm).tolist()
-                row.advantages += per_token[i].tolist()
-                row.sampler_logp += c.logprobs if c.logprobs is not None else [0.0] * len(c.ids)
-            rows.append(row)
-    return rows
-
-
-class Batch:
-    """Rows of similar length as right-padded tensors (b, T), one per field of Row, and `attn` (b, 1, T, T), the
-    keys each query sees (None when no row holds two completions: plain causal attention). Padding predicts the
-    pad id with weight 0 and sees the prompt and itself."""
-
-    def __init__(self, rows, pad_id, device):
-        T = max(len(r.inputs) for r in rows)
-
-        def pad(field, value, dtype):
-            return torch.tensor([getattr(r, field) + [value] * (T - len(r.inputs)) for r in rows], dtype=dtype,
-                                device=device)
-        self.inputs, self.targets = pad("inputs", pad_id, torch.long), pad("targets", pad_id, torch.long)
-        self.positions, segment = pad("positions", 0, torch.long), pad("segment", -1, torch.long)
-        self.weights, self.advantages = pad("weights", 0.0, torch.float32), pad("advantages", 0.0, torch.float32)
-        self.sampler_logp = pad("sampler_logp", 0.0, torch.float32)
-        self.mask = self.weights > 0  # (b, T): the model's own tokens
-        self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
-        self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
-        self.attn = packed_mask(segment)  # (b, 1, T, T): its prompt and itself; None if one completion a row
-
-    def logprobs(self, model, vocab_limit):
-        """log π(targets) (b, T) under `model`, over the tokenizer's ids only, without gradient (model.forward)."""
-        return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit)
-
-    def loss(self, model, vocab_limit, token_loss):
-        """(Σ token_loss, log π(targets) (b, T)): the training forward (model.loss), its gradient made in it."""
-        return model.loss(self.inputs, self.targets, token_loss, positions=self.positions, mask=self.attn,
-                          vocab_limit=vocab_limit)
-
-    def values(self, model):
-        """V(state) (b, T) under a value model: at each position, the value of the context its target is drawn
-        from."""
-        return model(self.inputs, positions=self.positions, mask=self.attn)
-
-
-def micro_batches(rows, size, pad_id, device):
-    """Batches of up to `size` rows of similar length: sorted by length, each padded to its own longest."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].inputs))
-    return [Batch([rows[i] for i in order[s:s + size]], pad_id, device) for s in range(0, len(order), size)]
 
 
 # -----------------------------------------------------------------------------

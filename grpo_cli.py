@@ -109,6 +109,10 @@ def add_update_args(ap):
     ap.add_argument("--no-std-scale", dest="std_scale", action="store_const", const="none", help="--std-scale none")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
+    ap.add_argument("--ratio", default="token", choices=["token", "sequence"], help="the ratio π_θ/π_old in the "
+                    "clip: per token (the paper), or per output, the geometric mean of its tokens' (GSPO, Zheng et "
+                    "al., 2025, whose paper clips at --clip-eps 3e-4 --clip-high 4e-4 with --beta 0); the same "
+                    "unless --mu > 1")
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
@@ -153,6 +157,9 @@ def check_args(ap, args):
                  "outputs (outcome), a process model their steps (process)")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
+    if args.ratio == "sequence" and args.mu < 2:
+        ap.error("--ratio sequence changes nothing at --mu 1, where π_old is π_θ and every ratio is 1: give --mu 2 or "
+                 "more")
     if args.rm_refresh and (args.reward == "rule" or len(args.reward_model or ()) > 1):
         ap.error("--rm-refresh retrains a reward model: give --reward orm|prm and one --reward-model")
     if args.reward == "prm" and args.prompt == "tool":

@@ -313,18 +313,24 @@ class Transformer(nn.Module):
         with self.head_precision(h):
             return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T)
 
-    def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None):
+    def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None, sees_all=False):
         """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the
         hidden states made here, in one pass over chunks of the logits (fused_kernels.hidden_token_loss: three
         GEMMs, the logits never whole), and the log-probs (B, T) in fp32 without gradient, for metrics.
         token_loss(logp (n,), rows) -> (loss (n,), d loss / d logp (n,)) for the flattened (B·T) positions `rows`
-        (a slice). Under FSDP2 this is a forward like forward (common.build_model registers it). vocab_limit,
-        positions, mask: as forward."""
+        (a slice). sees_all: a token's loss depends on other tokens' log-probs (GSPO's ratio: a mean over its
+        sequence), so token_loss is instead a function of all of them, (B, T) without gradient, that returns the
+        token loss; they are read first from the same hidden states (a fourth GEMM). Under FSDP2 this is a forward
+        like forward (common.build_model registers it). vocab_limit, positions, mask: as forward."""
         if self.config.head == "score" or self.lm_head.bias is not None:
             raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
         h = self.hidden(tokens, positions, mask)
         with self.head_precision(h):
-            return hidden_token_loss(*self.head_inputs(h, vocab_limit), targets, token_loss)
+            h, w = self.head_inputs(h, vocab_limit)
+            if sees_all:
+                with torch.no_grad():
+                    token_loss = token_loss(hidden_logprobs(h, w, targets))
+            return hidden_token_loss(h, w, targets, token_loss)
 
     def logits(self, h, vocab_limit=None):
         """The LM head's logits of hidden states h (..., C) over the first vocab_limit ids: what forward returns

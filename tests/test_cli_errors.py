@@ -94,6 +94,7 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--rm-refresh", "5", "--reward", "orm", "--reward-model", "a", "b"], "one --reward-model"),
     (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
+    (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):
     import grpo

@@ -14,9 +14,10 @@ import torch
 import common
 import engine
 import reward
-from grpo import (Batch, draw, group_advantages, groups_with_signal, grpo_objective_sums, loss_weights,
-                  micro_batches, pack_rows, policy_token_loss, process_advantages, tis_weights, token_advantages)
+from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, policy_token_loss,
+                  process_advantages, tis_weights, token_advantages)
 from model import ModelConfig, Transformer
+from packing import Batch, loss_weights, micro_batches, pack_rows
 from reward_model import token_index
 from tokenizer import Tokenizer
 
@@ -230,6 +231,80 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
             torch.testing.assert_close(c, a.float(), atol=1e-6, rtol=1e-4)
 
 
+class GradientsOf:
+    """An optimizer that keeps the gradients it is asked to step on (grpo_update zeroes them after)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.model.parameters()]
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("tis", [0.0, 2.0])
+def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
+    """--ratio sequence (GSPO-token, Zheng et al., 2025) through grpo_update, packed 3 completions a row, against
+    every completion run alone in float64: s_i = exp(mean_t log π_θ/π_old) over the tokens its model wrote (a
+    tool's output is not), ρ_it = s_i π_θ/sg[π_θ], loss -min(ρÂ, clip(ρ)Â) + β k3 weighted 1/|o_i|. π_old is π_θ
+    moved per output and per token, so that each s_i differs from its tokens' ratios, and two outputs' s_i fall
+    outside the clip [0.8, 1.28] on the side that binds. With --tis, Â_t is weighted by min(π_old/π_sampler, C) of
+    its token, π_old's own, not the sequence's ratio."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
+    model.init_weights()
+    sampled = ([True, True, False, True], [True, True], [True] * 6, [True], [True] * 3, [True, True])
+    comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
+             zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
+            [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # Â's sign per output
+    shift = torch.tensor([-0.5, 0.4, 0.1, 0.0, 0.3, -0.1])  # log π_old - log π_θ, per output: s_i about e^-shift
+    per_token = [sign[i] * (0.5 + torch.rand(len(c.ids))) for i, c in enumerate(comps)]
+    noise = [0.2 * torch.randn(len(c.ids)) for c in comps]
+    noise = [n - n[torch.tensor(c.sampled)].mean() for n, c in zip(noise, comps)]  # so that s_i = e^-shift
+    clip, beta = (0.2, 0.28), 0.04
+    expected, clipped = 0.0, 0
+    for c, adv, sh, nz in zip(comps, per_token, shift, noise):
+        logits = model(torch.tensor([c.prompt + c.ids]))[0, len(c.prompt) - 1:-1]
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        mine = torch.tensor(c.sampled)
+        old, ref = lp.detach() + sh + nz, lp.detach() - 0.1
+        sampler = lp.detach() + 0.8 * torch.randn(len(c.ids), dtype=torch.float64)
+        c.logprobs = torch.where(mine, sampler, 0.0).tolist()
+        s = torch.exp((lp.detach() - old)[mine].mean())
+        rho = s * torch.exp(lp - lp.detach())
+        adv = adv.double() * (torch.exp(old - sampler).clamp(max=tis) if tis else 1.0)
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        per = -torch.min(rho * adv, rho.clamp(1 - clip[0], 1 + clip[1]) * adv) + beta * kl
+        expected = expected + (per * mine).sum() / mine.sum()
+        clipped += int(mine.sum()) * bool((s > 1 + clip[1] and adv[0] > 0) or (s < 1 - clip[0] and adv[0] < 0))
+    model.zero_grad()
+    expected.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert clipped == 3 + 2  # outputs 0 (s = e^0.5, Â > 0) and 1 (e^-0.4, Â < 0); not 4 nor 5 (e^-0.3, Â > 0;
+    # e^0.1, Â < 0): there the clip does not bind
+
+    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
+    with torch.no_grad():
+        now = b.logprobs(model, None)
+    old, ref = now.clone(), now - 0.1
+    for r in range(len(b.segment)):  # each output found by its tokens (micro_batches orders rows by length)
+        for k in range(1, 4):
+            where = (b.segment[r] == k).nonzero()[:, 0]
+            [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
+            old[r, where] += shift[i] + noise[i]
+    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="sequence", grad_clip=1e9, out="-")
+    opt = GradientsOf(model)
+    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
+    assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert sums["clipped"] == clipped
+    for got, w in zip(opt.grads, want):
+        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+
+
 def test_micro_batches_group_similar_lengths_and_trim_to_their_longest():
     comps = [engine.Completion([1, 2], [3] * n, [True] * n, True, "") for n in (4, 8, 2, 7, 3)]
     rows = pack_rows(comps, [torch.zeros(len(c.ids)) for c in comps], 1, 1, False, "sequence")
@@ -419,7 +494,7 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
 
 
 @pytest.mark.parametrize("flags", [
-    ("--online-rft", "--beta", "0", "--mu", "2", "--loss-norm", "token", "--mask-truncated"),
+    ("--online-rft", "--beta", "0", "--mu", "2", "--ratio", "sequence", "--loss-norm", "token", "--mask-truncated"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1"),
     ("--oversample", "3", "--supervision", "process", "--fp32-head"),
 ])

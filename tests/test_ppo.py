@@ -8,7 +8,7 @@ import torch
 
 import common
 from engine import Completion
-from grpo import micro_batches, pack_rows
+from packing import micro_batches, pack_rows
 from ppo import advantages, gae, outcome_at_end, update_value, value_loss_sum
 from test_grpo import grpo_args, run
 from test_scripted_grpo import problems, scripted_args  # noqa: F401 (problems: a fixture)

@@ -12,8 +12,9 @@ import torch
 import engine
 import problem_sets
 import reward
-from grpo import Batch, pack_rows, rule_steps, token_advantages
+from grpo import rule_steps, token_advantages
 from model import Transformer, config_from_hf, hf_layout
+from packing import Batch, pack_rows
 from test_grpo import run, train_rows
 from tokenizer import Tokenizer
 
