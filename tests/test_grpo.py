@@ -255,7 +255,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
     model.init_weights()
-    sampled = ([True, True, False, True], [True, True], [True] * 6, [True], [True] * 3, [True, True])
+    sampled = ([True] * 4, [True, True], [True, True, False, True, True, True], [True], [True] * 3, [True, True])
     comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
              zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
             [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
@@ -284,7 +284,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     expected.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    assert clipped == 3 + 2  # outputs 0 (s = e^0.5, Â > 0) and 1 (e^-0.4, Â < 0); not 4 nor 5 (e^-0.3, Â > 0;
+    assert clipped == 4 + 2  # outputs 0 (s = e^0.5, Â > 0) and 1 (e^-0.4, Â < 0); not 4 nor 5 (e^-0.3, Â > 0;
     # e^0.1, Â < 0): there the clip does not bind
 
     [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
