@@ -84,9 +84,11 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
 
 def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path):
     """Rollouts that do not depend on the rank: 1 process, 2 and 4 FSDP2 gloo ranks report the same loss, KL,
-    gradient norm and rewards at each step and end with the same weights."""
+    gradient norm and rewards at each step and end with the same weights; two updates a batch, the second with
+    GSPO's ratio per output (each rank's log-probs read first, inside FSDP2's forward)."""
     from safetensors.torch import load_file
-    flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0")
+    flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0", "--mu", "2",
+             "--ratio", "sequence")
     for world in (1, 2, 4):
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
         r = run([*launch, *scripted_args(base, problems, tmp_path / str(world), *flags)])
