@@ -1,4 +1,5 @@
 """data.py, problem_sets.py and toyworld.py: each stage on small inputs, bad input, and the toy pipeline end to end."""
+import argparse
 import inspect
 import json
 import random
@@ -12,7 +13,8 @@ from data import (DataError, MathClassifier, Mixture, build, classify_with_expan
                   drop_test_questions, TokenSource, math_paths, minhash_dedup, normalize_url, parse_args,
                   quality_issue, read_jsonl, run_stage, url_dedup, write_shards)
 from dedup import lsh_params, minhash_signatures
-from problem_sets import benchmark_texts, load_problems
+from jsonl import write_jsonl
+from problem_sets import benchmark_texts, load_problems, problems_and_held_out
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -31,7 +33,7 @@ def test_malformed_jsonl_names_file_and_line_or_is_counted(tmp_path):
         list(read_jsonl(str(tmp_path / "missing.jsonl")))
 
 
-def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path):
+def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path, capsys):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text(json.dumps({"question": "Q?", "answer": "She has 48/2 = <<48/2=24>>24.\n#### 1,234"}) + "\n")
     p = load_problems(str(gsm))[0]
@@ -49,6 +51,15 @@ def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path):
     gen.write_text(json.dumps({"question": "Is it?", "answer": True}) + "\n")  # JSON's true is not the answer "True"
     with pytest.raises(DataError, match="problem 1: the answer is True: expected text or a number"):
         load_problems(str(gen))
+    gen.write_text(json.dumps({"question": "Q?", "answer": " "}) + "\n" + json.dumps({"question": "\n", "answer": "1"})
+                   + "\n" + json.dumps({"question": "R?", "answer": 2}) + "\n")
+    with pytest.raises(DataError, match="problem 1: the answer is ' ': expected text or a number"):
+        load_problems(str(gen))
+    assert load_problems(str(gen), skip_bad=True) == [{"question": "R?", "answer": "2"}]  # problem 2: no question
+    assert "mine.jsonl: 2 bad lines or problems skipped (--skip-bad)" in capsys.readouterr().err
+    one = tmp_path / "one.json"  # a .json file may hold one object rather than a list of them
+    one.write_text(json.dumps({"question": "Q?", "answer": "5"}))
+    assert load_problems(str(one)) == [{"question": "Q?", "answer": "5"}]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="no problems"):
@@ -111,7 +122,8 @@ def test_a_conversation_is_the_last_assistant_message_and_the_user_one_before_it
     rows = [{"messages": [{"role": "system", "content": "Think first."}, {"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 + 3?"},
                           {"role": "assistant", "content": "<think>2 + 3 = 5</think>\nSo \\boxed{5}."}]},
-            {"messages": [{"role": "user", "content": "6 * 7?"}, {"role": "assistant", "content": "It is 42."}],
+            {"messages": [{"role": "user", "content": "6 * 7?"}, {"role": "assistant", "content": "It is 42."},
+                          {"role": "user", "content": "Thanks!"}],  # a turn after the last answer: not the question
              "answer": "42", "source": "x"},
             {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "no idea"}]},
             {"messages": [{"role": "assistant", "content": "\\boxed{1}"}, {"role": "user", "content": "?"}]}]
@@ -124,6 +136,11 @@ def test_a_conversation_is_the_last_assistant_message_and_the_user_one_before_it
     f.write_text(json.dumps(rows[3]) + "\n")
     with pytest.raises(DataError, match="problem 1: the messages hold no user message followed by an assistant's"):
         load_problems(str(f))
+    parts = [{"type": "text", "text": "\\boxed{1}"}]  # a multimodal message's parts: not read as text
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": parts}]})
+                 + "\n")
+    with pytest.raises(DataError, match="problem 1: the assistant's message is \\[{'type': 'text'.*, not text"):
+        load_problems(str(f))
 
 def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
     """verl's RL layout (DAPO-Math-17k, verl's GSM8K and MATH parquet files): the prompt a list of chat messages,
@@ -132,7 +149,8 @@ def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow
     rows = [{"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "a1"},
-             "prompt": [{"role": "system", "content": "Be brief."},
+             "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Solve 1 + 1."},
+                        {"role": "assistant", "content": "2"},
                         {"role": "user", "content": "Solve 2 + 3.\nAnswer: $Answer"}],
              "reward_model": {"ground_truth": "5", "style": "rule-lighteval/MATH_v2"}},
             {"data_source": "openai/gsm8k", "ability": "math", "extra_info": {"index": "b2"},
@@ -299,7 +317,7 @@ def test_decontamination_matches_questions_and_solutions_not_bare_answers():
     assert decontaminate(pages, benchmark_texts(problems)) == [True, True, False, False]
 
 
-def test_training_problems_that_contain_a_test_question_are_dropped():
+def test_training_problems_that_contain_a_test_question_are_dropped(tmp_path):
     test = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7")]
     train = [dict(question="Tom has 12 apples and gives away 5. How many apples does Tom have left?", answer="7"),
              dict(question="Warm-up. Tom has 12 apples and gives away 5. How many apples does tom have LEFT?",
@@ -308,6 +326,14 @@ def test_training_problems_that_contain_a_test_question_are_dropped():
              dict(question="Ann has 12 apples and gives away 5. How many apples does Ann have left?", answer="7")]
     kept, removed = drop_test_questions(train, test)
     assert [p["answer"] for p in kept] == ["8", "7"] and len(removed) == 2  # same template, other problem: kept
+    # as the trainers read them: --data less what contains --eval-data's; no such held-out file, nothing dropped
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    write_jsonl(str(tmp_path / "test.jsonl"), test)
+    args = argparse.Namespace(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "test.jsonl"),
+                              question_field=None, answer_field=None, solution_field=None, skip_bad=False)
+    assert problems_and_held_out(args) == (kept, test, 2)
+    args.eval_data = str(tmp_path / "missing.jsonl")
+    assert problems_and_held_out(args) == (train, [], 0)
 
 
 @pytest.mark.parametrize("text,why", [
