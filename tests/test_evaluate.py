@@ -139,6 +139,56 @@ def test_held_out_metrics_are_means_over_problems_not_over_ranks(tok, monkeypatc
     assert sum(terms) == pytest.approx(9 / 12)
 
 
+def test_held_out_metrics_on_ranks_sample_what_one_process_samples(tok, monkeypatch):
+    """At T > 0 each rank draws problem j's samples from the streams of j's place in the whole set, so 2 ranks'
+    terms add up to one process's metrics, sample for sample (a random model answers nothing: a stand-in verdict
+    reads the sampled text here, right when its length is even)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    problems = [dict(question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(6)]
+    monkeypatch.setattr(evaluate.reward, "batch_rewards", lambda texts, golds, workers=1: [
+        float(len(t) % 2 == 0) for t in texts])
+    kw = dict(samples=4, temperature=1.0, max_new_tokens=8)
+    whole = evaluate.held_out_metrics(model, tok, problems, common.Dist(0, 1, torch.device("cpu")), **kw)
+    monkeypatch.setattr(common, "all_sum", lambda d, x: x)
+    terms = [evaluate.held_out_metrics(model, tok, problems, common.Dist(r, 2, torch.device("cpu")), **kw)
+             for r in range(2)]
+    assert 0 < whole["accuracy"] < 1
+    assert {k: terms[0][k] + terms[1][k] for k in whole} == pytest.approx(whole)
+
+
+def test_metrics_by_type_and_level_whatever_the_levels_are_written_as():
+    """MATH writes levels as "Level 3" (and "Level ?"), other sets as numbers: each is a group by its text."""
+    def record(correct, **kw):
+        return dict(correct=correct, answers=["1" if c else "2" for c in correct], **kw)
+    records = [record([True, False], type="Algebra", level="Level 1"), record([True, True], type="Algebra", level=3),
+               record([False, False], type="Geometry", level=3), record([True, False], level="Level ?")]
+    m = evaluate.metrics_of(records)
+    assert m["accuracy"] == pytest.approx((0.5 + 1 + 0 + 0.5) / 4) and m["pass@2"] == pytest.approx(3 / 4)
+    assert {g: v["accuracy"] for g, v in m["by_level"].items()} == {"3": 0.5, "Level 1": 0.5, "Level ?": 0.5}
+    assert {g: (v["problems"], v["maj@2"]) for g, v in m["by_type"].items()} == {"Algebra": (2, 1.0),
+                                                                                  "Geometry": (1, 0.0)}
+
+
+def test_what_a_stopped_evaluation_must_share_to_go_on():
+    """The flags that change a prediction are in its settings (a run goes on only from one with the same); the
+    size of the set, the batch, the grading workers, compiling and the output's name change none."""
+    def settings(*flags, temperature=0.0, dtype=torch.float32):
+        return evaluate.settings_of(evaluate.parse_args(list(flags)), temperature, dtype)
+    base = settings()
+    for flags in (["--model", "other"], ["--data", "other.jsonl"], ["--prompt", "tool"], ["--samples", "4"],
+                  ["--top-p", "0.9"], ["--max-new-tokens", "9"], ["--seed", "1"], ["--question-field", "q"],
+                  ["--answer-field", "a"], ["--solution-field", "s"], ["--chat-template"], ["--system", "Hi."],
+                  ["--device", "cuda"]):
+        assert settings(*flags) != base, flags
+    assert settings(temperature=0.7) != base and settings(dtype=torch.bfloat16) != base
+    for flags in (["--limit", "5"], ["--batch", "8"], ["--workers", "3"], ["--compile"], ["--out", "p.jsonl"],
+                  ["--skip-bad"]):
+        assert settings(*flags) == base, flags
+
+
 def test_padded_vocab_rows_are_never_sampled(tok):
     """DeepSeek-Math's head has 102,400 rows for 100,015 tokenizer ids: one sampled padding id would make
     decode raise on that rank. Here the padding rows are made the likeliest by far."""
@@ -288,6 +338,9 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(to
         evaluate.grade_in_parts(args, model, tok, problems, 1.0, dict(settings, seed=1), out)
     with pytest.raises(SystemExit, match="its problem 1 is not problem 1 of the data"):
         evaluate.grade_in_parts(args, model, tok, problems[1:], 1.0, settings, out)
+    mended = [dict(problems[0], answer="2.0")] + problems[1:]  # the same question with its answer written anew
+    with pytest.raises(SystemExit, match="its problem 1 is not problem 1 of the data"):
+        evaluate.grade_in_parts(args, model, tok, mended, 1.0, settings, out)
 
 
 def test_the_cli_stopped_by_sigterm_goes_on_and_shows_progress_as_it_goes(tok, tmp_path):
