@@ -531,6 +531,8 @@ def config_from_hf(path) -> ModelConfig:
                               f"{', '.join(HF_ARCHITECTURES)})")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise CheckpointError(f"{file}: attention_bias/mlp_bias are not supported (only Qwen2's q/k/v biases)")
+    if c.get("hidden_act", "silu") != "silu":  # the MLP is SwiGLU: another activation would run as silu, silently
+        raise CheckpointError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if k not in c]
     if missing:

@@ -167,6 +167,10 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="attention_bias/mlp_bias are not supported"):
         Transformer.from_pretrained(tmp_path)
 
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))  # weights that load, but
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):  # would compute another function
+        Transformer.from_pretrained(tmp_path)
+
     reward = {**cfg, "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "bad", "1": "good"}}
     (tmp_path / "config.json").write_text(json.dumps(reward))
     with pytest.raises(CheckpointError, match="a sequence classifier with 2 labels; a reward model has one"):
