@@ -12,7 +12,7 @@ from model import packed_mask
 
 
 def loss_weights(sampled, loss_norm):
-    """Per token of one completion, its weight in GRPO's loss sum (grpo.grpo_objective_sums, which says what
+    """Per token of one completion, its weight in GRPO's loss sum (grpo.grpo_objective_sums; grpo.loss_normaliser
     divides the sum): `sampled` (n,) bool marks the tokens that carry loss; per sequence (the paper) each of them
     weighs 1/|o_i|, so that every output counts once whatever its length; per token (DAPO) and constant
     (Dr. GRPO) each weighs 1."""
