@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from dedup import NearDupIndex, batched, decontaminate, drop_test_questions, minhash_dedup  # noqa: F401  (public)
+from dedup import NearDupIndex, batched, decontaminate, minhash_dedup  # noqa: F401  (public)
 from jsonl import DataError, append_jsonl, read_jsonl, write_jsonl  # noqa: F401  (public here too)
 from problem_sets import benchmark_texts, load_problems
 from reward import forked_pool  # a leaf (stdlib + sympy)

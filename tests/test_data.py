@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import toyworld
-from data import (DataError, MathClassifier, Mixture, build, classify_with_expansion, decontaminate,
-                  drop_test_questions, TokenSource, math_paths, minhash_dedup, normalize_url, parse_args,
-                  quality_issue, read_jsonl, run_stage, url_dedup, write_shards)
-from dedup import lsh_params, minhash_signatures
+from data import (DataError, MathClassifier, Mixture, build, classify_with_expansion, decontaminate, TokenSource,
+                  math_paths, minhash_dedup, normalize_url, parse_args, quality_issue, read_jsonl, run_stage,
+                  url_dedup, write_shards)
+from dedup import drop_test_questions, lsh_params, minhash_signatures
 from jsonl import write_jsonl
 from problem_sets import benchmark_texts, load_problems, problems_and_held_out
 from tokenizer import Tokenizer
