@@ -127,6 +127,13 @@ def token_logprob(logits, tok):
     return logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
 
 
+def entropy(logits):
+    """The entropy of softmax(logits) per row, in nats: Σ -p log p, each term >= 0 (lse - Σ p·x would cancel
+    to noise on a near-certain row)."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 # -----------------------------------------------------------------------------
 # The decoder: shared prefill, continuous batching in a static cache
 
@@ -136,13 +143,15 @@ class Generation:
     tokens: list  # per prompt, the new token ids, ending with the EOS or stop token if it stopped
     finished: list  # per prompt, True if it stopped on EOS or a stop string, False if cut at its budget
     logprobs: list  # per prompt and token, log π(token) under the untempered model, over the ids it may sample
+    entropies: list  # per prompt and token, the entropy of that distribution where the token was drawn
 
 
 @dataclass
 class _Rows:
     """What the decoder keeps on the device for each of its R rows: the KV cache (R rows of S positions), the
     row's last token, the position the next one goes to, how many it has written, its random numbers (one per
-    token it may write, drawn when the row is given its sequence) and its tokens and log-probs (W of each)."""
+    token it may write, drawn when the row is given its sequence) and its tokens, their log-probs and the
+    entropies they were drawn at (W of each)."""
     cache: KVCache
     cur: torch.Tensor  # (R,) int64
     pos: torch.Tensor  # (R,) int64
@@ -150,13 +159,15 @@ class _Rows:
     u: torch.Tensor  # (R, W) float32
     out: torch.Tensor  # (R, W) int64
     out_lp: torch.Tensor  # (R, W) float32
+    out_ent: torch.Tensor  # (R, W) float32
 
     @classmethod
     def empty(cls, config, rows, length, width, dtype, device):
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
         return cls(KVCache.empty(config, rows, length, dtype, device), z(rows), z(rows), z(rows),
-                   z(rows, width, dtype=torch.float32), z(rows, width), z(rows, width, dtype=torch.float32))
+                   z(rows, width, dtype=torch.float32), z(rows, width), z(rows, width, dtype=torch.float32),
+                   z(rows, width, dtype=torch.float32))
 
     @property
     def shape(self):
@@ -164,7 +175,8 @@ class _Rows:
         return self.out.shape[0], self.cache.k[0].shape[2], self.out.shape[1]
 
     def tensors(self):
-        return [*self.cache.k, *self.cache.v, self.cur, self.pos, self.count, self.u, self.out, self.out_lp]
+        return [*self.cache.k, *self.cache.v, self.cur, self.pos, self.count, self.u, self.out, self.out_lp,
+                self.out_ent]
 
     def keep(self, idx):
         """Rows idx (a tensor) moved to the front, in order, in place (compaction)."""
@@ -172,9 +184,11 @@ class _Rows:
             t[:len(idx)] = t[idx]
 
 
-def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature, top_k, top_p, vocab_limit):
+def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, k, v, temperature, top_k, top_p,
+                 vocab_limit):
     """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
-    sample the next one with the row's random number for it, write it and its log-prob to the row's output. Every
+    sample the next one with the row's random number for it, write it, its log-prob and the entropy it was drawn
+    at to the row's output. Every
     write is in place into whole buffers, no shape depends on the data and nothing goes back to the host: this is
     what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
     rows = torch.arange(n, device=cur.device)
@@ -182,7 +196,7 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, k, v, temperature
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
     tok = sample(logits, u[rows, at], temperature, top_k, top_p)
-    out[rows, at], out_lp[rows, at] = tok, token_logprob(logits, tok)
+    out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, token_logprob(logits, tok), entropy(logits)
     cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
 
 
@@ -199,7 +213,8 @@ class _Queue:
         self.waiting = Counter(tuple(p) for p in prompts)  # samples of each prompt not yet admitted
         self.prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
         self.seq, self.checked, self.at = [-1] * rows, [0] * rows, [0] * rows  # seq: -1 where a row is free
-        self.result = Generation([None] * len(prompts), [False] * len(prompts), [None] * len(prompts))
+        n = len(prompts)
+        self.result = Generation([None] * n, [False] * n, [None] * n, [None] * n)
 
     def keep(self, rows):
         """Rows `rows` moved to the front, as _Rows.keep moves their device state."""
@@ -218,6 +233,7 @@ class _Queue:
             t, finished = hit
             j = self.seq[r]
             self.result.tokens[j], self.result.logprobs[j] = st.out[r, :t + 1].tolist(), st.out_lp[r, :t + 1].tolist()
+            self.result.entropies[j] = st.out_ent[r, :t + 1].tolist()
             self.result.finished[j] = finished
             self.seq[r] = -1
             if progress is not None:
@@ -319,8 +335,8 @@ class Decoder:
             L = max(q.at[r] for r in live) + k
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
             for _ in range(k):
-                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.cache.k, st.cache.v,
-                          vocab_limit=vocab_limit, **opts)
+                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.cache.k,
+                          st.cache.v,                          vocab_limit=vocab_limit, **opts)
             q.at = [a + k for a in q.at]
             q.collect(st, live, W, progress)
 
@@ -350,8 +366,8 @@ class Decoder:
         st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
         logits = torch.stack(first)
         tok = sample(logits, st.u[idx, 0], **opts)
-        st.out[idx, 0], st.out_lp[idx, 0], st.cur[idx], st.pos[idx], st.count[idx] = \
-            tok, token_logprob(logits, tok), tok, start, 1
+        st.out[idx, 0], st.out_lp[idx, 0], st.out_ent[idx, 0] = tok, token_logprob(logits, tok), entropy(logits)
+        st.cur[idx], st.pos[idx], st.count[idx] = tok, start, 1
 
     def _prefill(self, new, prefixes, vocab_limit):
         """Run the prompts `new` (tuples of ids) through the model in one right-padded batch (causal attention never
@@ -388,6 +404,7 @@ class Completion:
     finished: bool  # False if cut at the token budget
     text: str  # what is graded: the decoded completion, for PoT followed by its program's output block
     logprobs: list = None  # per id, log π(id) as the sampler computed it (0.0 where the sandbox wrote it)
+    entropies: list = None  # per id, the entropy of π where the sampler drew it (0.0 where the sandbox wrote it)
 
 
 def last_program(text):
@@ -458,7 +475,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
     prompts = [prompt_ids(tok, q, prompt) for q in questions]
     n = len(prompts)
     streams = list(range(n)) if streams is None else list(streams)
-    ids, sampled, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    ids, sampled, logprobs, entropies = ([[] for _ in range(n)] for _ in range(4))
     finished, live = [False] * n, list(range(n))
     rounds = TOOL_ROUNDS + 1 if prompt == "tool" else 1
     for round_ in range(rounds):
@@ -474,10 +491,11 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
                                vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                                slots=batch, progress=progress if rounds == 1 else None)
         again = []
-        for i, new, lp, fin in zip(live, gen.tokens, gen.logprobs, gen.finished):
+        for i, new, lp, ent, fin in zip(live, gen.tokens, gen.logprobs, gen.entropies, gen.finished):
             ids[i] += new
             sampled[i] += [True] * len(new)
             logprobs[i] += lp
+            entropies[i] += ent
             finished[i] = fin
             if fin and new and new[-1] not in tok.stop_ids:  # stopped at ```output: run the program above it
                 shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
@@ -485,6 +503,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
                 ids[i] += spliced
                 sampled[i] += [False] * len(spliced)
                 logprobs[i] += [0.0] * len(spliced)
+                entropies[i] += [0.0] * len(spliced)
                 finished[i] = False
                 again.append(i)
         live = again
@@ -493,7 +512,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         text = tok.decode([t for t in ids[i] if t not in tok.stop_ids])
         if prompt == "pot":
             text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
-        out.append(Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i]))
+        out.append(Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i], entropies[i]))
     if progress is not None and rounds > 1:
         progress.update(n)
     return out

@@ -32,7 +32,8 @@ from its peak to a tenth of it (docs/findings.md: on the toy it gains on every s
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
 batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ratio
 sequence with --mu > 1 (GSPO: one ratio per output), --oversample K (DAPO's dynamic sampling: groups whose rewards
-all agree are replaced by ones that carry signal), --online-rft (the paper's §5.2.1 baseline), --prompt tool
+all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on the tokens drawn
+at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline), --prompt tool
 (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a learned
 reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO replaces: line
 9 from a value model instead of the group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref
@@ -317,6 +318,20 @@ def token_advantages(comps, rewards, step_rewards, args):
     return [a.expand(len(c.ids)) for a, c in zip(adv.flatten(), comps)], n_zero_std
 
 
+def high_entropy_only(batches, rho, d):
+    """--top-entropy ρ (Wang et al., 2025, "Beyond the 80/20 rule"): keep the policy-gradient term on the ρ share
+    of the step's sampled tokens, all ranks', drawn where π had the highest entropy (the forks of a reasoning
+    path), by zeroing Â on the rest, whose KL term stays. The entropies are the sampler's (π_old's: at μ = 1 the
+    policy's own; TRL recomputes them each update), so every update masks the same tokens. Returns the entropy
+    a token needs to keep its term."""
+    mine = torch.cat([b.entropy[b.mask] for b in batches]).tolist()
+    everyone = torch.tensor(common.all_gather_list(d, mine))
+    cut = float(torch.quantile(everyone, 1 - rho)) if len(everyone) else 0.0
+    for b in batches:
+        b.advantages = b.advantages * (b.entropy >= cut)
+    return cut
+
+
 # -----------------------------------------------------------------------------
 # Metrics
 
@@ -580,7 +595,8 @@ def score(run, comps, drawn):
 def prepare(run, s):
     """Line 9 and what the update holds fixed: per-token advantages, rows holding each prompt once with `--pack`
     of its outputs, micro-batches; π_ref's log-probs for the KL, π_old's when μ > 1 reuses the batch, PPO's old
-    values and its GAE advantages (which need them). Returns (batches, per_token, zero-std groups, fixed)."""
+    values and its GAE advantages (which need them); --top-entropy's choice of tokens. Returns (batches,
+    per_token, what line 9 found for the log, fixed)."""
     args, d, vocab = run.args, run.d, run.tok.vocab_size
     per_token, n_zero_std = (token_advantages(s.comps, s.rewards, s.step_rewards, args) if run.value is None else
                              (ppo.outcome_at_end(s.comps, s.rewards), 0))  # PPO: the reward at each output's end
@@ -595,7 +611,10 @@ def prepare(run, s):
         with torch.no_grad(), common.autocast(d):
             old_values = [b.values(run.value) for b in batches]
         ppo.advantages(batches, ref_logp, old_values, args.beta, args.gae_lambda, d)
-    return batches, per_token, n_zero_std, (ref_logp, old_logp, old_values)
+    found = dict(zero_std_groups=n_zero_std)
+    if args.top_entropy < 1:
+        found["entropy_cut"] = high_entropy_only(batches, args.top_entropy, d)
+    return batches, per_token, found, (ref_logp, old_logp, old_values)
 
 
 def train(run, batches, fixed, comps):
@@ -636,15 +655,16 @@ def end_iteration(run):
     return refreshed
 
 
-def step_row(run, s, batches, n_zero_std, t, times):
-    """The step's line of metrics.jsonl, summed over ranks (step_metrics)."""
+def step_row(run, s, batches, found, t, times):
+    """The step's line of metrics.jsonl, summed over ranks (step_metrics); found: prepare's."""
     args, d = run.args, run.d
     trained = sum(b.positions_run for b in batches)  # token positions the forwards ran, padding included
     last, first = t["last"], t["first"]
     sums = dict(reward=s.rewards.sum().item(), reward_sq=(s.rewards ** 2).sum().item(),
                 rule_reward=s.rule.sum().item(), loss=last["loss"], kl=last["kl"], neg_logp=last["neg_logp"],
                 clipped=last["clipped"], train_tokens=trained * args.mu,
-                sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained, zero_std_groups=n_zero_std,
+                sequence_tokens=sum(b.tokens for b in batches), trained_tokens=trained,
+                zero_std_groups=found["zero_std_groups"],
                 truncated=sum(not c.finished for c in s.comps), tokens=sum(len(c.ids) for c in s.comps),
                 tool_calls=sum(not all(c.sampled) for c in s.comps), time_generate=times["generate"],
                 time_reward=times["reward"], **s.generated, **{k: v.sum().item() for k, v in s.scores.items()})
@@ -656,6 +676,8 @@ def step_row(run, s, batches, n_zero_std, t, times):
                        dict(sums, grad_norm=t["grad_norm"]), times)
     if run.value is not None:
         row["value_loss"] = common.all_sum(d, t["value_loss"]) / max(t["n_tok"], 1)
+    if "entropy_cut" in found:  # one quantile of all ranks' tokens
+        row["entropy_cut"] = found["entropy_cut"]
     if run.held_out and args.eval_every and run.step % args.eval_every == 0 and run.step < args.max_steps:
         row["eval_greedy_accuracy"] = held_out_metrics(run, args.eval_problems, 1, 0.0)["accuracy"]
     return row
@@ -700,14 +722,14 @@ def main(args):
             t1 = time.time()
             s = score(run, comps, drawn)  # 8. rewards
             t2 = time.time()
-            batches, per_token, n_zero_std, fixed = prepare(run, s)  # 9. advantages; what the update holds fixed
+            batches, per_token, found, fixed = prepare(run, s)  # 9. advantages; what the update holds fixed
             t3 = time.time()
             update = train(run, batches, fixed, s.comps)  # 10-11. μ updates of π_θ on J
             run.step += 1
             t4 = time.time()
             refreshed = end_iteration(run)  # 12, then 3
-            row = step_row(run, s, batches, n_zero_std, update, dict(generate=t1 - t0, reward=t2 - t1,
-                                                                     ref=t3 - t2, train=t4 - t3, step=t4 - t0))
+            row = step_row(run, s, batches, found, update, dict(generate=t1 - t0, reward=t2 - t1,
+                                                                ref=t3 - t2, train=t4 - t3, step=t4 - t0))
             log({**row, **refreshed})
             keep(run, s, per_token, refreshed, stop)
     if run.held_out:

@@ -108,6 +108,9 @@ def add_update_args(ap):
                     "reward model's)")
     ap.add_argument("--no-std-scale", dest="std_scale", action="store_const", const="none", help="--std-scale none")
     ap.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut at the budget")
+    ap.add_argument("--top-entropy", type=float, default=1.0, metavar="RHO", help="the policy-gradient term on the "
+                    "share RHO of the step's sampled tokens drawn at the highest entropy, the KL on all (Wang et "
+                    "al., 2025: 0.2; TRL's top_entropy_quantile; 1: every token)")
     ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
     ap.add_argument("--ratio", default="token", choices=["token", "sequence"], help="the ratio π_θ/π_old in the "
                     "clip: per token (the paper), or per output, the geometric mean of its tokens' (GSPO, Zheng et "
@@ -155,6 +158,8 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
+    if not 0 < args.top_entropy <= 1:
+        ap.error(f"--top-entropy {args.top_entropy}: a share of the tokens, in (0, 1]")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
     if args.ratio == "sequence" and args.mu < 2:

@@ -35,6 +35,7 @@ class Row:
     weights: list  # loss weight of each target (loss_weights), 0 off the model's own tokens
     advantages: list
     sampler_logp: list  # the sampler's log π of each target (0 where it did not sample it)
+    entropy: list  # the entropy of π where the sampler drew each target (0 where it did not sample it)
 
 
 def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
@@ -45,7 +46,7 @@ def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
         for first in range(g, g + group_size, pack):
             p = comps[first].prompt
             n = len(p) - 1
-            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
+            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
             for k, i in enumerate(range(first, min(first + pack, g + group_size)), 1):
                 c = comps[i]
                 live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
@@ -56,6 +57,7 @@ def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
                 row.weights += loss_weights(torch.tensor(c.sampled, dtype=torch.bool) & live, loss_norm).tolist()
                 row.advantages += per_token[i].tolist()
                 row.sampler_logp += c.logprobs if c.logprobs is not None else [0.0] * len(c.ids)
+                row.entropy += c.entropies if c.entropies is not None else [0.0] * len(c.ids)
             rows.append(row)
     return rows
 
@@ -74,7 +76,7 @@ class Batch:
         self.inputs, self.targets = pad("inputs", pad_id, torch.long), pad("targets", pad_id, torch.long)
         self.positions, segment = pad("positions", 0, torch.long), pad("segment", -1, torch.long)
         self.weights, self.advantages = pad("weights", 0.0, torch.float32), pad("advantages", 0.0, torch.float32)
-        self.sampler_logp = pad("sampler_logp", 0.0, torch.float32)
+        self.sampler_logp, self.entropy = pad("sampler_logp", 0.0, torch.float32), pad("entropy", 0.0, torch.float32)
         self.mask = self.weights > 0  # (b, T): the model's own tokens
         self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
         self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)

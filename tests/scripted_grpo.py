@@ -33,7 +33,9 @@ def group(question, answer):
 
 
 def completion(tok, question, pieces, finished, prompt="cot"):
-    """An engine.Completion of scripted pieces: the sandbox's pieces are not sampled; EOS ends a finished one."""
+    """An engine.Completion of scripted pieces: the sandbox's pieces are not sampled; EOS ends a finished one.
+    The entropies the sampler would have drawn each token at: a hash of the question, the place and the token
+    (0 on the sandbox's, as engine.complete's)."""
     ids, sampled = [], []
     for text, model_wrote in pieces:
         piece = tok.encode(text)
@@ -42,8 +44,10 @@ def completion(tok, question, pieces, finished, prompt="cot"):
     if finished:
         ids.append(tok.eos_id)
         sampled.append(True)
+    entropies = [zlib.crc32(f"{question}|{t}|{x}".encode()) % 1000 / 1000 if s else 0.0
+                 for t, (x, s) in enumerate(zip(ids, sampled))]
     return engine.Completion(engine.prompt_ids(tok, question, prompt), ids, sampled, finished,
-                             "".join(text for text, _ in pieces))
+                             "".join(text for text, _ in pieces), entropies=entropies)
 
 
 def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0, batch=64,

@@ -1,5 +1,6 @@
 """engine.generate: the same tokens as a full re-forward and as transformers, whatever the cache rows and the
 stop-check interval; stops; each distinct prompt prefilled once; the sampler's randomness and distribution."""
+import copy
 import math
 from collections import Counter
 
@@ -106,7 +107,8 @@ def test_each_distinct_prompt_is_prefilled_once():
 
 def test_logprobs_are_the_models_and_samples_do_not_depend_on_the_schedule():
     """A sequence's tokens are a function of (seed, stream, position) and the model: the same for any number of
-    cache rows and any stop-check interval; another seed gives others."""
+    cache rows and any stop-check interval; another seed gives others. Each token's log-prob and the entropy of
+    the distribution it was drawn from are the untempered model's on the whole sequence (float64 here)."""
     m = tiny()
     prompts, budgets = PROMPTS * 2, [3, 12, 7, 9, 5, 8, 6] * 2
     runs = [engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=3, slots=s, sync_every=k)
@@ -114,11 +116,16 @@ def test_logprobs_are_the_models_and_samples_do_not_depend_on_the_schedule():
     assert runs[0].tokens == runs[1].tokens == runs[2].tokens
     other = engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=4)
     assert other.tokens != runs[0].tokens
-    for p, toks, lps in zip(prompts, runs[1].tokens, runs[1].logprobs):
+    m64 = copy.deepcopy(m).double()
+    for p, toks, lps, ents in zip(prompts, runs[1].tokens, runs[1].logprobs, runs[1].entropies):
         with torch.no_grad():
-            logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
-        expected = logits.gather(1, torch.tensor(toks)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+            logp = m64(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
+        expected = logp.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(ents, dtype=torch.float64), -(logp.exp() * logp).sum(-1),
+                                   atol=1e-5, rtol=0)
+    for run in runs[::2]:  # equal but for the rounding of other batch shapes
+        torch.testing.assert_close(torch.tensor(sum(run.entropies, [])), torch.tensor(sum(runs[1].entropies, [])))
 
 
 def test_a_sequence_continued_from_its_prefix_samples_what_it_would_have():
@@ -237,8 +244,9 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
         eager = engine.generate(m, prompts, budget, temperature=1.0, seed=seed, slots=slots)
         compiled = decoder.generate(prompts, budget, temperature=1.0, seed=seed, slots=slots)
         assert compiled.tokens == eager.tokens
-        torch.testing.assert_close(torch.tensor(sum(compiled.logprobs, [])), torch.tensor(sum(eager.logprobs, [])),
-                                   atol=1e-5, rtol=0)
+        for field in ("logprobs", "entropies"):
+            torch.testing.assert_close(torch.tensor(sum(getattr(compiled, field), [])),
+                                       torch.tensor(sum(getattr(eager, field), [])), atol=1e-5, rtol=0)
         if i == 0:
             graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
     assert counters["stats"]["unique_graphs"] == graphs
@@ -255,7 +263,7 @@ def decode_step_inputs(m, rows=4, length=32, width=16):
     st.pos.copy_(torch.tensor([3, 9, 1, 20]))
     st.count.copy_(torch.tensor([0, 2, 1, 5]))
     st.u.uniform_()
-    return st, (m, 3, 24, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.cache.k, st.cache.v)
+    return st, (m, 3, 24, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.cache.k, st.cache.v)
 
 
 @pytest.mark.parametrize("opts", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9),

@@ -59,7 +59,8 @@ def test_arithmetic_report_counts_lines_and_how_often_each_fact_is_right():
 
 
 def no_logprobs(tokens):
-    """A scripted model's log-probs: 0 (it is certain), one per token, as generate(logprobs=True) returns them."""
+    """A scripted model's log-probs, or its entropies: 0 (it is certain), one per token, as generate returns
+    them."""
     return [[0.0] * len(t) for t in tokens]
 
 
@@ -83,7 +84,8 @@ class Scripted:
         text, eos = self.turns.pop(0)
         ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
         tokens = [ids[:b] for b in budgets]
-        return Generation(tokens=tokens, finished=[eos or bool(stop)] * len(prompts), logprobs=no_logprobs(tokens))
+        return Generation(tokens=tokens, finished=[eos or bool(stop)] * len(prompts), logprobs=no_logprobs(tokens),
+                          entropies=no_logprobs(tokens))
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +112,7 @@ class Oracle(Scripted):
             n = self.asked[i] = self.asked.get(i, -1) + 1
             answer = i + 1 if i % 2 == 0 or n % 4 == 0 else i + 2
             out.append(self.tok.encode(f"So the answer is \\boxed{{{answer}}}.") + [self.tok.eos_id])
-        return Generation(tokens=out, finished=[True] * len(out), logprobs=no_logprobs(out))
+        return Generation(tokens=out, finished=[True] * len(out), logprobs=no_logprobs(out), entropies=no_logprobs(out))
 
 
 def test_scores_of_a_model_whose_accuracy_is_known(tok):
@@ -217,6 +219,7 @@ def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     assert model.calls[0]["stop"] == (engine.OUTPUT_MARK,)
     spliced = tok.decode([t for t, s in zip(c.ids, c.sampled) if not s])
     assert spliced == "\n42\n```\n"  # the sandbox's output, which carries no loss in GRPO
+    assert len(c.logprobs) == len(c.entropies) == len(c.ids)  # the sampler's, 0 on the sandbox's tokens
     second = tok.encode("\nThe answer is \\boxed{42}.") + [tok.eos_id]
     assert model.calls[1]["prompts"][0] == c.prompt + c.ids[:-len(second)]  # generation continues after the output
     assert c.finished and c.ids[-1] == tok.eos_id and "```output\n42\n```" in c.text

@@ -8,14 +8,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import common
 import engine
 import reward
-from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, policy_token_loss,
-                  process_advantages, tis_weights, token_advantages)
+from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, high_entropy_only,
+                  policy_token_loss, process_advantages, tis_weights, token_advantages)
 from model import ModelConfig, Transformer
 from packing import Batch, loss_weights, micro_batches, pack_rows
 from reward_model import token_index
@@ -301,6 +302,53 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert sums["clipped"] == clipped
+    for got, w in zip(opt.grads, want):
+        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+
+
+def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_and_the_kl_on_all():
+    """--top-entropy ρ (Wang et al., 2025) through high_entropy_only and grpo_update, packed 3 completions a row,
+    against every completion alone in float64: Â is kept on the model's tokens whose sampler entropy reaches the
+    (1 - ρ) quantile of the step's model-written tokens (numpy's; a tool's output and the prompts count for
+    nothing), zeroed elsewhere, and the KL term stays on every token."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
+    model.init_weights()
+    sampled = ([True] * 4, [True, True], [True, True, False, True, True, True], [True], [True] * 3, [True, True])
+    comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
+             zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
+            [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
+    for c in comps:
+        c.entropies = [float(e) if s else 9.0 for e, s in zip(torch.rand(len(c.ids)), c.sampled)]  # a tool's: not
+    per_token = [torch.randn(len(c.ids)) for c in comps]
+    rho, beta = 0.3, 0.04
+    ents = np.array([e for c in comps for e, s in zip(c.entropies, c.sampled) if s])  # 17: no token on the cut
+    cut = np.quantile(ents, 1 - rho)
+    expected = 0.0
+    for c, adv in zip(comps, per_token):
+        logits = model(torch.tensor([c.prompt + c.ids]))[0, len(c.prompt) - 1:-1]
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        mine, ref = torch.tensor(c.sampled), lp.detach() - 0.1
+        kept = torch.tensor(c.entropies, dtype=torch.float64) >= cut
+        per = -adv.double() * kept * torch.exp(lp - lp.detach()) + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+        expected = expected + (per * mine).sum() / mine.sum()
+    model.zero_grad()
+    expected.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
+    before = b.advantages.clone()
+    d = common.one_process("cpu")
+    assert high_entropy_only([b], rho, d) == pytest.approx(cut, rel=1e-6)
+    assert int(((b.advantages != 0) & b.mask).sum()) == (ents >= cut).sum() == 5  # 30% of 17, rounded down
+    torch.testing.assert_close(b.advantages, before * (b.entropy >= cut))
+    with torch.no_grad():
+        ref = b.logprobs(model, None) - 0.1
+    args = argparse.Namespace(clip_eps=0.2, clip_high=None, ratio="token", grad_clip=1e9, out="-")
+    opt = GradientsOf(model)
+    sums, _ = grpo_update(model, opt, [b], None, [ref], 1.0, beta, 0.0, None, 0, args, d)
+    assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
     for got, w in zip(opt.grads, want):
         torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
 

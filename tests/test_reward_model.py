@@ -88,7 +88,7 @@ def test_math_shepherd_labels_a_hand_made_solution(monkeypatch):
             t = len(p) - len(comp.prompt) - 1  # the prefix ends at token t of the completion
             k = sum(1 for q in prompts[:len(tokens)] if q == p)  # which of its copies this one is
             tokens.append(right if k < plan[t] else wrong)
-        return Generation(tokens, [True] * len(prompts), [[0.0] * len(x) for x in tokens])
+        return Generation(tokens, [True] * len(prompts), *([[0.0] * len(x) for x in tokens] for _ in range(2)))
 
     monkeypatch.setattr(engine, "generate", scripted)
     for hard, labels in ((False, [0.75, 0.5, 0.0, 0.0]), (True, [1.0, 1.0, 0.0, 0.0])):

@@ -85,16 +85,17 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
 def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path):
     """Rollouts that do not depend on the rank: 1 process, 2 and 4 FSDP2 gloo ranks report the same loss, KL,
     gradient norm and rewards at each step and end with the same weights; two updates a batch, the second with
-    GSPO's ratio per output (each rank's log-probs read first, inside FSDP2's forward)."""
+    GSPO's ratio per output (each rank's log-probs read first, inside FSDP2's forward); the policy-gradient term on
+    the half of all ranks' tokens drawn at the highest entropy (one quantile of every rank's)."""
     from safetensors.torch import load_file
     flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0", "--mu", "2",
-             "--ratio", "sequence")
+             "--ratio", "sequence", "--top-entropy", "0.5")
     for world in (1, 2, 4):
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
         r = run([*launch, *scripted_args(base, problems, tmp_path / str(world), *flags)])
         assert r.returncode == 0, r.stderr[-3000:]
     rows = {w: train_rows(tmp_path / str(w)) for w in (1, 2, 4)}
-    keys = ("loss", "kl", "grad_norm", "reward", "entropy", "zero_std_groups", "length", "tool_calls")
+    keys = ("loss", "kl", "grad_norm", "reward", "entropy", "zero_std_groups", "length", "tool_calls", "entropy_cut")
     assert 0 < rows[1][0]["reward"] < 1 and rows[1][1]["kl"] > 0 and rows[1][0]["grad_norm"] > 0
     for w in (2, 4):
         for a, b in zip(rows[1], rows[w]):
@@ -249,6 +250,9 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     assert step_one("mask-token", "--mask-truncated", "--loss-norm", "token")["loss"] == near(
         -n_sig * masked_sum / tokens(range(3)))
     assert step_one("rft", "--online-rft", "--beta", "0")["loss"] == near(-2 * n_sig / 16)
+    # --top-entropy: the policy term on part of each output's tokens, so a group's Â no longer sums to 0
+    top = step_one("top-entropy", "--top-entropy", "0.5")
+    assert 0 < top["entropy_cut"] < 1 and top["loss"] != near(0)
     # μ = 2: the second update sees ρ ≠ 1. Its first is the same with or without the KL (k3's gradient is 0 at
     # π_θ = π_ref), so per token the two losses differ by β times the KL
     mu = step_one("mu", "--mu", "2", "--loss-norm", "token")
