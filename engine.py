@@ -1,5 +1,6 @@
 """Generation as GRPO and evaluation both need it: questions in; completions with their token ids, which of
-those the model wrote (the loss mask), the sampler's log-probs and the text to grade out.
+those the model wrote (the loss mask), the sampler's log-probs, the entropies it drew them at and the text to
+grade out.
 
 Two layers. `Decoder.generate` (and `generate`, one call's Decoder) is the decoder: token-id prompts in, sampled
 continuations out, on a KV cache of one K and one V tensor per layer (model.prefill, model.decode_step). It is
