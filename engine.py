@@ -189,9 +189,8 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, k, v, te
                  vocab_limit):
     """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
     sample the next one with the row's random number for it, write it, its log-prob and the entropy it was drawn
-    at to the row's output. Every
-    write is in place into whole buffers, no shape depends on the data and nothing goes back to the host: this is
-    what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
+    at to the row's output. Every write is in place into whole buffers, no shape depends on the data and nothing
+    goes back to the host: this is what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
     rows = torch.arange(n, device=cur.device)
     h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
@@ -337,7 +336,7 @@ class Decoder:
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
             for _ in range(k):
                 self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.cache.k,
-                          st.cache.v,                          vocab_limit=vocab_limit, **opts)
+                          st.cache.v, vocab_limit=vocab_limit, **opts)
             q.at = [a + k for a in q.at]
             q.collect(st, live, W, progress)
 

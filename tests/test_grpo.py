@@ -543,7 +543,8 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
 
 @pytest.mark.parametrize("flags", [
     ("--online-rft", "--beta", "0", "--mu", "2", "--ratio", "sequence", "--loss-norm", "token", "--mask-truncated"),
-    ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1"),
+    ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1",
+     "--top-entropy", "0.2"),
     ("--oversample", "3", "--supervision", "process", "--fp32-head"),
 ])
 def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
