@@ -325,8 +325,8 @@ def high_entropy_only(batches, rho, d):
     policy's own; TRL recomputes them each update), so every update masks the same tokens. Returns the entropy
     a token needs to keep its term."""
     mine = torch.cat([b.entropy[b.mask] for b in batches]).tolist()
-    everyone = torch.tensor(common.all_gather_list(d, mine))
-    cut = float(torch.quantile(everyone, 1 - rho)) if len(everyone) else 0.0
+    everyone = np.array(common.all_gather_list(d, mine))  # numpy's quantile: torch's refuses past 16M tokens
+    cut = float(np.quantile(everyone, 1 - rho)) if everyone.size else 0.0
     for b in batches:
         b.advantages = b.advantages * (b.entropy >= cut)
     return cut
