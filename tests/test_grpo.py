@@ -245,6 +245,19 @@ class GradientsOf:
         self.model.zero_grad(set_to_none=set_to_none)
 
 
+def model_and_two_groups():
+    """A tiny model (seeded) and two groups of 3 outputs, behind prompts of 4 and 2 tokens; the third output holds a
+    token the sandbox wrote."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
+    model.init_weights()
+    sampled = ([True] * 4, [True, True], [True, True, False, True, True, True], [True], [True] * 3, [True, True])
+    comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
+             zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
+            [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
+    return model, comps
+
+
 @pytest.mark.parametrize("tis", [0.0, 2.0])
 def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     """--ratio sequence (GSPO-token, Zheng et al., 2025) through grpo_update, packed 3 completions a row, against
@@ -253,13 +266,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     moved per output and per token, so that each s_i differs from its tokens' ratios, and two outputs' s_i fall
     outside the clip [0.8, 1.28] on the side that binds. With --tis, Â_t is weighted by min(π_old/π_sampler, C) of
     its token, π_old's own, not the sequence's ratio."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
-    model.init_weights()
-    sampled = ([True] * 4, [True, True], [True, True, False, True, True, True], [True], [True] * 3, [True, True])
-    comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
-             zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
-            [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
+    model, comps = model_and_two_groups()
     sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # Â's sign per output
     shift = torch.tensor([-0.5, 0.4, 0.1, 0.0, 0.3, -0.1])  # log π_old - log π_θ, per output: s_i about e^-shift
     per_token = [sign[i] * (0.5 + torch.rand(len(c.ids))) for i, c in enumerate(comps)]
@@ -311,13 +318,7 @@ def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_a
     against every completion alone in float64: Â is kept on the model's tokens whose sampler entropy reaches the
     (1 - ρ) quantile of the step's model-written tokens (numpy's; a tool's output and the prompts count for
     nothing), zeroed elsewhere, and the KL term stays on every token."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64))
-    model.init_weights()
-    sampled = ([True] * 4, [True, True], [True, True, False, True, True, True], [True], [True] * 3, [True, True])
-    comps = [engine.Completion([1, 5, 6, 7], ids, s, True, "") for ids, s in
-             zip(([9, 8, 7, 2], [11, 12], [13, 14, 15, 16, 17, 18]), sampled)] + \
-            [engine.Completion([1, 9], ids, s, True, "") for ids, s in zip(([3], [4, 5, 6], [7, 7]), sampled[3:])]
+    model, comps = model_and_two_groups()
     for c in comps:
         c.entropies = [float(e) if s else 9.0 for e, s in zip(torch.rand(len(c.ids)), c.sampled)]  # a tool's: not
     per_token = [torch.randn(len(c.ids)) for c in comps]
