@@ -31,7 +31,8 @@ rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at
 from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant LR does not).
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
 batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ratio
-sequence with --mu > 1 (GSPO: one ratio per output), --oversample K (DAPO's dynamic sampling: groups whose rewards
+sequence with --mu > 1 (GSPO: one ratio per output), --policy-loss cispo with --mu > 1 (CISPO: the ratio capped
+as a weight, no token's gradient zeroed), --oversample K (DAPO's dynamic sampling: groups whose rewards
 all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on the tokens drawn
 at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline), --prompt tool
 (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a learned
@@ -128,21 +129,25 @@ def process_advantages(steps, lengths, group_size, scale="group"):
     return out, n_zero_std
 
 
-def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, clip_low, clip_high, beta):
+def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective):
     """The GRPO loss (−J) of a micro-batch as Σ_t weight_t · loss_t, the sum *before* the division by the
     global normaliser, so that micro-batches and ranks add up exactly to the whole batch. The weights say how
     tokens are normalised (loss_weights): 1/|o_i| on each token of o_i for the paper's per-sequence mean (then
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
-    logp, old_logp, ref_logp, advantages, weights: (B, T). Returns (loss sum, KL sum over the weighted tokens,
-    number of them where the clip binds), as tensors: nothing is read back to the host here."""
+    logp, old_logp, ref_logp, advantages, weights: (B, T); objective: grpo_token_loss's settings (clip_eps as
+    (ε_low, ε_high), beta, cispo). Returns (loss sum, KL sum over the weighted tokens, number of them where the clip
+    binds), as tensors: nothing is read back to the host here."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
-    loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, (clip_low, clip_high), beta)  # (B, T)
+    loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, **objective)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
     ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1
-    # the clip binds (its token's gradient is 0) only where it lowers the objective: ρ past 1 + ε pushing a token
-    # up (Â > 0), or below 1 - ε pushing it down (Â < 0)
-    clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
+    (low, high), pushed = objective["clip_eps"], advantages != 0
+    if objective.get("cispo"):  # the cap cuts the weight of a token's gradient, whatever Â's sign; none is 0
+        clipped = (ratio > 1 + high) & pushed
+    else:  # the clip binds (the token's gradient is 0) only where it lowers the objective: ρ past 1 + ε pushing a
+        # token up (Â > 0), or below 1 - ε pushing it down (Â < 0)
+        clipped = ((ratio > 1 + high) & (advantages > 0)) | ((ratio < 1 - low) & (advantages < 0))
     return (loss * weights).sum(), (kl.detach() * mask).sum(), (clipped & mask).sum()
 
 
@@ -155,10 +160,11 @@ def fixed_logprobs(model, batches, vocab_limit, d, args):
         return [b.logprobs(model, vocab_limit) for b in batches]
 
 
-def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale, log_ratio=None):
+def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=None):
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
-    lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss). old_logp None: π_old is π_θ itself
+    lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss, whose settings `objective` holds:
+    clip_eps, beta, cispo). old_logp None: π_old is π_θ itself
     (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
     log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
     s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025)."""
@@ -175,7 +181,7 @@ def policy_token_loss(b, old_logp, ref_logp, clip, beta, tis, scale, log_ratio=N
         w = flat(b.weights) * scale
         with torch.enable_grad():  # the kernel's own gradient, run inside the model's forward
             x = lp.detach().requires_grad_()
-            loss, _ = grpo_token_loss(x, old, ref, adv, clip, beta)
+            loss, _ = grpo_token_loss(x, old, ref, adv, **objective)
             (loss * w).sum().backward()
         return loss.detach() * w, x.grad
     return token_loss
@@ -197,7 +203,8 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
     step. old_logp None: μ = 1, π_old is π_θ as it is now (ρ = 1); ref_logp None: no KL. Returns this rank's
     sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap and the TIS
     weights; read back once, not per micro-batch) and the gradient norm."""
-    clip = (args.clip_eps, args.clip_high or args.clip_eps)
+    objective = dict(clip_eps=(args.clip_eps, args.clip_high or args.clip_eps), beta=beta,
+                     cispo=args.policy_loss == "cispo")
     sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0)
     for k, b in enumerate(batches):
         if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last
@@ -208,9 +215,9 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
         with common.autocast(d):
             if args.ratio == "sequence" and old is not None:  # GSPO: each token's ρ is its sequence's
                 total, logp = b.loss(policy, vocab_limit, lambda lp: policy_token_loss(
-                    b, old, ref, clip, beta, tis, scale, sequence_log_ratio(lp, old, b)), sees_all=True)
+                    b, old, ref, objective, tis, scale, sequence_log_ratio(lp, old, b)), sees_all=True)
             else:
-                total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, clip, beta, tis, scale))
+                total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, objective, tis, scale))
         total.backward()
         # what to log, from the same log-probs (no gradient)
         old, ref = (logp if x is None else x for x in (old, ref))
@@ -223,7 +230,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
             sums["tis_weight"], sums["tis_cut"] = sums["tis_weight"] + (w * b.mask).sum(), sums["tis_cut"] + cut.sum()
         if args.ratio == "sequence":  # the ratio the loss took: its sequence's
             old = logp - sequence_log_ratio(logp, old, b)
-        loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, *clip, beta)
+        loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, objective)
         sums.update(loss=sums["loss"] + loss, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
                     neg_logp=sums["neg_logp"] - (logp * b.mask).sum())
     grad_norm = common.clip_grad_norm(policy, args.grad_clip)

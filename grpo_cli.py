@@ -116,6 +116,9 @@ def add_update_args(ap):
                     "clip: per token (the paper), or per output, the geometric mean of its tokens' (GSPO, Zheng et "
                     "al., 2025, whose paper clips at --clip-eps 3e-4 --clip-high 4e-4 with --beta 0); the same "
                     "unless --mu > 1")
+    ap.add_argument("--policy-loss", default="clip", choices=["clip", "cispo"], help="the policy term: PPO's clip "
+                    "(the paper), or CISPO's (MiniMax-M1, Chen et al., 2025): each token's gradient weighted by its "
+                    "ratio capped at 1 + --clip-high (no lower cap), never zeroed; the same unless --mu > 1")
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
@@ -162,9 +165,11 @@ def check_args(ap, args):
         ap.error(f"--top-entropy {args.top_entropy}: a share of the tokens, in (0, 1]")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
-    if args.ratio == "sequence" and args.mu < 2:
-        ap.error("--ratio sequence changes nothing at --mu 1, where π_old is π_θ and every ratio is 1: give --mu 2 or "
-                 "more")
+    ratio_flags = [f for f, on in (("--ratio sequence", args.ratio == "sequence"),
+                                   ("--policy-loss cispo", args.policy_loss == "cispo")) if on]
+    if ratio_flags and args.mu < 2:
+        ap.error(f"{ratio_flags[0]} changes nothing at --mu 1, where π_old is π_θ and every ratio is 1: give --mu 2 "
+                 "or more")
     if args.rm_refresh and (args.reward == "rule" or len(args.reward_model or ()) > 1):
         ap.error("--rm-refresh retrains a reward model: give --reward orm|prm and one --reward-model")
     if args.reward == "prm" and args.prompt == "tool":

@@ -73,11 +73,12 @@ def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS
     return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, *_rows_and_grad(hidden))
 
 
-def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04):
+def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False):
     """Per-token GRPO loss and k3 KL (paper Eq. 3-4): -min(r A, clip(r, 1-eps, 1+eps) A) + beta * kl.
-    clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. All inputs have one shape; the
-    gradient flows to logp only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
+    clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. cispo: the policy term is CISPO's
+    -sg(min(r, 1+eps_high)) A log π instead (grpo_loss.py). All inputs have one shape; the gradient flows to logp
+    only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
     low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
     if backend(logp) == "triton":
-        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta)
-    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta)
+        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta, cispo)
+    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta, cispo)

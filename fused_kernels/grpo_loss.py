@@ -10,6 +10,11 @@ Gradients with respect to logp (old_logp, ref_logp and A are constants):
     (A < 0 and r < 1 - eps_low), where it is 0 (the clip binds).
     d kl / d logp = 1 - exp(d).
 
+CISPO (MiniMax-M1, Chen et al., 2025), cispo=True: the policy term is -sg(w) A log π with the importance weight
+truncated, w = min(r, 1 + eps_high), and no lower bound (the paper's choice). Written -sg(w/r) r A, its value is
+-w A, as the clipped term's would be, and its gradient -w A on *every* token: where PPO's clip zeroes a token's
+gradient, CISPO keeps it at the capped weight, so the rare tokens that moved most in the first update still learn.
+
 The memory problem is small here (a few (N,) vectors), but an unfused PyTorch version launches ~15 kernels
 and keeps their intermediates for autograd; the fused kernel reads 4 floats and writes 4 per token.
 """
@@ -23,10 +28,13 @@ except ImportError:
     triton = None
 
 
-def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta):
+def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False):
     """The reference, in plain autograd (works in float64 for tests)."""
     r = torch.exp(logp - old_logp)
-    pg = -torch.minimum(r * advantages, r.clamp(1 - clip_low, 1 + clip_high) * advantages)
+    if cispo:
+        pg = -(r.clamp(max=1 + clip_high) / r).detach() * r * advantages
+    else:
+        pg = -torch.minimum(r * advantages, r.clamp(1 - clip_low, 1 + clip_high) * advantages)
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
     return pg + beta * kl, kl
@@ -35,7 +43,7 @@ def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, b
 if triton is not None:
     @triton.jit
     def _grpo_fwd(lp_ptr, old_ptr, ref_ptr, adv_ptr, loss_ptr, kl_ptr, dloss_ptr, dkl_ptr, N, clip_low, clip_high,
-                  beta, BLOCK: tl.constexpr):
+                  beta, CISPO: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < N
         lp = tl.load(lp_ptr + i, mask=mask, other=0.0)
@@ -43,10 +51,14 @@ if triton is not None:
         ref = tl.load(ref_ptr + i, mask=mask, other=0.0)
         a = tl.load(adv_ptr + i, mask=mask, other=0.0)
         r = tl.exp(lp - old)
-        clipped = tl.minimum(tl.maximum(r, 1 - clip_low), 1 + clip_high)
-        pg = -tl.minimum(r * a, clipped * a)
-        binds = ((a > 0) & (r > 1 + clip_high)) | ((a < 0) & (r < 1 - clip_low))
-        dpg = tl.where(binds, 0.0, -r * a)
+        if CISPO:
+            pg = -tl.minimum(r, 1 + clip_high) * a
+            dpg = pg
+        else:
+            clipped = tl.minimum(tl.maximum(r, 1 - clip_low), 1 + clip_high)
+            pg = -tl.minimum(r * a, clipped * a)
+            binds = ((a > 0) & (r > 1 + clip_high)) | ((a < 0) & (r < 1 - clip_low))
+            dpg = tl.where(binds, 0.0, -r * a)
         d = ref - lp
         ed = tl.exp(d)
         kl = ed - d - 1
@@ -61,13 +73,13 @@ class TritonGRPOLoss(torch.autograd.Function):
     BLOCK = 1024
 
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo):
         ins = [t.float().contiguous() for t in (logp, old_logp, ref_logp, advantages)]
         N = ins[0].numel()
         loss, kl, dloss, dkl = (torch.empty_like(ins[0]) for _ in range(4))
         grid = (triton.cdiv(N, TritonGRPOLoss.BLOCK),)
         _grpo_fwd[grid](*ins, loss, kl, dloss, dkl, N, float(clip_low), float(clip_high), float(beta),
-                        BLOCK=TritonGRPOLoss.BLOCK)
+                        CISPO=bool(cispo), BLOCK=TritonGRPOLoss.BLOCK)
         ctx.save_for_backward(dloss, dkl)
         ctx.dtype = logp.dtype
         return loss, kl
@@ -77,4 +89,4 @@ class TritonGRPOLoss(torch.autograd.Function):
         dloss, dkl = ctx.saved_tensors  # one of the two upstream gradients may be None (never both)
         terms = [g * d for g, d in ((g_loss, dloss), (g_kl, dkl)) if g is not None]
         grad = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return grad.to(ctx.dtype), None, None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None

@@ -95,6 +95,7 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
     (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
+    (["--policy-loss", "cispo"], "--policy-loss cispo changes nothing at --mu 1"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):

@@ -25,7 +25,7 @@ from tokenizer import Tokenizer
 
 def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
     """grpo_objective_sums' settings after its five tensors."""
-    return clip_low, clip_high, beta
+    return dict(clip_eps=(clip_low, clip_high), beta=beta)
 
 
 def weights(mask, loss_norm="sequence"):
@@ -100,13 +100,13 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     adv = torch.tensor([1.0, 1.0])
     adv = adv[:, None].expand(2, 6)
-    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask), *opts())
+    total, kl, clipped = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask), opts())
     assert total.item() == pytest.approx(-2.0) and clipped == 0 and kl.item() == 0
     total.backward()
     torch.testing.assert_close(logp.grad[0, :2], torch.full((2,), -0.5))  # a short output's tokens weigh more
     torch.testing.assert_close(logp.grad[1], torch.full((6,), -1 / 6))
     assert not logp.grad[0, 2:].any()  # padding carries no gradient
-    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask, "token"), *opts())
+    tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask, "token"), opts())
     assert tok_total.item() == pytest.approx(-8.0)  # divided later by the 8 tokens
 
 
@@ -120,11 +120,11 @@ def test_loss_sums_split_over_ranks_and_micro_batches_add_up_to_the_whole(norm):
     old, ref, adv = logp.detach() + 0.3 * torch.randn(6, 7), logp.detach() + 0.1 * torch.randn(6, 7), torch.randn(6, 7)
     mask = torch.rand(6, 7) > 0.3
     args, w = opts(beta=0.04), weights(mask, norm)
-    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, w, *args)
+    whole, _, _ = grpo_objective_sums(logp, old, ref, adv, w, args)
     whole.backward()
     g = logp.grad.clone()
     logp.grad = None
-    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], w[s], *args)[0]
+    parts = sum(grpo_objective_sums(logp[s], old[s], ref[s], adv[s], w[s], args)[0]
                 for s in (slice(0, 1), slice(1, 4), slice(4, 6)))
     parts.backward()
     torch.testing.assert_close(parts, whole)
@@ -221,7 +221,7 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_row_per_completion():
             model.zero_grad()
             b = batches[0]
             ref = b.logprobs(model, None) - 0.1
-            total, _ = b.loss(model, None, policy_token_loss(b, None, ref, (0.2, 0.2), 0.04, 0, 1.0))
+            total, _ = b.loss(model, None, policy_token_loss(b, None, ref, opts(beta=0.04), 0, 1.0))
             total.backward()
             results.append((total.item(), b.positions_run, [p.grad.clone() for p in model.parameters()]))
         (alone, _, alone_grads), (plain, plain_run, plain_grads), (packed, packed_run, packed_grads) = results
@@ -304,11 +304,65 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
             where = (b.segment[r] == k).nonzero()[:, 0]
             [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
             old[r, where] += shift[i] + noise[i]
-    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="sequence", grad_clip=1e9, out="-")
+    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="sequence", policy_loss="clip", grad_clip=1e9,
+                              out="-")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert sums["clipped"] == clipped
+    for got, w in zip(opt.grads, want):
+        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tis", [0.0, 2.0])
+def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(tis):
+    """--policy-loss cispo (MiniMax-M1, Chen et al., 2025) through grpo_update, packed 3 completions a row, against
+    every completion alone in float64: per token the loss -w Â + β k3 and the gradient of -sg(w) Â log π + β k3,
+    w = min(ρ, 1 + ε_high) with no lower cap, weighted 1/|o_i|. π_old is π_θ moved by about ±0.5 per token,
+    so that ρ passes both of the clip's bounds, on tokens where the clip would zero the gradient. With --tis, Â_t is
+    weighted by min(π_old/π_sampler, C) as without CISPO. The count logged: the tokens whose weight the cap cut."""
+    model, comps = model_and_two_groups()
+    per_token = [torch.randn(len(c.ids)) * (i != 4) for i, c in enumerate(comps)]  # output 4: Â = 0, nothing to cap
+    shifts = [0.5 * (-1.0) ** (torch.arange(len(c.ids)) + i) + 0.2 * torch.rand(len(c.ids), dtype=torch.float64)
+              for i, c in enumerate(comps)]  # log π_old - log π_θ: ρ about e^-0.6 and e^0.4 in turn
+    clip, beta = (0.2, 0.28), 0.04
+    value, surrogate, capped, clip_zeroes = 0.0, 0.0, 0, 0
+    for c, adv, sh in zip(comps, per_token, shifts):
+        logits = model(torch.tensor([c.prompt + c.ids]))[0, len(c.prompt) - 1:-1]
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        mine = torch.tensor(c.sampled)
+        old, ref = lp.detach() + sh, lp.detach() - 0.1
+        sampler = lp.detach() + 0.8 * torch.randn(len(c.ids), dtype=torch.float64)
+        c.logprobs = torch.where(mine, sampler, 0.0).tolist()
+        adv = adv.double() * (torch.exp(old - sampler).clamp(max=tis) if tis else 1.0)
+        ratio = torch.exp(lp.detach() - old)
+        w = ratio.clamp(max=1 + clip[1])
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        value = value + ((-w * adv + beta * kl) * mine).sum() / mine.sum()
+        surrogate = surrogate + ((-w * adv * lp + beta * kl) * mine).sum() / mine.sum()
+        capped += int(((ratio > 1 + clip[1]) & mine & (adv != 0)).sum())
+        clip_zeroes += int(((((ratio > 1 + clip[1]) & (adv > 0)) | ((ratio < 1 - clip[0]) & (adv < 0))) & mine).sum())
+    model.zero_grad()
+    surrogate.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert capped >= 3 and clip_zeroes >= 3  # CISPO and the clip part on these tokens
+
+    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
+    with torch.no_grad():
+        now = b.logprobs(model, None)
+    old, ref = now.clone(), now - 0.1
+    for r in range(len(b.segment)):  # each output found by its tokens (micro_batches orders rows by length)
+        for k in range(1, 4):
+            where = (b.segment[r] == k).nonzero()[:, 0]
+            [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
+            old[r, where] += shifts[i].float()
+    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="token", policy_loss="cispo", grad_clip=1e9,
+                              out="-")
+    opt = GradientsOf(model)
+    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
+    assert sums["loss"] == pytest.approx(value.item(), rel=1e-5)
+    assert sums["clipped"] == capped
     for got, w in zip(opt.grads, want):
         torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
 
@@ -346,7 +400,7 @@ def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_a
     torch.testing.assert_close(b.advantages, before * (b.entropy >= cut))
     with torch.no_grad():
         ref = b.logprobs(model, None) - 0.1
-    args = argparse.Namespace(clip_eps=0.2, clip_high=None, ratio="token", grad_clip=1e9, out="-")
+    args = argparse.Namespace(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", grad_clip=1e9, out="-")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], None, [ref], 1.0, beta, 0.0, None, 0, args, d)
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
@@ -366,7 +420,7 @@ def test_zero_std_groups_give_zero_gradient():
     logp = torch.randn(4, 5, requires_grad=True)
     adv, flat = group_advantages(torch.ones(1, 4))
     total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv.flatten()[:, None].expand(4, 5),
-                                      weights(torch.ones(4, 5, dtype=torch.bool)), *opts())
+                                      weights(torch.ones(4, 5, dtype=torch.bool)), opts())
     total.backward()
     assert flat == 1 and not logp.grad.any()
 
@@ -375,7 +429,7 @@ def test_kl_term_pulls_toward_the_reference():
     logp = torch.zeros(1, 3, requires_grad=True)
     ref = torch.full((1, 3), 0.5)  # the reference gives these tokens more probability
     total, kl, _ = grpo_objective_sums(logp, logp.detach(), ref, torch.zeros(1, 3),
-                                       weights(torch.ones(1, 3, dtype=torch.bool)), *opts(beta=0.1))
+                                       weights(torch.ones(1, 3, dtype=torch.bool)), opts(beta=0.1))
     total.backward()
     assert kl.item() > 0 and (logp.grad < 0).all()  # descending the loss raises logp toward the reference
 
@@ -401,8 +455,7 @@ def test_grpo_loop_learns_a_trivial_task():
         mask = torch.zeros(G, tokens.shape[1] - 1, dtype=torch.bool)
         mask[:, len(prompt) - 1:] = True
         b = argparse.Namespace(advantages=adv.flatten()[:, None].expand(mask.shape), weights=weights(mask))
-        total, _ = policy.loss(tokens[:, :-1], tokens[:, 1:], policy_token_loss(b, None, None, (0.2, 0.2), 0.0, 0,
-                                                                                 1 / G))
+        total, _ = policy.loss(tokens[:, :-1], tokens[:, 1:], policy_token_loss(b, None, None, opts(), 0, 1 / G))
         total.backward()
         opt.step()
         opt.zero_grad()
@@ -543,7 +596,8 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
 
 
 @pytest.mark.parametrize("flags", [
-    ("--online-rft", "--beta", "0", "--mu", "2", "--ratio", "sequence", "--loss-norm", "token", "--mask-truncated"),
+    ("--online-rft", "--beta", "0", "--mu", "2", "--ratio", "sequence", "--loss-norm", "token", "--mask-truncated",
+     "--policy-loss", "cispo"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1",
      "--top-entropy", "0.2"),
     ("--oversample", "3", "--supervision", "process", "--fp32-head"),
@@ -581,7 +635,7 @@ def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 0.0, 0.0]])
     weights = torch.tensor([[1.0] * 8 + [0.0] + [1.0] * 2])  # token 8 is not the model's
     logp = ratio.log().requires_grad_()
-    total, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights, 0.2, 0.28, 0.0)
+    total, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights, opts(0.2, 0.28))
     assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked; 9, 10: Â = 0
     total.backward()
     assert clipped == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()  # the tokens whose push the clip stops

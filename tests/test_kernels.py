@@ -226,24 +226,44 @@ def test_grpo_loss_with_asymmetric_clip_on_hand_computed_tokens(backend):
     torch.testing.assert_close(lp.grad[:2], torch.zeros(2))
 
 
-def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend):
+def test_cispo_loss_on_hand_computed_tokens(backend):
+    # CISPO, clip (0.2, 0.28): the weight is min(r, 1.28), no lower cap; loss and gradient are both -w A
+    # r = 1, A = 2: w = 1 -> -2 (as the clip's: on-policy, the two agree)
+    # r = 1.5, A = 1: w = 1.28 -> -1.28, gradient -1.28 (the clip's loss is the same, its gradient 0)
+    # r = 0.5, A = -1: w = 0.5 -> 0.5, gradient 0.5 (the clip's: 0.8, gradient 0)
+    # r = 1.5, A = -1: w = 1.28 -> 1.28, gradient 1.28 (the clip's: 1.5 and 1.5, r A unclipped)
+    lp = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.5])).requires_grad_()
+    a = torch.tensor([2.0, 1.0, -1.0, -1.0])
+    loss, kl = grpo_token_loss(lp, torch.zeros(4), lp.detach().clone(), a, clip_eps=(0.2, 0.28), beta=0.04,
+                               cispo=True)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, torch.tensor([-2.0, -1.28, 0.5, 1.28]))
+    torch.testing.assert_close(lp.grad, torch.tensor([-2.0, -1.28, 0.5, 1.28]))
+
+
+@pytest.mark.parametrize("cispo", [False, True])
+def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo):
     """3,001 random tokens against Eq. 3-4 and their derivatives written out here in float64 (no autograd, not
     the module's own reference): d(-min(rA, clip(r)A))/d logp is -rA where the clip does not bind, else 0; the
-    k3 KL's is 1 - π_ref/π_θ."""
+    k3 KL's is 1 - π_ref/π_θ. CISPO's policy term: -min(r, 1 + ε_high) A, and the same is its derivative."""
     torch.manual_seed(1)
     n = 3001
     lp = torch.randn(n, requires_grad=True)
     old, ref, a = lp.detach() + 0.4 * torch.randn(n), lp.detach() + 0.4 * torch.randn(n), torch.randn(n)
     gl, gk = torch.randn(n), torch.randn(n)
-    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04)
+    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04, cispo=cispo)
     torch.autograd.backward([loss, kl], [gl, gk])
     x, o, q, A = (t.detach().double() for t in (lp, old, ref, a))
     r = torch.exp(x - o)
     binds = ((r > 1.28) & (A > 0)) | ((r < 0.8) & (A < 0))
     pg = torch.where(binds, -r.clamp(0.8, 1.28) * A, -r * A)
+    dpg = torch.where(binds, 0.0, -r * A)
+    if cispo:
+        pg = dpg = -r.clamp(max=1.28) * A
+        assert (r < 0.8).sum() > 300 and (r > 1.28).sum() > 300  # both sides of the clip's bounds are met
     kl64 = torch.exp(q - x) - (q - x) - 1
     dkl = 1 - torch.exp(q - x)
-    grad = gl.double() * (torch.where(binds, 0.0, -r * A) + 0.04 * dkl) + gk.double() * dkl
+    grad = gl.double() * (dpg + 0.04 * dkl) + gk.double() * dkl
     torch.testing.assert_close(loss.double(), pg + 0.04 * kl64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl.double(), kl64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lp.grad.double(), grad, rtol=1e-4, atol=1e-5)
@@ -266,7 +286,7 @@ def test_the_triton_kernels_compile_for_an_h100_with_one_exp_per_logit(tmp_path)
         return k[name]["block"] // (32 * k[name]["warps"])
     assert k["logprobs_fwd"]["ex2"] == per_thread("logprobs_fwd") + 1
     assert k["logprobs_bwd"]["ex2"] == per_thread("logprobs_bwd")
-    assert k["grpo_fwd"]["ex2"] == 2 * per_thread("grpo_fwd")  # r and e^d
+    assert k["grpo_fwd"]["ex2"] == k["grpo_fwd_cispo"]["ex2"] == 2 * per_thread("grpo_fwd")  # r and e^d
     from fused_kernels.logprobs import BACKWARD, FORWARD
     assert (k["logprobs_fwd"]["warps"], k["logprobs_bwd"]["warps"]) == (FORWARD["num_warps"], BACKWARD["num_warps"])
 
