@@ -1,7 +1,8 @@
 """`python tests/for_sm90.py`: compile fused_kernels/' Triton kernels ahead of time for an H100/H200 (sm_90), on
 a machine without a GPU, down to machine code (triton's own ptxas), with the launch settings the code uses, and
-print per kernel, as JSON, the exps (ex2) in its PTX and its warps. Run without TRITON_INTERPRET, which replaces
-the kernels by Python."""
+print per kernel, as JSON, the exps (ex2) in its PTX, its warps and a digest of its cubin. Run without
+TRITON_INTERPRET, which replaces the kernels by Python."""
+import hashlib
 import json
 
 import triton
@@ -30,5 +31,6 @@ if __name__ == "__main__":
         constants = {k: v for k, v in launch.items() if k not in options}
         k = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
         assert k.asm["cubin"], name
-        out[name] = dict(ex2=k.asm["ptx"].count("ex2.approx"), warps=k.metadata.num_warps, block=constants["BLOCK"])
+        out[name] = dict(ex2=k.asm["ptx"].count("ex2.approx"), warps=k.metadata.num_warps, block=constants["BLOCK"],
+                         cubin=hashlib.sha256(k.asm["cubin"]).hexdigest()[:16])
     print(json.dumps(out))

@@ -318,13 +318,14 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
 def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(tis):
     """--policy-loss cispo (MiniMax-M1, Chen et al., 2025) through grpo_update, packed 3 completions a row, against
     every completion alone in float64: per token the loss -w Â + β k3 and the gradient of -sg(w) Â log π + β k3,
-    w = min(ρ, 1 + ε_high) with no lower cap, weighted 1/|o_i|. π_old is π_θ moved by about ±0.5 per token,
-    so that ρ passes both of the clip's bounds, on tokens where the clip would zero the gradient. With --tis, Â_t is
-    weighted by min(π_old/π_sampler, C) as without CISPO. The count logged: the tokens whose weight the cap cut."""
+    w = min(ρ, 1 + ε_high) with no lower cap, weighted 1/|o_i|. π_old is π_θ moved by about ±0.5 per token, so
+    that ρ passes both of the clip's bounds, on tokens where the clip would zero the gradient and on others. With
+    --tis, Â_t is weighted by min(π_old/π_sampler, C) as without CISPO. The count logged: the tokens whose weight
+    the cap cut (not the clip's count, here)."""
     model, comps = model_and_two_groups()
     per_token = [torch.randn(len(c.ids)) * (i != 4) for i, c in enumerate(comps)]  # output 4: Â = 0, nothing to cap
-    shifts = [0.5 * (-1.0) ** (torch.arange(len(c.ids)) + i) + 0.2 * torch.rand(len(c.ids), dtype=torch.float64)
-              for i, c in enumerate(comps)]  # log π_old - log π_θ: ρ about e^-0.6 and e^0.4 in turn
+    shifts = [torch.where(torch.arange(len(c.ids)) % 3 == 2, 0.5, -0.5) + 0.2 * torch.rand(len(c.ids))
+              for c in comps]  # log π_old - log π_θ: ρ about e^0.4 on two tokens of three, e^-0.6 on the third
     clip, beta = (0.2, 0.28), 0.04
     value, surrogate, capped, clip_zeroes = 0.0, 0.0, 0, 0
     for c, adv, sh in zip(comps, per_token, shifts):
@@ -346,7 +347,7 @@ def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(t
     surrogate.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    assert capped >= 3 and clip_zeroes >= 3  # CISPO and the clip part on these tokens
+    assert capped >= 3 and clip_zeroes >= 3 and capped != clip_zeroes  # CISPO and the clip part on these tokens
 
     [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
     with torch.no_grad():

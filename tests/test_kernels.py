@@ -287,6 +287,7 @@ def test_the_triton_kernels_compile_for_an_h100_with_one_exp_per_logit(tmp_path)
     assert k["logprobs_fwd"]["ex2"] == per_thread("logprobs_fwd") + 1
     assert k["logprobs_bwd"]["ex2"] == per_thread("logprobs_bwd")
     assert k["grpo_fwd"]["ex2"] == k["grpo_fwd_cispo"]["ex2"] == 2 * per_thread("grpo_fwd")  # r and e^d
+    assert k["grpo_fwd"]["cubin"] != k["grpo_fwd_cispo"]["cubin"]  # CISPO's branch compiled, not the clip's twice
     from fused_kernels.logprobs import BACKWARD, FORWARD
     assert (k["logprobs_fwd"]["warps"], k["logprobs_bwd"]["warps"]) == (FORWARD["num_warps"], BACKWARD["num_warps"])
 
