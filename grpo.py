@@ -30,17 +30,18 @@ Choices the paper leaves open, made here: ε = 0.2 (PPO's), std with Bessel's co
 rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at temperature 1, the LR on a cosine
 from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant LR does not).
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
-batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --mask-truncated (DAPO), --ratio
-sequence with --mu > 1 (GSPO: one ratio per output), --policy-loss cispo with --mu > 1 (CISPO: the ratio capped
-as a weight, no token's gradient zeroed), --oversample K (DAPO's dynamic sampling: groups whose rewards
-all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on the tokens drawn
-at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline), --prompt tool
-(tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a learned
-reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO replaces: line
-9 from a value model instead of the group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref
-is the policy with its adapters off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss
-fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models reward_model.py's, PPO's advantages
-and value loss ppo.py's.
+batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --kl-loss k2 (the KL term whose
+gradient is the reverse KL's, as Eq. 3 writes it; k3's is the forward KL's: fused_kernels/grpo_loss.py),
+--mask-truncated (DAPO), --ratio sequence with --mu > 1 (GSPO: one ratio per output), --policy-loss cispo with
+--mu > 1 (CISPO: the ratio capped as a weight, no token's gradient zeroed), --oversample K (DAPO's dynamic sampling:
+groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on
+the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline),
+--prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a
+learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO
+replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards beside the rule),
+--lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py. Generation is
+engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models
+reward_model.py's, PPO's advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -136,8 +137,8 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
     logp, old_logp, ref_logp, advantages, weights: (B, T); objective: grpo_token_loss's settings (clip_eps as
-    (ε_low, ε_high), beta, cispo). Returns (loss sum, KL sum over the weighted tokens, number of them where the clip
-    binds), as tensors: nothing is read back to the host here."""
+    (ε_low, ε_high), beta, cispo, kl_loss). Returns (loss sum, KL sum over the weighted tokens, number of them
+    where the clip binds), as tensors: nothing is read back to the host here."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, **objective)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
@@ -164,7 +165,7 @@ def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=No
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
     lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss, whose settings `objective` holds:
-    clip_eps, beta, cispo). old_logp None: π_old is π_θ itself
+    clip_eps, beta, cispo, kl_loss). old_logp None: π_old is π_θ itself
     (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
     log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
     s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025)."""
@@ -204,7 +205,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
     sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap and the TIS
     weights; read back once, not per micro-batch) and the gradient norm."""
     objective = dict(clip_eps=(args.clip_eps, args.clip_high or args.clip_eps), beta=beta,
-                     cispo=args.policy_loss == "cispo")
+                     cispo=args.policy_loss == "cispo", kl_loss=args.kl_loss)
     sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0)
     for k, b in enumerate(batches):
         if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last

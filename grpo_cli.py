@@ -99,6 +99,10 @@ def add_update_args(ap):
     ap.add_argument("--beta", type=float, default=None, help=f"KL weight (default: the paper's {BETA['rule']} with the "
                     f"rule's reward, {BETA['orm']} with an outcome RM's, {BETA['prm']} with a process RM's); 0 turns "
                     "the KL off")
+    ap.add_argument("--kl-loss", default="k3", choices=["k3", "k2"], help="the KL term in the loss: k3, the paper's "
+                    "(Eq. 4; its gradient on sampled tokens is that of KL(π_ref ‖ π_θ)), or k2, (log π_θ/π_ref)²/2 "
+                    "(whose gradient is that of KL(π_θ ‖ π_ref), the KL Eq. 3 writes); kl in the log is k3's either "
+                    "way")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
@@ -163,6 +167,9 @@ def check_args(ap, args):
                  "outputs (outcome), a process model their steps (process)")
     if not 0 < args.top_entropy <= 1:
         ap.error(f"--top-entropy {args.top_entropy}: a share of the tokens, in (0, 1]")
+    if args.kl_loss != "k3" and (args.beta == 0 or args.advantage == "gae"):
+        ap.error(f"--kl-loss {args.kl_loss} changes the KL term in the loss, which --beta 0 and --advantage gae (the "
+                 "KL in PPO's reward) leave out")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
     ratio_flags = [f for f, on in (("--ratio sequence", args.ratio == "sequence"),

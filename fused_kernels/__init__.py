@@ -73,12 +73,15 @@ def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS
     return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, *_rows_and_grad(hidden))
 
 
-def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False):
+def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False, kl_loss="k3"):
     """Per-token GRPO loss and k3 KL (paper Eq. 3-4): -min(r A, clip(r, 1-eps, 1+eps) A) + beta * kl.
     clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. cispo: the policy term is CISPO's
-    -sg(min(r, 1+eps_high)) A log π instead (grpo_loss.py). All inputs have one shape; the gradient flows to logp
-    only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
+    -sg(min(r, 1+eps_high)) A log π instead; kl_loss "k2": the KL term in the loss is 1/2 (log π - log π_ref)^2,
+    whose gradient is the reverse KL's (grpo_loss.py); the kl returned is k3 either way. All inputs have one
+    shape; the gradient flows to logp only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
+    if kl_loss not in ("k3", "k2"):
+        raise ValueError(f"kl_loss={kl_loss!r}: expected 'k3' or 'k2'")
     low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
     if backend(logp) == "triton":
-        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta, cispo)
-    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta, cispo)
+        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss)
+    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss)

@@ -15,6 +15,12 @@ truncated, w = min(r, 1 + eps_high), and no lower bound (the paper's choice). Wr
 -w A, as the clipped term's would be, and its gradient -w A on *every* token: where PPO's clip zeroes a token's
 gradient, CISPO keeps it at the capped weight, so the rare tokens that moved most in the first update still learn.
 
+The KL term in the loss, kl_loss="k2": 1/2 d^2 in place of k3 (the `kl` returned stays k3, the log's estimate of
+the KL). On tokens drawn from π_θ, k3's gradient (1 - π_ref/π_θ) ∇log π_θ has the expectation
+Σ (π_θ - π_ref) ∇log π_θ = -Σ π_ref ∇log π_θ: the gradient of the *forward* KL(π_ref ‖ π_θ). k2's,
+(log π_θ - log π_ref) ∇log π_θ, has that of the reverse KL(π_θ ‖ π_ref), the one Eq. 3 writes. Both pull π_θ
+toward π_ref; they part where π_θ puts mass that π_ref does not (k3 pushes it back more softly).
+
 The memory problem is small here (a few (N,) vectors), but an unfused PyTorch version launches ~15 kernels
 and keeps their intermediates for autograd; the fused kernel reads 4 floats and writes 4 per token.
 """
@@ -28,7 +34,7 @@ except ImportError:
     triton = None
 
 
-def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False):
+def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False, kl_loss="k3"):
     """The reference, in plain autograd (works in float64 for tests)."""
     r = torch.exp(logp - old_logp)
     if cispo:
@@ -37,13 +43,13 @@ def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, b
         pg = -torch.minimum(r * advantages, r.clamp(1 - clip_low, 1 + clip_high) * advantages)
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
-    return pg + beta * kl, kl
+    return pg + beta * (0.5 * d ** 2 if kl_loss == "k2" else kl), kl
 
 
 if triton is not None:
     @triton.jit
     def _grpo_fwd(lp_ptr, old_ptr, ref_ptr, adv_ptr, loss_ptr, kl_ptr, dloss_ptr, dkl_ptr, N, clip_low, clip_high,
-                  beta, CISPO: tl.constexpr, BLOCK: tl.constexpr):
+                  beta, CISPO: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < N
         lp = tl.load(lp_ptr + i, mask=mask, other=0.0)
@@ -63,9 +69,13 @@ if triton is not None:
         ed = tl.exp(d)
         kl = ed - d - 1
         dkl = 1 - ed
-        tl.store(loss_ptr + i, pg + beta * kl, mask=mask)
+        if K2:
+            tl.store(loss_ptr + i, pg + beta * 0.5 * d * d, mask=mask)
+            tl.store(dloss_ptr + i, dpg - beta * d, mask=mask)
+        else:
+            tl.store(loss_ptr + i, pg + beta * kl, mask=mask)
+            tl.store(dloss_ptr + i, dpg + beta * dkl, mask=mask)
         tl.store(kl_ptr + i, kl, mask=mask)
-        tl.store(dloss_ptr + i, dpg + beta * dkl, mask=mask)
         tl.store(dkl_ptr + i, dkl, mask=mask)
 
 
@@ -73,13 +83,13 @@ class TritonGRPOLoss(torch.autograd.Function):
     BLOCK = 1024
 
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo, kl_loss):
         ins = [t.float().contiguous() for t in (logp, old_logp, ref_logp, advantages)]
         N = ins[0].numel()
         loss, kl, dloss, dkl = (torch.empty_like(ins[0]) for _ in range(4))
         grid = (triton.cdiv(N, TritonGRPOLoss.BLOCK),)
         _grpo_fwd[grid](*ins, loss, kl, dloss, dkl, N, float(clip_low), float(clip_high), float(beta),
-                        CISPO=bool(cispo), BLOCK=TritonGRPOLoss.BLOCK)
+                        CISPO=bool(cispo), K2=kl_loss == "k2", BLOCK=TritonGRPOLoss.BLOCK)
         ctx.save_for_backward(dloss, dkl)
         ctx.dtype = logp.dtype
         return loss, kl
@@ -89,4 +99,4 @@ class TritonGRPOLoss(torch.autograd.Function):
         dloss, dkl = ctx.saved_tensors  # one of the two upstream gradients may be None (never both)
         terms = [g * d for g, d in ((g_loss, dloss), (g_kl, dkl)) if g is not None]
         grad = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return grad.to(ctx.dtype), None, None, None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None

@@ -96,6 +96,7 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
     (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
     (["--policy-loss", "cispo"], "--policy-loss cispo changes nothing at --mu 1"),
+    (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):

@@ -600,7 +600,7 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
     ("--online-rft", "--beta", "0", "--mu", "2", "--ratio", "sequence", "--loss-norm", "token", "--mask-truncated",
      "--policy-loss", "cispo"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1",
-     "--top-entropy", "0.2"),
+     "--top-entropy", "0.2", "--kl-loss", "k2"),
     ("--oversample", "3", "--supervision", "process", "--fp32-head"),
 ])
 def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):

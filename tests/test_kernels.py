@@ -1,6 +1,7 @@
 """fused_kernels/: Triton (under TRITON_INTERPRET=1) and PyTorch paths against float64 references, forward and
 gradient."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -241,17 +242,51 @@ def test_cispo_loss_on_hand_computed_tokens(backend):
     torch.testing.assert_close(lp.grad, torch.tensor([-2.0, -1.28, 0.5, 1.28]))
 
 
-@pytest.mark.parametrize("cispo", [False, True])
-def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo):
+def test_k2_kl_term_on_hand_computed_tokens(backend):
+    # log π_θ = 0, log π_ref = log 2: k2 = (log 2)^2 / 2, its gradient β (log π_θ - log π_ref) = -β log 2;
+    # the KL returned is k3's, 2 - log 2 - 1
+    lp = torch.zeros(1, requires_grad=True)
+    loss, kl = grpo_token_loss(lp, torch.zeros(1), torch.log(torch.tensor([2.0])), torch.zeros(1), 0.2, 0.5,
+                               kl_loss="k2")
+    loss.backward()
+    log2 = math.log(2)
+    torch.testing.assert_close(loss, torch.tensor([0.5 * log2 ** 2 / 2]))
+    torch.testing.assert_close(kl, torch.tensor([1 - log2]))
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.5 * log2]))
+
+
+@pytest.mark.parametrize("kl_loss", ["k3", "k2"])
+def test_the_kl_terms_expected_gradient_is_the_forward_kls_for_k3_and_the_reverse_kls_for_k2(backend, kl_loss):
+    """On one position with a vocabulary of 7, each token's KL term weighted by its probability under π_θ (the
+    expectation over the tokens π_θ samples, exactly) has the gradient in the logits of KL(π_ref ‖ π_θ) with k3
+    in the loss and of KL(π_θ ‖ π_ref) with k2, each computed here from its definition; the two differ."""
+    torch.manual_seed(0)
+    theta, ref = torch.randn(7, dtype=torch.float64, requires_grad=True), torch.log_softmax(torch.randn(7), -1)
+    lp = torch.log_softmax(theta, -1)
+    loss, _ = grpo_token_loss(lp, lp.detach(), ref, torch.zeros(7), 0.2, 1.0, kl_loss=kl_loss)
+    (lp.exp().detach() * loss).sum().backward()
+    got, theta.grad = theta.grad.clone(), None
+    p, q = torch.softmax(theta, -1), ref.double().exp()
+    forward, reverse = (q * (q.log() - torch.log_softmax(theta, -1))).sum(), (p * (p.log() - q.log())).sum()
+    want = torch.autograd.grad(forward if kl_loss == "k3" else reverse, theta)[0]
+    other = torch.autograd.grad(reverse if kl_loss == "k3" else forward, theta)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got - other).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cispo, kl_loss", [(False, "k3"), (True, "k3"), (False, "k2")])
+def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo, kl_loss):
     """3,001 random tokens against Eq. 3-4 and their derivatives written out here in float64 (no autograd, not
     the module's own reference): d(-min(rA, clip(r)A))/d logp is -rA where the clip does not bind, else 0; the
-    k3 KL's is 1 - π_ref/π_θ. CISPO's policy term: -min(r, 1 + ε_high) A, and the same is its derivative."""
+    k3 KL's is 1 - π_ref/π_θ. CISPO's policy term: -min(r, 1 + ε_high) A, and the same is its derivative. With
+    kl_loss k2 the loss's KL term is (log π_θ - log π_ref)^2 / 2, its derivative log π_θ - log π_ref, while the
+    KL returned is still k3."""
     torch.manual_seed(1)
     n = 3001
     lp = torch.randn(n, requires_grad=True)
     old, ref, a = lp.detach() + 0.4 * torch.randn(n), lp.detach() + 0.4 * torch.randn(n), torch.randn(n)
     gl, gk = torch.randn(n), torch.randn(n)
-    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04, cispo=cispo)
+    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04, cispo=cispo, kl_loss=kl_loss)
     torch.autograd.backward([loss, kl], [gl, gk])
     x, o, q, A = (t.detach().double() for t in (lp, old, ref, a))
     r = torch.exp(x - o)
@@ -263,8 +298,9 @@ def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, 
         assert (r < 0.8).sum() > 300 and (r > 1.28).sum() > 300  # both sides of the clip's bounds are met
     kl64 = torch.exp(q - x) - (q - x) - 1
     dkl = 1 - torch.exp(q - x)
-    grad = gl.double() * (dpg + 0.04 * dkl) + gk.double() * dkl
-    torch.testing.assert_close(loss.double(), pg + 0.04 * kl64, rtol=1e-5, atol=1e-5)
+    penalty, dpenalty = ((q - x) ** 2 / 2, x - q) if kl_loss == "k2" else (kl64, dkl)
+    grad = gl.double() * (dpg + 0.04 * dpenalty) + gk.double() * dkl
+    torch.testing.assert_close(loss.double(), pg + 0.04 * penalty, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl.double(), kl64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lp.grad.double(), grad, rtol=1e-4, atol=1e-5)
 
@@ -286,8 +322,9 @@ def test_the_triton_kernels_compile_for_an_h100_with_one_exp_per_logit(tmp_path)
         return k[name]["block"] // (32 * k[name]["warps"])
     assert k["logprobs_fwd"]["ex2"] == per_thread("logprobs_fwd") + 1
     assert k["logprobs_bwd"]["ex2"] == per_thread("logprobs_bwd")
-    assert k["grpo_fwd"]["ex2"] == k["grpo_fwd_cispo"]["ex2"] == 2 * per_thread("grpo_fwd")  # r and e^d
-    assert k["grpo_fwd"]["cubin"] != k["grpo_fwd_cispo"]["cubin"]  # CISPO's branch compiled, not the clip's twice
+    variants = ("grpo_fwd", "grpo_fwd_cispo", "grpo_fwd_k2")
+    assert {k[v]["ex2"] for v in variants} == {2 * per_thread("grpo_fwd")}  # r and e^d
+    assert len({k[v]["cubin"] for v in variants}) == 3  # each branch compiled, not one of them thrice
     from fused_kernels.logprobs import BACKWARD, FORWARD
     assert (k["logprobs_fwd"]["warps"], k["logprobs_bwd"]["warps"]) == (FORWARD["num_warps"], BACKWARD["num_warps"])
 

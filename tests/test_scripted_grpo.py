@@ -258,6 +258,11 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     mu = step_one("mu", "--mu", "2", "--loss-norm", "token")
     no_kl = step_one("mu-no-kl", "--mu", "2", "--loss-norm", "token", "--beta", "0")
     assert mu["kl"] > 0 and no_kl["kl"] == 0 and mu["loss"] - no_kl["loss"] == near(0.04 * mu["kl"])
+    # --kl-loss k2: the same first update (both KL terms have gradient 0 at π_θ = π_ref), so the same k3 logged at
+    # the second; its loss carries β (log π_θ/π_ref)²/2, which differs from β k3 by β d³/6 + ... per token
+    k2 = step_one("mu-k2", "--mu", "2", "--loss-norm", "token", "--kl-loss", "k2")
+    assert k2["kl"] == near(mu["kl"]) and k2["loss"] != near(mu["loss"])
+    assert 0.5 < (k2["loss"] - no_kl["loss"]) / (mu["loss"] - no_kl["loss"]) < 2
     assert row["clip_frac"] == 0 < mu["clip_frac"]
     high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
     assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
