@@ -291,6 +291,12 @@ def combined_rewards(base, reward_fns, weights, comps, problems):
     return total, scores
 
 
+def overlong_penalty(lengths, budget, buffer):
+    """DAPO's soft overlong punishment (Yu et al., 2025, Eq. 13): 0 for an output of up to budget - buffer tokens,
+    then falling linearly to -1 at the budget, where the engine cuts an output. lengths: (n,) -> (n,)."""
+    return -((lengths.float() - (budget - buffer)).clamp(min=0) / buffer).clamp(max=1)
+
+
 def groups_with_signal(rewards, group_size, keep):
     """DAPO's dynamic sampling (--oversample): of the drawn groups, the outputs of the first `keep`, those whose
     rewards disagree ahead of those that agree (padding, so that every rank trains on as many sequences)."""
@@ -358,7 +364,7 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
         row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
     if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
         row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
-    row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_")})  # each --reward-fn's mean
+    row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_") or k == "overlong_penalty"})  # means
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
                    generated_reward=s["generated_reward"] / s["generated"])
@@ -570,7 +576,7 @@ class Scored:
 def score(run, comps, drawn):
     """Line 8: the rule's reward (1 for a right final answer, else 0), --oversample's choice of the groups with
     signal, then a reward model's verdicts if --reward asks, the rule's steps under process supervision, and the
-    user's rewards weighted in."""
+    user's rewards weighted in; --overlong-buffer's penalty added last, outside the weights."""
     args, G = run.args, run.args.group_size
     rule = torch.tensor(reward.batch_rewards([c.text for c in comps], [p["answer"] for p in drawn], workers=1))
     generated = dict(generated_zero_std_groups=int(zero_std_groups(rule.view(-1, G)).sum()),
@@ -597,6 +603,10 @@ def score(run, comps, drawn):
             rewards, scores = combined_rewards(rewards, run.reward_fns, args.reward_weights, comps, drawn)
         except reward.RewardFnError as e:
             raise SystemExit(f"error: step {run.step + 1}: {e}") from None
+    if args.overlong_buffer:
+        scores["overlong_penalty"] = overlong_penalty(torch.tensor([len(c.ids) for c in comps]), args.max_new_tokens,
+                                                      args.overlong_buffer)
+        rewards = rewards + scores["overlong_penalty"]
     return Scored(comps, drawn, rule, rewards, step_rewards, scores, generated)
 
 

@@ -68,6 +68,9 @@ def add_reward_args(ap):
                     "path/to/file.py:function)")
     ap.add_argument("--reward-weights", help="comma-separated weights: --reward's first, then each --reward-fn's "
                     "(default: 1 each)")
+    ap.add_argument("--overlong-buffer", type=int, default=0, metavar="L", help="DAPO's soft overlong punishment: "
+                    "a reward falling from 0 to -1 over the last L tokens of --max-new-tokens, added to the others "
+                    "(logged as overlong_penalty; 0: off)")
     ap.add_argument("--rm-refresh", type=int, default=0, metavar="K", help="iterative GRPO (paper §4.1.4, with "
                     "--ref-reset K): every K steps, train the reward model on the policy's new samples, 10%% of them "
                     "replayed")
@@ -188,6 +191,11 @@ def check_args(ap, args):
         ap.error("--online-rft keeps the outputs the rule grades right (paper §5.2.1): use it with --reward rule")
     if args.lora_rank and args.ref_reset:
         ap.error("--ref-reset with --lora-rank: π_ref is the model under the adapters, which a reset would move")
+    if args.overlong_buffer and (args.supervision == "process" or args.online_rft):
+        ap.error("--overlong-buffer shapes an outcome reward: use it without --supervision process and --online-rft")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        ap.error(f"--overlong-buffer {args.overlong_buffer}: tokens at the end of the budget, in [0, "
+                 f"--max-new-tokens {args.max_new_tokens}]")
     if args.reward_fn and args.supervision == "process":
         ap.error("--reward-fn scores whole outputs: use it with outcome supervision")
     names = [spec.rpartition(":")[2] for spec in args.reward_fn]

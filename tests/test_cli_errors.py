@@ -97,6 +97,8 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
     (["--policy-loss", "cispo"], "--policy-loss cispo changes nothing at --mu 1"),
     (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
+    (["--overlong-buffer", "8", "--supervision", "process"], "--overlong-buffer shapes an outcome reward"),
+    (["--overlong-buffer", "600"], "--overlong-buffer 600: tokens at the end of the budget, in [0, --max-new-tokens"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):

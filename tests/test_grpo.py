@@ -16,7 +16,7 @@ import common
 import engine
 import reward
 from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, high_entropy_only,
-                  policy_token_loss, process_advantages, tis_weights, token_advantages)
+                  overlong_penalty, policy_token_loss, process_advantages, tis_weights, token_advantages)
 from model import ModelConfig, Transformer
 from packing import Batch, loss_weights, micro_batches, pack_rows
 from reward_model import token_index
@@ -640,6 +640,13 @@ def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked; 9, 10: Â = 0
     total.backward()
     assert clipped == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()  # the tokens whose push the clip stops
+
+
+def test_overlong_penalty_by_hand():
+    # DAPO's Eq. 13 with a budget of 100 and a buffer of 20: nothing up to 80 tokens, then -1/20 a token to -1 at 100
+    got = overlong_penalty(torch.tensor([0, 50, 80, 81, 90, 99, 100]), 100, 20)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 0.0, -0.05, -0.5, -0.95, -1.0]))
+    assert overlong_penalty(torch.tensor([120]), 100, 20).item() == -1  # past the budget (never sampled): still -1
 
 
 def test_tis_weights_by_hand():

@@ -218,10 +218,11 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     near = functools.partial(pytest.approx, rel=1e-5, abs=1e-6)  # fp32 sums
     tok = Tokenizer.load(data_dir / "tokenizer")
     questions = [json.loads(line)["question"] for line in open(problems)]
-    counts = {}  # tokens the model wrote, per output of a group with signal (True) and of one without (False)
+    counts, lengths = {}, {}  # tokens the model wrote, and all, per output of a group with signal (True) and not
     for signal in (True, False):
         q = next(q for q in questions if bool(zlib.crc32(q.encode()) % 3) == signal)
-        counts[signal] = [sum(scripted_grpo.completion(tok, q, *out).sampled) for out in scripted_grpo.group(q, "5")]
+        outs = [scripted_grpo.completion(tok, q, *out) for out in scripted_grpo.group(q, "5")]
+        counts[signal], lengths[signal] = [sum(c.sampled) for c in outs], [len(c.ids) for c in outs]
 
     def step_one(name, *flags):
         r = run(scripted_args(base, problems, tmp_path / name, "--max-steps", "1", "--report-problems", "0",
@@ -253,6 +254,14 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     # --top-entropy: the policy term on part of each output's tokens, so a group's Â no longer sums to 0
     top = step_one("top-entropy", "--top-entropy", "0.5")
     assert 0 < top["entropy_cut"] < 1 and top["loss"] != near(0)
+    # --overlong-buffer 40 of a budget of 64: each output's reward gains -min(max(|o| - 24, 0) / 40, 1), which
+    # tells apart the outputs of the groups whose rule rewards agree
+    penalty = {signal: [-min(max(n - 24, 0) / 40, 1) for n in lengths[signal]] for signal in (True, False)}
+    assert len(set(penalty[False])) == 4 and min(penalty[True] + penalty[False]) > -1 and max(penalty[True]) == 0
+    over = step_one("overlong", "--max-new-tokens", "64", "--overlong-buffer", "40")
+    mean_penalty = (n_sig * sum(penalty[True]) + (4 - n_sig) * sum(penalty[False])) / 16
+    assert over["overlong_penalty"] == near(mean_penalty) and over["reward"] == near(row["reward"] + mean_penalty)
+    assert over["zero_std_groups"] == 0
     # μ = 2: the second update sees ρ ≠ 1. Its first is the same with or without the KL (k3's gradient is 0 at
     # π_θ = π_ref), so per token the two losses differ by β times the KL
     mu = step_one("mu", "--mu", "2", "--loss-norm", "token")
