@@ -32,16 +32,16 @@ from its peak to a tenth of it (docs/findings.md: on the toy it gains on every s
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
 batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --kl-loss k2 (the KL term whose
 gradient is the reverse KL's, as Eq. 3 writes it; k3's is the forward KL's: fused_kernels/grpo_loss.py),
---mask-truncated (DAPO), --ratio sequence with --mu > 1 (GSPO: one ratio per output), --policy-loss cispo with
---mu > 1 (CISPO: the ratio capped as a weight, no token's gradient zeroed), --oversample K (DAPO's dynamic sampling:
-groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on
-the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline),
---prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a
-learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO
-replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards beside the rule),
---lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py. Generation is
-engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models
-reward_model.py's, PPO's advantages and value loss ppo.py's.
+--mask-truncated and --overlong-buffer L (DAPO's overlong filter and soft punishment), --ratio sequence with
+--mu > 1 (GSPO: one ratio per output), --policy-loss cispo with --mu > 1 (CISPO: the ratio capped as a weight, no
+token's gradient zeroed), --oversample K (DAPO's dynamic sampling: groups whose rewards all agree are replaced by
+ones that carry signal), --top-entropy ρ (the policy-gradient term on the tokens drawn at the highest entropy only:
+Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the
+sandbox's output joins the context, no loss on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative
+GRPO's reward-model update), --advantage gae (PPO, the method GRPO replaces: line 9 from a value model instead of
+the group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters
+off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2
+and checkpoints common.py's, reward models reward_model.py's, PPO's advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
