@@ -139,7 +139,7 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective
     logp, old_logp, ref_logp, advantages, weights: (B, T); objective: grpo_token_loss's settings (clip_eps as
     (ε_low, ε_high), beta, cispo, kl_loss). Returns (loss sum, KL sum over the weighted tokens, number of them
     where the clip binds), as tensors: nothing is read back to the host here."""
-    # per token: -min(ρÂ, clip(ρ)Â) + β k3, and its gradient, in one fused pass (fused_kernels/grpo_loss.py)
+    # per token: -min(ρÂ, clip(ρ)Â) + β k3 (or CISPO's term, k2), and its gradient, in one fused pass
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, **objective)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
     ratio = torch.exp(logp - old_logp).detach()  # (B, T): ρ, 1 everywhere when μ = 1
@@ -165,8 +165,8 @@ def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=No
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
     lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss, whose settings `objective` holds:
-    clip_eps, beta, cispo, kl_loss). old_logp None: π_old is π_θ itself
-    (μ = 1: ρ = 1, its gradient not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
+    clip_eps, beta, cispo, kl_loss). old_logp None: π_old is π_θ itself (μ = 1: ρ = 1, its gradient not);
+    ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
     log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
     s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025)."""
     def token_loss(lp, rows):
