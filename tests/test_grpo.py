@@ -28,6 +28,12 @@ def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
     return dict(clip_eps=(clip_low, clip_high), beta=beta)
 
 
+def update_args(**given):
+    """grpo_update's flags: grpo_cli's defaults, no gradient clipping, and what the test gives."""
+    flags = dict(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", kl_loss="k3", grad_clip=1e9, out="-")
+    return argparse.Namespace(**{**flags, **given})
+
+
 def weights(mask, loss_norm="sequence"):
     """Loss weights of rows that each hold one output: loss_weights of each row's mask."""
     return torch.stack([loss_weights(m, loss_norm) for m in mask])
@@ -304,8 +310,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
             where = (b.segment[r] == k).nonzero()[:, 0]
             [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
             old[r, where] += shift[i] + noise[i]
-    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="sequence", policy_loss="clip", grad_clip=1e9,
-                              out="-")
+    args = update_args(clip_eps=clip[0], clip_high=clip[1], ratio="sequence")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
@@ -358,8 +363,7 @@ def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(t
             where = (b.segment[r] == k).nonzero()[:, 0]
             [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
             old[r, where] += shifts[i].float()
-    args = argparse.Namespace(clip_eps=clip[0], clip_high=clip[1], ratio="token", policy_loss="cispo", grad_clip=1e9,
-                              out="-")
+    args = update_args(clip_eps=clip[0], clip_high=clip[1], policy_loss="cispo")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(value.item(), rel=1e-5)
@@ -401,7 +405,7 @@ def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_a
     torch.testing.assert_close(b.advantages, before * (b.entropy >= cut))
     with torch.no_grad():
         ref = b.logprobs(model, None) - 0.1
-    args = argparse.Namespace(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", grad_clip=1e9, out="-")
+    args = update_args()
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], None, [ref], 1.0, beta, 0.0, None, 0, args, d)
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
