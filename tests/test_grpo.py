@@ -264,6 +264,21 @@ def model_and_two_groups():
     return model, comps
 
 
+def packed_with_old(model, comps, per_token, moves):
+    """comps packed 3 to a row as grpo.py packs them; π_old the model's log-probs moved by moves[i] (per token) on
+    output i, π_ref 0.1 below the model's. Returns (the micro-batch, π_old, π_ref)."""
+    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
+    with torch.no_grad():
+        now = b.logprobs(model, None)
+    old, ref = now.clone(), now - 0.1
+    for r in range(len(b.segment)):  # each output found by its tokens (micro_batches orders rows by length)
+        for k in range(1, 4):
+            where = (b.segment[r] == k).nonzero()[:, 0]
+            [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
+            old[r, where] += moves[i]
+    return b, old, ref
+
+
 @pytest.mark.parametrize("tis", [0.0, 2.0])
 def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     """--ratio sequence (GSPO-token, Zheng et al., 2025) through grpo_update, packed 3 completions a row, against
@@ -301,15 +316,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     assert clipped == 4 + 2  # outputs 0 (s = e^0.5, Â > 0) and 1 (e^-0.4, Â < 0); not 4 nor 5 (e^-0.3, Â > 0;
     # e^0.1, Â < 0): there the clip does not bind
 
-    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
-    with torch.no_grad():
-        now = b.logprobs(model, None)
-    old, ref = now.clone(), now - 0.1
-    for r in range(len(b.segment)):  # each output found by its tokens (micro_batches orders rows by length)
-        for k in range(1, 4):
-            where = (b.segment[r] == k).nonzero()[:, 0]
-            [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
-            old[r, where] += shift[i] + noise[i]
+    b, old, ref = packed_with_old(model, comps, per_token, [sh + nz for sh, nz in zip(shift, noise)])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], ratio="sequence")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
@@ -354,15 +361,7 @@ def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(t
     model.zero_grad()
     assert capped >= 3 and clip_zeroes >= 3 and capped != clip_zeroes  # CISPO and the clip part on these tokens
 
-    [b] = micro_batches(pack_rows(comps, per_token, 3, 3, False, "sequence"), 6, 0, "cpu")
-    with torch.no_grad():
-        now = b.logprobs(model, None)
-    old, ref = now.clone(), now - 0.1
-    for r in range(len(b.segment)):  # each output found by its tokens (micro_batches orders rows by length)
-        for k in range(1, 4):
-            where = (b.segment[r] == k).nonzero()[:, 0]
-            [i] = [i for i, c in enumerate(comps) if b.targets[r, where].tolist() == c.ids]
-            old[r, where] += shifts[i].float()
+    b, old, ref = packed_with_old(model, comps, per_token, [sh.float() for sh in shifts])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], policy_loss="cispo")
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
