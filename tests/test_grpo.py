@@ -279,6 +279,17 @@ def packed_with_old(model, comps, per_token, moves):
     return b, old, ref
 
 
+def update_matches(model, b, old, ref, beta, tis, args, loss, clipped, grads):
+    """One grpo_update of micro-batch b logs the loss and the clip's count computed apart and makes every weight's
+    gradient as computed apart (`grads`)."""
+    opt = GradientsOf(model)
+    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
+    assert sums["loss"] == pytest.approx(loss, rel=1e-5)
+    assert sums["clipped"] == clipped
+    for got, w in zip(opt.grads, grads):
+        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tis", [0.0, 2.0])
 def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     """--ratio sequence (GSPO-token, Zheng et al., 2025) through grpo_update, packed 3 completions a row, against
@@ -318,12 +329,7 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
 
     b, old, ref = packed_with_old(model, comps, per_token, [sh + nz for sh, nz in zip(shift, noise)])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], ratio="sequence")
-    opt = GradientsOf(model)
-    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
-    assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert sums["clipped"] == clipped
-    for got, w in zip(opt.grads, want):
-        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+    update_matches(model, b, old, ref, beta, tis, args, expected.item(), clipped, want)
 
 
 @pytest.mark.parametrize("tis", [0.0, 2.0])
@@ -363,12 +369,7 @@ def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(t
 
     b, old, ref = packed_with_old(model, comps, per_token, [sh.float() for sh in shifts])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], policy_loss="cispo")
-    opt = GradientsOf(model)
-    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
-    assert sums["loss"] == pytest.approx(value.item(), rel=1e-5)
-    assert sums["clipped"] == capped
-    for got, w in zip(opt.grads, want):
-        torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+    update_matches(model, b, old, ref, beta, tis, args, value.item(), capped, want)
 
 
 def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_and_the_kl_on_all():
