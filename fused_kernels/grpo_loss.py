@@ -69,13 +69,13 @@ if triton is not None:
         ed = tl.exp(d)
         kl = ed - d - 1
         dkl = 1 - ed
-        if K2:
-            tl.store(loss_ptr + i, pg + beta * 0.5 * d * d, mask=mask)
-            tl.store(dloss_ptr + i, dpg - beta * d, mask=mask)
+        if K2:  # the KL term in the loss, and its derivative in lp
+            penalty, dpenalty = 0.5 * d * d, -d
         else:
-            tl.store(loss_ptr + i, pg + beta * kl, mask=mask)
-            tl.store(dloss_ptr + i, dpg + beta * dkl, mask=mask)
+            penalty, dpenalty = kl, dkl
+        tl.store(loss_ptr + i, pg + beta * penalty, mask=mask)
         tl.store(kl_ptr + i, kl, mask=mask)
+        tl.store(dloss_ptr + i, dpg + beta * dpenalty, mask=mask)
         tl.store(dkl_ptr + i, dkl, mask=mask)
 
 
