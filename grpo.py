@@ -32,6 +32,8 @@ from its peak to a tenth of it (docs/findings.md: on the toy it gains on every s
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
 batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --kl-loss k2 (the KL term whose
 gradient is the reverse KL's, as Eq. 3 writes it; k3's is the forward KL's: fused_kernels/grpo_loss.py),
+--kl-loss k3-is (DeepSeek-V3.2's unbiased KL: k3 weighted by the ratio, also at --mu > 1), --off-policy-mask δ
+(DeepSeek-V3.2's: no push down on outputs the policy has moved away from since they were drawn),
 --mask-truncated and --overlong-buffer L (DAPO's overlong filter and soft punishment), --ratio sequence with
 --mu > 1 (GSPO: one ratio per output), --policy-loss cispo with --mu > 1 (CISPO: the ratio capped as a weight, no
 token's gradient zeroed), --oversample K (DAPO's dynamic sampling: groups whose rewards all agree are replaced by
@@ -161,14 +163,15 @@ def fixed_logprobs(model, batches, vocab_limit, d, args):
         return [b.logprobs(model, vocab_limit) for b in batches]
 
 
-def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=None):
+def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=None, dropped=None):
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
     lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss, whose settings `objective` holds:
     clip_eps, beta, cispo, kl_loss). old_logp None: π_old is π_θ itself (μ = 1: ρ = 1, its gradient not);
     ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
     log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
-    s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025)."""
+    s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025).
+    dropped (b, T): --off-policy-mask, the tokens whose policy term is dropped (off_policy_masked): Â = 0 there."""
     def token_loss(lp, rows):
         def flat(t):
             return t.reshape(-1)[rows]
@@ -177,6 +180,8 @@ def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=No
         adv = flat(b.advantages)
         if tis:
             adv = adv * tis_weights(old, flat(b.sampler_logp), flat(b.mask), tis)[0]
+        if dropped is not None:
+            adv = torch.where(flat(dropped), 0.0, adv)
         if log_ratio is not None:  # exp(lp - (lp - log s_i)) = s_i
             old = lp - flat(log_ratio)
         w = flat(b.weights) * scale
@@ -198,25 +203,42 @@ def sequence_log_ratio(logp, old_logp, b):
     return (sums / counts.clamp(min=1)).gather(1, seg) * mask
 
 
+def off_policy_masked(logp, b, delta):
+    """DeepSeek-V3.2's off-policy sequence masking: the tokens whose policy term is dropped, those of Â < 0 in the
+    outputs whose mean log π_sampler/π_θ over the tokens their model wrote exceeds δ. The policy has moved away
+    from what drew them (the sampler's rounding, the earlier updates when μ > 1), and pushing an output down
+    that π_θ already makes less likely learns from off-policy noise more than from the output. Outputs of
+    Â > 0 keep theirs, and the KL term stays on every token. logp (b, T): π_θ now, no gradient -> (b, T) bool."""
+    drift = -sequence_log_ratio(logp, b.sampler_logp, b)  # (b, T): the output's mean log π_sampler/π_θ
+    return (drift > delta) & (b.advantages < 0) & b.mask
+
+
 def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis, vocab_limit, step, args, d):
     """Lines 10-11 of Algorithm 1, one of the μ updates: J on every micro-batch, its gradient made in the forward
     (model.loss) and normalised over all ranks, so that any split adds up to the whole batch; clipped; one AdamW
     step. old_logp None: μ = 1, π_old is π_θ as it is now (ρ = 1); ref_logp None: no KL. Returns this rank's
-    sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap and the TIS
-    weights; read back once, not per micro-batch) and the gradient norm."""
+    sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap, the TIS
+    weights and the tokens the off-policy mask dropped; read back once, not per micro-batch) and the gradient
+    norm."""
     objective = dict(clip_eps=(args.clip_eps, args.clip_high or args.clip_eps), beta=beta,
                      cispo=args.policy_loss == "cispo", kl_loss=args.kl_loss)
-    sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0)
+    sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0,
+                dropped=0)
+    gspo, opsm = args.ratio == "sequence" and old_logp is not None, args.off_policy_mask
     for k, b in enumerate(batches):
         if d.world > 1:  # FSDP2 accumulates the gradients unsharded; one reduce-scatter, after the last
             policy.set_requires_gradient_sync(k == len(batches) - 1)
         old = old_logp[k] if old_logp is not None else None
         ref = ref_logp[k] if ref_logp is not None else None
         scale = d.world / normaliser  # × world: FSDP2 averages gradients over ranks, which this undoes
+
+        def seen_whole(lp):  # GSPO's ratio and the off-policy mask: functions of all of an output's log-probs
+            log_ratio = sequence_log_ratio(lp, old, b) if gspo else None
+            dropped = off_policy_masked(lp, b, opsm) if opsm is not None else None
+            return policy_token_loss(b, old, ref, objective, tis, scale, log_ratio, dropped)
         with common.autocast(d):
-            if args.ratio == "sequence" and old is not None:  # GSPO: each token's ρ is its sequence's
-                total, logp = b.loss(policy, vocab_limit, lambda lp: policy_token_loss(
-                    b, old, ref, objective, tis, scale, sequence_log_ratio(lp, old, b)), sees_all=True)
+            if gspo or opsm is not None:
+                total, logp = b.loss(policy, vocab_limit, seen_whole, sees_all=True)
             else:
                 total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, objective, tis, scale))
         total.backward()
@@ -229,6 +251,9 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
             w, cut = tis_weights(old, b.sampler_logp, b.mask, tis)
             adv = adv * w
             sums["tis_weight"], sums["tis_cut"] = sums["tis_weight"] + (w * b.mask).sum(), sums["tis_cut"] + cut.sum()
+        if opsm is not None:
+            dropped = off_policy_masked(logp, b, opsm)
+            adv, sums["dropped"] = torch.where(dropped, 0.0, adv), sums["dropped"] + dropped.sum()
         if args.ratio == "sequence":  # the ratio the loss took: its sequence's
             old = logp - sequence_log_ratio(logp, old, b)
         loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, objective)
@@ -364,6 +389,8 @@ def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
         row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
     if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
         row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
+    if "dropped" in sums:  # --off-policy-mask: the share of the model's tokens whose policy term it dropped
+        row.update(off_policy_masked=s["dropped"] / max(n_tok, 1))
     row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_") or k == "overlong_penalty"})  # means
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
@@ -690,6 +717,8 @@ def step_row(run, s, batches, found, t, times):
         sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
     if t["tis"]:
         sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])
+    if args.off_policy_mask is not None:
+        sums.update(dropped=last["dropped"])
     row = step_metrics(d, run.step, t["lr"], t["n_seq"], t["n_tok"], t["normaliser"], args,
                        dict(sums, grad_norm=t["grad_norm"]), times)
     if run.value is not None:

@@ -6,6 +6,7 @@ import common
 import engine
 import lora
 import problem_sets
+from fused_kernels import KL_TERMS
 from model import PRESETS
 
 # flags left unset (None) get the toy's value below 1B parameters, the large one above (common.size_defaults)
@@ -102,10 +103,11 @@ def add_update_args(ap):
     ap.add_argument("--beta", type=float, default=None, help=f"KL weight (default: the paper's {BETA['rule']} with the "
                     f"rule's reward, {BETA['orm']} with an outcome RM's, {BETA['prm']} with a process RM's); 0 turns "
                     "the KL off")
-    ap.add_argument("--kl-loss", default="k3", choices=["k3", "k2"], help="the KL term in the loss: k3, the paper's "
-                    "(Eq. 4; its gradient on sampled tokens is that of KL(π_ref ‖ π_θ)), or k2, (log π_θ/π_ref)²/2 "
-                    "(whose gradient is that of KL(π_θ ‖ π_ref), the KL Eq. 3 writes); kl in the log is k3's either "
-                    "way")
+    ap.add_argument("--kl-loss", default="k3", choices=KL_TERMS, help="the KL term in the loss: k3, the paper's "
+                    "(Eq. 4; its gradient on sampled tokens is that of KL(π_ref ‖ π_θ)); k2, (log π_θ/π_ref)²/2 "
+                    "(whose gradient is that of KL(π_θ ‖ π_ref), the KL Eq. 3 writes); or k3-is, k3 weighted by "
+                    "π_θ/π_old (DeepSeek-V3.2: unbiased in value and gradient on π_old's tokens, also at --mu > 1); "
+                    "kl in the log is k3's in every case")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
@@ -129,6 +131,9 @@ def add_update_args(ap):
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
+    ap.add_argument("--off-policy-mask", type=float, default=None, metavar="DELTA", help="DeepSeek-V3.2's off-policy "
+                    "sequence masking: no policy term on the outputs of advantage < 0 whose mean log π_sampler/π_θ "
+                    "over their tokens exceeds DELTA (the KL term stays); logged as off_policy_masked (default: off)")
     ap.add_argument("--fp32-head", action="store_true", help="the LM head's GEMM in fp32 for the sampler and the "
                     "trainer alike (bf16 runs): logits bf16 does not round, a smaller sampler/trainer gap (bench.py "
                     "gap), for an fp32 GEMM over the vocabulary")
@@ -173,8 +178,14 @@ def check_args(ap, args):
     if args.kl_loss != "k3" and (args.beta == 0 or args.advantage == "gae"):
         ap.error(f"--kl-loss {args.kl_loss} changes the KL term in the loss, which --beta 0 and --advantage gae (the "
                  "KL in PPO's reward) leave out")
+    if args.off_policy_mask is not None and (args.off_policy_mask < 0 or args.online_rft):
+        ap.error(f"--off-policy-mask {args.off_policy_mask}: a mean log-ratio DELTA >= 0 under which outputs of "
+                 "advantage < 0 keep their policy term (--online-rft gives none)")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
+    if args.kl_loss == "k3-is" and args.ratio == "sequence":
+        ap.error("--kl-loss k3-is weights each token's k3 by its own ratio, and --ratio sequence gives the loss one "
+                 "ratio per output: use one of them")
     ratio_flags = [f for f, on in (("--ratio sequence", args.ratio == "sequence"),
                                    ("--policy-loss cispo", args.policy_loss == "cispo")) if on]
     if ratio_flags and args.mu < 2:

@@ -19,13 +19,13 @@ shadowed it and broke transformers in any process started from this directory.)
 
 import os
 
-from .grpo_loss import TritonGRPOLoss, grpo_loss_torch
+from .grpo_loss import KL_TERMS, TritonGRPOLoss, grpo_loss_torch
 from .grpo_loss import triton as _triton
 from .logprobs import (ChunkedLogprobs, HiddenLogprobs, HiddenTokenLoss, TritonLogprobs, grad_rows_torch,
                        grad_rows_triton, naive_logprobs, rows_torch, rows_triton)
 
 __all__ = ["token_logprobs", "hidden_logprobs", "hidden_token_loss", "grpo_token_loss", "naive_logprobs",
-           "grpo_loss_torch", "CHUNK_ELEMENTS"]
+           "grpo_loss_torch", "CHUNK_ELEMENTS", "KL_TERMS"]
 
 CHUNK_ELEMENTS = 1 << 24  # logits alive at once in the chunked paths: 64 MB in fp32 (memory plans count it)
 
@@ -77,10 +77,11 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.0
     """Per-token GRPO loss and k3 KL (paper Eq. 3-4): -min(r A, clip(r, 1-eps, 1+eps) A) + beta * kl.
     clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. cispo: the policy term is CISPO's
     -sg(min(r, 1+eps_high)) A log π instead; kl_loss "k2": the KL term in the loss is 1/2 (log π - log π_ref)^2,
-    whose gradient is the reverse KL's (grpo_loss.py); the kl returned is k3 either way. All inputs have one
+    whose gradient is the reverse KL's, "k3-is": r k3, unbiased under π_old's tokens (grpo_loss.py); the kl
+    returned is k3 in every case. All inputs have one
     shape; the gradient flows to logp only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
-    if kl_loss not in ("k3", "k2"):
-        raise ValueError(f"kl_loss={kl_loss!r}: expected 'k3' or 'k2'")
+    if kl_loss not in KL_TERMS:
+        raise ValueError(f"kl_loss={kl_loss!r}: expected one of {KL_TERMS}")
     low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
     if backend(logp) == "triton":
         return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss)

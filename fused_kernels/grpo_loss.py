@@ -20,6 +20,11 @@ the KL). On tokens drawn from π_θ, k3's gradient (1 - π_ref/π_θ) ∇log π_
 Σ (π_θ - π_ref) ∇log π_θ = -Σ π_ref ∇log π_θ: the gradient of the *forward* KL(π_ref ‖ π_θ). k2's,
 (log π_θ - log π_ref) ∇log π_θ, has that of the reverse KL(π_θ ‖ π_ref), the one Eq. 3 writes. Both pull π_θ
 toward π_ref; they part where π_θ puts mass that π_ref does not (k3 pushes it back more softly).
+kl_loss="k3-is" (DeepSeek-V3.2's unbiased KL estimate): r k3, k3 weighted by the ratio to π_old, which drew the
+tokens. Its expectation over π_old's tokens is KL(π_θ ‖ π_ref) and so is its gradient's, whatever π_old is:
+d(r k3)/d logp = r k3 + r (1 - exp(d)) = -r d, the reverse KL's gradient r-weighted. On-policy (μ = 1, r = 1
+with r's gradient kept) its value is k3's and its gradient k2's; once π_θ has moved from π_old (μ > 1), neither
+k3 nor k2 is unbiased and r k3 still is.
 
 The memory problem is small here (a few (N,) vectors), but an unfused PyTorch version launches ~15 kernels
 and keeps their intermediates for autograd; the fused kernel reads 4 floats and writes 4 per token.
@@ -33,6 +38,8 @@ try:
 except ImportError:
     triton = None
 
+KL_TERMS = ("k3", "k2", "k3-is")  # the KL term in the loss, by the kernel's KL number
+
 
 def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False, kl_loss="k3"):
     """The reference, in plain autograd (works in float64 for tests)."""
@@ -43,13 +50,13 @@ def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, b
         pg = -torch.minimum(r * advantages, r.clamp(1 - clip_low, 1 + clip_high) * advantages)
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
-    return pg + beta * (0.5 * d ** 2 if kl_loss == "k2" else kl), kl
+    return pg + beta * {"k3": kl, "k2": 0.5 * d ** 2, "k3-is": r * kl}[kl_loss], kl
 
 
 if triton is not None:
     @triton.jit
     def _grpo_fwd(lp_ptr, old_ptr, ref_ptr, adv_ptr, loss_ptr, kl_ptr, dloss_ptr, dkl_ptr, N, clip_low, clip_high,
-                  beta, CISPO: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr):
+                  beta, CISPO: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < N
         lp = tl.load(lp_ptr + i, mask=mask, other=0.0)
@@ -69,9 +76,11 @@ if triton is not None:
         ed = tl.exp(d)
         kl = ed - d - 1
         dkl = 1 - ed
-        if K2:  # the KL term in the loss, and its derivative in lp
+        if KL == 1:  # the KL term in the loss, and its derivative in lp: k2
             penalty, dpenalty = 0.5 * d * d, -d
-        else:
+        elif KL == 2:  # k3-is
+            penalty, dpenalty = r * kl, -r * d
+        else:  # k3
             penalty, dpenalty = kl, dkl
         tl.store(loss_ptr + i, pg + beta * penalty, mask=mask)
         tl.store(kl_ptr + i, kl, mask=mask)
@@ -89,7 +98,7 @@ class TritonGRPOLoss(torch.autograd.Function):
         loss, kl, dloss, dkl = (torch.empty_like(ins[0]) for _ in range(4))
         grid = (triton.cdiv(N, TritonGRPOLoss.BLOCK),)
         _grpo_fwd[grid](*ins, loss, kl, dloss, dkl, N, float(clip_low), float(clip_high), float(beta),
-                        CISPO=bool(cispo), K2=kl_loss == "k2", BLOCK=TritonGRPOLoss.BLOCK)
+                        CISPO=bool(cispo), KL=KL_TERMS.index(kl_loss), BLOCK=TritonGRPOLoss.BLOCK)
         ctx.save_for_backward(dloss, dkl)
         ctx.dtype = logp.dtype
         return loss, kl

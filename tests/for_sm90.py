@@ -13,15 +13,16 @@ from fused_kernels import grpo_loss, logprobs
 
 ROW = {"x_ptr": "*bf16", "stride": "i64", "t_ptr": "*i64"}  # one row of bf16 logits and the targets
 GRPO = {**{k: "*fp32" for k in grpo_loss._grpo_fwd.arg_names[:8]}, "N": "i32", "clip_low": "fp32", "clip_high": "fp32",
-        "beta": "fp32", "CISPO": "constexpr", "K2": "constexpr", "BLOCK": "constexpr"}
+        "beta": "fp32", "CISPO": "constexpr", "KL": "constexpr", "BLOCK": "constexpr"}
 KERNELS = {  # name: (kernel, argument types as triton writes them, launch settings: constants and options)
     "logprobs_fwd": (logprobs._logprobs_fwd, {**ROW, "out_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32",
                                               "BLOCK": "constexpr"}, logprobs.FORWARD),
     "logprobs_bwd": (logprobs._logprobs_bwd, {**ROW, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*bf16",
                                               "dstride": "i64", "V": "i32", "BLOCK": "constexpr"}, logprobs.BACKWARD),
-    **{name: (grpo_loss._grpo_fwd, GRPO, {"CISPO": cispo, "K2": k2, "BLOCK": grpo_loss.TritonGRPOLoss.BLOCK})
-       for name, cispo, k2 in (("grpo_fwd", False, False), ("grpo_fwd_cispo", True, False),
-                               ("grpo_fwd_k2", False, True))},
+    **{name: (grpo_loss._grpo_fwd, GRPO, {"CISPO": cispo, "KL": grpo_loss.KL_TERMS.index(kl),
+                                          "BLOCK": grpo_loss.TritonGRPOLoss.BLOCK})
+       for name, cispo, kl in (("grpo_fwd", False, "k3"), ("grpo_fwd_cispo", True, "k3"),
+                               ("grpo_fwd_k2", False, "k2"), ("grpo_fwd_k3is", False, "k3-is"))},
 }
 
 

@@ -97,8 +97,11 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
     (["--policy-loss", "cispo"], "--policy-loss cispo changes nothing at --mu 1"),
     (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
+    (["--kl-loss", "k3-is", "--ratio", "sequence", "--mu", "2"], "--kl-loss k3-is weights each token's k3 by its own"),
     (["--overlong-buffer", "8", "--supervision", "process"], "--overlong-buffer shapes an outcome reward"),
     (["--overlong-buffer", "600"], "--overlong-buffer 600: tokens at the end of the budget, in [0, --max-new-tokens"),
+    (["--off-policy-mask", "-0.1"], "--off-policy-mask -0.1: a mean log-ratio DELTA >= 0"),
+    (["--off-policy-mask", "0.1", "--online-rft"], "--online-rft gives none"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):

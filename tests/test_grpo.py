@@ -30,7 +30,8 @@ def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
 
 def update_args(**given):
     """grpo_update's flags: grpo_cli's defaults, no gradient clipping, and what the test gives."""
-    flags = dict(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", kl_loss="k3", grad_clip=1e9, out="-")
+    flags = dict(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", kl_loss="k3", off_policy_mask=None,
+                 grad_clip=1e9, out="-")
     return argparse.Namespace(**{**flags, **given})
 
 
@@ -281,13 +282,15 @@ def packed_with_old(model, comps, per_token, moves):
 
 def update_matches(model, b, old, ref, beta, tis, args, loss, clipped, grads):
     """One grpo_update of micro-batch b logs the loss and the clip's count computed apart and makes every weight's
-    gradient as computed apart (`grads`)."""
+    gradient as computed apart (`grads`). old None: μ = 1. Returns the update's sums."""
     opt = GradientsOf(model)
-    sums, _ = grpo_update(model, opt, [b], [old], [ref], 1.0, beta, tis, None, 0, args, common.one_process("cpu"))
+    sums, _ = grpo_update(model, opt, [b], None if old is None else [old], [ref], 1.0, beta, tis, None, 0, args,
+                          common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(loss, rel=1e-5)
     assert sums["clipped"] == clipped
     for got, w in zip(opt.grads, grads):
         torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+    return sums
 
 
 @pytest.mark.parametrize("tis", [0.0, 2.0])
@@ -370,6 +373,43 @@ def test_cispo_weighs_each_tokens_gradient_by_its_capped_ratio_and_zeroes_none(t
     b, old, ref = packed_with_old(model, comps, per_token, [sh.float() for sh in shifts])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], policy_loss="cispo")
     update_matches(model, b, old, ref, beta, tis, args, value.item(), capped, want)
+
+
+@pytest.mark.parametrize("tis, delta", [(0.0, 0.1), (2.0, 0.1), (0.0, 0.0)])
+def test_off_policy_mask_drops_the_push_down_on_outputs_the_policy_has_moved_from(tis, delta):
+    """--off-policy-mask δ (DeepSeek-V3.2) through grpo_update at μ = 1, packed 3 completions a row, against every
+    completion alone in float64: the policy term is dropped on the outputs of Â < 0 whose mean log π_sampler/π_θ
+    over the tokens their model wrote (a tool's output is not) exceeds δ, kept on the others (Â > 0 at any drift;
+    Â < 0 at a drift below δ or negative), and the KL term kept on all; with --tis too. The sampler's log-probs
+    are π_θ's moved per output by a drift and per token by noise of mean 0 over the output."""
+    model, comps = model_and_two_groups()
+    sign = torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0, -1.0])  # Â's sign per output
+    drift = torch.tensor([0.3, 0.3, -0.3, 0.05, 0.3, 0.2])  # mean log π_sampler/π_θ per output
+    dropped_outputs = {0.1: [1, 5], 0.0: [1, 3, 5]}[delta]  # Â < 0 and a drift past δ
+    per_token = [sign[i] * (0.5 + torch.rand(len(c.ids))) for i, c in enumerate(comps)]
+    beta, expected, dropped = 0.04, 0.0, 0
+    for i, (c, adv) in enumerate(zip(comps, per_token)):
+        logits = model(torch.tensor([c.prompt + c.ids]))[0, len(c.prompt) - 1:-1]
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+        mine, ref = torch.tensor(c.sampled), lp.detach() - 0.1
+        noise = 0.2 * torch.randn(len(c.ids), dtype=torch.float64)
+        sampler = lp.detach() + drift[i] + noise - noise[mine].mean()
+        c.logprobs = torch.where(mine, sampler, 0.0).tolist()
+        assert (sampler - lp.detach())[mine].mean() == pytest.approx(float(drift[i]))
+        adv = adv.double() * (torch.exp(lp.detach() - sampler).clamp(max=tis) if tis else 1.0)
+        adv = adv * (i not in dropped_outputs)
+        per = -adv * torch.exp(lp - lp.detach()) + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+        expected = expected + (per * mine).sum() / mine.sum()
+        dropped += int(mine.sum()) * (i in dropped_outputs)
+    model.zero_grad()
+    expected.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    b, _, ref = packed_with_old(model, comps, per_token, [0.0] * 6)
+    sums = update_matches(model, b, None, ref, beta, tis, update_args(off_policy_mask=delta), expected.item(), 0,
+                          want)
+    assert sums["dropped"] == dropped == {0.1: 2 + 2, 0.0: 2 + 1 + 2}[delta]
 
 
 def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_and_the_kl_on_all():
@@ -605,7 +645,8 @@ def test_questions_that_leave_no_room_for_an_answer_are_skipped(base, data_dir, 
      "--policy-loss", "cispo"),
     ("--prompt", "tool", "--no-std-scale", "--clip-high", "0.28", "--loss-norm", "constant", "--ref-reset", "1",
      "--top-entropy", "0.2", "--kl-loss", "k2"),
-    ("--oversample", "3", "--supervision", "process", "--fp32-head"),
+    ("--oversample", "3", "--supervision", "process", "--fp32-head", "--mu", "2", "--kl-loss", "k3-is",
+     "--off-policy-mask", "0"),
 ])
 def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
     r = run(grpo_args(base, data_dir, tmp_path, "--max-steps", "1", "--eval-every", "0", "--report-problems", "0",
@@ -613,6 +654,7 @@ def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
     assert r.returncode == 0, r.stderr[-2000:]
     [row] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "grad_norm", "reward"))
+    assert ("--off-policy-mask" in flags) == (0 <= row.get("off_policy_masked", -1) <= 1)
 
 
 def test_compiled_rollouts_and_blocks_train_as_eager(base, data_dir, tmp_path):

@@ -274,13 +274,51 @@ def test_the_kl_terms_expected_gradient_is_the_forward_kls_for_k3_and_the_revers
     assert (got - other).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("cispo, kl_loss", [(False, "k3"), (True, "k3"), (False, "k2")])
+def test_k3_is_kl_term_on_hand_computed_tokens(backend):
+    # log π_θ = 0, log π_old = log 1/2 (r = 2), log π_ref = log 2: the term r k3 = 2 (1 - log 2), its gradient
+    # -β r (log π_ref - log π_θ) = -2β log 2; the KL returned is k3's, 1 - log 2. On-policy (π_old = π_θ, r = 1):
+    # the value is k3's, the gradient k2's, -β log 2
+    log2 = math.log(2)
+    for old, r in ((-log2, 2.0), (None, 1.0)):
+        lp = torch.zeros(1, requires_grad=True)
+        loss, kl = grpo_token_loss(lp, lp.detach() if old is None else torch.tensor([old]), torch.tensor([log2]),
+                                   torch.zeros(1), 0.2, 0.5, kl_loss="k3-is")
+        loss.backward()
+        torch.testing.assert_close(loss, torch.tensor([0.5 * r * (1 - log2)]))
+        torch.testing.assert_close(kl, torch.tensor([1 - log2]))
+        torch.testing.assert_close(lp.grad, torch.tensor([-0.5 * r * log2]))
+
+
+@pytest.mark.parametrize("kl_loss", ["k3", "k2", "k3-is"])
+def test_only_k3_is_stays_unbiased_when_pi_old_drew_the_tokens(backend, kl_loss):
+    """μ > 1: the tokens were drawn from π_old, which is not π_θ. Over a vocabulary of 7, each token's KL term
+    weighted by its probability under π_old (the expectation over what π_old samples, exactly): with k3-is (r k3)
+    its value and its gradient in the logits are KL(π_θ ‖ π_ref)'s, computed here from the definition; with k3 and
+    k2 neither is."""
+    torch.manual_seed(0)
+    theta = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ref, old = (torch.log_softmax(torch.randn(7, dtype=torch.float64), -1) for _ in range(2))
+    lp = torch.log_softmax(theta, -1)
+    loss, _ = grpo_token_loss(lp, old, ref, torch.zeros(7), 0.2, 1.0, kl_loss=kl_loss)
+    expected = (old.exp() * loss).sum()
+    got = torch.autograd.grad(expected, theta)[0]
+    p = torch.softmax(theta, -1)
+    kl = (p * (p.log() - ref)).sum()
+    want = torch.autograd.grad(kl, theta)[0]
+    if kl_loss == "k3-is":
+        torch.testing.assert_close(expected, kl, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert abs(expected - kl) > 1e-2 and (got - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cispo, kl_loss", [(False, "k3"), (True, "k3"), (False, "k2"), (True, "k3-is")])
 def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo, kl_loss):
     """3,001 random tokens against Eq. 3-4 and their derivatives written out here in float64 (no autograd, not
     the module's own reference): d(-min(rA, clip(r)A))/d logp is -rA where the clip does not bind, else 0; the
     k3 KL's is 1 - π_ref/π_θ. CISPO's policy term: -min(r, 1 + ε_high) A, and the same is its derivative. With
-    kl_loss k2 the loss's KL term is (log π_θ - log π_ref)^2 / 2, its derivative log π_θ - log π_ref, while the
-    KL returned is still k3."""
+    kl_loss k2 the loss's KL term is (log π_θ - log π_ref)^2 / 2, its derivative log π_θ - log π_ref, with k3-is
+    r k3 and r (log π_θ - log π_ref), while the KL returned is still k3."""
     torch.manual_seed(1)
     n = 3001
     lp = torch.randn(n, requires_grad=True)
@@ -298,7 +336,7 @@ def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, 
         assert (r < 0.8).sum() > 300 and (r > 1.28).sum() > 300  # both sides of the clip's bounds are met
     kl64 = torch.exp(q - x) - (q - x) - 1
     dkl = 1 - torch.exp(q - x)
-    penalty, dpenalty = ((q - x) ** 2 / 2, x - q) if kl_loss == "k2" else (kl64, dkl)
+    penalty, dpenalty = {"k3": (kl64, dkl), "k2": ((q - x) ** 2 / 2, x - q), "k3-is": (r * kl64, r * (x - q))}[kl_loss]
     grad = gl.double() * (dpg + 0.04 * dpenalty) + gk.double() * dkl
     torch.testing.assert_close(loss.double(), pg + 0.04 * penalty, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl.double(), kl64, rtol=1e-5, atol=1e-5)
@@ -322,9 +360,9 @@ def test_the_triton_kernels_compile_for_an_h100_with_one_exp_per_logit(tmp_path)
         return k[name]["block"] // (32 * k[name]["warps"])
     assert k["logprobs_fwd"]["ex2"] == per_thread("logprobs_fwd") + 1
     assert k["logprobs_bwd"]["ex2"] == per_thread("logprobs_bwd")
-    variants = ("grpo_fwd", "grpo_fwd_cispo", "grpo_fwd_k2")
+    variants = ("grpo_fwd", "grpo_fwd_cispo", "grpo_fwd_k2", "grpo_fwd_k3is")
     assert {k[v]["ex2"] for v in variants} == {2 * per_thread("grpo_fwd")}  # r and e^d
-    assert len({k[v]["cubin"] for v in variants}) == 3  # each branch compiled, not one of them thrice
+    assert len({k[v]["cubin"] for v in variants}) == 4  # each branch compiled, not one of them four times
     from fused_kernels.logprobs import BACKWARD, FORWARD
     assert (k["logprobs_fwd"]["warps"], k["logprobs_bwd"]["warps"]) == (FORWARD["num_warps"], BACKWARD["num_warps"])
 

@@ -272,6 +272,12 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     k2 = step_one("mu-k2", "--mu", "2", "--loss-norm", "token", "--kl-loss", "k2")
     assert k2["kl"] == near(mu["kl"]) and k2["loss"] != near(mu["loss"])
     assert 0.5 < (k2["loss"] - no_kl["loss"]) / (mu["loss"] - no_kl["loss"]) < 2
+    # --kl-loss k3-is: the same (its gradient, -ρ β log π_ref/π_θ, is 0 at π_θ = π_ref); ρ k3 in the second's
+    # loss, where π_old = π_ref: with x = log π_θ/π_ref, ρ k3 = 1 + (x - 1) e^x = x²/2 + x³/3 + ..., against
+    # k3's x²/2 - x³/6 + ...: twice k3 here, where the first update moved tokens far
+    k3_is = step_one("mu-k3-is", "--mu", "2", "--loss-norm", "token", "--kl-loss", "k3-is")
+    assert k3_is["kl"] == near(mu["kl"]) and k3_is["loss"] not in (near(mu["loss"]), near(k2["loss"]))
+    assert 1 < (k3_is["loss"] - no_kl["loss"]) / (mu["loss"] - no_kl["loss"]) < 4
     assert row["clip_frac"] == 0 < mu["clip_frac"]
     high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
     assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
