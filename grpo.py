@@ -210,7 +210,7 @@ def off_policy_masked(logp, b, delta):
     that π_θ already makes less likely learns from off-policy noise more than from the output. Outputs of
     Â > 0 keep theirs, and the KL term stays on every token. logp (b, T): π_θ now, no gradient -> (b, T) bool."""
     drift = -sequence_log_ratio(logp, b.sampler_logp, b)  # (b, T): the output's mean log π_sampler/π_θ
-    return (drift > delta) & (b.advantages < 0) & b.mask
+    return (drift > delta) & (b.advantages < 0)  # δ >= 0 (grpo_cli): off the model's tokens the drift is 0
 
 
 def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis, vocab_limit, step, args, d):
@@ -673,6 +673,9 @@ def train(run, batches, fixed, comps):
     lr = common.set_lr(run.opt, run.step, run.optim)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
     checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
+    if args.off_policy_mask is not None and not checked:  # engine.complete's carry them; a replacement's may not
+        raise ValueError("--off-policy-mask measures how far π_θ moved from the sampler, whose log-probs these "
+                         "rollouts do not carry (engine.Completion.logprobs)")
     tis = (args.tis if args.tis is not None else 2.0 if d.dtype == torch.bfloat16
            else 0.0) if checked else 0.0
     updates, value_loss = [], None

@@ -9,12 +9,15 @@ grpo.py's own.
 import sys
 import zlib
 
+import torch
+
 import common
 import engine
 import grpo
 import problem_sets
 
 ANSWERS = {}  # question -> gold answer, from --data
+SAMPLER_LOGPROBS = False  # give each output the sampler's log-probs (sampler_logprobs)
 
 
 def group(question, answer):
@@ -57,7 +60,20 @@ def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
     for q in questions:
         j = seen[q] = seen.get(q, -1) + 1
         comps.append(completion(tok, q, *group(q, ANSWERS[q])[j % 4], prompt))
+    if SAMPLER_LOGPROBS:
+        for c in comps:
+            c.logprobs = sampler_logprobs(model, tok, c)
     return comps
+
+
+def sampler_logprobs(model, tok, c):
+    """What engine.complete returns beside each output: log π of its tokens under the model, over the tokenizer's
+    ids, 0 on the sandbox's. Only with --off-policy-mask, which needs them (one process: the other runs check that
+    the training path works without them, on any number of ranks)."""
+    ids = torch.tensor([c.prompt + c.ids])
+    with torch.no_grad():
+        lp = model(ids[:, :-1], ids[:, 1:], vocab_limit=tok.vocab_size)[0, len(c.prompt) - 1:]
+    return [x if s else 0.0 for x, s in zip(lp.tolist(), c.sampled)]
 
 
 if __name__ == "__main__":
@@ -65,6 +81,7 @@ if __name__ == "__main__":
     if args.group_size != 4:
         raise SystemExit("scripted_grpo.py scripts groups of 4: pass --group-size 4")
     ANSWERS.update((p["question"], p["answer"]) for p in problem_sets.load_problems(args.data))
+    SAMPLER_LOGPROBS = args.off_policy_mask is not None
     engine.complete = scripted
     with common.one_line_errors():  # as grpo.py's own __main__
         grpo.main(args)

@@ -3,6 +3,7 @@ multi-byte text): step 1's loss of each option computed by hand, the gradient of
 transformers' Llama, 1, 2 and 4 ranks alike, FSDP2's collectives counted, exact resume, LoRA, a user's reward."""
 import argparse
 import functools
+import itertools
 import json
 import zlib
 
@@ -278,6 +279,16 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     k3_is = step_one("mu-k3-is", "--mu", "2", "--loss-norm", "token", "--kl-loss", "k3-is")
     assert k3_is["kl"] == near(mu["kl"]) and k3_is["loss"] not in (near(mu["loss"]), near(k2["loss"]))
     assert 1 < (k3_is["loss"] - no_kl["loss"]) / (mu["loss"] - no_kl["loss"]) < 4
+    # --off-policy-mask 0.001: the first update sees the sampler's rounding only (~1e-7) and drops nothing, so the
+    # KL after it is the same. At the second, an output of Â < 0 whose mean log π_sampler/π_θ the first raised
+    # past δ loses its policy term: whole outputs of Â < 0 are dropped, and no other token (output 2 shares most
+    # of its tokens with the right outputs, which the first update pushed up: it may keep its term)
+    opsm = step_one("mu-opsm", "--mu", "2", "--loss-norm", "token", "--off-policy-mask", "0.001")
+    dropped = round(opsm["off_policy_masked"] * tokens())
+    negative = [counts[True][2]] * n_sig + [counts[True][3]] * n_sig  # tokens of each output of Â < 0
+    assert dropped > 0 and dropped in {sum(s) for k in range(len(negative) + 1)
+                                       for s in itertools.combinations(negative, k)}
+    assert opsm["kl"] == near(mu["kl"]) and opsm["loss"] != near(mu["loss"])
     assert row["clip_frac"] == 0 < mu["clip_frac"]
     high = step_one("mu-high", "--mu", "2", "--loss-norm", "token", "--clip-high", "100")
     assert high["clip_frac"] < mu["clip_frac"]  # only ratios below 1 - ε count as clipped
