@@ -666,16 +666,16 @@ def train(run, batches, fixed, comps):
     """Lines 10-11: μ updates of π_θ on J (grpo_update), normalised over all ranks, and PPO's critic on the same
     batches. Returns the normalisers, the LR, the first and last updates' sums and the last gradient norm."""
     args, d = run.args, run.d
+    checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
+    if args.off_policy_mask is not None and not checked:  # engine.complete's carry them; a replacement's may not
+        raise ValueError("--off-policy-mask measures how far π_θ moved from the sampler, whose log-probs these "
+                         "rollouts do not carry (engine.Completion.logprobs)")
     ref_logp, old_logp, old_values = fixed
     n_seq = common.all_sum(d, len(comps))
     n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
     normaliser = loss_normaliser(args.loss_norm, n_seq, n_tok, args.max_new_tokens)
     lr = common.set_lr(run.opt, run.step, run.optim)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
-    checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
-    if args.off_policy_mask is not None and not checked:  # engine.complete's carry them; a replacement's may not
-        raise ValueError("--off-policy-mask measures how far π_θ moved from the sampler, whose log-probs these "
-                         "rollouts do not carry (engine.Completion.logprobs)")
     tis = (args.tis if args.tis is not None else 2.0 if d.dtype == torch.bfloat16
            else 0.0) if checked else 0.0
     updates, value_loss = [], None

@@ -412,6 +412,16 @@ def test_off_policy_mask_drops_the_push_down_on_outputs_the_policy_has_moved_fro
     assert sums["dropped"] == dropped == {0.1: 2 + 2, 0.0: 2 + 1 + 2}[delta]
 
 
+def test_the_off_policy_mask_refuses_rollouts_without_the_samplers_log_probs():
+    """Their zeros would read as a drift of -mean log π and drop every output of Â < 0 from the first update."""
+    import grpo
+    run = argparse.Namespace(args=update_args(off_policy_mask=0.1), d=common.one_process("cpu"))
+    comps = [engine.Completion([1], [2, 3], [True, True], True, ""), engine.Completion([1], [4], [True], True, "")]
+    comps[0].logprobs = [-0.5, -0.1]
+    with pytest.raises(ValueError, match="whose log-probs these rollouts do not carry"):
+        grpo.train(run, [], (None, None, None), comps)
+
+
 def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_and_the_kl_on_all():
     """--top-entropy ρ (Wang et al., 2025) through high_entropy_only and grpo_update, packed 3 completions a row,
     against every completion alone in float64: Â is kept on the model's tokens whose sampler entropy reaches the
