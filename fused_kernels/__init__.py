@@ -78,8 +78,8 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.0
     clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. cispo: the policy term is CISPO's
     -sg(min(r, 1+eps_high)) A log π instead; kl_loss "k2": the KL term in the loss is 1/2 (log π - log π_ref)^2,
     whose gradient is the reverse KL's, "k3-is": r k3, unbiased under π_old's tokens (grpo_loss.py); the kl
-    returned is k3 in every case. All inputs have one
-    shape; the gradient flows to logp only. Normalisation over tokens and sequences is the caller's (grpo.py)."""
+    returned is k3 in every case. All inputs have one shape; the gradient flows to logp only. Normalisation over
+    tokens and sequences is the caller's (grpo.py)."""
     if kl_loss not in KL_TERMS:
         raise ValueError(f"kl_loss={kl_loss!r}: expected one of {KL_TERMS}")
     low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
