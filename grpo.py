@@ -31,19 +31,20 @@ rewards are all equal gets advantage 0 (counted as zero_std_groups), rollouts at
 from its peak to a tenth of it (docs/findings.md: on the toy it gains on every seed where a constant LR does not).
 Options, one flag each: --loss-norm token (DAPO) or constant (Dr. GRPO), --no-std-scale (Dr. GRPO) or --std-scale
 batch (REINFORCE++), --clip-high (DAPO's asymmetric clip), --beta 0 (no KL), --kl-loss k2 (the KL term whose
-gradient is the reverse KL's, as Eq. 3 writes it; k3's is the forward KL's: fused_kernels/grpo_loss.py),
---kl-loss k3-is (DeepSeek-V3.2's unbiased KL: k3 weighted by the ratio, also at --mu > 1), --off-policy-mask δ
-(DeepSeek-V3.2's: no push down on outputs the policy has moved away from since they were drawn),
---mask-truncated and --overlong-buffer L (DAPO's overlong filter and soft punishment), --ratio sequence with
---mu > 1 (GSPO: one ratio per output), --policy-loss cispo with --mu > 1 (CISPO: the ratio capped as a weight, no
-token's gradient zeroed), --oversample K (DAPO's dynamic sampling: groups whose rewards all agree are replaced by
-ones that carry signal), --top-entropy ρ (the policy-gradient term on the tokens drawn at the highest entropy only:
-Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the
-sandbox's output joins the context, no loss on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative
-GRPO's reward-model update), --advantage gae (PPO, the method GRPO replaces: line 9 from a value model instead of
-the group), --reward-fn (your own rewards beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters
-off); every flag is in grpo_cli.py. Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2
-and checkpoints common.py's, reward models reward_model.py's, PPO's advantages and value loss ppo.py's.
+gradient is the reverse KL's, as Eq. 3 writes it; k3's is the forward KL's: fused_kernels/grpo_loss.py), --kl-loss
+k3-is (DeepSeek-V3.2's unbiased KL: k3 weighted by the ratio, also at --mu > 1), --off-policy-mask δ
+(DeepSeek-V3.2's: no push down on outputs the policy has moved away from since they were drawn), --mask-truncated
+and --overlong-buffer L (DAPO's overlong filter and soft punishment), --mini-batches K (K updates a batch, each on a
+share of its groups: verl's mini-batches), with --mu or --mini-batches > 1 --ratio sequence (GSPO: one ratio per
+output) and --policy-loss cispo (CISPO: the ratio capped as a weight, no token's gradient zeroed), --oversample K
+(DAPO's dynamic sampling: groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ
+(the policy-gradient term on the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the
+paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss
+on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae
+(PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
+beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
+Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward
+models reward_model.py's, PPO's advantages and value loss ppo.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -65,6 +66,7 @@ import common
 import data
 import engine
 import evaluate
+import grpo_log
 import lora
 import memory
 import ppo
@@ -214,12 +216,12 @@ def off_policy_masked(logp, b, delta):
 
 
 def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis, vocab_limit, step, args, d):
-    """Lines 10-11 of Algorithm 1, one of the μ updates: J on every micro-batch, its gradient made in the forward
-    (model.loss) and normalised over all ranks, so that any split adds up to the whole batch; clipped; one AdamW
-    step. old_logp None: μ = 1, π_old is π_θ as it is now (ρ = 1); ref_logp None: no KL. Returns this rank's
-    sums for the log (the loss, KL, tokens where the clip binds, -log π, the sampler-trainer gap, the TIS
-    weights and the tokens the off-policy mask dropped; read back once, not per micro-batch) and the gradient
-    norm."""
+    """Lines 10-11 of Algorithm 1, one update on a mini-batch: J on each of its micro-batches, its gradient made in
+    the forward (model.loss) and normalised over all ranks, so that any split adds up to the whole mini-batch;
+    clipped; one AdamW step. old_logp None: π_old is π_θ as it is now (ρ = 1); ref_logp None: no KL. Returns this
+    rank's sums for the log (the loss over the normaliser, KL, tokens where the clip binds, -log π, π_old's gap to
+    the sampler, the TIS weights and the tokens the off-policy mask dropped; read back once, not per micro-batch)
+    and the gradient norm."""
     objective = dict(clip_eps=(args.clip_eps, args.clip_high or args.clip_eps), beta=beta,
                      cispo=args.policy_loss == "cispo", kl_loss=args.kl_loss)
     sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0,
@@ -244,7 +246,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
         total.backward()
         # what to log, from the same log-probs (no gradient)
         old, ref = (logp if x is None else x for x in (old, ref))
-        gap = (logp - b.sampler_logp).abs() * b.mask  # (b, T), 0 off the model's tokens
+        gap = (old - b.sampler_logp).abs() * b.mask  # (b, T), 0 off the model's tokens: π_old against the sampler
         sums["logprob_gap"], sums["gap_max"] = sums["logprob_gap"] + gap.sum(), gap.max().clamp(min=sums["gap_max"])
         adv = b.advantages
         if tis:  # as policy_token_loss weighs them
@@ -257,7 +259,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
         if args.ratio == "sequence":  # the ratio the loss took: its sequence's
             old = logp - sequence_log_ratio(logp, old, b)
         loss, kl, clipped = grpo_objective_sums(logp, old, ref, adv, b.weights, objective)
-        sums.update(loss=sums["loss"] + loss, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
+        sums.update(loss=sums["loss"] + loss / normaliser, kl=sums["kl"] + kl, clipped=sums["clipped"] + clipped,
                     neg_logp=sums["neg_logp"] - (logp * b.mask).sum())
     grad_norm = common.clip_grad_norm(policy, args.grad_clip)
     if not np.isfinite(grad_norm):  # as common.train_step: before the optimizer step, one line (one_line_errors)
@@ -292,17 +294,6 @@ def loss_normaliser(loss_norm, n_seq, n_tok, max_new_tokens):
 
 # -----------------------------------------------------------------------------
 # From completions to training tensors
-
-
-def completion_rows(step, problems, comps, scores, advantages, group_size):
-    """The step's first group on this rank, for completions.jsonl: what to read when the reward rises and the
-    outputs do not look better (a reward model gamed, an answer format the grader takes by accident, outputs
-    cut at the budget). scores: name -> per output (the rule's, the reward trained on, each --reward-fn's);
-    advantages: per output its per-token tensor (the mean is logged), or None (PPO)."""
-    return [dict(step=step, question=problems[i]["question"], answer=problems[i]["answer"], completion=comps[i].text,
-                 **{k: float(v[i]) for k, v in scores.items()}, tokens=len(comps[i].ids), finished=comps[i].finished,
-                 advantage=None if advantages is None else float(advantages[i].float().mean()))
-            for i in range(min(group_size, len(comps)))]
 
 
 def combined_rewards(base, reward_fns, weights, comps, problems):
@@ -372,39 +363,6 @@ def high_entropy_only(batches, rho, d):
 
 
 # -----------------------------------------------------------------------------
-# Metrics
-
-
-def step_metrics(d, step, lr, n_seq, n_tok, normaliser, args, sums, times):
-    """One row of metrics.jsonl: `sums` are this rank's sums (summed over ranks here), `times` its seconds."""
-    s = {k: common.all_sum(d, v) for k, v in sums.items()}
-    mean = s["reward"] / n_seq
-    row = dict(step=step, lr=lr, reward=mean, reward_std=max(s["reward_sq"] / n_seq - mean ** 2, 0.0) ** 0.5,
-               rule_reward=s["rule_reward"] / n_seq,  # = reward unless a reward model gives it: the hacking check
-               loss=s["loss"] / normaliser, kl=s["kl"] / max(n_tok, 1),
-               clip_frac=s["clipped"] / max(n_tok, 1),
-               entropy=s["neg_logp"] / max(n_tok, 1),  # -log π of the sampled tokens: an estimate at T = 1
-               grad_norm=sums["grad_norm"], length=s["tokens"] / n_seq, zero_std_groups=s["zero_std_groups"])
-    if "logprob_gap_max" in sums:  # sampler vs training forward on the same tokens, before the update
-        row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
-    if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
-        row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
-    if "dropped" in sums:  # --off-policy-mask: the share of the model's tokens whose policy term it dropped
-        row.update(off_policy_masked=s["dropped"] / max(n_tok, 1))
-    row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_") or k == "overlong_penalty"})  # means
-    if args.oversample > 1:  # before dynamic sampling chose the groups
-        row.update(generated_zero_std_groups=s["generated_zero_std_groups"],
-                   generated_reward=s["generated_reward"] / s["generated"])
-    row.update(truncated=s["truncated"], tool_calls=s["tool_calls"],
-               padding=1 - s["sequence_tokens"] / s["trained_tokens"],  # of the positions the forwards ran
-               rollout_tokens_per_s=s["generated_tokens"] * d.world / s["time_generate"],
-               train_tokens_per_s=s["train_tokens"] / times["train"],
-               time_generate=s["time_generate"] / d.world, time_reward=s["time_reward"] / d.world,
-               time_ref=times["ref"], time_train=times["train"], seconds=times["step"])
-    return row
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 def usable_problems(problems, tok, config, args, d):
@@ -453,8 +411,9 @@ def setup(args):
     torch.manual_seed(args.seed)
     # the toy SFT model, built with the data and base model first if missing
     common.require_model(args.init, parse_args([]).init, d, lambda: sft.main(sft.parse_args([])))
-    if args.questions % d.world:
-        raise SystemExit(f"--questions {args.questions} is not a multiple of the {d.world} ranks")
+    if args.questions % (d.world * args.mini_batches):
+        raise SystemExit(f"error: --questions {args.questions} is not a multiple of the {d.world} ranks x "
+                         f"--mini-batches {args.mini_batches}")
     try:  # the user's rewards, loaded before anything is built
         reward_fns = [(spec, spec.rpartition(":")[2], reward.load_reward_fn(spec)) for spec in args.reward_fn]
     except reward.RewardFnError as e:
@@ -638,19 +597,26 @@ def score(run, comps, drawn):
 
 
 def prepare(run, s):
-    """Line 9 and what the update holds fixed: per-token advantages, rows holding each prompt once with `--pack`
-    of its outputs, micro-batches; π_ref's log-probs for the KL, π_old's when μ > 1 reuses the batch, PPO's old
-    values and its GAE advantages (which need them); --top-entropy's choice of tokens. Returns (batches,
-    per_token, what line 9 found for the log, fixed)."""
-    args, d, vocab = run.args, run.d, run.tok.vocab_size
+    """Line 9 and what the update holds fixed: per-token advantages; the --mini-batches, each of rows holding a
+    prompt once with `--pack` of its outputs, cut into micro-batches; π_ref's log-probs for the KL, π_old's when
+    the policy moves before the batch's last update (μ > 1, or mini-batches), PPO's old values and its GAE
+    advantages (which need them); --top-entropy's choice of tokens. Returns (the micro-batches, each mini-batch's
+    slice of them, per_token, what line 9 found for the log, fixed)."""
+    args, d, vocab, G = run.args, run.d, run.tok.vocab_size, run.args.group_size
     per_token, n_zero_std = (token_advantages(s.comps, s.rewards, s.step_rewards, args) if run.value is None else
                              (ppo.outcome_at_end(s.comps, s.rewards), 0))  # PPO: the reward at each output's end
-    rows = pack_rows(s.comps, per_token, args.group_size, args.pack, args.mask_truncated, args.loss_norm)
-    batches = micro_batches(rows, max(1, args.micro_batch // min(args.pack, args.group_size)), run.tok.pad_id,
-                            d.device)
+    batches, mini = [], []
+    for k in range(args.mini_batches):  # question q to mini-batch q mod K: the same K sets on any number of ranks
+        outs = [i for q in range(k, len(s.comps) // G, args.mini_batches) for i in range(q * G, (q + 1) * G)]
+        rows = pack_rows([s.comps[i] for i in outs], [per_token[i] for i in outs], G, args.pack, args.mask_truncated,
+                         args.loss_norm)
+        part = micro_batches(rows, max(1, args.micro_batch // min(args.pack, G)), run.tok.pad_id, d.device)
+        mini.append(slice(len(batches), len(batches) + len(part)))
+        batches += part
     with lora.disabled(run.reference):  # the policy's adapters off when it is π_ref (LoRA); else a no-op
         ref_logp = fixed_logprobs(run.reference, batches, vocab, d, args) if run.reference is not None else None
-    old_logp = fixed_logprobs(run.policy, batches, vocab, d, args) if args.mu > 1 else None
+    moves = args.mu * args.mini_batches > 1
+    old_logp = fixed_logprobs(run.policy, batches, vocab, d, args) if moves else None
     old_values = None
     if run.value is not None:
         with torch.no_grad(), common.autocast(d):
@@ -659,12 +625,13 @@ def prepare(run, s):
     found = dict(zero_std_groups=n_zero_std)
     if args.top_entropy < 1:
         found["entropy_cut"] = high_entropy_only(batches, args.top_entropy, d)
-    return batches, per_token, found, (ref_logp, old_logp, old_values)
+    return batches, mini, per_token, found, (ref_logp, old_logp, old_values)
 
 
-def train(run, batches, fixed, comps):
-    """Lines 10-11: μ updates of π_θ on J (grpo_update), normalised over all ranks, and PPO's critic on the same
-    batches. Returns the normalisers, the LR, the first and last updates' sums and the last gradient norm."""
+def train(run, batches, mini, fixed, comps):
+    """Lines 10-11: μ passes over the step's mini-batches, an update of π_θ on J each (grpo_update), normalised
+    over the mini-batch on all ranks, and PPO's critic on the same ones. Returns the outputs, tokens and LR, the
+    first and last passes' sums (pass_sums) and the last gradient norm."""
     args, d = run.args, run.d
     checked = all(c.logprobs is not None for c in comps)  # the sampler's log-probs, to check the forward by
     if args.off_policy_mask is not None and not checked:  # engine.complete's carry them; a replacement's may not
@@ -672,20 +639,25 @@ def train(run, batches, fixed, comps):
                          "rollouts do not carry (engine.Completion.logprobs)")
     ref_logp, old_logp, old_values = fixed
     n_seq = common.all_sum(d, len(comps))
-    n_tok = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
-    normaliser = loss_normaliser(args.loss_norm, n_seq, n_tok, args.max_new_tokens)
+    tokens = [common.all_sum(d, sum(int(b.mask.sum()) for b in batches[m])) for m in mini]
+    normalisers = [loss_normaliser(args.loss_norm, common.all_sum(d, sum(b.outputs for b in batches[m])), n,
+                                   args.max_new_tokens) for m, n in zip(mini, tokens)]
     lr = common.set_lr(run.opt, run.step, run.optim)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
     tis = (args.tis if args.tis is not None else 2.0 if d.dtype == torch.bfloat16
            else 0.0) if checked else 0.0
-    updates, value_loss = [], None
+    passes = []
     for _ in range(args.mu):
-        updates.append(grpo_update(run.policy, run.opt, batches, old_logp, ref_logp, normaliser, beta, tis,
-                                   run.tok.vocab_size, run.step, args, d))
-        if run.value is not None:
-            value_loss = ppo.update_value(run.value, run.value_opt, batches, old_values, n_tok, d, args)
-    return dict(n_seq=n_seq, n_tok=n_tok, normaliser=normaliser, lr=lr, checked=checked, tis=tis,
-                first=updates[0][0], last=updates[-1][0], grad_norm=updates[-1][1], value_loss=value_loss)
+        updates, value_loss = [], 0.0
+        for m, normaliser, n_tok in zip(mini, normalisers, tokens):
+            old, ref = (None if x is None else x[m] for x in (old_logp, ref_logp))
+            updates.append(grpo_update(run.policy, run.opt, batches[m], old, ref, normaliser, beta, tis,
+                                       run.tok.vocab_size, run.step, args, d))
+            if run.value is not None:
+                value_loss += ppo.update_value(run.value, run.value_opt, batches[m], old_values[m], n_tok, d, args)
+        passes.append(grpo_log.pass_sums([u for u, _ in updates]))
+    return dict(n_seq=n_seq, n_tok=sum(tokens), lr=lr, checked=checked, tis=tis, first=passes[0], last=passes[-1],
+                grad_norm=updates[-1][1], value_loss=value_loss)
 
 
 def end_iteration(run):
@@ -722,8 +694,8 @@ def step_row(run, s, batches, found, t, times):
         sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])
     if args.off_policy_mask is not None:
         sums.update(dropped=last["dropped"])
-    row = step_metrics(d, run.step, t["lr"], t["n_seq"], t["n_tok"], t["normaliser"], args,
-                       dict(sums, grad_norm=t["grad_norm"]), times)
+    row = grpo_log.step_metrics(d, run.step, t["lr"], t["n_seq"], t["n_tok"], args,
+                                dict(sums, grad_norm=t["grad_norm"]), times)
     if run.value is not None:
         row["value_loss"] = common.all_sum(d, t["value_loss"]) / max(t["n_tok"], 1)
     if "entropy_cut" in found:  # one quantile of all ranks' tokens
@@ -739,7 +711,7 @@ def keep(run, s, per_token, refreshed, stop):
     with status 130)."""
     args, d, step = run.args, run.d, run.step
     if d.main and args.log_completions and step % args.log_completions == 0:
-        data.append_jsonl(os.path.join(args.out, "completions.jsonl"), completion_rows(
+        data.append_jsonl(os.path.join(args.out, "completions.jsonl"), grpo_log.completion_rows(
             step, s.drawn, s.comps, dict(rule_reward=s.rule, reward=s.rewards, **s.scores),
             None if run.value is not None else per_token, args.group_size))
     if args.export_every and step % args.export_every == 0 and step < args.max_steps:
@@ -772,9 +744,9 @@ def main(args):
             t1 = time.time()
             s = score(run, comps, drawn)  # 8. rewards
             t2 = time.time()
-            batches, per_token, found, fixed = prepare(run, s)  # 9. advantages; what the update holds fixed
+            batches, mini, per_token, found, fixed = prepare(run, s)  # 9. advantages; what the update holds fixed
             t3 = time.time()
-            update = train(run, batches, fixed, s.comps)  # 10-11. μ updates of π_θ on J
+            update = train(run, batches, mini, fixed, s.comps)  # 10-11. μ passes of updates of π_θ on J
             run.step += 1
             t4 = time.time()
             refreshed = end_iteration(run)  # 12, then 3

@@ -120,14 +120,19 @@ def add_update_args(ap):
     ap.add_argument("--top-entropy", type=float, default=1.0, metavar="RHO", help="the policy-gradient term on the "
                     "share RHO of the step's sampled tokens drawn at the highest entropy, the KL on all (Wang et "
                     "al., 2025: 0.2; TRL's top_entropy_quantile; 1: every token)")
-    ap.add_argument("--mu", type=int, default=1, help="policy updates per rollout batch (paper: 1)")
+    ap.add_argument("--mu", type=int, default=1, help="passes over each rollout batch, an update per mini-batch each "
+                    "(paper: 1)")
+    ap.add_argument("--mini-batches", type=int, default=1, metavar="K", help="updates per pass: each rank's questions "
+                    "dealt into K mini-batches of whole groups, the later ones off-policy as at --mu > 1 (verl's "
+                    "ppo_mini_batch_size = --questions / K; paper: 1); the LR is the step's for all")
     ap.add_argument("--ratio", default="token", choices=["token", "sequence"], help="the ratio π_θ/π_old in the "
                     "clip: per token (the paper), or per output, the geometric mean of its tokens' (GSPO, Zheng et "
                     "al., 2025, whose paper clips at --clip-eps 3e-4 --clip-high 4e-4 with --beta 0); the same "
-                    "unless --mu > 1")
+                    "unless --mu or --mini-batches > 1")
     ap.add_argument("--policy-loss", default="clip", choices=["clip", "cispo"], help="the policy term: PPO's clip "
                     "(the paper), or CISPO's (MiniMax-M1, Chen et al., 2025): each token's gradient weighted by its "
-                    "ratio capped at 1 + --clip-high (no lower cap), never zeroed; the same unless --mu > 1")
+                    "ratio capped at 1 + --clip-high (no lower cap), never zeroed; the same unless --mu or "
+                    "--mini-batches > 1")
     ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
@@ -188,9 +193,11 @@ def check_args(ap, args):
                  "ratio per output: use one of them")
     ratio_flags = [f for f, on in (("--ratio sequence", args.ratio == "sequence"),
                                    ("--policy-loss cispo", args.policy_loss == "cispo")) if on]
-    if ratio_flags and args.mu < 2:
-        ap.error(f"{ratio_flags[0]} changes nothing at --mu 1, where π_old is π_θ and every ratio is 1: give --mu 2 "
-                 "or more")
+    if args.mu < 1 or args.mini_batches < 1:
+        ap.error("--mu and --mini-batches count updates: 1 or more")
+    if ratio_flags and args.mu * args.mini_batches < 2:
+        ap.error(f"{ratio_flags[0]} changes nothing with one update a batch, where π_old is π_θ and every ratio is "
+                 "1: give --mu 2 or --mini-batches 2 or more")
     if args.rm_refresh and (args.reward == "rule" or len(args.reward_model or ()) > 1):
         ap.error("--rm-refresh retrains a reward model: give --reward orm|prm and one --reward-model")
     if args.reward == "prm" and args.prompt == "tool":

@@ -80,6 +80,7 @@ class Batch:
         self.mask = self.weights > 0  # (b, T): the model's own tokens
         self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
         self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
+        self.outputs = sum(max(r.segment) for r in rows)  # the completions it holds
         self.attn = packed_mask(segment)  # (b, 1, T, T): its prompt and itself; None if one completion a row
 
     def logprobs(self, model, vocab_limit):

@@ -87,6 +87,12 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
         assert_one_clear_line(*evaluate_cli(d, problems), *words)
 
 
+def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, problems, tmp_path):
+    assert_one_clear_line(*run("grpo.py", "--init", str(model_dir), "--data", str(problems), "--questions", "3",
+                               "--mini-batches", "2", "--out", str(tmp_path / "g")),
+                          "--questions 3 is not a multiple of the 1 ranks x --mini-batches 2")
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--reward", "orm", "--supervision", "process"], "an outcome model scores whole outputs"),
     (["--rm-refresh", "5"], "give --reward orm|prm and one --reward-model"),
@@ -94,8 +100,10 @@ def test_a_damaged_checkpoint(model_dir, problems, tmp_path):
     (["--rm-refresh", "5", "--reward", "orm", "--reward-model", "a", "b"], "one --reward-model"),
     (["--online-rft", "--reward", "prm"], "--online-rft keeps the outputs the rule grades right"),
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
-    (["--ratio", "sequence"], "--ratio sequence changes nothing at --mu 1"),
-    (["--policy-loss", "cispo"], "--policy-loss cispo changes nothing at --mu 1"),
+    (["--ratio", "sequence"], "--ratio sequence changes nothing with one update a batch"),
+    (["--policy-loss", "cispo", "--mini-batches", "1"], "--policy-loss cispo changes nothing with one update a batch"),
+    (["--mini-batches", "0"], "--mu and --mini-batches count updates: 1 or more"),
+    (["--mu", "0"], "--mu and --mini-batches count updates: 1 or more"),
     (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
     (["--kl-loss", "k3-is", "--ratio", "sequence", "--mu", "2"], "--kl-loss k3-is weights each token's k3 by its own"),
     (["--overlong-buffer", "8", "--supervision", "process"], "--overlong-buffer shapes an outcome reward"),

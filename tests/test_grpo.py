@@ -419,7 +419,7 @@ def test_the_off_policy_mask_refuses_rollouts_without_the_samplers_log_probs():
     comps = [engine.Completion([1], [2, 3], [True, True], True, ""), engine.Completion([1], [4], [True], True, "")]
     comps[0].logprobs = [-0.5, -0.1]
     with pytest.raises(ValueError, match="whose log-probs these rollouts do not carry"):
-        grpo.train(run, [], (None, None, None), comps)
+        grpo.train(run, [], [], (None, None, None), comps)
 
 
 def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_and_the_kl_on_all():

@@ -198,17 +198,22 @@ def test_a_gradient_that_is_no_longer_finite_ends_the_run_in_one_line(base, prob
 
 
 def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
-    flags = ("--lr", "0.003", "--mu", "2", "--clip-high", "0.28", "--report-problems", "0")
+    """Two ranks, two passes over two mini-batches a step: a run stopped after step 1 and resumed logs what the
+    uninterrupted one does, and one process alone the same (each rank deals its questions to the mini-batches so
+    that they hold the same groups on any number of ranks)."""
+    flags = ("--lr", "0.003", "--mu", "2", "--mini-batches", "2", "--clip-high", "0.28", "--report-problems", "0")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for out, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "1", "--ckpt-every", "1")),
-                       ("b", ("--max-steps", "3", "--resume"))):
-        r = run([*torchrun, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
+                       ("b", ("--max-steps", "3", "--resume")), ("alone", ("--max-steps", "3"))):
+        launch = torchrun if out != "alone" else []
+        r = run([*launch, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
         assert r.returncode == 0, r.stderr[-3000:]
     keys = ("step", "loss", "kl", "grad_norm", "clip_frac", "reward")
-    a, b = ([{k: row[k] for k in keys} for row in train_rows(tmp_path / out)] for out in "ab")
+    a, b, alone = ([{k: row[k] for k in keys} for row in train_rows(tmp_path / out)] for out in ("a", "b", "alone"))
     assert [row["step"] for row in b] == [1, 2, 3] and a[2]["kl"] > 0 and a[2]["clip_frac"] > 0
-    for x, y in zip(a, b):
+    for x, y, z in zip(a, b, alone):
         assert y == pytest.approx(x, rel=1e-5, abs=1e-7)
+        assert z == pytest.approx(x, rel=1e-4, abs=1e-7)
 
 
 def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path):
@@ -330,16 +335,86 @@ def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(ba
     adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
     assert 0 < (adv > 0).sum() < len(adv)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    plain_objective(hf, tok, comps, adv).backward()  # π_old = π_θ: the KL term's gradient is 0 at π_θ = π_ref
+    assert_same_gradient(hf, seen["grads"], config_from_hf(base))
+
+
+def sampled_logprobs(hf, tok, c):
+    """log π(o_i) (|o_i|,) under transformers' model, from its full logits over the tokenizer's ids."""
+    logits = hf(torch.tensor([c.prompt + c.ids])).logits[0, len(c.prompt) - 1:-1, :tok.vocab_size]
+    return logits.log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]
+
+
+def plain_objective(hf, tok, comps, adv, old=None, beta=0.04, eps=0.2):
+    """Eq. 3 written plainly, one output at a time: the mean over outputs of each one's mean over the tokens its
+    model wrote of -min(ρÂ, clip(ρ)Â) + β k3, with π_old = π_ref given per output as log-probs (`old`; None: π_θ
+    itself, detached, so that ρ = 1 and k3 = 0 with their gradients)."""
     loss = 0.0
-    for c, a in zip(comps, adv):
-        logits = hf(torch.tensor([c.prompt + c.ids])).logits[0, len(c.prompt) - 1:-1, :tok.vocab_size]
-        logp = logits.log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]  # (|o_i|,)
-        ratio = torch.exp(logp - logp.detach())  # π_θ / π_old: 1, with π_θ's gradient
+    for i, (c, a) in enumerate(zip(comps, adv)):
+        logp = sampled_logprobs(hf, tok, c)
+        fixed = logp.detach() if old is None else old[i]
+        ratio, d = torch.exp(logp - fixed), fixed - logp
+        pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
         m = torch.tensor(c.sampled, dtype=torch.float32)  # the model's own tokens
-        loss = loss - (ratio * a * m).sum() / m.sum()  # (the KL term's gradient is 0 at π_θ = π_ref)
-    (loss / len(comps)).backward()
+        loss = loss + ((pg + beta * (torch.exp(d) - d - 1)) * m).sum() / m.sum()
+    return loss / len(comps)
+
+
+def assert_same_gradient(hf, grads, config):
+    """Our gradients (our names) against those in transformers' model, to 1e-4 of their norm."""
     theirs = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
-    ours = hf_layout(seen["grads"], config_from_hf(base))  # our fused q/k/v and gate/up split as theirs
+    ours = hf_layout(grads, config)  # our fused q/k/v and gate/up split as theirs
     diff = sum(((ours[k] - g) ** 2).sum() for k, g in theirs.items()) ** 0.5
     norm = sum((g ** 2).sum() for g in theirs.values()) ** 0.5
     assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
+
+
+def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path, monkeypatch):
+    """--mini-batches 2 at step 1: two AdamW steps, the first on the groups of questions 0 and 2 (question q to
+    mini-batch q mod 2, on any number of ranks), the second on those of 1 and 3 at the weights the first left,
+    with π_old = π_ref = the weights that sampled. Each step's gradient is Eq. 3's on its own mini-batch, averaged
+    over its 8 outputs, written plainly on transformers' Llama (the clip binds on some tokens of the second)."""
+    import transformers
+
+    import common
+    import grpo
+    import scripted_grpo
+    signal = tmp_path / "signal.jsonl"  # the questions whose groups score [1, 1, 0, 0]: each mini-batch has signal
+    signal.write_text("".join(line for line in open(problems) if zlib.crc32(json.loads(line)["question"].encode()) % 3))
+    answers = {p["question"]: p["answer"] for p in problem_sets.load_problems(str(signal))}
+    monkeypatch.setattr(scripted_grpo, "ANSWERS", answers)
+    seen, clip, updates = {}, common.clip_grad_norm, []
+
+    def complete(model, tok, questions, *a, **k):
+        seen["questions"], seen["comps"] = questions, scripted_grpo.scripted(model, tok, questions, *a, **k)
+        return seen["comps"]
+
+    def clip_and_keep(model, max_norm):
+        updates.append({name: (p.detach().clone(), p.grad.clone()) for name, p in model.named_parameters()})
+        return clip(model, max_norm)
+
+    monkeypatch.setattr(engine, "complete", complete)
+    monkeypatch.setattr(common, "clip_grad_norm", clip_and_keep)
+    args = scripted_args(base, signal, tmp_path / "run", "--max-steps", "1", "--report-problems", "0",
+                         "--mini-batches", "2", "--lr", "0.01")[1:]
+    grpo.main(grpo.parse_args(args))
+    assert len(updates) == 2
+
+    tok, config, comps = Tokenizer.load(base), config_from_hf(base), seen["comps"]
+    r = torch.tensor([reward.math_reward(c.text, answers[q]) for q, c in zip(seen["questions"], comps)]).view(-1, 4)
+    std = r.std(1, keepdim=True)
+    adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        old = [sampled_logprobs(hf, tok, c) for c in comps]
+    clipped = 0
+    for k, update in enumerate(updates):
+        part = [i for i in range(len(comps)) if i // 4 % 2 == k]  # the outputs of questions k, k + 2
+        weights = hf_layout({name: w for name, (w, _) in update.items()}, config)
+        hf.load_state_dict({name: weights[name.removeprefix("model.")] for name in hf.state_dict()})
+        hf.zero_grad()
+        plain_objective(hf, tok, [comps[i] for i in part], adv[part], [old[i] for i in part]).backward()
+        assert_same_gradient(hf, {name: g for name, (_, g) in update.items()}, config)
+        with torch.no_grad():
+            clipped += sum(((sampled_logprobs(hf, tok, comps[i]) - old[i]).exp() - 1).abs().gt(0.2).sum() for i in part)
+    assert clipped > 0
