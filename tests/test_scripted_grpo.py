@@ -373,7 +373,9 @@ def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path
     """--mini-batches 2 at step 1: two AdamW steps, the first on the groups of questions 0 and 2 (question q to
     mini-batch q mod 2, on any number of ranks), the second on those of 1 and 3 at the weights the first left,
     with π_old = π_ref = the weights that sampled. Each step's gradient is Eq. 3's on its own mini-batch, averaged
-    over its 8 outputs, written plainly on transformers' Llama (the clip binds on some tokens of the second)."""
+    over its 8 outputs, written plainly on transformers' Llama (ratios past the clip on some tokens of the
+    second); the logged loss is the mean of the two objectives, and the sampler's gap π_old's (~1e-7), not that
+    of the weights the second update starts from."""
     import transformers
 
     import common
@@ -383,6 +385,7 @@ def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path
     signal.write_text("".join(line for line in open(problems) if zlib.crc32(json.loads(line)["question"].encode()) % 3))
     answers = {p["question"]: p["answer"] for p in problem_sets.load_problems(str(signal))}
     monkeypatch.setattr(scripted_grpo, "ANSWERS", answers)
+    monkeypatch.setattr(scripted_grpo, "SAMPLER_LOGPROBS", True)
     seen, clip, updates = {}, common.clip_grad_norm, []
 
     def complete(model, tok, questions, *a, **k):
@@ -407,14 +410,18 @@ def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
         old = [sampled_logprobs(hf, tok, c) for c in comps]
-    clipped = 0
+    clipped, objectives = 0, []
     for k, update in enumerate(updates):
         part = [i for i in range(len(comps)) if i // 4 % 2 == k]  # the outputs of questions k, k + 2
         weights = hf_layout({name: w for name, (w, _) in update.items()}, config)
         hf.load_state_dict({name: weights[name.removeprefix("model.")] for name in hf.state_dict()})
         hf.zero_grad()
-        plain_objective(hf, tok, [comps[i] for i in part], adv[part], [old[i] for i in part]).backward()
+        objectives.append(plain_objective(hf, tok, [comps[i] for i in part], adv[part], [old[i] for i in part]))
+        objectives[-1].backward()
         assert_same_gradient(hf, {name: g for name, (_, g) in update.items()}, config)
         with torch.no_grad():
             clipped += sum(((sampled_logprobs(hf, tok, comps[i]) - old[i]).exp() - 1).abs().gt(0.2).sum() for i in part)
     assert clipped > 0
+    [row] = train_rows(tmp_path / "run")
+    assert row["loss"] == pytest.approx(sum(objectives).item() / 2, rel=1e-4, abs=1e-6)
+    assert row["logprob_gap_max"] < 1e-5
