@@ -99,8 +99,9 @@ def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
 def test_ppo_whitens_over_every_rank(base, problems, tmp_path):  # noqa: F811
     """Scripted rollouts (the same outputs whatever the rank): PPO's step on 2 ranks, each holding half the groups,
     logs the loss and gradient norm of 1 process, which holds them all: the advantages' mean and std are the
-    step's, not a rank's."""
-    flags = ("--max-steps", "2", "--report-problems", "0", "--advantage", "gae", "--value-lr", "0.01")
+    step's, not a rank's. Two mini-batches a step, the policy's and the value model's updates on each in turn."""
+    flags = ("--max-steps", "2", "--report-problems", "0", "--advantage", "gae", "--value-lr", "0.01",
+             "--mini-batches", "2")
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for name, prefix in (("one", []), ("two", launch)):
         r = run([*prefix, *scripted_args(base, problems, tmp_path / name, *flags)])
