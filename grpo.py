@@ -136,7 +136,7 @@ def process_advantages(steps, lengths, group_size, scale="group"):
 
 def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective):
     """The GRPO loss (−J) of a micro-batch as Σ_t weight_t · loss_t, the sum *before* the division by the
-    global normaliser, so that micro-batches and ranks add up exactly to the whole batch. The weights say how
+    mini-batch's normaliser, so that micro-batches and ranks add up exactly to the whole. The weights say how
     tokens are normalised (loss_weights): 1/|o_i| on each token of o_i for the paper's per-sequence mean (then
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
@@ -688,7 +688,7 @@ def step_row(run, s, batches, found, t, times):
                 truncated=sum(not c.finished for c in s.comps), tokens=sum(len(c.ids) for c in s.comps),
                 tool_calls=sum(not all(c.sampled) for c in s.comps), time_generate=times["generate"],
                 time_reward=times["reward"], **s.generated, **{k: v.sum().item() for k, v in s.scores.items()})
-    if t["checked"]:  # the sampler's gap and TIS: from the first update, before π_θ moved
+    if t["checked"]:  # the sampler's gap to π_old and TIS: from the first pass
         sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
     if t["tis"]:
         sums.update(tis_weight=first["tis_weight"], tis_cut=first["tis_cut"])

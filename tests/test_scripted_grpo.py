@@ -216,7 +216,25 @@ def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp
         assert z == pytest.approx(x, rel=1e-4, abs=1e-7)
 
 
-def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path):
+@pytest.fixture
+def in_process(problems, monkeypatch):
+    """tests/scripted_grpo.py in this process, for runs so short that a new process's start would take most of
+    their time: argv -> the run's metrics rows."""
+    import grpo
+    import scripted_grpo
+    monkeypatch.setattr(scripted_grpo, "ANSWERS", {p["question"]: p["answer"]
+                                                   for p in problem_sets.load_problems(str(problems))})
+    monkeypatch.setattr(engine, "complete", scripted_grpo.scripted)
+
+    def main(argv):
+        args = grpo.parse_args(argv[1:])
+        monkeypatch.setattr(scripted_grpo, "SAMPLER_LOGPROBS", args.off_policy_mask is not None)
+        grpo.main(args)
+        return train_rows(args.out)
+    return main
+
+
+def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path, in_process):
     """At step 1 with μ = 1 the policy is π_old and π_ref, so ρ = 1, the KL is 0 and each token's loss is -Â:
     the logged loss follows from the script's rewards and token counts. A group scores [1, 1, 0, 0] (Â = ±√3/2)
     or [0, 0, 0, 0] (Â = 0); output 0 holds sandbox tokens (no loss), output 3 is cut at the budget."""
@@ -231,10 +249,8 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
         counts[signal], lengths[signal] = [sum(c.sampled) for c in outs], [len(c.ids) for c in outs]
 
     def step_one(name, *flags):
-        r = run(scripted_args(base, problems, tmp_path / name, "--max-steps", "1", "--report-problems", "0",
-                              "--lr", "0.05", *flags))
-        assert r.returncode == 0, r.stderr[-3000:]
-        return train_rows(tmp_path / name)[0]
+        return in_process(scripted_args(base, problems, tmp_path / name, "--max-steps", "1", "--report-problems", "0",
+                                        "--lr", "0.05", *flags))[0]
 
     row = step_one("default")
     n_sig = round(row["reward"] * 16 / 2)  # two right outputs per group with signal
