@@ -11,7 +11,7 @@ from engine import Completion
 from packing import micro_batches, pack_rows
 from ppo import advantages, gae, outcome_at_end, update_value, value_loss_sum
 from test_grpo import grpo_args, run
-from test_scripted_grpo import problems, scripted_args  # noqa: F401 (problems: a fixture)
+from test_scripted_grpo import in_process, problems, scripted_args  # noqa: F401 (in_process, problems: fixtures)
 
 
 def test_gae_by_hand():
@@ -111,6 +111,32 @@ def test_ppo_whitens_over_every_rank(base, problems, tmp_path):  # noqa: F811
     keys = ("loss", "grad_norm", "value_loss")
     for a, b in zip(one, two):
         assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-4, abs=1e-6)
+
+
+def test_the_value_model_steps_on_each_mini_batch_as_the_policy_does(base, problems, tmp_path, in_process,  # noqa: F811
+                                                                     monkeypatch):
+    """--advantage gae --mini-batches 2: each pass, the value model takes a step on each mini-batch's micro-batches
+    after the policy's on the same ones, its loss averaged over that mini-batch's tokens."""
+    import grpo
+    import ppo
+    seen, grpo_update, value_update = [], grpo.grpo_update, ppo.update_value
+
+    def policy_step(policy, opt, batches, *a):
+        seen.append(("policy", [id(b) for b in batches], None))
+        return grpo_update(policy, opt, batches, *a)
+
+    def value_step(value, opt, batches, old_values, n_tok, d, args):
+        assert n_tok == sum(int(b.mask.sum()) for b in batches)  # one process: all of the mini-batch's tokens
+        seen.append(("value", [id(b) for b in batches], [v.shape for v in old_values]))
+        return value_update(value, opt, batches, old_values, n_tok, d, args)
+    monkeypatch.setattr(grpo, "grpo_update", policy_step)
+    monkeypatch.setattr(ppo, "update_value", value_step)
+    in_process(scripted_args(base, problems, tmp_path / "run", "--max-steps", "1", "--report-problems", "0",
+                             "--advantage", "gae", "--value-lr", "0.01", "--mini-batches", "2", "--mu", "2"))
+    assert [kind for kind, _, _ in seen] == ["policy", "value"] * 4
+    (_, a, _), (_, a_value, shapes), (_, b, _) = seen[:3]
+    assert a == a_value and not set(a) & set(b) and seen[4][1] == a and seen[6][1] == b  # each pass: a, then b
+    assert len(shapes) == len(a)
 
 
 def ppo_args(base, data_dir, out, *extra):
