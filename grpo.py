@@ -44,7 +44,7 @@ on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's re
 (PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
 beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
 Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward
-models reward_model.py's, PPO's advantages and value loss ppo.py's.
+models reward_model.py's, PPO's advantages and value loss ppo.py's, what a step logs grpo_log.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\

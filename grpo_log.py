@@ -23,7 +23,7 @@ def step_metrics(d, step, lr, n_seq, n_tok, args, sums, times):
                clip_frac=s["clipped"] / max(n_tok, 1),
                entropy=s["neg_logp"] / max(n_tok, 1),  # -log π of the sampled tokens: an estimate at T = 1
                grad_norm=sums["grad_norm"], length=s["tokens"] / n_seq, zero_std_groups=s["zero_std_groups"])
-    if "logprob_gap_max" in sums:  # sampler vs training forward on the same tokens, before the update
+    if "logprob_gap_max" in sums:  # the sampler against the training forward of π_old, on the same tokens
         row.update(logprob_gap_mean=s["logprob_gap"] / max(n_tok, 1), logprob_gap_max=sums["logprob_gap_max"])
     if "tis_weight" in sums:  # --tis: the mean weight on the model's tokens, and the share the cap cut
         row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
