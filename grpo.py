@@ -638,10 +638,10 @@ def train(run, batches, mini, fixed, comps):
         raise ValueError("--off-policy-mask measures how far π_θ moved from the sampler, whose log-probs these "
                          "rollouts do not carry (engine.Completion.logprobs)")
     ref_logp, old_logp, old_values = fixed
-    n_seq = common.all_sum(d, len(comps))
+    outputs = [common.all_sum(d, sum(b.outputs for b in batches[m])) for m in mini]  # each mini-batch's, all ranks
     tokens = [common.all_sum(d, sum(int(b.mask.sum()) for b in batches[m])) for m in mini]
-    normalisers = [loss_normaliser(args.loss_norm, common.all_sum(d, sum(b.outputs for b in batches[m])), n,
-                                   args.max_new_tokens) for m, n in zip(mini, tokens)]
+    normalisers = [loss_normaliser(args.loss_norm, n_seq, n_tok, args.max_new_tokens)
+                   for n_seq, n_tok in zip(outputs, tokens)]
     lr = common.set_lr(run.opt, run.step, run.optim)
     beta = 0.0 if run.value is not None else args.beta  # PPO has the KL in its reward instead
     tis = (args.tis if args.tis is not None else 2.0 if d.dtype == torch.bfloat16
@@ -656,8 +656,8 @@ def train(run, batches, mini, fixed, comps):
             if run.value is not None:
                 value_loss += ppo.update_value(run.value, run.value_opt, batches[m], old_values[m], n_tok, d, args)
         passes.append(grpo_log.pass_sums([u for u, _ in updates]))
-    return dict(n_seq=n_seq, n_tok=sum(tokens), lr=lr, checked=checked, tis=tis, first=passes[0], last=passes[-1],
-                grad_norm=updates[-1][1], value_loss=value_loss)
+    return dict(n_seq=sum(outputs), n_tok=sum(tokens), lr=lr, checked=checked, tis=tis, first=passes[0],
+                last=passes[-1], grad_norm=updates[-1][1], value_loss=value_loss)
 
 
 def end_iteration(run):
