@@ -81,7 +81,7 @@ def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     and to the smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = tempered(logits, temperature)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -123,6 +123,13 @@ def _invert_cdf(p, u):
     return blk * BLOCK + torch.minimum(j, last)
 
 
+def tempered(logits, temperature):
+    """The logits of softmax(logits / T), the distribution a token is drawn from before top-k and top-p cut it
+    (the model's own when greedy, T = 0): what the sampler reports log-probs and entropies under, and the π that
+    grpo.py trains (as TRL and verl do)."""
+    return logits if temperature in (0, 1) else logits / temperature
+
+
 def token_logprob(logits, tok):
     """log softmax(logits)[tok] per row, without the (B, V) log-softmax: x[tok] - lse, as the trainer's kernels
     compute it (read from entropy's log_softmax instead, the fp32 sampler/trainer gap of 3 toy steps rose from
@@ -145,7 +152,7 @@ def entropy(logits):
 class Generation:
     tokens: list  # per prompt, the new token ids, ending with the EOS or stop token if it stopped
     finished: list  # per prompt, True if it stopped on EOS or a stop string, False if cut at its budget
-    logprobs: list  # per prompt and token, log π(token) under the untempered model, over the ids it may sample
+    logprobs: list  # per prompt and token, log π(token) at the temperature (tempered), over the ids it may sample
     entropies: list  # per prompt and token, the entropy of that distribution where the token was drawn
 
 
@@ -198,6 +205,7 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, k, v, te
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
     tok = sample(logits, u[rows, at], temperature, top_k, top_p)
+    logits = tempered(logits, temperature)
     out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, token_logprob(logits, tok), entropy(logits)
     cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
 
@@ -368,6 +376,7 @@ class Decoder:
         st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
         logits = torch.stack(first)
         tok = sample(logits, st.u[idx, 0], **opts)
+        logits = tempered(logits, opts["temperature"])
         st.out[idx, 0], st.out_lp[idx, 0], st.out_ent[idx, 0] = tok, token_logprob(logits, tok), entropy(logits)
         st.cur[idx], st.pos[idx], st.count[idx] = tok, start, 1
 

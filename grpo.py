@@ -36,15 +36,16 @@ k3-is (DeepSeek-V3.2's unbiased KL: k3 weighted by the ratio, also at --mu > 1),
 (DeepSeek-V3.2's: no push down on outputs the policy has moved away from since they were drawn), --mask-truncated
 and --overlong-buffer L (DAPO's overlong filter and soft punishment), --mini-batches K (K updates a batch, each on a
 share of its groups: verl's mini-batches), with --mu or --mini-batches > 1 --ratio sequence (GSPO: one ratio per
-output) and --policy-loss cispo (CISPO: the ratio capped as a weight, no token's gradient zeroed), --oversample K
-(DAPO's dynamic sampling: groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ
-(the policy-gradient term on the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the
-paper's §5.2.1 baseline), --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss
-on it), --reward orm|prm (a learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae
-(PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards
-beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py.
-Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward
-models reward_model.py's, PPO's advantages and value loss ppo.py's, what a step logs grpo_log.py's.
+output), --policy-loss cispo (CISPO: the ratio capped as a weight, no token's gradient zeroed) and --dual-clip C
+(dual-clip PPO, verl's: a push down capped where the ratio passes C), --oversample K (DAPO's dynamic sampling:
+groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on
+the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline),
+--prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a
+learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO
+replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards beside the rule),
+--lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py. Generation is
+engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models
+reward_model.py's, PPO's advantages and value loss ppo.py's, what a step logs grpo_log.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -141,8 +142,8 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective
     / number of sequences), 1 for DAPO's per-token mean (then / number of tokens) and for Dr. GRPO's constant
     (then / sequences x max new tokens); 0 on the prompt, the sandbox's output and padding.
     logp, old_logp, ref_logp, advantages, weights: (B, T); objective: grpo_token_loss's settings (clip_eps as
-    (ε_low, ε_high), beta, cispo, kl_loss). Returns (loss sum, KL sum over the weighted tokens, number of them
-    where the clip binds), as tensors: nothing is read back to the host here."""
+    (ε_low, ε_high), beta, cispo, kl_loss, dual_clip). Returns (loss sum, KL sum over the weighted tokens, number
+    of them where a clip binds), as tensors: nothing is read back to the host here."""
     # per token: -min(ρÂ, clip(ρ)Â) + β k3 (or CISPO's term, k2), and its gradient, in one fused pass
     loss, kl = grpo_token_loss(logp, old_logp, ref_logp, advantages, **objective)  # (B, T)
     mask = weights > 0  # (B, T): the tokens the model wrote
@@ -153,6 +154,8 @@ def grpo_objective_sums(logp, old_logp, ref_logp, advantages, weights, objective
     else:  # the clip binds (the token's gradient is 0) only where it lowers the objective: ρ past 1 + ε pushing a
         # token up (Â > 0), or below 1 - ε pushing it down (Â < 0)
         clipped = ((ratio > 1 + high) & (advantages > 0)) | ((ratio < 1 - low) & (advantages < 0))
+        if objective.get("dual_clip"):  # and where the dual clip caps ρ pushing a token down
+            clipped |= (ratio > objective["dual_clip"]) & (advantages < 0)
     return (loss * weights).sum(), (kl.detach() * mask).sum(), (clipped & mask).sum()
 
 
@@ -160,17 +163,17 @@ def fixed_logprobs(model, batches, vocab_limit, d, args):
     """log π(targets) of every micro-batch under `model` (π_ref, or π_old when μ > 1), without gradient: the
     log-probs that stay fixed during the update. Its weights are gathered once for all the micro-batches
     (common.unsharded; FSDP2's hooks would gather every block again for each), and its forward is the policy's
-    own (the same wrappers, dtype and autocast), or the KL would start above 0."""
+    own (the same wrappers, dtype, autocast and rollout temperature), or the KL would start above 0."""
     with torch.no_grad(), common.unsharded(model), common.autocast(d):
-        return [b.logprobs(model, vocab_limit) for b in batches]
+        return [b.logprobs(model, vocab_limit, args.temperature) for b in batches]
 
 
 def policy_token_loss(b, old_logp, ref_logp, objective, tis, scale, log_ratio=None, dropped=None):
     """Line 10's objective for micro-batch b as model.loss takes it: for the policy's log-probs lp (n,) of the
     flattened positions `rows`, each token's scale · weight · (-min(ρÂ, clip(ρ)Â) + β k3) and its derivative in
     lp, both from the fused per-token kernel (fused_kernels.grpo_token_loss, whose settings `objective` holds:
-    clip_eps, beta, cispo, kl_loss). old_logp None: π_old is π_θ itself (μ = 1: ρ = 1, its gradient not);
-    ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
+    clip_eps, beta, cispo, kl_loss, dual_clip). old_logp None: π_old is π_θ itself (μ = 1: ρ = 1, its gradient
+    not); ref_logp None: no KL (β = 0); tis > 0: Â weighted by tis_weights.
     log_ratio (b, T): --ratio sequence, GSPO's log s_i on each token of o_i (sequence_log_ratio): ρ is then
     s_i · π_θ/sg[π_θ], s_i in value and clip, the token's own in gradient (GSPO-token, Zheng et al., 2025).
     dropped (b, T): --off-policy-mask, the tokens whose policy term is dropped (off_policy_masked): Â = 0 there."""
@@ -223,7 +226,7 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
     the sampler, the TIS weights and the tokens the off-policy mask dropped; read back once, not per micro-batch)
     and the gradient norm."""
     objective = dict(clip_eps=(args.clip_eps, args.clip_high or args.clip_eps), beta=beta,
-                     cispo=args.policy_loss == "cispo", kl_loss=args.kl_loss)
+                     cispo=args.policy_loss == "cispo", kl_loss=args.kl_loss, dual_clip=args.dual_clip)
     sums = dict(loss=0, kl=0, clipped=0, neg_logp=0, logprob_gap=0, gap_max=0.0, tis_weight=0, tis_cut=0,
                 dropped=0)
     gspo, opsm = args.ratio == "sequence" and old_logp is not None, args.off_policy_mask
@@ -240,9 +243,10 @@ def grpo_update(policy, opt, batches, old_logp, ref_logp, normaliser, beta, tis,
             return policy_token_loss(b, old, ref, objective, tis, scale, log_ratio, dropped)
         with common.autocast(d):
             if gspo or opsm is not None:
-                total, logp = b.loss(policy, vocab_limit, seen_whole, sees_all=True)
+                total, logp = b.loss(policy, vocab_limit, seen_whole, sees_all=True, temperature=args.temperature)
             else:
-                total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, objective, tis, scale))
+                total, logp = b.loss(policy, vocab_limit, policy_token_loss(b, old, ref, objective, tis, scale),
+                                     temperature=args.temperature)
         total.backward()
         # what to log, from the same log-probs (no gradient)
         old, ref = (logp if x is None else x for x in (old, ref))

@@ -34,7 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
     ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: not given)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, at which π_θ, π_old and "
+                    "π_ref are trained too, softmax(logits / T), as TRL and verl do (paper: not given)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
     add_reward_args(ap.add_argument_group("rewards and advantages (lines 8-9)"))
@@ -110,6 +111,10 @@ def add_update_args(ap):
                     "kl in the log is k3's in every case")
     ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
+    ap.add_argument("--dual-clip", type=float, default=None, metavar="C", help="dual-clip PPO (Ye et al., 2020; "
+                    "verl's clip_ratio_c, its default 3): the policy term of a token of advantage < 0 capped at C "
+                    "times its advantage, its gradient 0 where the ratio passes C (default: off; the same unless --mu "
+                    "or --mini-batches > 1)")
     ap.add_argument("--loss-norm", default="sequence", choices=["sequence", "token", "constant"])
     ap.add_argument("--std-scale", nargs="?", const="group", default=None, choices=SCALES, help="what divides an "
                     "advantage r - mean(r): group (its group's std: GRPO, the default with the rule's reward; the "
@@ -178,6 +183,8 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
+    if args.temperature <= 0:
+        ap.error(f"--temperature {args.temperature}: GRPO samples G different outputs a question, at T > 0")
     if not 0 < args.top_entropy <= 1:
         ap.error(f"--top-entropy {args.top_entropy}: a share of the tokens, in (0, 1]")
     if args.kl_loss != "k3" and (args.beta == 0 or args.advantage == "gae"):
@@ -192,7 +199,11 @@ def check_args(ap, args):
         ap.error("--kl-loss k3-is weights each token's k3 by its own ratio, and --ratio sequence gives the loss one "
                  "ratio per output: use one of them")
     ratio_flags = [f for f, on in (("--ratio sequence", args.ratio == "sequence"),
-                                   ("--policy-loss cispo", args.policy_loss == "cispo")) if on]
+                                   ("--policy-loss cispo", args.policy_loss == "cispo"),
+                                   ("--dual-clip", args.dual_clip is not None)) if on]
+    if args.dual_clip is not None and (args.dual_clip <= 1 or args.policy_loss == "cispo"):
+        ap.error(f"--dual-clip {args.dual_clip}: a cap C > 1 on the ratio of tokens of advantage < 0, for the clip's "
+                 "policy term (CISPO's weight is capped already)")
     if args.mu < 1 or args.mini_batches < 1:
         ap.error("--mu and --mini-batches count updates: 1 or more")
     if ratio_flags and args.mu * args.mini_batches < 2:

@@ -285,14 +285,16 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), pos)
         return self.norm(x)
 
-    def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None, at=None):
+    def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None, at=None,
+                temperature=1.0):
         """Logits (B, T, V); or, given targets (B, T), the log-probabilities log π(targets_t | tokens_≤t) (B, T) in
         fp32, computed from the hidden states a chunk of rows at a time (fused_kernels.hidden_logprobs), so that the
         (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Differentiable, its
         backward making the logits again chunk by chunk (a loss of each token's log-prob alone, as GRPO's, trains
         through `loss` instead). Inside forward, FSDP2 gathers the LM head as for any other use of it. vocab_limit:
         the tokenizer's size, for a head with more rows than token ids (DeepSeek-Math: 102,400 for 100,015): π is
-        then over the real ids only, the distribution the sampler draws from (engine.generate). positions, mask:
+        then over the real ids only, the distribution the sampler draws from (engine.generate); temperature: π is
+        softmax(logits / temperature), the distribution a sampler at that temperature draws from. positions, mask:
         for packed rows (see hidden). at (B, T): the position whose hidden state predicts each target, where it is
         not the target's own (packed rows where several completions continue one prompt: each one's first token is
         predicted from the prompt's last position).
@@ -311,9 +313,10 @@ class Transformer(nn.Module):
         if at is not None:
             h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
         with self.head_precision(h):
-            return hidden_logprobs(*self.head_inputs(h, vocab_limit), targets)  # (B, T)
+            return hidden_logprobs(*self.head_inputs(h, vocab_limit, temperature), targets)  # (B, T)
 
-    def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None, sees_all=False):
+    def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None, sees_all=False,
+             temperature=1.0):
         """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the
         hidden states made here, in one pass over chunks of the logits (fused_kernels.hidden_token_loss: three
         GEMMs, the logits never whole), and the log-probs (B, T) in fp32 without gradient, for metrics.
@@ -321,12 +324,12 @@ class Transformer(nn.Module):
         (a slice). sees_all: a token's loss depends on other tokens' log-probs (GSPO's ratio: a mean over its
         sequence), so token_loss is instead a function of all of them, (B, T) without gradient, that returns the
         token loss; they are read first from the same hidden states (a fourth GEMM). Under FSDP2 this is a forward
-        like forward (common.build_model registers it). vocab_limit, positions, mask: as forward."""
+        like forward (common.build_model registers it). vocab_limit, positions, mask, temperature: as forward."""
         if self.config.head == "score" or self.lm_head.bias is not None:
             raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
         h = self.hidden(tokens, positions, mask)
         with self.head_precision(h):
-            h, w = self.head_inputs(h, vocab_limit)
+            h, w = self.head_inputs(h, vocab_limit, temperature)
             if sees_all:
                 with torch.no_grad():
                     token_loss = token_loss(hidden_logprobs(h, w, targets))
@@ -339,11 +342,13 @@ class Transformer(nn.Module):
         with self.head_precision(h):
             return F.linear(*self.head_inputs(h, vocab_limit), None if bias is None else bias[:vocab_limit])
 
-    def head_inputs(self, h, vocab_limit=None):
+    def head_inputs(self, h, vocab_limit=None, temperature=1.0):
         """The LM head's GEMM operands: the hidden states and the head's first vocab_limit rows, as they are, or
-        in fp32 with config.fp32_head (under head_precision, which keeps autocast from casting them back)."""
+        in fp32 with config.fp32_head (under head_precision, which keeps autocast from casting them back); the
+        hidden states divided by the temperature, which divides the logits."""
         w = self.lm_head.weight[:vocab_limit]
-        return (h.float(), w.float()) if self.config.fp32_head else (h, w)
+        h, w = (h.float(), w.float()) if self.config.fp32_head else (h, w)
+        return (h if temperature == 1 else h / temperature), w
 
     def head_precision(self, h):
         """The context of the LM head's GEMM: autocast off for an fp32 head, the caller's otherwise."""

@@ -83,14 +83,16 @@ class Batch:
         self.outputs = sum(max(r.segment) for r in rows)  # the completions it holds
         self.attn = packed_mask(segment)  # (b, 1, T, T): its prompt and itself; None if one completion a row
 
-    def logprobs(self, model, vocab_limit):
-        """log π(targets) (b, T) under `model`, over the tokenizer's ids only, without gradient (model.forward)."""
-        return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit)
+    def logprobs(self, model, vocab_limit, temperature=1.0):
+        """log π(targets) (b, T) under `model` at `temperature`, over the tokenizer's ids only, without gradient
+        (model.forward)."""
+        return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit,
+                     temperature=temperature)
 
-    def loss(self, model, vocab_limit, token_loss, sees_all=False):
+    def loss(self, model, vocab_limit, token_loss, sees_all=False, temperature=1.0):
         """(Σ token_loss, log π(targets) (b, T)): the training forward (model.loss), its gradient made in it."""
         return model.loss(self.inputs, self.targets, token_loss, positions=self.positions, mask=self.attn,
-                          vocab_limit=vocab_limit, sees_all=sees_all)
+                          vocab_limit=vocab_limit, sees_all=sees_all, temperature=temperature)
 
     def values(self, model):
         """V(state) (b, T) under a value model: at each position, the value of the context its target is drawn

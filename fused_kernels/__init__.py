@@ -73,16 +73,20 @@ def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS
     return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, *_rows_and_grad(hidden))
 
 
-def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False, kl_loss="k3"):
+def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False, kl_loss="k3",
+                    dual_clip=None):
     """Per-token GRPO loss and k3 KL (paper Eq. 3-4): -min(r A, clip(r, 1-eps, 1+eps) A) + beta * kl.
     clip_eps is one number or (eps_low, eps_high) for an asymmetric clip. cispo: the policy term is CISPO's
     -sg(min(r, 1+eps_high)) A log π instead; kl_loss "k2": the KL term in the loss is 1/2 (log π - log π_ref)^2,
     whose gradient is the reverse KL's, "k3-is": r k3, unbiased under π_old's tokens (grpo_loss.py); the kl
-    returned is k3 in every case. All inputs have one shape; the gradient flows to logp only. Normalisation over
-    tokens and sequences is the caller's (grpo.py)."""
+    returned is k3 in every case. dual_clip c > 1: the policy term of A < 0 capped at -c A (dual-clip PPO).
+    All inputs have one shape; the gradient flows to logp only. Normalisation over tokens and sequences is the
+    caller's (grpo.py)."""
     if kl_loss not in KL_TERMS:
         raise ValueError(f"kl_loss={kl_loss!r}: expected one of {KL_TERMS}")
+    if dual_clip is not None and (dual_clip <= 1 or cispo):
+        raise ValueError(f"dual_clip={dual_clip!r}: a cap c > 1 on the clip's ratio for A < 0 (not with cispo, "
+                         "whose weight is capped already)")
     low, high = (clip_eps, clip_eps) if isinstance(clip_eps, (int, float)) else clip_eps
-    if backend(logp) == "triton":
-        return TritonGRPOLoss.apply(logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss)
-    return grpo_loss_torch(logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss)
+    args = (logp, old_logp, ref_logp, advantages, low, high, beta, cispo, kl_loss, dual_clip or 0.0)
+    return (TritonGRPOLoss.apply if backend(logp) == "triton" else grpo_loss_torch)(*args)

@@ -10,6 +10,12 @@ Gradients with respect to logp (old_logp, ref_logp and A are constants):
     (A < 0 and r < 1 - eps_low), where it is 0 (the clip binds).
     d kl / d logp = 1 - exp(d).
 
+Dual clip (Ye et al., 2020; verl's clip_ratio_c), dual_clip = c > 1: for A < 0 the term -min(r A, clip(r) A) =
+|A| max(r, clip(r)) grows with r without bound, so one token that π_θ made far likelier than π_old did (an
+earlier update of the batch, μ > 1) can take over the loss; the term is capped at c |A|, binding where r > c,
+its gradient 0 there. A > 0 is bounded by the clip already. Off (0) by default, as in the paper; at one update a
+batch r = 1 and the cap never binds.
+
 CISPO (MiniMax-M1, Chen et al., 2025), cispo=True: the policy term is -sg(w) A log π with the importance weight
 truncated, w = min(r, 1 + eps_high), and no lower bound (the paper's choice). Written -sg(w/r) r A, its value is
 -w A, as the clipped term's would be, and its gradient -w A on *every* token: where PPO's clip zeroes a token's
@@ -41,13 +47,16 @@ except ImportError:
 KL_TERMS = ("k3", "k2", "k3-is")  # the KL term in the loss, by the kernel's KL number
 
 
-def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False, kl_loss="k3"):
+def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo=False, kl_loss="k3",
+                    dual_clip=0.0):
     """The reference, in plain autograd (works in float64 for tests)."""
     r = torch.exp(logp - old_logp)
     if cispo:
         pg = -(r.clamp(max=1 + clip_high) / r).detach() * r * advantages
     else:
         pg = -torch.minimum(r * advantages, r.clamp(1 - clip_low, 1 + clip_high) * advantages)
+        if dual_clip:
+            pg = torch.where(advantages < 0, torch.minimum(pg, -dual_clip * advantages), pg)
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
     return pg + beta * {"k3": kl, "k2": 0.5 * d ** 2, "k3-is": r * kl}[kl_loss], kl
@@ -56,7 +65,7 @@ def grpo_loss_torch(logp, old_logp, ref_logp, advantages, clip_low, clip_high, b
 if triton is not None:
     @triton.jit
     def _grpo_fwd(lp_ptr, old_ptr, ref_ptr, adv_ptr, loss_ptr, kl_ptr, dloss_ptr, dkl_ptr, N, clip_low, clip_high,
-                  beta, CISPO: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
+                  dual_clip, beta, CISPO: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < N
         lp = tl.load(lp_ptr + i, mask=mask, other=0.0)
@@ -71,7 +80,9 @@ if triton is not None:
             clipped = tl.minimum(tl.maximum(r, 1 - clip_low), 1 + clip_high)
             pg = -tl.minimum(r * a, clipped * a)
             binds = ((a > 0) & (r > 1 + clip_high)) | ((a < 0) & (r < 1 - clip_low))
-            dpg = tl.where(binds, 0.0, -r * a)
+            capped = (a < 0) & (dual_clip > 0) & (r > dual_clip)  # the dual clip's cap binds (0: off)
+            pg = tl.where(capped, -dual_clip * a, pg)
+            dpg = tl.where(binds | capped, 0.0, -r * a)
         d = ref - lp
         ed = tl.exp(d)
         kl = ed - d - 1
@@ -92,12 +103,13 @@ class TritonGRPOLoss(torch.autograd.Function):
     BLOCK = 1024
 
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo, kl_loss):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, clip_low, clip_high, beta, cispo, kl_loss, dual_clip):
         ins = [t.float().contiguous() for t in (logp, old_logp, ref_logp, advantages)]
         N = ins[0].numel()
         loss, kl, dloss, dkl = (torch.empty_like(ins[0]) for _ in range(4))
         grid = (triton.cdiv(N, TritonGRPOLoss.BLOCK),)
-        _grpo_fwd[grid](*ins, loss, kl, dloss, dkl, N, float(clip_low), float(clip_high), float(beta),
+        _grpo_fwd[grid](*ins, loss, kl, dloss, dkl, N, float(clip_low), float(clip_high),
+                        float(dual_clip), float(beta),
                         CISPO=bool(cispo), KL=KL_TERMS.index(kl_loss), BLOCK=TritonGRPOLoss.BLOCK)
         ctx.save_for_backward(dloss, dkl)
         ctx.dtype = logp.dtype
@@ -108,4 +120,4 @@ class TritonGRPOLoss(torch.autograd.Function):
         dloss, dkl = ctx.saved_tensors  # one of the two upstream gradients may be None (never both)
         terms = [g * d for g, d in ((g_loss, dloss), (g_kl, dkl)) if g is not None]
         grad = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None, None, None, None

@@ -13,7 +13,7 @@ from fused_kernels import grpo_loss, logprobs
 
 ROW = {"x_ptr": "*bf16", "stride": "i64", "t_ptr": "*i64"}  # one row of bf16 logits and the targets
 GRPO = {**{k: "*fp32" for k in grpo_loss._grpo_fwd.arg_names[:8]}, "N": "i32", "clip_low": "fp32", "clip_high": "fp32",
-        "beta": "fp32", "CISPO": "constexpr", "KL": "constexpr", "BLOCK": "constexpr"}
+        "dual_clip": "fp32", "beta": "fp32", "CISPO": "constexpr", "KL": "constexpr", "BLOCK": "constexpr"}
 KERNELS = {  # name: (kernel, argument types as triton writes them, launch settings: constants and options)
     "logprobs_fwd": (logprobs._logprobs_fwd, {**ROW, "out_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32",
                                               "BLOCK": "constexpr"}, logprobs.FORWARD),

@@ -62,17 +62,18 @@ def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         comps.append(completion(tok, q, *group(q, ANSWERS[q])[j % 4], prompt))
     if SAMPLER_LOGPROBS:
         for c in comps:
-            c.logprobs = sampler_logprobs(model, tok, c)
+            c.logprobs = sampler_logprobs(model, tok, c, temperature)
     return comps
 
 
-def sampler_logprobs(model, tok, c):
-    """What engine.complete returns beside each output: log π of its tokens under the model, over the tokenizer's
-    ids, 0 on the sandbox's. Only with --off-policy-mask, which needs them (one process: the other runs check that
-    the training path works without them, on any number of ranks)."""
+def sampler_logprobs(model, tok, c, temperature):
+    """What engine.complete returns beside each output: log π of its tokens under the model at the temperature,
+    over the tokenizer's ids, 0 on the sandbox's. Only with --off-policy-mask, which needs them (one process: the
+    other runs check that the training path works without them, on any number of ranks)."""
     ids = torch.tensor([c.prompt + c.ids])
     with torch.no_grad():
-        lp = model(ids[:, :-1], ids[:, 1:], vocab_limit=tok.vocab_size)[0, len(c.prompt) - 1:]
+        lp = model(ids[:, :-1], ids[:, 1:], vocab_limit=tok.vocab_size, temperature=temperature or 1.0)
+    lp = lp[0, len(c.prompt) - 1:]
     return [x if s else 0.0 for x, s in zip(lp.tolist(), c.sampled)]
 
 

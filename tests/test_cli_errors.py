@@ -102,6 +102,9 @@ def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, probl
     (["--advantage", "gae", "--beta", "0"], "--advantage gae is PPO"),
     (["--ratio", "sequence"], "--ratio sequence changes nothing with one update a batch"),
     (["--policy-loss", "cispo", "--mini-batches", "1"], "--policy-loss cispo changes nothing with one update a batch"),
+    (["--dual-clip", "3"], "--dual-clip changes nothing with one update a batch"),
+    (["--dual-clip", "1", "--mu", "2"], "--dual-clip 1.0: a cap C > 1 on the ratio of tokens of advantage < 0"),
+    (["--dual-clip", "3", "--mu", "2", "--policy-loss", "cispo"], "(CISPO's weight is capped already)"),
     (["--mini-batches", "0"], "--mu and --mini-batches count updates: 1 or more"),
     (["--mu", "0"], "--mu and --mini-batches count updates: 1 or more"),
     (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
@@ -111,6 +114,7 @@ def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, probl
     (["--off-policy-mask", "-0.1"], "--off-policy-mask -0.1: a mean log-ratio DELTA >= 0"),
     (["--off-policy-mask", "0.1", "--online-rft"], "--online-rft gives none"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
+    (["--temperature", "0"], "--temperature 0.0: GRPO samples G different outputs a question, at T > 0"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):
     import grpo

@@ -108,18 +108,19 @@ def test_each_distinct_prompt_is_prefilled_once():
 def test_logprobs_are_the_models_and_samples_do_not_depend_on_the_schedule():
     """A sequence's tokens are a function of (seed, stream, position) and the model: the same for any number of
     cache rows and any stop-check interval; another seed gives others. Each token's log-prob and the entropy of
-    the distribution it was drawn from are the untempered model's on the whole sequence (float64 here)."""
+    the distribution it was drawn from are those of softmax(logits / T) of the model on the whole sequence
+    (float64 here), before top-p cuts it: what GRPO trains at that temperature."""
     m = tiny()
     prompts, budgets = PROMPTS * 2, [3, 12, 7, 9, 5, 8, 6] * 2
-    runs = [engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=3, slots=s, sync_every=k)
+    runs = [engine.generate(m, prompts, budgets, temperature=0.8, top_p=0.9, seed=3, slots=s, sync_every=k)
             for s, k in ((14, 1), (3, 1), (5, 4))]
     assert runs[0].tokens == runs[1].tokens == runs[2].tokens
-    other = engine.generate(m, prompts, budgets, temperature=1.0, top_p=0.9, seed=4)
+    other = engine.generate(m, prompts, budgets, temperature=0.8, top_p=0.9, seed=4)
     assert other.tokens != runs[0].tokens
     m64 = copy.deepcopy(m).double()
     for p, toks, lps, ents in zip(prompts, runs[1].tokens, runs[1].logprobs, runs[1].entropies):
         with torch.no_grad():
-            logp = m64(torch.tensor([p + toks]))[0, len(p) - 1:-1].log_softmax(-1)
+            logp = (m64(torch.tensor([p + toks]))[0, len(p) - 1:-1] / 0.8).log_softmax(-1)
         expected = logp.gather(1, torch.tensor(toks)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(ents, dtype=torch.float64), -(logp.exp() * logp).sum(-1),

@@ -30,9 +30,8 @@ def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
 
 def update_args(**given):
     """grpo_update's flags: grpo_cli's defaults, no gradient clipping, and what the test gives."""
-    flags = dict(clip_eps=0.2, clip_high=None, ratio="token", policy_loss="clip", kl_loss="k3", off_policy_mask=None,
-                 grad_clip=1e9, out="-")
-    return argparse.Namespace(**{**flags, **given})
+    import grpo
+    return argparse.Namespace(**{**vars(grpo.parse_args([])), "grad_clip": 1e9, "out": "-", **given})
 
 
 def weights(mask, loss_norm="sequence"):

@@ -242,6 +242,26 @@ def test_cispo_loss_on_hand_computed_tokens(backend):
     torch.testing.assert_close(lp.grad, torch.tensor([-2.0, -1.28, 0.5, 1.28]))
 
 
+def test_dual_clip_on_hand_computed_tokens(backend):
+    # dual clip c = 3, clip 0.2: for A < 0 the term |A| max(r, clip(r)) is capped at c |A|, its gradient then 0
+    # r = 4, A = -1: capped -> loss 3, gradient 0 (without the cap: 4 and 4)
+    # r = 2, A = -1: under c -> loss 2, gradient -r A = 2
+    # r = 4, A = 2: A > 0, the clip binds at 1.2 -> loss -2.4, gradient 0 (the cap leaves A > 0 alone)
+    # r = 0.5, A = -2: the lower clip binds -> loss 1.6, gradient 0
+    lp = torch.log(torch.tensor([4.0, 2.0, 4.0, 0.5])).requires_grad_()
+    a = torch.tensor([-1.0, -1.0, 2.0, -2.0])
+    for cap, want, grad in ((3.0, [3.0, 2.0, -2.4, 1.6], [0.0, 2.0, 0.0, 0.0]),
+                            (None, [4.0, 2.0, -2.4, 1.6], [4.0, 2.0, 0.0, 0.0])):
+        lp.grad = None
+        loss, _ = grpo_token_loss(lp, torch.zeros(4), lp.detach().clone(), a, clip_eps=0.2, beta=0.04, dual_clip=cap)
+        loss.sum().backward()
+        torch.testing.assert_close(loss, torch.tensor(want))
+        torch.testing.assert_close(lp.grad, torch.tensor(grad))
+    for bad in (dict(dual_clip=1.0), dict(dual_clip=3.0, cispo=True)):
+        with pytest.raises(ValueError, match="dual_clip"):
+            grpo_token_loss(lp, torch.zeros(4), lp.detach(), a, **bad)
+
+
 def test_k2_kl_term_on_hand_computed_tokens(backend):
     # log π_θ = 0, log π_ref = log 2: k2 = (log 2)^2 / 2, its gradient β (log π_θ - log π_ref) = -β log 2;
     # the KL returned is k3's, 2 - log 2 - 1
@@ -312,25 +332,32 @@ def test_only_k3_is_stays_unbiased_when_pi_old_drew_the_tokens(backend, kl_loss)
         assert abs(expected - kl) > 1e-2 and (got - want).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("cispo, kl_loss", [(False, "k3"), (True, "k3"), (False, "k2"), (True, "k3-is")])
-def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo, kl_loss):
+@pytest.mark.parametrize("cispo, kl_loss, dual_clip", [(False, "k3", None), (True, "k3", None), (False, "k2", None),
+                                                      (True, "k3-is", None), (False, "k3", 1.5)])
+def test_grpo_loss_matches_the_formula_in_float64_with_asymmetric_clip(backend, cispo, kl_loss, dual_clip):
     """3,001 random tokens against Eq. 3-4 and their derivatives written out here in float64 (no autograd, not
     the module's own reference): d(-min(rA, clip(r)A))/d logp is -rA where the clip does not bind, else 0; the
     k3 KL's is 1 - π_ref/π_θ. CISPO's policy term: -min(r, 1 + ε_high) A, and the same is its derivative. With
     kl_loss k2 the loss's KL term is (log π_θ - log π_ref)^2 / 2, its derivative log π_θ - log π_ref, with k3-is
-    r k3 and r (log π_θ - log π_ref), while the KL returned is still k3."""
+    r k3 and r (log π_θ - log π_ref), while the KL returned is still k3. The dual clip c: -c A, derivative 0,
+    where A < 0 and r > c."""
     torch.manual_seed(1)
     n = 3001
     lp = torch.randn(n, requires_grad=True)
     old, ref, a = lp.detach() + 0.4 * torch.randn(n), lp.detach() + 0.4 * torch.randn(n), torch.randn(n)
     gl, gk = torch.randn(n), torch.randn(n)
-    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04, cispo=cispo, kl_loss=kl_loss)
+    loss, kl = grpo_token_loss(lp, old, ref, a, clip_eps=(0.2, 0.28), beta=0.04, cispo=cispo, kl_loss=kl_loss,
+                               dual_clip=dual_clip)
     torch.autograd.backward([loss, kl], [gl, gk])
     x, o, q, A = (t.detach().double() for t in (lp, old, ref, a))
     r = torch.exp(x - o)
     binds = ((r > 1.28) & (A > 0)) | ((r < 0.8) & (A < 0))
     pg = torch.where(binds, -r.clamp(0.8, 1.28) * A, -r * A)
     dpg = torch.where(binds, 0.0, -r * A)
+    if dual_clip:
+        capped = (A < 0) & (r > dual_clip)
+        assert capped.sum() > 100
+        pg, dpg = torch.where(capped, -dual_clip * A, pg), torch.where(capped, 0.0, dpg)
     if cispo:
         pg = dpg = -r.clamp(max=1.28) * A
         assert (r < 0.8).sum() > 300 and (r > 1.28).sum() > 300  # both sides of the clip's bounds are met

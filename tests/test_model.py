@@ -203,10 +203,10 @@ def test_build_on_meta_then_load_does_not_allocate_twice(tmp_path):
 # token log-probs from the forward
 
 
-@pytest.mark.parametrize("vocab_limit", [None, 90])
-def test_forward_and_loss_give_the_log_probs_of_the_logits_and_their_gradient(vocab_limit):
+@pytest.mark.parametrize("vocab_limit, temperature", [(None, 1.0), (90, 1.0), (90, 0.7)])
+def test_forward_and_loss_give_the_log_probs_of_the_logits_and_their_gradient(vocab_limit, temperature):
     """forward(tokens, targets) and loss(tokens, targets, token_loss) compute log π(target) from the hidden states
-    without the logits: equal to log_softmax(logits)[target] over the first vocab_limit rows; loss's gradient,
+    without the logits: equal to log_softmax(logits / T)[target] over the first vocab_limit rows; loss's gradient,
     made in its forward, is that of Σ g·log π in every parameter."""
     m = tiny()
     m.train()
@@ -214,14 +214,16 @@ def test_forward_and_loss_give_the_log_probs_of_the_logits_and_their_gradient(vo
     y = torch.randint(0, 90, (3, 17), generator=torch.Generator().manual_seed(1))
     g = torch.randn(3, 17)
     flat = g.flatten()
-    total, lp = m.loss(x, y, lambda logp, rows: (logp * flat[rows], flat[rows]), vocab_limit=vocab_limit)
+    total, lp = m.loss(x, y, lambda logp, rows: (logp * flat[rows], flat[rows]), vocab_limit=vocab_limit,
+                       temperature=temperature)
     total.backward()
     fused = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    ref = m(x)[..., :vocab_limit].log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    ref = (m(x)[..., :vocab_limit] / temperature).log_softmax(-1).gather(-1, y[..., None])[..., 0]
     (ref * g).sum().backward()
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(m(x, y, vocab_limit=vocab_limit), ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m(x, y, vocab_limit=vocab_limit, temperature=temperature), ref.detach(), atol=1e-5,
+                               rtol=0)
     torch.testing.assert_close(total, (ref * g).sum(), atol=1e-4, rtol=1e-5)
     for n, p in m.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)

@@ -317,11 +317,14 @@ def subset_sums(sizes):
     return {sum(s) for k in range(len(sizes) + 1) for s in itertools.combinations(sizes, k)}
 
 
-def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(base, problems, tmp_path, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(base, problems, tmp_path, monkeypatch,
+                                                                               temperature):
     """grpo.py's whole training path at step 1 (rows that hold a prompt once, log-probs from the hidden states,
     the fused loss, the normalisation over micro-batches) against Eq. 3 written plainly on transformers' Llama,
-    one output at a time on full logits: the same gradient. The rollouts are scripted (mixed rewards, sandbox
-    tokens that carry no loss, an output cut at the budget)."""
+    one output at a time on full logits: the same gradient, also with π at a rollout temperature of 0.7,
+    softmax(logits / 0.7). The rollouts are scripted (mixed rewards, sandbox tokens that carry no loss, an output
+    cut at the budget)."""
     import transformers
 
     import common
@@ -341,7 +344,8 @@ def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(ba
 
     monkeypatch.setattr(engine, "complete", complete)
     monkeypatch.setattr(common, "clip_grad_norm", clip_and_keep)
-    args = scripted_args(base, problems, tmp_path / "run", "--max-steps", "1", "--report-problems", "0")[1:]
+    args = scripted_args(base, problems, tmp_path / "run", "--max-steps", "1", "--report-problems", "0",
+                         "--temperature", str(temperature))[1:]
     grpo.main(grpo.parse_args(args))
 
     tok = Tokenizer.load(base)
@@ -351,26 +355,31 @@ def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(ba
     adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
     assert 0 < (adv > 0).sum() < len(adv)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    plain_objective(hf, tok, comps, adv).backward()  # π_old = π_θ: the KL term's gradient is 0 at π_θ = π_ref
+    plain_objective(hf, tok, comps, adv, temperature=temperature).backward()  # π_old = π_θ: the KL term's
+    # gradient is 0 at π_θ = π_ref
     assert_same_gradient(hf, seen["grads"], config_from_hf(base))
 
 
-def sampled_logprobs(hf, tok, c):
-    """log π(o_i) (|o_i|,) under transformers' model, from its full logits over the tokenizer's ids."""
+def sampled_logprobs(hf, tok, c, temperature=1.0):
+    """log π(o_i) (|o_i|,) under transformers' model at the temperature, from its full logits over the
+    tokenizer's ids."""
     logits = hf(torch.tensor([c.prompt + c.ids])).logits[0, len(c.prompt) - 1:-1, :tok.vocab_size]
-    return logits.log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]
+    return (logits / temperature).log_softmax(-1).gather(1, torch.tensor(c.ids)[:, None])[:, 0]
 
 
-def plain_objective(hf, tok, comps, adv, old=None, beta=0.04, eps=0.2):
+def plain_objective(hf, tok, comps, adv, old=None, beta=0.04, eps=0.2, dual_clip=None, temperature=1.0):
     """Eq. 3 written plainly, one output at a time: the mean over outputs of each one's mean over the tokens its
     model wrote of -min(ρÂ, clip(ρ)Â) + β k3, with π_old = π_ref given per output as log-probs (`old`; None: π_θ
-    itself, detached, so that ρ = 1 and k3 = 0 with their gradients)."""
+    itself, detached, so that ρ = 1 and k3 = 0 with their gradients); dual_clip c: an output of Â < 0 has its
+    policy term capped at -c Â; temperature: π is softmax(logits / temperature)."""
     loss = 0.0
     for i, (c, a) in enumerate(zip(comps, adv)):
-        logp = sampled_logprobs(hf, tok, c)
+        logp = sampled_logprobs(hf, tok, c, temperature)
         fixed = logp.detach() if old is None else old[i]
         ratio, d = torch.exp(logp - fixed), fixed - logp
         pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        if dual_clip and a < 0:
+            pg = pg.clamp(max=-dual_clip * a)
         m = torch.tensor(c.sampled, dtype=torch.float32)  # the model's own tokens
         loss = loss + ((pg + beta * (torch.exp(d) - d - 1)) * m).sum() / m.sum()
     return loss / len(comps)
@@ -385,13 +394,15 @@ def assert_same_gradient(hf, grads, config):
     assert norm > 0 and diff < 1e-4 * norm, (diff, norm)
 
 
-def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dual_clip, temperature", [(None, 1.0), (1.1, 0.7)])
+def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path, monkeypatch, dual_clip, temperature):
     """--mini-batches 2 at step 1: two AdamW steps, the first on the groups of questions 0 and 2 (question q to
     mini-batch q mod 2, on any number of ranks), the second on those of 1 and 3 at the weights the first left,
     with π_old = π_ref = the weights that sampled. Each step's gradient is Eq. 3's on its own mini-batch, averaged
     over its 8 outputs, written plainly on transformers' Llama (ratios past the clip on some tokens of the
-    second); the logged loss is the mean of the two objectives, and the sampler's gap π_old's (~1e-7), not that
-    of the weights the second update starts from."""
+    second; with --dual-clip 1.1 past its cap on some of Â < 0, and π_θ, π_old and π_ref at temperature 0.7 then);
+    the logged loss is the mean of the two objectives, clip_frac the share of tokens whose policy gradient a clip
+    zeroed, and the sampler's gap π_old's (~1e-7), not that of the weights the second update starts from."""
     import transformers
 
     import common
@@ -415,7 +426,8 @@ def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path
     monkeypatch.setattr(engine, "complete", complete)
     monkeypatch.setattr(common, "clip_grad_norm", clip_and_keep)
     args = scripted_args(base, signal, tmp_path / "run", "--max-steps", "1", "--report-problems", "0",
-                         "--mini-batches", "2", "--lr", "0.01")[1:]
+                         "--mini-batches", "2", "--lr", "0.01", "--temperature", str(temperature),
+                         *(("--dual-clip", str(dual_clip)) if dual_clip else ()))[1:]
     grpo.main(grpo.parse_args(args))
     assert len(updates) == 2
 
@@ -425,19 +437,25 @@ def test_mini_batches_update_in_turn_each_on_its_groups(base, problems, tmp_path
     adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
-        old = [sampled_logprobs(hf, tok, c) for c in comps]
-    clipped, objectives = 0, []
+        old = [sampled_logprobs(hf, tok, c, temperature) for c in comps]
+    clipped, capped, objectives = 0, 0, []  # tokens where the clip binds, where the dual clip's cap binds
     for k, update in enumerate(updates):
         part = [i for i in range(len(comps)) if i // 4 % 2 == k]  # the outputs of questions k, k + 2
         weights = hf_layout({name: w for name, (w, _) in update.items()}, config)
         hf.load_state_dict({name: weights[name.removeprefix("model.")] for name in hf.state_dict()})
         hf.zero_grad()
-        objectives.append(plain_objective(hf, tok, [comps[i] for i in part], adv[part], [old[i] for i in part]))
+        objectives.append(plain_objective(hf, tok, [comps[i] for i in part], adv[part], [old[i] for i in part],
+                                          dual_clip=dual_clip, temperature=temperature))
         objectives[-1].backward()
         assert_same_gradient(hf, {name: g for name, (_, g) in update.items()}, config)
         with torch.no_grad():
-            clipped += sum(((sampled_logprobs(hf, tok, comps[i]) - old[i]).exp() - 1).abs().gt(0.2).sum() for i in part)
-    assert clipped > 0
+            for i in part:
+                wrote = torch.tensor(comps[i].sampled, dtype=bool)
+                ratio = (sampled_logprobs(hf, tok, comps[i], temperature) - old[i]).exp()[wrote]
+                clipped += ((ratio > 1.2) & (adv[i] > 0) | (ratio < 0.8) & (adv[i] < 0)).sum()
+                capped += ((ratio > (dual_clip or float("inf"))) & (adv[i] < 0)).sum()
+    assert clipped > 0 and (capped > 0) == bool(dual_clip)
     [row] = train_rows(tmp_path / "run")
     assert row["loss"] == pytest.approx(sum(objectives).item() / 2, rel=1e-4, abs=1e-6)
+    assert row["clip_frac"] * sum(sum(c.sampled) for c in comps) == pytest.approx(clipped + capped, abs=0.5)
     assert row["logprob_gap_max"] < 1e-5
