@@ -355,8 +355,8 @@ def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(ba
     adv = torch.where(std > 0, (r - r.mean(1, keepdim=True)) / std, 0.0).flatten()
     assert 0 < (adv > 0).sum() < len(adv)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    plain_objective(hf, tok, comps, adv, temperature=temperature).backward()  # π_old = π_θ: the KL term's
-    # gradient is 0 at π_θ = π_ref
+    # π_old = π_θ: the KL term's gradient is 0 at π_θ = π_ref
+    plain_objective(hf, tok, comps, adv, temperature=temperature).backward()
     assert_same_gradient(hf, seen["grads"], config_from_hf(base))
 
 
