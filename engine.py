@@ -130,6 +130,15 @@ def tempered(logits, temperature):
     return logits if temperature in (0, 1) else logits / temperature
 
 
+def draw(logits, u, temperature, top_k, top_p):
+    """What the decoder writes for each new token: one token per row (sample), its log-prob and the entropy of
+    the distribution it was drawn from, both at the temperature. The logits are tempered once, then sampled as
+    they are (temperature 1; 0 keeps greedy)."""
+    logits = tempered(logits, temperature)
+    tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p)
+    return tok, token_logprob(logits, tok), entropy(logits)
+
+
 def token_logprob(logits, tok):
     """log softmax(logits)[tok] per row, without the (B, V) log-softmax: x[tok] - lse, as the trainer's kernels
     compute it (read from entropy's log_softmax instead, the fp32 sampler/trainer gap of 3 toy steps rose from
@@ -204,9 +213,8 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, k, v, te
     h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
-    tok = sample(logits, u[rows, at], temperature, top_k, top_p)
-    logits = tempered(logits, temperature)
-    out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, token_logprob(logits, tok), entropy(logits)
+    tok, lp, ent = draw(logits, u[rows, at], temperature, top_k, top_p)
+    out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, lp, ent
     cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
 
 
@@ -374,10 +382,8 @@ class Decoder:
         start = torch.tensor([len(q.prompts[j]) for j in js], device=dev)  # where the first new token goes
         stream = torch.tensor([q.streams[j] for j in js], device=dev)
         st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
-        logits = torch.stack(first)
-        tok = sample(logits, st.u[idx, 0], **opts)
-        logits = tempered(logits, opts["temperature"])
-        st.out[idx, 0], st.out_lp[idx, 0], st.out_ent[idx, 0] = tok, token_logprob(logits, tok), entropy(logits)
+        tok, lp, ent = draw(torch.stack(first), st.u[idx, 0], **opts)
+        st.out[idx, 0], st.out_lp[idx, 0], st.out_ent[idx, 0] = tok, lp, ent
         st.cur[idx], st.pos[idx], st.count[idx] = tok, start, 1
 
     def _prefill(self, new, prefixes, vocab_limit):
