@@ -395,6 +395,41 @@ def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
     assert n == n16 == 32 and loss16 == pytest.approx(loss, rel=1e-2) and norm16 == pytest.approx(norm, rel=2e-2)
 
 
+def test_the_bf16_tests_products_are_the_cpus_own_to_the_rounding():
+    """in_bf16.Fp32Products, the bf16 tests' matrix products (in fp32, rounded once: faster), gives the CPU's bf16
+    GEMM's values within bf16's rounding, in bf16: a linear layer forward and backward, a batched product, an
+    in-place accumulation (the fused head's grad_W); the products it passes on are fp32 ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from in_bf16 import Fp32Products
+
+    aten = torch.ops.aten
+
+    class Products(TorchDispatchMode):  # below Fp32Products: the dtypes of the products it passes on
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.addmm.default, aten.addmm.out, aten.bmm.default):
+                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    x, w, c = (torch.randn(*s, generator=g).bfloat16() for s in ((3, 40, 512), (256, 512), (256, 512)))
+    c *= 100  # as large as what is added to it
+
+    def products():
+        xx, ww, cc = x.clone().requires_grad_(), w.clone().requires_grad_(), c.clone()
+        y = torch.nn.functional.linear(xx, ww)
+        (y.float() * torch.linspace(-1, 1, 256)).sum().backward()
+        torch.addmm(cc, y[0].detach().T, xx[0].detach(), out=cc)
+        return y, xx.grad, ww.grad, y @ y.transpose(1, 2), cc
+    seen, theirs = set(), products()
+    with Products(), Fp32Products():
+        ours = products()
+    assert seen == {torch.float32}
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-4 * b.float().abs().max().item())
+
+
 def test_frozen_parameters_are_kept_in_the_compute_dtype(group_of_one, tmp_path):
     """In bf16, what nothing trains is stored in bf16, not as fp32 master weights: a frozen model (π_ref) computes
     the trainable one's log-probs to the bit (FSDP2 cast the fp32 copy to the same bf16 for every forward), a tied
