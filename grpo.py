@@ -41,11 +41,12 @@ output), --policy-loss cispo (CISPO: the ratio capped as a weight, no token's gr
 groups whose rewards all agree are replaced by ones that carry signal), --top-entropy ρ (the policy-gradient term on
 the tokens drawn at the highest entropy only: Wang et al., 2025), --online-rft (the paper's §5.2.1 baseline),
 --prompt tool (tool-integrated rollouts: the sandbox's output joins the context, no loss on it), --reward orm|prm (a
-learned reward), --rm-refresh K (iterative GRPO's reward-model update), --advantage gae (PPO, the method GRPO
-replaces: line 9 from a value model instead of the group), --reward-fn (your own rewards beside the rule),
---lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in grpo_cli.py. Generation is
-engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints common.py's, reward models
-reward_model.py's, PPO's advantages and value loss ppo.py's, what a step logs grpo_log.py's.
+learned reward), --rm-refresh K (iterative GRPO's reward-model update), --ref-mixup α (line 3 a share α of the way:
+TRL's), --advantage gae (PPO, the method GRPO replaces: line 9 from a value model instead of the group), --reward-fn
+(your own rewards beside the rule), --lora-rank (LoRA: π_ref is the policy with its adapters off); every flag is in
+grpo_cli.py. Generation is engine.py's, the per-token loss fused_kernels/'s, processes, FSDP2 and checkpoints
+common.py's, reward models reward_model.py's, PPO's advantages and value loss ppo.py's, what a step logs
+grpo_log.py's.
 
     python grpo.py                                # the toy: builds data, base and SFT models first if missing
     torchrun --nproc_per_node 8 grpo.py --init <hf dir> --data problems.jsonl --questions 16 --group-size 64 \\
@@ -675,8 +676,17 @@ def end_iteration(run):
         refreshed = reward_model.refresh_reward_model(run.rms[0], run.policy, run.tok, run.problems, run.history,
                                                       run.step, args, run.d)
     if args.ref_reset and run.step % args.ref_reset == 0 and run.ref is not None:
-        run.ref.load_state_dict(run.policy.state_dict())
+        reset_reference(run.ref, run.policy, args.ref_mixup)
     return refreshed
+
+
+@torch.no_grad()
+def reset_reference(ref, policy, alpha):
+    """Line 3, π_ref ← π_θ; at alpha < 1 a share of the way, π_ref ← alpha π_θ + (1 - alpha) π_ref, in fp32 and
+    rounded once to π_ref's dtype (bf16 on GPU). Parameter by parameter, so a tied head moves once; under FSDP2
+    each rank its own shards."""
+    for r, p in zip(ref.parameters(), policy.parameters(), strict=True):
+        r.copy_(torch.lerp(r.float(), p.float(), alpha))
 
 
 def step_row(run, s, batches, found, t, times):

@@ -38,6 +38,9 @@ def parse_args(argv=None):
                     "π_ref are trained too, softmax(logits / T), as TRL and verl do (paper: not given)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
+    ap.add_argument("--ref-mixup", type=float, default=1.0, metavar="ALPHA", help="with --ref-reset, a reset moves "
+                    "π_ref a share ALPHA of the way to π_θ: π_ref ← ALPHA π_θ + (1 - ALPHA) π_ref (TRL's "
+                    "ref_model_mixup_alpha, from TR-DPO; 1: the paper's π_ref ← π_θ)")
     add_reward_args(ap.add_argument_group("rewards and advantages (lines 8-9)"))
     add_update_args(ap.add_argument_group("the update (lines 10-11)"))
     add_watch_args(ap.add_argument_group("held-out evaluation and logs"))
@@ -195,6 +198,9 @@ def check_args(ap, args):
                  "advantage < 0 keep their policy term (--online-rft gives none)")
     if args.rm_refresh < 0 or args.ref_reset < 0:
         ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
+    if not 0 < args.ref_mixup <= 1 or (args.ref_mixup < 1 and not args.ref_reset):
+        ap.error(f"--ref-mixup {args.ref_mixup}: the share of the way to π_θ that each --ref-reset moves π_ref, in "
+                 "(0, 1], with --ref-reset K")
     if args.kl_loss == "k3-is" and args.ratio == "sequence":
         ap.error("--kl-loss k3-is weights each token's k3 by its own ratio, and --ratio sequence gives the loss one "
                  "ratio per output: use one of them")

@@ -16,7 +16,8 @@ import common
 import engine
 import reward
 from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, high_entropy_only,
-                  overlong_penalty, policy_token_loss, process_advantages, tis_weights, token_advantages)
+                  overlong_penalty, policy_token_loss, process_advantages, reset_reference, tis_weights,
+                  token_advantages)
 from model import ModelConfig, Transformer
 from packing import Batch, loss_weights, micro_batches, pack_rows
 from reward_model import token_index
@@ -460,6 +461,23 @@ def test_top_entropy_keeps_the_policy_term_on_the_tokens_drawn_at_high_entropy_a
     assert sums["loss"] == pytest.approx(expected.item(), rel=1e-5)
     for got, w in zip(opt.grads, want):
         torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_a_reference_reset_moves_it_a_share_of_the_way_to_the_policy(alpha):
+    """--ref-reset with --ref-mixup alpha: π_ref ← alpha π_θ + (1 - alpha) π_ref, against float64 by hand, a tied
+    head moved once with its embedding; at alpha = 1 (the paper's) a copy to the bit."""
+    cfg = ModelConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16, tie_embeddings=True)
+    ref, policy = Transformer(cfg), Transformer(cfg)
+    pairs = list(zip(ref.parameters(), policy.parameters(), strict=True))
+    with torch.no_grad():
+        for _, p in pairs:
+            p.add_(torch.randn_like(p))  # norms' weights too (both start at 1)
+    want = [alpha * p.double() + (1 - alpha) * r.double() for r, p in pairs]
+    reset_reference(ref, policy, alpha)
+    assert ref.lm_head.weight is ref.embed_tokens.weight
+    for (r, p), w in zip(pairs, want):
+        assert torch.equal(r, p) if alpha == 1 else torch.allclose(r.double(), w, rtol=1e-6, atol=1e-7)
 
 
 def test_micro_batches_group_similar_lengths_and_trim_to_their_longest():

@@ -317,6 +317,27 @@ def subset_sums(sizes):
     return {sum(s) for k in range(len(sizes) + 1) for s in itertools.combinations(sizes, k)}
 
 
+def test_a_reference_reset_with_mixup_moves_the_runs_reference_half_way(base, problems, tmp_path, in_process,
+                                                                       monkeypatch):
+    """--ref-reset 1: step 2 starts from π_ref ← π_θ, its KL 0 (at μ = 1 measured before the update); with
+    --ref-mixup 0.5 each reset moves the run's own π_ref half way to its π_θ (checked on the models the run
+    holds), and step 2's KL is not 0."""
+    import grpo
+    moved, reset = [], grpo.reset_reference
+
+    def spy(ref, policy, alpha):
+        want = [(r.double() + p.double()) / 2 for r, p in zip(ref.parameters(), policy.parameters())]
+        reset(ref, policy, alpha)
+        moved.append(all(torch.allclose(r.double(), w, rtol=1e-6, atol=1e-7) for r, w in zip(ref.parameters(), want)))
+    kl = {}
+    for mixup in ("1", "0.5"):
+        monkeypatch.setattr(grpo, "reset_reference", spy if mixup == "0.5" else reset)
+        kl[mixup] = [row["kl"] for row in in_process(scripted_args(
+            base, problems, tmp_path / mixup, "--max-steps", "2", "--report-problems", "0", "--lr", "0.05",
+            "--ref-reset", "1", "--ref-mixup", mixup))]
+    assert kl["1"][1] == 0 < kl["0.5"][1] and moved == [True, True]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_a_step_has_the_gradient_of_the_plain_objective_on_transformers_llama(base, problems, tmp_path, monkeypatch,
                                                                                temperature):

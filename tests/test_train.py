@@ -468,7 +468,7 @@ def test_frozen_parameters_are_kept_in_the_compute_dtype(group_of_one, tmp_path)
 
 
 FROZEN_ON_TWO_RANKS = """
-import sys, torch, torch.distributed as dist, common
+import sys, torch, torch.distributed as dist, common, grpo
 from model import ModelConfig
 dist.init_process_group("gloo")
 d = common.Dist(dist.get_rank(), 2, torch.device("cpu"), torch.bfloat16)  # as two GPUs run, on the CPU
@@ -484,7 +484,13 @@ assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and same_logprobs
 opt = common.make_optimizer(policy, optim)
 common.train_step(policy, opt, batch, d, optim, 0)
 assert not same_logprobs(ref, policy)
-ref.load_state_dict(policy.state_dict())  # grpo.py's --ref-reset
+before = [r.full_tensor().double() for r in ref.parameters()]
+grpo.reset_reference(ref, policy, 0.25)  # grpo.py's --ref-reset --ref-mixup 0.25, each rank its shards
+for r, p, b in zip(ref.parameters(), policy.parameters(), before):
+    assert r.dtype == torch.bfloat16
+    torch.testing.assert_close(r.full_tensor().double(), 0.25 * p.full_tensor().double() + 0.75 * b,
+                               rtol=2 ** -8, atol=1e-6)
+grpo.reset_reference(ref, policy, 1.0)  # grpo.py's --ref-reset
 assert same_logprobs(ref, policy)
 common.save_checkpoint(sys.argv[1], policy, opt, 1, d, extra={"ref": ref})
 fresh = common.build_model(cfg, d, seed=1, frozen=True)
