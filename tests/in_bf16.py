@@ -18,9 +18,9 @@ as_on_a_cpu = common.init_dist
 
 class Fp32Products(TorchDispatchMode):
     """bf16 matrix products on the CPU computed in fp32 and rounded to bf16 once, as a GPU's bf16 GEMM accumulates
-    in fp32: the CPU's own bf16 GEMM gives the same values to the rounding, 20-50x slower on x86 CPUs without bf16
-    instructions (an AMD Zen 3: F.linear of 512 x 256 by 256 x 1024, forward and backward, 295 ms in bf16, 11 ms
-    so). Below autograd, so backward's products and the fused head's too."""
+    in fp32: the CPU's own bf16 GEMM gives the same values to the rounding, many times slower on x86 CPUs without
+    bf16 instructions (an AMD Zen 3: F.linear of 512 x 256 by 256 x 1024, forward and backward, 295 ms in bf16, 11
+    ms so). Below autograd, so backward's products and the fused head's too."""
     PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
