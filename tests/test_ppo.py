@@ -96,16 +96,16 @@ def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
         update_value(value, torch.optim.SGD(value.parameters(), lr=1.0), [b], [old], int(b.mask.sum()), d, args)
 
 
-def test_ppo_whitens_over_every_rank(base, problems, tmp_path):  # noqa: F811
+def test_ppo_whitens_over_every_rank(base, problems, tmp_path, in_process):  # noqa: F811
     """Scripted rollouts (the same outputs whatever the rank): PPO's step on 2 ranks, each holding half the groups,
     logs the loss and gradient norm of 1 process, which holds them all: the advantages' mean and std are the
     step's, not a rank's. Two mini-batches a step, the policy's and the value model's updates on each in turn."""
     flags = ("--max-steps", "2", "--report-problems", "0", "--advantage", "gae", "--value-lr", "0.01",
              "--mini-batches", "2")
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for name, prefix in (("one", []), ("two", launch)):
-        r = run([*prefix, *scripted_args(base, problems, tmp_path / name, *flags)])
-        assert r.returncode == 0, r.stderr[-3000:]
+    in_process(scripted_args(base, problems, tmp_path / "one", *flags))
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             *scripted_args(base, problems, tmp_path / "two", *flags)])
+    assert r.returncode == 0, r.stderr[-3000:]
     one, two = ([json.loads(line) for line in open(tmp_path / k / "metrics.jsonl") if '"loss"' in line]
                 for k in ("one", "two"))
     keys = ("loss", "grad_norm", "value_loss")

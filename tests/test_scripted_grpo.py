@@ -37,6 +37,24 @@ def problems(data_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def in_process(problems, monkeypatch):
+    """tests/scripted_grpo.py in this process, with no new process to start (most of a short run's time):
+    argv -> the run's metrics rows."""
+    import grpo
+    import scripted_grpo
+    monkeypatch.setattr(scripted_grpo, "ANSWERS", {p["question"]: p["answer"]
+                                                   for p in problem_sets.load_problems(str(problems))})
+    monkeypatch.setattr(engine, "complete", scripted_grpo.scripted)
+
+    def main(argv):
+        args = grpo.parse_args(argv[1:])
+        monkeypatch.setattr(scripted_grpo, "SAMPLER_LOGPROBS", args.off_policy_mask is not None)
+        grpo.main(args)
+        return train_rows(args.out)
+    return main
+
+
 def test_fsdp_gathers_the_reference_once_and_reduce_scatters_once_a_step(base, problems, tmp_path):
     """On 2 gloo ranks, 2 steps of 4 micro-batches each, collectives counted (tests/counted.py): the reference
     costs one all-gather of each FSDP2 unit when built and one per step, not one per micro-batch (the difference
@@ -83,7 +101,7 @@ def test_loss_mask_and_advantages_land_on_the_models_own_tokens_in_process_super
     assert mask.sum(1).tolist() == [sum(c.sampled) for c in comps]  # nor padding
 
 
-def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path):
+def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path, in_process):
     """Rollouts that do not depend on the rank: 1 process, 2 and 4 FSDP2 gloo ranks report the same loss, KL,
     gradient norm and rewards at each step and end with the same weights; two updates a batch, the second with
     GSPO's ratio per output (each rank's log-probs read first, inside FSDP2's forward); the policy-gradient term on
@@ -91,9 +109,10 @@ def test_scripted_grpo_trains_alike_on_1_2_and_4_ranks(base, problems, tmp_path)
     from safetensors.torch import load_file
     flags = ("--max-steps", "2", "--lr", "0.01", "--supervision", "process", "--report-problems", "0", "--mu", "2",
              "--ratio", "sequence", "--top-entropy", "0.5")
-    for world in (1, 2, 4):
-        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 else []
-        r = run([*launch, *scripted_args(base, problems, tmp_path / str(world), *flags)])
+    in_process(scripted_args(base, problems, tmp_path / "1", *flags))
+    for world in (2, 4):
+        r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                 *scripted_args(base, problems, tmp_path / str(world), *flags)])
         assert r.returncode == 0, r.stderr[-3000:]
     rows = {w: train_rows(tmp_path / str(w)) for w in (1, 2, 4)}
     keys = ("loss", "kl", "grad_norm", "reward", "entropy", "zero_std_groups", "length", "tool_calls", "entropy_cut")
@@ -197,41 +216,23 @@ def test_a_gradient_that_is_no_longer_finite_ends_the_run_in_one_line(base, prob
     assert "(lower --lr, then --resume)" in r.stderr and (tmp_path / "run" / "checkpoints" / "step_000001").is_dir()
 
 
-def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path):
+def test_scripted_grpo_resumes_a_two_rank_checkpoint_exactly(base, problems, tmp_path, in_process):
     """Two ranks, two passes over two mini-batches a step: a run stopped after step 1 and resumed logs what the
     uninterrupted one does, and one process alone the same (each rank deals its questions to the mini-batches so
     that they hold the same groups on any number of ranks)."""
     flags = ("--lr", "0.003", "--mu", "2", "--mini-batches", "2", "--clip-high", "0.28", "--report-problems", "0")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for out, extra in (("a", ("--max-steps", "3")), ("b", ("--max-steps", "1", "--ckpt-every", "1")),
-                       ("b", ("--max-steps", "3", "--resume")), ("alone", ("--max-steps", "3"))):
-        launch = torchrun if out != "alone" else []
-        r = run([*launch, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
+                       ("b", ("--max-steps", "3", "--resume"))):
+        r = run([*torchrun, *scripted_args(base, problems, tmp_path / out, *flags, *extra)])
         assert r.returncode == 0, r.stderr[-3000:]
+    in_process(scripted_args(base, problems, tmp_path / "alone", *flags, "--max-steps", "3"))
     keys = ("step", "loss", "kl", "grad_norm", "clip_frac", "reward")
     a, b, alone = ([{k: row[k] for k in keys} for row in train_rows(tmp_path / out)] for out in ("a", "b", "alone"))
     assert [row["step"] for row in b] == [1, 2, 3] and a[2]["kl"] > 0 and a[2]["clip_frac"] > 0
     for x, y, z in zip(a, b, alone):
         assert y == pytest.approx(x, rel=1e-5, abs=1e-7)
         assert z == pytest.approx(x, rel=1e-4, abs=1e-7)
-
-
-@pytest.fixture
-def in_process(problems, monkeypatch):
-    """tests/scripted_grpo.py in this process, for runs so short that a new process's start would take most of
-    their time: argv -> the run's metrics rows."""
-    import grpo
-    import scripted_grpo
-    monkeypatch.setattr(scripted_grpo, "ANSWERS", {p["question"]: p["answer"]
-                                                   for p in problem_sets.load_problems(str(problems))})
-    monkeypatch.setattr(engine, "complete", scripted_grpo.scripted)
-
-    def main(argv):
-        args = grpo.parse_args(argv[1:])
-        monkeypatch.setattr(scripted_grpo, "SAMPLER_LOGPROBS", args.off_policy_mask is not None)
-        grpo.main(args)
-        return train_rows(args.out)
-    return main
 
 
 def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_dir, tmp_path, in_process):
