@@ -174,6 +174,25 @@ def test_samples_follow_the_filtered_distribution():
     assert engine.sample(logits[None], torch.zeros(1), 0).item() == 3  # temperature 0: greedy
 
 
+def test_the_decoder_draws_each_token_from_softmax_of_its_logits_over_t():
+    """4,000 sequences of one prompt at T = 0.5: the first new token (drawn after the prefill) and the second (a
+    decode step) are distributed as softmax(logits / T) of a float64 forward, the second's law summed over the
+    first's; chi-square, the tokens expected fewer than 5 times pooled."""
+    m, n, T, prompt = tiny(vocab_size=11), 4000, 0.5, [1, 2, 3]
+    with torch.no_grad():
+        m.lm_head.weight *= 8  # logits some units apart, where T and T² draw far apart
+    gen = engine.generate(m, [prompt] * n, 2, temperature=T, seed=5)
+    m64 = copy.deepcopy(m).double()
+    with torch.no_grad():
+        first = (m64(torch.tensor([prompt]))[0, -1] / T).softmax(-1)
+        second = first @ (m64(torch.tensor([prompt + [t] for t in range(11)]))[:, -1] / T).softmax(-1)
+    for k, probs in ((0, first), (1, second)):
+        counts, rare = Counter(t[k] for t in gen.tokens), probs * n < 5
+        pooled = {i: counts.get(i, 0) for i in range(11) if not rare[i]}
+        pooled[11] = sum(counts.get(i, 0) for i in range(11) if rare[i])
+        assert chi_square_ok(pooled, [*probs.masked_fill(rare, 0).tolist(), probs[rare].sum().item()], n), k
+
+
 def test_the_nucleus_is_the_smallest_set_that_reaches_top_p():
     """Four equal logits, each token 0.25 exactly: the nucleus of 0.5 is two tokens, of 0.75 three (the mass
     before a token reaching top_p drops it, where only exceeding it would keep one token more)."""
