@@ -743,6 +743,15 @@ def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     assert clipped == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()  # the tokens whose push the clip stops
 
 
+def test_the_logged_kl_is_k3_summed_over_the_models_tokens_unweighted():
+    """The KL column is a mean over the model's tokens, whatever their weight in the loss (1/|o_i| per sequence):
+    k3 = π_ref/π_θ - log(π_ref/π_θ) - 1 by hand on three tokens, none off the mask."""
+    logp, ref = torch.tensor([[-1.0, -2.0, -0.5, -3.0]]), torch.tensor([[-1.5, -2.0, 0.0, -1.0]])
+    weights = torch.tensor([[0.25, 0.25, 0.5, 0.0]])  # token 3 is not the model's
+    _, kl, _ = grpo_objective_sums(logp, logp, ref, torch.zeros_like(logp), weights, opts(beta=0.04))
+    assert kl.item() == pytest.approx((math.exp(-0.5) + 0.5 - 1) + 0 + (math.exp(0.5) - 0.5 - 1))
+
+
 def test_overlong_penalty_by_hand():
     # DAPO's Eq. 13 with a budget of 100 and a buffer of 20: nothing up to 80 tokens, then -1/20 a token to -1 at 100
     got = overlong_penalty(torch.tensor([0, 50, 80, 81, 90, 99, 100]), 100, 20)
@@ -752,7 +761,7 @@ def test_overlong_penalty_by_hand():
 
 def test_tis_weights_by_hand():
     old = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
-    sampler = torch.tensor([[-1.0, -1.0, -1.5, 0.0]])  # ratios e, 1, e^-0.5, (masked)
+    sampler = torch.tensor([[-1.0, -1.0, -1.5, -6.0]])  # ratios e, 1, e^-0.5, e^3 (masked: neither cut nor weighed)
     mask = torch.tensor([[True, True, True, False]])
     w, cut = tis_weights(old, sampler, mask, 2.0)
     torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, math.exp(-0.5), 1.0]]))
