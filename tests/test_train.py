@@ -152,6 +152,19 @@ def test_resume_refuses_other_settings(data_dir, tmp_path):
 
 
 
+def test_a_resume_is_refused_for_each_setting_that_changed_and_only_those(tmp_path):
+    """check_resumable compares every key it is given with args.json: each one changed alone is refused by name,
+    a setting not in the list may change, and one args.json does not record (a flag newer than the run) passes."""
+    saved = dict(preset="toy", data="d", seq_len=32, seed=0, lr=1e-3)
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    keys = ("preset", "data", "seq_len", "seed", "mixture")
+    for k in keys[:4]:
+        with pytest.raises(SystemExit, match=f"{k} was {saved[k]!r}, now 'other'"):
+            common.check_resumable(str(tmp_path), argparse.Namespace(**dict(saved, mixture=None, **{k: "other"})),
+                                   keys)
+    common.check_resumable(str(tmp_path), argparse.Namespace(**dict(saved, lr=5.0, mixture="m=1")), keys)
+
+
 def test_a_sequence_longer_than_the_presets_context_widens_the_model_and_the_last_step_is_evaluated(data_dir,
                                                                                                     tmp_path):
     """--seq-len past the preset's max_seq_len (the toy's 512) makes a model with that many positions; the held-out
