@@ -717,7 +717,7 @@ def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
 
 def test_the_logged_kl_is_k3_summed_over_the_models_tokens_unweighted():
     """The KL column is a mean over the model's tokens, whatever their weight in the loss (1/|o_i| per sequence):
-    k3 = π_ref/π_θ - log(π_ref/π_θ) - 1 by hand on three tokens, none off the mask."""
+    k3 = π_ref/π_θ - log(π_ref/π_θ) - 1 by hand on the three tokens the model wrote."""
     logp, ref = torch.tensor([[-1.0, -2.0, -0.5, -3.0]]), torch.tensor([[-1.5, -2.0, 0.0, -1.0]])
     weights = torch.tensor([[0.25, 0.25, 0.5, 0.0]])  # token 3 is not the model's
     _, kl, _ = grpo_objective_sums(logp, logp, ref, torch.zeros_like(logp), weights, opts(beta=0.04))
