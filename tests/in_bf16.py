@@ -21,12 +21,12 @@ class Fp32Products(TorchDispatchMode):
     in fp32: the CPU's own bf16 GEMM gives the same values to the rounding, many times slower on x86 CPUs without
     bf16 instructions (an AMD Zen 3: F.linear of 512 x 256 by 256 x 1024, forward and backward, 295 ms in bf16, 11
     ms so). Below autograd, so backward's products and the fused head's too."""
-    PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    PRODUCTS = {aten.mm.default, aten.addmm.default, aten.addmm.out, aten.bmm.default, aten.baddbmm.default}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if (func in self.PRODUCTS or func is aten.addmm.out) and all(
+        if func in self.PRODUCTS and all(
                 type(a) is torch.Tensor and a.dtype == torch.bfloat16 and a.device.type == "cpu" for a in tensors):
             up = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
             if func is aten.addmm.out:
