@@ -78,19 +78,34 @@ def uniforms(seed, streams, positions):
 def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     """One token per row from logits (B, V) with each row's uniform u (B,), by inverting the cumulative
     distribution: greedy at temperature 0, else softmax(logits / T) restricted to the top_k most likely tokens
-    and to the smallest set whose probability reaches top_p."""
+    and to the smallest set whose probability reaches top_p (cut)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = tempered(logits, temperature)
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = cut(tempered(logits, temperature), top_k, top_p)
+    return _invert_cdf((logits - logits.amax(-1, keepdim=True)).exp(), u)
+
+
+def cut(logits, top_k=0, top_p=1.0):
+    """logits (B, V) with -inf outside the tokens a sampler may draw: the top_k largest (exactly k: of ids tied at
+    the k-th value topk picks some, so the kept set has the k ids kept_ids stores), then the smallest set of
+    those whose probability reaches top_p."""
+    if top_k and top_k < logits.size(-1):
+        top = torch.topk(logits, top_k, dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top, logits.gather(-1, top))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         p_sorted = sorted_logits.softmax(-1)
         drop = _cumsum(p_sorted) - p_sorted >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return _invert_cdf((logits - logits.amax(-1, keepdim=True)).exp(), u)
+    return logits
+
+
+def kept_ids(cut_logits, top_k):
+    """The ids a cut row may draw, most likely first, -1 after them: (B, top_k) from cut's (B, V), which keeps at
+    most top_k of each row (DeepSeek-V3.2's keep-sampling mask, what the trainer renormalises π over)."""
+    top = torch.topk(cut_logits, min(top_k, cut_logits.size(-1)), dim=-1)
+    ids = top.indices.masked_fill(top.values == float("-inf"), -1)
+    return F.pad(ids, (0, top_k - ids.size(-1)), value=-1)  # top_k past the vocabulary: -1 after all of it
 
 
 def _blocks(p):
@@ -126,17 +141,23 @@ def _invert_cdf(p, u):
 def tempered(logits, temperature):
     """The logits of softmax(logits / T), the distribution a token is drawn from before top-k and top-p cut it
     (the model's own when greedy, T = 0): what the sampler reports log-probs and entropies under, and the π that
-    grpo.py trains (as TRL and verl do)."""
+    grpo.py trains (as TRL and verl do), unless it keeps the sampling mask (draw's keep)."""
     return logits if temperature in (0, 1) else logits / temperature
 
 
-def draw(logits, u, temperature, top_k, top_p):
+def draw(logits, u, temperature, top_k, top_p, keep=False):
     """What the decoder writes for each new token: one token per row (sample), its log-prob and the entropy of
-    the distribution it was drawn from, both at the temperature. The logits are tempered once, then sampled as
-    they are (temperature 1; 0 keeps greedy)."""
+    the distribution it was drawn from, both at the temperature, and with keep the ids it could have drawn
+    (kept_ids, (B, top_k)), the log-prob and entropy then those of π renormalised over them, the distribution
+    the token was truly drawn from; else None, and those of the whole tempered π. The logits are tempered once,
+    then sampled as they are (temperature 1; 0 keeps greedy)."""
     logits = tempered(logits, temperature)
-    tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p)
-    return tok, token_logprob(logits, tok), entropy(logits)
+    if not keep:
+        tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p)
+        return tok, token_logprob(logits, tok), entropy(logits), None
+    logits = cut(logits, top_k, top_p)
+    tok = sample(logits, u, 1.0)
+    return tok, token_logprob(logits, tok), entropy(logits), kept_ids(logits, top_k)
 
 
 def token_logprob(logits, tok):
@@ -148,9 +169,9 @@ def token_logprob(logits, tok):
 
 def entropy(logits):
     """The entropy of softmax(logits) per row, in nats: Σ -p log p, each term >= 0 (lse - Σ p·x would cancel
-    to noise on a near-certain row)."""
+    to noise on a near-certain row); logits may be -inf (cut)."""
     logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    return torch.where(logp == float("-inf"), 0.0, -(logp.exp() * logp)).sum(-1)  # a cut token adds 0, not NaN
 
 
 # -----------------------------------------------------------------------------
@@ -163,14 +184,15 @@ class Generation:
     finished: list  # per prompt, True if it stopped on EOS or a stop string, False if cut at its budget
     logprobs: list  # per prompt and token, log π(token) at the temperature (tempered), over the ids it may sample
     entropies: list  # per prompt and token, the entropy of that distribution where the token was drawn
+    kept: list = None  # keep=True: per prompt and token, the top_k ids it could have been (kept_ids)
 
 
 @dataclass
 class _Rows:
     """What the decoder keeps on the device for each of its R rows: the KV cache (R rows of S positions), the
     row's last token, the position the next one goes to, how many it has written, its random numbers (one per
-    token it may write, drawn when the row is given its sequence) and its tokens, their log-probs and the
-    entropies they were drawn at (W of each)."""
+    token it may write, drawn when the row is given its sequence) and its tokens, their log-probs, the
+    entropies they were drawn at (W of each) and the ids each could have been (W x K, K = 0 without keep)."""
     cache: KVCache
     cur: torch.Tensor  # (R,) int64
     pos: torch.Tensor  # (R,) int64
@@ -179,23 +201,24 @@ class _Rows:
     out: torch.Tensor  # (R, W) int64
     out_lp: torch.Tensor  # (R, W) float32
     out_ent: torch.Tensor  # (R, W) float32
+    out_kept: torch.Tensor  # (R, W, K) int64
 
     @classmethod
-    def empty(cls, config, rows, length, width, dtype, device):
+    def empty(cls, config, rows, length, width, kept, dtype, device):
         def z(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
         return cls(KVCache.empty(config, rows, length, dtype, device), z(rows), z(rows), z(rows),
                    z(rows, width, dtype=torch.float32), z(rows, width), z(rows, width, dtype=torch.float32),
-                   z(rows, width, dtype=torch.float32))
+                   z(rows, width, dtype=torch.float32), z(rows, width, kept))
 
     @property
     def shape(self):
-        """(rows, positions, width)"""
-        return self.out.shape[0], self.cache.k[0].shape[2], self.out.shape[1]
+        """(rows, positions, width, kept ids a token)"""
+        return self.out.shape[0], self.cache.k[0].shape[2], self.out.shape[1], self.out_kept.shape[2]
 
     def tensors(self):
         return [*self.cache.k, *self.cache.v, self.cur, self.pos, self.count, self.u, self.out, self.out_lp,
-                self.out_ent]
+                self.out_ent, self.out_kept]
 
     def keep(self, idx):
         """Rows idx (a tensor) moved to the front, in order, in place (compaction)."""
@@ -203,18 +226,21 @@ class _Rows:
             t[:len(idx)] = t[idx]
 
 
-def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, k, v, temperature, top_k, top_p,
-                 vocab_limit):
+def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, out_kept, k, v, temperature, top_k, top_p,
+                 keep, vocab_limit):
     """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
-    sample the next one with the row's random number for it, write it, its log-prob and the entropy it was drawn
-    at to the row's output. Every write is in place into whole buffers, no shape depends on the data and nothing
-    goes back to the host: this is what torch.compile captures (a CUDA graph per (n, L) on GPU)."""
+    sample the next one with the row's random number for it, write it, its log-prob, the entropy it was drawn
+    at and with keep the ids it could have been to the row's output. Every write is in place into whole
+    buffers, no shape depends on the data and nothing goes back to the host: this is what torch.compile captures
+    (a CUDA graph per (n, L) on GPU)."""
     rows = torch.arange(n, device=cur.device)
     h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
-    tok, lp, ent = draw(logits, u[rows, at], temperature, top_k, top_p)
+    tok, lp, ent, kept = draw(logits, u[rows, at], temperature, top_k, top_p, keep)
     out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, lp, ent
+    if keep:
+        out_kept[rows, at] = kept
     cur[rows], pos[rows], count[rows] = tok, pos[:n] + 1, count[:n] + 1
 
 
@@ -232,7 +258,7 @@ class _Queue:
         self.prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
         self.seq, self.checked, self.at = [-1] * rows, [0] * rows, [0] * rows  # seq: -1 where a row is free
         n = len(prompts)
-        self.result = Generation([None] * n, [False] * n, [None] * n, [None] * n)
+        self.result = Generation([None] * n, [False] * n, [None] * n, [None] * n, None)
 
     def keep(self, rows):
         """Rows `rows` moved to the front, as _Rows.keep moves their device state."""
@@ -252,6 +278,8 @@ class _Queue:
             j = self.seq[r]
             self.result.tokens[j], self.result.logprobs[j] = st.out[r, :t + 1].tolist(), st.out_lp[r, :t + 1].tolist()
             self.result.entropies[j] = st.out_ent[r, :t + 1].tolist()
+            if self.result.kept is not None:
+                self.result.kept[j] = st.out_kept[r, :t + 1].tolist()
             self.result.finished[j] = finished
             self.seq[r] = -1
             if progress is not None:
@@ -285,31 +313,34 @@ class Decoder:
         mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None  # CUDA graphs
         self.step = torch.compile(_decode_step, fullgraph=True, dynamic=True, mode=mode) if compile else _decode_step
 
-    def _state(self, R, S, W):
-        """Buffers for R rows of S positions and W new tokens: this call's own (eager), or the kept ones if they are
-        large enough, else larger ones (compiled)."""
+    def _state(self, R, S, W, K):
+        """Buffers for R rows of S positions, W new tokens and K kept ids a token: this call's own (eager), or the
+        Decoder's if they are large enough (and of K ids), else larger ones (compiled)."""
         cfg, dev, dtype = self.model.config, self.model.lm_head.weight.device, self.model.embed_tokens.weight.dtype
         if not self.compiled:
-            return _Rows.empty(cfg, R, S, W, dtype, dev)
+            return _Rows.empty(cfg, R, S, W, K, dtype, dev)
         if self.rows is not None:
             have = self.rows.shape
-            if all(h >= need for h, need in zip(have, (R, S, W))):
+            if all(h >= need for h, need in zip(have, (R, S, W))) and have[3] == K:
                 return self.rows
             R, S, W = (max(h, need) for h, need in zip(have, (R, S, W)))  # grow, never shrink
         S, W = min(-(-S // 256) * 256, cfg.max_seq_len), -(-W // 64) * 64
         self.rows = None  # free the old buffers first
-        self.rows = _Rows.empty(cfg, R, S, W, dtype, dev)
+        self.rows = _Rows.empty(cfg, R, S, W, K, dtype, dev)
         for t in self.rows.tensors():
             torch._dynamo.mark_static_address(t)  # a graph's input that stays where it is: no copy per replay
         return self.rows
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), stop=(),
-                 decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None, progress=None):
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, keep=False, eos_ids=(),
+                 stop=(), decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None,
+                 progress=None):
         """Sample a continuation of each prompt (a list of token ids, BOS first if the tokenizer has one).
 
         max_new_tokens: one budget, or one per prompt (cut at the model's context). A sequence stops at any id of
         `eos_ids`, or once its decoded text holds a string of `stop` (needs `decode`, token ids to text).
+        keep: also return the top_k ids each token could have been (Generation.kept), and its log-prob and entropy
+        over them (draw); needs top_k, which bounds what is stored, and a temperature above 0.
         seed, streams (one int per prompt; default 0, 1, ...): the randomness of each token is a function of (seed,
         stream, position), so equal arguments give equal samples whatever `slots` is. vocab_limit: ids from there
         on are never sampled, for a head with more rows than the tokenizer has ids. slots: cache rows, sequences
@@ -319,6 +350,9 @@ class Decoder:
         model, cfg = self.model, self.model.config
         if stop and decode is None:
             raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
+        if keep and not (top_k and temperature):
+            raise ValueError("generate(keep=True) stores the top_k ids a token could have been: it needs top_k > 0 "
+                             "and temperature > 0")
         n = len(prompts)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
@@ -330,12 +364,14 @@ class Decoder:
         k = sync_every or (8 if model.lm_head.weight.is_cuda else 1)
         B = min(slots, n)  # rows in use: [0, B), halved as the queue empties
         q = _Queue(prompts, budgets, list(range(n)) if streams is None else list(streams), B, eos_ids, stop, decode)
+        if keep:
+            q.result.kept = [None] * n
         if n == 0:
             return q.result
         # the longest sequence a row holds; W: a row may run up to k - 1 tokens past its stop before a check sees it
-        st = self._state(B, max(len(p) + b for p, b in zip(prompts, budgets)), max(budgets) + k)
-        S, W = st.shape[1:]
-        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        st = self._state(B, max(len(p) + b for p, b in zip(prompts, budgets)), max(budgets) + k, top_k if keep else 0)
+        S, W = st.shape[1:3]
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, keep=keep)
         while True:
             free = [r for r in range(B) if q.seq[r] < 0]
             if free and q.queue:
@@ -353,8 +389,8 @@ class Decoder:
             L = max(q.at[r] for r in live) + k
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
             for _ in range(k):
-                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.cache.k,
-                          st.cache.v, vocab_limit=vocab_limit, **opts)
+                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.out_kept,
+                          st.cache.k, st.cache.v, vocab_limit=vocab_limit, **opts)
             q.at = [a + k for a in q.at]
             q.collect(st, live, W, progress)
 
@@ -382,8 +418,10 @@ class Decoder:
         start = torch.tensor([len(q.prompts[j]) for j in js], device=dev)  # where the first new token goes
         stream = torch.tensor([q.streams[j] for j in js], device=dev)
         st.u[idx] = uniforms(seed, stream[:, None], start[:, None] + torch.arange(W, device=dev))  # (rows, W)
-        tok, lp, ent = draw(torch.stack(first), st.u[idx, 0], **opts)
+        tok, lp, ent, kept = draw(torch.stack(first), st.u[idx, 0], **opts)
         st.out[idx, 0], st.out_lp[idx, 0], st.out_ent[idx, 0] = tok, lp, ent
+        if kept is not None:
+            st.out_kept[idx, 0] = kept
         st.cur[idx], st.pos[idx], st.count[idx] = tok, start, 1
 
     def _prefill(self, new, prefixes, vocab_limit):
@@ -422,6 +460,7 @@ class Completion:
     text: str  # what is graded: the decoded completion, for PoT followed by its program's output block
     logprobs: list = None  # per id, log π(id) as the sampler computed it (0.0 where the sandbox wrote it)
     entropies: list = None  # per id, the entropy of π where the sampler drew it (0.0 where the sandbox wrote it)
+    kept: list = None  # keep=True: per id, the top_k ids it could have been, -1 after them (all -1: the sandbox's)
 
 
 def last_program(text):
@@ -481,18 +520,18 @@ def prompt_ids(tok, question, prompt="cot"):
 
 @torch.no_grad()
 def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0,
-             batch=64, code_timeout=5.0, progress=None, compile=False, streams=None):
+             batch=64, code_timeout=5.0, progress=None, compile=False, streams=None, top_k=0, keep=False):
     """One completion per question (repeat a question for several samples; its copies share one prefill), with
     `batch` sequences decoded at once and one `generate` call per tool round. Question i samples from stream
     streams[i] of `seed` (default i). model: a Transformer, or a Decoder kept across calls (its own compile
-    setting then holds); compile: capture the decode step (Decoder). Returns [Completion] in the order of
-    `questions`."""
+    setting then holds); compile: capture the decode step (Decoder); top_k, keep: as Decoder.generate's. Returns
+    [Completion] in the order of `questions`."""
     decoder = model if isinstance(model, Decoder) else Decoder(model, compile)
     model = decoder.model
     prompts = [prompt_ids(tok, q, prompt) for q in questions]
     n = len(prompts)
     streams = list(range(n)) if streams is None else list(streams)
-    ids, sampled, logprobs, entropies = ([[] for _ in range(n)] for _ in range(4))
+    ids, sampled, logprobs, entropies, kept = ([[] for _ in range(n)] for _ in range(5))
     finished, live = [False] * n, list(range(n))
     rounds = TOOL_ROUNDS + 1 if prompt == "tool" else 1
     for round_ in range(rounds):
@@ -503,16 +542,19 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             break
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
         gen = decoder.generate([prompts[i] + ids[i] for i in live], [budget[i] for i in live],
-                               temperature=temperature, top_p=top_p, eos_ids=tok.stop_ids, stop=stop,
+                               temperature=temperature, top_k=top_k, top_p=top_p, keep=keep, eos_ids=tok.stop_ids,
+                               stop=stop,
                                decode=tok.decode, seed=seed, streams=[streams[i] for i in live],
                                vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                                slots=batch, progress=progress if rounds == 1 else None)
         again = []
-        for i, new, lp, ent, fin in zip(live, gen.tokens, gen.logprobs, gen.entropies, gen.finished):
+        for i, new, lp, ent, fin, ks in zip(live, gen.tokens, gen.logprobs, gen.entropies, gen.finished,
+                                            gen.kept or [[]] * len(live)):
             ids[i] += new
             sampled[i] += [True] * len(new)
             logprobs[i] += lp
             entropies[i] += ent
+            kept[i] += ks
             finished[i] = fin
             if fin and new and new[-1] not in tok.stop_ids:  # stopped at ```output: run the program above it
                 shown = program_output(last_program(tok.decode(ids[i])), code_timeout)
@@ -521,6 +563,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
                 sampled[i] += [False] * len(spliced)
                 logprobs[i] += [0.0] * len(spliced)
                 entropies[i] += [0.0] * len(spliced)
+                kept[i] += [[-1] * top_k] * len(spliced) if keep else []
                 finished[i] = False
                 again.append(i)
         live = again
@@ -529,7 +572,8 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         text = tok.decode([t for t in ids[i] if t not in tok.stop_ids])
         if prompt == "pot":
             text += f"\n{OUTPUT_MARK}\n{program_output(last_program(text), code_timeout)}\n```"
-        out.append(Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i], entropies[i]))
+        out.append(Completion(prompts[i], ids[i], sampled[i], finished[i], text, logprobs[i], entropies[i],
+                              kept[i] if keep else None))
     if progress is not None and rounds > 1:
         progress.update(n)
     return out

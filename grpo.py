@@ -546,7 +546,8 @@ def rollout(run):
     with common.gathered(run.policy, into=run.decoder and run.decoder.model) as sampler:
         comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
                                 args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
-                                seed=engine.sampling_seed(args.seed, step, d.rank))
+                                seed=engine.sampling_seed(args.seed, step, d.rank), top_k=args.top_k,
+                                keep=args.keep_sampling_mask)
     return comps, drawn
 
 
@@ -642,6 +643,9 @@ def train(run, batches, mini, fixed, comps):
     if args.off_policy_mask is not None and not checked:  # engine.complete's carry them; a replacement's may not
         raise ValueError("--off-policy-mask measures how far π_θ moved from the sampler, whose log-probs these "
                          "rollouts do not carry (engine.Completion.logprobs)")
+    if args.keep_sampling_mask and any(c.kept is None for c in comps):
+        raise ValueError("--keep-sampling-mask renormalises π over the ids each token could have been, which these "
+                         "rollouts do not carry (engine.Completion.kept)")
     ref_logp, old_logp, old_values = fixed
     outputs = [common.all_sum(d, sum(b.outputs for b in batches[m])) for m in mini]  # each mini-batch's, all ranks
     tokens = [common.all_sum(d, sum(int(b.mask.sum()) for b in batches[m])) for m in mini]

@@ -36,7 +36,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, at which π_θ, π_old and "
                     "π_ref are trained too, softmax(logits / T), as TRL and verl do (paper: not given)")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="rollouts draw from the smallest set of tokens whose "
+                    "probability reaches P (1: every token)")
+    ap.add_argument("--top-k", type=int, default=0, help="rollouts draw from the K likeliest tokens (0: every token)")
+    ap.add_argument("--keep-sampling-mask", action="store_true", help="π_θ, π_old and π_ref renormalised over the "
+                    "tokens --top-k / --top-p let the sampler draw at each position, as it drew (DeepSeek-V3.2; "
+                    "stores up to --top-k ids a token)")
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
     ap.add_argument("--ref-mixup", type=float, default=1.0, metavar="ALPHA", help="with --ref-reset, a reset moves "
                     "π_ref a share ALPHA of the way to π_θ: π_ref ← ALPHA π_θ + (1 - ALPHA) π_ref (TRL's "
@@ -188,6 +193,11 @@ def check_args(ap, args):
                  "outputs (outcome), a process model their steps (process)")
     if args.temperature <= 0:
         ap.error(f"--temperature {args.temperature}: GRPO samples G different outputs a question, at T > 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        ap.error(f"--top-p {args.top_p} --top-k {args.top_k}: a probability in (0, 1] and a number of tokens >= 0")
+    if args.keep_sampling_mask and not args.top_k:
+        ap.error("--keep-sampling-mask stores the ids each token could have been, at most --top-k of them: add "
+                 "--top-k K (with --top-p too, if you like)")
     if not 0 < args.top_entropy <= 1:
         ap.error(f"--top-entropy {args.top_entropy}: a share of the tokens, in (0, 1]")
     if args.kl_loss != "k3" and (args.beta == 0 or args.advantage == "gae"):

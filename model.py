@@ -286,7 +286,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens, targets=None, *, positions=None, mask=None, vocab_limit=None, at=None,
-                temperature=1.0):
+                temperature=1.0, kept=None):
         """Logits (B, T, V); or, given targets (B, T), the log-probabilities log π(targets_t | tokens_≤t) (B, T) in
         fp32, computed from the hidden states a chunk of rows at a time (fused_kernels.hidden_logprobs), so that the
         (B, T, V) logits never exist: at 7B they are the largest tensor of a training step. Differentiable, its
@@ -297,7 +297,8 @@ class Transformer(nn.Module):
         softmax(logits / temperature), the distribution a sampler at that temperature draws from. positions, mask:
         for packed rows (see hidden). at (B, T): the position whose hidden state predicts each target, where it is
         not the target's own (packed rows where several completions continue one prompt: each one's first token is
-        predicted from the prompt's last position).
+        predicted from the prompt's last position). kept (B, T, K): per target, the ids π is renormalised over, -1
+        after them (a top-k sampler's, engine.kept_ids: DeepSeek-V3.2's keep-sampling mask); all -1: every id.
         A model with the "score" head returns its scalar at every position instead (B, T), in fp32: a reward
         model reads it at a sequence's last token or at the end of each step (reward_model.py)."""
         h = self.hidden(tokens, positions, mask)
@@ -313,10 +314,10 @@ class Transformer(nn.Module):
         if at is not None:
             h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
         with self.head_precision(h):
-            return hidden_logprobs(*self.head_inputs(h, vocab_limit, temperature), targets)  # (B, T)
+            return hidden_logprobs(*self.head_inputs(h, vocab_limit, temperature), targets, kept=kept)  # (B, T)
 
     def loss(self, tokens, targets, token_loss, *, positions=None, mask=None, vocab_limit=None, sees_all=False,
-             temperature=1.0):
+             temperature=1.0, kept=None):
         """The training forward: Σ_t token_loss(log π(targets_t | tokens_≤t)), its gradient in the LM head and the
         hidden states made here, in one pass over chunks of the logits (fused_kernels.hidden_token_loss: three
         GEMMs, the logits never whole), and the log-probs (B, T) in fp32 without gradient, for metrics.
@@ -324,7 +325,8 @@ class Transformer(nn.Module):
         (a slice). sees_all: a token's loss depends on other tokens' log-probs (GSPO's ratio: a mean over its
         sequence), so token_loss is instead a function of all of them, (B, T) without gradient, that returns the
         token loss; they are read first from the same hidden states (a fourth GEMM). Under FSDP2 this is a forward
-        like forward (common.build_model registers it). vocab_limit, positions, mask, temperature: as forward."""
+        like forward (common.build_model registers it). vocab_limit, positions, mask, temperature, kept: as
+        forward."""
         if self.config.head == "score" or self.lm_head.bias is not None:
             raise ValueError("loss() takes a model with an LM head without bias, as every supported architecture's")
         h = self.hidden(tokens, positions, mask)
@@ -332,8 +334,8 @@ class Transformer(nn.Module):
             h, w = self.head_inputs(h, vocab_limit, temperature)
             if sees_all:
                 with torch.no_grad():
-                    token_loss = token_loss(hidden_logprobs(h, w, targets))
-            return hidden_token_loss(h, w, targets, token_loss)
+                    token_loss = token_loss(hidden_logprobs(h, w, targets, kept=kept))
+            return hidden_token_loss(h, w, targets, token_loss, kept=kept)
 
     def logits(self, h, vocab_limit=None):
         """The LM head's logits of hidden states h (..., C) over the first vocab_limit ids: what forward returns

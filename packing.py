@@ -36,17 +36,20 @@ class Row:
     advantages: list
     sampler_logp: list  # the sampler's log π of each target (0 where it did not sample it)
     entropy: list  # the entropy of π where the sampler drew each target (0 where it did not sample it)
+    kept: list  # per target, the ids the sampler could have drawn it from, -1 after them (all -1: every id)
 
 
 def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
     """Rows of up to `pack` completions of one question each. comps come in groups of group_size outputs of one
-    question; per_token holds each completion's advantages (token_advantages)."""
-    rows = []
+    question; per_token holds each completion's advantages (token_advantages). The kept ids are each
+    completion's own (engine.Completion.kept, --keep-sampling-mask) or, where it has none, [-1]: every id."""
+    rows, none = [], [-1] * max((len(c.kept[0]) for c in comps if c.kept), default=1)
     for g in range(0, len(comps), group_size):
         for first in range(g, g + group_size, pack):
             p = comps[first].prompt
             n = len(p) - 1
-            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
+            row = Row(p[:-1], p[1:], list(range(n)), [0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n,
+                      [none] * n)
             for k, i in enumerate(range(first, min(first + pack, g + group_size)), 1):
                 c = comps[i]
                 live = c.finished or not mask_truncated  # a cut-off completion may teach nothing (DAPO)
@@ -58,14 +61,16 @@ def pack_rows(comps, per_token, group_size, pack, mask_truncated, loss_norm):
                 row.advantages += per_token[i].tolist()
                 row.sampler_logp += c.logprobs if c.logprobs is not None else [0.0] * len(c.ids)
                 row.entropy += c.entropies if c.entropies is not None else [0.0] * len(c.ids)
+                row.kept += c.kept if c.kept is not None else [none] * len(c.ids)
             rows.append(row)
     return rows
 
 
 class Batch:
-    """Rows of similar length as right-padded tensors (b, T), one per field of Row, and `attn` (b, 1, T, T), the
-    keys each query sees (None when no row holds two completions: plain causal attention). Padding predicts the
-    pad id with weight 0 and sees the prompt and itself."""
+    """Rows of similar length as right-padded tensors (b, T), one per field of Row (`kept` (b, T, K), or None
+    where no row keeps fewer than every id), and `attn` (b, 1, T, T), the keys each query sees (None when no row
+    holds two completions: plain causal attention). Padding predicts the pad id with weight 0 and sees the prompt
+    and itself."""
 
     def __init__(self, rows, pad_id, device):
         T = max(len(r.inputs) for r in rows)
@@ -77,6 +82,8 @@ class Batch:
         self.positions, segment = pad("positions", 0, torch.long), pad("segment", -1, torch.long)
         self.weights, self.advantages = pad("weights", 0.0, torch.float32), pad("advantages", 0.0, torch.float32)
         self.sampler_logp, self.entropy = pad("sampler_logp", 0.0, torch.float32), pad("entropy", 0.0, torch.float32)
+        kept = any(k[0] >= 0 for r in rows for k in r.kept)
+        self.kept = pad("kept", [-1] * len(rows[0].kept[0]), torch.long) if kept else None  # (b, T, K)
         self.mask = self.weights > 0  # (b, T): the model's own tokens
         self.segment = segment  # (b, T): 0 on the prompt, k on completion k, -1 on padding
         self.positions_run, self.tokens = len(rows) * T, sum(len(r.inputs) for r in rows)
@@ -87,12 +94,12 @@ class Batch:
         """log π(targets) (b, T) under `model` at `temperature`, over the tokenizer's ids only, without gradient
         (model.forward)."""
         return model(self.inputs, self.targets, positions=self.positions, mask=self.attn, vocab_limit=vocab_limit,
-                     temperature=temperature)
+                     temperature=temperature, kept=self.kept)
 
     def loss(self, model, vocab_limit, token_loss, sees_all=False, temperature=1.0):
         """(Σ token_loss, log π(targets) (b, T)): the training forward (model.loss), its gradient made in it."""
         return model.loss(self.inputs, self.targets, token_loss, positions=self.positions, mask=self.attn,
-                          vocab_limit=vocab_limit, sees_all=sees_all, temperature=temperature)
+                          vocab_limit=vocab_limit, sees_all=sees_all, temperature=temperature, kept=self.kept)
 
     def values(self, model):
         """V(state) (b, T) under a value model: at each position, the value of the context its target is drawn

@@ -58,19 +58,22 @@ def _rows_and_grad(x):
     return (rows_triton, grad_rows_triton) if backend(x) == "triton" else (rows_torch, grad_rows_torch)
 
 
-def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS):
+def hidden_logprobs(hidden, weight, targets, budget=CHUNK_ELEMENTS, kept=None):
     """token_logprobs(hidden @ weight.T, targets) with at most `budget` logits alive at once: memory independent
     of tokens x vocab. hidden (..., C), weight (V, C) (the LM head), targets (...). Differentiable in hidden and
     weight, its backward making each chunk of logits again (logprobs.HiddenLogprobs): a loss of each token's
-    log-prob alone trains through hidden_token_loss, which needs one GEMM less."""
-    return HiddenLogprobs.apply(hidden, weight, targets, budget, *_rows_and_grad(hidden))
+    log-prob alone trains through hidden_token_loss, which needs one GEMM less. kept (..., K): per target the
+    ids its softmax is renormalised over, -1 after them (all -1: every id), as a top-k sampler drew them
+    (DeepSeek-V3.2's keep-sampling mask; logprobs.keep_only)."""
+    return HiddenLogprobs.apply(hidden, weight, targets, kept, budget, *_rows_and_grad(hidden))
 
 
-def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS):
+def hidden_token_loss(hidden, weight, targets, token_loss, budget=CHUNK_ELEMENTS, kept=None):
     """(Σ_t loss_t, log-probs) for a loss of each token's log-prob, token_loss(logp (n,), rows: a slice of the
     flattened positions) -> (loss (n,), d loss / d logp (n,)), differentiable in hidden and weight, its gradient
-    made in the forward pass (logprobs.HiddenTokenLoss). The log-probs (targets' shape, fp32) carry none."""
-    return HiddenTokenLoss.apply(hidden, weight, targets, token_loss, budget, *_rows_and_grad(hidden))
+    made in the forward pass (logprobs.HiddenTokenLoss). The log-probs (targets' shape, fp32) carry none. kept:
+    as hidden_logprobs'."""
+    return HiddenTokenLoss.apply(hidden, weight, targets, kept, token_loss, budget, *_rows_and_grad(hidden))
 
 
 def grpo_token_loss(logp, old_logp, ref_logp, advantages, clip_eps=0.2, beta=0.04, cispo=False, kl_loss="k3",

@@ -170,6 +170,17 @@ def chunk_rows(N, C, V, budget):
     return max(1, budget // V, -(-N * C // V))
 
 
+def keep_only(x, kept):
+    """Logits rows x (n, V), in place, with -inf outside each row's kept ids (kept (n, K), -1 after them; a row
+    of -1 alone keeps every id; None keeps all): π renormalised over the ids a top-k / top-p sampler could draw
+    (engine.kept_ids), whose log-probs and gradient (0 outside them) the rows functions then give as they are."""
+    if kept is None:
+        return x
+    ids = torch.where(kept < 0, kept[:, :1], kept).clamp(min=0)  # -1 padding repeats the row's first id
+    outside = torch.ones_like(x, dtype=torch.bool).scatter_(1, ids, False) & (kept[:, :1] >= 0)
+    return x.masked_fill_(outside, float("-inf"))
+
+
 def in_compute_dtype(h, weight):
     """The LM head's operands in the dtype its GEMMs run in: autocast's where it is on (fp32 parameters under a
     caller's autocast; common.build_model's bf16 forwards get FSDP2's bf16 copies), else their own. Chosen once
@@ -188,38 +199,45 @@ class HiddenLogprobs(torch.autograd.Function):
     multiplies it back into grad_h (GEMM 2) and grad_W (GEMM 3): four GEMMs in all where HiddenTokenLoss needs
     three, the price of a loss whose per-token gradient is known only after the forward (the implicit reward
     model sums a sequence's log-probs before its loss). The GEMMs run in_compute_dtype, backward's too, so that it
-    makes the logits its lse was read from. Without gradient (π_ref, π_old, evaluation) it is the forward alone."""
+    makes the logits its lse was read from. Without gradient (π_ref, π_old, evaluation) it is the forward alone.
+    kept (..., K) or None: each row's π over those ids only (keep_only)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, budget, rows_fn, grad_fn):
+    def forward(ctx, h, weight, targets, kept, budget, rows_fn, grad_fn):
         ctx.dtypes = h.dtype, weight.dtype
         h, weight = in_compute_dtype(h, weight)
         logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
         flat, rows_h, flat_t = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        rows_k = None if kept is None else kept.reshape(len(flat_t), -1)
         lse = torch.empty_like(flat)
         ctx.rows, ctx.grad_fn = chunk_rows(*rows_h.shape, len(weight), budget), grad_fn
         for i in range(0, len(rows_h), ctx.rows):
             s = slice(i, i + ctx.rows)
-            flat[s], lse[s] = rows_fn(rows_h[s] @ weight.T, flat_t[s])
-        ctx.save_for_backward(h, weight, targets, lse)
+            flat[s], lse[s] = rows_fn(keep_only(rows_h[s] @ weight.T, _rows(rows_k, s)), flat_t[s])
+        ctx.save_for_backward(h, weight, targets, rows_k, lse)
         return logp
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, targets, lse = ctx.saved_tensors
+        h, weight, targets, rows_k, lse = ctx.saved_tensors
         rows_h, flat_t, g = h.reshape(-1, h.shape[-1]), targets.reshape(-1), g.reshape(-1)
         grad_h = torch.empty_like(rows_h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for i in range(0, len(rows_h), ctx.rows):
             s = slice(i, i + ctx.rows)
-            d = ctx.grad_fn(rows_h[s] @ weight.T, flat_t[s], lse[s], g[s])  # (n, V): GEMM 1 again
+            x = keep_only(rows_h[s] @ weight.T, _rows(rows_k, s))  # (n, V): GEMM 1 again
+            d = ctx.grad_fn(x, flat_t[s], lse[s], g[s])
             if grad_h is not None:
                 grad_h[s] = d @ weight  # GEMM 2
             if grad_w is not None:
                 torch.addmm(grad_w, d.T, rows_h[s], out=grad_w)  # GEMM 3, accumulated in place
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h is None else grad_h.view(h.shape).to(h_dtype)
-        return grad_h, None if grad_w is None else grad_w.to(w_dtype), None, None, None, None
+        return grad_h, None if grad_w is None else grad_w.to(w_dtype), None, None, None, None, None
+
+
+def _rows(kept, s):
+    return None if kept is None else kept[s]
 
 
 class HiddenTokenLoss(torch.autograd.Function):
@@ -232,16 +250,17 @@ class HiddenTokenLoss(torch.autograd.Function):
     logits in backward takes four, and no logits are kept for backward, which only scales the two gradients by
     its upstream scalar. Chunks hold chunk_rows rows: the larger the chunks, the fewer the accumulations into
     grad_W, which is kept in the compute dtype (Liger-Kernel's choice; exact in fp32). Matmuls run in_compute_dtype
-    (bf16 on GPU), softmax in fp32.
+    (bf16 on GPU), softmax in fp32. kept (..., K) or None: each row's π over those ids only (keep_only).
     token_loss(logp (n,), rows: a slice of the flattened positions) -> (loss (n,), d loss / d logp (n,)).
     Returns (the summed loss, the log-probs (targets' shape, fp32, no gradient))."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, token_loss, budget, rows_fn, grad_fn):
+    def forward(ctx, h, weight, targets, kept, token_loss, budget, rows_fn, grad_fn):
         ctx.h_shape, ctx.dtypes = h.shape, (h.dtype, weight.dtype)
         h, weight = in_compute_dtype(h, weight)
         logp = torch.empty(targets.shape, dtype=torch.float32, device=h.device)
         flat, h, targets = logp.view(-1), h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        kept = None if kept is None else kept.reshape(len(targets), -1)
         (N, C), V = h.shape, len(weight)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
@@ -249,7 +268,7 @@ class HiddenTokenLoss(torch.autograd.Function):
         rows = chunk_rows(N, C, V, budget)
         for i in range(0, N, rows):
             s = slice(i, i + rows)
-            x = h[s] @ weight.T  # (n, V), GEMM 1
+            x = keep_only(h[s] @ weight.T, _rows(kept, s))  # (n, V), GEMM 1
             flat[s], lse = rows_fn(x, targets[s])
             loss, g = token_loss(flat[s], s)
             total += loss.sum()
@@ -266,4 +285,4 @@ class HiddenTokenLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return ((grad_h * g_total).view(ctx.h_shape).to(h_dtype),
-                None if grad_w is None else (grad_w * g_total).to(w_dtype), None, None, None, None, None)
+                None if grad_w is None else (grad_w * g_total).to(w_dtype), None, None, None, None, None, None)

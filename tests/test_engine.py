@@ -277,23 +277,25 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
     assert decoder.rows.shape[0] == 8
 
 
-def decode_step_inputs(m, rows=4, length=32, width=16):
-    st = engine._Rows.empty(m.config, rows, length, width, torch.float32, "cpu")
+def decode_step_inputs(m, rows=4, length=32, width=16, kept=0):
+    st = engine._Rows.empty(m.config, rows, length, width, kept, torch.float32, "cpu")
     st.cur.copy_(torch.tensor([5, 6, 7, 8]))
     st.pos.copy_(torch.tensor([3, 9, 1, 20]))
     st.count.copy_(torch.tensor([0, 2, 1, 5]))
     st.u.uniform_()
-    return st, (m, 3, 24, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.cache.k, st.cache.v)
+    return st, (m, 3, 24, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.out_kept, st.cache.k,
+                st.cache.v)
 
 
 @pytest.mark.parametrize("opts", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9),
-                                  dict(temperature=0.0, top_k=0, top_p=1.0)])
+                                  dict(temperature=0.0, top_k=0, top_p=1.0),
+                                  dict(temperature=0.7, top_k=5, top_p=0.9, keep=True)])
 def test_the_decode_step_is_one_graph_and_never_reads_the_device_from_the_host(opts):
     """What capture needs of the step: no graph break, and no op that makes the host wait for the device (a
     tensor read back as a number, a shape that depends on values)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    m = tiny()
-    explained = torch._dynamo.explain(engine._decode_step)(*decode_step_inputs(m)[1], vocab_limit=90, **opts)
+    m, opts, K = tiny(), dict(dict(keep=False), **opts), opts["top_k"] if opts.get("keep") else 0
+    explained = torch._dynamo.explain(engine._decode_step)(*decode_step_inputs(m, kept=K)[1], vocab_limit=90, **opts)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     syncing = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "repeat_interleave"}
 
@@ -303,7 +305,7 @@ def test_the_decode_step_is_one_graph_and_never_reads_the_device_from_the_host(o
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.seen.add(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
-    st, args = decode_step_inputs(m)
+    st, args = decode_step_inputs(m, kept=K)
     with Ops() as ops:
         engine._decode_step(*args, vocab_limit=90, **opts)
     assert "mm" in ops.seen or "addmm" in ops.seen  # the mode saw the step's ops
@@ -311,6 +313,8 @@ def test_the_decode_step_is_one_graph_and_never_reads_the_device_from_the_host(o
     # rows 0-2 each wrote a token at their count and moved on; row 3 (not in the step) did not
     assert st.count.tolist() == [1, 3, 2, 5] and st.pos.tolist() == [4, 10, 2, 20]
     assert (st.out[[0, 1, 2], [0, 2, 1]] == st.cur[:3]).all() and not st.out[3].any()
+    if K:  # each token among the ids it could have been
+        assert (st.out_kept[[0, 1, 2], [0, 2, 1]] == st.cur[:3, None]).any(-1).all() and not st.out_kept[3].any()
 
 
 def test_a_decode_step_launches_few_ops_per_layer():
@@ -334,7 +338,7 @@ def test_a_decode_step_launches_few_ops_per_layer():
     for layers in (1, 2):
         args = decode_step_inputs(tiny(n_layers=layers))[1]
         with torch.no_grad(), Ops() as ops:  # as Decoder.generate runs it
-            engine._decode_step(*args, vocab_limit=90, temperature=1.0, top_k=0, top_p=1.0)
+            engine._decode_step(*args, vocab_limit=90, temperature=1.0, top_k=0, top_p=1.0, keep=False)
         counts.append(ops.count)
     assert counts[1] - counts[0] <= 29, counts
 

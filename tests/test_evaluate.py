@@ -84,8 +84,9 @@ class Scripted:
         text, eos = self.turns.pop(0)
         ids = self.tok.encode(text) + ([self.tok.eos_id] if eos else [])
         tokens = [ids[:b] for b in budgets]
+        kept = [[[t] + [-1] * (kw["top_k"] - 1) for t in ts] for ts in tokens] if kw.get("keep") else None
         return Generation(tokens=tokens, finished=[eos or bool(stop)] * len(prompts), logprobs=no_logprobs(tokens),
-                          entropies=no_logprobs(tokens))
+                          entropies=no_logprobs(tokens), kept=kept)
 
 
 @pytest.fixture(autouse=True)
@@ -224,6 +225,16 @@ def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     assert model.calls[1]["prompts"][0] == c.prompt + c.ids[:-len(second)]  # generation continues after the output
     assert c.finished and c.ids[-1] == tok.eos_id and "```output\n42\n```" in c.text
     assert evaluate.reward.math_reward(c.text, "42") == 1.0
+
+
+def test_tool_rounds_keep_each_tokens_kept_ids_and_none_on_the_sandboxs(tok):
+    """With keep (--keep-sampling-mask) a completion has one row of ids per token: the model's own (a scripted
+    model could only have written its token) and -1 alone on the sandbox's output."""
+    model = Scripted(tok, [("```python\nprint(6 * 7)\n```\n```output", False), ("\\boxed{42}", True)])
+    [c] = engine.complete(model, tok, ["What is 6 times 7?"], prompt="tool", top_k=3, keep=True)
+    assert len(c.kept) == len(c.ids) and not any(c.sampled[t] for t in range(len(c.ids)) if c.kept[t][0] < 0)
+    assert all(k == ([t, -1, -1] if s else [-1, -1, -1]) for t, s, k in zip(c.ids, c.sampled, c.kept))
+    assert engine.complete(Scripted(tok, [("done", True)]), tok, ["q"])[0].kept is None
 
 
 def test_tool_rounds_are_capped(tok):
