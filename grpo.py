@@ -705,7 +705,8 @@ def step_row(run, s, batches, found, t, times):
                 zero_std_groups=found["zero_std_groups"],
                 truncated=sum(not c.finished for c in s.comps), tokens=sum(len(c.ids) for c in s.comps),
                 tool_calls=sum(not all(c.sampled) for c in s.comps), time_generate=times["generate"],
-                time_reward=times["reward"], **s.generated, **{k: v.sum().item() for k, v in s.scores.items()})
+                time_reward=times["reward"], **s.generated, **{k: v.sum().item() for k, v in s.scores.items()},
+                **(grpo_log.kept_sums(batches) if args.keep_sampling_mask else {}))
     if t["checked"]:  # the sampler's gap to π_old and TIS: from the first pass
         sums.update(logprob_gap=first["logprob_gap"], logprob_gap_max=common.all_max(d, first["gap_max"]))
     if t["tis"]:

@@ -12,6 +12,13 @@ def pass_sums(updates):
     return dict(sums, gap_max=max(u["gap_max"] for u in updates), loss=sums["loss"] / len(updates))
 
 
+def kept_sums(batches):
+    """--keep-sampling-mask: over the model's tokens (each batch's mask), the ids each could have been, summed,
+    and the tokens that could have been no other (π over one id is 1: the mask leaves them no gradient)."""
+    sizes = [(b.kept >= 0).sum(-1)[b.mask] for b in batches if b.kept is not None]
+    return dict(kept_ids=sum(int(x.sum()) for x in sizes), kept_alone=sum(int((x == 1).sum()) for x in sizes))
+
+
 def step_metrics(d, step, lr, n_seq, n_tok, args, sums, times):
     """One row of metrics.jsonl: `sums` are this rank's sums (summed over ranks here), `times` its seconds."""
     s = {k: common.all_sum(d, v) for k, v in sums.items()}
@@ -29,6 +36,8 @@ def step_metrics(d, step, lr, n_seq, n_tok, args, sums, times):
         row.update(tis_weight=s["tis_weight"] / max(n_tok, 1), tis_clip_rate=s["tis_cut"] / max(n_tok, 1))
     if "dropped" in sums:  # --off-policy-mask: the share of the model's tokens whose policy term it dropped
         row.update(off_policy_masked=s["dropped"] / max(n_tok, 1))
+    if "kept_ids" in sums:  # --keep-sampling-mask: the ids a token could have been, and how often only itself
+        row.update(kept_ids=s["kept_ids"] / max(n_tok, 1), kept_alone=s["kept_alone"] / max(n_tok, 1))
     row.update({k: s[k] / n_seq for k in s if k.startswith("reward_fn_") or k == "overlong_penalty"})  # means
     if args.oversample > 1:  # before dynamic sampling chose the groups
         row.update(generated_zero_std_groups=s["generated_zero_std_groups"],

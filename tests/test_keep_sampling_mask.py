@@ -9,6 +9,7 @@ import torch
 
 import engine
 import grpo
+import grpo_log
 from fused_kernels import hidden_logprobs, hidden_token_loss
 from packing import Batch, pack_rows
 from test_engine import tiny
@@ -135,11 +136,11 @@ def test_the_head_renormalises_over_the_kept_ids_as_float64_does(backend, monkey
 def test_packed_rows_carry_each_tokens_kept_ids_and_minus_one_elsewhere():
     """Two completions packed behind one prompt of 3 tokens, and two without kept ids in a second row: the
     prompt's 2 targets, the padding and those without ids hold -1 alone (as the sandbox's tokens do already); a
-    batch whose rows hold no ids keeps every id (kept None)."""
-    def comp(ids, kept):
-        return engine.Completion([1, 2, 3], ids, [True] * len(ids), True, "", [0.0] * len(ids),
+    batch whose rows hold no ids keeps every id (kept None). The log's sums count the model's tokens only."""
+    def comp(ids, kept, sampled=True):
+        return engine.Completion([1, 2, 3], ids, [sampled] * len(ids), True, "", [0.0] * len(ids),
                                  [0.0] * len(ids), kept)
-    a, b, c = comp([7, 8], [[7, 9], [8, -1]]), comp([5], [[-1, -1]]), comp([6, 6, 6, 6], None)
+    a, b, c = comp([7, 8], [[7, 9], [8, -1]]), comp([5], [[-1, -1]], False), comp([6, 6, 6, 6], None)
     rows = pack_rows([a, b, c, c], [torch.zeros(2), torch.zeros(1), torch.zeros(4), torch.zeros(4)], 2, 2, False,
                      "sequence")
     batch = Batch(rows, 0, "cpu")
@@ -147,15 +148,19 @@ def test_packed_rows_carry_each_tokens_kept_ids_and_minus_one_elsewhere():
                                       [-1, -1], [-1, -1]]
     assert (batch.kept[1] == -1).all()
     assert Batch(pack_rows([b, b], [torch.zeros(1)] * 2, 2, 2, False, "sequence"), 0, "cpu").kept is None
+    # what the log counts over the model's tokens: a's, of 2 ids and 1 (b's is the sandbox's; c has none)
+    assert grpo_log.kept_sums([Batch(pack_rows([a, b], [torch.zeros(2), torch.zeros(1)], 2, 2, False,
+                                               "sequence"), 0, "cpu")]) == dict(kept_ids=3, kept_alone=1)
 
 
 def test_grpo_trains_the_policy_over_the_ids_its_sampler_kept(base, data_dir, tmp_path, monkeypatch):
-    """One step at T = 1.5, top_k 3, top_p 0.95 and μ = 2 (π_old made by the trainer): the sampler's log-probs
-    over the kept ids are π_old's and the policy's, within fp32's rounding. Over the whole vocabulary (the mask
-    dropped from the batch) π_old is lower by the mass outside them, most of it for a tiny model at T = 1.5.
-    Rollouts without kept ids are refused."""
+    """One step at T = 1.5, top_k 3, top_p 0.7 and μ = 2 (π_old made by the trainer): the sampler's log-probs
+    over the kept ids are π_old's and the policy's, within fp32's rounding; the kept ids' mean count and the
+    share of tokens kept alone are logged. Over the whole vocabulary (the mask dropped from the batch) π_old is
+    lower by the mass outside them, most of it for a tiny model at T = 1.5. Rollouts without kept ids are
+    refused."""
     flags = ("--max-steps", "1", "--eval-every", "0", "--report-problems", "0", "--mu", "2", "--top-k", "3",
-             "--top-p", "0.95", "--keep-sampling-mask")
+             "--top-p", "0.7", "--keep-sampling-mask")
     real, drawn = engine.complete, []
 
     def recorded(*a, **k):
@@ -168,6 +173,9 @@ def test_grpo_trains_the_policy_over_the_ids_its_sampler_kept(base, data_dir, tm
     n = sum(len(c.ids) for c in drawn)  # and the policy's (its -log π, logged): the sampler's, over the same ids
     assert row["entropy"] == pytest.approx(-sum(sum(c.logprobs) for c in drawn) / n, rel=1e-5)
     assert all(c.ids[t] in c.kept[t] for c in drawn for t in range(len(c.ids)))
+    sizes = [sum(k >= 0 for k in ids) for c in drawn for ids in c.kept]  # the logged means, by hand
+    assert (row["kept_ids"], row["kept_alone"]) == pytest.approx((sum(sizes) / n, sizes.count(1) / n), rel=1e-6)
+    assert set(sizes) == {2, 3}  # a tiny model at T = 1.5: its top 3 reach 0.7, or its top 2 do
     monkeypatch.undo()
     real_init = Batch.__init__
 
