@@ -258,7 +258,7 @@ class _Queue:
         self.prefixes = {}  # prompt -> (its keys and values per layer, its last logits), kept while samples of it wait
         self.seq, self.checked, self.at = [-1] * rows, [0] * rows, [0] * rows  # seq: -1 where a row is free
         n = len(prompts)
-        self.result = Generation([None] * n, [False] * n, [None] * n, [None] * n, None)
+        self.result = Generation([None] * n, [False] * n, [None] * n, [None] * n)
 
     def keep(self, rows):
         """Rows `rows` moved to the front, as _Rows.keep moves their device state."""
@@ -543,8 +543,7 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
         gen = decoder.generate([prompts[i] + ids[i] for i in live], [budget[i] for i in live],
                                temperature=temperature, top_k=top_k, top_p=top_p, keep=keep, eos_ids=tok.stop_ids,
-                               stop=stop,
-                               decode=tok.decode, seed=seed, streams=[streams[i] for i in live],
+                               stop=stop, decode=tok.decode, seed=seed, streams=[streams[i] for i in live],
                                vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                                slots=batch, progress=progress if rounds == 1 else None)
         again = []

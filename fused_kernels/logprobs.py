@@ -213,7 +213,7 @@ class HiddenLogprobs(torch.autograd.Function):
         ctx.rows, ctx.grad_fn = chunk_rows(*rows_h.shape, len(weight), budget), grad_fn
         for i in range(0, len(rows_h), ctx.rows):
             s = slice(i, i + ctx.rows)
-            flat[s], lse[s] = rows_fn(keep_only(rows_h[s] @ weight.T, _rows(rows_k, s)), flat_t[s])
+            flat[s], lse[s] = rows_fn(keep_only(rows_h[s] @ weight.T, _sliced(rows_k, s)), flat_t[s])
         ctx.save_for_backward(h, weight, targets, rows_k, lse)
         return logp
 
@@ -225,7 +225,7 @@ class HiddenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for i in range(0, len(rows_h), ctx.rows):
             s = slice(i, i + ctx.rows)
-            x = keep_only(rows_h[s] @ weight.T, _rows(rows_k, s))  # (n, V): GEMM 1 again
+            x = keep_only(rows_h[s] @ weight.T, _sliced(rows_k, s))  # (n, V): GEMM 1 again
             d = ctx.grad_fn(x, flat_t[s], lse[s], g[s])
             if grad_h is not None:
                 grad_h[s] = d @ weight  # GEMM 2
@@ -236,7 +236,7 @@ class HiddenLogprobs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(w_dtype), None, None, None, None, None
 
 
-def _rows(kept, s):
+def _sliced(kept, s):
     return None if kept is None else kept[s]
 
 
@@ -268,7 +268,7 @@ class HiddenTokenLoss(torch.autograd.Function):
         rows = chunk_rows(N, C, V, budget)
         for i in range(0, N, rows):
             s = slice(i, i + rows)
-            x = keep_only(h[s] @ weight.T, _rows(kept, s))  # (n, V), GEMM 1
+            x = keep_only(h[s] @ weight.T, _sliced(kept, s))  # (n, V), GEMM 1
             flat[s], lse = rows_fn(x, targets[s])
             loss, g = token_loss(flat[s], s)
             total += loss.sum()
