@@ -46,8 +46,8 @@ def test_top_k_keeps_exactly_k_ids_when_logits_tie():
 
 def kept_by_hand(z, top_k, top_p):
     """The nucleus of the top_k of float64 logits z (V,), most likely first."""
-    p, idx = z.softmax(-1).sort(descending=True)
-    idx, p = idx[:top_k], (z[idx[:top_k]]).softmax(-1)
+    idx = z.argsort(descending=True)[:top_k]
+    p = z[idx].softmax(-1)
     before = p.cumsum(0) - p
     return idx[before < top_p].tolist()
 
