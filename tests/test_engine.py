@@ -254,10 +254,10 @@ def test_prompts_that_leave_no_room_are_a_clear_error():
 def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch():
     """compile=True (torch.compile, fullgraph, dynamic shapes; a CUDA graph on GPU, inductor here): the same samples
     as eager; one Decoder kept across calls, as GRPO keeps it, compiles one graph for the first batch and none for
-    later ones with other prompts, lengths, row counts and seeds, on the same buffers."""
+    later ones with other prompts, lengths, row counts and seeds, on the same buffers, nor for larger buffers."""
     from torch._dynamo.utils import counters
-    m = tiny()
-    decoder = engine.Decoder(m, compile=True)
+    m = tiny(n_heads=6, n_kv_heads=6, head_dim=16)  # as many key-value heads as the first batch has rows: tied
+    decoder = engine.Decoder(m, compile=True)  # sizes (duck sizing) must not fix the rows at 6
     batches = [([[5, 6, 7, 8], [3, 4]] * 3, 6, 1, 6),  # (prompts, budget, seed, slots): compacted 6 -> 4 -> 2 -> 1
                ([[9] * 20, [1, 2, 3], [4] * 11], 9, 2, 3), ([[7, 7, 7]] * 5, 12, 1, 8)]
     for i, (prompts, budget, seed, slots) in enumerate(batches):
@@ -271,10 +271,10 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
             graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
     assert counters["stats"]["unique_graphs"] == graphs
     assert [t.data_ptr() for t in decoder.rows.tensors()] == buffers
-    prompts = [[3, 4]] * 8  # more rows than the buffers hold (6): new ones, of 8 rows
+    prompts = [[3, 4]] * 8  # more rows than the buffers hold (6): new ones, of 8 rows, and still the same graph
     compiled = decoder.generate(prompts, 6, temperature=1.0, seed=5, slots=8)
     assert compiled.tokens == engine.generate(m, prompts, 6, temperature=1.0, seed=5, slots=8).tokens
-    assert decoder.rows.shape[0] == 8
+    assert decoder.rows.shape[0] == 8 and counters["stats"]["unique_graphs"] == graphs
 
 
 def decode_step_inputs(m, rows=4, length=32, width=16, kept=0):
