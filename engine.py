@@ -81,31 +81,31 @@ def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     and to the smallest set whose probability reaches top_p (cut)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = cut(tempered(logits, temperature), top_k, top_p)
+    logits = cut(tempered(logits, temperature), top_k, top_p)[0]
     return _invert_cdf((logits - logits.amax(-1, keepdim=True)).exp(), u)
 
 
 def cut(logits, top_k=0, top_p=1.0):
-    """logits (B, V) with -inf outside the tokens a sampler may draw: the top_k largest (exactly k: of ids tied at
-    the k-th value topk picks some, so the kept set has the k ids kept_ids stores), then the smallest set of
-    those whose probability reaches top_p."""
-    if top_k and top_k < logits.size(-1):
-        top = torch.topk(logits, top_k, dim=-1).indices
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, top, logits.gather(-1, top))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        p_sorted = sorted_logits.softmax(-1)
-        drop = _cumsum(p_sorted) - p_sorted >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
+    """(logits (B, V) with -inf outside the tokens a sampler may draw, and with top_k those tokens' ids, most
+    likely first, -1 after them: (B, top_k), what DeepSeek-V3.2's keep-sampling mask renormalises π over; else
+    None). The tokens: the top_k largest (exactly k: of ids tied at the k-th value topk picks some), then the
+    smallest set of those whose probability reaches top_p, found among the k alone (no sort of the vocabulary)."""
+    if not top_k:
+        if top_p < 1.0:
+            sorted_logits, idx = logits.sort(dim=-1, descending=True)
+            logits = logits.scatter(-1, idx, _nucleus(sorted_logits, top_p))
+        return logits, None
+    top = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # sorted, most likely first
+    values = _nucleus(top.values, top_p) if top_p < 1.0 else top.values
+    logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, values)
+    ids = top.indices.masked_fill(values == float("-inf"), -1)
+    return logits, F.pad(ids, (0, top_k - ids.size(-1)), value=-1)  # top_k past the vocabulary: -1 after it all
 
 
-def kept_ids(cut_logits, top_k):
-    """The ids a cut row may draw, most likely first, -1 after them: (B, top_k) from cut's (B, V), which keeps at
-    most top_k of each row (DeepSeek-V3.2's keep-sampling mask, what the trainer renormalises π over)."""
-    top = torch.topk(cut_logits, min(top_k, cut_logits.size(-1)), dim=-1)
-    ids = top.indices.masked_fill(top.values == float("-inf"), -1)
-    return F.pad(ids, (0, top_k - ids.size(-1)), value=-1)  # top_k past the vocabulary: -1 after all of it
+def _nucleus(sorted_logits, top_p):
+    """Logits sorted in descending order with -inf from the first token whose mass before it reaches top_p."""
+    p = sorted_logits.softmax(-1)
+    return sorted_logits.masked_fill(_cumsum(p) - p >= top_p, float("-inf"))
 
 
 def _blocks(p):
@@ -148,16 +148,16 @@ def tempered(logits, temperature):
 def draw(logits, u, temperature, top_k, top_p, keep=False):
     """What the decoder writes for each new token: one token per row (sample), its log-prob and the entropy of
     the distribution it was drawn from, both at the temperature, and with keep the ids it could have drawn
-    (kept_ids, (B, top_k)), the log-prob and entropy then those of π renormalised over them, the distribution
+    (cut's, (B, top_k)), the log-prob and entropy then those of π renormalised over them, the distribution
     the token was truly drawn from; else None, and those of the whole tempered π. The logits are tempered once,
     then sampled as they are (temperature 1; 0 keeps greedy)."""
     logits = tempered(logits, temperature)
     if not keep:
         tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p)
         return tok, token_logprob(logits, tok), entropy(logits), None
-    logits = cut(logits, top_k, top_p)
+    logits, ids = cut(logits, top_k, top_p)
     tok = sample(logits, u, 1.0)
-    return tok, token_logprob(logits, tok), entropy(logits), kept_ids(logits, top_k)
+    return tok, token_logprob(logits, tok), entropy(logits), ids
 
 
 def token_logprob(logits, tok):
@@ -184,7 +184,7 @@ class Generation:
     finished: list  # per prompt, True if it stopped on EOS or a stop string, False if cut at its budget
     logprobs: list  # per prompt and token, log π(token) at the temperature (tempered), over the ids it may sample
     entropies: list  # per prompt and token, the entropy of that distribution where the token was drawn
-    kept: list = None  # keep=True: per prompt and token, the top_k ids it could have been (kept_ids)
+    kept: list = None  # keep=True: per prompt and token, the top_k ids it could have been (cut's)
 
 
 @dataclass

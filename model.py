@@ -298,7 +298,7 @@ class Transformer(nn.Module):
         for packed rows (see hidden). at (B, T): the position whose hidden state predicts each target, where it is
         not the target's own (packed rows where several completions continue one prompt: each one's first token is
         predicted from the prompt's last position). kept (B, T, K): per target, the ids π is renormalised over, -1
-        after them (a top-k sampler's, engine.kept_ids: DeepSeek-V3.2's keep-sampling mask); all -1: every id.
+        after them (a top-k sampler's, engine.cut's: DeepSeek-V3.2's keep-sampling mask); all -1: every id.
         A model with the "score" head returns its scalar at every position instead (B, T), in fp32: a reward
         model reads it at a sequence's last token or at the end of each step (reward_model.py)."""
         h = self.hidden(tokens, positions, mask)
