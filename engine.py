@@ -392,9 +392,12 @@ class Decoder:
             # attend over the positions written so far only (compiled: rounded up, for fewer graphs)
             L = max(q.at[r] for r in live) + k
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
-            for _ in range(k):
-                self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent, st.out_kept,
-                          st.cache.k, st.cache.v, vocab_limit=vocab_limit, **opts)
+            # temperature and top-p, constants of the call: traced as symbols, inductor failed to make them tensors
+            # and dynamo traced the step again, specialised (a fifth of a cold compile on the CPU)
+            with torch._dynamo.config.patch(specialize_float=True):
+                for _ in range(k):
+                    self.step(model, B, L, st.cur, st.pos, st.count, st.u, st.out, st.out_lp, st.out_ent,
+                              st.out_kept, st.cache.k, st.cache.v, vocab_limit=vocab_limit, **opts)
             q.at = [a + k for a in q.at]
             q.collect(st, live, W, progress)
 

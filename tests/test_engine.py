@@ -258,6 +258,7 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
     from torch._dynamo.utils import counters
     m = tiny(n_heads=6, n_kv_heads=6, head_dim=16)  # as many key-value heads as the first batch has rows: tied
     decoder = engine.Decoder(m, compile=True)  # sizes (duck sizing) must not fix the rows at 6
+    traced = counters["aot_autograd"]["total"]
     batches = [([[5, 6, 7, 8], [3, 4]] * 3, 6, 1, 6),  # (prompts, budget, seed, slots): compacted 6 -> 4 -> 2 -> 1
                ([[9] * 20, [1, 2, 3], [4] * 11], 9, 2, 3), ([[7, 7, 7]] * 5, 12, 1, 8)]
     for i, (prompts, budget, seed, slots) in enumerate(batches):
@@ -269,6 +270,7 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
                                        torch.tensor(sum(getattr(eager, field), [])), atol=1e-5, rtol=0)
         if i == 0:
             graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
+            assert counters["aot_autograd"]["total"] == traced + 1  # traced once, not again after a failed try
     assert counters["stats"]["unique_graphs"] == graphs
     assert [t.data_ptr() for t in decoder.rows.tensors()] == buffers
     prompts = [[3, 4]] * 8  # more rows than the buffers hold (6): new ones, of 8 rows, and still the same graph
