@@ -19,7 +19,8 @@ the tests (it cannot rot). Six parts:
    and the sampler-trainer log-prob gap.
 
     python gpu_check.py            # on a GPU
-    python gpu_check.py --smoke    # the same code at toy sizes, on whatever device there is (CPU in the tests)
+    python gpu_check.py --smoke    # the same code at toy sizes, on whatever device there is (CPU in the tests;
+                                   # part 6 without --compile there, which tests/test_grpo.py runs)
     python gpu_check.py --parts 2,3
     python gpu_check.py --deadline 570   # a GPU lent for 10-minute calls: end cleanly, naming what did not run
 """
@@ -330,7 +331,8 @@ def grpo_step(args, device):
             "--init", tmp, "--data", os.path.join(tmp, "rl.jsonl"), "--eval-data", "none", "--out", out,
             "--questions", str(args.grpo_questions), "--group-size", str(args.grpo_group),
             "--max-new-tokens", str(args.new_tokens), "--max-steps", "2", "--report-problems", "0",
-            "--micro-batch", str(micro), "--gen-batch", str(gen_batch), "--compile", "--ckpt-every", "100"]))
+            "--micro-batch", str(micro), "--gen-batch", str(gen_batch), "--ckpt-every", "100",
+            *(["--compile"] if args.grpo_compile else [])]))
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
         prompt = max(len(engine.prompt_ids(tok, p["question"])) for p in problems)
     r = rows[-1]  # the second step: the first also pays for compiling and warm-up
@@ -339,7 +341,8 @@ def grpo_step(args, device):
     auto = common.checkpointed_blocks("auto", common.Dist(0, 1, torch.device(device)), config.n_layers, peak_of)
     plan_peak = peak_of(auto)  # as grpo.main chose, for the plan beside the peak
     print(f"\n6. one GRPO step, {args.size}: {args.grpo_questions} questions x G = {args.grpo_group}, up to "
-          f"{args.new_tokens} new tokens (random weights: outputs run to the budget), --compile")
+          f"{args.new_tokens} new tokens (random weights: outputs run to the budget), "
+          + ("--compile" if args.grpo_compile else "eager (tests/test_grpo.py runs --compile on the CPU)"))
     print(f"   {r['seconds']:.2f} s: generate {r['time_generate']:.2f} ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
           f"reward {r['time_reward']:.2f}, reference {r['time_ref']:.2f}, train {r['time_train']:.2f} "
           f"({r['train_tokens_per_s']:,.0f} tokens/s)")
@@ -360,10 +363,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     gpu = dict(size="1b", big="deepseek-math-7b", tokens=16384, vocabs=[32768, 102400, 151936], hidden=4096,
                repeats=10, decode_batches=[64, 256], big_batches=[32, 128], prompt_tokens=128, new_tokens=512,
-               train_batch=4, train_tokens=2048, grpo_questions=8, grpo_group=8)
+               train_batch=4, train_tokens=2048, grpo_questions=8, grpo_group=8, grpo_compile=True)
     smoke = dict(size="toy", big="toy", tokens=256, vocabs=[1000, 4096], hidden=64, repeats=2,
                  decode_batches=[4, 8], big_batches=[2, 4], prompt_tokens=8, new_tokens=8, train_batch=2,
-                 train_tokens=64, grpo_questions=2, grpo_group=2)
+                 train_tokens=64, grpo_questions=2, grpo_group=2,
+                 grpo_compile=False)  # a CPU compile of the GRPO step (~25 s cold) is test_grpo's already
     vars(args).update(smoke if args.smoke else gpu)
     return args
 
