@@ -27,6 +27,7 @@ once at the end and its output is appended to the text that is graded. grpo.py t
 returns, so training and evaluation see the same prompts, tools and stopping rules.
 """
 
+import math
 import re
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -75,28 +76,30 @@ def uniforms(seed, streams, positions):
     return (h >> 8).float() * 2.0 ** -24
 
 
-def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """One token per row from logits (B, V) with each row's uniform u (B,), by inverting the cumulative
-    distribution: greedy at temperature 0, else softmax(logits / T) restricted to the top_k most likely tokens
-    and to the smallest set whose probability reaches top_p (cut)."""
+    distribution: greedy at temperature 0, else softmax(logits / T) restricted to the top_k most likely tokens,
+    to the smallest set whose probability reaches top_p and to those at least min_p times as likely as the
+    likeliest (cut)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = cut(tempered(logits, temperature), top_k, top_p)[0]
+    logits = cut(tempered(logits, temperature), top_k, top_p, min_p)[0]
     return _invert_cdf((logits - logits.amax(-1, keepdim=True)).exp(), u)
 
 
-def cut(logits, top_k=0, top_p=1.0):
+def cut(logits, top_k=0, top_p=1.0, min_p=0.0):
     """(logits (B, V) with -inf outside the tokens a sampler may draw, and with top_k those tokens' ids, most
     likely first, -1 after them: (B, top_k), what DeepSeek-V3.2's keep-sampling mask renormalises π over; else
     None). The tokens: the top_k largest (exactly k: of ids tied at the k-th value topk picks some), then the
-    smallest set of those whose probability reaches top_p, found among the k alone (no sort of the vocabulary)."""
+    smallest set of those whose probability reaches top_p, found among the k alone (no sort of the vocabulary),
+    then those at least min_p times as likely as the likeliest (min-p sampling, as transformers orders them)."""
     if not top_k:
         if top_p < 1.0:
             sorted_logits, idx = logits.sort(dim=-1, descending=True)
             logits = logits.scatter(-1, idx, _nucleus(sorted_logits, top_p))
-        return logits, None
+        return _min_p(logits, min_p), None
     top = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # sorted, most likely first
-    values = _nucleus(top.values, top_p) if top_p < 1.0 else top.values
+    values = _min_p(_nucleus(top.values, top_p) if top_p < 1.0 else top.values, min_p)
     logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, values)
     ids = top.indices.masked_fill(values == float("-inf"), -1)
     return logits, F.pad(ids, (0, top_k - ids.size(-1)), value=-1)  # top_k past the vocabulary: -1 after it all
@@ -106,6 +109,13 @@ def _nucleus(sorted_logits, top_p):
     """Logits sorted in descending order with -inf from the first token whose mass before it reaches top_p."""
     p = sorted_logits.softmax(-1)
     return sorted_logits.masked_fill(_cumsum(p) - p >= top_p, float("-inf"))
+
+
+def _min_p(logits, min_p):
+    """-inf where a token is less than min_p times as likely as its row's likeliest (none cut at min_p = 0)."""
+    if not min_p:
+        return logits
+    return logits.masked_fill(logits < logits.amax(-1, keepdim=True) + math.log(min_p), float("-inf"))
 
 
 def _blocks(p):
@@ -145,7 +155,7 @@ def tempered(logits, temperature):
     return logits if temperature in (0, 1) else logits / temperature
 
 
-def draw(logits, u, temperature, top_k, top_p, keep=False):
+def draw(logits, u, temperature, top_k, top_p, min_p=0.0, keep=False):
     """What the decoder writes for each new token: one token per row (sample), its log-prob and the entropy of
     the distribution it was drawn from, both at the temperature, and with keep the ids it could have drawn
     (cut's, (B, top_k)), the log-prob and entropy then those of π renormalised over them, the distribution
@@ -153,9 +163,9 @@ def draw(logits, u, temperature, top_k, top_p, keep=False):
     then sampled as they are (temperature 1; 0 keeps greedy)."""
     logits = tempered(logits, temperature)
     if not keep:
-        tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p)
+        tok = sample(logits, u, 1.0 if temperature else 0.0, top_k, top_p, min_p)
         return tok, token_logprob(logits, tok), entropy(logits), None
-    logits, ids = cut(logits, top_k, top_p)
+    logits, ids = cut(logits, top_k, top_p, min_p)
     tok = sample(logits, u, 1.0)
     return tok, token_logprob(logits, tok), entropy(logits), ids
 
@@ -227,7 +237,7 @@ class _Rows:
 
 
 def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, out_kept, k, v, temperature, top_k, top_p,
-                 keep, vocab_limit):
+                 keep, vocab_limit, min_p=0.0):
     """One decode step of rows [0, n), attending over the first L cache positions: feed each row's last token,
     sample the next one with the row's random number for it, write it, its log-prob, the entropy it was drawn
     at and with keep the ids it could have been to the row's output. Every write is in place into whole
@@ -237,7 +247,7 @@ def _decode_step(model, n, L, cur, pos, count, u, out, out_lp, out_ent, out_kept
     h = model.decode_step(cur[:n], pos[:n].clamp(max=L - 1), KVCache(k, v), L)  # past a row's end: it is stopping
     logits = model.logits(h, vocab_limit).float()  # rows past the tokenizer's ids: never sampled
     at = count[:n].clamp(max=out.shape[1] - 1)
-    tok, lp, ent, kept = draw(logits, u[rows, at], temperature, top_k, top_p, keep)
+    tok, lp, ent, kept = draw(logits, u[rows, at], temperature, top_k, top_p, min_p, keep)
     out[rows, at], out_lp[rows, at], out_ent[rows, at] = tok, lp, ent
     if keep:
         out_kept[rows, at] = kept
@@ -336,10 +346,11 @@ class Decoder:
         return self.rows
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, keep=False, eos_ids=(),
-                 stop=(), decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None,
+    def generate(self, prompts, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, keep=False,
+                 eos_ids=(), stop=(), decode=None, seed=0, streams=None, vocab_limit=None, slots=64, sync_every=None,
                  progress=None):
-        """Sample a continuation of each prompt (a list of token ids, BOS first if the tokenizer has one).
+        """Sample a continuation of each prompt (a list of token ids, BOS first if the tokenizer has one), at the
+        temperature, from the tokens top_k, top_p and min_p leave (cut).
 
         max_new_tokens: one budget, or one per prompt (cut at the model's context). A sequence stops at any id of
         `eos_ids`, or once its decoded text holds a string of `stop` (needs `decode`, token ids to text).
@@ -354,6 +365,9 @@ class Decoder:
         model, cfg = self.model, self.model.config
         if stop and decode is None:
             raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
+        if not (0 <= min_p < 1 and 0 < top_p <= 1 and top_k >= 0):
+            raise ValueError(f"generate: top_k={top_k}, top_p={top_p}, min_p={min_p}: top_k >= 0, top_p in (0, 1] "
+                             "and min_p in [0, 1)")
         if keep and not (top_k and temperature):
             raise ValueError("generate(keep=True) stores the top_k ids a token could have been: it needs top_k > 0 "
                              "and temperature > 0")
@@ -375,7 +389,7 @@ class Decoder:
         # the longest sequence a row holds; W: a row may run up to k - 1 tokens past its stop before a check sees it
         st = self._state(B, max(len(p) + b for p, b in zip(prompts, budgets)), max(budgets) + k, top_k if keep else 0)
         S, W = st.shape[1:3]
-        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, keep=keep)
+        opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, keep=keep)
         while True:
             free = [r for r in range(B) if q.seq[r] < 0]
             if free and q.queue:
@@ -392,7 +406,7 @@ class Decoder:
             # attend over the positions written so far only (compiled: rounded up, for fewer graphs)
             L = max(q.at[r] for r in live) + k
             L = min(S, -(-L // 64) * 64 if self.compiled else L)
-            # temperature and top-p, constants of the call: traced as symbols, inductor failed to make them tensors
+            # the sampler's floats, constants of the call: traced as symbols, inductor failed to make them tensors
             # and dynamo traced the step again, specialised (a fifth of a cold compile on the CPU)
             with torch._dynamo.config.patch(specialize_float=True):
                 for _ in range(k):
@@ -527,12 +541,12 @@ def prompt_ids(tok, question, prompt="cot"):
 
 @torch.no_grad()
 def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0,
-             batch=64, code_timeout=5.0, progress=None, compile=False, streams=None, top_k=0, keep=False):
+             batch=64, code_timeout=5.0, progress=None, compile=False, streams=None, top_k=0, min_p=0.0, keep=False):
     """One completion per question (repeat a question for several samples; its copies share one prefill), with
     `batch` sequences decoded at once and one `generate` call per tool round. Question i samples from stream
     streams[i] of `seed` (default i). model: a Transformer, or a Decoder kept across calls (its own compile
-    setting then holds); compile: capture the decode step (Decoder); top_k, keep: as Decoder.generate's. Returns
-    [Completion] in the order of `questions`."""
+    setting then holds); compile: capture the decode step (Decoder); top_k, min_p, keep: as Decoder.generate's.
+    Returns [Completion] in the order of `questions`."""
     decoder = model if isinstance(model, Decoder) else Decoder(model, compile)
     model = decoder.model
     prompts = [prompt_ids(tok, q, prompt) for q in questions]
@@ -549,8 +563,9 @@ def complete(model, tok, questions, prompt="cot", max_new_tokens=512, temperatur
             break
         stop = (OUTPUT_MARK,) if prompt == "tool" and round_ < TOOL_ROUNDS else ()
         gen = decoder.generate([prompts[i] + ids[i] for i in live], [budget[i] for i in live],
-                               temperature=temperature, top_k=top_k, top_p=top_p, keep=keep, eos_ids=tok.stop_ids,
-                               stop=stop, decode=tok.decode, seed=seed, streams=[streams[i] for i in live],
+                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, keep=keep,
+                               eos_ids=tok.stop_ids, stop=stop, decode=tok.decode, seed=seed,
+                               streams=[streams[i] for i in live],
                                vocab_limit=tok.vocab_size,  # a head may have more rows than ids
                                slots=batch, progress=progress if rounds == 1 else None)
         again = []

@@ -547,7 +547,7 @@ def rollout(run):
         comps = engine.complete(run.decoder or sampler, run.tok, [p["question"] for p in drawn], args.prompt,
                                 args.max_new_tokens, args.temperature, args.top_p, batch=args.gen_batch,
                                 seed=engine.sampling_seed(args.seed, step, d.rank), top_k=args.top_k,
-                                keep=args.keep_sampling_mask)
+                                min_p=args.min_p, keep=args.keep_sampling_mask)
     return comps, drawn
 
 

@@ -39,9 +39,11 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0, help="rollouts draw from the smallest set of tokens whose "
                     "probability reaches P (1: every token)")
     ap.add_argument("--top-k", type=int, default=0, help="rollouts draw from the K likeliest tokens (0: every token)")
+    ap.add_argument("--min-p", type=float, default=0.0, help="rollouts draw from the tokens at least P times as likely "
+                    "as the likeliest (min-p sampling, as TRL's min_p; 0: every token)")
     ap.add_argument("--keep-sampling-mask", action="store_true", help="π_θ, π_old and π_ref renormalised over the "
-                    "tokens --top-k / --top-p let the sampler draw at each position, as it drew (DeepSeek-V3.2; "
-                    "stores up to --top-k ids a token)")
+                    "tokens --top-k / --top-p / --min-p let the sampler draw at each position, as it drew "
+                    "(DeepSeek-V3.2; stores up to --top-k ids a token)")
     ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
     ap.add_argument("--ref-mixup", type=float, default=1.0, metavar="ALPHA", help="with --ref-reset, a reset moves "
                     "π_ref a share ALPHA of the way to π_θ: π_ref ← ALPHA π_θ + (1 - ALPHA) π_ref (TRL's "
@@ -193,8 +195,9 @@ def check_args(ap, args):
                  "outputs (outcome), a process model their steps (process)")
     if args.temperature <= 0:
         ap.error(f"--temperature {args.temperature}: GRPO samples G different outputs a question, at T > 0")
-    if not 0 < args.top_p <= 1 or args.top_k < 0:
-        ap.error(f"--top-p {args.top_p} --top-k {args.top_k}: a probability in (0, 1] and a number of tokens >= 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0 or not 0 <= args.min_p < 1:
+        ap.error(f"--top-p {args.top_p} --top-k {args.top_k} --min-p {args.min_p}: a probability in (0, 1], a number "
+                 "of tokens >= 0 and a ratio in [0, 1)")
     if args.keep_sampling_mask and not args.top_k:
         ap.error("--keep-sampling-mask stores the ids each token could have been, at most --top-k of them: add "
                  "--top-k K (with --top-p too, if you like)")

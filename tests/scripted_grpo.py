@@ -54,7 +54,7 @@ def completion(tok, question, pieces, finished, prompt="cot"):
 
 
 def scripted(model, tok, questions, prompt="cot", max_new_tokens=512, temperature=0.0, top_p=1.0, seed=0, batch=64,
-             code_timeout=5.0, progress=None, compile=False, top_k=0, keep=False):
+             code_timeout=5.0, progress=None, compile=False, top_k=0, min_p=0.0, keep=False):
     """engine.complete's signature; questions come as each question repeated G times, in order (no kept ids:
     --keep-sampling-mask refuses them)."""
     comps, seen = [], {}

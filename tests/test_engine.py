@@ -158,16 +158,19 @@ def chi_square_ok(counts, probs, n):
 
 def test_samples_follow_the_filtered_distribution():
     """20,000 draws per setting from one row of logits: frequencies within chance of softmax(logits / T)
-    restricted by top_k / top_p, and never outside the kept tokens. At T = 0.5 the nucleus of 0.8 is tokens 3
-    and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5)); at T = 1 it also holds token 2 (0.442 + 0.268 < 0.8):
-    the temperature comes before the nucleus."""
+    restricted by top_k / top_p / min_p, and never outside the kept tokens. At T = 0.5 the nucleus of 0.8 is
+    tokens 3 and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5)); at T = 1 it also holds token 2 (0.442 +
+    0.268 < 0.8): the temperature comes before the nucleus. min_p 0.3 keeps the logits (over T) within
+    -log 0.3 = 1.20 of the largest: 2, 2.5 and 3 at T = 1, 5 and 6 at T = 0.5; min_p 0.5 (0.69) only 2.5 and 3."""
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 2.5, -30.0])
     n = 20000
     pos = torch.arange(n)
-    for T, top_k, top_p, kept in ((1.0, 0, 1.0, range(8)), (0.7, 3, 1.0, [2, 3, 6]), (1.0, 0, 0.8, [2, 3, 6]),
-                                  (0.5, 0, 0.8, [3, 6])):
+    for T, top_k, top_p, min_p, kept in ((1.0, 0, 1.0, 0.0, range(8)), (0.7, 3, 1.0, 0.0, [2, 3, 6]),
+                                         (1.0, 0, 0.8, 0.0, [2, 3, 6]), (0.5, 0, 0.8, 0.0, [3, 6]),
+                                         (1.0, 0, 1.0, 0.3, [2, 3, 6]), (0.5, 0, 1.0, 0.3, [3, 6]),
+                                         (1.0, 3, 1.0, 0.5, [3, 6]), (1.0, 0, 0.8, 0.5, [3, 6])):
         u = engine.uniforms(7, torch.zeros(n, dtype=torch.long), pos)
-        toks = engine.sample(logits.expand(n, -1), u, T, top_k, top_p)
+        toks = engine.sample(logits.expand(n, -1), u, T, top_k, top_p, min_p)
         z = torch.full_like(logits, float("-inf"))
         z[list(kept)] = logits[list(kept)] / T
         assert set(toks.tolist()) <= set(kept) and chi_square_ok(Counter(toks.tolist()), z.softmax(-1).tolist(), n)
@@ -241,7 +244,7 @@ def test_uniforms_are_lowbias32_of_the_seed_the_stream_and_the_position():
         assert got == [uniform(seed, s, p) for s, p in zip(streams, positions)], seed
 
 
-def test_prompts_that_leave_no_room_are_a_clear_error():
+def test_prompts_that_leave_no_room_and_samplers_that_keep_nothing_are_a_clear_error():
     m = tiny()
     with pytest.raises(ValueError, match="max_seq_len=64"):
         engine.generate(m, [[1] * 64], 5)
@@ -249,6 +252,9 @@ def test_prompts_that_leave_no_room_are_a_clear_error():
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate(m, [[]], 5)
+    for bad in (dict(min_p=1.0), dict(min_p=-0.1), dict(top_p=0.0), dict(top_k=-1)):
+        with pytest.raises(ValueError, match="top_k >= 0, top_p in"):
+            engine.generate(m, [[1]], 2, **bad)
 
 
 def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch():
@@ -291,7 +297,7 @@ def decode_step_inputs(m, rows=4, length=32, width=16, kept=0):
 
 @pytest.mark.parametrize("opts", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9),
                                   dict(temperature=0.0, top_k=0, top_p=1.0),
-                                  dict(temperature=0.7, top_k=5, top_p=0.9, keep=True)])
+                                  dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, keep=True)])
 def test_the_decode_step_is_one_graph_and_never_reads_the_device_from_the_host(opts):
     """What capture needs of the step: no graph break, and no op that makes the host wait for the device (a
     tensor read back as a number, a shape that depends on values)."""

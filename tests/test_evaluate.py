@@ -211,6 +211,19 @@ def test_padded_vocab_rows_are_never_sampled(tok):
     assert max(greedy.tokens[0]) < tok.vocab_size and all(lp > -50 for lp in greedy.logprobs[0])
 
 
+def test_min_p_near_1_samples_the_greedy_tokens(tok):
+    """min_p 0.999 leaves each position its likeliest token alone (a random model's logits do not tie): sampled
+    at T = 1 through complete, the outputs are greedy decoding's, which plain sampling's are not."""
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                    max_seq_len=128))
+    model.init_weights()
+    questions = ["What is 1 + 1?", "What is 6 times 7?"]
+    greedy = engine.complete(model, tok, questions, max_new_tokens=12)
+    near = engine.complete(model, tok, questions, max_new_tokens=12, temperature=1.0, min_p=0.999, seed=1)
+    plain = engine.complete(model, tok, questions, max_new_tokens=12, temperature=1.0, seed=1)
+    assert [c.ids for c in near] == [c.ids for c in greedy] != [c.ids for c in plain]
+
+
 def test_tool_rounds_splice_the_sandbox_output_into_the_context(tok):
     """The program run is the last one written, the one the output mark follows."""
     model = Scripted(tok, [("Try.\n```python\nprint(6 + 7)\n```\nNo: compute.\n```python\nprint(6 * 7)\n```\n```output",

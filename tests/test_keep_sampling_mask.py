@@ -33,6 +33,9 @@ def test_the_kept_ids_are_the_top_k_nucleus_and_the_log_prob_and_entropy_are_ove
     torch.testing.assert_close(ent, torch.full((400,), -p * math.log(p) - (1 - p) * math.log(1 - p)), atol=1e-6,
                                rtol=0)
     torch.testing.assert_close(plain_lp, (logits / 0.5).log_softmax(-1).gather(1, tok[:, None])[:, 0])
+    # min-p 0.3 in place of top-p keeps the same two (tempered logits within -log 0.3 = 1.2 of the largest)
+    tok_m, lp_m, ent_m, kept_m = engine.draw(logits, u, 0.5, 4, 1.0, min_p=0.3, keep=True)
+    assert torch.equal(tok_m, tok) and torch.equal(kept_m, kept) and torch.equal(lp_m, lp) and torch.equal(ent_m, ent)
 
 
 def test_top_k_keeps_exactly_k_ids_when_logits_tie():
@@ -155,16 +158,17 @@ def test_packed_rows_carry_each_tokens_kept_ids_and_minus_one_elsewhere():
 
 
 def test_grpo_trains_the_policy_over_the_ids_its_sampler_kept(base, data_dir, tmp_path, monkeypatch):
-    """One step at T = 1.5, top_k 3, top_p 0.7 and μ = 2 (π_old made by the trainer): the sampler's log-probs
-    over the kept ids are π_old's and the policy's, within fp32's rounding; the kept ids' mean count and the
-    share of tokens kept alone are logged. Over the whole vocabulary (the mask dropped from the batch) π_old is
-    lower by the mass outside them, most of it for a tiny model at T = 1.5. Rollouts without kept ids are
-    refused."""
+    """One step at T = 1.5, top_k 3, top_p 0.7 (min_p 0.05, which a tiny model's flat top 3 never meets) and
+    μ = 2 (π_old made by the trainer): the sampler's log-probs over the kept ids are π_old's and the policy's,
+    within fp32's rounding; the kept ids' mean count and the share of tokens kept alone are logged. Over the whole
+    vocabulary (the mask dropped from the batch) π_old is lower by the mass outside them, most of it for a tiny
+    model at T = 1.5. Rollouts without kept ids are refused."""
     flags = ("--max-steps", "1", "--eval-every", "0", "--report-problems", "0", "--mu", "2", "--top-k", "3",
-             "--top-p", "0.7", "--keep-sampling-mask")
+             "--top-p", "0.7", "--min-p", "0.05", "--keep-sampling-mask")
     real, drawn = engine.complete, []
 
     def recorded(*a, **k):
+        assert (k["top_k"], k["min_p"], k["keep"]) == (3, 0.05, True) and a[6] == 0.7  # a[6]: top_p
         drawn.extend(real(*a, **k))
         return drawn[-len(a[2]):]
     monkeypatch.setattr(engine, "complete", recorded)
