@@ -100,19 +100,20 @@ def arithmetic_report(records):
 
 
 def grade(model, tok, problems, prompt="cot", samples=1, temperature=0.0, top_p=1.0, max_new_tokens=512, batch=64,
-          seed=0, workers=1, index=None, progress=None):
+          seed=0, workers=1, index=None, progress=None, top_k=0, min_p=0.0):
     """Generate `samples` completions per problem and grade them: one record per problem with its completions,
     extracted answers and verdicts. Sample s of problem j draws from stream index[j] * samples + s of `seed`
     (index: the problems' places in the whole set, default 0, 1, ...), so a set graded in parts, or shared out
     over ranks, samples what it would whole. model: a Transformer, or an engine.Decoder kept across calls (a
     compiled step then compiles once). workers > 1 grades in that many forked processes (sympy on hard answers);
-    keep 1 inside torchrun, where forking is unsafe. progress: anything with .update(n), told of each sample."""
+    keep 1 inside torchrun, where forking is unsafe. progress: anything with .update(n), told of each sample.
+    top_p, top_k, min_p: the sampler's cuts (engine.cut), as rollouts may make them."""
     index = range(len(problems)) if index is None else index
     net = model.model if isinstance(model, Decoder) else model
     was_training = net.training
     net.eval()
     comps = complete(model, tok, [p["question"] for p in problems for _ in range(samples)], prompt, max_new_tokens,
-                     temperature, top_p, seed=seed, batch=batch, progress=progress,
+                     temperature, top_p, seed=seed, batch=batch, progress=progress, top_k=top_k, min_p=min_p,
                      streams=[j * samples + s for j in index for s in range(samples)])
     net.train(was_training)
     texts = [c.text for c in comps]
@@ -213,7 +214,11 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", default="cot", choices=sorted(PROMPTS), help="answer format")
     ap.add_argument("--samples", type=int, default=1, help="completions per problem (K of maj@K, pass@K)")
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                    "probability reaches P")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens (0: every token)")
+    ap.add_argument("--min-p", type=float, default=0.0, help="sample from the tokens at least P times as likely as "
+                    "the likeliest (0: every token)")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
     ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
@@ -226,7 +231,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="capture the decode step (a CUDA graph on GPU; "
                     "engine.Decoder)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not 0 < args.top_p <= 1 or args.top_k < 0 or not 0 <= args.min_p < 1:
+        ap.error(f"--top-p {args.top_p} --top-k {args.top_k} --min-p {args.min_p}: a probability in (0, 1], a number "
+                 "of tokens >= 0 and a ratio in [0, 1)")
+    return args
 
 
 # Sequences a part of the set holds (x --batch): the predictions are saved after each part, so a stopped run loses
@@ -237,8 +246,8 @@ PART = 16
 def settings_of(args, temperature, dtype):
     """What the predictions depend on: a run may only go on from a stopped one with the same (--limit, --batch,
     --workers and --compile change none of them: samples are a function of their seed, stream and position)."""
-    keys = ("prompt", "samples", "top_p", "max_new_tokens", "seed", "question_field", "answer_field", "solution_field",
-            "chat_template", "system", "device")
+    keys = ("prompt", "samples", "top_p", "top_k", "min_p", "max_new_tokens", "seed", "question_field", "answer_field",
+            "solution_field", "chat_template", "system", "device")
     return dict(model=os.path.abspath(args.model), data=os.path.abspath(args.data), temperature=temperature,
                 dtype=str(dtype), **{k: getattr(args, k) for k in keys})
 
@@ -286,7 +295,8 @@ def grade_in_parts(args, model, tok, problems, temperature, settings, out):
     for lo in range(begun, n, size):
         part = problems[lo:lo + size]
         new = grade(decoder, tok, part, args.prompt, args.samples, temperature, args.top_p, args.max_new_tokens,
-                    args.batch, args.seed, args.workers, index=range(lo, lo + len(part)), progress=bar)
+                    args.batch, args.seed, args.workers, index=range(lo, lo + len(part)), progress=bar,
+                    top_k=args.top_k, min_p=args.min_p)
         jsonl.append_jsonl(partial, new)
         records += new
         right = sum(sum(r["correct"]) for r in records) / (len(records) * args.samples)

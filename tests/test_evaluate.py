@@ -177,19 +177,23 @@ def test_metrics_by_type_and_level_whatever_the_levels_are_written_as():
 
 def test_what_a_stopped_evaluation_must_share_to_go_on():
     """The flags that change a prediction are in its settings (a run goes on only from one with the same); the
-    size of the set, the batch, the grading workers, compiling and the output's name change none."""
+    size of the set, the batch, the grading workers, compiling and the output's name change none. Sampler cuts
+    that leave no token are refused."""
     def settings(*flags, temperature=0.0, dtype=torch.float32):
         return evaluate.settings_of(evaluate.parse_args(list(flags)), temperature, dtype)
     base = settings()
     for flags in (["--model", "other"], ["--data", "other.jsonl"], ["--prompt", "tool"], ["--samples", "4"],
-                  ["--top-p", "0.9"], ["--max-new-tokens", "9"], ["--seed", "1"], ["--question-field", "q"],
-                  ["--answer-field", "a"], ["--solution-field", "s"], ["--chat-template"], ["--system", "Hi."],
-                  ["--device", "cuda"]):
+                  ["--top-p", "0.9"], ["--top-k", "5"], ["--min-p", "0.1"], ["--max-new-tokens", "9"], ["--seed", "1"],
+                  ["--question-field", "q"], ["--answer-field", "a"], ["--solution-field", "s"], ["--chat-template"],
+                  ["--system", "Hi."], ["--device", "cuda"]):
         assert settings(*flags) != base, flags
     assert settings(temperature=0.7) != base and settings(dtype=torch.bfloat16) != base
     for flags in (["--limit", "5"], ["--batch", "8"], ["--workers", "3"], ["--compile"], ["--out", "p.jsonl"],
                   ["--skip-bad"]):
         assert settings(*flags) == base, flags
+    for cut in (["--top-p", "0"], ["--top-k", "-1"], ["--min-p", "1"]):  # a sampler left no token: refused
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(cut)
 
 
 def test_padded_vocab_rows_are_never_sampled(tok):
@@ -346,6 +350,7 @@ def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(to
     def stopped_in_part(k):
         def grade_part(*a, **kw):
             parts.append(kw["index"])
+            assert (kw["top_k"], kw["min_p"]) == (args.top_k, args.min_p)  # the sampler's flags reach it
             if len(parts) == k:
                 raise KeyboardInterrupt
             return grade(*a, **kw)
