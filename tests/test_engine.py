@@ -196,6 +196,22 @@ def test_the_decoder_draws_each_token_from_softmax_of_its_logits_over_t():
         assert chi_square_ok(pooled, [*probs.masked_fill(rare, 0).tolist(), probs[rare].sum().item()], n), k
 
 
+def test_the_cut_keeps_what_transformers_warpers_keep():
+    """On random rows of logits, the tokens engine.cut leaves at each (top_k, top_p, min_p), and their logits, are
+    those transformers' TopK, TopP and MinP warpers leave, applied in its order (a second implementation)."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(256, 50) * 3
+    for top_k, top_p, min_p in ((10, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1), (10, 0.8, 0.05), (5, 0.95, 0.3),
+                                (0, 0.7, 0.2)):
+        ours, theirs = engine.cut(logits, top_k, top_p, min_p)[0], logits.clone()
+        for on, warper in ((top_k, TopKLogitsWarper(max(top_k, 1))), (top_p < 1, TopPLogitsWarper(top_p)),
+                           (min_p, MinPLogitsWarper(max(min_p, 1e-3)))):
+            theirs = warper(None, theirs) if on else theirs
+        kept = theirs > float("-inf")
+        assert torch.equal(ours > float("-inf"), kept) and torch.equal(ours[kept], theirs[kept])
+        assert 1 < kept.sum(-1).float().mean() < 50  # each setting cuts, and leaves more than the likeliest
+
+
 def test_the_nucleus_is_the_smallest_set_that_reaches_top_p():
     """Four equal logits, each token 0.25 exactly: the nucleus of 0.5 is two tokens, of 0.75 three (the mass
     before a token reaching top_p drops it, where only exceeding it would keep one token more)."""
