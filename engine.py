@@ -105,6 +105,15 @@ def cut(logits, top_k=0, top_p=1.0, min_p=0.0):
     return logits, F.pad(ids, (0, top_k - ids.size(-1)), value=-1)  # top_k past the vocabulary: -1 after it all
 
 
+def cuts_refused(top_k, top_p, min_p):
+    """Why cut cannot take these settings (each would leave no token, or is not a number of tokens), or None: what
+    generate and the command lines refuse."""
+    if top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p < 1:
+        return (f"top-k {top_k}, top-p {top_p} and min-p {min_p}: top-k is a number of tokens >= 0, top-p a "
+                "probability in (0, 1], min-p a ratio in [0, 1)")
+    return None
+
+
 def _nucleus(sorted_logits, top_p):
     """Logits sorted in descending order with -inf from the first token whose mass before it reaches top_p."""
     p = sorted_logits.softmax(-1)
@@ -365,9 +374,8 @@ class Decoder:
         model, cfg = self.model, self.model.config
         if stop and decode is None:
             raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
-        if not (0 <= min_p < 1 and 0 < top_p <= 1 and top_k >= 0):
-            raise ValueError(f"generate: top_k={top_k}, top_p={top_p}, min_p={min_p}: top_k >= 0, top_p in (0, 1] "
-                             "and min_p in [0, 1)")
+        if refused := cuts_refused(top_k, top_p, min_p):
+            raise ValueError(f"generate: {refused}")
         if keep and not (top_k and temperature):
             raise ValueError("generate(keep=True) stores the top_k ids a token could have been: it needs top_k > 0 "
                              "and temperature > 0")

@@ -33,7 +33,7 @@ import common
 import jsonl
 import problem_sets
 import reward
-from engine import PROMPTS, Decoder, add_chat_args, complete, use_chat_args
+from engine import PROMPTS, Decoder, add_chat_args, complete, cuts_refused, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -232,9 +232,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="capture the decode step (a CUDA graph on GPU; "
                     "engine.Decoder)")
     args = ap.parse_args(argv)
-    if not 0 < args.top_p <= 1 or args.top_k < 0 or not 0 <= args.min_p < 1:
-        ap.error(f"--top-p {args.top_p} --top-k {args.top_k} --min-p {args.min_p}: a probability in (0, 1], a number "
-                 "of tokens >= 0 and a ratio in [0, 1)")
+    if refused := cuts_refused(args.top_k, args.top_p, args.min_p):
+        ap.error(refused)
     return args
 
 

@@ -195,9 +195,8 @@ def check_args(ap, args):
                  "outputs (outcome), a process model their steps (process)")
     if args.temperature <= 0:
         ap.error(f"--temperature {args.temperature}: GRPO samples G different outputs a question, at T > 0")
-    if not 0 < args.top_p <= 1 or args.top_k < 0 or not 0 <= args.min_p < 1:
-        ap.error(f"--top-p {args.top_p} --top-k {args.top_k} --min-p {args.min_p}: a probability in (0, 1], a number "
-                 "of tokens >= 0 and a ratio in [0, 1)")
+    if refused := engine.cuts_refused(args.top_k, args.top_p, args.min_p):
+        ap.error(refused)
     if args.keep_sampling_mask and not args.top_k:
         ap.error("--keep-sampling-mask stores the ids each token could have been, at most --top-k of them: add "
                  "--top-k K (with --top-p too, if you like)")

@@ -118,10 +118,10 @@ def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, probl
     (["--off-policy-mask", "0.1", "--online-rft"], "--online-rft gives none"),
     (["--top-entropy", "0"], "--top-entropy 0.0: a share of the tokens, in (0, 1]"),
     (["--temperature", "0"], "--temperature 0.0: GRPO samples G different outputs a question, at T > 0"),
-    (["--top-p", "0"], "--top-p 0.0 --top-k 0 --min-p 0.0: a probability in (0, 1], a number of tokens >= 0"),
-    (["--top-k", "-1"], "--top-p 1.0 --top-k -1 --min-p 0.0: a probability in (0, 1]"),
-    (["--min-p", "1"], "--top-p 1.0 --top-k 0 --min-p 1.0: a probability in (0, 1], a number of tokens >= 0 and a "
-                       "ratio in [0, 1)"),
+    (["--top-p", "0"], "top-k 0, top-p 0.0 and min-p 0.0: top-k is a number of tokens >= 0, top-p a probability"),
+    (["--top-k", "-1"], "top-k -1, top-p 1.0 and min-p 0.0: top-k is a number of tokens >= 0"),
+    (["--min-p", "1"], "top-k 0, top-p 1.0 and min-p 1.0: top-k is a number of tokens >= 0, top-p a probability in "
+                       "(0, 1], min-p a ratio in [0, 1)"),
     (["--keep-sampling-mask", "--top-p", "0.9"], "--keep-sampling-mask stores the ids each token could have been"),
 ])
 def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):

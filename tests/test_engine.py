@@ -269,7 +269,7 @@ def test_prompts_that_leave_no_room_and_samplers_that_keep_nothing_are_a_clear_e
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate(m, [[]], 5)
     for bad in (dict(min_p=1.0), dict(min_p=-0.1), dict(top_p=0.0), dict(top_k=-1)):
-        with pytest.raises(ValueError, match="top_k >= 0, top_p in"):
+        with pytest.raises(ValueError, match=r"generate: top-k .*: top-k is a number of tokens >= 0, top-p a"):
             engine.generate(m, [[1]], 2, **bad)
 
 

@@ -175,7 +175,7 @@ def test_metrics_by_type_and_level_whatever_the_levels_are_written_as():
                                                                                   "Geometry": (1, 0.0)}
 
 
-def test_what_a_stopped_evaluation_must_share_to_go_on():
+def test_what_a_stopped_evaluation_must_share_to_go_on(capsys):
     """The flags that change a prediction are in its settings (a run goes on only from one with the same); the
     size of the set, the batch, the grading workers, compiling and the output's name change none. Sampler cuts
     that leave no token are refused."""
@@ -194,6 +194,7 @@ def test_what_a_stopped_evaluation_must_share_to_go_on():
     for cut in (["--top-p", "0"], ["--top-k", "-1"], ["--min-p", "1"]):  # a sampler left no token: refused
         with pytest.raises(SystemExit):
             evaluate.parse_args(cut)
+        assert "min-p a ratio in [0, 1)" in capsys.readouterr().err
 
 
 def test_padded_vocab_rows_are_never_sampled(tok):
