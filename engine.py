@@ -348,8 +348,8 @@ class Decoder:
         self.rows = _Rows.empty(cfg, R, S, W, K, dtype, dev)
         for t in self.rows.tensors():
             torch._dynamo.mark_static_address(t)  # a graph's input that stays where it is: no copy per replay
-            # rows, positions and width (not heads, head dim or K) are sizes, or one equal to a model's (64 rows,
-            # a head dim of 64: duck sizing) fixes the graph to these buffers and larger ones compile it again
+            # rows, positions and width (not heads, head dim or K) are sizes, or one equal to a model's (32 rows of
+            # a 7B model's 32 heads: duck sizing) fixes the graph to these buffers and larger ones compile it again
             for dim in (0, 2) if t.dim() == 4 else range(min(t.dim(), 2)):  # k, v: (rows, heads, positions, dim)
                 torch._dynamo.maybe_mark_dynamic(t, dim)
         return self.rows
