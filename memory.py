@@ -65,7 +65,7 @@ def activation_bytes(config, micro_batch, seq_len, checkpointed, dtype=torch.bfl
     with torch.device("meta"):
         block = Transformer(dataclasses.replace(config, n_layers=1)).layers[0].to(dtype)
         x = torch.empty(micro_batch, seq_len, config.dim, dtype=dtype, requires_grad=True)
-        cos = torch.empty(1, 1, seq_len, config.head_dim, dtype=dtype)
+        cos = torch.empty(1, seq_len, 1, config.head_dim, dtype=dtype)
         sdpa = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = lambda q, k, v, **kw: _FlashStandIn.apply(q, k, v)
         try:

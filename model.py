@@ -111,7 +111,7 @@ def rope_frequencies(cfg: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, H, T, D); cos, sin: (B or 1, 1, T, D). Hugging Face's "rotate half" layout: the pairs rotated
+    # x: (B, T, H, D); cos, sin: (B or 1, T, 1, D). Hugging Face's "rotate half" layout: the pairs rotated
     # together are (i, i + D/2), not (2i, 2i+1), so Llama checkpoints load without permuting q and k.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -139,8 +139,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         # the query and key heads rotated together: half the elementwise ops of rotating each (a decode step
-        # is bound by how many it launches)
-        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        # is bound by how many it launches); rotated in the projection's (B, T, heads, D) layout, then transposed:
+        # rotating the transposed view made a compiled block's backward fail at its third sequence length (torch
+        # inductor fixed the attention output's strides at the length it compiled for, with the length symbolic)
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.transpose(1, 2)
         if kv is not None and pos is None:
             kv[0][:, :, :T], kv[1][:, :, :T] = k, v
@@ -275,10 +277,10 @@ class Transformer(nn.Module):
         if positions is None and pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]  # (1, 1, T, D)
+            cos, sin = self.rope_cos[:T][None, :, None], self.rope_sin[:T][None, :, None]  # (1, T, 1, D)
         else:
             at = positions if positions is not None else pos[:, None]  # (B, T)
-            cos, sin = self.rope_cos[at][:, None], self.rope_sin[at][:, None]  # (B, 1, T, D)
+            cos, sin = self.rope_cos[at][:, :, None], self.rope_sin[at][:, :, None]  # (B, T, 1, D)
         x = self.embed_tokens(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.layers):

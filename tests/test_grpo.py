@@ -686,14 +686,16 @@ def test_every_option_runs_a_step(base, data_dir, tmp_path, flags):
 
 def test_compiled_rollouts_and_blocks_train_as_eager(base, data_dir, tmp_path):
     """--compile: the rollouts' decode step captured once for the run (its Decoder keeps a copy of the weights,
-    refreshed each step) and each block compiled for training: the same rollouts and the same steps as eager."""
-    flags = ("--max-steps", "2", "--eval-every", "0", "--report-problems", "0", "--lr", "0.02", "--weight-decay",
+    refreshed each step) and each block compiled for training: the same rollouts and the same steps as eager, on
+    three steps (each step's rows have another length: the third runs graphs compiled at the second's)."""
+    flags = ("--max-steps", "3", "--eval-every", "0", "--report-problems", "0", "--lr", "0.02", "--weight-decay",
              "0.5")  # no reward for a tiny model: decay moves the policy
     rows = {}
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
         r = run(grpo_args(base, data_dir, tmp_path / name, *flags, *extra))
         assert r.returncode == 0, r.stderr[-2000:]
         rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows["eager"]) == len(rows["compiled"]) == 3
     for a, b in zip(rows["eager"], rows["compiled"]):  # step 2 samples from the weights step 1 changed
         assert (a["length"], a["reward"]) == (b["length"], b["reward"])
         assert b["logprob_gap_max"] < 1e-4  # the sampler's log-probs are the policy's: its weights were refreshed

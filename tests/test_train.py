@@ -258,7 +258,7 @@ def test_the_plan_counts_a_block_with_flash_attention_by_its_storage(n_kv_heads,
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: FlashLike.apply(q, k, v))
     x = torch.randn(B, T, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = (t[:T][None, None].to(torch.bfloat16) for t in (model.rope_cos, model.rope_sin))
+    cos, sin = (t[:T][None, :, None].to(torch.bfloat16) for t in (model.rope_cos, model.rope_sin))
     measured = saved_storage_bytes(block, lambda: block(x, cos, sin))
     monkeypatch.undo()
     assert 0.98 < memory.activation_bytes(cfg, B, T, 0) / measured <= 1.0
