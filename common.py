@@ -282,15 +282,17 @@ def checkpointed_blocks(mode, d, n_layers, peak_of):
     return k
 
 
-def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None, compile=False, frozen=False):
+def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None, compile=False, fixed_length=False,
+                frozen=False):
     """Build on the meta device (no memory), with LoRA adapters (rank, alpha) if given (lora.py: all else
     frozen), or all frozen (`frozen`: π_ref, a reward model that is only read), wrap the first `checkpointed`
-    blocks for activation checkpointing (checkpointed_blocks), compile each block if asked and FSDP2-wrap it,
-    materialise only this rank's shard, then load the initial weights (init_dir's, or a random init from `seed`;
-    the adapters' start from it too) broadcast from rank 0. Frozen parameters are kept in the compute dtype: with
-    no update to accumulate they need no fp32 master copy (FSDP2 would cast them to it for every forward anyway,
-    so the forwards are the same to the bit), and they take half the memory (at 7B: 12.9 GiB less for LoRA on one
-    GPU, 1.6 GiB a GPU less for π_ref on eight)."""
+    blocks for activation checkpointing (checkpointed_blocks), compile each block if asked (for rows of any
+    length, or of one: `fixed_length`, pretraining's) and FSDP2-wrap it, materialise only this rank's shard, then
+    load the initial weights (init_dir's, or a random init from `seed`; the adapters' start from it too)
+    broadcast from rank 0. Frozen parameters are kept in the compute dtype: with no update to accumulate they need
+    no fp32 master copy (FSDP2 would cast them to it for every forward anyway, so the forwards are the same to the
+    bit), and they take half the memory (at 7B: 12.9 GiB less for LoRA on one GPU, 1.6 GiB a GPU less for π_ref on
+    eight)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -308,8 +310,9 @@ def build_model(config, d, *, seed, init_dir=None, checkpointed=0, adapters=None
         if i < checkpointed:  # keep the block's input, recompute the rest in backward; the first blocks, as their
             # backward comes last, when the later blocks' activations are freed (memory.activation_bytes)
             block = model.layers[i] = checkpoint_wrapper(block)
-        if compile:
-            block.compile()
+        if compile:  # rows of another length each step or micro-batch: the length symbolic from the first call
+            # (a graph specialised to the first length would serve that one call, then compile again)
+            block.compile(dynamic=None if fixed_length else True)
     if d.fsdp:
         # compute-dtype copies of the params, fp32 sharded master weights, fp32 gradient reduction (torchtitan)
         mp = MixedPrecisionPolicy(param_dtype=d.dtype, reduce_dtype=torch.float32)

@@ -259,7 +259,7 @@ def train_mfu(args, device):
     for compiled in (False, True):
         name = "compiled" if compiled else "eager"
         try:
-            model = common.build_model(config, d, seed=0, checkpointed=ac, compile=compiled)
+            model = common.build_model(config, d, seed=0, checkpointed=ac, compile=compiled, fixed_length=True)
             opt = common.make_optimizer(model, optim)
             sec = timed([lambda: common.train_step(model, opt, batch, d, optim, 0)], args.repeats, device)[0]
         except Exception as e:  # a configuration that fails is a row, not the end of the check

@@ -101,7 +101,8 @@ def main(args):
         config = config_from_hf(args.init)
     ac = checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(
         memory.train_plan(config, d.world, args.micro_batch, args.seq_len, k)))
-    model = build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac, compile=args.compile)
+    model = build_model(config, d, seed=args.seed, init_dir=args.init, checkpointed=ac, compile=args.compile,
+                        fixed_length=True)
     optim = Optim.of(args)
     opt = make_optimizer(model, optim)
     step = start_run(args, d, model, opt, ("preset", "init", "data", "mixture", "batch_tokens", "seq_len", "seed"))

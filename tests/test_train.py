@@ -379,6 +379,28 @@ def test_a_run_claims_its_directory(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_compiled_blocks_run_every_length_on_one_graph_as_eager():
+    """--compile (common.build_model): GRPO's, SFT's and PPO's rows change length every step or micro-batch, so each
+    block's graph holds the length symbolic from the first call: a second length runs the first graph (one
+    specialised to the first length would serve that call alone, then compile again), with eager's outputs and
+    gradients. Rotating q and k in their transposed layout made torch fix the attention output's strides at the
+    compiled length, and the backward failed at the next (GRPO --compile's third step)."""
+    from torch._dynamo.utils import counters
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    d = common.one_process("cpu")
+    eager, compiled = (common.build_model(cfg, d, seed=0, compile=c) for c in (False, True))
+    graphs = counters["stats"]["unique_graphs"]
+    for T in (9, 7):
+        tokens = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+        results = []
+        for model in (eager, compiled):
+            logits = model(tokens)
+            results.append((logits, *torch.autograd.grad((logits * logits).sum(), list(model.parameters()))))
+        for want, got in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
 def test_one_process_trains_in_bf16_as_in_fp32(group_of_one):
     """One GPU at --dtype bfloat16 (the default) computes as 8 GPUs do, through FSDP2's mixed precision in a
     group of one: fp32 master weights, bf16 parameters in the forward and so a bf16 residual stream (autocast
