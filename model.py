@@ -140,8 +140,8 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         # the query and key heads rotated together: half the elementwise ops of rotating each (a decode step
         # is bound by how many it launches); rotated in the projection's (B, T, heads, D) layout, then transposed:
-        # rotating the transposed view made a compiled block's backward fail at its third sequence length (torch
-        # inductor fixed the attention output's strides at the length it compiled for, with the length symbolic)
+        # rotating the transposed view made a compiled block's backward fail at any length but the one it was
+        # compiled at (torch inductor fixed the attention output's strides there, the length itself symbolic)
         q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.transpose(1, 2)
         if kv is not None and pos is None:
