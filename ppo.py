@@ -48,8 +48,8 @@ def advantages(batches, ref_logp, values, beta, lam, d):
     """PPO's advantages: per token the reward r_t = r_φ·[t is the last] − β log(π_old/π_ref) (paper Eq. 2: the
     KL is a penalty in the reward, not a term of the loss), then GAE with γ = 1 over the tokens each output's
     model wrote (the sandbox's are skipped) against the value model's V_t, then whitened over every token of
-    the step on all ranks. Overwrites b.advantages (which held r_φ at the last token, from outcome_at_end) and
-    sets b.returns, the value model's targets."""
+    the step on all ranks (all 0 where they agree to 1e-6: no signal). Overwrites b.advantages (which held r_φ at
+    the last token, from outcome_at_end) and sets b.returns, the value model's targets."""
     total = sq = 0.0
     for b, ref, v in zip(batches, ref_logp, values):
         r = (b.advantages - beta * (b.sampler_logp - ref)) * b.mask  # (b, T)
@@ -66,8 +66,10 @@ def advantages(batches, ref_logp, values, beta, lam, d):
     n = common.all_sum(d, sum(int(b.mask.sum()) for b in batches))
     mean = common.all_sum(d, total) / max(n, 1)
     std = max(common.all_sum(d, sq) / max(n, 1) - mean ** 2, 0.0) ** 0.5
-    for b in batches:
-        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask
+    for b in batches:  # advantages that agree to 1e-6 carry no signal (every reward equal, the values where they
+        # started): whitening would scale their float noise to unit size, and AdamW that into full steps; 0, as
+        # GRPO gives a group whose rewards agree
+        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask if std >= 1e-6 else b.advantages * 0
 
 
 def value_loss_sum(v, old_v, returns, mask, clip):

@@ -64,6 +64,21 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
     assert not b.advantages[~b.mask].any()  # nothing on the prompt
 
 
+def test_advantages_without_a_signal_are_zero_not_whitened_noise():
+    """No output scored (every reward 0), the value model at its start (its zero head: V = 0) and π_old = π_ref but
+    for float noise (1e-7, as a decode step's log-probs and a forward pass's differ): GAE's advantages are that
+    noise, and whitening would scale it to unit size (AdamW then takes a full step on it: a 1e-8 gradient moves
+    the weights as a real one does). They are 0, as GRPO's for a group whose rewards agree."""
+    comps = [Completion([1, 2], [5, 6, 7], [True] * 3, True, "", [-0.5, -1.0, -0.2]),
+             Completion([1, 2], [8, 9], [True] * 2, True, "", [-0.3, -0.7])]
+    rows = pack_rows(comps, outcome_at_end(comps, torch.tensor([0.0, 0.0])), 2, 2, False, "sequence")
+    [b] = micro_batches(rows, 4, 0, "cpu")
+    noise = torch.randn(b.sampler_logp.shape, generator=torch.Generator().manual_seed(0)) * 1e-7
+    advantages([b], [b.sampler_logp + noise], [torch.zeros(b.inputs.shape)], 0.04, 0.95,
+               common.Dist(0, 1, torch.device("cpu")))
+    assert not b.advantages.any()
+
+
 def test_the_outcome_is_on_the_last_token_the_model_wrote():
     """A tool round's output ends the completion: r_φ goes on the model's last token before it, not on the
     sandbox's."""
