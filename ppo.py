@@ -69,7 +69,7 @@ def advantages(batches, ref_logp, values, beta, lam, d):
     for b in batches:  # advantages that agree to 1e-6 carry no signal (every reward equal, the values where they
         # started): whitening would scale their float noise to unit size, and AdamW that into full steps; 0, as
         # GRPO gives a group whose rewards agree
-        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask if std >= 1e-6 else b.advantages * 0
+        b.advantages = (b.advantages - mean) / (std + 1e-8) * b.mask if std >= 1e-6 else torch.zeros_like(b.advantages)
 
 
 def value_loss_sum(v, old_v, returns, mask, clip):
