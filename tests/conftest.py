@@ -16,6 +16,11 @@ import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# pyproject.toml runs the tests in a worker per core (pytest-xdist): each worker's torch takes its share of the
+# cores, not all of them, or two workers' thread pools fight over each core
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def seeded():
