@@ -60,7 +60,7 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=Optim.we
     it sharpens."""
     def add(flag, help=None, **kw):
         ap.add_argument(flag, help=(helps or {}).get(flag, help), **kw)
-    add("--warmup", type=int, default=warmup, help="warmup steps")
+    add("--warmup", type=count, default=warmup, help="warmup steps")
     add("--schedule", default=schedule, choices=["constant", "cosine", "multistep"], help="LR after --warmup "
         "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the "
         "steps)")
@@ -72,12 +72,29 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=Optim.we
         help="recompute blocks in backward: on (every block; the flag alone), off, or auto (default): on a GPU the "
         "fewest blocks for the memory plan to fit 90%% of its memory, on a CPU none")
     add("--compile", action="store_true", help="torch.compile each block")
-    add("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (and at the end and on "
+    add("--ckpt-every", type=positive, default=ckpt_every, help="checkpoint every N steps (and at the end and on "
         "SIGTERM)")
     add("--resume", action="store_true", help="continue from the last checkpoint in --out")
     add("--wandb", metavar="PROJECT", type=wandb_project, help="mirror metrics.jsonl to Weights & Biases (pip "
         "install wandb)")
     add("--seed", type=int, default=0)
+
+
+def at_least(lo):
+    """An argparse type: a whole number >= lo, else one line naming the flag (a count of 0 went on to a division by
+    zero or an empty batch deep inside the run)."""
+    def whole_number(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"{n}: expected {lo} or more")
+        return n
+    return whole_number
+
+
+count, positive = at_least(0), at_least(1)  # the types of the scripts' flags that count things
 
 
 def wandb_project(name):

@@ -33,6 +33,7 @@ import common
 import jsonl
 import problem_sets
 import reward
+from common import count, positive
 from engine import PROMPTS, Decoder, add_chat_args, complete, cuts_refused, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
@@ -212,22 +213,22 @@ def parse_args(argv=None):
                     "llama/qwen2/qwen3/mistral one)")
     ap.add_argument("--data", default="out/toy/data/problems/test.jsonl", help="GSM8K / MATH / our jsonl")
     ap.add_argument("--prompt", default="cot", choices=sorted(PROMPTS), help="answer format")
-    ap.add_argument("--samples", type=int, default=1, help="completions per problem (K of maj@K, pass@K)")
+    ap.add_argument("--samples", type=positive, default=1, help="completions per problem (K of maj@K, pass@K)")
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
     ap.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
                     "probability reaches P")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens (0: every token)")
     ap.add_argument("--min-p", type=float, default=0.0, help="sample from the tokens at least P times as likely as "
                     "the likeliest (0: every token)")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="cut at the model's context length if longer")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N problems (0: all)")
-    ap.add_argument("--batch", type=int, default=64, help="sequences decoded at once (the KV cache's rows)")
+    ap.add_argument("--max-new-tokens", type=positive, default=512, help="cut at the model's context length if longer")
+    ap.add_argument("--limit", type=count, default=0, help="only the first N problems (0: all)")
+    ap.add_argument("--batch", type=positive, default=64, help="sequences decoded at once (the KV cache's rows)")
     problem_sets.add_problem_args(ap)
     add_chat_args(ap)
     ap.add_argument("--out", default=None, help="predictions jsonl (default: <model>/eval-<data>-<prompt>.jsonl)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
-    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="grading processes")
+    ap.add_argument("--workers", type=positive, default=os.cpu_count(), help="grading processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="capture the decode step (a CUDA graph on GPU; "
                     "engine.Decoder)")

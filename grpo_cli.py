@@ -6,6 +6,7 @@ import common
 import engine
 import lora
 import problem_sets
+from common import count, positive
 from fused_kernels import KL_TERMS
 from model import PRESETS
 
@@ -27,13 +28,13 @@ def parse_args(argv=None):
     problem_sets.add_problem_args(ap)
     engine.add_chat_args(ap)
     ap.add_argument("--out", default="out/toy/grpo")
-    ap.add_argument("--max-steps", type=int, default=80)
-    ap.add_argument("--questions", type=int, default=16, help="questions per step, all ranks")
-    ap.add_argument("--oversample", type=int, default=1, help="draw K x --questions, train on the --questions whose "
-                    "rewards disagree (DAPO's dynamic sampling; 1: the paper)")
-    ap.add_argument("--group-size", type=int, default=8, help="G, outputs per question (paper: 64)")
+    ap.add_argument("--max-steps", type=count, default=80)
+    ap.add_argument("--questions", type=positive, default=16, help="questions per step, all ranks")
+    ap.add_argument("--oversample", type=positive, default=1, help="draw K x --questions, train on the --questions "
+                    "whose rewards disagree (DAPO's dynamic sampling; 1: the paper)")
+    ap.add_argument("--group-size", type=positive, default=8, help="G, outputs per question (paper: 64)")
     ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (paper: 1024)")
+    ap.add_argument("--max-new-tokens", type=positive, default=96, help="completion budget (paper: 1024)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, at which π_θ, π_old and "
                     "π_ref are trained too, softmax(logits / T), as TRL and verl do (paper: not given)")
     ap.add_argument("--top-p", type=float, default=1.0, help="rollouts draw from the smallest set of tokens whose "
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--keep-sampling-mask", action="store_true", help="π_θ, π_old and π_ref renormalised over the "
                     "tokens --top-k / --top-p / --min-p let the sampler draw at each position, as it drew "
                     "(DeepSeek-V3.2; stores up to --top-k ids a token)")
-    ap.add_argument("--ref-reset", type=int, default=0, help="iterative GRPO: reset the reference every K steps")
+    ap.add_argument("--ref-reset", type=count, default=0, help="iterative GRPO: reset the reference every K steps")
     ap.add_argument("--ref-mixup", type=float, default=1.0, metavar="ALPHA", help="with --ref-reset, a reset moves "
                     "π_ref a share ALPHA of the way to π_θ: π_ref ← ALPHA π_θ + (1 - ALPHA) π_ref (TRL's "
                     "ref_model_mixup_alpha, from TR-DPO; 1: the paper's π_ref ← π_θ)")
@@ -57,9 +58,9 @@ def parse_args(argv=None):
         "--compile": "torch.compile each block for training, and capture the rollouts' decode step (a CUDA graph "
                      "on GPU)"})
     ap.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan and exit")
-    ap.add_argument("--world-size", type=int, default=8, help="GPUs, for --dry-run")
+    ap.add_argument("--world-size", type=positive, default=8, help="GPUs, for --dry-run")
     ap.add_argument("--preset", choices=list(PRESETS), help="for --dry-run: a model.PRESETS shape instead of --init")
-    ap.add_argument("--prompt-tokens", type=int, default=256, help="for --dry-run: tokens of a prompt")
+    ap.add_argument("--prompt-tokens", type=positive, default=256, help="for --dry-run: tokens of a prompt")
     args = ap.parse_args(argv)
     check_args(ap, args)
     return args
@@ -83,15 +84,15 @@ def add_reward_args(ap):
     ap.add_argument("--overlong-buffer", type=int, default=0, metavar="L", help="DAPO's soft overlong punishment: "
                     "a reward falling from 0 to -1 over the last L tokens of --max-new-tokens, added to the others "
                     "(logged as overlong_penalty; 0: off)")
-    ap.add_argument("--rm-refresh", type=int, default=0, metavar="K", help="iterative GRPO (paper §4.1.4, with "
+    ap.add_argument("--rm-refresh", type=count, default=0, metavar="K", help="iterative GRPO (paper §4.1.4, with "
                     "--ref-reset K): every K steps, train the reward model on the policy's new samples, 10%% of them "
                     "replayed")
-    ap.add_argument("--rm-questions", type=int, default=64, help="questions a refresh samples, all ranks")
-    ap.add_argument("--rm-samples", type=int, default=4, help="samples per question of a refresh")
-    ap.add_argument("--rm-steps", type=int, default=20, help="reward-model optimizer steps of a refresh")
-    ap.add_argument("--rm-batch", type=int, default=64, help="reward-model examples per refresh step, all ranks")
+    ap.add_argument("--rm-questions", type=positive, default=64, help="questions a refresh samples, all ranks")
+    ap.add_argument("--rm-samples", type=positive, default=4, help="samples per question of a refresh")
+    ap.add_argument("--rm-steps", type=positive, default=20, help="reward-model optimizer steps of a refresh")
+    ap.add_argument("--rm-batch", type=positive, default=64, help="reward-model examples per refresh step, all ranks")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="reward-model LR of a refresh (constant)")
-    ap.add_argument("--shepherd-samples", type=int, default=4, help="a refresh's completions from each step's "
+    ap.add_argument("--shepherd-samples", type=positive, default=4, help="a refresh's completions from each step's "
                     "prefix for a process model's labels (reward_model.py)")
     ap.add_argument("--supervision", default=None, choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3 "
                     "(default: process with --reward prm, else outcome; rule process rewards: the arithmetic checker)")
@@ -135,11 +136,11 @@ def add_update_args(ap):
     ap.add_argument("--top-entropy", type=float, default=1.0, metavar="RHO", help="the policy-gradient term on the "
                     "share RHO of the step's sampled tokens drawn at the highest entropy, the KL on all (Wang et "
                     "al., 2025: 0.2; TRL's top_entropy_quantile; 1: every token)")
-    ap.add_argument("--mu", type=int, default=1, help="passes over each rollout batch, an update per mini-batch each "
-                    "(paper: 1)")
-    ap.add_argument("--mini-batches", type=int, default=1, metavar="K", help="updates per pass: each rank's questions "
-                    "dealt into K mini-batches of whole groups, the later ones off-policy as at --mu > 1 (verl's "
-                    "ppo_mini_batch_size = --questions / K; paper: 1); the LR is the step's for all")
+    ap.add_argument("--mu", type=positive, default=1, help="passes over each rollout batch, an update per mini-batch "
+                    "each (paper: 1)")
+    ap.add_argument("--mini-batches", type=positive, default=1, metavar="K", help="updates per pass: each rank's "
+                    "questions dealt into K mini-batches of whole groups, the later ones off-policy as at --mu > 1 "
+                    "(verl's ppo_mini_batch_size = --questions / K; paper: 1); the LR is the step's for all")
     ap.add_argument("--ratio", default="token", choices=["token", "sequence"], help="the ratio π_θ/π_old in the "
                     "clip: per token (the paper), or per output, the geometric mean of its tokens' (GSPO, Zheng et "
                     "al., 2025, whose paper clips at --clip-eps 3e-4 --clip-high 4e-4 with --beta 0); the same "
@@ -157,11 +158,11 @@ def add_update_args(ap):
     ap.add_argument("--fp32-head", action="store_true", help="the LM head's GEMM in fp32 for the sampler and the "
                     "trainer alike (bf16 runs): logits bf16 does not round, a smaller sampler/trainer gap (bench.py "
                     "gap), for an fp32 GEMM over the vocabulary")
-    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward per rank "
+    ap.add_argument("--micro-batch", type=positive, default=None, help="sequences per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
-    ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank, the KV cache's "
-                    "rows (default: 128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
-    ap.add_argument("--pack", type=int, default=None, help="completions of one question per training row, behind "
+    ap.add_argument("--gen-batch", type=positive, default=None, help="sequences decoded at once per rank, the KV "
+                    "cache's rows (default: 128 below 1B parameters, 32 above: 7B's KV cache is 480 KiB per token)")
+    ap.add_argument("--pack", type=positive, default=None, help="completions of one question per training row, behind "
                     "one copy of its prompt (default: 8 below 1B parameters; 1 above, a row per completion, until a "
                     "GPU measures the masked attention packing needs against the prompt tokens it saves)")
 
@@ -169,14 +170,14 @@ def add_update_args(ap):
 def add_watch_args(ap):
     """What a run reports while it trains: held-out accuracy, the before/after table, completions.jsonl,
     mid-run exports."""
-    ap.add_argument("--eval-every", type=int, default=10, help="held-out greedy accuracy every N steps (0: never)")
-    ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems for greedy accuracy")
-    ap.add_argument("--report-problems", type=int, default=100, help="held-out problems for the before/after "
+    ap.add_argument("--eval-every", type=count, default=10, help="held-out greedy accuracy every N steps (0: never)")
+    ap.add_argument("--eval-problems", type=positive, default=200, help="held-out problems for greedy accuracy")
+    ap.add_argument("--report-problems", type=count, default=100, help="held-out problems for the before/after "
                     "table's maj@k and pass@k (0: no table)")
-    ap.add_argument("--report-samples", type=int, default=8, help="k of the table's maj@k and pass@k")
-    ap.add_argument("--log-completions", type=int, default=1, metavar="N", help="every N steps, append the first "
+    ap.add_argument("--report-samples", type=positive, default=8, help="k of the table's maj@k and pass@k")
+    ap.add_argument("--log-completions", type=count, default=1, metavar="N", help="every N steps, append the first "
                     "group's outputs with their rewards and advantage to completions.jsonl (0: never)")
-    ap.add_argument("--export-every", type=int, default=0, metavar="N", help="also export the policy as a Hugging "
+    ap.add_argument("--export-every", type=count, default=0, metavar="N", help="also export the policy as a Hugging "
                     "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
                     "end only)")
     ap.add_argument("--report-temperature", type=float, default=0.7)
@@ -193,6 +194,9 @@ def check_args(ap, args):
     if (args.reward, args.supervision) in (("orm", "process"), ("prm", "outcome")):
         ap.error(f"--reward {args.reward} with --supervision {args.supervision}: an outcome model scores whole "
                  "outputs (outcome), a process model their steps (process)")
+    if args.group_size < 2 and args.advantage == "group" and not args.online_rft:
+        ap.error(f"--group-size {args.group_size}: GRPO's advantage compares a question's G outputs with each other, "
+                 "and one output has none to compare with: give G >= 2 (or --advantage gae, or --online-rft)")
     if args.temperature <= 0:
         ap.error(f"--temperature {args.temperature}: GRPO samples G different outputs a question, at T > 0")
     if refused := engine.cuts_refused(args.top_k, args.top_p, args.min_p):
@@ -208,8 +212,6 @@ def check_args(ap, args):
     if args.off_policy_mask is not None and (args.off_policy_mask < 0 or args.online_rft):
         ap.error(f"--off-policy-mask {args.off_policy_mask}: a mean log-ratio DELTA >= 0 under which outputs of "
                  "advantage < 0 keep their policy term (--online-rft gives none)")
-    if args.rm_refresh < 0 or args.ref_reset < 0:
-        ap.error("--rm-refresh and --ref-reset take a number of steps K > 0 (0: never)")
     if not 0 < args.ref_mixup <= 1 or (args.ref_mixup < 1 and not args.ref_reset):
         ap.error(f"--ref-mixup {args.ref_mixup}: the share of the way to π_θ that each --ref-reset moves π_ref, in "
                  "(0, 1], with --ref-reset K")
@@ -222,8 +224,6 @@ def check_args(ap, args):
     if args.dual_clip is not None and (args.dual_clip <= 1 or args.policy_loss == "cispo"):
         ap.error(f"--dual-clip {args.dual_clip}: a cap C > 1 on the ratio of tokens of advantage < 0, for the clip's "
                  "policy term (CISPO's weight is capped already)")
-    if args.mu < 1 or args.mini_batches < 1:
-        ap.error("--mu and --mini-batches count updates: 1 or more")
     if ratio_flags and args.mu * args.mini_batches < 2:
         ap.error(f"{ratio_flags[0]} changes nothing with one update a batch, where π_old is π_θ and every ratio is "
                  "1: give --mu 2 or --mini-batches 2 or more")

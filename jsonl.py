@@ -15,7 +15,8 @@ def read_jsonl(path, fields=(), skip_bad=False, counts=None):
     field raises DataError naming file:line, or with skip_bad=True is skipped and counted in counts["bad_lines"]."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a file saved by a Windows editor starts with a byte-order mark, which json refuses in line 1
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -38,6 +38,8 @@ def add_args(ap):
 
 def of(args):
     """(rank, alpha) for common.build_model, or None without --lora-rank."""
+    if args.lora_rank < 0:
+        raise SystemExit(f"error: --lora-rank {args.lora_rank}: a rank R >= 1 (0: no adapters)")
     if args.export_adapter and not args.lora_rank:
         raise SystemExit("error: --export-adapter writes LoRA adapters: add --lora-rank R")
     return (args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank) if args.lora_rank else None

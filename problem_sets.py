@@ -89,7 +89,7 @@ def read_rows(path, skip_bad=False, counts=None):
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if path.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # with or without a byte-order mark
                 rows = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None

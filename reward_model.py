@@ -50,6 +50,7 @@ import memory
 import problem_sets
 import reward
 import sft
+from common import count, positive
 from model import Transformer, config_from_hf, packed_mask
 from tokenizer import Tokenizer
 
@@ -340,10 +341,10 @@ def sample_completions(sources, tok, problems, args, d):
 
 def first_per_question(qids, n):
     """Indices of the first n entries of each question in qids."""
-    count, out = {}, []
+    seen, out = {}, []
     for i, q in enumerate(qids):
-        count[q] = count.get(q, 0) + 1
-        if count[q] <= n:
+        seen[q] = seen.get(q, 0) + 1
+        if seen[q] <= n:
             out.append(i)
     return out
 
@@ -635,22 +636,22 @@ def parse_args(argv=None):
                     "questions (a policy later than those trained on, as GRPO's will be)")
     ap.add_argument("--kinds", default="orm,prm", help="which to train: orm, prm or both")
     ap.add_argument("--out-dir", default="out/toy", help="each kind goes to <out-dir>/<kind>")
-    ap.add_argument("--questions", type=int, default=2000, help="questions sampled (a tenth held out for the "
+    ap.add_argument("--questions", type=positive, default=2000, help="questions sampled (a tenth held out for the "
                     "report; the toy has 2,000)")
-    ap.add_argument("--samples", type=int, default=4, help="completions per question")
-    ap.add_argument("--shepherd-samples", type=int, default=4, help="N, completions from each step's prefix "
+    ap.add_argument("--samples", type=positive, default=4, help="completions per question")
+    ap.add_argument("--shepherd-samples", type=positive, default=4, help="N, completions from each step's prefix "
                     "(Math-Shepherd: 8)")
-    ap.add_argument("--shepherd-per-question", type=int, default=None, help="completions per question the process "
+    ap.add_argument("--shepherd-per-question", type=count, default=None, help="completions per question the process "
                     "model learns from (default: all --samples of the first policy; each costs N completions per "
                     "step to label)")
     ap.add_argument("--hard", action="store_true", help="a step is right if any completion from it is (Math-"
                     "Shepherd's hard estimate; default: the fraction that are, the soft one)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--max-steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks")
-    ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
+    ap.add_argument("--max-new-tokens", type=positive, default=96)
+    ap.add_argument("--max-steps", type=positive, default=300)
+    ap.add_argument("--batch", type=positive, default=64, help="examples per optimizer step, all ranks")
+    ap.add_argument("--micro-batch", type=positive, default=None, help="examples per forward/backward per rank "
                     "(default: 32 below 1B parameters, 4 above)")
-    ap.add_argument("--gen-batch", type=int, default=None, help="sequences decoded at once per rank (default: 128 "
+    ap.add_argument("--gen-batch", type=positive, default=None, help="sequences decoded at once per rank (default: 128 "
                     "below 1B parameters, 32 above)")
     ap.add_argument("--orm-form", choices=("implicit", "head"), default="implicit", help="the outcome model: "
                     "implicit, a language model scored against its reference (ImplicitReward); head, a scalar "

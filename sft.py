@@ -33,6 +33,7 @@ import lora
 import memory
 import pretrain
 import problem_sets
+from common import count, positive
 from model import Transformer, config_from_hf
 from tokenizer import Tokenizer
 
@@ -105,15 +106,15 @@ def parse_args(argv=None):
     ap.add_argument("--formats", default="cot", help="solution fields to train on, one example each: any of "
                     "cot,pot,tool (the toy default trains CoT only, to fit its time budget)")
     ap.add_argument("--out", default="out/toy/sft")
-    ap.add_argument("--max-steps", type=int, default=240)
-    ap.add_argument("--batch", type=int, default=64, help="examples per optimizer step, all ranks (paper: 256)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward per rank "
+    ap.add_argument("--max-steps", type=positive, default=240)
+    ap.add_argument("--batch", type=positive, default=64, help="examples per optimizer step, all ranks (paper: 256)")
+    ap.add_argument("--micro-batch", type=positive, default=None, help="examples per forward/backward per rank "
                     "(default: 16 below 1B parameters, 4 above)")
     ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
     lora.add_args(ap)
     common.add_training_args(ap, warmup=10, schedule="constant", ckpt_every=100)
-    ap.add_argument("--eval-problems", type=int, default=500, help="held-out problems for the final accuracy")
-    ap.add_argument("--gen-batch", type=int, default=None, help="sequences per generate call in that evaluation "
+    ap.add_argument("--eval-problems", type=count, default=500, help="held-out problems for the final accuracy")
+    ap.add_argument("--gen-batch", type=positive, default=None, help="sequences per generate call in that evaluation "
                     "(default: 64 below 1B parameters, 32 above)")
     problem_sets.add_problem_args(ap)
     engine.add_chat_args(ap)

@@ -96,7 +96,7 @@ def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, probl
 @pytest.mark.parametrize("flags, words", [
     (["--reward", "orm", "--supervision", "process"], "an outcome model scores whole outputs"),
     (["--rm-refresh", "5"], "give --reward orm|prm and one --reward-model"),
-    (["--ref-reset", "-5"], "take a number of steps K > 0"),
+    (["--ref-reset", "-5"], "argument --ref-reset: -5: expected 0 or more"),
     (["--ref-mixup", "0.5"], "--ref-mixup 0.5: the share of the way to π_θ that each --ref-reset moves π_ref"),
     (["--ref-mixup", "0", "--ref-reset", "5"], "--ref-mixup 0.0: the share of the way to π_θ"),
     (["--ref-mixup", "1.5", "--ref-reset", "5"], "--ref-mixup 1.5: the share of the way to π_θ"),
@@ -108,8 +108,17 @@ def test_grpo_questions_that_do_not_split_over_the_mini_batches(model_dir, probl
     (["--dual-clip", "3"], "--dual-clip changes nothing with one update a batch"),
     (["--dual-clip", "1", "--mu", "2"], "--dual-clip 1.0: a cap C > 1 on the ratio of tokens of advantage < 0"),
     (["--dual-clip", "3", "--mu", "2", "--policy-loss", "cispo"], "(CISPO's weight is capped already)"),
-    (["--mini-batches", "0"], "--mu and --mini-batches count updates: 1 or more"),
-    (["--mu", "0"], "--mu and --mini-batches count updates: 1 or more"),
+    (["--mini-batches", "0"], "argument --mini-batches: 0: expected 1 or more"),
+    (["--mu", "0"], "argument --mu: 0: expected 1 or more"),
+    (["--group-size", "1"], "--group-size 1: GRPO's advantage compares a question's G outputs with each other"),
+    (["--group-size", "1", "--std-scale", "batch"], "--group-size 1: GRPO's advantage compares"),
+    (["--group-size", "0"], "argument --group-size: 0: expected 1 or more"),
+    (["--questions", "0"], "argument --questions: 0: expected 1 or more"),
+    (["--questions", "2.5"], "argument --questions: '2.5' is not a whole number"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: 0: expected 1 or more"),
+    (["--max-steps", "-1"], "argument --max-steps: -1: expected 0 or more"),
+    (["--ckpt-every", "0"], "argument --ckpt-every: 0: expected 1 or more"),
+    (["--report-samples", "0"], "argument --report-samples: 0: expected 1 or more"),
     (["--kl-loss", "k2", "--beta", "0"], "--kl-loss k2 changes the KL term in the loss, which --beta 0"),
     (["--kl-loss", "k3-is", "--ratio", "sequence", "--mu", "2"], "--kl-loss k3-is weights each token's k3 by its own"),
     (["--overlong-buffer", "8", "--supervision", "process"], "--overlong-buffer shapes an outcome reward"),
@@ -129,3 +138,34 @@ def test_grpo_refuses_flags_that_do_not_go_together(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
         grpo.parse_args(flags)
     assert e.value.code == 2 and words in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_one_output_a_question_is_enough_where_the_advantage_needs_no_group():
+    import grpo
+    assert grpo.parse_args(["--group-size", "1", "--advantage", "gae"]).group_size == 1  # PPO: a value model's
+    assert grpo.parse_args(["--group-size", "1", "--online-rft", "--beta", "0"]).group_size == 1  # right or not
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("sft", ["--batch", "0"]), ("sft", ["--micro-batch", "0"]), ("sft", ["--max-steps", "0"]),
+    ("pretrain", ["--seq-len", "0"]), ("pretrain", ["--batch-tokens", "-8"]), ("pretrain", ["--warmup", "-1"]),
+    ("evaluate", ["--samples", "0"]), ("evaluate", ["--batch", "0"]), ("evaluate", ["--workers", "0"]),
+    ("reward_model", ["--samples", "0"]), ("reward_model", ["--shepherd-samples", "0"]),
+])
+def test_every_script_refuses_a_count_below_its_least(script, flags, capsys):
+    """A count of 0 went on into the run (a division by zero, an empty batch, a crash in the model); now argparse
+    refuses it in one line naming the flag."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).parse_args(flags)
+    least = 0 if flags[0] == "--warmup" else 1
+    assert e.value.code == 2
+    assert f"argument {flags[0]}: {flags[1]}: expected {least} or more" in capsys.readouterr().err.splitlines()[-1]
+    assert importlib.import_module(script).parse_args([flags[0], str(least)]) is not None
+
+
+def test_a_negative_lora_rank_is_refused():
+    import lora
+    import sft
+    with pytest.raises(SystemExit, match=r"^error: --lora-rank -4: a rank R >= 1 \(0: no adapters\)$"):
+        lora.of(sft.parse_args(["--lora-rank", "-4"]))

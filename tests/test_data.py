@@ -33,6 +33,17 @@ def test_malformed_jsonl_names_file_and_line_or_is_counted(tmp_path):
         list(read_jsonl(str(tmp_path / "missing.jsonl")))
 
 
+def test_problem_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark, which json refuses: the first row was a bad line."""
+    rows = [{"question": "Ünï 1+1?", "answer": "2"}, {"question": "2+2?", "answer": "4"}]
+    for name, text in (("p.jsonl", "".join(json.dumps(r) + "\n" for r in rows)), ("p.json", json.dumps(rows))):
+        plain, marked = tmp_path / name, tmp_path / f"bom-{name}"
+        plain.write_text(text, encoding="utf-8")
+        marked.write_text(text, encoding="utf-8-sig")
+        assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+        assert load_problems(str(marked)) == load_problems(str(plain)) == rows
+
+
 def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path, capsys):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text(json.dumps({"question": "Q?", "answer": "She has 48/2 = <<48/2=24>>24.\n#### 1,234"}) + "\n")
