@@ -613,7 +613,10 @@ def claim(out, d, resume=False):
     then clears an earlier run's checkpoints and metrics, so that --resume can never pick up a stale step."""
     if not d.main:
         return
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only disk, another user's directory
+        raise SystemExit(f"{out}: cannot make this directory ({e.strerror}); give another --out") from None
     path = os.path.join(out, "RUNNING")
     try:
         with open(path) as f:

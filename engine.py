@@ -376,6 +376,8 @@ class Decoder:
             raise ValueError("generate(stop=...) needs decode=<function from token ids to text>")
         if refused := cuts_refused(top_k, top_p, min_p):
             raise ValueError(f"generate: {refused}")
+        if temperature < 0:  # logits / T < 0 would draw the least likely tokens first
+            raise ValueError(f"generate: temperature {temperature}, expected >= 0 (0: greedy)")
         if keep and not (top_k and temperature):
             raise ValueError("generate(keep=True) stores the top_k ids a token could have been: it needs top_k > 0 "
                              "and temperature > 0")

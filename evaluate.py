@@ -235,6 +235,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if refused := cuts_refused(args.top_k, args.top_p, args.min_p):
         ap.error(refused)
+    if args.temperature is not None and args.temperature < 0:
+        ap.error(f"--temperature {args.temperature}: expected >= 0 (0: greedy)")
     return args
 
 

@@ -312,6 +312,8 @@ def policy_sources(specs):
             out.append((path, float(t)) if at else (spec, 1.0))
         except ValueError:
             raise SystemExit(f"--policy {spec}: expected DIR or DIR@TEMPERATURE") from None
+        if out[-1][1] <= 0:
+            raise SystemExit(f"--policy {spec}: a sampling temperature > 0 (the samples of a question must differ)")
     return out
 
 

@@ -164,6 +164,21 @@ def test_every_script_refuses_a_count_below_its_least(script, flags, capsys):
     assert importlib.import_module(script).parse_args([flags[0], str(least)]) is not None
 
 
+def test_a_negative_temperature_is_refused_where_it_would_draw_the_least_likely_tokens(capsys):
+    import engine
+    import evaluate
+    import reward_model
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--temperature", "-1", "--samples", "2"])
+    assert e.value.code == 2 and "--temperature -1.0: expected >= 0 (0: greedy)" in capsys.readouterr().err
+    assert evaluate.parse_args(["--temperature", "0"]).temperature == 0
+    with pytest.raises(SystemExit, match="--policy out/sft@-0.7: a sampling temperature > 0"):
+        reward_model.policy_sources(["out/sft@-0.7"])
+    model = Transformer(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=1, ffn_dim=8, max_seq_len=8))
+    with pytest.raises(ValueError, match="generate: temperature -0.5, expected >= 0"):
+        engine.generate(model, [[1, 2]], 2, temperature=-0.5)
+
+
 def test_a_negative_lora_rank_is_refused():
     import lora
     import sft

@@ -377,6 +377,9 @@ def test_a_run_claims_its_directory(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 5}\n'
     common.claim(str(tmp_path), d, resume=False)  # our own pid: no refusal
     assert not (tmp_path / "checkpoints").exists() and (tmp_path / "metrics.jsonl").read_text() == ""
+    (tmp_path / "a_file").write_text("")  # an --out that cannot be made: one line, not os.makedirs' traceback
+    with pytest.raises(SystemExit, match="a_file: cannot make this directory \\(File exists\\); give another --out"):
+        common.claim(str(tmp_path / "a_file"), d)
 
 
 def test_compiled_blocks_run_every_length_on_one_graph_as_eager():
