@@ -491,6 +491,10 @@ def classify_stage(args, paths, read, labels):
     """Stage 3: the fastText classifier with iterative domain expansion; math pages and the rest, apart."""
     pool = lambda: read(paths.quality, ("text", "url"))  # noqa: E731  streamed again in each round
     seeds = [p["text"] for p in read(paths.seed_pos)]
+    if not seeds:  # the classifier learns the seed math pages against the pool's others
+        raise DataError(f"{paths.seed_pos}: no seed math pages (--seed-pos) to train the math classifier on")
+    if next(pool(), None) is None:
+        raise DataError(f"{paths.quality}: no crawl pages left after dedup and the quality filter to classify")
     keep, rows, clf = classify_with_expansion(pool, seeds, iterations=args.iterations,
                                               budget_tokens=args.budget_tokens, epochs=args.classifier_epochs,
                                               labels=labels, seed=args.seed, threads=args.classifier_threads)
@@ -637,7 +641,13 @@ def parse_args(argv=None):
     ap.add_argument("--unfiltered", action="store_true", help="also write shards/unfiltered: pages drawn at random "
                     "from the pool the classifier chose from, as many tokens as the math source (paper §2.2 control)")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    least = dict(pages=1, train_problems=1, test_problems=1, rl_problems=0, iterations=1, budget_tokens=1,
+                 classifier_epochs=1, classifier_threads=1, vocab_size=259, workers=1)  # 259: bytes + specials
+    for name, lo in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < lo:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {lo} or more")
+    return args
 
 
 if __name__ == "__main__":

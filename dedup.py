@@ -38,7 +38,9 @@ def _word_hashes(ws):
 
 def _poly(h, n):
     """64-bit hashes of every run of n consecutive word hashes, as a polynomial in them (mod 2^64 by design)."""
-    out = np.zeros(max(len(h) - n + 1, 0), dtype=np.uint64)
+    if len(h) < n:  # none (and the slices below would count from the end)
+        return np.zeros(0, dtype=np.uint64)
+    out = np.zeros(len(h) - n + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(n):
             out = out * np.uint64(1000003) + h[j:len(h) - n + 1 + j]
@@ -47,7 +49,7 @@ def _poly(h, n):
 
 def ngram_hashes(ws, n):
     """64-bit hashes of every n-gram of a word list."""
-    return _poly(_word_hashes(ws), n) if len(ws) >= n else np.zeros(0, dtype=np.uint64)
+    return _poly(_word_hashes(ws), n)
 
 
 # -----------------------------------------------------------------------------

@@ -242,6 +242,12 @@ def test_pages_shorter_than_a_shingle_are_one_shingle_of_their_words():
     texts = ["the cat sat", "a dog ran", "The cat sat!", "the cat", "cat the sat", "one two three four five",
              "one two three four five"]
     assert minhash_dedup(texts, threshold=0.8) == [True, True, False, True, True, True, False]
+    # a whole batch of fewer words than a shingle (a crawl of a few short pages) crashed in the shingling
+    long = "one two three four five six"
+    for batch in (["a b c"], ["a b", "c"], ["x", "a b", "a b"]):
+        alone, beside = minhash_signatures(batch), minhash_signatures(batch + [long])[:len(batch)]
+        assert np.array_equal(alone, beside), batch
+    assert minhash_dedup(["x", "a b", "a b"], threshold=0.8) == [True, True, False]
 
 
 def test_a_near_copy_is_dropped_when_it_also_meets_a_page_it_is_not_a_copy_of():
@@ -567,6 +573,24 @@ def test_toy_problems_are_correct_and_splits_are_disjoint():
         assert str(out["result"]) == p["answer"]
         assert p["pot"] in p["tool"] and p["tool"].endswith(f"```output\n{p['answer']}\n```\nThe answer is "
                                                              f"\\boxed{{{p['answer']}}}.")
+
+
+def test_a_crawl_of_a_few_short_pages_or_no_seed_pages_is_one_clear_error(tmp_path):
+    """A user's crawl whose pages hold fewer words than a shingle between them crashed dedup's shingling; with no
+    seed math pages, or no crawl page past the quality filter, the classifier had nothing to learn from and
+    fastText's trainer raised. Each is a DataError naming the file."""
+    crawl, seeds, empty = tmp_path / "crawl.jsonl", tmp_path / "seeds.jsonl", tmp_path / "empty.jsonl"
+    crawl.write_text("".join(json.dumps(dict(text=t, url=f"http://s/{i}")) + "\n" for i, t in enumerate(["a b", "c"])))
+    seeds.write_text(json.dumps(dict(text="the sum of two and two is four")) + "\n")
+    empty.write_text("")
+    for seed_pos, why in ((empty, "empty.jsonl: no seed math pages (--seed-pos)"),
+                          (seeds, "pages_quality.jsonl: no crawl pages left after dedup and the quality filter")):
+        args = parse_args(["--out", str(tmp_path / seed_pos.stem), "--crawl", str(crawl), "--seed-pos", str(seed_pos),
+                           "--code", str(crawl)])
+        with pytest.raises(DataError, match=re.escape(why)):
+            build(args)
+    with pytest.raises(SystemExit):
+        parse_args(["--iterations", "0"])  # no classifier at all: refused at the command line
 
 
 def test_toy_pipeline_end_to_end_and_rerun_skips(tmp_path):
