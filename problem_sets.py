@@ -1,11 +1,12 @@
 """Problem sets as public datasets ship them, read into one schema {question, answer, cot?, pot?, level?, type?}:
 GSM8K, MATH and the sets that add a final-answer field (DeepScaleR, Open-R1), verl's RL rows (DAPO-Math-17k), chat
 conversations (Mixture-of-Thoughts), fields a user names (MetaMathQA, OpenMathInstruct-2), and our own toy problems;
-from .jsonl, .json or .parquet. Each row is recognised by its fields, and a row that is not a problem is an error
+from .jsonl, .json, .csv or .parquet. Each row is recognised by its fields, and a row that is not a problem is an error
 naming its file and place (or, with --skip-bad, a counted skip). Answers are read as the grader reads them
 (reward.py). The trainers and evaluate.py read their problems here; data.py decontaminates the corpus against them.
 """
 
+import csv
 import json
 import os
 import re
@@ -75,7 +76,8 @@ def _chat(row):
 
 
 def read_rows(path, skip_bad=False, counts=None):
-    """The rows of a .jsonl, .json (a list of objects) or .parquet file (with pyarrow installed)."""
+    """The rows of a .jsonl, .json (a list of objects), .csv (a header row names the fields) or .parquet file
+    (with pyarrow installed)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if path.endswith(".parquet"):
@@ -94,6 +96,12 @@ def read_rows(path, skip_bad=False, counts=None):
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         return rows if isinstance(rows, list) else [rows]
+    if path.endswith(".csv"):
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return list(csv.DictReader(f))  # a short row's missing fields are None: a bad problem, named
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
     return read_jsonl(path, skip_bad=skip_bad, counts=counts)
 
 
@@ -125,7 +133,7 @@ def problems_and_held_out(args):
 
 
 def load_problems(path, question_field=None, answer_field=None, solution_field=None, skip_bad=False):
-    """Read a problem set (.jsonl, .json or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH
+    """Read a problem set (.jsonl, .json, .csv or .parquet): GSM8K ({question, answer: '... #### 42'}), MATH
     ({problem, solution, level, type}, with or without an answer field), verl's ({prompt: [messages],
     reward_model: {ground_truth}}), a conversation ({messages: [user, assistant]}), our own ({question, answer,
     cot, pot}), or rows whose fields are named (question_field, answer_field, solution_field: a row's fields of

@@ -44,6 +44,19 @@ def test_problem_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
         assert load_problems(str(marked)) == load_problems(str(plain)) == rows
 
 
+def test_a_csv_problem_set_is_read_by_its_header(tmp_path):
+    """CSV, as spreadsheets and some datasets ship problems: the header names the fields, a quoted field may hold
+    commas and line breaks, and a short row is a bad problem named by its place."""
+    f = tmp_path / "p.csv"
+    f.write_text('question,answer\n"What is 1,000 + 1?\nSay it.",1001\nWhat is 2 + 2?,4\n', encoding="utf-8-sig")
+    assert load_problems(str(f)) == [{"question": "What is 1,000 + 1?\nSay it.", "answer": "1001"},
+                                     {"question": "What is 2 + 2?", "answer": "4"}]
+    f.write_text("problem,solution\nWhat is 3 + 3?,3 + 3 = 6. \\boxed{6}\nWhat is 4 + 4?\n")
+    with pytest.raises(DataError, match="p.csv: problem 2: "):
+        load_problems(str(f))
+    assert [p["answer"] for p in load_problems(str(f), skip_bad=True)] == ["6"]
+
+
 def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path, capsys):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text(json.dumps({"question": "Q?", "answer": "She has 48/2 = <<48/2=24>>24.\n#### 1,234"}) + "\n")
