@@ -425,8 +425,8 @@ def setup(args):
         raise SystemExit(f"error: {e}") from None
     tok = Tokenizer.load(args.init)
     engine.use_chat_args(tok, args)
-    problems, held_out, leaked = problem_sets.problems_and_held_out(args)
-    common.print0(d, f"{args.data}: {leaked} questions that contain a held-out one, dropped")
+    problems, held_out, dropped = problem_sets.problems_and_held_out(args)
+    common.print0(d, dropped)
     config = replace(config_from_hf(args.init), fp32_head=args.fp32_head)  # π_θ's, π_ref's and the sampler's
     common.size_defaults(args, config, d, **SIZE_DEFAULTS)
     problems, longest_prompt = usable_problems(problems, tok, config, args, d)

@@ -124,12 +124,14 @@ def problem_reader(args):
 def problems_and_held_out(args):
     """The training problems (args.data) and the held-out ones (args.eval_data; none where there is no such
     file), less the training problems whose question contains a held-out one, so that a benchmark stays unseen:
-    (problems, held_out, how many were dropped)."""
+    (problems, held_out, a line for the log saying how many were dropped, or that there is no held-out file)."""
     read = problem_reader(args)
     problems = read(args.data)
-    held_out = read(args.eval_data) if os.path.isfile(args.eval_data) else []
+    if not os.path.isfile(args.eval_data):  # the toy's default where a user's run names none; or a typo, shown
+        return problems, [], f"{args.eval_data}: no such file, so no held-out evaluation (--eval-data)"
+    held_out = read(args.eval_data)
     problems, leaked = drop_test_questions(problems, held_out)
-    return problems, held_out, len(leaked)
+    return problems, held_out, f"{args.data}: {len(leaked)} problems whose question contains a held-out one, dropped"
 
 
 def load_problems(path, question_field=None, answer_field=None, solution_field=None, skip_bad=False):

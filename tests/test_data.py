@@ -361,9 +361,11 @@ def test_training_problems_that_contain_a_test_question_are_dropped(tmp_path):
     write_jsonl(str(tmp_path / "test.jsonl"), test)
     args = argparse.Namespace(data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "test.jsonl"),
                               question_field=None, answer_field=None, solution_field=None, skip_bad=False)
-    assert problems_and_held_out(args) == (kept, test, 2)
-    args.eval_data = str(tmp_path / "missing.jsonl")
-    assert problems_and_held_out(args) == (train, [], 0)
+    assert problems_and_held_out(args) == (kept, test, f"{args.data}: 2 problems whose question contains a held-out "
+                                                        "one, dropped")
+    args.eval_data = str(tmp_path / "missing.jsonl")  # the log says so: a typo must not pass unseen
+    assert problems_and_held_out(args) == (train, [], f"{args.eval_data}: no such file, so no held-out evaluation "
+                                                      "(--eval-data)")
 
 
 @pytest.mark.parametrize("text,why", [
