@@ -64,8 +64,8 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=Optim.we
     add("--schedule", default=schedule, choices=["constant", "cosine", "multistep"], help="LR after --warmup "
         "(lr_factor: cosine to a tenth of --lr; multistep: the paper's x0.316 and x0.1 at 80 and 90 percent of the "
         "steps)")
-    add("--weight-decay", type=float, default=weight_decay)
-    add("--grad-clip", type=float, default=Optim.grad_clip, help="max global gradient norm")
+    add("--weight-decay", type=nonnegative, default=weight_decay)
+    add("--grad-clip", type=nonnegative, default=Optim.grad_clip, help="max global gradient norm")
     add("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype on GPU (CPU runs in "
         "float32)")
     add("--activation-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
@@ -80,21 +80,23 @@ def add_training_args(ap, *, warmup, schedule, ckpt_every, weight_decay=Optim.we
     add("--seed", type=int, default=0)
 
 
-def at_least(lo):
-    """An argparse type: a whole number >= lo, else one line naming the flag (a count of 0 went on to a division by
-    zero or an empty batch deep inside the run)."""
-    def whole_number(text):
+def at_least(lo, kind=int):
+    """An argparse type: a finite number of `kind` >= lo, else one line naming the flag (a count of 0 went on to a
+    division by zero or an empty batch deep inside the run; a negative LR, β, clip or cap, or a nan, trained on)."""
+    def number(text):
         try:
-            n = int(text)
+            x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"{n}: expected {lo} or more")
-        return n
-    return whole_number
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not (math.isfinite(x) and x >= lo):
+            raise argparse.ArgumentTypeError(f"{text}: expected {lo} or more" if kind is int else
+                                             f"{text}: expected a finite number >= {lo}")
+        return x
+    return number
 
 
-count, positive = at_least(0), at_least(1)  # the types of the scripts' flags that count things
+# the types of the scripts' flags that count things, and of their rates, weights, clips and temperatures
+count, positive, nonnegative = at_least(0), at_least(1), at_least(0.0, float)
 
 
 def wandb_project(name):

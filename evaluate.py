@@ -33,7 +33,7 @@ import common
 import jsonl
 import problem_sets
 import reward
-from common import count, positive
+from common import count, nonnegative, positive
 from engine import PROMPTS, Decoder, add_chat_args, complete, cuts_refused, use_chat_args
 from model import Transformer
 from tokenizer import Tokenizer
@@ -214,7 +214,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="out/toy/data/problems/test.jsonl", help="GSM8K / MATH / our jsonl")
     ap.add_argument("--prompt", default="cot", choices=sorted(PROMPTS), help="answer format")
     ap.add_argument("--samples", type=positive, default=1, help="completions per problem (K of maj@K, pass@K)")
-    ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
+    ap.add_argument("--temperature", type=nonnegative, default=None, help="default: 0 (greedy) for 1 sample, else 0.7")
     ap.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
                     "probability reaches P")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens (0: every token)")
@@ -235,8 +235,6 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if refused := cuts_refused(args.top_k, args.top_p, args.min_p):
         ap.error(refused)
-    if args.temperature is not None and args.temperature < 0:
-        ap.error(f"--temperature {args.temperature}: expected >= 0 (0: greedy)")
     return args
 
 

@@ -6,7 +6,7 @@ import common
 import engine
 import lora
 import problem_sets
-from common import count, positive
+from common import count, nonnegative, positive
 from fused_kernels import KL_TERMS
 from model import PRESETS
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=positive, default=8, help="G, outputs per question (paper: 64)")
     ap.add_argument("--prompt", default="cot", choices=["cot", "tool"], help="rollout format (engine.py)")
     ap.add_argument("--max-new-tokens", type=positive, default=96, help="completion budget (paper: 1024)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, at which π_θ, π_old and "
+    ap.add_argument("--temperature", type=nonnegative, default=1.0, help="rollout temperature, at which π_θ, π_old and "
                     "π_ref are trained too, softmax(logits / T), as TRL and verl do (paper: not given)")
     ap.add_argument("--top-p", type=float, default=1.0, help="rollouts draw from the smallest set of tokens whose "
                     "probability reaches P (1: every token)")
@@ -91,7 +91,7 @@ def add_reward_args(ap):
     ap.add_argument("--rm-samples", type=positive, default=4, help="samples per question of a refresh")
     ap.add_argument("--rm-steps", type=positive, default=20, help="reward-model optimizer steps of a refresh")
     ap.add_argument("--rm-batch", type=positive, default=64, help="reward-model examples per refresh step, all ranks")
-    ap.add_argument("--rm-lr", type=float, default=1e-4, help="reward-model LR of a refresh (constant)")
+    ap.add_argument("--rm-lr", type=nonnegative, default=1e-4, help="reward-model LR of a refresh (constant)")
     ap.add_argument("--shepherd-samples", type=positive, default=4, help="a refresh's completions from each step's "
                     "prefix for a process model's labels (reward_model.py)")
     ap.add_argument("--supervision", default=None, choices=["outcome", "process"], help="paper §4.1.2 / §4.1.3 "
@@ -101,9 +101,11 @@ def add_reward_args(ap):
     ap.add_argument("--advantage", default="group", choices=["group", "gae"], help="group: GRPO's, relative to "
                     "the G outputs of a question; gae: PPO's (paper Eq. 1-2), from a value model, with the KL as a "
                     "per-token penalty in the reward")
-    ap.add_argument("--gae-lambda", type=float, default=0.95, help="PPO: GAE's λ (γ = 1; the paper gives neither)")
-    ap.add_argument("--value-clip", type=float, default=0.2, help="PPO: how far one update may move a value")
-    ap.add_argument("--value-lr", type=float, default=None, help="PPO: the value model's LR, constant (default --lr)")
+    ap.add_argument("--gae-lambda", type=nonnegative, default=0.95, help="PPO: GAE's λ (γ = 1; the paper gives "
+                    "neither)")
+    ap.add_argument("--value-clip", type=nonnegative, default=0.2, help="PPO: how far one update may move a value")
+    ap.add_argument("--value-lr", type=nonnegative, default=None, help="PPO: the value model's LR, constant (default "
+                    "--lr)")
     ap.add_argument("--value-init", help="PPO: the value model's start (default: the reward model with --reward "
                     "orm|prm, else --init's body with a new head)")
 
@@ -111,17 +113,17 @@ def add_reward_args(ap):
 def add_update_args(ap):
     """The objective J and how it is optimised (lines 10-11): LR, β, the clip, the normalisation, μ,
     the sampler correction, and how the batch is cut for memory."""
-    ap.add_argument("--lr", type=float, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
-    ap.add_argument("--beta", type=float, default=None, help=f"KL weight (default: the paper's {BETA['rule']} with the "
-                    f"rule's reward, {BETA['orm']} with an outcome RM's, {BETA['prm']} with a process RM's); 0 turns "
-                    "the KL off")
+    ap.add_argument("--lr", type=nonnegative, default=1e-4, help="policy LR (paper: 1e-6 at 7B)")
+    ap.add_argument("--beta", type=nonnegative, default=None, help=f"KL weight (default: the paper's {BETA['rule']} "
+                    f"with the rule's reward, {BETA['orm']} with an outcome RM's, {BETA['prm']} with a process "
+                    "RM's); 0 turns the KL off")
     ap.add_argument("--kl-loss", default="k3", choices=KL_TERMS, help="the KL term in the loss: k3, the paper's "
                     "(Eq. 4; its gradient on sampled tokens is that of KL(π_ref ‖ π_θ)); k2, (log π_θ/π_ref)²/2 "
                     "(whose gradient is that of KL(π_θ ‖ π_ref), the KL Eq. 3 writes); or k3-is, k3 weighted by "
                     "π_θ/π_old (DeepSeek-V3.2: unbiased in value and gradient on π_old's tokens, also at --mu > 1); "
                     "kl in the log is k3's in every case")
-    ap.add_argument("--clip-eps", type=float, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
-    ap.add_argument("--clip-high", type=float, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
+    ap.add_argument("--clip-eps", type=nonnegative, default=0.2, help="ε, the lower clip (paper: not given; PPO's 0.2)")
+    ap.add_argument("--clip-high", type=nonnegative, default=None, help="upper clip if asymmetric (DAPO: 0.28)")
     ap.add_argument("--dual-clip", type=float, default=None, metavar="C", help="dual-clip PPO (Ye et al., 2020; "
                     "verl's clip_ratio_c, its default 3): the policy term of a token of advantage < 0 capped at C "
                     "times its advantage, its gradient 0 where the ratio passes C (default: off; the same unless --mu "
@@ -149,7 +151,7 @@ def add_update_args(ap):
                     "(the paper), or CISPO's (MiniMax-M1, Chen et al., 2025): each token's gradient weighted by its "
                     "ratio capped at 1 + --clip-high (no lower cap), never zeroed; the same unless --mu or "
                     "--mini-batches > 1")
-    ap.add_argument("--tis", type=float, default=None, metavar="C", help="truncated importance sampling: weight "
+    ap.add_argument("--tis", type=nonnegative, default=None, metavar="C", help="truncated importance sampling: weight "
                     "each token's policy-gradient term by min(π_old / π_sampler, C), where the sampler's bf16 "
                     "log-probs differ from the trainer's (default: 2 in bf16, off in fp32; 0: off)")
     ap.add_argument("--off-policy-mask", type=float, default=None, metavar="DELTA", help="DeepSeek-V3.2's off-policy "
@@ -180,7 +182,7 @@ def add_watch_args(ap):
     ap.add_argument("--export-every", type=count, default=0, metavar="N", help="also export the policy as a Hugging "
                     "Face directory (out/step-N) every N steps, to evaluate a long run while it trains (0: at the "
                     "end only)")
-    ap.add_argument("--report-temperature", type=float, default=0.7)
+    ap.add_argument("--report-temperature", type=nonnegative, default=0.7)
 
 
 def check_args(ap, args):

@@ -28,8 +28,8 @@ import torch
 import data
 import memory
 from common import (Log, Optim, StopFlag, add_training_args, all_sum, autocast, build_model, checkpointed_blocks,
-                    count, export_hf, finish, init_dist, make_optimizer, num_params, one_line_errors, positive,
-                    print0, save_or_stop, start_run, train_step)
+                    count, export_hf, finish, init_dist, make_optimizer, nonnegative, num_params, one_line_errors,
+                    positive, print0, save_or_stop, start_run, train_step)
 from model import PRESETS, ModelConfig, config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-tokens", type=positive, default=8192, help="tokens per optimizer step, all ranks")
     ap.add_argument("--micro-batch", type=positive, default=16, help="sequences per forward/backward per rank")
     ap.add_argument("--seq-len", type=positive, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak LR (paper: 4.2e-4 at 7B; small models take more)")
+    ap.add_argument("--lr", type=nonnegative, default=3e-3, help="peak LR (paper: 4.2e-4 at 7B; small models take "
+                    "more)")
     add_training_args(ap, warmup=30, schedule="multistep", ckpt_every=100, weight_decay=0.1,
                       helps={"--warmup": "warmup steps (paper: 2000)"})
     ap.add_argument("--eval-every", type=count, default=50, help="held-out loss every N steps (0: never)")

@@ -50,7 +50,7 @@ import memory
 import problem_sets
 import reward
 import sft
-from common import count, positive
+from common import count, nonnegative, positive
 from model import Transformer, config_from_hf, packed_mask
 from tokenizer import Tokenizer
 
@@ -658,9 +658,9 @@ def parse_args(argv=None):
     ap.add_argument("--orm-form", choices=("implicit", "head"), default="implicit", help="the outcome model: "
                     "implicit, a language model scored against its reference (ImplicitReward); head, a scalar "
                     "head read at the last token (the process model always has the head)")
-    ap.add_argument("--implicit-beta", type=float, default=0.05, help="β of the implicit form's score (PRIME's)")
-    ap.add_argument("--lr", type=float, default=None, help="peak LR (default: 1e-4 for the implicit form, 2e-4 for "
-                    "a head; paper: 2e-5 at 7B)")
+    ap.add_argument("--implicit-beta", type=nonnegative, default=0.05, help="β of the implicit form's score (PRIME's)")
+    ap.add_argument("--lr", type=nonnegative, default=None, help="peak LR (default: 1e-4 for the implicit form, 2e-4 "
+                    "for a head; paper: 2e-5 at 7B)")
     common.add_training_args(ap, warmup=10, schedule="cosine", ckpt_every=50)
     return ap.parse_args(argv)
 

@@ -33,7 +33,7 @@ import lora
 import memory
 import pretrain
 import problem_sets
-from common import count, positive
+from common import count, nonnegative, positive
 from model import Transformer, config_from_hf
 from tokenizer import Tokenizer
 
@@ -110,7 +110,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=positive, default=64, help="examples per optimizer step, all ranks (paper: 256)")
     ap.add_argument("--micro-batch", type=positive, default=None, help="examples per forward/backward per rank "
                     "(default: 16 below 1B parameters, 4 above)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
+    ap.add_argument("--lr", type=nonnegative, default=1e-3, help="constant LR after warmup (paper: 5e-5 at 7B)")
     lora.add_args(ap)
     common.add_training_args(ap, warmup=10, schedule="constant", ckpt_every=100)
     ap.add_argument("--eval-problems", type=count, default=500, help="held-out problems for the final accuracy")

@@ -146,22 +146,25 @@ def test_one_output_a_question_is_enough_where_the_advantage_needs_no_group():
     assert grpo.parse_args(["--group-size", "1", "--online-rft", "--beta", "0"]).group_size == 1  # right or not
 
 
-@pytest.mark.parametrize("script, flags", [
-    ("sft", ["--batch", "0"]), ("sft", ["--micro-batch", "0"]), ("sft", ["--max-steps", "0"]),
-    ("pretrain", ["--seq-len", "0"]), ("pretrain", ["--batch-tokens", "-8"]), ("pretrain", ["--warmup", "-1"]),
-    ("evaluate", ["--samples", "0"]), ("evaluate", ["--batch", "0"]), ("evaluate", ["--workers", "0"]),
-    ("reward_model", ["--samples", "0"]), ("reward_model", ["--shepherd-samples", "0"]),
+@pytest.mark.parametrize("script, flag, value, least", [
+    ("sft", "--batch", "0", "1"), ("sft", "--micro-batch", "0", "1"), ("sft", "--max-steps", "0", "1"),
+    ("pretrain", "--seq-len", "0", "1"), ("pretrain", "--batch-tokens", "-8", "1"), ("pretrain", "--warmup", "-1", "0"),
+    ("evaluate", "--samples", "0", "1"), ("evaluate", "--batch", "0", "1"), ("evaluate", "--workers", "0", "1"),
+    ("reward_model", "--samples", "0", "1"), ("reward_model", "--shepherd-samples", "0", "1"),
+    ("grpo", "--lr", "-1e-6", "0.0"), ("grpo", "--beta", "nan", "0.0"), ("grpo", "--tis", "-2", "0.0"),
+    ("grpo", "--clip-eps", "inf", "0.0"), ("sft", "--lr", "-0.001", "0.0"), ("pretrain", "--grad-clip", "-1", "0.0"),
+    ("reward_model", "--implicit-beta", "-0.05", "0.0"),
 ])
-def test_every_script_refuses_a_count_below_its_least(script, flags, capsys):
-    """A count of 0 went on into the run (a division by zero, an empty batch, a crash in the model); now argparse
-    refuses it in one line naming the flag."""
+def test_every_script_refuses_a_number_below_its_least(script, flag, value, least, capsys):
+    """A count of 0 went on into the run (a division by zero, an empty batch, a crash in the model); a negative
+    LR, β or cap trained the other way (a TIS cap of -2 flips every weight's sign), a nan to a nan loss. argparse
+    refuses each in one line naming the flag; the least itself is taken."""
     import importlib
     with pytest.raises(SystemExit) as e:
-        importlib.import_module(script).parse_args(flags)
-    least = 0 if flags[0] == "--warmup" else 1
-    assert e.value.code == 2
-    assert f"argument {flags[0]}: {flags[1]}: expected {least} or more" in capsys.readouterr().err.splitlines()[-1]
-    assert importlib.import_module(script).parse_args([flags[0], str(least)]) is not None
+        importlib.import_module(script).parse_args([f"{flag}={value}"])
+    want = f"expected {least} or more" if "." not in least else f"expected a finite number >= {least}"
+    assert e.value.code == 2 and f"argument {flag}: {value}: {want}" in capsys.readouterr().err.splitlines()[-1]
+    assert importlib.import_module(script).parse_args([flag, least]) is not None
 
 
 def test_a_negative_temperature_is_refused_where_it_would_draw_the_least_likely_tokens(capsys):
@@ -170,7 +173,7 @@ def test_a_negative_temperature_is_refused_where_it_would_draw_the_least_likely_
     import reward_model
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--temperature", "-1", "--samples", "2"])
-    assert e.value.code == 2 and "--temperature -1.0: expected >= 0 (0: greedy)" in capsys.readouterr().err
+    assert e.value.code == 2 and "--temperature: -1: expected a finite number >= 0.0" in capsys.readouterr().err
     assert evaluate.parse_args(["--temperature", "0"]).temperature == 0
     with pytest.raises(SystemExit, match="--policy out/sft@-0.7: a sampling temperature > 0"):
         reward_model.policy_sources(["out/sft@-0.7"])
