@@ -642,6 +642,7 @@ def parse_args(argv=None):
                     "from the pool the classifier chose from, as many tokens as the math source (paper §2.2 control)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # counts below their least, refused here: common.py's argparse types would import torch into the data pipeline
     least = dict(pages=1, train_problems=1, test_problems=1, rl_problems=0, iterations=1, budget_tokens=1,
                  classifier_epochs=1, classifier_threads=1, vocab_size=259, workers=1)  # 259: bytes + specials
     for name, lo in least.items():
