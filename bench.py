@@ -494,7 +494,7 @@ def bench_reward(args):
     try:
         from math_verify import parse, verify
     except ImportError:
-        raise SystemExit("bench.py reward compares with math-verify: pip install math-verify") from None
+        raise SystemExit("error: bench.py reward compares with math-verify: pip install math-verify") from None
     rows = [json.loads(line) for line in open(DEV_PAIRS)]
 
     def read(s):  # as its README calls it; a bare answer that yields nothing is retried inside $...$
@@ -626,11 +626,12 @@ def bench_grpo(args):
         import transformers
         import trl
     except ImportError:
-        raise SystemExit("bench.py grpo compares against TRL: pip install trl (not a dependency of this project)")
+        raise SystemExit("error: bench.py grpo compares against TRL: pip install trl (not a dependency of this "
+                         "project)")
     for path in (args.init, args.rl_data, args.eval_data):
         if not os.path.exists(path):
-            raise SystemExit(f"bench.py grpo: {path} not found; `python sft.py` builds the toy's SFT model and data "
-                             "(or pass --init, --rl-data and --eval-data)")
+            raise SystemExit(f"error: bench.py grpo: {path} not found; `python sft.py` builds the toy's SFT model and "
+                             "data (or pass --init, --rl-data and --eval-data)")
     tok = Tokenizer.load(args.init)
     problems = problem_sets.load_problems(args.rl_data)
     test = problem_sets.load_problems(args.eval_data)[:args.eval_problems]
@@ -638,11 +639,11 @@ def bench_grpo(args):
     ours = grpo.parse_args([])  # the defaults both trainers run
     room = config_from_hf(args.init).max_seq_len - ours.max_new_tokens
     if any(len(engine.prompt_ids(tok, p["question"])) > room for p in problems):
-        raise SystemExit(f"bench.py grpo: {args.rl_data} has prompts too long for {ours.max_new_tokens} new tokens: "
-                         "grpo.py would skip them and draw from another list than TRL walks")
+        raise SystemExit(f"error: bench.py grpo: {args.rl_data} has prompts too long for {ours.max_new_tokens} new "
+                         "tokens: grpo.py would skip them and draw from another list than TRL walks")
     steps = args.steps or ours.max_steps
     if ours.schedule not in TRL_SCHEDULES or ours.warmup:
-        raise SystemExit(f"bench.py grpo matches TRL to a constant or cosine LR without warmup, not grpo.py's "
+        raise SystemExit(f"error: bench.py grpo matches TRL to a constant or cosine LR without warmup, not grpo.py's "
                          f"--schedule {ours.schedule} --warmup {ours.warmup}")
 
     def held_out(path):

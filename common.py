@@ -264,9 +264,9 @@ def require_model(path, toy_default, d, build):
     if os.path.isfile(os.path.join(path, "config.json")):
         return
     if path != toy_default:
-        raise SystemExit(f"{path}: no config.json; --init takes a Hugging Face model directory")
+        raise SystemExit(f"error: {path}: no config.json; --init takes a Hugging Face model directory")
     if d.world > 1:
-        raise SystemExit(f"the toy model {path} is missing: build it once in one process (python grpo.py) first")
+        raise SystemExit(f"error: the toy model {path} is missing: build it once in one process (python grpo.py) first")
     build()
 
 
@@ -618,7 +618,7 @@ def claim(out, d, resume=False):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:  # a file of that name, a read-only disk, another user's directory
-        raise SystemExit(f"{out}: cannot make this directory ({e.strerror}); give another --out") from None
+        raise SystemExit(f"error: {out}: cannot make this directory ({e.strerror}); give another --out") from None
     path = os.path.join(out, "RUNNING")
     try:
         with open(path) as f:
@@ -629,7 +629,7 @@ def claim(out, d, resume=False):
     except PermissionError:
         pass  # it exists, and is another user's (a shared directory)
     if pid is not None and pid != os.getpid():
-        raise SystemExit(f"{out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
+        raise SystemExit(f"error: {out}: another run (pid {pid}) is writing here; wait for it, or use another --out")
     with open(path, "w") as f:
         f.write(str(os.getpid()))
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
@@ -647,7 +647,7 @@ def check_resumable(out, args, keys):
             saved = json.load(f)
         diff = {k: (saved[k], getattr(args, k)) for k in keys if k in saved and saved[k] != getattr(args, k)}
         if diff:
-            raise SystemExit(f"{out}: --resume with other settings than the run being resumed: "
+            raise SystemExit(f"error: {out}: --resume with other settings than the run being resumed: "
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 
@@ -678,7 +678,7 @@ def start_run(args, d, model, opt, keys, extra=None):
         check_resumable(args.out, args, keys)
         ckpt = latest_checkpoint(args.out)
         if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.out}/checkpoints")
+            raise SystemExit(f"error: --resume: no checkpoint in {args.out}/checkpoints")
         step = load_checkpoint(ckpt, model, opt, extra)
         if d.main:
             trim_metrics(args.out, step)

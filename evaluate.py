@@ -267,12 +267,12 @@ def records_done(partial, settings, problems):
     saved = rows[0].get("settings", {}) if rows and isinstance(rows[0], dict) else {}
     other = [k for k in settings if saved.get(k) != settings[k]]
     if other:
-        raise SystemExit(f"{partial}: a stopped evaluation with other settings ({', '.join(other)}); delete it to "
-                         f"start again, or give another --out")
+        raise SystemExit(f"error: {partial}: a stopped evaluation with other settings ({', '.join(other)}); delete it "
+                         f"to start again, or give another --out")
     done = rows[1:len(problems) + 1]
     for i, (r, p) in enumerate(zip(done, problems)):
         if (r.get("question"), r.get("gold")) != (p["question"], p["answer"]):
-            raise SystemExit(f"{partial}: its problem {i + 1} is not problem {i + 1} of the data; delete it to "
+            raise SystemExit(f"error: {partial}: its problem {i + 1} is not problem {i + 1} of the data; delete it to "
                              f"start again")
     return done
 
@@ -312,7 +312,7 @@ def grade_in_parts(args, model, tok, problems, temperature, settings, out):
 def main(args):
     for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
         if not os.path.isfile(path):
-            raise SystemExit(f"{path}: not found ({what}); the toy files are built by `python grpo.py`")
+            raise SystemExit(f"error: {path}: not found ({what}); the toy files are built by `python grpo.py`")
     read_problems = problem_sets.problem_reader(args)
     problems = read_problems(args.data)
     problems = problems[:args.limit] if args.limit else problems

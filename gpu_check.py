@@ -410,7 +410,8 @@ class Clock:
 def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
-        raise SystemExit("gpu_check.py: no GPU here (torch.cuda.is_available() is False); --smoke runs toy sizes")
+        raise SystemExit("error: gpu_check.py: no GPU here (torch.cuda.is_available() is False); --smoke runs toy "
+                         "sizes")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {'smoke sizes' if args.smoke else 'full sizes'}")

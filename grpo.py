@@ -380,7 +380,7 @@ def usable_problems(problems, tok, config, args, d):
         common.print0(d, f"{args.data}: {len(problems) - len(room)} questions leave no room for "
                          f"{args.max_new_tokens} new tokens in the model's {config.max_seq_len} positions: skipped")
     if len(room) < args.questions * args.oversample:
-        raise SystemExit(f"{args.data}: {len(room)} usable questions (the count above), fewer than one step "
+        raise SystemExit(f"error: {args.data}: {len(room)} usable questions (the count above), fewer than one step "
                          f"draws ({args.questions * args.oversample}): give more data or a smaller --questions")
     return room, max(n for n, ok in zip(prompt_len, fits) if ok)
 

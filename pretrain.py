@@ -82,7 +82,8 @@ def main(args):
     torch.manual_seed(args.seed)
     if not os.path.isfile(os.path.join(args.data, "shards", "math.json")):
         if args.data != parse_args([]).data:
-            raise SystemExit(f"{args.data}: no shards/math.json; build it with: python data.py --out {args.data} ...")
+            raise SystemExit(f"error: {args.data}: no shards/math.json; build it with: python data.py --out "
+                             f"{args.data} ...")
         if d.main:  # the toy data: built once by rank 0
             data.build(data.parse_args(["--out", args.data]))
         if d.world > 1:
@@ -90,8 +91,8 @@ def main(args):
     tok_dir = os.path.join(args.data, "tokenizer")
     per_step = args.micro_batch * args.seq_len * d.world
     if args.batch_tokens % per_step:
-        raise SystemExit(f"--batch-tokens {args.batch_tokens} is not a multiple of micro-batch x seq-len x ranks "
-                         f"= {args.micro_batch} x {args.seq_len} x {d.world} = {per_step}")
+        raise SystemExit(f"error: --batch-tokens {args.batch_tokens} is not a multiple of micro-batch x seq-len x "
+                         f"ranks = {args.micro_batch} x {args.seq_len} x {d.world} = {per_step}")
     accum = args.batch_tokens // per_step
     train, val = mixture(args, "train"), mixture(args, "val")
     preset = PRESETS[args.preset]

@@ -311,9 +311,10 @@ def policy_sources(specs):
         try:
             out.append((path, float(t)) if at else (spec, 1.0))
         except ValueError:
-            raise SystemExit(f"--policy {spec}: expected DIR or DIR@TEMPERATURE") from None
+            raise SystemExit(f"error: --policy {spec}: expected DIR or DIR@TEMPERATURE") from None
         if out[-1][1] <= 0:
-            raise SystemExit(f"--policy {spec}: a sampling temperature > 0 (the samples of a question must differ)")
+            raise SystemExit(f"error: --policy {spec}: a sampling temperature > 0 (the samples of a question must "
+                             "differ)")
     return out
 
 
@@ -395,7 +396,7 @@ def fit_step(model, opt, optim, examples, step, d, *, batch, micro_batch, seed, 
     """One optimizer step of a reward model on the global batch `step` of `examples` (sft.step_examples: every
     rank holds all of them in one order, drawn by `seed`), this rank's share, with BCE through common.train_step."""
     if len(examples) < batch:
-        raise SystemExit(f"{len(examples)} reward-model examples, fewer than one batch of {batch}: sample more "
+        raise SystemExit(f"error: {len(examples)} reward-model examples, fewer than one batch of {batch}: sample more "
                          "questions or lower the batch")
     per_rank = batch // d.world
     mine = sft.step_examples(examples, step, batch, seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
@@ -477,7 +478,8 @@ def load(rm_dir, d, seed, checkpointed=0, compile=False, refreshed=False):
         ref = common.build_model(config_from_hf(ref_dir), d, seed=seed, init_dir=ref_dir, compile=compile, frozen=True)
         return ImplicitReward(policy, ref, beta)
     if config.head != "score":
-        raise SystemExit(f"--reward-model {rm_dir}: a language model, not a reward model (reward_model.py makes one)")
+        raise SystemExit(f"error: --reward-model {rm_dir}: a language model, not a reward model (reward_model.py "
+                         "makes one)")
     return common.build_model(config, d, seed=seed, init_dir=rm_dir, checkpointed=checkpointed, compile=compile,
                               frozen=not refreshed)
 
@@ -668,7 +670,7 @@ def parse_args(argv=None):
 def main(args):
     kinds = args.kinds.split(",")
     if not kinds or set(kinds) - {"orm", "prm"}:
-        raise SystemExit(f"--kinds {args.kinds}: expected orm, prm or orm,prm")
+        raise SystemExit(f"error: --kinds {args.kinds}: expected orm, prm or orm,prm")
     d = common.init_dist(args.dtype)
     torch.manual_seed(args.seed)
     toy, sources = parse_args([]), policy_sources(args.policy)
@@ -682,7 +684,7 @@ def main(args):
     config = config_from_hf(args.init)
     common.size_defaults(args, config, d, micro_batch=(32, 4), gen_batch=(128, 32))
     if args.batch % (args.micro_batch * d.world):
-        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
+        raise SystemExit(f"error: --batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
                          f"{d.world}")
 
     for kind in kinds:  # before sampling into it: no other live run writes there (a fresh run clears it)

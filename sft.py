@@ -143,9 +143,9 @@ def main(args):
                          f"model's {config.max_seq_len} positions: skipped")
     examples = fits
     if len(examples) < args.batch:
-        raise SystemExit(f"{args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
+        raise SystemExit(f"error: {args.data}: {len(examples)} examples, fewer than one batch of {args.batch}")
     if args.batch % (args.micro_batch * d.world):
-        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
+        raise SystemExit(f"error: --batch {args.batch} is not a multiple of micro-batch x ranks = {args.micro_batch} x "
                          f"{d.world}")
     longest = max(len(e[0]) for e in examples)
     ac = common.checkpointed_blocks(args.activation_checkpointing, d, config.n_layers, lambda k: memory.train_peak(

@@ -526,7 +526,7 @@ def _read_texts(path):
                     try:
                         yield json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise SystemExit(f"{path}:{n}: expected a JSON object with a 'text' field ({e})")
+                        raise SystemExit(f"error: {path}:{n}: expected a JSON object with a 'text' field ({e})")
         else:
             yield f.read()
 
