@@ -357,10 +357,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes (the CPU test of this script)")
     ap.add_argument("--parts", default="1,2,3,4,5,6", help="which of the six parts to run (5 needs 3 and 4)")
-    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+    ap.add_argument("--deadline", type=common.nonnegative, default=None, metavar="SECONDS",
                     help="stop the part still running so many seconds after the start and skip the rest, naming "
                          "them (for a GPU lent by the call: the table so far and the summary print before a kill)")
     args = ap.parse_args(argv)
+    if not set(args.parts.split(",")) <= set("123456"):  # a typo ran nothing and passed, on a GPU lent by the minute
+        ap.error(f"--parts {args.parts}: parts 1 to 6, separated by commas")
     gpu = dict(size="1b", big="deepseek-math-7b", tokens=16384, vocabs=[32768, 102400, 151936], hidden=4096,
                repeats=10, decode_batches=[64, 256], big_batches=[32, 128], prompt_tokens=128, new_tokens=512,
                train_batch=4, train_tokens=2048, grpo_questions=8, grpo_group=8, grpo_compile=True)

@@ -122,3 +122,16 @@ def test_the_8_gpu_estimate_by_hand(capsys):
         assert f"= {gen:.0f} s;" in line and f"x {flops / 1e9:.1f} GFLOP" in line, line
         assert f"= {train:.0f} s; step ≈ {gen + train:.0f} s" in line, line
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize("flags, words", [(["--parts", "7"], "--parts 7: parts 1 to 6"),
+                                          (["--parts", "2,3,"], "--parts 2,3,: parts 1 to 6"),
+                                          (["--deadline", "-5"], "argument --deadline: -5: expected a finite number")])
+def test_a_mistyped_part_or_deadline_is_refused_before_a_gpu_minute_is_spent(flags, words, capsys):
+    """`--parts 7` ran no part and exited 0 (on a GPU lent by the minute, a wasted call); a negative --deadline
+    failed in setitimer after the model was loaded."""
+    import gpu_check
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.parse_args(["--smoke", *flags])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert gpu_check.parse_args(["--smoke", "--parts", "2,3", "--deadline", "0"]).parts == "2,3"
