@@ -129,7 +129,7 @@ def test_the_8_gpu_estimate_by_hand(capsys):
                                           (["--deadline", "-5"], "argument --deadline: -5: expected a finite number")])
 def test_a_mistyped_part_or_deadline_is_refused_before_a_gpu_minute_is_spent(flags, words, capsys):
     """`--parts 7` ran no part and exited 0 (on a GPU lent by the minute, a wasted call); a negative --deadline
-    failed in setitimer after the model was loaded."""
+    ended in setitimer's traceback."""
     import gpu_check
     with pytest.raises(SystemExit) as stop:
         gpu_check.parse_args(["--smoke", *flags])
