@@ -30,7 +30,7 @@ from dedup import NearDupIndex, batched, decontaminate, minhash_dedup  # noqa: F
 from jsonl import DataError, append_jsonl, read_jsonl, write_jsonl  # noqa: F401  (public here too)
 from problem_sets import benchmark_texts, load_problems
 from reward import forked_pool  # a leaf (stdlib + sympy)
-from tokenizer import Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
+from tokenizer import LEAST_VOCAB, Tokenizer  # noqa: F401  (data.Tokenizer is a public name)
 
 
 
@@ -644,7 +644,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     # counts below their least, refused here: common.py's argparse types would import torch into the data pipeline
     least = dict(pages=1, train_problems=1, test_problems=1, rl_problems=0, iterations=1, budget_tokens=1,
-                 classifier_epochs=1, classifier_threads=1, vocab_size=259, workers=1)  # 259: bytes + specials
+                 classifier_epochs=1, classifier_threads=1, vocab_size=LEAST_VOCAB, workers=1)
     for name, lo in least.items():
         if getattr(args, name) is not None and getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {lo} or more")

@@ -32,6 +32,7 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\
 # What a Hugging Face ByteLevel pre-tokenizer with use_regex=true splits on (GPT-2's pattern).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"  # the specials of tokenizers we train, ids after the merges
+LEAST_VOCAB = 256 + 3  # a trained tokenizer's ids without a merge: the bytes and the specials
 # The chat format of DeepSeekMath-Instruct/RL (paper §2): BOS first, the answer follows with a space, then EOS.
 CHAT_FORMAT = "User: {question}\n\nAssistant:"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + "
@@ -283,9 +284,9 @@ class Tokenizer:
     @classmethod
     def train(cls, texts, vocab_size, pattern=SPLIT_PATTERN):
         """Train byte-level BPE on an iterable of strings: 256 bytes + merges + 3 specials = vocab_size ids."""
-        n_merges = vocab_size - 256 - 3
+        n_merges = vocab_size - LEAST_VOCAB
         if n_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is below the 259 ids of the bytes and the specials")
+            raise ValueError(f"vocab_size={vocab_size} is below the {LEAST_VOCAB} ids of the bytes and the specials")
         merges, vocab = train_bpe(texts, n_merges, pattern)
         ranks = {b: i for i, b in enumerate(vocab)}
         specials = {s: len(vocab) + k for k, s in enumerate((BOS, EOS, PAD))}
@@ -539,6 +540,10 @@ if __name__ == "__main__":
     ap.add_argument("--load", help="a directory with a Hugging Face tokenizer.json")
     ap.add_argument("--text", default="The answer is \\boxed{1234}.", help="text to show the split of")
     args = ap.parse_args()
+    if args.vocab_size < LEAST_VOCAB:
+        ap.error(f"--vocab-size {args.vocab_size}: {LEAST_VOCAB} or more (the bytes and the specials)")
+    if args.train and not os.path.isfile(args.train):
+        ap.error(f"--train {args.train}: no such file")
     if args.train:
         import time
         t0 = time.time()
@@ -548,7 +553,10 @@ if __name__ == "__main__":
             tok.save(args.out)
             print(f"saved to {args.out}")
     elif args.load:
-        tok = Tokenizer.from_hf(args.load)
+        try:
+            tok = Tokenizer.from_hf(args.load)
+        except TokenizerError as e:
+            raise SystemExit(f"error: {e}") from None
     else:
         ap.error("give --train FILE or --load DIR")
     ids = tok.encode(args.text)

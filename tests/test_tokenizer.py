@@ -316,3 +316,21 @@ def test_added_and_special_tokens_are_matched_longest_first(tmp_path):
     t.encode_special_tokens = False
     assert tok.chat("q<x>y") == t.encode("<|s|>tq<x>y<|s|>").ids
     assert tok.chat(text) == [t.token_to_id("<|s|>t"), *tok.encode(text), t.token_to_id("<|s|>")]
+
+
+@pytest.mark.parametrize("flags, words", [(["--train", "{t}", "--vocab-size", "10"], "--vocab-size 10: 259 or more"),
+                                          (["--train", "{d}/missing.jsonl"], "missing.jsonl: no such file"),
+                                          (["--load", "{d}"], "tokenizer.json not found")])
+def test_the_command_line_refuses_in_one_line(tmp_path, flags, words):
+    """`python tokenizer.py` with too few ids, a missing file or no tokenizer.json: each was a traceback."""
+    import os
+    import subprocess
+    import sys
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "hello world"}) + "\n")
+    argv = [f.format(t=texts, d=tmp_path) for f in flags]
+    r = subprocess.run([sys.executable, "tokenizer.py", *argv], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr and words in lines[-1], r.stderr
+    assert lines[-1].startswith(("error: ", "tokenizer.py: error: ")), lines[-1]
