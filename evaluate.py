@@ -311,6 +311,8 @@ def grade_in_parts(args, model, tok, problems, temperature, settings, out):
 
 def main(args):
     for path, what in ((os.path.join(args.model, "config.json"), "--model"), (args.data, "--data")):
+        if os.path.isdir(path):
+            raise SystemExit(f"error: {path}: a directory ({what} takes a .jsonl, .json, .csv or .parquet file)")
         if not os.path.isfile(path):
             raise SystemExit(f"error: {path}: not found ({what}); the toy files are built by `python grpo.py`")
     read_problems = problem_sets.problem_reader(args)

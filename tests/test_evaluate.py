@@ -331,6 +331,13 @@ def test_evaluate_a_real_model_and_the_cli(tok, tmp_path):
     assert r.returncode != 0 and "nope/config.json: not found" in r.stderr
 
 
+def test_a_data_path_that_is_a_directory_is_named_so(tmp_path):
+    """It was 'not found', and pointed at the toy's files."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"a directory \(--data takes a .jsonl, .json, .csv or .parquet file\)"):
+        evaluate.main(evaluate.parse_args(["--model", str(tmp_path), "--data", str(tmp_path)]))
+
+
 def test_a_stopped_evaluation_goes_on_where_it_stopped_and_samples_as_one_run(tok, tmp_path, monkeypatch):
     """evaluate.py grades the set in parts, saving each part's records as it goes: run again after a stop in its
     second part, it grades only the rest, and its predictions are those of one grade() call over the whole set
