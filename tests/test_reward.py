@@ -3,6 +3,7 @@ import math
 import time
 
 import pytest
+import sympy
 
 from reward import SYMPY_SECONDS, batch_rewards, extract_answer, is_equiv, math_reward, to_sympy
 
@@ -251,7 +252,6 @@ def test_the_parser_refuses_values_too_large_to_build():
     """The parser's own walls, behind is_equiv's timer (which the test above times): a factorial past 100!, an
     exponent past 300, a base past 10^6 raised past 20, an exponent that is a tower of one past 300, nesting past
     40 levels, an answer past 400 characters; each at its boundary, where the value is still built."""
-    import sympy
     assert to_sympy("100!") == sympy.factorial(100) and to_sympy("101!") is None
     assert to_sympy("2^{300}") == 2 ** 300 and to_sympy("2^{301}") is None
     assert to_sympy("1000000^{21}") == 10 ** 126 and to_sympy("1000001^{20}") == 1000001 ** 20
@@ -259,6 +259,30 @@ def test_the_parser_refuses_values_too_large_to_build():
     assert to_sympy("x^{y^{300}}") is not None and to_sympy("x^{y^{301}}") is None
     assert to_sympy("(" * 39 + "1" + ")" * 39) == 1 and to_sympy("(" * 40 + "1" + ")" * 40) is None
     assert to_sympy("+".join(["1"] * 200)) == 200 and to_sympy("+".join(["1"] * 201)) is None  # 399, 401 chars
+    assert to_sympy(" " * 399 + "7") == 7 and to_sympy(" " * 400 + "7") is None  # 400 characters, 401
+    assert to_sympy("9" * 60) == 10 ** 60 - 1 and to_sympy("9" * 61) is None  # digits of one literal
+    assert to_sympy("+".join(["(1)"] * 60)) == 60  # the depth wall counts nesting, not groups side by side
+    assert to_sympy("(1)+" * 10 + "(" * 40 + "1" + ")" * 40) is None  # nor forgets nesting after them
+
+
+X1, X2 = sympy.Symbol("x_1"), sympy.Symbol("x_2")
+
+
+@pytest.mark.parametrize("text,value", [
+    ("+3", 3), ("-+3", -3), ("+-3", -3), ("- -3", 3), ("0!", 1), ("3!", 6), ("7 ", 7),
+    ("\\alpha", sympy.Symbol("alpha")), ("\\mu", sympy.Symbol("mu")), ("x_1", X1), ("x_{2}", X2),
+    ("x_1 - x_2", X1 - X2), ("2x_1", 2 * X1),
+    ("\\sum_{k=1}^{3} k", sympy.Sum(sympy.Symbol("k"), (sympy.Symbol("k"), 1, 3))),
+    ("(1+2]", None), ("[1+2)", None), ("\\frac{1}{2", None), ("|x", None), ("1)", None), ("1}", None),
+    ("1 + ", None), ("\\q", None), ("1 ; 2", None), ("1 @", None),
+])
+def test_the_parser_table(text, value):
+    """to_sympy on the grammar's corners, against sympy's own constructors: unary signs, 0!, a trailing blank,
+    subscripts (x_1 and x_2 are two names), Greek names, an unevaluated sum; each malformed text (a wrong or
+    missing closer, a trailing closer, a dangling operator, a one-letter command, a character outside the grammar)
+    is None."""
+    got = to_sympy(text)
+    assert got is None if value is None else (got == value and got is not None)
 
 
 @pytest.mark.parametrize("name,value", [
