@@ -1,11 +1,12 @@
 """reward.py: a broad table of answer pairs (both verdicts, every kind of answer), extraction, hostile input."""
 import math
+import sys
 import time
 
 import pytest
 import sympy
 
-from reward import SYMPY_SECONDS, batch_rewards, extract_answer, is_equiv, math_reward, to_sympy
+from reward import SYMPY_SECONDS, batch_rewards, extract_answer, is_equiv, last_boxed, math_reward, to_sympy
 
 # (prediction, gold, equivalent?)
 EQUIV = [
@@ -149,8 +150,24 @@ EQUIV = [
     ("3\times 10^{4}", "30000", True), ("2\x07lpha", "2\\alpha", True), ("\\left(1, 2\right)", "(1, 2)", True),
     ("\x0bec{v}", "\\vec{v}", True), ("\tfrac{1}{2}", "0.5", True), ("5\text{ cm}", "5", True),
     ("(1,\t2)", "(1, 2)", True),
+    # each normalisation rule on its own case: number words, \frac with one brace, a number and a word, a
+    # lettered choice with its reason, solutions as "p=..., q=...;" groups, a stray backslash, a mixed number
+    # only when proper
+    ("1.5 billion", "1500000000", True), ("2 trillion", "2000000000000", True), ("0.0005 thousand", "0.5", True),
+    ("\\frac1{2}", "0.5", True), ("\\frac{1}2", "0.5", True), ("17\\text{ oranges}", "17", True),
+    ("(B): the second", "B", True), ("p=5, q=2; p=7, q=2", "(5, 2), (7, 2)", True),
+    ("p=5, q=2; p=7, q=2", "(5, 2), (7, 3)", False), ("1; 2", "2, 1", True), ("5\\", "5", True), ("2 2/2", "3", False),
+    ("(1 ,\n 2)", "(1, 2)", True),
+    # shapes: a braced single value, a pair's order, an interval's brackets, a chain's last value, a sum that is
+    # not an equation, a union against one interval, one equation rearranged, lists past 64 elements
+    ("{5}", "5", True), ("(1, 2)", "(2, 1)", False), ("[1, 2]", "[1, 2)", False), ("[1, 2]", "(1, 2]", False),
+    ("x = 2 + 3 = 5", "5", True), ("2 + 3 = 5", "5", True), ("7 = 11a + c", "7", False),
+    ("[1, 2] \\cup (2, 3]", "[1, 3]", True), ("x - 1 = y", "x = y + 1", True), ("x > @", "y < @", False),
+    (", ".join(map(str, range(70))), ", ".join(map(str, reversed(range(70)))), True),
+    (", ".join(map(str, range(70))), ", ".join(map(str, range(1, 71))), False),
+    ("[1, 2]", "[1.0, 2]", True), ("[a, b] \\cup [c, d]", "[c, d] \\cup [a, b]", True),
     # never equal: empty or missing
-    ("", "0", False), (None, "1", False), ("1", None, False),
+    ("", "0", False), (None, "1", False), ("1", None, False), (None, None, False), (None, "None", False),
 ]
 
 
@@ -200,6 +217,13 @@ EXTRACT = [
     ("<think>...</think><answer>The answer is $\\frac{1}{2}$.</answer>", "\\frac{1}{2}"),
     ("<answer> $x = 3$ </answer>", "x = 3"), ("<answer>1</answer> no, <ANSWER>\\boxed{2}</ANSWER>", "2"),
     ("<answer></answer> so \\boxed{4}", None),  # an empty tag answers nothing
+    ("\\boxed{23} or \\boxed{24}", "23, 24"), ("\\boxed{1} in part a and \\boxed{2}", "1, 2"),  # four words
+    ("\\boxed{1} for a and b for \\boxed{2}", "2"),  # five: a clause
+    ("\\boxed{1}," + " " * 39 + "\\boxed{2}", "1, 2"), ("\\boxed{1}," + " " * 40 + "\\boxed{2}", "2"),  # 40 apart
+    # a "Final Answer:" line: what follows " is ", else its last math span, else its last number
+    ("Final Answer: x is 12.", "12"), ("Final Answer: it is clear that x is 12", "12"),
+    ("Final Answer: $x = 3$ so $\\frac{7}{2}$", "\\frac{7}{2}"), ("Final Answer: about 42 apples", "42"),
+    (None, None),
 ]
 
 
@@ -208,8 +232,24 @@ def test_extraction_table(text, answer):
     assert extract_answer(text) == answer
 
 
+def test_answers_nested_past_five_levels_are_not_compared():
+    """_equal's depth wall (hostile nesting ends there): a tuple nested 5 deep is compared element by element, 6
+    deep is refused unless the two spell it alike."""
+    def nested(depth, first):
+        return first if depth == 0 else f"({nested(depth - 1, first)}, {depth})"
+    assert is_equiv(nested(5, "1"), nested(5, "1.0")) and is_equiv(nested(6, "1"), nested(6, "1"))
+    assert not is_equiv(nested(6, "1"), nested(6, "1.0"))
+
+
 def test_a_long_completion_is_read_at_its_end():
     assert extract_answer("x " * 20_000 + "so \\boxed{7}") == "7"  # longer than reward.MAX_TEXT: its end is read
+    assert extract_answer("\\boxed{1}" + "x" * (20_000 - 9)) == "1"  # the box in the last 20,000 characters
+    assert extract_answer("\\boxed{1}" + "x" * (20_000 - 8)) is None  # its backslash one character before them
+    assert extract_answer("\\boxed{" + "1" * 401 + "}") == "1" * 400  # an answer is cut at 400 characters
+
+
+def test_a_reference_solutions_last_box():
+    assert (last_boxed("a \\boxed{1} b \\fbox{2}"), last_boxed("so \\boxed 5"), last_boxed("none")) == ("2", "5", None)
 
 
 def test_hedging_earns_nothing():
@@ -225,6 +265,32 @@ def test_math_reward_and_batch_form():
     assert [math_reward(c, g) for c, g in zip(comps[:4], golds[:4])] == [1.0, 0.0, 0.0, 1.0]
     assert math_reward("no answer", "1", format_weight=0.1) == -0.1
     assert batch_rewards(comps, golds, workers=2) == [1.0, 0.0, 0.0, 1.0] * 5
+
+
+def test_a_reward_function_loads_from_a_file_or_a_module(tmp_path, monkeypatch):
+    """--reward-fn's two spellings, path/to/file.py:function and module:function (a module in the working
+    directory), and what it refuses: no colon, a name that is not a function, a module that cannot load, a value
+    that is not a finite number."""
+    from reward import RewardFnError, custom_rewards, load_reward_fn
+    (tmp_path / "rewards_of_a_user.py").write_text(
+        "def short(text, problem):\n    return 1.0 if len(text) < problem['n'] else 0\n\n"
+        "def verdict(text, problem):\n    return text == 'yes'\n\nNOT_A_FUNCTION = 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_reward_fn adds the working directory
+    by_file = load_reward_fn(f"{tmp_path}/rewards_of_a_user.py:short")
+    by_module = load_reward_fn("rewards_of_a_user:short")
+    sys.modules.pop("rewards_of_a_user")
+    problems = [{"n": 3}, {"n": 9}]
+    assert custom_rewards(by_file, "s", ["ab", "abcdef"], problems) == custom_rewards(by_module, "s", ["ab", "abcdef"],
+                                                                                       problems) == [1.0, 1.0]
+    assert custom_rewards(by_file, "s", ["abcd"], problems) == [0.0]
+    for spec, says in [("rewards_of_a_user", "expected module:function"), (":short", "expected module:function"),
+                       ("rewards_of_a_user:NOT_A_FUNCTION", "has no function NOT_A_FUNCTION"),
+                       ("no_such_module_here:f", "cannot load no_such_module_here .ModuleNotFoundError")]:
+        with pytest.raises(RewardFnError, match=says):
+            load_reward_fn(spec)
+    with pytest.raises(RewardFnError, match="returned True for output 0: expected a finite number"):
+        custom_rewards(load_reward_fn(f"{tmp_path}/rewards_of_a_user.py:verdict"), "s", ["yes"], problems)
 
 
 @pytest.mark.parametrize("hostile", [

@@ -1,0 +1,191 @@
+"""Plant one small bug at a time in a module and see whether the tests catch it (mutation testing).
+
+    python tests/plant_bugs.py latex.py -- tests/test_reward.py -k "not hostile and not sigterm"
+    python tests/plant_bugs.py reward.py --lines 80-200,523-580 -- tests/test_reward.py
+    python tests/plant_bugs.py reward.py --lines 57-73 --on-disk -- tests/test_reward.py -k hostile
+
+Each mutant changes one thing: a comparison (< and <=, == and !=, in and not in, is and is not), and for or, a
+dropped not, + for - (and * for //), an integer plus one, an if's test negated, a statement deleted. By default it
+runs in one process: the mutant's code is swapped into the loaded module's functions and methods, which keep their
+identity (a test that imported them sees the bug), and pytest runs again, about a second a mutant where a fresh
+process costs five. Tests that launch the scripts as processes read the file on disk, unchanged: --on-disk writes
+each mutant to the file and runs pytest in a process (the file is restored after). Prints each survivor: a bug no
+test catches, or a change that means the same (an error that ends as None either way, a constant's boundary).
+"""
+
+import argparse
+import ast
+import contextlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+import time
+import types
+
+COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+           ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+ARITHMETIC = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult}
+MESSAGES = ("print", "print0", "log", "SystemExit", "ValueError", "DataError")  # their text is not behaviour
+DELETABLE = (ast.Assign, ast.AugAssign, ast.Expr, ast.Return, ast.If, ast.For, ast.Raise)
+BODIES = (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)
+
+
+def _in_message(node, parents):
+    while (node := parents.get(node)) is not None:
+        if isinstance(node, (ast.JoinedStr, ast.Raise)) or isinstance(node, ast.Call) and \
+                getattr(node.func, "id", getattr(node.func, "attr", "")) in MESSAGES:
+            return True
+    return False
+
+
+def _changed(node, parents):
+    """(what, the node rewritten) for each one-token change of an expression node."""
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in COMPARE:
+        op = COMPARE[type(node.ops[0])]
+        yield f"{type(node.ops[0]).__name__}->{op.__name__}", ast.Compare(node.left, [op()], node.comparators)
+    elif isinstance(node, ast.BoolOp):
+        yield "and<->or", ast.BoolOp(ast.Or() if isinstance(node.op, ast.And) else ast.And(), node.values)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield "drop not", node.operand
+    elif isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        op = ARITHMETIC[type(node.op)]
+        yield f"{type(node.op).__name__}->{op.__name__}", ast.BinOp(node.left, op(), node.right)
+    elif type(getattr(node, "value", None)) is int and isinstance(node, ast.Constant) and \
+            not isinstance(parents.get(node), ast.Subscript):
+        yield f"{node.value}->{node.value + 1}", ast.Constant(node.value + 1)
+    elif isinstance(node, ast.If) and not isinstance(node.test, ast.Constant):
+        yield "negate if", ast.UnaryOp(ast.Not(), node.test)
+
+
+def mutants(src):
+    """[(line, what, mutated source)] for src, in line order; each mutated source compiles."""
+    tree = ast.parse(src)
+    parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+    lines = src.splitlines(keepends=True)
+    offset = [0]
+    for line in lines:
+        offset.append(offset[-1] + len(line))
+
+    def at(line, col):  # ast columns count UTF-8 bytes
+        return offset[line - 1] + len(lines[line - 1].encode()[:col].decode())
+
+    out = []
+    for node in ast.walk(tree):
+        if not hasattr(node, "lineno") or _in_message(node, parents):
+            continue
+        for what, new in _changed(node, parents):
+            target = node.test if isinstance(node, ast.If) else node
+            a, b = at(target.lineno, target.col_offset), at(target.end_lineno, target.end_col_offset)
+            out.append((node.lineno, what, src[:a] + "(" + ast.unparse(new) + ")" + src[b:]))
+        parent = parents.get(node)
+        if isinstance(node, DELETABLE) and isinstance(parent, BODIES) and \
+                not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+            body = [s for f in ("body", "orelse", "finalbody") for s in getattr(parent, f, None) or []]
+            if len(body) > 1 or isinstance(node, (ast.If, ast.For)):
+                a, b = offset[node.lineno - 1], offset[node.end_lineno] - 1
+                out.append((node.lineno, "delete " + type(node).__name__,
+                            src[:a] + lines[node.lineno - 1][:node.col_offset] + "pass" + src[b:]))
+    compiles = []
+    for m in sorted(out, key=lambda m: m[:2]):
+        with contextlib.suppress(SyntaxError):
+            compile(m[2], "<mutant>", "exec")
+            compiles.append(m)
+    return compiles
+
+
+def _definitions(module):
+    """The module's own functions and classes by name, and every function and method by qualified name."""
+    own = {k: v for k, v in vars(module).items()
+           if isinstance(v, (type, types.FunctionType)) and getattr(v, "__module__", None) == module.__name__}
+    functions = {}
+    for k, v in own.items():
+        if isinstance(v, types.FunctionType):
+            functions[k] = v
+        else:
+            functions.update({f"{k}.{m}": f for m, f in vars(v).items() if isinstance(f, types.FunctionType)})
+    return own, functions
+
+
+class InProcess:
+    """Runs the tests on a mutant by swapping its code into the module that is already loaded."""
+
+    def __init__(self, path, pytest_args, timeout):
+        sys.path.insert(0, os.getcwd())
+        self.module = importlib.import_module(path[:-3].replace("/", "."))
+        self.own, self.functions = _definitions(self.module)
+        self.saved = {q: (f.__code__, f.__defaults__, f.__kwdefaults__) for q, f in self.functions.items()}
+        self.args = ["--timeout", str(timeout), *pytest_args]
+
+    def _load(self, src):
+        exec(compile(src, self.module.__file__, "exec"), vars(self.module))  # constants and regexes: the mutant's
+        _, rebuilt = _definitions(self.module)
+        for q, f in self.functions.items():
+            g = rebuilt.get(q)
+            if g is not None and g.__code__.co_freevars == f.__code__.co_freevars:
+                f.__code__, f.__defaults__, f.__kwdefaults__ = g.__code__, g.__defaults__, g.__kwdefaults__
+        vars(self.module).update(self.own)  # the original objects, now with the mutant's code
+
+    def __call__(self, src, original):
+        import pytest
+        try:
+            self._load(src)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return pytest.main(["-p", "no:cacheprovider", "-n", "0", "-x", "-q", *self.args])
+        finally:
+            exec(compile(original, self.module.__file__, "exec"), vars(self.module))
+            for q, f in self.functions.items():
+                f.__code__, f.__defaults__, f.__kwdefaults__ = self.saved[q]
+            vars(self.module).update(self.own)
+
+
+class OnDisk:
+    """Runs the tests on a mutant written to the file, in a fresh process."""
+
+    def __init__(self, path, pytest_args, timeout):
+        self.path, self.args, self.timeout = path, ["--timeout", str(timeout), *pytest_args], timeout
+
+    def __call__(self, src, original):
+        try:
+            with open(self.path, "w") as f:
+                f.write(src)
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-x", "-q", *self.args]
+            return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  timeout=2 * self.timeout + 60).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"  # a loop that never ends is caught
+        finally:
+            with open(self.path, "w") as f:
+                f.write(original)
+
+
+def main():
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s FILE [options] -- PYTEST ARGS")
+    ap.add_argument("file", help="a module of the project, relative to its root (the working directory)")
+    ap.add_argument("--lines", default="", help="only mutants on these lines: a-b,c-d")
+    ap.add_argument("--on-disk", action="store_true", help="write each mutant to the file; a fresh process each")
+    ap.add_argument("--timeout", type=int, default=60, help="seconds a test may take (a mutant that loops: caught)")
+    args = ap.parse_args(argv[:split])
+    with open(args.file) as f:
+        original = f.read()
+    found = mutants(original)
+    if args.lines:
+        spans = [tuple(map(int, s.split("-"))) for s in args.lines.split(",")]
+        found = [m for m in found if any(lo <= m[0] <= hi for lo, hi in spans)]
+    run = (OnDisk if args.on_disk else InProcess)(args.file, argv[split + 1:], args.timeout)
+    if run(original, original) != 0:
+        sys.exit(f"error: the tests fail on {args.file} as it is: fix them first")
+    t0, survived = time.time(), 0
+    for i, (line, what, src) in enumerate(found, 1):
+        if run(src, original) == 0:
+            survived += 1
+            print(f"survived {args.file}:{line} {what}: {original.splitlines()[line - 1].strip()[:100]}", flush=True)
+        print(f"\r{i}/{len(found)} mutants, {survived} survived, {time.time() - t0:.0f} s", end="", file=sys.stderr)
+    print(f"\n{survived} of {len(found)} mutants of {args.file} survived", flush=True)
+
+
+if __name__ == "__main__":
+    main()
