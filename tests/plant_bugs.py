@@ -105,6 +105,10 @@ def _definitions(module):
             functions[k] = v
         else:
             functions.update({f"{k}.{m}": f for m, f in vars(v).items() if isinstance(f, types.FunctionType)})
+    for k, f in list(functions.items()):  # a decorated function (@contextmanager): the code is the wrapped one's
+        inner = getattr(f, "__wrapped__", None)
+        if isinstance(inner, types.FunctionType):
+            functions[k + ".__wrapped__"] = inner
     return own, functions
 
 

@@ -293,6 +293,38 @@ def test_a_reward_function_loads_from_a_file_or_a_module(tmp_path, monkeypatch):
         custom_rewards(load_reward_fn(f"{tmp_path}/rewards_of_a_user.py:verdict"), "s", ["yes"], problems)
 
 
+def test_the_sympy_timer_fires_nests_and_steps_aside_in_threads():
+    """reward.time_limit, the wall behind every sympy call: it ends a loop in time, an inner limit never outlives
+    the outer one, the old handler and timer come back (pytest-timeout's, here); in a thread (no signals there)
+    grading still works."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reward import time_limit
+
+    def spin(seconds):
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            with time_limit(seconds):
+                while time.monotonic() - t0 < 5:
+                    pass
+        return time.monotonic() - t0
+
+    before, left = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's
+    assert spin(0.2) < 1.0
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        with time_limit(0.3):
+            with time_limit(10):  # the inner limit is cut to what the outer has left
+                while time.monotonic() - t0 < 5:
+                    pass
+    assert time.monotonic() - t0 < 1.0
+    after = signal.getitimer(signal.ITIMER_REAL)[0]  # an outer timer runs on, less the time spent
+    assert signal.getsignal(signal.SIGALRM) is before and (left - 2 < after <= left if left else after == 0)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(is_equiv, "\\frac{1}{2}", "0.5").result() is True
+
+
 @pytest.mark.parametrize("hostile", [
     "10^{10^{10}}", "9^{9^{9^{9}}}", "2^{100000}", "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 300 + "1",
     "1" * 100_000, "x" * 100_000, "__import__('os').system('true')", "().__class__.__base__",
