@@ -2,15 +2,16 @@
 
     python tests/plant_bugs.py latex.py -- tests/test_reward.py -k "not hostile and not sigterm"
     python tests/plant_bugs.py reward.py --lines 80-200,523-580 -- tests/test_reward.py
-    python tests/plant_bugs.py reward.py --lines 57-73 --on-disk -- tests/test_reward.py -k hostile
+    python tests/plant_bugs.py reward.py --lines 54-75 --on-disk -- tests/test_reward.py -k timer
 
 Each mutant changes one thing: a comparison (< and <=, == and !=, in and not in, is and is not), and for or, a
 dropped not, + for - (and * for //), an integer plus one, an if's test negated, a statement deleted. By default it
 runs in one process: the mutant's code is swapped into the loaded module's functions and methods, which keep their
 identity (a test that imported them sees the bug), and pytest runs again, about a second a mutant where a fresh
-process costs five. Tests that launch the scripts as processes read the file on disk, unchanged: --on-disk writes
-each mutant to the file and runs pytest in a process (the file is restored after). Prints each survivor: a bug no
-test catches, or a change that means the same (an error that ends as None either way, a constant's boundary).
+process costs five (the module's top level runs again each time: its constants are the mutant's). Tests that
+launch the scripts as processes read the file on disk, unchanged: --on-disk writes each mutant to the file and
+runs pytest in a process (the file is restored after). Prints each survivor: a bug no test catches, or a change
+that means the same (an error that ends as None either way, a constant's boundary).
 """
 
 import argparse

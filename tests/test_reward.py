@@ -279,7 +279,6 @@ def test_a_reward_function_loads_from_a_file_or_a_module(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # load_reward_fn adds the working directory
     by_file = load_reward_fn(f"{tmp_path}/rewards_of_a_user.py:short")
     by_module = load_reward_fn("rewards_of_a_user:short")
-    sys.modules.pop("rewards_of_a_user")
     problems = [{"n": 3}, {"n": 9}]
     assert custom_rewards(by_file, "s", ["ab", "abcdef"], problems) == custom_rewards(by_module, "s", ["ab", "abcdef"],
                                                                                        problems) == [1.0, 1.0]
@@ -291,6 +290,7 @@ def test_a_reward_function_loads_from_a_file_or_a_module(tmp_path, monkeypatch):
             load_reward_fn(spec)
     with pytest.raises(RewardFnError, match="returned True for output 0: expected a finite number"):
         custom_rewards(load_reward_fn(f"{tmp_path}/rewards_of_a_user.py:verdict"), "s", ["yes"], problems)
+    sys.modules.pop("rewards_of_a_user")  # imported by name: no other test sees it
 
 
 def test_the_sympy_timer_fires_nests_and_steps_aside_in_threads():
