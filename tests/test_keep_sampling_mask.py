@@ -152,6 +152,8 @@ def test_packed_rows_carry_each_tokens_kept_ids_and_minus_one_elsewhere():
                                       [-1, -1], [-1, -1]]
     assert (batch.kept[1] == -1).all()
     assert Batch(pack_rows([b, b], [torch.zeros(1)] * 2, 2, 2, False, "sequence"), 0, "cpu").kept is None
+    zero = comp([0], [[0, -1]])  # id 0 kept, first: a real id, not the -1 that means none
+    assert Batch(pack_rows([zero, b], [torch.zeros(1)] * 2, 2, 2, False, "sequence"), 0, "cpu").kept is not None
     # what the log counts over the model's tokens: a's, of 2 ids and 1 (b's is the sandbox's; c has none)
     assert grpo_log.kept_sums([Batch(pack_rows([a, b], [torch.zeros(2), torch.zeros(1)], 2, 2, False,
                                                "sequence"), 0, "cpu")]) == dict(kept_ids=3, kept_alone=1)
