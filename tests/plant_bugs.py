@@ -138,6 +138,8 @@ class InProcess:
             self._load(src)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 return pytest.main(["-p", "no:cacheprovider", "-n", "0", "-x", "-q", *self.args])
+        except Exception as e:  # noqa: BLE001 (a mutant whose module's top level fails: no test could import it)
+            return f"the module fails to load: {type(e).__name__}"
         finally:
             exec(compile(original, self.module.__file__, "exec"), vars(self.module))
             for q, f in self.functions.items():
