@@ -53,7 +53,7 @@ def _changed(node, parents):
     elif isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
         op = ARITHMETIC[type(node.op)]
         yield f"{type(node.op).__name__}->{op.__name__}", ast.BinOp(node.left, op(), node.right)
-    elif type(getattr(node, "value", None)) is int and isinstance(node, ast.Constant) and \
+    elif isinstance(node, ast.Constant) and type(node.value) is int and \
             not isinstance(parents.get(node), ast.Subscript):
         yield f"{node.value}->{node.value + 1}", ast.Constant(node.value + 1)
     elif isinstance(node, ast.If) and not isinstance(node.test, ast.Constant):
@@ -123,28 +123,29 @@ class InProcess:
         self.saved = {q: (f.__code__, f.__defaults__, f.__kwdefaults__) for q, f in self.functions.items()}
         self.args = ["--timeout", str(timeout), *pytest_args]
 
-    def _load(self, src):
-        exec(compile(src, self.module.__file__, "exec"), vars(self.module))  # constants and regexes: the mutant's
-        _, rebuilt = _definitions(self.module)
-        for q, f in self.functions.items():
-            g = rebuilt.get(q)
-            if g is not None and g.__code__.co_freevars == f.__code__.co_freevars:
-                f.__code__, f.__defaults__, f.__kwdefaults__ = g.__code__, g.__defaults__, g.__kwdefaults__
-        vars(self.module).update(self.own)  # the original objects, now with the mutant's code
+    def _install(self, src, codes=None):
+        """Run src's top level in the module (its constants and regexes), then give the original functions the
+        code in `codes` (by qualified name; default: src's own), and put the original objects back in place."""
+        exec(compile(src, self.module.__file__, "exec"), vars(self.module))
+        if codes is None:
+            _, rebuilt = _definitions(self.module)
+            codes = {q: (g.__code__, g.__defaults__, g.__kwdefaults__) for q, g in rebuilt.items()
+                     if q in self.functions and g.__code__.co_freevars == self.functions[q].__code__.co_freevars}
+        for q, code in codes.items():
+            f = self.functions[q]
+            f.__code__, f.__defaults__, f.__kwdefaults__ = code
+        vars(self.module).update(self.own)
 
     def __call__(self, src, original):
         import pytest
         try:
-            self._load(src)
+            self._install(src)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 return pytest.main(["-p", "no:cacheprovider", "-n", "0", "-x", "-q", *self.args])
         except Exception as e:  # noqa: BLE001 (a mutant whose module's top level fails: no test could import it)
             return f"the module fails to load: {type(e).__name__}"
         finally:
-            exec(compile(original, self.module.__file__, "exec"), vars(self.module))
-            for q, f in self.functions.items():
-                f.__code__, f.__defaults__, f.__kwdefaults__ = self.saved[q]
-            vars(self.module).update(self.own)
+            self._install(original, self.saved)
 
 
 class OnDisk:
