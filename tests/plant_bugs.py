@@ -10,8 +10,8 @@ runs in one process: the mutant's code is swapped into the loaded module's funct
 identity (a test that imported them sees the bug), and pytest runs again, about a second a mutant where a fresh
 process costs five (the module's top level runs again each time: its constants are the mutant's). Tests that
 launch the scripts as processes read the file on disk, unchanged: --on-disk writes each mutant to the file and
-runs pytest in a process (the file is restored after). Prints each survivor: a bug no test catches, or a change
-that means the same (an error that ends as None either way, a constant's boundary).
+runs pytest in a process (the file is restored after). Prints each survivor's line as the mutant has it: a bug no
+test catches, or a change that means the same (an error that ends as None either way, a constant's boundary).
 """
 
 import argparse
@@ -117,7 +117,12 @@ class InProcess:
     """Runs the tests on a mutant by swapping its code into the module that is already loaded."""
 
     def __init__(self, path, pytest_args, timeout):
+        import pytest
         sys.path.insert(0, os.getcwd())
+        # collected first, the tests' conftest sets the environment before the module loads (TRITON_INTERPRET is
+        # read when the kernels the module imports are defined)
+        with contextlib.redirect_stdout(io.StringIO()):
+            pytest.main(["-p", "no:cacheprovider", "-n", "0", "--collect-only", "-q", *pytest_args])
         self.module = importlib.import_module(path[:-3].replace("/", "."))
         self.own, self.functions = _definitions(self.module)
         self.saved = {q: (f.__code__, f.__defaults__, f.__kwdefaults__) for q, f in self.functions.items()}
@@ -190,7 +195,7 @@ def main():
     for i, (line, what, src) in enumerate(found, 1):
         if run(src, original) == 0:
             survived += 1
-            print(f"survived {args.file}:{line} {what}: {original.splitlines()[line - 1].strip()[:100]}", flush=True)
+            print(f"\rsurvived {args.file}:{line} {what}: {src.splitlines()[line - 1].strip()[:100]}", flush=True)
         print(f"\r{i}/{len(found)} mutants, {survived} survived, {time.time() - t0:.0f} s", end="", file=sys.stderr)
     print(f"\n{survived} of {len(found)} mutants of {args.file} survived", flush=True)
 

@@ -158,14 +158,16 @@ def chi_square_ok(counts, probs, n):
 
 def test_samples_follow_the_filtered_distribution():
     """20,000 draws per setting from one row of logits: frequencies within chance of softmax(logits / T)
-    restricted by top_k / top_p / min_p, and never outside the kept tokens. At T = 0.5 the nucleus of 0.8 is
+    restricted by top_k / top_p / min_p, and never outside the kept tokens, and the same tokens from the logits
+    shifted. At T = 0.5 the nucleus of 0.8 is
     tokens 3 and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5)); at T = 1 it also holds token 2 (0.442 +
     0.268 < 0.8): the temperature comes before the nucleus. min_p 0.3 keeps the logits (over T) within
     -log 0.3 = 1.20 of the largest: 2, 2.5 and 3 at T = 1, 5 and 6 at T = 0.5; min_p 0.5 (0.69) only 2.5 and 3."""
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 2.5, -30.0])
     n = 20000
     pos = torch.arange(n)
-    for T, top_k, top_p, min_p, kept in ((1.0, 0, 1.0, 0.0, range(8)), (0.7, 3, 1.0, 0.0, [2, 3, 6]),
+    for T, top_k, top_p, min_p, kept in ((1.0, 0, 1.0, 0.0, range(8)), (2.0, 0, 1.0, 0.0, range(8)),
+                                         (0.7, 3, 1.0, 0.0, [2, 3, 6]),
                                          (1.0, 0, 0.8, 0.0, [2, 3, 6]), (0.5, 0, 0.8, 0.0, [3, 6]),
                                          (1.0, 0, 1.0, 0.3, [2, 3, 6]), (0.5, 0, 1.0, 0.3, [3, 6]),
                                          (1.0, 3, 1.0, 0.5, [3, 6]), (1.0, 0, 0.8, 0.5, [3, 6])):
@@ -174,6 +176,8 @@ def test_samples_follow_the_filtered_distribution():
         z = torch.full_like(logits, float("-inf"))
         z[list(kept)] = logits[list(kept)] / T
         assert set(toks.tolist()) <= set(kept) and chi_square_ok(Counter(toks.tolist()), z.softmax(-1).tolist(), n)
+        # softmax does not see a shift of every logit, even one past exp's range in float32 (e^89 is inf)
+        assert torch.equal(engine.sample(logits.expand(n, -1) + 100, u, T, top_k, top_p, min_p), toks)
     assert engine.sample(logits[None], torch.zeros(1), 0).item() == 3  # temperature 0: greedy
 
 
@@ -200,9 +204,9 @@ def test_the_cut_keeps_what_transformers_warpers_keep():
     """On random rows of logits, the tokens engine.cut leaves at each (top_k, top_p, min_p), and their logits, are
     those transformers' TopK, TopP and MinP warpers leave, applied in its order (a second implementation)."""
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    logits = torch.randn(256, 50) * 3
-    for top_k, top_p, min_p in ((10, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1), (10, 0.8, 0.05), (5, 0.95, 0.3),
-                                (0, 0.7, 0.2)):
+    for logits, top_k, top_p, min_p in ((rows, *cut) for rows in (torch.randn(256, 50) * 3, torch.randn(3, 50) * 3)
+                                        for cut in ((10, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1), (10, 0.8, 0.05),
+                                                    (5, 0.95, 0.3), (0, 0.7, 0.2))):  # fewer rows than top_k too
         ours, theirs = engine.cut(logits, top_k, top_p, min_p)[0], logits.clone()
         for on, warper in ((top_k, TopKLogitsWarper(max(top_k, 1))), (top_p < 1, TopPLogitsWarper(top_p)),
                            (min_p, MinPLogitsWarper(max(min_p, 1e-3)))):
@@ -210,6 +214,13 @@ def test_the_cut_keeps_what_transformers_warpers_keep():
         kept = theirs > float("-inf")
         assert torch.equal(ours > float("-inf"), kept) and torch.equal(ours[kept], theirs[kept])
         assert 1 < kept.sum(-1).float().mean() < 50  # each setting cuts, and leaves more than the likeliest
+    # a token exactly min_p times as likely as the likeliest is kept, as transformers keeps it (probs < min_p cut)
+    assert engine.cut(torch.tensor([[0.0, math.log(0.5), -1.0]]), 0, 1.0, 0.5)[0].isfinite().tolist() == \
+        [[True, True, False]]
+    # top_k past the vocabulary: all its ids, most likely first, then -1 (no id) up to top_k
+    logits = torch.randn(3, 8)
+    ids = engine.cut(logits, 10, 1.0, 0.0)[1]
+    assert ids.tolist() == [row.argsort(descending=True).tolist() + [-1, -1] for row in logits]
 
 
 def test_the_nucleus_is_the_smallest_set_that_reaches_top_p():
@@ -268,7 +279,8 @@ def test_prompts_that_leave_no_room_and_samplers_that_keep_nothing_are_a_clear_e
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate(m, [[]], 5)
-    for bad in (dict(min_p=1.0), dict(min_p=-0.1), dict(top_p=0.0), dict(top_k=-1)):
+    for bad in (dict(min_p=1.0), dict(min_p=1.5), dict(min_p=-0.1), dict(top_p=0.0), dict(top_p=1.01),
+                dict(top_k=-1)):
         with pytest.raises(ValueError, match=r"generate: top-k .*: top-k is a number of tokens >= 0, top-p a"):
             engine.generate(m, [[1]], 2, **bad)
 
@@ -386,6 +398,9 @@ def test_the_two_level_inverse_cdf_is_the_one_level_one():
         assert (got == expected)[~near].all() and near[16:].float().mean() < 0.1  # rows :16 end near the total
         assert (p.gather(1, got[:, None]) > 0).all()  # never a token without probability
         torch.testing.assert_close(engine._cumsum(p).double(), cdf, rtol=1e-5, atol=1e-6)
+        # the CPU's scans of float32 add in float64: in bfloat16 they round as a GPU's float32 scans do, and a draw
+        # near a block's total may pass its last id with mass (the rows with an empty tail)
+        assert (p.gather(1, engine._invert_cdf(p.bfloat16(), u)[:, None]) > 0).all()
 
 
 def test_draws_on_block_boundaries_take_the_next_token_with_mass():
