@@ -105,7 +105,10 @@ def _definitions(module):
         if isinstance(v, types.FunctionType):
             functions[k] = v
         else:
-            functions.update({f"{k}.{m}": f for m, f in vars(v).items() if isinstance(f, types.FunctionType)})
+            for m, f in vars(v).items():  # methods; a staticmethod's, classmethod's or property's function
+                f = getattr(f, "__func__", getattr(f, "fget", f))
+                if isinstance(f, types.FunctionType):
+                    functions[f"{k}.{m}"] = f
     for k, f in list(functions.items()):  # a decorated function (@contextmanager): the code is the wrapped one's
         inner = getattr(f, "__wrapped__", None)
         if isinstance(inner, types.FunctionType):
