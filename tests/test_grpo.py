@@ -14,10 +14,11 @@ import torch
 
 import common
 import engine
+import grpo
 import reward
 from grpo import (draw, group_advantages, groups_with_signal, grpo_objective_sums, grpo_update, high_entropy_only,
-                  overlong_penalty, policy_token_loss, process_advantages, reset_reference, tis_weights,
-                  token_advantages)
+                  loss_normaliser, overlong_penalty, policy_token_loss, process_advantages, reset_reference,
+                  tis_weights, token_advantages)
 from model import ModelConfig, Transformer
 from packing import Batch, loss_weights, micro_batches, pack_rows
 from reward_model import token_index
@@ -31,7 +32,6 @@ def opts(clip_low=0.2, clip_high=0.2, beta=0.0):
 
 def update_args(**given):
     """grpo_update's flags: grpo_cli's defaults, no gradient clipping, and what the test gives."""
-    import grpo
     return argparse.Namespace(**{**vars(grpo.parse_args([])), "grad_clip": 1e9, "out": "-", **given})
 
 
@@ -52,6 +52,13 @@ def test_group_advantages_normalise_within_each_group():
     adv, _ = group_advantages(r, "batch")  # one std over the batch's centred rewards, the flat group's zeros too
     centred = [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75]
     torch.testing.assert_close(adv.flatten(), torch.tensor(centred) / torch.tensor(centred).std())
+    # the smallest groups: G = 2 is divided by its std (±0.5 / 0.7071), as is a batch of one such group; G = 1
+    # has no std: every group counts as flat, advantage 0 (not NaN)
+    for scale in ("group", "batch"):
+        torch.testing.assert_close(group_advantages(torch.tensor([[1.0, 0.0]]), scale)[0],
+                                   torch.tensor([[0.5, -0.5]]) / math.sqrt(0.5))
+    adv, flat = group_advantages(torch.tensor([[1.0], [0.0]]))
+    assert flat == 2 and adv.tolist() == [[0.0], [0.0]]
 
 
 def test_each_step_draws_its_own_questions_as_a_function_of_seed_and_step():
@@ -85,6 +92,9 @@ def test_process_advantages_are_future_sums_of_normalised_step_rewards():
     torch.testing.assert_close(adv[3], z[5].expand(2))
     adv, _ = process_advantages(steps, [5, 4, 1, 2], group_size=2, scale="none")
     torch.testing.assert_close(adv[3], c[5].expand(2))
+    # a batch of two step rewards has a std too: ±0.5 / 0.7071
+    adv, _ = process_advantages([[(0, 1.0)], [(0, 0.0)]], [1, 1], group_size=2, scale="batch")
+    torch.testing.assert_close(torch.cat(adv), torch.tensor([0.5, -0.5]) / math.sqrt(0.5))
 
 
 def test_step_checker_and_token_positions():
@@ -115,6 +125,12 @@ def test_sequence_normalisation_weights_short_and_long_outputs_as_the_paper():
     assert not logp.grad[0, 2:].any()  # padding carries no gradient
     tok_total, _, _ = grpo_objective_sums(logp, logp.detach(), logp.detach(), adv, weights(mask, "token"), opts())
     assert tok_total.item() == pytest.approx(-8.0)  # divided later by the 8 tokens
+
+
+def test_the_loss_is_divided_by_outputs_tokens_or_outputs_times_the_budget():
+    """--loss-norm's divisor of the step's weighted sum, from 4 outputs of 1 or 0 tokens in all, a budget of 100."""
+    assert [loss_normaliser(norm, 4, 1, 100) for norm in ("sequence", "token", "constant")] == [4, 1, 400]
+    assert loss_normaliser("token", 4, 0, 100) == 1  # no token written: the sum is 0, divided by 1, not by 0
 
 
 @pytest.mark.parametrize("norm", ["sequence", "token", "constant"])
@@ -282,12 +298,22 @@ def packed_with_old(model, comps, per_token, moves):
 
 def update_matches(model, b, old, ref, beta, tis, args, loss, clipped, grads):
     """One grpo_update of micro-batch b logs the loss and the clip's count computed apart and makes every weight's
-    gradient as computed apart (`grads`). old None: μ = 1. Returns the update's sums."""
+    gradient as computed apart (`grads`). old None: μ = 1. Its other sums by hand from the policy's log-probs on
+    the model's tokens: -log π, k3 to π_ref, π_old's gap to the sampler, the TIS weights and those the cap cut.
+    Returns the update's sums."""
+    with torch.no_grad():
+        now = b.logprobs(model, None)
+    gap = ((now if old is None else old) - b.sampler_logp) * b.mask
+    ratio, tis_on = gap.exp(), b.mask if tis else torch.zeros_like(b.mask)  # without TIS its sums stay 0
+    logged = dict(neg_logp=-(now * b.mask).sum(), kl=((torch.exp(ref - now) - (ref - now) - 1) * b.mask).sum(),
+                  logprob_gap=gap.abs().sum(), gap_max=gap.abs().max(),
+                  tis_weight=(ratio.clamp(max=tis) * tis_on).sum(), tis_cut=((ratio > tis) & tis_on).sum())
     opt = GradientsOf(model)
     sums, _ = grpo_update(model, opt, [b], None if old is None else [old], [ref], 1.0, beta, tis, None, 0, args,
                           common.one_process("cpu"))
     assert sums["loss"] == pytest.approx(loss, rel=1e-5)
     assert sums["clipped"] == clipped
+    assert {k: sums[k] for k in logged} == pytest.approx({k: float(v) for k, v in logged.items()}, rel=1e-5, abs=1e-6)
     for got, w in zip(opt.grads, grads):
         torch.testing.assert_close(got, w.float(), atol=1e-6, rtol=1e-4)
     return sums
@@ -333,6 +359,20 @@ def test_sequence_ratio_updates_on_gspo_token_loss_and_gradient(tis):
     b, old, ref = packed_with_old(model, comps, per_token, [sh + nz for sh, nz in zip(shift, noise)])
     args = update_args(clip_eps=clip[0], clip_high=clip[1], ratio="sequence")
     update_matches(model, b, old, ref, beta, tis, args, expected.item(), clipped, want)
+
+
+def test_the_sequence_ratio_and_the_entropy_cut_by_hand():
+    """GSPO's log s_i is the mean of log π_θ/π_old over the tokens o_i's model wrote, on each of them: a row with
+    the prompt (segment 0), an output of one token, one of three (its second a tool's, not the model's), padding.
+    --top-entropy keeps Â on a token whose entropy is the cut itself: ρ = 0.5 of entropies 1..5 is 3, 3 tokens."""
+    b = argparse.Namespace(segment=torch.tensor([[0, 0, 1, 2, 2, 2, -1]]),
+                           mask=torch.tensor([[False, False, True, True, False, True, False]]))
+    logp, old = torch.tensor([[5.0, 5.0, -1.0, -2.0, 9.0, -3.0, 9.0]]), torch.zeros(1, 7)
+    assert grpo.sequence_log_ratio(logp, old, b).tolist() == [[0.0, 0.0, -1.0, -2.5, 0.0, -2.5, 0.0]]
+    b = argparse.Namespace(entropy=torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 9.0]]), advantages=torch.ones(1, 6),
+                           mask=torch.tensor([[True] * 5 + [False]]))
+    assert high_entropy_only([b], 0.5, common.one_process("cpu")) == 3.0
+    assert b.advantages.tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]]  # the last not the model's: never counted
 
 
 @pytest.mark.parametrize("tis", [0.0, 2.0])
@@ -414,7 +454,6 @@ def test_off_policy_mask_drops_the_push_down_on_outputs_the_policy_has_moved_fro
 
 def test_the_off_policy_mask_refuses_rollouts_without_the_samplers_log_probs():
     """Their zeros would read as a drift of -mean log π and drop every output of Â < 0 from the first update."""
-    import grpo
     run = argparse.Namespace(args=update_args(off_policy_mask=0.1), d=common.one_process("cpu"))
     comps = [engine.Completion([1], [2, 3], [True, True], True, ""), engine.Completion([1], [4], [True], True, "")]
     comps[0].logprobs = [-0.5, -0.1]
@@ -562,7 +601,6 @@ def test_a_reward_model_gets_less_push_than_the_rule_by_default():
     """--reward orm|prm: β 0.15 (outcome) or 0.4 (process) and advantages r - mean(r), unless the flags say
     otherwise; the rule's reward keeps the paper's β 0.04 and the std scale (GRPO on the toy's reward models was
     gamed under those)."""
-    import grpo
     rule, orm = grpo.parse_args([]), grpo.parse_args(["--reward", "orm", "--reward-model", "rm"])
     prm = grpo.parse_args(["--reward", "prm", "--reward-model", "rm"])
     assert (rule.beta, rule.std_scale) == (0.04, "group") and (orm.beta, orm.std_scale) == (0.15, "none")
@@ -626,7 +664,6 @@ def test_one_bf16_process_runs_grpo_through_fsdp2_and_resumes_exactly(base, data
     """One GPU at the default --dtype bfloat16 runs FSDP2 in a process group of one (common.one_process), here on
     the CPU: steps with TIS on (bf16's default), a checkpoint of the sharded state (the reset reference's too), a
     resume that continues as if never stopped, an export; the group is gone when main returns."""
-    import grpo
     monkeypatch.setattr(common, "init_dist", lambda dtype: common.one_process("cpu", torch.bfloat16))
     built, build = [], common.build_model
 
@@ -715,6 +752,16 @@ def test_clip_fraction_counts_the_tokens_where_the_clip_binds():
     assert clipped == 3  # tokens 0, 2 and 7 (0.75 < 1 - 0.2); 4 is inside [0.8, 1.28]; 8 is masked; 9, 10: Â = 0
     total.backward()
     assert clipped == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()  # the tokens whose push the clip stops
+    # the dual clip at 1.4 also stops the push down on token 1 (ρ 1.5, Â < 0); CISPO's cap at 1.28 cuts the weight
+    # of tokens 0 and 1 (ρ 1.5), whatever Â's sign, and of no token of Â = 0 (9)
+    logp.grad = None
+    total, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights,
+                                            dict(opts(0.2, 0.28), dual_clip=1.4))
+    total.backward()
+    assert clipped == 4 == ((logp.grad == 0) & (weights > 0) & (adv != 0)).sum()
+    _, _, clipped = grpo_objective_sums(logp, torch.zeros_like(logp), logp.detach(), adv, weights,
+                                        dict(opts(0.2, 0.28), cispo=True))
+    assert clipped == 2
 
 
 def test_the_logged_kl_is_k3_summed_over_the_models_tokens_unweighted():
@@ -748,7 +795,6 @@ def test_tis_reweights_a_sampler_made_deliberately_different(base, data_dir, tmp
     and the share the cap cut), and step 1's loss (ρ = 1, no KL yet) is -Σ_i Â_i w_i / 12 over the 12 outputs,
     where it is 0 without. Rewards are scripted (1 on every fourth output). Off by default in fp32. The gap and
     -log π logged are those of every micro-batch (one per question here), not the last one's."""
-    import grpo
     real, sampled = engine.complete, []
 
     def biased(*a, **k):

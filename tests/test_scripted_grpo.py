@@ -273,7 +273,8 @@ def test_each_option_changes_step_one_as_computed_by_hand(base, problems, data_d
     masked_sum = sum(x * n for x, n in zip(adv[:3], counts[True][:3]))
     assert step_one("mask-token", "--mask-truncated", "--loss-norm", "token")["loss"] == near(
         -n_sig * masked_sum / tokens(range(3)))
-    assert step_one("rft", "--online-rft", "--beta", "0")["loss"] == near(-2 * n_sig / 16)
+    rft = step_one("rft", "--online-rft", "--beta", "0")  # coefficient 1 on right outputs: no group is flat
+    assert rft["loss"] == near(-2 * n_sig / 16) and rft["zero_std_groups"] == 0
     # --top-entropy: the policy term on part of each output's tokens, so a group's Â no longer sums to 0
     top = step_one("top-entropy", "--top-entropy", "0.5")
     assert 0 < top["entropy_cut"] < 1 and top["loss"] != near(0)
