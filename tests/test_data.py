@@ -88,6 +88,12 @@ def test_problem_loaders_read_gsm8k_math_and_generic(tmp_path, capsys):
     empty.write_text("")
     with pytest.raises(DataError, match="no problems"):
         load_problems(str(empty))
+    for missing in ("missing.json", "missing.csv", "missing.parquet"):
+        with pytest.raises(DataError, match=f"{missing}: no such file"):
+            load_problems(str(tmp_path / missing))
+    one.write_text(json.dumps([{"question": "Q?", "answer": "5"}, 5]))
+    with pytest.raises(DataError, match="problem 2: expected a JSON object, got int"):
+        load_problems(str(one))
 
 
 def test_problems_under_other_names_with_answer_fields_and_in_parquet(tmp_path, monkeypatch):
@@ -165,6 +171,10 @@ def test_a_conversation_is_the_last_assistant_message_and_the_user_one_before_it
                  + "\n")
     with pytest.raises(DataError, match="problem 1: the assistant's message is \\[{'type': 'text'.*, not text"):
         load_problems(str(f))
+    rows[0]["reward_model"] = {"style": "rule"}  # a field verl's rows have, without their prompt: still a conversation
+    f.write_text(json.dumps(rows[0]) + "\n")
+    assert load_problems(str(f))[0]["question"] == "2 + 3?"
+
 
 def test_verl_rows_are_the_last_user_message_and_the_ground_truth(tmp_path):
     """verl's RL layout (DAPO-Math-17k, verl's GSM8K and MATH parquet files): the prompt a list of chat messages,
