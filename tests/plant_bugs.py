@@ -116,6 +116,10 @@ def _definitions(module):
     return own, functions
 
 
+class NotSwapped(Exception):
+    """A mutant whose code cannot replace its function's: the closures differ. It is not run (--on-disk runs it)."""
+
+
 class InProcess:
     """Runs the tests on a mutant by swapping its code into the module that is already loaded."""
 
@@ -137,8 +141,10 @@ class InProcess:
         exec(compile(src, self.module.__file__, "exec"), vars(self.module))
         if codes is None:
             _, rebuilt = _definitions(self.module)
-            codes = {q: (g.__code__, g.__defaults__, g.__kwdefaults__) for q, g in rebuilt.items()
-                     if q in self.functions and g.__code__.co_freevars == self.functions[q].__code__.co_freevars}
+            rebuilt = {q: g for q, g in rebuilt.items() if q in self.functions}
+            if any(g.__code__.co_freevars != self.functions[q].__code__.co_freevars for q, g in rebuilt.items()):
+                raise NotSwapped  # a function's closure is not the original's (super() deleted from a method)
+            codes = {q: (g.__code__, g.__defaults__, g.__kwdefaults__) for q, g in rebuilt.items()}
         for q, code in codes.items():
             f = self.functions[q]
             f.__code__, f.__defaults__, f.__kwdefaults__ = code
@@ -150,6 +156,8 @@ class InProcess:
             self._install(src)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 return pytest.main(["-p", "no:cacheprovider", "-n", "0", "-x", "-q", *self.args])
+        except NotSwapped:
+            return NotSwapped
         except Exception as e:  # noqa: BLE001 (a mutant whose module's top level fails: no test could import it)
             return f"the module fails to load: {type(e).__name__}"
         finally:
@@ -194,13 +202,17 @@ def main():
     run = (OnDisk if args.on_disk else InProcess)(args.file, argv[split + 1:], args.timeout)
     if run(original, original) != 0:
         sys.exit(f"error: the tests fail on {args.file} as it is: fix them first")
-    t0, survived = time.time(), 0
+    t0, survived, not_run = time.time(), 0, 0
     for i, (line, what, src) in enumerate(found, 1):
-        if run(src, original) == 0:
-            survived += 1
-            print(f"\rsurvived {args.file}:{line} {what}: {src.splitlines()[line - 1].strip()[:100]}", flush=True)
+        result = run(src, original)
+        if result is NotSwapped or result == 0:
+            not_run += result is NotSwapped
+            survived += result == 0
+            print(f"\r{'not run' if result else 'survived'} {args.file}:{line} {what}: "
+                  f"{src.splitlines()[line - 1].strip()[:100]}", flush=True)
         print(f"\r{i}/{len(found)} mutants, {survived} survived, {time.time() - t0:.0f} s", end="", file=sys.stderr)
-    print(f"\n{survived} of {len(found)} mutants of {args.file} survived", flush=True)
+    print(f"\n{survived} of {len(found)} mutants of {args.file} survived" +
+          (f"; {not_run} not run in-process (a closure changed: --on-disk runs them)" if not_run else ""), flush=True)
 
 
 if __name__ == "__main__":
