@@ -158,11 +158,11 @@ def chi_square_ok(counts, probs, n):
 
 def test_samples_follow_the_filtered_distribution():
     """20,000 draws per setting from one row of logits: frequencies within chance of softmax(logits / T)
-    restricted by top_k / top_p / min_p, and never outside the kept tokens, and the same tokens from the logits
-    shifted. At T = 0.5 the nucleus of 0.8 is
-    tokens 3 and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5)); at T = 1 it also holds token 2 (0.442 +
-    0.268 < 0.8): the temperature comes before the nucleus. min_p 0.3 keeps the logits (over T) within
-    -log 0.3 = 1.20 of the largest: 2, 2.5 and 3 at T = 1, 5 and 6 at T = 0.5; min_p 0.5 (0.69) only 2.5 and 3."""
+    restricted by top_k / top_p / min_p, never outside the kept tokens, and the same tokens from the logits
+    shifted. At T = 0.5 the nucleus of 0.8 is tokens 3 and 6 (by hand: 0.653 + 0.240 of softmax(logits / 0.5));
+    at T = 1 it also holds token 2 (0.442 + 0.268 < 0.8): the temperature comes before the nucleus. min_p 0.3
+    keeps the logits (over T) within -log 0.3 = 1.20 of the largest: 2, 2.5 and 3 at T = 1, 5 and 6 at T = 0.5;
+    min_p 0.5 (0.69) only 2.5 and 3."""
     logits = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 2.5, -30.0])
     n = 20000
     pos = torch.arange(n)
