@@ -13,7 +13,7 @@ import grpo_log
 from fused_kernels import hidden_logprobs, hidden_token_loss
 from packing import Batch, pack_rows
 from test_engine import tiny
-from test_grpo import grpo_args, train_rows
+from test_grpo_cli import grpo_args, train_rows
 
 
 def test_the_kept_ids_are_the_top_k_nucleus_and_the_log_prob_and_entropy_are_over_them():

@@ -10,7 +10,7 @@ import common
 from engine import Completion
 from packing import micro_batches, pack_rows
 from ppo import advantages, gae, outcome_at_end, update_value, value_loss_sum
-from test_grpo import grpo_args, run
+from test_grpo_cli import grpo_args, run
 from test_scripted_grpo import in_process, problems, scripted_args  # noqa: F401 (in_process, problems: fixtures)
 
 

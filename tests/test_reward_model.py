@@ -17,7 +17,7 @@ import sft
 from engine import Completion, Generation
 from model import ModelConfig, Transformer, packed_mask
 from reward_model import Scored, auc, bce_loss, collate, outcome_examples, shepherd_examples, step_ends
-from test_grpo import grpo_args, run
+from test_grpo_cli import grpo_args, run
 from tokenizer import Tokenizer
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)

@@ -16,7 +16,7 @@ import reward
 from grpo import rule_steps, token_advantages
 from model import Transformer, config_from_hf, hf_layout
 from packing import Batch, pack_rows
-from test_grpo import run, train_rows
+from test_grpo_cli import run, train_rows
 from tokenizer import Tokenizer
 
 
