@@ -16,6 +16,7 @@ test catches, or a change that means the same (an error that ends as None either
 
 import argparse
 import ast
+import collections
 import contextlib
 import importlib
 import io
@@ -202,17 +203,18 @@ def main():
     run = (OnDisk if args.on_disk else InProcess)(args.file, argv[split + 1:], args.timeout)
     if run(original, original) != 0:
         sys.exit(f"error: the tests fail on {args.file} as it is: fix them first")
-    t0, survived, not_run = time.time(), 0, 0
+    t0, counts = time.time(), collections.Counter()
     for i, (line, what, src) in enumerate(found, 1):
         result = run(src, original)
-        if result is NotSwapped or result == 0:
-            not_run += result is NotSwapped
-            survived += result == 0
-            print(f"\r{'not run' if result else 'survived'} {args.file}:{line} {what}: "
-                  f"{src.splitlines()[line - 1].strip()[:100]}", flush=True)
-        print(f"\r{i}/{len(found)} mutants, {survived} survived, {time.time() - t0:.0f} s", end="", file=sys.stderr)
-    print(f"\n{survived} of {len(found)} mutants of {args.file} survived" +
-          (f"; {not_run} not run in-process (a closure changed: --on-disk runs them)" if not_run else ""), flush=True)
+        outcome = "not run" if result is NotSwapped else "survived" if result == 0 else None  # else: caught
+        if outcome:
+            counts[outcome] += 1
+            print(f"\r{outcome} {args.file}:{line} {what}: {src.splitlines()[line - 1].strip()[:100]}", flush=True)
+        print(f"\r{i}/{len(found)} mutants, {counts['survived']} survived, {time.time() - t0:.0f} s", end="",
+              file=sys.stderr)
+    not_run = f"; {counts['not run']} not run in-process (a closure changed: --on-disk runs them)"
+    print(f"\n{counts['survived']} of {len(found)} mutants of {args.file} survived" +
+          (not_run if counts["not run"] else ""), flush=True)
 
 
 if __name__ == "__main__":

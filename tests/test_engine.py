@@ -1,6 +1,7 @@
 """engine.generate: the same tokens as a full re-forward and as transformers, whatever the cache rows and the
 stop-check interval; stops; each distinct prompt prefilled once; the sampler's randomness and distribution."""
 import copy
+import itertools
 import math
 from collections import Counter
 
@@ -204,9 +205,9 @@ def test_the_cut_keeps_what_transformers_warpers_keep():
     """On random rows of logits, the tokens engine.cut leaves at each (top_k, top_p, min_p), and their logits, are
     those transformers' TopK, TopP and MinP warpers leave, applied in its order (a second implementation)."""
     from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    for logits, top_k, top_p, min_p in ((rows, *cut) for rows in (torch.randn(256, 50) * 3, torch.randn(3, 50) * 3)
-                                        for cut in ((10, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1), (10, 0.8, 0.05),
-                                                    (5, 0.95, 0.3), (0, 0.7, 0.2))):  # fewer rows than top_k too
+    settings = ((10, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1), (10, 0.8, 0.05), (5, 0.95, 0.3), (0, 0.7, 0.2))
+    rows = (torch.randn(256, 50) * 3, torch.randn(3, 50) * 3)  # fewer rows than top_k too
+    for logits, (top_k, top_p, min_p) in itertools.product(rows, settings):
         ours, theirs = engine.cut(logits, top_k, top_p, min_p)[0], logits.clone()
         for on, warper in ((top_k, TopKLogitsWarper(max(top_k, 1))), (top_p < 1, TopPLogitsWarper(top_p)),
                            (min_p, MinPLogitsWarper(max(min_p, 1e-3)))):
