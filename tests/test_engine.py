@@ -35,10 +35,11 @@ def greedy_by_reforward(m, prompt, n):
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42], [3], [5, 6], [40, 41, 42], [3]]
 
 
-@pytest.mark.parametrize("slots,sync_every", [(7, 1), (2, 1), (3, 4), (1, 3)])
+@pytest.mark.parametrize("slots,sync_every", [(7, 1), (2, 1), (3, 4), (1, 3), (2, 5)])
 def test_greedy_equals_a_full_reforward_for_ragged_prompts_however_rows_are_scheduled(slots, sync_every):
     """Fewer cache rows than prompts: rows are refilled as sequences stop (budgets differ), then compacted; a
-    check every few tokens trims what was generated past each budget."""
+    check every few tokens trims what was generated past each budget. Checked every 5, the longest sequence (7 + 12
+    positions, the cache's length) runs 3 tokens past its end: they must stay within the cache."""
     m = tiny()
     budgets = [12, 5, 9, 1, 12, 3, 7]
     gen = engine.generate(m, PROMPTS, budgets, temperature=0, slots=slots, sync_every=sync_every)
@@ -76,21 +77,37 @@ def test_sequences_stop_independently_on_eos_and_stop_strings(sync_every):
     m = tiny()
     prompts = [[5, 6, 7], [8, 9], [10]]
     free = engine.generate(m, prompts, 10, temperature=0).tokens
-    eos = free[0][3]  # the 4th greedy token of sequence 0 becomes the EOS id
-    gen = engine.generate(m, prompts, 10, temperature=0, eos_ids=[eos], slots=2, sync_every=sync_every)
-    assert gen.tokens[0] == free[0][:free[0].index(eos) + 1] and gen.finished[0]
-    for row, full in zip(gen.tokens[1:], free[1:]):
-        assert row == (full[:full.index(eos) + 1] if eos in full else full)
+    assert free[1][1] != free[1][0]  # so that a check that reads the wrong token for the first one misses it
+    for eos in (free[0][3], free[1][0]):  # the 4th greedy token of sequence 0, the 1st of sequence 1
+        gen = engine.generate(m, prompts, 10, temperature=0, eos_ids=[eos], slots=2, sync_every=sync_every)
+        assert gen.tokens == [full[:full.index(eos) + 1] if eos in full else full for full in free]
+        assert gen.finished == [eos in full for full in free]
 
     decode = lambda ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731  a stand-in tokenizer
     stop = f"<{free[1][1]}> <{free[1][2]}>"  # two tokens of sequence 1: the string ends at its third token
     gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=decode, sync_every=sync_every)
     assert gen.tokens[1] == free[1][:3] and gen.finished[1]
     letters = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)  # noqa: E731  a character per token
-    stop = letters(free[2][2:5])  # as many bytes as tokens: the check must look back over all three
-    end = next(j for j in range(1, 11) if stop in letters(free[2][:j]))
-    gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=letters, sync_every=sync_every)
-    assert gen.tokens[2] == free[2][:end] and gen.finished[2]
+    # as many bytes as tokens: the check must look back over all three; the second string ends past the first
+    # check (of 6 tokens, every 5 steps), whose tokens the second check reads again, and no sooner
+    for first in (2, 5):
+        stop = letters(free[2][first:first + 3])
+        end = next(j for j in range(1, 11) if stop in letters(free[2][:j]))
+        gen = engine.generate(m, prompts, 10, temperature=0, stop=[stop], decode=letters, sync_every=sync_every)
+        assert gen.tokens[2] == free[2][:end] and gen.finished[2]
+
+
+def test_each_token_is_checked_for_stop_strings_once_and_each_sequence_reported_once():
+    """The stop check decodes each kept token's window once, not every token again at every check; `progress`
+    hears of each finished sequence once; an eager Decoder frees its buffers when the call returns."""
+    m, decoded, told = tiny(), [], []
+    decode = lambda ids: decoded.append(ids) or " ".join(map(str, ids))  # noqa: E731
+    progress = type("Progress", (), {"update": lambda self, n: told.append(n)})()
+    decoder = engine.Decoder(m)
+    gen = decoder.generate(PROMPTS, [12, 5, 9, 1, 12, 3, 7], temperature=1.0, stop=["never"], decode=decode, slots=3,
+                           sync_every=4, progress=progress)
+    assert len(decoded) == sum(map(len, gen.tokens)) and told == [1] * len(PROMPTS)
+    assert decoder.rows is None
 
 
 def test_each_distinct_prompt_is_prefilled_once():

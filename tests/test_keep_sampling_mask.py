@@ -69,6 +69,7 @@ def test_generate_keeps_each_tokens_ids_and_its_log_prob_over_them(compile):
     gen = engine.Decoder(m, compile).generate(prompts, 5, keep=True, **opts)
     assert gen.tokens == engine.generate(m, prompts, 5, **opts).tokens
     m64, sizes = m.double(), set()
+    assert [len(x) for x in (*gen.kept, *gen.logprobs, *gen.entropies)] == [5] * 21
     for prompt, toks, kept, lps, ents in zip(prompts, gen.tokens, gen.kept, gen.logprobs, gen.entropies):
         with torch.no_grad():
             z = m64(torch.tensor([prompt + toks]))[0, len(prompt) - 1:-1] / T  # (5, V): what drew each token
@@ -87,7 +88,8 @@ def test_a_kept_decoders_buffers_follow_the_kept_ids_a_token():
     ids a token) after one without (K = 0) needs new ones, and one without after it may not reuse them either."""
     d = engine.Decoder(tiny(vocab_size=11), compile=True)
     assert d._state(4, 32, 16, 0).out_kept.shape == (4, 64, 0)  # widths rounded up to 64
-    assert d._state(2, 32, 16, 4).out_kept.shape == (4, 64, 4) and d._state(4, 32, 16, 4) is d.rows
+    rows = d._state(2, 32, 16, 4)
+    assert rows.out_kept.shape == (4, 64, 4) and d._state(4, 64, 64, 4) is rows  # exactly the size held: kept
     assert d._state(4, 32, 16, 0).out_kept.shape == (4, 64, 0)
 
 
