@@ -390,7 +390,10 @@ class Decoder:
             P = len(prompts[budgets.index(min(budgets))])
             raise ValueError(f"prompt of {P} tokens leaves no room within max_seq_len={cfg.max_seq_len}")
         k = sync_every or (8 if model.lm_head.weight.is_cuda else 1)
-        B = min(slots, n)  # rows in use: [0, B), halved as the queue empties
+        # a step compiled for n rows is compiled again for one (torch makes sizes 0 and 1 constants): a compiled
+        # decoder steps two at least, the last sequence beside a free row
+        least = 2 if self.compiled else 1
+        B = max(min(slots, n), least)  # rows in use: [0, B), halved as the queue empties
         q = _Queue(prompts, budgets, list(range(n)) if streams is None else list(streams), B, eos_ids, stop, decode)
         if keep:
             q.result.kept = [None] * n
@@ -407,15 +410,17 @@ class Decoder:
             live = [r for r in range(B) if q.seq[r] >= 0]
             if not live:
                 return q.result
-            if not q.queue and len(live) <= B // 2:  # nothing waits: run the live rows at the size they need
-                B = 1 << (len(live) - 1).bit_length()
+            if not q.queue and len(live) <= B // 2 and B > least:  # nothing waits: run the live rows only
+                B = max(1 << (len(live) - 1).bit_length(), least)  # (the next power of two: fewer graphs)
                 keep = live + [r for r in range(len(q.seq)) if q.seq[r] < 0][:B - len(live)]
                 st.keep(torch.tensor(keep, device=st.cur.device))
                 q.keep(keep)
                 live = list(range(len(live)))
             # attend over the positions written so far only (compiled: rounded up, for fewer graphs)
             L = max(q.at[r] for r in live) + k
-            L = min(S, -(-L // 64) * 64 if self.compiled else L)
+            # and never the cache's length S: the last token of a sequence of S is sampled, not fed, and where L
+            # equals S the slice attended over is contiguous: torch guards on that and compiled the step again
+            L = min(S - 1, -(-L // 64) * 64 if self.compiled else L)
             # the sampler's floats, constants of the call: traced as symbols, inductor failed to make them tensors
             # and dynamo traced the step again, specialised (a fifth of a cold compile on the CPU)
             with torch._dynamo.config.patch(specialize_float=True):

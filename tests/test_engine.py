@@ -48,6 +48,20 @@ def test_greedy_equals_a_full_reforward_for_ragged_prompts_however_rows_are_sche
     assert gen.finished == [False] * len(PROMPTS)  # all cut at their budgets
 
 
+def test_once_nothing_waits_the_step_runs_the_live_rows_only():
+    """Seven rows (all prompts admitted at once): a step is run while any sequence needs more, and once no prompt waits
+    and at most half the rows are live, they are moved to the front and only as many rows as the next power of two
+    are stepped. Budgets 1, 3, 5, 7, 9, 12, 12: before step s the live ones are those of budget > s (before step 1,
+    all, the 1-token one not yet checked): 7 rows for steps 1-6, 3 live before step 7 (4 rows), 2 before step 9."""
+    m, steps = tiny(), []
+    decoder = engine.Decoder(m)
+    decoder.step = lambda model, n, *a, **kw: steps.append(n) or engine._decode_step(model, n, *a, **kw)
+    budgets = [12, 5, 9, 1, 12, 3, 7]
+    gen = decoder.generate(PROMPTS, budgets, temperature=0, slots=7)
+    assert steps == [7] * 6 + [4] * 2 + [2] * 3
+    assert [len(t) for t in gen.tokens] == budgets
+
+
 def test_a_row_left_free_steps_on_within_its_buffers():
     """Once nothing waits, a row whose sequence stopped is stepped with the live ones (4 rows, 3 live: not
     compacted): D's row, freed two steps before E, F and G stop, counts past the 20 tokens a row may write (the
@@ -118,8 +132,12 @@ def test_each_distinct_prompt_is_prefilled_once():
     m.prefill = lambda tokens, cache: seen.extend(tuple(t for t in row if t) for row in tokens.tolist()) or \
         prefill(tokens, cache)
     prompts = [[5, 6, 7]] * 3 + [[8, 9]] * 3 + [[5, 6, 7, 8]] * 3
-    gen = engine.generate(m, prompts, 6, temperature=1.0, seed=1, slots=2)
+    decoder, admit, held = engine.Decoder(m), engine.Decoder._admit, []
+    # after each admission, the prefills kept: only those of prompts whose samples still wait for a row
+    decoder._admit = lambda q, *a: admit(decoder, q, *a) or held.append(sorted(map(len, q.prefixes)))
+    gen = decoder.generate(prompts, 6, temperature=1.0, seed=1, slots=2)
     assert sorted(seen) == [(5, 6, 7), (5, 6, 7, 8), (8, 9)]
+    assert held == [[3], [2], [], [4], []]  # admitted two at a time: A A, A B, B B, C C, C (A: 3 tokens, B: 2, C: 4)
     assert len({tuple(t) for t in gen.tokens[:3]}) > 1  # the samples of one prompt differ all the same
 
 
@@ -291,6 +309,11 @@ def test_uniforms_are_lowbias32_of_the_seed_the_stream_and_the_position():
 
 def test_prompts_that_leave_no_room_and_samplers_that_keep_nothing_are_a_clear_error():
     m = tiny()
+    assert engine.generate(m, [], 5, keep=True, top_k=3) == engine.Generation([], [], [], [], [])  # nothing asked
+    with pytest.raises(ValueError, match=r"needs decode=<function from token ids to text>"):
+        engine.generate(m, [[1]], 5, stop=["\n"])
+    with pytest.raises(ValueError, match=r"temperature -0.5, expected >= 0"):
+        engine.generate(m, [[1]], 5, temperature=-0.5)
     with pytest.raises(ValueError, match="max_seq_len=64"):
         engine.generate(m, [[1] * 64], 5)
     with pytest.raises(ValueError, match="max_seq_len=64"):
@@ -305,30 +328,32 @@ def test_prompts_that_leave_no_room_and_samplers_that_keep_nothing_are_a_clear_e
 
 def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch():
     """compile=True (torch.compile, fullgraph, dynamic shapes; a CUDA graph on GPU, inductor here): the same samples
-    as eager; one Decoder kept across calls, as GRPO keeps it, compiles one graph for the first batch and none for
-    later ones with other prompts, lengths, row counts and seeds, on the same buffers, nor for larger buffers."""
+    as eager; one Decoder kept across calls, as GRPO keeps it, compiles one graph for the first batch (down to its
+    last row, and at its last positions) and none for later ones with other prompts, lengths, row counts and seeds,
+    on the same buffers, nor for larger buffers, up to a sequence as long as the model's context."""
     from torch._dynamo.utils import counters
-    m = tiny(n_heads=6, n_kv_heads=6, head_dim=16)  # as many key-value heads as the first batch has rows: tied
-    decoder = engine.Decoder(m, compile=True)  # sizes (duck sizing) must not fix the rows at 6
-    traced = counters["aot_autograd"]["total"]
-    batches = [([[5, 6, 7, 8], [3, 4]] * 3, 6, 1, 6),  # (prompts, budget, seed, slots): compacted 6 -> 4 -> 2 -> 1
-               ([[9] * 20, [1, 2, 3], [4] * 11], 9, 2, 3), ([[7, 7, 7]] * 5, 12, 1, 8)]
-    for i, (prompts, budget, seed, slots) in enumerate(batches):
+    m = tiny(n_heads=6, n_kv_heads=6, head_dim=16, max_seq_len=512)  # as many key-value heads as the first batch
+    decoder = engine.Decoder(m, compile=True)  # has rows, and the buffers' positions as their width (256): sizes
+    traced = counters["aot_autograd"]["total"]  # tied by value (duck sizing) must not fix the graph to them
+
+    def same(prompts, budget, seed, slots):
         eager = engine.generate(m, prompts, budget, temperature=1.0, seed=seed, slots=slots)
         compiled = decoder.generate(prompts, budget, temperature=1.0, seed=seed, slots=slots)
         assert compiled.tokens == eager.tokens
         for field in ("logprobs", "entropies"):
             torch.testing.assert_close(torch.tensor(sum(getattr(compiled, field), [])),
                                        torch.tensor(sum(getattr(eager, field), [])), atol=1e-5, rtol=0)
-        if i == 0:
-            graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
-            assert counters["aot_autograd"]["total"] == traced + 1  # traced once, not again after a failed try
-    assert counters["stats"]["unique_graphs"] == graphs
+
+    # 201 tokens a row (one of the check), 250 + 6 positions: 256 of each; compacted 6 -> 4 -> 2 -> 1 live rows
+    same([[5, 6, 7, 8], [3, 4], [1] * 250, [3, 4], [5, 6, 7, 8], [3, 4]], [200, 6, 6, 3, 90, 40], 1, 6)
+    graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
+    assert counters["aot_autograd"]["total"] == traced + 1  # traced once, not again after a failed try
+    for prompts, budget, seed, slots in [([[9] * 20, [1, 2, 3], [4] * 11], 9, 2, 3), ([[7, 7, 7]] * 5, 12, 1, 8)]:
+        same(prompts, budget, seed, slots)
     assert [t.data_ptr() for t in decoder.rows.tensors()] == buffers
-    prompts = [[3, 4]] * 8  # more rows than the buffers hold (6): new ones, of 8 rows, and still the same graph
-    compiled = decoder.generate(prompts, 6, temperature=1.0, seed=5, slots=8)
-    assert compiled.tokens == engine.generate(m, prompts, 6, temperature=1.0, seed=5, slots=8).tokens
-    assert decoder.rows.shape[0] == 8 and counters["stats"]["unique_graphs"] == graphs
+    same([[3, 4]] * 8, 6, 5, 8)  # more rows than the buffers hold (6): new ones, of 8 rows
+    same([[2] * 500], 12, 5, 1)  # more positions: all 512 of the model's, beside a width of 256
+    assert decoder.rows.shape == (8, 512, 256, 0) and counters["stats"]["unique_graphs"] == graphs
 
 
 def decode_step_inputs(m, rows=4, length=32, width=16, kept=0):
