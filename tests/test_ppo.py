@@ -1,5 +1,6 @@
 """ppo.py (grpo.py --advantage gae), PPO as the paper writes it: GAE and the clipped value loss by hand, the per-token
 KL reward laid over packed rows, and the command line on 1 and 2 ranks with an exact resume of the value model."""
+import copy
 import json
 import math
 
@@ -25,29 +26,32 @@ def test_gae_by_hand():
 
 
 def test_value_loss_is_clipped_around_the_rollouts_values():
-    old, ret = torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0])
-    v = torch.tensor([1.0, 0.6], requires_grad=True)
-    loss = value_loss_sum(v, old, ret, torch.tensor([True, True]), clip=0.2)
-    # v = 1.0 moved 0.5 from 0.5: its clipped value 0.7 is 0.3 short, and max() keeps that larger error, with no
-    # gradient (the clip holds it); v = 0.6 is within the clip: ½ 0.4², gradient v − R
-    assert loss.item() == pytest.approx(0.5 * 0.3 ** 2 + 0.5 * 0.4 ** 2)
+    old, ret = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5]), torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
+    v = torch.tensor([1.0, 0.6, 0.0, 0.1, 9.0], requires_grad=True)
+    loss = value_loss_sum(v, old, ret, torch.tensor([True, True, True, True, False]), clip=0.2)
+    # v = 1.0 moved 0.5 up from 0.5: its clipped value 0.7 is 0.3 short, and max() keeps that larger error, with no
+    # gradient (the clip holds it); v = 0.6 is within the clip: ½ 0.4², gradient v − R; v = 0.0 moved away from
+    # R: unclipped, 1.0 short, the larger error; v = 0.1 moved 0.4 down towards R = 0: clipped to 0.3; masked: 0
+    assert loss.item() == pytest.approx(0.5 * (0.3 ** 2 + 0.4 ** 2 + 1.0 ** 2 + 0.3 ** 2))
     loss.backward()
-    assert v.grad.tolist() == pytest.approx([0.0, -0.4])
+    assert v.grad.tolist() == pytest.approx([0.0, -0.4, -1.0, 0.0, 0.0])
 
 
 def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_packed_rows():
-    """Two outputs of one question packed in one row behind their prompt: each one's reward is its score at its
+    """Three outputs of one question packed in one row behind their prompt: each one's reward is its score at its
     last token minus β log(π_old/π_ref) at every token; GAE runs within each output, and the step whitens."""
     comps = [Completion([1, 2], [5, 6, 7], [True] * 3, True, "", [-0.5, -1.0, -0.2]),
-             Completion([1, 2], [8, 9], [True] * 2, True, "", [-0.3, -0.7])]
-    rows = pack_rows(comps, outcome_at_end(comps, torch.tensor([1.0, 0.0])), 2, 2, False, "sequence")
+             Completion([1, 2], [8, 9], [True] * 2, True, "", [-0.3, -0.7]),
+             Completion([1, 2], [3, 4, 5, 6], [True] * 4, True, "", [-0.1, -0.9, -0.4, -0.6])]
+    scores = (1.0, 0.0, 1.0)
+    rows = pack_rows(comps, outcome_at_end(comps, torch.tensor(scores)), 3, 3, False, "sequence")
     [b] = micro_batches(rows, 4, 0, "cpu")
     ref = torch.zeros_like(b.sampler_logp) - 0.4
     values = torch.linspace(0.1, 0.9, b.inputs.shape[1])[None]  # a value at each position
     beta, lam = 0.5, 0.9
     advantages([b], [ref], [values], beta, lam, common.Dist(0, 1, torch.device("cpu")))
     want = []
-    for k, (c, score) in enumerate(zip(comps, (1.0, 0.0)), 1):
+    for k, (c, score) in enumerate(zip(comps, scores), 1):
         idx = (b.segment[0] == k).nonzero()[:, 0]
         r = [-beta * (lp + 0.4) for lp in c.logprobs]
         r[-1] += score
@@ -58,7 +62,7 @@ def test_ppo_advantages_put_the_kl_in_the_reward_and_run_gae_per_completion_in_p
             a[t] = later
         want.append(a)
         assert b.returns[0, idx].tolist() == pytest.approx([x + y for x, y in zip(a, v)])  # returns: Â + V
-    flat = torch.tensor(want[0] + want[1])
+    flat = torch.tensor(sum(want, []))
     whitened = (flat - flat.mean()) / (flat.var(unbiased=False).sqrt() + 1e-8)
     assert b.advantages[b.mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
     assert not b.advantages[~b.mask].any()  # nothing on the prompt
@@ -77,6 +81,11 @@ def test_advantages_without_a_signal_are_zero_not_whitened_noise():
     advantages([b], [b.sampler_logp + noise], [torch.zeros(b.inputs.shape)], 0.04, 0.95,
                common.Dist(0, 1, torch.device("cpu")))
     assert not b.advantages.any()
+    comps = [Completion([1, 2], [5], [True], True, "", [-0.5])]  # one token in the step: nothing to compare it with
+    [b] = micro_batches(pack_rows(comps, outcome_at_end(comps, torch.tensor([1.0])), 1, 1, False, "sequence"), 4, 0,
+                        "cpu")
+    advantages([b], [b.sampler_logp], [torch.zeros(b.inputs.shape)], 0.04, 0.95, common.Dist(0, 1, torch.device("cpu")))
+    assert not b.advantages.any()
 
 
 def test_the_outcome_is_on_the_last_token_the_model_wrote():
@@ -86,11 +95,8 @@ def test_the_outcome_is_on_the_last_token_the_model_wrote():
     assert outcome_at_end([c], torch.tensor([2.0]))[0].tolist() == [0.0, 2.0, 0.0, 0.0]
 
 
-def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
-    """With SGD at lr 1 the update is the gradient itself, so targets far from the values move the value model by
-    exactly --grad-clip (AdamW would hide the clip); infinite targets stop before the optimizer step."""
-    from types import SimpleNamespace
-
+def a_value_model_and_its_batch():
+    """A tiny value model (the score head, at random) and a micro-batch of one 3-token output, with its values."""
     from model import ModelConfig, Transformer
     comps = [Completion([1, 2], [5, 6, 7], [True] * 3, True, "", [-0.5, -1.0, -0.2])]
     [b] = micro_batches(pack_rows(comps, outcome_at_end(comps, torch.tensor([1.0])), 1, 1, False, "sequence"),
@@ -98,9 +104,37 @@ def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
     value = Transformer(ModelConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=8,
                                     head="score"))
     value.init_weights()
-    d, args = common.Dist(0, 1, torch.device("cpu")), SimpleNamespace(value_clip=0.2, grad_clip=1e-3, out="out")
     with torch.no_grad():
-        old = b.values(value)
+        torch.nn.init.normal_(value.score.weight, std=0.5)  # not the zero head: values that differ
+        return value, b, b.values(value)
+
+
+def test_the_value_step_is_the_mean_loss_over_the_written_tokens():
+    """With SGD at lr 1 and no clip a step is minus the gradient of the clipped value loss's mean over the n_tok
+    tokens the model wrote on all ranks (here by autograd on a copy; n_tok 4, then 1, for the batch's 3 on this
+    rank), each step from a zero gradient; it returns the summed loss."""
+    from types import SimpleNamespace
+    value, b, old = a_value_model_and_its_batch()
+    b.returns = old + torch.tensor([0.1, -0.3, 0.05, 0.5]).expand_as(old)  # moved within the clip and past it
+    d, args = common.Dist(0, 1, torch.device("cpu")), SimpleNamespace(value_clip=0.2, grad_clip=1e9, out="out")
+    opt = torch.optim.SGD(value.parameters(), lr=1.0)
+    for n_tok in (4, 1):
+        mirror = copy.deepcopy(value)
+        loss = value_loss_sum(b.values(mirror), old, b.returns, b.mask, args.value_clip)
+        (loss / n_tok).backward()
+        want = [(p - p.grad).detach() for p in mirror.parameters()]
+        got = update_value(value, opt, [b], [old], n_tok, d, args)
+        assert got == pytest.approx(loss.item(), rel=1e-6)
+        for p, w in zip(value.parameters(), want):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_the_value_step_clips_its_gradient_and_stops_on_a_non_finite_one():
+    """With SGD at lr 1 the update is the gradient itself, so targets far from the values move the value model by
+    exactly --grad-clip (AdamW would hide the clip); infinite targets stop before the optimizer step."""
+    from types import SimpleNamespace
+    value, b, old = a_value_model_and_its_batch()
+    d, args = common.Dist(0, 1, torch.device("cpu")), SimpleNamespace(value_clip=0.2, grad_clip=1e-3, out="out")
     b.returns = old + 100.0
     before = torch.cat([p.detach().flatten().clone() for p in value.parameters()])
     update_value(value, torch.optim.SGD(value.parameters(), lr=1.0), [b], [old], int(b.mask.sum()), d, args)
