@@ -344,7 +344,8 @@ def test_a_compiled_decoder_samples_as_eager_and_compiles_once_for_every_batch()
             torch.testing.assert_close(torch.tensor(sum(getattr(compiled, field), [])),
                                        torch.tensor(sum(getattr(eager, field), [])), atol=1e-5, rtol=0)
 
-    # 201 tokens a row (one of the check), 250 + 6 positions: 256 of each; compacted 6 -> 4 -> 2 -> 1 live rows
+    # 201 tokens a row (one of the check), 250 + 6 positions: 256 of each; 6 rows compacted to 4, then to 2 (the
+    # last sequence beside a free row)
     same([[5, 6, 7, 8], [3, 4], [1] * 250, [3, 4], [5, 6, 7, 8], [3, 4]], [200, 6, 6, 3, 90, 40], 1, 6)
     graphs, buffers = counters["stats"]["unique_graphs"], [t.data_ptr() for t in decoder.rows.tensors()]
     assert counters["aot_autograd"]["total"] == traced + 1  # traced once, not again after a failed try
