@@ -163,6 +163,10 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
     with pytest.raises(ValueError, match="missing tensors.*layers.2"):
         Transformer.from_pretrained(tmp_path)
 
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.1.*its config.json is wrong"):
+        Transformer.from_pretrained(tmp_path)
+
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))  # Llama's: o_proj's too
     with pytest.raises(CheckpointError, match="attention_bias/mlp_bias are not supported"):
         Transformer.from_pretrained(tmp_path)
@@ -189,6 +193,22 @@ def test_bad_checkpoints_fail_with_a_message_naming_the_problem(tmp_path):
         (tmp_path / "model.safetensors").write_bytes(damaged)
         with pytest.raises(CheckpointError, match="model.safetensors: unreadable .* truncated or damaged"):
             Transformer.from_pretrained(tmp_path)
+
+
+def test_rotary_tables_in_a_checkpoint_are_skipped_and_mixed_dtypes_load_as_the_embeddings(tmp_path):
+    """Older transformers saved each layer's rotary_emb.inv_freq (we compute ours); a checkpoint of bf16 weights
+    and fp32 norms loads, without a dtype asked, all in the embedding's bf16, each value as it was written."""
+    from safetensors.torch import load_file, save_file
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in state.items()}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.embed_tokens.weight, state["model.embed_tokens.weight"])
+    assert torch.equal(loaded.norm.weight, state["model.norm.weight"].to(torch.bfloat16))
 
 
 def test_build_on_meta_then_load_does_not_allocate_twice(tmp_path):
