@@ -115,7 +115,7 @@ def test_the_value_step_is_the_mean_loss_over_the_written_tokens():
     rank), each step from a zero gradient; it returns the summed loss."""
     from types import SimpleNamespace
     value, b, old = a_value_model_and_its_batch()
-    b.returns = old + torch.tensor([0.1, -0.3, 0.05, 0.5]).expand_as(old)  # moved within the clip and past it
+    b.returns = old + torch.tensor([0.1, -0.3, 0.05, 0.5]).expand_as(old)  # targets above and below the values
     d, args = common.Dist(0, 1, torch.device("cpu")), SimpleNamespace(value_clip=0.2, grad_clip=1e9, out="out")
     opt = torch.optim.SGD(value.parameters(), lr=1.0)
     for n_tok in (4, 1):
