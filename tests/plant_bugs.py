@@ -10,8 +10,8 @@ runs in one process: the mutant's code is swapped into the loaded module's funct
 identity (a test that imported them sees the bug), and pytest runs again, about a second a mutant where a fresh
 process costs five (the module's top level runs again each time: its constants are the mutant's). Tests that
 launch the scripts as processes read the file on disk, unchanged: --on-disk writes each mutant to the file and
-runs pytest in a process (the file is restored after); so does code torch.compile traces, whose graph one process
-keeps from an earlier mutant, and a mutant that allocates without bound, which nothing stops in one process (a
+runs pytest in a process (the file is restored after). Use it too for code torch.compile traces (one process keeps
+the graph of an earlier mutant) and where a mutant may allocate without bound (nothing stops it in one process: a
 width multiplied by 4,096 ended a run for memory). Prints each survivor's line as the mutant has it: a bug no
 test catches, or a change that means the same (an error that ends as None either way, a constant's boundary).
 """
